@@ -1,0 +1,1 @@
+"""Shipped backends: null, loop, qcow2-lite."""

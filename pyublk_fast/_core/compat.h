@@ -1,0 +1,57 @@
+/* Small inline helpers that Debian 12's liburing 2.3 lacks or hides in macros.
+ * Everything here is header-only, nogil-safe C used by the Cython hot paths. */
+#ifndef PYUBLK_COMPAT_H
+#define PYUBLK_COMPAT_H
+
+#include <string.h>
+#include <stdint.h>
+#include <liburing.h>
+
+/* Acquire-load of the kernel's CQ tail (liburing's io_uring_smp_load_acquire is a macro). */
+static inline unsigned pyu_cq_tail(const struct io_uring *ring)
+{
+    return __atomic_load_n(ring->cq.ktail, __ATOMIC_ACQUIRE);
+}
+
+/* The i-th CQE after head, honouring CQE32 rings (io_uring_cqe_index is a macro). */
+static inline struct io_uring_cqe *pyu_cqe_at(const struct io_uring *ring, unsigned pos)
+{
+    unsigned shift = (ring->flags & IORING_SETUP_CQE32) ? 1 : 0;
+    return &ring->cq.cqes[(pos & ring->cq.ring_mask) << shift];
+}
+
+/* Size of one SQE in bytes for this ring. */
+static inline unsigned pyu_sqe_size(const struct io_uring *ring)
+{
+    return (ring->flags & IORING_SETUP_SQE128) ? 128u : 64u;
+}
+
+/* Whether the kernel holds overflowed CQEs that need an io_uring_enter(GETEVENTS). */
+static inline int pyu_cq_overflowed(const struct io_uring *ring)
+{
+    return (__atomic_load_n(ring->sq.kflags, __ATOMIC_RELAXED) & IORING_SQ_CQ_OVERFLOW) != 0;
+}
+
+/* IORING_OP_URING_CMD preparation (liburing 2.3 has no helper): the whole SQE is
+ * cleared, then opcode, fd and cmd_op are set and the payload copied into the
+ * command area (16 bytes on a 64-byte SQE, 80 bytes on an SQE128 ring). */
+static inline void pyu_prep_uring_cmd(struct io_uring_sqe *sqe, unsigned sqe_size, int fd,
+                                      uint32_t cmd_op, const void *cmd, unsigned cmd_len,
+                                      uint64_t user_data)
+{
+    memset(sqe, 0, sqe_size);
+    sqe->opcode = IORING_OP_URING_CMD;
+    sqe->fd = fd;
+    sqe->cmd_op = cmd_op;
+    sqe->user_data = user_data;
+    if (cmd_len)
+        memcpy(sqe->cmd, cmd, cmd_len);
+}
+
+/* Pointer to the command area of an SQE (for writing a payload in place). */
+static inline void *pyu_sqe_cmd(struct io_uring_sqe *sqe)
+{
+    return (void *)sqe->cmd;
+}
+
+#endif

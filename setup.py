@@ -1,0 +1,59 @@
+"""Build pyublk_fast: Cython extensions linked against Debian's liburing.
+
+Developer builds (PYUBLK_DEV=1) turn C and Cython warnings into errors;
+released builds stay lenient. No -march=native: wheels must run anywhere.
+"""
+import glob
+import os
+
+import numpy
+from Cython.Build import cythonize
+from Cython.Compiler import Options as CythonOptions
+from setuptools import Extension, find_packages, setup
+
+DEV = os.environ.get("PYUBLK_DEV") == "1"
+CFLAGS = ["-O2", "-Wno-unused-function"]
+if DEV:
+    CFLAGS += ["-Werror", "-Wall", "-Wno-unreachable-code"]
+    CythonOptions.warning_errors = True
+
+
+def ext(module: str) -> Extension:
+    path = module.replace(".", "/") + ".pyx"
+    if module.startswith("pyublk_fast.backends."):
+        path = "backends/" + module.split(".", 2)[2].replace(".", "/") + ".pyx"
+    return Extension(
+        module,
+        [path],
+        include_dirs=[numpy.get_include(), "pyublk_fast/_core"],
+        libraries=["uring"],
+        extra_compile_args=CFLAGS,
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+
+
+def modules() -> list[str]:
+    found = []
+    for path in sorted(glob.glob("pyublk_fast/**/*.pyx", recursive=True)):
+        found.append(path[:-4].replace("/", "."))
+    for path in sorted(glob.glob("backends/**/*.pyx", recursive=True)):
+        found.append("pyublk_fast.backends." + path[len("backends/"):-4].replace("/", "."))
+    return found
+
+
+packages = find_packages(include=["pyublk_fast", "pyublk_fast.*"])
+packages += ["pyublk_fast.backends"] + [
+    "pyublk_fast.backends." + p for p in find_packages(where="backends")
+]
+
+setup(
+    packages=packages,
+    package_dir={"pyublk_fast.backends": "backends"},
+    package_data={"pyublk_fast._core": ["*.pxd", "*.h"], "pyublk_fast.backends": ["*.pxd"]},
+    ext_modules=cythonize(
+        [ext(m) for m in modules()],
+        compiler_directives={"language_level": "3", "embedsignature": True},
+        include_path=["."],
+    ),
+    zip_safe=False,
+)
