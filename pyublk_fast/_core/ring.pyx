@@ -43,6 +43,12 @@ _SETUP_HINTS = {
     _errno.EMFILE: "too many open files: close some or raise RLIMIT_NOFILE",
 }
 
+_ENTER_HINTS = {
+    _errno.EEXIST: "this ring was set up with SETUP_SINGLE_ISSUER and belongs to another thread: "
+                   "submit and wait only from the owning thread (use MSG_RING to hand work over)",
+    _errno.EBADR: "the kernel dropped completions (CQ overflow without IORING_FEAT_NODROP)",
+}
+
 
 class RingFullError(RuntimeError):
     """The submission queue has no free entry: submit() or wait() first."""
@@ -311,14 +317,15 @@ cdef class Ring:
         with nogil:
             ret = io_uring_submit(&self.ring)
         if ret < 0:
-            raise _oserror(-ret, "io_uring submit")
+            raise _oserror(-ret, "io_uring submit", _ENTER_HINTS.get(-ret, ""))
         return ret
 
     def wait(self, unsigned min_complete=1, timeout=None) -> int:
         """Submit pending SQEs, wait for >= min_complete CQEs, reap all available ones.
 
         Returns N; the first N entries of cqe_user_data / cqe_res / cqe_flags are valid.
-        Raises TimeoutError when `timeout` (seconds) passes first.
+        With a `timeout` (seconds), N may be below min_complete when it expires; if
+        nothing completed, TimeoutError is raised.
         """
         self.check_open()
         if min_complete > self.capacity:
@@ -342,12 +349,13 @@ cdef class Ring:
                 if ret != -EINTR:
                     break
             n = self.drain()
-        if ret < 0 and n < min_complete:
+        # Completions already copied into the arrays are never dropped: an error is only
+        # raised when nothing was reaped (a persistent one recurs on the next call).
+        if ret < 0 and n == 0:
             if ret == -_errno.ETIME:
-                self._unpin(n)
-                raise TimeoutError(f"io_uring wait: fewer than {min_complete} completions "
-                                   f"within {timeout} s ({n} reaped)")
-            raise _oserror(-ret, "io_uring submit_and_wait")
+                raise TimeoutError(f"io_uring wait: no completion within {timeout} s "
+                                   f"(wanted {min_complete})")
+            raise _oserror(-ret, "io_uring submit_and_wait", _ENTER_HINTS.get(-ret, ""))
         self._unpin(n)
         return n
 
