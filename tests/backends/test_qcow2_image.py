@@ -1,0 +1,381 @@
+"""Qcow2Image against an in-memory model and against qemu-img/qemu-io as peers."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from backends.qcow2 import Qcow2Error, Qcow2Image
+
+QEMU_IMG = shutil.which("qemu-img")
+QEMU_IO = shutil.which("qemu-io")
+needs_qemu = pytest.mark.skipif(not (QEMU_IMG and QEMU_IO),
+                                reason="qemu-img/qemu-io not installed (apt install qemu-utils)")
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+def qemu_img(*args: str) -> str:
+    r = subprocess.run([QEMU_IMG, *args], capture_output=True, text=True)
+    assert r.returncode == 0, f"qemu-img {' '.join(args)} failed: {r.stdout}{r.stderr}"
+    return r.stdout
+
+
+def qemu_io(path: str, *cmds: str, fmt: str = "qcow2") -> None:
+    argv = [QEMU_IO, "-f", fmt]
+    for c in cmds:
+        argv += ["-c", c]
+    r = subprocess.run(argv + [path], capture_output=True, text=True)
+    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+
+
+def assert_check_clean(path: str) -> None:
+    """qemu-img check: no errors and no leaked clusters."""
+    r = subprocess.run([QEMU_IMG, "check", "--output=json", path], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = json.loads(r.stdout)
+    for key in ("corruptions", "leaks", "check-errors"):
+        assert info.get(key, 0) == 0, info
+
+
+def assert_same_as_raw(path: str, raw: str) -> None:
+    r = subprocess.run([QEMU_IMG, "compare", "-f", "qcow2", "-F", "raw", path, raw],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def random_ops(img: Qcow2Image, model: bytearray, rng: random.Random, count: int,
+               max_len: int) -> None:
+    """Apply random writes/discards/write_zeroes/reads to img and model, checking reads."""
+    size = len(model)
+    for _ in range(count):
+        off = rng.randrange(size)
+        if rng.random() < 0.5:  # sector-aligned like the block layer, else arbitrary
+            off &= ~511
+        ln = rng.randrange(min(max_len, size - off) + 1)
+        op = rng.random()
+        if op < 0.5:
+            data = rng.randbytes(ln)
+            img.write(off, data)
+            model[off:off + ln] = data
+        elif op < 0.62:
+            img.discard(off, ln)
+            model[off:off + ln] = bytes(ln)
+        elif op < 0.74:
+            img.write_zeroes(off, ln)
+            model[off:off + ln] = bytes(ln)
+        else:
+            buf = bytearray(ln)
+            img.readinto(off, memoryview(buf))
+            assert buf == model[off:off + ln], f"read mismatch at {off}+{ln}"
+
+
+# ------------------------------------------------------------------ own images
+
+@pytest.mark.parametrize("cluster_bits", [9, 12, 16])
+def test_random_io_matches_model_and_survives_reopen(tmp_path, cluster_bits):
+    path = str(tmp_path / "a.qcow2")
+    size = 4 * MiB + 1234  # not a multiple of the cluster size
+    model = bytearray(size)
+    rng = random.Random(cluster_bits)
+    with Qcow2Image.create(path, size, cluster_bits=cluster_bits) as img:
+        assert (img.size, img.cluster_size, img.readonly) == (size, 1 << cluster_bits, False)
+        random_ops(img, model, rng, 400, 3 << cluster_bits)
+        assert img.read(0, size) == model
+        img.flush()
+    with Qcow2Image.open(path) as img:
+        assert img.read(0, size) == model
+        random_ops(img, model, rng, 100, 200 * KiB)
+    with Qcow2Image.open(path, readonly=True) as img:
+        assert img.readonly
+        assert img.read(0, size) == model
+    if QEMU_IMG:
+        assert_check_clean(path)
+        raw = tmp_path / "a.raw"
+        raw.write_bytes(model)
+        assert_same_as_raw(path, str(raw))
+
+
+def test_bad_ranges_and_readonly(tmp_path):
+    path = str(tmp_path / "r.qcow2")
+    Qcow2Image.create(path, 1 * MiB).close()
+    with Qcow2Image.open(path) as img:
+        for off, ln in [(-1, 1), (MiB, 1), (MiB - 1, 2), (0, MiB + 1)]:
+            with pytest.raises(ValueError, match="outside the image"):
+                img.read(off, ln)
+            with pytest.raises(ValueError, match="outside the image"):
+                img.write(off, b"x" * max(ln, 0))
+            with pytest.raises(ValueError, match="outside the image"):
+                img.discard(off, ln)
+        assert img.read(MiB, 0) == b""
+        img.write(MiB - 3, b"end")
+        assert img.read(MiB - 4, 4) == b"\0end"
+    with Qcow2Image.open(path, readonly=True) as img:
+        for call in (lambda: img.write(0, b"x"), lambda: img.discard(0, 512),
+                     lambda: img.write_zeroes(0, 512)):
+            with pytest.raises(Qcow2Error) as ei:
+                call()
+            assert ei.value.errno == errno.EROFS
+        assert img.read(MiB - 3, 3) == b"end"
+    with pytest.raises(ValueError, match="closed"):
+        img.read(0, 1)
+    with pytest.raises(ValueError, match="cluster_bits"):
+        Qcow2Image.create(path, MiB, cluster_bits=22)
+    with pytest.raises(ValueError, match="size"):
+        Qcow2Image.create(path, -1)
+
+
+def test_refcount_table_grows(tmp_path):
+    """cluster_bits=9: one refcount table cluster covers 8 MiB of file; write 20 MiB."""
+    path = str(tmp_path / "g.qcow2")
+    data = random.Random(5).randbytes(20 * MiB)
+    with Qcow2Image.create(path, 64 * MiB, cluster_bits=9) as img:
+        with open(path, "rb") as f:
+            rt_before = struct.unpack(">QI", f.read(60)[48:60])
+        img.write(0, data)
+        img.discard(MiB, 4 * MiB)  # freed clusters (and the old table) are reused
+        img.write(MiB + 512, data[:MiB])
+        expect = bytearray(data)
+        expect[MiB:5 * MiB] = bytes(4 * MiB)
+        expect[MiB + 512:2 * MiB + 512] = data[:MiB]
+        assert img.read(0, 20 * MiB) == expect
+    with open(path, "rb") as f:
+        rt_after = struct.unpack(">QI", f.read(60)[48:60])
+    assert rt_after[0] != rt_before[0] and rt_after[1] > rt_before[1]
+    with Qcow2Image.open(path) as img:
+        assert img.read(0, 20 * MiB) == expect
+    if QEMU_IMG:
+        assert_check_clean(path)
+
+
+@pytest.mark.parametrize("cluster_bits", [9, 16])
+def test_large_virtual_size_far_offsets(tmp_path, cluster_bits):
+    path = str(tmp_path / "big.qcow2")
+    size = 64 * GiB
+    spots = {0: b"a", 1 * GiB + 7: b"b", 33 * GiB: b"c", size - 4096: b"d"}
+    with Qcow2Image.create(path, size, cluster_bits=cluster_bits) as img:
+        for off, ch in spots.items():
+            img.write(off, ch * 4096)
+        img.discard(33 * GiB, 1 << cluster_bits)
+    with Qcow2Image.open(path) as img:
+        for off, ch in spots.items():
+            want = bytes(4096) if off == 33 * GiB else ch * 4096
+            if off == 33 * GiB:
+                want = bytes(1 << cluster_bits) + b"c" * (4096 - (1 << cluster_bits))
+            assert img.read(off, 4096) == want[:4096]
+        assert img.read(2 * GiB, 8192) == bytes(8192)
+    if QEMU_IMG:
+        assert_check_clean(path)
+    assert os.path.getsize(path) < 20 * MiB
+
+
+@needs_qemu
+def test_zero_flag_and_discard_free_clusters(tmp_path):
+    path = str(tmp_path / "z.qcow2")
+    cs = 64 * KiB
+    with Qcow2Image.create(path, 4 * MiB) as img:
+        img.write(0, b"\x11" * (4 * cs))
+        grown = os.path.getsize(path)
+        img.write_zeroes(cs, cs)            # whole cluster -> zero flag, host cluster freed
+        img.discard(2 * cs, cs + 100)       # whole cluster unmapped + partial zeroed
+        assert img.read(0, 4 * cs) == (b"\x11" * cs + bytes(2 * cs + 100)
+                                       + b"\x11" * (cs - 100))
+        img.write(MiB, b"\x22" * (2 * cs))  # reuses the two freed clusters
+        assert os.path.getsize(path) == grown
+    mapping = json.loads(qemu_img("map", "--output=json", path))
+    zero_at = [m for m in mapping if m["start"] <= cs < m["start"] + m["length"]][0]
+    assert zero_at["zero"] and not zero_at["data"]
+    assert_check_clean(path)
+
+
+# ------------------------------------------------------------------ qemu peers
+
+@needs_qemu
+@pytest.mark.parametrize("cluster_size", ["512", "4k", "64k", "2M"])
+def test_read_and_extend_qemu_images(tmp_path, cluster_size):
+    path, raw = str(tmp_path / "q.qcow2"), str(tmp_path / "q.raw")
+    size = 8 * MiB
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", path,
+             str(size))
+    qemu_io(path, "write -P 0xab 0 64k", "write -P 0x5c 100k 3k", "write -P 0x77 4M 1M",
+            "write -z 4352k 64k", "discard 4608k 128k", "write -P 0x33 8380416 8192")
+    qemu_img("convert", "-O", "raw", path, raw)
+    with open(raw, "rb") as f:
+        model = bytearray(f.read())
+    with Qcow2Image.open(path) as img:
+        assert img.read(0, size) == model
+        random_ops(img, model, random.Random(7), 200, 300 * KiB)
+        assert img.read(0, size) == model
+    assert_check_clean(path)
+    with open(raw, "wb") as f:
+        f.write(model)
+    assert_same_as_raw(path, raw)
+    qemu_io(path, "write -P 0x99 1M 64k")  # qemu can keep using what we wrote
+    model[MiB:MiB + 64 * KiB] = b"\x99" * (64 * KiB)
+    with Qcow2Image.open(path, readonly=True) as img:
+        assert img.read(0, size) == model
+
+
+@needs_qemu
+@pytest.mark.parametrize("backing_fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("made_by", ["us", "qemu"])
+def test_backing_file_chain(tmp_path, backing_fmt, made_by):
+    size, bsize = 4 * MiB, 3 * MiB + 4096  # backing smaller than the overlay
+    rng = random.Random(11)
+    base_data = rng.randbytes(bsize)
+    base = str(tmp_path / f"base.{backing_fmt}")
+    if backing_fmt == "raw":
+        with open(base, "wb") as f:
+            f.write(base_data)
+    else:
+        with Qcow2Image.create(base, bsize, cluster_bits=12) as b:
+            b.write(0, base_data)
+    top = str(tmp_path / "top.qcow2")
+    if made_by == "us":
+        Qcow2Image.create(top, size, backing_file=os.path.basename(base),
+                          backing_format=backing_fmt).close()
+    else:
+        qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", backing_fmt, top, str(size))
+    model = bytearray(base_data + bytes(size - bsize))
+    with Qcow2Image.open(top) as img:
+        assert img.read(0, size) == model
+        img.write(1000, b"cow")          # copy-on-write of a partial cluster
+        model[1000:1003] = b"cow"
+        img.discard(128 * KiB, 128 * KiB)  # backing must not show through
+        model[128 * KiB:256 * KiB] = bytes(128 * KiB)
+        img.write_zeroes(300 * KiB, 70 * KiB)
+        model[300 * KiB:370 * KiB] = bytes(70 * KiB)
+        img.write(bsize - 10, b"z" * 100)  # straddles the end of the backing file
+        model[bsize - 10:bsize + 90] = b"z" * 100
+        random_ops(img, model, rng, 150, 200 * KiB)
+        assert img.read(0, size) == model
+    with Qcow2Image.open(top, readonly=True) as img:
+        assert img.read(0, size) == model
+    with open(base, "rb") as f:  # the backing file was never written
+        got = f.read()
+    if backing_fmt == "raw":
+        assert got == base_data
+    assert_check_clean(top)
+    raw = str(tmp_path / "expect.raw")
+    with open(raw, "wb") as f:
+        f.write(model)
+    assert_same_as_raw(top, raw)
+
+
+@needs_qemu
+def test_missing_backing_file(tmp_path):
+    top = str(tmp_path / "top.qcow2")
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"x" * 4096)
+    Qcow2Image.create(top, MiB, backing_file=str(base)).close()
+    base.unlink()
+    with pytest.raises(Qcow2Error, match="backing file"):
+        Qcow2Image.open(top)
+
+
+# ------------------------------------------------------------------ refused features
+
+def _patch(path: str, offset: int, fmt: str, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+def _expect_refused(path: str, words: str, err: int = errno.ENOTSUP,
+                    readonly: bool = False) -> None:
+    with pytest.raises(Qcow2Error, match=words) as ei:
+        Qcow2Image.open(path, readonly=readonly).close()
+    assert ei.value.errno == err
+
+
+@needs_qemu
+@pytest.mark.parametrize("opts,words", [
+    ("extended_l2=on", "extended L2"),
+    ("compression_type=zstd", "compression type zstd"),
+    ("refcount_bits=8", "refcount_order 3"),
+    ("data_file={dir}/ext.raw", "external data file"),
+])
+def test_qemu_options_we_refuse(tmp_path, opts, words):
+    path = str(tmp_path / "f.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts.format(dir=tmp_path), path, "1M")
+    _expect_refused(path, words, readonly=True)
+
+
+@pytest.mark.parametrize("offset,fmt,value,words,err", [
+    (32, ">I", 1, "encryption", errno.ENOTSUP),              # crypt_method AES
+    (72, ">Q", 1 << 10, "bit 10", errno.ENOTSUP),            # unknown incompatible bit
+    (20, ">I", 22, "cluster_bits 22", errno.ENOTSUP),
+    (20, ">I", 8, "cluster_bits 8", errno.ENOTSUP),
+    (4, ">I", 4, "version 4", errno.ENOTSUP),
+    (0, ">I", 0x12345678, "bad magic", errno.EINVAL),
+    (40, ">Q", 0x10200, "L1 table offset", errno.EIO),       # misaligned
+    (40, ">Q", 1 << 40, "beyond the end", errno.EIO),
+    (36, ">I", 1 << 30, "L1 table of", errno.EIO),           # 8 GiB L1: memory cap
+    (40, ">Q", 0x20000, "overlap", errno.EIO),               # L1 on the refcount block
+    (56, ">I", 0, "refcount table of 0", errno.EIO),
+    (100, ">I", 1 << 20, "header_length", errno.EIO),
+])
+def test_patched_headers_refused(tmp_path, offset, fmt, value, words, err):
+    path = str(tmp_path / "p.qcow2")
+    with Qcow2Image.create(path, 2 * MiB) as img:
+        img.write(0, b"x" * 70000)
+    _patch(path, offset, fmt, value)
+    _expect_refused(path, words, err, readonly=True)
+
+
+def test_dirty_and_corrupt_bits_allow_readonly_only(tmp_path):
+    path = str(tmp_path / "d.qcow2")
+    with Qcow2Image.create(path, MiB) as img:
+        img.write(0, b"keep")
+    for bit, words in [(1, "dirty"), (2, "corrupt")]:
+        _patch(path, 72, ">Q", bit)
+        _expect_refused(path, words)
+        with Qcow2Image.open(path, readonly=True) as img:
+            assert img.read(0, 4) == b"keep"
+
+
+@needs_qemu
+def test_version2_snapshots_and_compressed_clusters(tmp_path):
+    v2 = str(tmp_path / "v2.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, "1M")
+    qemu_io(v2, "write -P 0x42 0 4k")
+    _expect_refused(v2, "version 2")
+    with Qcow2Image.open(v2, readonly=True) as img:
+        assert img.read(0, 8192) == b"\x42" * 4096 + bytes(4096)
+
+    snap = str(tmp_path / "s.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", snap, "1M")
+    qemu_io(snap, "write -P 0x43 0 4k")
+    qemu_img("snapshot", "-c", "s1", snap)
+    _expect_refused(snap, "snapshot")
+    with Qcow2Image.open(snap, readonly=True) as img:
+        assert img.read(0, 4096) == b"\x43" * 4096
+
+    src, comp = str(tmp_path / "src.raw"), str(tmp_path / "c.qcow2")
+    with open(src, "wb") as f:
+        f.write(b"\x44" * 65536 + bytes(65536))
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", src, comp)
+    with Qcow2Image.open(comp) as img:
+        assert img.read(65536, 4096) == bytes(4096)  # unallocated cluster still readable
+        with pytest.raises(Qcow2Error, match="compressed") as ei:
+            img.read(0, 512)
+        assert ei.value.errno == errno.ENOTSUP
+
+
+def test_truncated_image(tmp_path):
+    path = str(tmp_path / "t.qcow2")
+    with Qcow2Image.create(path, 2 * MiB, cluster_bits=12) as img:
+        img.write(0, b"y" * 100000)
+    for cut in (0, 50, 100, 4096, 3 * 4096):
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        with pytest.raises(Qcow2Error) as ei:
+            Qcow2Image.open(path).close()
+        assert ei.value.errno in (errno.EIO, errno.EINVAL)
