@@ -151,7 +151,8 @@ def parse_header(buf: bytes, file_size: int) -> Header:
         if h.header_length > HEADER_V3_LENGTH:
             h.compression_type = buf[HEADER_V3_LENGTH]
         if refcount_order != REFCOUNT_ORDER:
-            raise _unsupported(f"refcount_order {refcount_order} ({1 << refcount_order}-bit "
+            width = f"{1 << refcount_order}-bit" if refcount_order < 7 else "invalid"
+            raise _unsupported(f"refcount_order {refcount_order} ({width} "
                                "refcounts); only 16-bit refcounts are supported "
                                "(qemu-img convert -O qcow2 -o refcount_bits=16)")
     _parse_extensions(h, buf, HEADER_V2_LENGTH if version == 2 else h.header_length)
