@@ -88,7 +88,7 @@ class _RawBacking:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = os.fstat(self._fd).st_size
 
-    def read_clipped(self, offset: int, mv: memoryview) -> None:
+    def _read_clipped(self, offset: int, mv: memoryview) -> None:
         avail = max(0, min(len(mv), self.size - offset))
         if avail:
             _pread_into(self._fd, mv[:avail], offset)
@@ -536,6 +536,9 @@ class Qcow2Image:
     def readinto(self, offset: int, buf: Any) -> None:
         """Read ``len(buf)`` bytes at virtual ``offset`` into the writable buffer ``buf``."""
         mv = memoryview(buf).cast("B")
+        if mv.readonly:
+            raise TypeError("readinto() needs a writable buffer (bytearray, memoryview "
+                            "of a bytearray/mmap/numpy array)")
         with self._lock:
             self._check_range(offset, len(mv))
             self._read(offset, mv)
@@ -558,7 +561,6 @@ class Qcow2Image:
         if avail < len(mv):
             mv[avail:] = bytes(len(mv) - avail)
 
-    read_clipped = _read_clipped
 
     def _read(self, offset: int, mv: memoryview) -> None:
         cb, cs = self._cb, self._cs
@@ -588,7 +590,7 @@ class Qcow2Image:
         elif kind == _ZERO:
             mv[:] = bytes(len(mv))
         else:
-            self._backing.read_clipped(where, mv)
+            self._backing._read_clipped(where, mv)
 
     # ---------------------------------------------------------------- writing
     def write(self, offset: int, data: Any) -> None:
@@ -663,7 +665,7 @@ class Qcow2Image:
         else:  # build the whole cluster: zeros or backing data, then the new bytes
             ba = bytearray(cs)
             if kind == _UNALLOC and self._backing is not None:
-                self._backing.read_clipped(vc << self._cb, memoryview(ba))
+                self._backing._read_clipped(vc << self._cb, memoryview(ba))
             ba[o:o + n] = data
             buf = ba
         if host:  # zero cluster with a preallocated host cluster: reuse it

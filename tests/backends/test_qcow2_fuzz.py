@@ -21,7 +21,7 @@ import pytest
 from backends.qcow2 import Qcow2Error, Qcow2Image
 
 SEED = 20240611
-MUTANTS = 3000
+MUTANTS = 5000
 TIME_BUDGET = 25.0  # seconds; the loop stops early (but after MIN_MUTANTS) on slow hosts
 MIN_MUTANTS = 300
 
