@@ -134,6 +134,25 @@ def test_bad_ranges_and_readonly(tmp_path):
         Qcow2Image.create(path, -1)
 
 
+def test_threads_share_one_image(tmp_path):
+    import threading
+    path = str(tmp_path / "t.qcow2")
+    chunk = 256 * KiB
+    datas = [random.Random(i).randbytes(chunk) for i in range(4)]
+    with Qcow2Image.create(path, 4 * chunk, cluster_bits=12) as img:
+        def worker(i: int) -> None:
+            for off in range(0, chunk, 4096):  # interleaved allocations from 4 threads
+                img.write(i * chunk + off, datas[i][off:off + 4096])
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert img.read(0, 4 * chunk) == b"".join(datas)
+    if QEMU_IMG:
+        assert_check_clean(path)
+
+
 def test_refcount_table_grows(tmp_path):
     """cluster_bits=9: one refcount table cluster covers 8 MiB of file; write 20 MiB."""
     path = str(tmp_path / "g.qcow2")
