@@ -1,0 +1,28 @@
+"""null: every request completes at once without touching data (like kublk's null)."""
+from pyublk_fast.backend import Backend, register
+
+
+@register("null")
+class NullBackend(Backend):
+    can_discard = True
+    can_write_zeroes = True
+
+    def __init__(self, size: int = 250 << 30, block_size: int = 512):
+        self.size = size
+        self.block_size = block_size
+
+    def read(self, offset, buf):
+        pass
+
+    def write(self, offset, data):
+        pass
+
+    def discard(self, offset, length):
+        pass
+
+    def write_zeroes(self, offset, length):
+        pass
+
+    def native_target(self):
+        from ._native_null import NullTarget
+        return NullTarget()

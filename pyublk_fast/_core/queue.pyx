@@ -1,0 +1,268 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Queue runner: one ring and one thread per ublk queue.
+
+FETCH every tag, then loop: wait, reap a batch nogil, decode tags, hand each
+request to the backend (native: C calls, no GIL; Python: one GIL round per
+batch), commit results with COMMIT_AND_FETCH. Which transport (kernel char
+device or simulated driver) is fixed at setup; the loop is the same.
+"""
+import errno as _errno
+import logging
+
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset
+from libc.errno cimport ENODEV, EIO, EINVAL
+
+from .liburing cimport *
+from .ring cimport Ring, reap_cq
+from .uapi cimport *
+from .simwire cimport SimCmd, sim_msg, SIM_MSG_SERVER
+from .codec cimport ud_encode, ud_tag, ud_op, ud_tgt_data, ud_is_target
+
+cnp.import_array()
+log = logging.getLogger("pyublk_fast.queue")
+
+cdef enum:
+    TAG_WAIT = 0          # a FETCH / COMMIT_AND_FETCH is outstanding
+    TAG_BUSY = 1          # the request is being served
+    TAG_GONE = 2          # the driver aborted this tag's command
+    OP_SIM_MSG = 0xfe     # user_data op of the MSG_RING carrying a command to the simulator
+    OP_WAKE = 0xfd        # user_data op of a wake-up posted to this ring (stop / die)
+    REAP_BATCH = 512
+
+RESUBMITTED = -0x7fffffff
+cdef int32_t C_RESUBMITTED = -0x7fffffff
+
+
+cdef class NativeTarget:
+    cdef int setup(self, Queue q) except -1:
+        return 0
+
+    cdef int queue_io(self, Queue q, int tag, const ublksrv_io_desc *iod) noexcept nogil:
+        q.commit(tag, -EINVAL)
+        return 0
+
+    cdef int32_t io_done(self, Queue q, int tag, uint32_t tgt_data, int32_t res) noexcept nogil:
+        return res
+
+
+cdef class Queue:
+    """Serve one queue of a device. Construct in the thread that will run it."""
+
+    def __cinit__(self):
+        self.cmd_fd = -1
+
+    def __init__(self, int q_id, int depth, uint32_t buf_size, *, bint sim, int cmd_fd,
+                 iods, sim_cmds=None, int sim_qi=0, NativeTarget native=None, py_handler=None,
+                 bint need_get_data=False, bint user_copy=False, unsigned ring_flags=0):
+        if native is None and py_handler is None:
+            raise ValueError("Queue needs a native target or a Python handler")
+        if not 1 <= depth <= UBLK_MAX_QUEUE_DEPTH:
+            raise ValueError(f"depth={depth} out of range 1..{UBLK_MAX_QUEUE_DEPTH}")
+        self.q_id = q_id
+        self.depth = depth
+        self.buf_size = buf_size
+        self.sim = sim
+        self.cmd_fd = cmd_fd
+        self.sim_qi = sim_qi
+        self.need_get_data = need_get_data
+        self.user_copy = user_copy
+        self.native = native
+        self.py_handler = py_handler
+        iod_arr = np.asarray(iods)
+        if iod_arr.nbytes < depth * sizeof(ublksrv_io_desc):
+            raise ValueError("descriptor array smaller than depth * 24 bytes")
+        self.iods = <const ublksrv_io_desc *><uintptr_t>iod_arr.__array_interface__["data"][0]
+        if sim:
+            cmd_arr = np.asarray(sim_cmds)
+            if cmd_arr.nbytes < depth * sizeof(SimCmd):
+                raise ValueError("simulator command slots smaller than depth")
+            self.sim_cmds = <SimCmd *><uintptr_t>cmd_arr.__array_interface__["data"][0]
+        else:
+            cmd_arr = None
+        # per-tag buffers, page aligned, untouched pages cost nothing
+        raw = np.zeros(<size_t>depth * buf_size + 4096, np.uint8)
+        start = (-raw.__array_interface__["data"][0]) % 4096
+        bufs = raw[start:start + <size_t>depth * buf_size]
+        self.bufs = <uint8_t *><uintptr_t>bufs.__array_interface__["data"][0]
+        self.tags = <TagIO *>calloc(depth, sizeof(TagIO))
+        self.py_tags = <uint16_t *>calloc(depth, sizeof(uint16_t))
+        if self.tags == NULL or self.py_tags == NULL:
+            raise MemoryError("Queue: cannot allocate tag state")
+        self.py_tag_array = np.zeros(depth, np.uint16)
+        self._keep = (iod_arr, cmd_arr, raw, bufs)
+        entries = 1
+        while entries < 2 * depth:
+            entries <<= 1
+        self.ring = Ring(max(entries, 64), ring_flags, cq_entries=max(entries, 64) * 2)
+        self.r = &self.ring.ring
+        if native is not None:
+            native.setup(self)
+
+    def __dealloc__(self):
+        free(self.tags)
+        free(self.py_tags)
+
+    @property
+    def ring_fd(self) -> int:
+        return self.ring.fd
+
+    def buffers(self):
+        """The per-tag buffers as a (depth, buf_size) uint8 array (views, no copy)."""
+        return self._keep[3].reshape(self.depth, self.buf_size)
+
+    def descriptors(self):
+        return self._keep[0]
+
+    def close(self):
+        self.ring.close()
+
+    # -- commands to the driver -------------------------------------------------------
+
+    cdef io_uring_sqe *get_sqe(self) noexcept nogil:
+        cdef io_uring_sqe *sqe = io_uring_get_sqe(self.r)
+        while sqe == NULL:
+            io_uring_submit(self.r)
+            sqe = io_uring_get_sqe(self.r)
+        return sqe
+
+    cdef uint8_t *tag_buf(self, int tag) noexcept nogil:
+        return self.bufs + <size_t>tag * self.buf_size
+
+    cdef void submit_cmd(self, uint32_t nr, int tag, int32_t result) noexcept nogil:
+        """FETCH_REQ / COMMIT_AND_FETCH_REQ / NEED_GET_DATA for tag."""
+        cdef io_uring_sqe *sqe = self.get_sqe()
+        cdef uint64_t ud = ud_encode(tag, nr, 0, 0)
+        cdef uint64_t addr = 0 if self.user_copy else <uintptr_t>self.tag_buf(tag)
+        cdef ublksrv_io_cmd *c
+        cdef SimCmd *s
+        if self.sim:
+            s = &self.sim_cmds[tag]
+            s.cmd_op = io_cmd_op(nr)
+            s.result = result
+            s.addr = addr
+            s.user_data = ud
+            s.ring_fd = self.r.ring_fd
+            io_uring_prep_msg_ring(sqe, self.cmd_fd, 0, sim_msg(SIM_MSG_SERVER, (<uint64_t>self.sim_qi << 16) | tag), 0)
+            sqe.flags = IOSQE_CQE_SKIP_SUCCESS
+            sqe.user_data = ud_encode(tag, OP_SIM_MSG, 0, 0)
+        else:
+            pyu_prep_uring_cmd(sqe, 64, self.cmd_fd, io_cmd_op(nr), NULL, 0, ud)
+            c = <ublksrv_io_cmd *>pyu_sqe_cmd(sqe)
+            c.q_id = self.q_id
+            c.tag = tag
+            c.result = result
+            c.addr = addr
+        self.tags[tag].state = TAG_WAIT
+
+    cdef void commit(self, int tag, int32_t res) noexcept nogil:
+        """Complete the request of tag with res (bytes or -errno) and fetch the next."""
+        self.submit_cmd(UBLK_IO_COMMIT_AND_FETCH_REQ, tag, res)
+
+    cdef uint64_t target_ud(self, int tag, uint32_t tgt_data) noexcept nogil:
+        return ud_encode(tag, 0, tgt_data, 1)
+
+    # -- the loop --------------------------------------------------------------------
+
+    def fetch_all(self):
+        """Post FETCH_REQ for every tag and submit."""
+        cdef int tag
+        for tag in range(self.depth):
+            self.submit_cmd(UBLK_IO_FETCH_REQ, tag, 0)
+        self.nr_live = self.depth
+        ret = io_uring_submit(self.r)
+        if ret < 0:
+            raise OSError(-ret, f"queue {self.q_id}: submitting FETCH_REQ failed")
+
+    def run(self):
+        """Serve until every tag is aborted (device stopped) or die() is posted."""
+        with nogil:
+            self.loop()
+        return self.cmd_errors
+
+    def wake_ud(self):
+        """user_data that, posted to this ring (MSG_RING), makes run() return at once."""
+        return ud_encode(0, OP_WAKE, 0, 0)
+
+    cdef void loop(self) noexcept nogil:
+        cdef uint64_t ud[REAP_BATCH]
+        cdef int32_t res[REAP_BATCH]
+        cdef uint32_t fl[REAP_BATCH]
+        cdef unsigned n, i
+        cdef int tag
+        cdef uint32_t op
+        while self.nr_live > 0:
+            io_uring_submit_and_wait(self.r, 1)
+            n = reap_cq(self.r, ud, res, fl, REAP_BATCH)
+            for i in range(n):
+                tag = ud_tag(ud[i])
+                if ud_is_target(ud[i]):
+                    self.on_target(tag, ud_tgt_data(ud[i]), res[i])
+                    continue
+                op = ud_op(ud[i])
+                if op == OP_WAKE:
+                    self.nr_live = 0
+                    break
+                if tag >= self.depth:
+                    self.cmd_errors += 1
+                    continue
+                if op == OP_SIM_MSG or res[i] < 0:
+                    # the command could not be delivered, or the driver refused / aborted it
+                    if res[i] != -ENODEV:
+                        self.cmd_errors += 1
+                    if self.tags[tag].state != TAG_GONE:
+                        self.tags[tag].state = TAG_GONE
+                        self.nr_live -= 1
+                elif res[i] == UBLK_IO_RES_NEED_GET_DATA:
+                    self.submit_cmd(UBLK_IO_NEED_GET_DATA, tag, 0)
+                else:
+                    self.on_request(tag)
+            if self.n_py:
+                self.run_python()
+        io_uring_submit(self.r)
+
+    cdef void on_request(self, int tag) noexcept nogil:
+        cdef const ublksrv_io_desc *iod = &self.iods[tag]
+        cdef int n
+        self.requests += 1
+        self.tags[tag].state = TAG_BUSY
+        if self.native is not None:
+            self.tags[tag].result = 0
+            n = self.native.queue_io(self, tag, iod)
+            self.tags[tag].pending = n if n > 0 else 0
+        else:
+            self.py_tags[self.n_py] = tag
+            self.n_py += 1
+
+    cdef void on_target(self, int tag, uint32_t tgt_data, int32_t res) noexcept nogil:
+        cdef TagIO *t = &self.tags[tag]
+        cdef int32_t r = self.native.io_done(self, tag, tgt_data, res)
+        if r == C_RESUBMITTED:
+            return
+        if r < 0:
+            if t.result >= 0:
+                t.result = r
+        elif t.result >= 0:
+            t.result += r
+        t.pending -= 1
+        if t.pending == 0:
+            self.commit(tag, t.result)
+
+    cdef void run_python(self) noexcept nogil:
+        cdef int i, n = self.n_py
+        cdef uint16_t[::1] arr
+        with gil:
+            arr = self.py_tag_array
+            for i in range(n):
+                arr[i] = self.py_tags[i]
+            try:
+                results = self.py_handler(n)
+            except BaseException:
+                log.exception("queue %d: Python dispatch failed; failing %d requests with EIO", self.q_id, n)
+                results = [-EIO] * n
+            for i in range(n):
+                self.commit(self.py_tags[i], results[i])
+        self.n_py = 0

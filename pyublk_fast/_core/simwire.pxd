@@ -1,0 +1,28 @@
+# The wire between a server queue and the simulated driver: what the SQE command
+# area carries on a real kernel, here in shared memory plus one MSG_RING word.
+from libc.stdint cimport uint32_t, int32_t, uint64_t, int64_t
+
+cdef struct SimCmd:
+    uint32_t cmd_op          # UBLK_U_IO_* (ioctl-encoded)
+    int32_t result           # COMMIT result
+    uint64_t addr            # buffer address (copy path) or fixed-buffer index
+    uint64_t user_data       # user_data of the server's command: the driver completes it with this
+    int32_t ring_fd          # the server ring that "submitted" the command
+    int32_t pad
+
+cdef enum:
+    # Message kinds in bits 60-63 of a MSG_RING user_data sent to the driver ring.
+    SIM_MSG_SHIFT = 60
+    SIM_MSG_SERVER = 1       # low bits: queue index << 16 | tag
+    SIM_MSG_FRONT = 2        # low bits: request index
+    SIM_MSG_CONTROL = 3      # wake-up: control requests are waiting
+    SIM_MSG_OWN = 4          # the driver's own MSG_RING SQEs (only failures post CQEs)
+
+cdef inline uint64_t sim_msg(uint64_t kind, uint64_t low) noexcept nogil:
+    return (kind << SIM_MSG_SHIFT) | low
+
+# Seed (RFC) splice flags and the simulated user-copy / splice entry points, called
+# by the server thread on a request it owns (the kernel's pread/pwrite/splice on
+# /dev/ublkcN). They return bytes or -errno like the syscalls.
+ctypedef int64_t (*sim_copy_fn)(void *ctx, uint64_t pos, void *buf, uint64_t len, int to_request) noexcept nogil
+ctypedef int64_t (*sim_splice_fn)(void *ctx, uint64_t pos, int pipe_fd, uint64_t len, unsigned flags) noexcept nogil

@@ -1,0 +1,208 @@
+"""Device: serve a Backend as a ublk block device over a transport.
+
+    with Device(MyBackend(), SimTransport()) as dev:
+        blk = dev.open()          # the (simulated) /dev/ublkbN
+        blk.pwrite(b"x" * 4096, 0)
+
+start() adds the device, runs one thread per queue (each owning its ring),
+sets the parameters and starts the device; stop() stops it, lets every queue
+drain and deletes it. Several devices per process are fine.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from . import uapi
+from ._core.queue import Queue
+from ._core.ring import Ring
+from .dispatch import PythonDispatch
+
+log = logging.getLogger("pyublk_fast.device")
+
+DATA_PATHS = ("copy", "need_get_data", "user_copy", "zero_copy", "splice_zc")
+_PATH_FLAGS = {
+    "copy": 0,
+    "need_get_data": uapi.UBLK_F_NEED_GET_DATA,
+}
+
+
+class Device:
+    """A ublk device served by a backend. Not started until start() (or `with`)."""
+
+    def __init__(self, backend, transport, *, queues: int = 1, depth: int = 128,
+                 max_io_bytes: int = 512 * 1024, data_path: str = "auto", recovery: str | None = None,
+                 dev_id: int = -1, native: bool = True):
+        backend.check()
+        if data_path != "auto" and data_path not in DATA_PATHS:
+            raise ValueError(f"data_path={data_path!r}: choose auto or one of {DATA_PATHS}")
+        if recovery not in (None, "fail", "reissue", "fail_io"):
+            raise ValueError(f"recovery={recovery!r}: choose None, 'fail', 'reissue' or 'fail_io'")
+        if not 1 <= depth <= uapi.UBLK_MAX_QUEUE_DEPTH:
+            raise ValueError(f"depth={depth} out of range 1..{uapi.UBLK_MAX_QUEUE_DEPTH}")
+        if queues < 1:
+            raise ValueError(f"queues={queues} must be >= 1")
+        self.backend = backend
+        self.transport = transport
+        self.nr_queues = queues
+        self.depth = depth
+        self.max_io_bytes = max_io_bytes
+        self.recovery = recovery
+        self.requested_path = data_path
+        self.data_path = self._choose_path(data_path)
+        self.native = backend.native_target() if native else None
+        self.dev_id = dev_id
+        self.flags = 0
+        self._threads: list[threading.Thread] = []
+        self._queues: list[Queue | None] = []
+        self._errors: list[BaseException] = []
+        self._started = False
+
+    def _choose_path(self, wanted: str) -> str:
+        if wanted == "auto":
+            return "copy"
+        if wanted not in _PATH_FLAGS:
+            raise NotImplementedError(f"data path {wanted!r} is not implemented yet; use 'copy' or 'need_get_data'")
+        return wanted
+
+    def _flags(self) -> int:
+        flags = _PATH_FLAGS[self.data_path]
+        flags |= {None: 0, "fail": uapi.UBLK_F_USER_RECOVERY,
+                  "reissue": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE,
+                  "fail_io": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_FAIL_IO}[self.recovery]
+        return flags
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> "Device":
+        """Add, serve and start the device; returns once I/O can flow."""
+        if self._started:
+            raise RuntimeError("device already started")
+        t = self.transport
+        want = self._flags()
+        self.dev_id, self.flags = t.add_dev(self.dev_id, self.nr_queues, self.depth, self.max_io_bytes, want)
+        missing = want & ~self.flags
+        if missing:
+            t.del_dev(self.dev_id)
+            raise OSError(95, f"the driver refused {uapi.feature_names(missing)}")
+        try:
+            b = self.backend
+            attrs = (uapi.UBLK_ATTR_READ_ONLY if b.read_only else 0) | \
+                (uapi.UBLK_ATTR_VOLATILE_CACHE if b.can_flush else 0) | (uapi.UBLK_ATTR_FUA if b.can_fua else 0)
+            t.set_params(self.dev_id, b.size, b.block_size, attrs)
+            self._spawn_queues()
+            t.start_dev(self.dev_id)
+        except BaseException:
+            self._teardown(delete=True)
+            raise
+        self._started = True
+        return self
+
+    def _spawn_queues(self):
+        ready = [threading.Event() for _ in range(self.nr_queues)]
+        self._queues = [None] * self.nr_queues
+        self._threads = []
+        for q_id in range(self.nr_queues):
+            th = threading.Thread(target=self._serve_queue, args=(q_id, ready[q_id]),
+                                  name=f"ublk{self.dev_id}-q{q_id}", daemon=True)
+            th.start()
+            self._threads.append(th)
+        for ev in ready:
+            ev.wait()
+        if self._errors:
+            raise self._errors[0]
+
+    def _serve_queue(self, q_id: int, ready: threading.Event):
+        dispatch = None
+        q = None
+        try:
+            args = self.transport.queue_args(self.dev_id, q_id)
+            q = Queue(q_id, self.depth, self.max_io_bytes, native=self.native,
+                      py_handler=None if self.native is not None else (lambda n: dispatch.handle_batch(n)),
+                      need_get_data=self.data_path == "need_get_data", **args)
+            if self.native is None:
+                dispatch = PythonDispatch(self.backend, q)
+            self._queues[q_id] = q
+            q.fetch_all()
+        except BaseException as e:  # reported by start()
+            self._errors.append(e)
+            ready.set()
+            return
+        ready.set()
+        try:
+            errors = q.run()
+            if errors:
+                log.warning("queue %d of device %d: %d commands refused by the driver", q_id, self.dev_id, errors)
+        finally:
+            if dispatch is not None:
+                dispatch.close()
+            q.close()
+
+    def _wake_queues(self):
+        with Ring(64) as r:
+            for q in self._queues:
+                if q is not None and not q.ring.closed:
+                    r.prep_msg_ring(q.ring_fd, 0, q.wake_ud(), )
+            r.submit()
+            r.wait(sum(q is not None for q in self._queues), timeout=5)
+
+    def _teardown(self, delete: bool):
+        t = self.transport
+        try:
+            t.stop_dev(self.dev_id)
+        except OSError:
+            pass
+        for th in self._threads:
+            th.join(10)
+        if any(th.is_alive() for th in self._threads):
+            log.error("device %d: queue threads did not stop after STOP_DEV; forcing them out", self.dev_id)
+            self._wake_queues()
+            for th in self._threads:
+                th.join(10)
+        if delete:
+            t.del_dev(self.dev_id)
+
+    def stop(self) -> None:
+        """Stop and delete the device. In-flight requests complete first; never hangs."""
+        if not self._started:
+            return
+        self._started = False
+        self._teardown(delete=True)
+        self.backend.close()
+
+    def kill(self) -> None:
+        """Simulate the server dying (kill -9): queues vanish without committing, the char dev closes."""
+        if not self._started:
+            return
+        self._started = False
+        self._wake_queues()
+        for th in self._threads:
+            th.join(10)
+        self.transport.release(self.dev_id)
+
+    def recover(self) -> "Device":
+        """Take over a device whose server died (needs recovery=...): re-serve it with this backend."""
+        t = self.transport
+        t.start_user_recovery(self.dev_id)
+        self._errors = []
+        self._spawn_queues()
+        t.end_user_recovery(self.dev_id)
+        self._started = True
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def open(self):
+        """The device's block-device front (the simulated or real /dev/ublkbN)."""
+        return self.transport.open(self.dev_id)
+
+    @property
+    def requests_served(self) -> int:
+        return sum(q.requests for q in self._queues if q is not None)
+
+    def info(self) -> dict:
+        return self.transport.dev_info(self.dev_id)

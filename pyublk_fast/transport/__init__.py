@@ -1,0 +1,1 @@
+"""Transports: how a server reaches a ublk driver (a real kernel, or the simulation)."""

@@ -1,0 +1,130 @@
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
+from pyublk_fast._core.ring cimport Ring
+from pyublk_fast._core.uapi cimport ublksrv_io_desc
+from pyublk_fast._core.simwire cimport SimCmd
+
+cdef struct Req:                  # one block request (the front's bio)
+    uint8_t op
+    uint8_t origin                # ORIGIN_FRONT / ORIGIN_LOADGEN
+    uint16_t dev
+    uint32_t flags
+    uint64_t offset               # bytes
+    uint32_t len
+    uint32_t done                 # bytes completed by earlier partial commits
+    uint8_t *buf
+    int32_t reply_fd              # front ring to post the completion to
+    int32_t queue                 # global queue index while queued, -1 otherwise
+    int64_t t_start
+
+cdef struct SimTag:
+    uint8_t state                 # TAG_IDLE / TAG_READY / TAG_SERVER / TAG_GETDATA
+    int32_t req
+    uint32_t spliced              # running total of spliced bytes (seed RFC check)
+
+cdef struct SimQueue:
+    int dev
+    int q_id
+    int depth
+    ublksrv_io_desc *iods
+    SimCmd *cmds
+    SimTag *tags
+    uint16_t *free_tags
+    int nfree
+    int32_t *pending              # FIFO of request indices waiting for a tag
+    int pend_head
+    int pend_count
+    int nr_ready                  # tags with a FETCH outstanding or a request at the server
+
+cdef struct SimDev:
+    int present
+    int state                     # UBLK_S_DEV_*
+    int started                   # /dev/ublkbN exists
+    int stopped                   # STOP_DEV done: fetches are aborted
+    int server_alive
+    int nr_queues
+    int depth
+    int first_q
+    uint64_t flags
+    uint64_t size
+    uint32_t lbs_shift
+    uint32_t max_io_bytes
+    uint32_t attrs
+    int inflight
+    SimQueue *qbase               # this device's queues (for the user-copy / splice entry points)
+    Req *reqs
+
+cdef struct LoadGen:
+    int active
+    int dev
+    int qd
+    uint32_t bs
+    int read_pct
+    int random
+    int verify
+    uint64_t region
+    uint64_t count                # stop after this many (0: duration only)
+    int64_t deadline_ns
+    uint64_t issued
+    uint64_t completed
+    uint64_t errors
+    uint64_t verify_errors
+    uint64_t bytes
+    uint64_t seq_off
+    uint64_t rng
+    uint64_t seed
+    int inflight
+    int first_req
+    int stop
+    int *free_slots
+    int nfree_slots
+    uint8_t *bufs
+    uint64_t *hist                # latency histogram, log-linear buckets
+    int64_t t0
+    int64_t t_end
+
+
+cdef class SimDriver:
+    cdef Ring ring
+    cdef int ring_fd
+    cdef bint stopping
+    cdef int max_devs
+    cdef int max_queues
+    cdef int nreq
+    cdef SimDev *devs
+    cdef SimQueue *queues
+    cdef Req *reqs
+    cdef int nqueues_used
+    cdef LoadGen lg
+    cdef object _iod_arrays        # numpy arrays backing descriptor arrays (kept alive)
+    cdef object _cmd_arrays
+    cdef object _ctl               # deque of control callables
+    cdef object _nudge             # Ring for MSG_RING wake-ups from Python threads
+    cdef object _nudge_lock
+    cdef object _thread
+    cdef object _ready
+    cdef object _lg_done
+    cdef uint64_t msg_failures
+    cdef uint64_t rng_state
+    cdef bint random_tags
+
+    cdef void loop(self) noexcept nogil
+    cdef void post(self, int fd, int32_t res, uint64_t user_data) noexcept nogil
+    cdef void on_server(self, int qi, int tag) noexcept nogil
+    cdef void on_front(self, int ri, int reply_fd) noexcept nogil
+    cdef void queue_rq(self, int ri) noexcept nogil
+    cdef void dispatch(self, SimQueue *q, int tag, int ri) noexcept nogil
+    cdef void complete(self, int ri, int32_t res) noexcept nogil
+    cdef void complete_unqueued(self, int ri, int32_t res) noexcept nogil
+    cdef void requeue(self, int ri) noexcept nogil
+    cdef void server_gone(self, int dev) noexcept nogil
+    cdef _run_control(self)
+    cdef server_gone_hard(self, int d)
+    cdef _init_queue(self, int qi, int d, int q_id, int depth)
+    cdef SimDev *_dev(self, int d, str what) except NULL
+    cdef void server_gone_nogil_fail(self, int d) noexcept nogil
+    cdef void release_tag(self, SimQueue *q, int tag) noexcept nogil
+    cdef void kick_pending(self, SimQueue *q) noexcept nogil
+    cdef int take_tag(self, SimQueue *q) noexcept nogil
+    cdef void abort_ready(self, SimQueue *q) noexcept nogil
+    cdef void lg_issue(self) noexcept nogil
+    cdef void lg_done(self, int ri, int32_t res) noexcept nogil

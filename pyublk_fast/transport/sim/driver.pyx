@@ -1,0 +1,905 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The simulated ublk driver: blk-mq + ublk_drv's request path in one nogil thread.
+
+The driver thread owns an io_uring. Servers "submit" I/O commands by writing the
+command (the SQE's cmd area on a kernel) to a shared SimCmd slot and posting a
+MSG_RING to this ring; the driver completes a server's FETCH by posting a
+MSG_RING CQE carrying the server's own user_data, as the kernel completes the
+uring_cmd. Block requests arrive the same way from front rings, or are generated
+in this thread by the load generator (like fio submitting in blk-mq's context).
+
+Control commands are run in this thread too (with the GIL, rarely), so all
+driver state has one owner and needs no locks.
+"""
+import collections
+import errno as _errno
+import threading
+
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t, uintptr_t
+from libc.string cimport memcpy, memset
+from libc.stdlib cimport calloc, free, malloc
+from libc.errno cimport (EINVAL, EIO, ENODEV, EBUSY, EAGAIN, EPERM, EACCES, EOPNOTSUPP, ENOSPC, EEXIST,
+                         ETIMEDOUT, ENOLINK, ENODATA, EILSEQ, ENOMEM, ENOENT, EEXIST, EROFS)
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+from pyublk_fast._core.liburing cimport (io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit,
+                                         io_uring_submit_and_wait, io_uring_prep_msg_ring,
+                                         IOSQE_CQE_SKIP_SUCCESS)
+from pyublk_fast._core.ring cimport Ring, reap_cq
+from pyublk_fast._core.uapi cimport *
+from pyublk_fast._core.simwire cimport *
+from pyublk_fast._core.codec cimport uc_pos, UC_BASE, UC_QID_SHIFT, UC_TAG_SHIFT, UC_OFF_BITS
+
+from pyublk_fast import uapi
+
+cnp.import_array()
+
+cdef enum:
+    TAG_IDLE = 0
+    TAG_READY = 1
+    TAG_SERVER = 2
+    TAG_GETDATA = 3
+    ORIGIN_FRONT = 0
+    ORIGIN_LOADGEN = 1
+    REAP_BATCH = 256
+    HIST_BUCKETS = 512              # log-linear: 64 powers of two x 8 steps
+    S_DEAD = 0
+    S_LIVE = 1
+    S_QUIESCED = 2
+    S_FAIL_IO = 3
+
+cdef uint64_t F_NEED_GET_DATA = uapi.UBLK_F_NEED_GET_DATA
+cdef uint64_t F_USER_COPY = uapi.UBLK_F_USER_COPY
+cdef uint64_t F_ZERO_COPY = uapi.UBLK_F_SUPPORT_ZERO_COPY
+cdef uint64_t F_AUTO_BUF_REG = uapi.UBLK_F_AUTO_BUF_REG
+cdef uint64_t F_SPLICE_ZC = uapi.SIM_F_SPLICE_ZC
+cdef uint64_t F_RECOVERY = uapi.UBLK_F_USER_RECOVERY
+cdef uint64_t F_REISSUE = uapi.UBLK_F_USER_RECOVERY_REISSUE
+cdef uint64_t F_RECOVERY_FAIL_IO = uapi.UBLK_F_USER_RECOVERY_FAIL_IO
+cdef uint64_t F_ANY_RECOVERY = F_RECOVERY | F_REISSUE | F_RECOVERY_FAIL_IO
+
+# What the simulated driver supports (GET_FEATURES). Zero copy and AUTO_BUF_REG are
+# modelled by the server registering request pages itself (see DataPath).
+SIM_FEATURES = (uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_NEED_GET_DATA
+                | uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
+                | uapi.UBLK_F_CMD_IOCTL_ENCODE | uapi.UBLK_F_USER_COPY
+                | uapi.UBLK_F_USER_RECOVERY_FAIL_IO | uapi.UBLK_F_UPDATE_SIZE
+                | uapi.UBLK_F_SUPPORT_ZERO_COPY | uapi.SIM_F_SPLICE_ZC)
+# Flags ADD_DEV always sets on 7.x (DESIGN.md: `| 0x26042` on 7.2), limited to what we model.
+SIM_ALWAYS_SET = uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_CMD_IOCTL_ENCODE
+
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline int hist_bucket(int64_t ns) noexcept nogil:
+    if ns < 8:
+        return <int>(ns if ns > 0 else 0)
+    cdef int msb = 63 - __builtin_clzll(<unsigned long long>ns)
+    cdef int b = msb * 8 + <int>((ns >> (msb - 3)) & 7)
+    return b if b < HIST_BUCKETS else HIST_BUCKETS - 1
+
+
+cdef extern from *:
+    int __builtin_clzll(unsigned long long) nogil
+
+
+def hist_bucket_lower_ns():
+    """Lower bound (ns) of each latency histogram bucket."""
+    out = np.zeros(HIST_BUCKETS, np.float64)
+    for b in range(HIST_BUCKETS):
+        if b < 8:
+            out[b] = b
+        else:
+            msb, step = divmod(b, 8)
+            out[b] = (1 << msb) + step * (1 << msb) / 8 if msb >= 3 else b
+    return out
+
+
+cdef inline int32_t blk_status_errno(int32_t res) noexcept nogil:
+    """errno_to_blk_status(): the errnos a block device passes through; the rest are EIO."""
+    cdef int32_t e = -res
+    if (e == EOPNOTSUPP or e == ENOSPC or e == ETIMEDOUT or e == ENOLINK or e == ENODATA
+            or e == EILSEQ or e == EAGAIN or e == ENOMEM or e == EBUSY):
+        return res
+    return -EIO
+
+
+cdef inline uint64_t lg_next(uint64_t *s) noexcept nogil:
+    # xorshift64*
+    cdef uint64_t x = s[0]
+    x ^= x >> 12
+    x ^= x << 25
+    x ^= x >> 27
+    s[0] = x
+    return x * 0x2545F4914F6CDD1DULL
+
+
+cdef inline void pattern_fill(uint8_t *buf, uint64_t off, uint32_t n, uint64_t seed) noexcept nogil:
+    cdef uint64_t *w = <uint64_t *>buf
+    cdef uint32_t i
+    for i in range(n >> 3):
+        w[i] = (off + (i << 3)) ^ seed
+
+
+cdef inline int pattern_check(const uint8_t *buf, uint64_t off, uint32_t n, uint64_t seed) noexcept nogil:
+    cdef const uint64_t *w = <const uint64_t *>buf
+    cdef uint32_t i
+    for i in range(n >> 3):
+        if w[i] != ((off + (i << 3)) ^ seed):
+            return 0
+    return 1
+
+
+cdef class SimDriver:
+    """One simulated ublk_drv instance (one "kernel"), serving up to max_devs devices."""
+
+    def __cinit__(self, int max_devs=64, int max_queues=256, int nreq=16384, bint random_tags=True,
+                  uint64_t seed=0x9E3779B97F4A7C15):
+        self.max_devs = max_devs
+        self.max_queues = max_queues
+        self.nreq = nreq
+        self.devs = <SimDev *>calloc(max_devs, sizeof(SimDev))
+        self.queues = <SimQueue *>calloc(max_queues, sizeof(SimQueue))
+        self.reqs = <Req *>calloc(nreq, sizeof(Req))
+        if self.devs == NULL or self.queues == NULL or self.reqs == NULL:
+            raise MemoryError("SimDriver: cannot allocate driver tables")
+        for i in range(max_queues):
+            self.queues[i].dev = -1
+        self.random_tags = random_tags
+        self.rng_state = seed | 1
+        self._iod_arrays = {}
+        self._cmd_arrays = {}
+        self._ctl = collections.deque()
+        self._nudge_lock = threading.Lock()
+        self._ready = threading.Event()
+        self._lg_done = threading.Event()
+        self.ring_fd = -1
+
+    def __dealloc__(self):
+        cdef int i
+        if self.queues != NULL:
+            for i in range(self.max_queues):
+                free(self.queues[i].tags)
+                free(self.queues[i].free_tags)
+                free(self.queues[i].pending)
+        free(self.devs)
+        free(self.queues)
+        free(self.reqs)
+        free(self.lg.bufs)
+        free(self.lg.hist)
+
+    # -- thread lifecycle -------------------------------------------------------------
+
+    def start(self):
+        """Start the driver thread (idempotent)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._main, name="ublk-sim-driver", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        self._nudge = Ring(64)
+
+    def _main(self):
+        self.ring = Ring(4096, cq_entries=32768)
+        self.ring_fd = self.ring.fd
+        self._ready.set()
+        with nogil:
+            self.loop()
+        self._fail_everything()
+        self.ring.close()
+
+    def shutdown(self):
+        """Stop the driver thread; requests still queued fail with ENODEV."""
+        if self._thread is None:
+            return
+        self.call(self._set_stopping)
+        self._thread.join()
+        self._thread = None
+        if self._nudge is not None:
+            self._nudge.close()
+
+    def _set_stopping(self):
+        self.stopping = True
+
+    @property
+    def fd(self) -> int:
+        """The driver ring's fd: target of the servers' and fronts' MSG_RINGs."""
+        return self.ring_fd
+
+    # -- control plane: run callables in the driver thread ----------------------------
+
+    def call(self, fn, *args):
+        """Run fn(*args) in the driver thread (with the GIL) and return its result."""
+        if self._thread is None:
+            raise RuntimeError("simulated driver is not running")
+        done = threading.Event()
+        box = []
+        self._ctl.append((fn, args, done, box))
+        with self._nudge_lock:
+            self._nudge.prep_msg_ring(self.ring_fd, 0, sim_msg(SIM_MSG_CONTROL, 0))
+            self._nudge.submit()
+            self._nudge.reap()
+        done.wait()
+        if box[0]:
+            raise box[1]
+        return box[1]
+
+    cdef _run_control(self):
+        while self._ctl:
+            fn, args, done, box = self._ctl.popleft()
+            try:
+                box[:] = [False, fn(*args)]
+            except BaseException as e:
+                box[:] = [True, e]
+            done.set()
+
+    def _fail_everything(self):
+        """At driver shutdown: fail queued and in-flight requests, abort fetches."""
+        cdef int d
+        for d in range(self.max_devs):
+            if self.devs[d].present:
+                self.server_gone_hard(d)
+        io_uring_submit(&self.ring.ring)
+
+    cdef server_gone_hard(self, int d):
+        cdef SimDev *dev = &self.devs[d]
+        cdef SimQueue *q
+        cdef int qi, tag
+        for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
+            q = &self.queues[qi]
+            self.abort_ready(q)
+            for tag in range(q.depth):
+                if q.tags[tag].state == TAG_SERVER or q.tags[tag].state == TAG_GETDATA:
+                    q.tags[tag].state = TAG_IDLE
+                    self.complete(q.tags[tag].req, -ENODEV)
+            while q.pend_count:
+                self.complete(q.pending[q.pend_head], -ENODEV)
+                q.pend_head = (q.pend_head + 1) % self.nreq
+                q.pend_count -= 1
+            q.nr_ready = 0
+
+    # -- the loop ------------------------------------------------------------------
+
+    cdef void loop(self) noexcept nogil:
+        cdef uint64_t ud[REAP_BATCH]
+        cdef int32_t res[REAP_BATCH]
+        cdef uint32_t fl[REAP_BATCH]
+        cdef unsigned n, i
+        cdef uint64_t kind, low
+        cdef io_uring *ring = &self.ring.ring
+        while not self.stopping:
+            if self.lg.active:
+                self.lg_issue()
+            io_uring_submit_and_wait(ring, 1)
+            while True:
+                n = reap_cq(ring, ud, res, fl, REAP_BATCH)
+                if n == 0:
+                    break
+                for i in range(n):
+                    kind = ud[i] >> SIM_MSG_SHIFT
+                    low = ud[i] & ((1ULL << SIM_MSG_SHIFT) - 1)
+                    if kind == SIM_MSG_SERVER:
+                        self.on_server(<int>(low >> 16), <int>(low & 0xffff))
+                    elif kind == SIM_MSG_FRONT:
+                        self.on_front(<int>low, res[i])
+                    elif kind == SIM_MSG_CONTROL:
+                        with gil:
+                            self._run_control()
+                    else:
+                        self.msg_failures += 1
+                if self.lg.active:
+                    self.lg_issue()
+
+    cdef void post(self, int fd, int32_t res, uint64_t user_data) noexcept nogil:
+        """Post CQE (user_data, res) on ring fd: how the driver completes a uring_cmd."""
+        cdef io_uring_sqe *sqe = io_uring_get_sqe(&self.ring.ring)
+        while sqe == NULL:
+            io_uring_submit(&self.ring.ring)
+            sqe = io_uring_get_sqe(&self.ring.ring)
+        io_uring_prep_msg_ring(sqe, fd, <unsigned>res, user_data, 0)
+        sqe.flags = IOSQE_CQE_SKIP_SUCCESS
+        sqe.user_data = sim_msg(SIM_MSG_OWN, 0)
+
+    # -- server commands ---------------------------------------------------------------
+
+    cdef void on_server(self, int qi, int tag) noexcept nogil:
+        if qi < 0 or qi >= self.max_queues or self.queues[qi].dev < 0:
+            self.msg_failures += 1
+            return
+        cdef SimQueue *q = &self.queues[qi]
+        if tag >= q.depth:
+            self.msg_failures += 1
+            return
+        cdef SimDev *d = &self.devs[q.dev]
+        cdef SimCmd *cmd = &q.cmds[tag]
+        cdef SimTag *t = &q.tags[tag]
+        cdef uint32_t op = cmd.cmd_op & 0xff
+        cdef Req *r
+        cdef int32_t res
+        cdef uint32_t remaining
+        cdef bint copy_path = not (d.flags & (F_USER_COPY | F_ZERO_COPY | F_AUTO_BUF_REG | F_SPLICE_ZC))
+        if (cmd.cmd_op >> 8) != ((UBLK_IO_CMD_IOCTL_BASE >> 8) & 0xffffff) and (cmd.cmd_op >> 8) != 0:
+            self.post(cmd.ring_fd, -EOPNOTSUPP, cmd.user_data)
+            return
+        if op == UBLK_IO_FETCH_REQ:
+            if t.state != TAG_IDLE:
+                self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
+                return
+            if copy_path and cmd.addr == 0 and not (d.flags & F_NEED_GET_DATA):
+                self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
+                return
+            if not d.present or d.stopped:
+                self.post(cmd.ring_fd, -ENODEV, cmd.user_data)
+                return
+            self.release_tag(q, tag)
+            q.nr_ready += 1
+            self.kick_pending(q)
+        elif op == UBLK_IO_COMMIT_AND_FETCH_REQ:
+            if t.state != TAG_SERVER:
+                self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
+                return
+            r = &self.reqs[t.req]
+            if copy_path and cmd.addr == 0 and (r.op == UBLK_IO_OP_READ or not (d.flags & F_NEED_GET_DATA)):
+                self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
+                return
+            res = cmd.result
+            remaining = r.len - r.done
+            if r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE:
+                if res > <int32_t>remaining:
+                    res = remaining           # the kernel clamps to the request's bytes
+                if res == 0:
+                    res = -EIO                # no progress: fail instead of requeueing forever
+                if res > 0 and r.op == UBLK_IO_OP_READ and copy_path:
+                    memcpy(r.buf + r.done, <void *><uintptr_t>cmd.addr, res)
+            elif res > 0:
+                res = 0
+            t.state = TAG_IDLE
+            q.nr_ready -= 1
+            if res > 0 and <uint32_t>res < remaining:
+                r.done += res                 # partial completion: requeue the rest
+                self.requeue(t.req)
+            elif res < 0:
+                self.complete(t.req, blk_status_errno(res))
+            else:
+                self.complete(t.req, r.len if (r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE) else 0)
+            # the same command fetches the next request
+            if not d.present or d.stopped:
+                self.post(cmd.ring_fd, -ENODEV, cmd.user_data)
+            else:
+                self.release_tag(q, tag)
+                q.nr_ready += 1
+                self.kick_pending(q)
+        elif op == UBLK_IO_NEED_GET_DATA:
+            if t.state != TAG_GETDATA or cmd.addr == 0:
+                self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
+                return
+            r = &self.reqs[t.req]
+            memcpy(<void *><uintptr_t>cmd.addr, r.buf + r.done, r.len - r.done)
+            q.iods[tag].addr = cmd.addr
+            t.state = TAG_SERVER
+            self.post(cmd.ring_fd, UBLK_IO_RES_OK, cmd.user_data)
+        else:
+            self.post(cmd.ring_fd, -EOPNOTSUPP, cmd.user_data)
+
+    cdef void release_tag(self, SimQueue *q, int tag) noexcept nogil:
+        q.tags[tag].state = TAG_READY
+        q.free_tags[q.nfree] = <uint16_t>tag
+        q.nfree += 1
+
+    cdef int take_tag(self, SimQueue *q) noexcept nogil:
+        cdef int j
+        cdef uint16_t t
+        if self.random_tags and q.nfree > 1:
+            j = <int>(lg_next(&self.rng_state) % <uint64_t>q.nfree)
+            t = q.free_tags[j]
+            q.free_tags[j] = q.free_tags[q.nfree - 1]
+            q.free_tags[q.nfree - 1] = t
+        q.nfree -= 1
+        return q.free_tags[q.nfree]
+
+    cdef void kick_pending(self, SimQueue *q) noexcept nogil:
+        cdef SimDev *d = &self.devs[q.dev]
+        cdef int ri
+        while q.pend_count and q.nfree and d.state == S_LIVE:
+            ri = q.pending[q.pend_head]
+            q.pend_head = (q.pend_head + 1) % self.nreq
+            q.pend_count -= 1
+            self.dispatch(q, self.take_tag(q), ri)
+
+    cdef void dispatch(self, SimQueue *q, int tag, int ri) noexcept nogil:
+        """Hand request ri to the server through tag: fill the descriptor, complete the FETCH."""
+        cdef Req *r = &self.reqs[ri]
+        cdef SimDev *d = &self.devs[q.dev]
+        cdef SimCmd *cmd = &q.cmds[tag]
+        cdef SimTag *t = &q.tags[tag]
+        cdef ublksrv_io_desc *iod = &q.iods[tag]
+        cdef uint32_t remaining = r.len - r.done
+        cdef bint copy_path = not (d.flags & (F_USER_COPY | F_ZERO_COPY | F_AUTO_BUF_REG | F_SPLICE_ZC))
+        iod.op_flags = r.op | r.flags
+        iod.nr_sectors = remaining >> SECTOR_SHIFT
+        iod.start_sector = (r.offset + r.done) >> SECTOR_SHIFT
+        iod.addr = cmd.addr if copy_path else 0
+        t.state = TAG_SERVER
+        t.req = ri
+        t.spliced = 0
+        if r.op == UBLK_IO_OP_WRITE and copy_path:
+            if d.flags & F_NEED_GET_DATA:
+                t.state = TAG_GETDATA
+                self.post(cmd.ring_fd, UBLK_IO_RES_NEED_GET_DATA, cmd.user_data)
+                return
+            memcpy(<void *><uintptr_t>cmd.addr, r.buf + r.done, remaining)
+        self.post(cmd.ring_fd, UBLK_IO_RES_OK, cmd.user_data)
+
+    # -- block requests ------------------------------------------------------------------
+
+    cdef void on_front(self, int ri, int reply_fd) noexcept nogil:
+        if ri < 0 or ri >= self.nreq:
+            self.msg_failures += 1
+            return
+        self.reqs[ri].reply_fd = reply_fd
+        self.reqs[ri].origin = ORIGIN_FRONT
+        self.queue_rq(ri)
+
+    cdef void queue_rq(self, int ri) noexcept nogil:
+        """blk-mq's submission: check the request, then give it a tag or let it wait for one."""
+        cdef Req *r = &self.reqs[ri]
+        cdef SimDev *d
+        cdef uint32_t mask
+        if r.dev >= self.max_devs or not self.devs[r.dev].present or not self.devs[r.dev].started:
+            self.complete_unqueued(ri, -ENODEV)
+            return
+        d = &self.devs[r.dev]
+        mask = (1u << d.lbs_shift) - 1
+        r.done = 0
+        if r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE or r.op == UBLK_IO_OP_DISCARD \
+                or r.op == UBLK_IO_OP_WRITE_ZEROES:
+            if r.len == 0 or (r.offset & mask) or (r.len & mask) or r.offset + r.len > d.size:
+                self.complete_unqueued(ri, -EINVAL)
+                return
+            if (r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE) and r.len > d.max_io_bytes:
+                self.complete_unqueued(ri, -EINVAL)
+                return
+            if r.op != UBLK_IO_OP_READ and d.attrs & 1:      # UBLK_ATTR_READ_ONLY
+                self.complete_unqueued(ri, -EROFS)
+                return
+        elif r.op == UBLK_IO_OP_FLUSH:
+            r.len = 0
+        else:
+            self.complete_unqueued(ri, -EOPNOTSUPP)
+            return
+        if d.state == S_FAIL_IO or d.state == S_DEAD:
+            self.complete_unqueued(ri, -EIO)
+            return
+        d.inflight += 1
+        r.t_start = now_ns() if r.origin == ORIGIN_FRONT else r.t_start
+        self.requeue(ri)
+
+    cdef void requeue(self, int ri) noexcept nogil:
+        """Map the request to its hardware queue; dispatch it or let it wait for a tag."""
+        cdef Req *r = &self.reqs[ri]
+        cdef SimDev *d = &self.devs[r.dev]
+        cdef int qi = d.first_q + ri % d.nr_queues
+        cdef SimQueue *q = &self.queues[qi]
+        r.queue = qi
+        if q.nfree and d.state == S_LIVE:
+            self.dispatch(q, self.take_tag(q), ri)
+        else:
+            q.pending[(q.pend_head + q.pend_count) % self.nreq] = ri
+            q.pend_count += 1
+
+    cdef void complete_unqueued(self, int ri, int32_t res) noexcept nogil:
+        self.reqs[ri].queue = -1
+        if self.reqs[ri].origin == ORIGIN_FRONT:
+            self.post(self.reqs[ri].reply_fd, res, ri)
+        else:
+            self.lg_done(ri, res)
+
+    cdef void complete(self, int ri, int32_t res) noexcept nogil:
+        self.devs[self.reqs[ri].dev].inflight -= 1
+        self.complete_unqueued(ri, res)
+
+    cdef void abort_ready(self, SimQueue *q) noexcept nogil:
+        """Complete every outstanding FETCH of the queue with UBLK_IO_RES_ABORT."""
+        cdef int tag
+        for tag in range(q.depth):
+            if q.tags[tag].state == TAG_READY:
+                q.tags[tag].state = TAG_IDLE
+                q.nr_ready -= 1
+                self.post(q.cmds[tag].ring_fd, -ENODEV, q.cmds[tag].user_data)
+        q.nfree = 0
+
+    # -- load generator ----------------------------------------------------------------
+
+    cdef void lg_issue(self) noexcept nogil:
+        cdef LoadGen *lg = &self.lg
+        cdef int slot, ri
+        cdef Req *r
+        cdef uint64_t x
+        cdef int64_t t
+        while lg.nfree_slots and not lg.stop:
+            if lg.count and lg.issued >= lg.count:
+                break
+            t = now_ns()
+            if lg.deadline_ns and t >= lg.deadline_ns:
+                lg.stop = 1
+                break
+            lg.nfree_slots -= 1
+            slot = lg.free_slots[lg.nfree_slots]
+            ri = lg.first_req + slot
+            r = &self.reqs[ri]
+            r.origin = ORIGIN_LOADGEN
+            r.dev = lg.dev
+            r.flags = 0
+            r.len = lg.bs
+            r.buf = lg.bufs + <size_t>slot * lg.bs
+            x = lg_next(&lg.rng)
+            r.op = UBLK_IO_OP_READ if <int>(x % 100) < lg.read_pct else UBLK_IO_OP_WRITE
+            if lg.random:
+                r.offset = ((x >> 8) % (lg.region / lg.bs)) * lg.bs
+            else:
+                r.offset = lg.seq_off
+                lg.seq_off += lg.bs
+                if lg.seq_off >= lg.region:
+                    lg.seq_off = 0
+            if lg.verify and r.op == UBLK_IO_OP_WRITE:
+                pattern_fill(r.buf, r.offset, lg.bs, lg.seed)
+            r.t_start = t
+            lg.issued += 1
+            lg.inflight += 1
+            self.queue_rq(ri)
+        if lg.inflight == 0 and lg.active and (lg.stop or (lg.count and lg.issued >= lg.count)):
+            lg.active = 0
+            lg.t_end = now_ns()
+            with gil:
+                self._lg_done.set()
+
+    cdef void lg_done(self, int ri, int32_t res) noexcept nogil:
+        cdef LoadGen *lg = &self.lg
+        cdef Req *r = &self.reqs[ri]
+        lg.hist[hist_bucket(now_ns() - r.t_start)] += 1
+        lg.inflight -= 1
+        lg.completed += 1
+        if res < 0:
+            lg.errors += 1
+            lg.stop = 1
+        else:
+            lg.bytes += r.len
+            if lg.verify and r.op == UBLK_IO_OP_READ and not pattern_check(r.buf, r.offset, r.len, lg.seed):
+                lg.verify_errors += 1
+        lg.free_slots[lg.nfree_slots] = ri - lg.first_req
+        lg.nfree_slots += 1
+
+    # -- control commands (run in the driver thread via call()) -------------------------
+
+    def add_dev(self, int dev_id, int nr_queues, int depth, uint32_t max_io_bytes, uint64_t flags):
+        """ADD_DEV: returns (dev_id, granted_flags). Raises OSError like the kernel."""
+        cdef int d, qi, run, first, i
+        if not 1 <= depth <= UBLK_MAX_QUEUE_DEPTH:
+            raise OSError(EINVAL, f"ADD_DEV: queue_depth={depth} out of range 1..{UBLK_MAX_QUEUE_DEPTH}")
+        if not 1 <= nr_queues <= 64:
+            raise OSError(EINVAL, f"ADD_DEV: nr_hw_queues={nr_queues} out of range 1..64")
+        if max_io_bytes < 4096 or max_io_bytes > (1 << 25) or max_io_bytes & 4095:
+            raise OSError(EINVAL, f"ADD_DEV: max_io_buf_bytes={max_io_bytes} must be a multiple of "
+                                  "4096 in 4096..32 MiB")
+        if flags & (F_USER_COPY | F_ZERO_COPY) and flags & uapi.UBLK_F_UNPRIVILEGED_DEV:
+            raise OSError(EINVAL, "ADD_DEV: USER_COPY / zero copy are not allowed for unprivileged devices")
+        if dev_id >= 0:
+            if dev_id >= self.max_devs:
+                raise OSError(EINVAL, f"ADD_DEV: dev_id={dev_id} beyond the simulator's {self.max_devs}")
+            if self.devs[dev_id].present:
+                raise OSError(EEXIST, f"ADD_DEV: device {dev_id} already exists")
+            d = dev_id
+        else:
+            d = -1
+            for i in range(self.max_devs):
+                if not self.devs[i].present:
+                    d = i
+                    break
+            if d < 0:
+                raise OSError(ENOSPC, f"ADD_DEV: device limit reached ({self.max_devs} devices)")
+        first = -1
+        run = 0
+        for qi in range(self.max_queues):
+            if self.queues[qi].dev < 0:
+                run += 1
+                if run == nr_queues:
+                    first = qi - nr_queues + 1
+                    break
+            else:
+                run = 0
+        if first < 0:
+            raise OSError(ENOSPC, "ADD_DEV: the simulator has no room for more queues")
+        granted = (flags & SIM_FEATURES) | SIM_ALWAYS_SET
+        dev = &self.devs[d]
+        memset(dev, 0, sizeof(SimDev))
+        dev.present = 1
+        dev.state = S_DEAD
+        dev.nr_queues = nr_queues
+        dev.depth = depth
+        dev.first_q = first
+        dev.flags = granted
+        dev.max_io_bytes = max_io_bytes
+        dev.lbs_shift = 9
+        dev.qbase = &self.queues[first]
+        dev.reqs = self.reqs
+        for qi in range(first, first + nr_queues):
+            self._init_queue(qi, d, qi - first, depth)
+        return d, granted
+
+    cdef _init_queue(self, int qi, int d, int q_id, int depth):
+        cdef SimQueue *q = &self.queues[qi]
+        iods = np.zeros(depth, uapi.IO_DESC_DTYPE)
+        cmds = np.zeros(depth * sizeof(SimCmd), np.uint8)
+        self._iod_arrays[qi] = iods
+        self._cmd_arrays[qi] = cmds
+        free(q.tags)
+        free(q.free_tags)
+        free(q.pending)
+        q.dev = d
+        q.q_id = q_id
+        q.depth = depth
+        q.iods = <ublksrv_io_desc *>cnp.PyArray_DATA(iods)
+        q.cmds = <SimCmd *>cnp.PyArray_DATA(cmds)
+        q.tags = <SimTag *>calloc(depth, sizeof(SimTag))
+        q.free_tags = <uint16_t *>calloc(depth, sizeof(uint16_t))
+        q.pending = <int32_t *>calloc(self.nreq, sizeof(int32_t))
+        q.nfree = 0
+        q.pend_head = 0
+        q.pend_count = 0
+        q.nr_ready = 0
+        if q.tags == NULL or q.free_tags == NULL or q.pending == NULL:
+            raise MemoryError("ADD_DEV: cannot allocate queue state")
+
+    cdef SimDev *_dev(self, int d, str what) except NULL:
+        if not 0 <= d < self.max_devs or not self.devs[d].present:
+            raise OSError(ENODEV, f"{what}: no device {d}")
+        return &self.devs[d]
+
+    def queue_endpoint(self, int d, int q_id):
+        """(descriptor array, command slots address, global queue index) of one queue."""
+        dev = self._dev(d, "queue_endpoint")
+        if not 0 <= q_id < dev.nr_queues:
+            raise OSError(EINVAL, f"device {d} has no queue {q_id} (it has {dev.nr_queues})")
+        qi = dev.first_q + q_id
+        return self._iod_arrays[qi], self._cmd_arrays[qi], qi
+
+    def set_params(self, int d, uint64_t size, uint32_t lbs_shift, uint32_t attrs, uint32_t max_sectors):
+        dev = self._dev(d, "SET_PARAMS")
+        if dev.started:
+            raise OSError(EACCES, "SET_PARAMS: device already started")
+        if not 9 <= lbs_shift <= 12:
+            raise OSError(EINVAL, f"SET_PARAMS: logical_bs_shift={lbs_shift} must be 9..12")
+        if size & ((1 << lbs_shift) - 1):
+            raise OSError(EINVAL, f"SET_PARAMS: size {size} is not a multiple of the block size")
+        if max_sectors and (<uint64_t>max_sectors << 9) > dev.max_io_bytes:
+            raise OSError(EINVAL, "SET_PARAMS: max_sectors exceeds max_io_buf_bytes")
+        dev.size = size
+        dev.lbs_shift = lbs_shift
+        dev.attrs = attrs
+        if max_sectors:
+            dev.max_io_bytes = max_sectors << 9
+
+    def start_dev(self, int d):
+        """START_DEV: EAGAIN until every tag of every queue has a FETCH outstanding."""
+        dev = self._dev(d, "START_DEV")
+        if dev.started or dev.stopped:
+            raise OSError(EEXIST if dev.started else EINVAL, "START_DEV: device already started"
+                          if dev.started else "START_DEV: device was stopped; delete and add it again")
+        if dev.size == 0:
+            raise OSError(EINVAL, "START_DEV: SET_PARAMS (basic, with dev_sectors) must come first")
+        for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
+            if self.queues[qi].nr_ready < dev.depth:
+                raise BlockingIOError(EAGAIN, "START_DEV: waiting for every tag's FETCH_REQ")
+        dev.started = 1
+        dev.state = S_LIVE
+        dev.server_alive = 1
+
+    def stop_dev(self, int d):
+        """STOP_DEV: the disk goes away; outstanding FETCHes complete with UBLK_IO_RES_ABORT."""
+        dev = self._dev(d, "STOP_DEV")
+        dev.started = 0
+        dev.stopped = 1
+        dev.state = S_DEAD
+        for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
+            q = &self.queues[qi]
+            self.abort_ready(q)
+            while q.pend_count:
+                self.complete(q.pending[q.pend_head], -ENODEV)
+                q.pend_head = (q.pend_head + 1) % self.nreq
+                q.pend_count -= 1
+        return dev.inflight
+
+    def del_dev(self, int d):
+        dev = self._dev(d, "DEL_DEV")
+        if dev.started:
+            self.stop_dev(d)
+        if dev.inflight:
+            raise OSError(EBUSY, f"DEL_DEV: device {d} still has {dev.inflight} requests at its server")
+        for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
+            self.abort_ready(&self.queues[qi])
+            self.queues[qi].dev = -1
+            self._iod_arrays.pop(qi, None)
+            self._cmd_arrays.pop(qi, None)
+        dev.present = 0
+
+    def release(self, int d):
+        """The server's /dev/ublkcN was closed (it exited or died)."""
+        self._dev(d, "release")
+        self.server_gone(d)
+
+    cdef void server_gone(self, int d) noexcept nogil:
+        cdef SimDev *dev = &self.devs[d]
+        cdef SimQueue *q
+        cdef int qi, tag, ri
+        cdef bint reissue = (dev.flags & F_REISSUE) != 0
+        dev.server_alive = 0
+        if dev.stopped or not dev.started:
+            self.server_gone_nogil_fail(d)
+            return
+        if dev.flags & F_ANY_RECOVERY:
+            dev.state = S_FAIL_IO if dev.flags & F_RECOVERY_FAIL_IO else S_QUIESCED
+        else:
+            dev.state = S_DEAD
+        for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
+            q = &self.queues[qi]
+            q.nfree = 0
+            for tag in range(q.depth):
+                if q.tags[tag].state == TAG_SERVER or q.tags[tag].state == TAG_GETDATA:
+                    ri = q.tags[tag].req
+                    if reissue:
+                        q.pending[(q.pend_head + q.pend_count) % self.nreq] = ri
+                        q.pend_count += 1
+                    else:
+                        self.complete(ri, -EIO)
+                q.tags[tag].state = TAG_IDLE
+            q.nr_ready = 0
+            if dev.state != S_QUIESCED:
+                while q.pend_count:
+                    self.complete(q.pending[q.pend_head], -EIO)
+                    q.pend_head = (q.pend_head + 1) % self.nreq
+                    q.pend_count -= 1
+        if dev.state == S_DEAD:
+            dev.started = 0
+            dev.stopped = 1
+
+    cdef void server_gone_nogil_fail(self, int d) noexcept nogil:
+        cdef SimDev *dev = &self.devs[d]
+        cdef SimQueue *q
+        cdef int qi, tag
+        for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
+            q = &self.queues[qi]
+            q.nfree = 0
+            for tag in range(q.depth):
+                if q.tags[tag].state == TAG_SERVER or q.tags[tag].state == TAG_GETDATA:
+                    self.complete(q.tags[tag].req, -EIO)
+                q.tags[tag].state = TAG_IDLE
+            q.nr_ready = 0
+
+    def start_user_recovery(self, int d):
+        dev = self._dev(d, "START_USER_RECOVERY")
+        if not dev.flags & F_ANY_RECOVERY:
+            raise OSError(EINVAL, "START_USER_RECOVERY: device was added without UBLK_F_USER_RECOVERY*")
+        if dev.server_alive or dev.state not in (S_QUIESCED, S_FAIL_IO):
+            raise OSError(EBUSY, "START_USER_RECOVERY: the device's server is still alive")
+
+    def end_user_recovery(self, int d):
+        """END_USER_RECOVERY: EAGAIN until the new server has fetched every tag."""
+        dev = self._dev(d, "END_USER_RECOVERY")
+        if dev.server_alive or dev.state not in (S_QUIESCED, S_FAIL_IO):
+            raise OSError(EINVAL, "END_USER_RECOVERY: no recovery in progress")
+        for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
+            if self.queues[qi].nr_ready < dev.depth:
+                raise BlockingIOError(EAGAIN, "END_USER_RECOVERY: waiting for every tag's FETCH_REQ")
+        dev.state = S_LIVE
+        dev.server_alive = 1
+        for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
+            self.kick_pending(&self.queues[qi])
+
+    def update_size(self, int d, uint64_t sectors):
+        dev = self._dev(d, "UPDATE_SIZE")
+        if not dev.flags & uapi.UBLK_F_UPDATE_SIZE:
+            raise OSError(EINVAL, "UPDATE_SIZE: device was added without UBLK_F_UPDATE_SIZE")
+        dev.size = sectors << 9
+
+    def dev_info(self, int d):
+        dev = self._dev(d, "GET_DEV_INFO")
+        return dict(dev_id=d, nr_hw_queues=dev.nr_queues, queue_depth=dev.depth, state=dev.state,
+                    max_io_buf_bytes=dev.max_io_bytes, flags=dev.flags, size=dev.size,
+                    logical_block_size=1 << dev.lbs_shift, attrs=dev.attrs, started=bool(dev.started),
+                    inflight=dev.inflight, server_alive=bool(dev.server_alive))
+
+    def list_devs(self):
+        return [d for d in range(self.max_devs) if self.devs[d].present]
+
+    # -- request slots for fronts -------------------------------------------------------
+
+    def fill_req(self, int ri, int d, int op, uint32_t flags, uint64_t offset, uint32_t length,
+                 uintptr_t buf):
+        """Fill request slot ri (owned by the caller's front until it is sent)."""
+        if not 0 <= ri < self.nreq:
+            raise ValueError(f"request slot {ri} out of range")
+        cdef Req *r = &self.reqs[ri]
+        r.op = op
+        r.flags = flags
+        r.dev = d
+        r.offset = offset
+        r.len = length
+        r.done = 0
+        r.buf = <uint8_t *>buf
+        r.queue = -1
+        r.t_start = now_ns()
+
+    # -- load generator control ----------------------------------------------------------
+
+    def lg_start(self, int d, int first_req, int qd, uint32_t bs, int read_pct, bint random,
+                 bint verify, uint64_t region, uint64_t count, double duration, uint64_t seed):
+        """Start the in-driver load generator (call via call()); wait with lg_wait()."""
+        dev = self._dev(d, "loadgen")
+        if self.lg.active:
+            raise RuntimeError("a load generator run is already active")
+        if bs == 0 or bs & ((1 << dev.lbs_shift) - 1) or bs > dev.max_io_bytes:
+            raise ValueError(f"bs={bs} must be a multiple of the logical block size "
+                             f"({1 << dev.lbs_shift}) and <= max_io_buf_bytes ({dev.max_io_bytes})")
+        if region == 0 or region > dev.size:
+            region = dev.size
+        region -= region % bs
+        if region < bs:
+            raise ValueError(f"device of {dev.size} bytes is smaller than one block of {bs}")
+        if not 1 <= qd <= 4096 or first_req + qd > self.nreq:
+            raise ValueError(f"qd={qd} out of range 1..4096")
+        free(self.lg.bufs)
+        free(self.lg.free_slots)
+        if self.lg.hist == NULL:
+            self.lg.hist = <uint64_t *>calloc(HIST_BUCKETS, sizeof(uint64_t))
+        memset(self.lg.hist, 0, HIST_BUCKETS * sizeof(uint64_t))
+        self.lg.bufs = <uint8_t *>calloc(<size_t>qd * bs, 1)
+        self.lg.free_slots = <int *>malloc(qd * sizeof(int))
+        if self.lg.bufs == NULL or self.lg.free_slots == NULL:
+            raise MemoryError("loadgen buffers")
+        for i in range(qd):
+            self.lg.free_slots[i] = qd - 1 - i
+        self.lg.nfree_slots = qd
+        self.lg.dev = d
+        self.lg.qd = qd
+        self.lg.bs = bs
+        self.lg.read_pct = read_pct
+        self.lg.random = random
+        self.lg.verify = verify
+        self.lg.region = region
+        self.lg.count = count
+        self.lg.issued = self.lg.completed = self.lg.errors = self.lg.verify_errors = self.lg.bytes = 0
+        self.lg.seq_off = 0
+        self.lg.rng = seed | 1
+        self.lg.seed = seed
+        self.lg.inflight = 0
+        self.lg.first_req = first_req
+        self.lg.stop = 0
+        self.lg.t0 = now_ns()
+        self.lg.deadline_ns = self.lg.t0 + <int64_t>(duration * 1e9) if duration > 0 else 0
+        self._lg_done.clear()
+        self.lg.active = 1
+
+    def lg_wait(self, timeout=None):
+        """Wait for the load generator to finish; returns its counters and histogram."""
+        if not self._lg_done.wait(timeout):
+            raise TimeoutError("load generator did not finish in time")
+        hist = np.empty(HIST_BUCKETS, np.uint64)
+        for i in range(HIST_BUCKETS):
+            hist[i] = self.lg.hist[i]
+        return dict(issued=self.lg.issued, completed=self.lg.completed, errors=self.lg.errors,
+                    verify_errors=self.lg.verify_errors, bytes=self.lg.bytes,
+                    seconds=(self.lg.t_end - self.lg.t0) / 1e9, hist=hist)
+
+    def lg_stop(self):
+        self.lg.stop = 1
+
+
+def front_msg(int ri) -> int:
+    """MSG_RING user_data a front sends to submit request slot ri."""
+    return sim_msg(SIM_MSG_FRONT, ri)

@@ -1,0 +1,285 @@
+"""SimTransport: the control plane of the simulated driver, shaped like /dev/ublk-control.
+
+Every device, queue and request lives in one SimDriver (one driver thread);
+several devices and transports per process are fine. Errors are OSErrors with
+the kernel's errnos.
+"""
+from __future__ import annotations
+
+import errno
+import threading
+import time
+
+import numpy as np
+
+from ... import uapi
+from ..._core.ring import Ring
+from .driver import SimDriver, SIM_FEATURES, front_msg, hist_bucket_lower_ns
+
+OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES = 0, 1, 2, 3, 5
+FRONT_SLOTS = 8192          # request slots for fronts; the load generator uses the rest
+
+
+class SimTransport:
+    """An in-process ublk driver. Use as a context manager or call close()."""
+
+    name = "sim"
+
+    def __init__(self, *, random_tags: bool = True, max_devs: int = 64):
+        self.driver = SimDriver(max_devs=max_devs, nreq=FRONT_SLOTS + 4096, random_tags=random_tags)
+        self.driver.start()
+        self._slots = list(range(FRONT_SLOTS - 1, -1, -1))
+        self._slot_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.driver.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- control commands ---------------------------------------------------------------
+
+    def features(self) -> int:
+        return SIM_FEATURES
+
+    def add_dev(self, dev_id: int, nr_queues: int, depth: int, max_io_bytes: int, flags: int):
+        """ADD_DEV; returns (dev_id, granted_flags)."""
+        return self.driver.call(self.driver.add_dev, dev_id, nr_queues, depth, max_io_bytes, flags)
+
+    def set_params(self, dev_id: int, size: int, block_size: int, attrs: int = 0, max_sectors: int = 0):
+        self.driver.call(self.driver.set_params, dev_id, size, block_size.bit_length() - 1, attrs,
+                         max_sectors)
+
+    def _wait_ready(self, fn, dev_id: int, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.driver.call(fn, dev_id)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{what}: the server did not fetch every tag within {timeout} s") from None
+                time.sleep(0.001)
+
+    def start_dev(self, dev_id: int, timeout: float = 10.0):
+        """START_DEV, waiting (like the kernel) until every tag has a FETCH outstanding."""
+        self._wait_ready(self.driver.start_dev, dev_id, timeout, "START_DEV")
+
+    def stop_dev(self, dev_id: int):
+        return self.driver.call(self.driver.stop_dev, dev_id)
+
+    def del_dev(self, dev_id: int, timeout: float = 10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.driver.call(self.driver.del_dev, dev_id)
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.001)
+
+    def release(self, dev_id: int):
+        """The server's char device was closed: its process exited or died."""
+        self.driver.call(self.driver.release, dev_id)
+
+    def start_user_recovery(self, dev_id: int):
+        self.driver.call(self.driver.start_user_recovery, dev_id)
+
+    def end_user_recovery(self, dev_id: int, timeout: float = 10.0):
+        self._wait_ready(self.driver.end_user_recovery, dev_id, timeout, "END_USER_RECOVERY")
+
+    def update_size(self, dev_id: int, sectors: int):
+        self.driver.call(self.driver.update_size, dev_id, sectors)
+
+    def dev_info(self, dev_id: int) -> dict:
+        return self.driver.call(self.driver.dev_info, dev_id)
+
+    def list_devs(self) -> list[int]:
+        return self.driver.call(self.driver.list_devs)
+
+    # -- the server side ---------------------------------------------------------------------
+
+    def queue_args(self, dev_id: int, q_id: int) -> dict:
+        """Keyword arguments for Queue(...) serving queue q_id of dev_id."""
+        iods, cmds, qi = self.driver.call(self.driver.queue_endpoint, dev_id, q_id)
+        return dict(sim=True, cmd_fd=self.driver.fd, iods=iods, sim_cmds=cmds, sim_qi=qi)
+
+    # -- the user side -----------------------------------------------------------------------
+
+    def open(self, dev_id: int) -> "SimBlockDevice":
+        """Open the simulated /dev/ublkb<dev_id>."""
+        info = self.dev_info(dev_id)
+        if not info["started"]:
+            raise FileNotFoundError(errno.ENOENT, f"/dev/ublkb{dev_id} does not exist: the device is not started")
+        return SimBlockDevice(self, dev_id, info)
+
+    def _take_slots(self, n: int) -> list[int]:
+        with self._slot_lock:
+            if len(self._slots) < n:
+                raise OSError(errno.EBUSY, "too many requests in flight on the simulated devices")
+            out = self._slots[-n:]
+            del self._slots[-n:]
+            return out
+
+    def _give_slots(self, slots: list[int]):
+        with self._slot_lock:
+            self._slots.extend(slots)
+
+    def run_load(self, dev_id: int, *, rw: str = "randread", bs: int = 4096, qd: int = 32,
+                 runtime: float = 0.0, count: int = 0, read_pct: int | None = None,
+                 verify: bool = False, region: int = 0, seed: int = 1, timeout: float = 600.0) -> dict:
+        """Our in-process fio: random/sequential read/write/mix at a queue depth.
+
+        rw: randread, randwrite, randrw, read, write, rw. Stops after `count` I/Os or
+        `runtime` seconds. verify=True writes a pattern over the region first and then
+        checks every block read. Returns IOPS, MB/s, latency percentiles (us), errors.
+        """
+        kinds = {"randread": (100, True), "randwrite": (0, True), "randrw": (50, True),
+                 "read": (100, False), "write": (0, False), "rw": (50, False)}
+        if rw not in kinds:
+            raise ValueError(f"rw={rw!r}: choose one of {sorted(kinds)}")
+        if not count and not runtime:
+            raise ValueError("give count or runtime")
+        pct, rnd = kinds[rw]
+        if read_pct is not None:
+            pct = read_pct
+        first = FRONT_SLOTS
+        d = self.driver
+        if verify:
+            info = self.dev_info(dev_id)
+            reg = region or info["size"]
+            d.call(d.lg_start, dev_id, first, qd, bs, 0, False, True, reg, reg // bs, 0.0, seed)
+            pre = d.lg_wait(timeout)
+            if pre["errors"]:
+                raise OSError(errno.EIO, f"verify prefill: {pre['errors']} write errors")
+        d.call(d.lg_start, dev_id, first, qd, bs, pct, rnd, verify, region, count, runtime, seed)
+        out = d.lg_wait(timeout)
+        return summarize(out, bs)
+
+
+def summarize(out: dict, bs: int) -> dict:
+    hist = out.pop("hist")
+    secs = out["seconds"] or 1e-9
+    lower = hist_bucket_lower_ns()
+    total = hist.sum()
+    pct = {}
+    if total:
+        cum = np.cumsum(hist)
+        for p in (50, 99, 99.9):
+            idx = int(np.searchsorted(cum, total * p / 100.0))
+            pct[p] = lower[min(idx, len(lower) - 1)] / 1000.0
+    out.update(iops=out["completed"] / secs, mbps=out["bytes"] / secs / 1e6,
+               lat_p50_us=pct.get(50, 0.0), lat_p99_us=pct.get(99, 0.0), lat_p999_us=pct.get(99.9, 0.0),
+               bs=bs, hist=hist)
+    return out
+
+
+class SimBlockDevice:
+    """The simulated /dev/ublkbN: read/write/flush/discard/write_zeroes, one or many in flight.
+
+    Errors surface as OSError(errno), as from a real block device. One thread at a time.
+    """
+
+    def __init__(self, transport: SimTransport, dev_id: int, info: dict, slots: int = 256):
+        self.transport = transport
+        self.dev_id = dev_id
+        self.size = info["size"]
+        self.block_size = info["logical_block_size"]
+        self.max_io = info["max_io_buf_bytes"]
+        self._slots = transport._take_slots(slots)
+        self._ring = Ring(512, cq_entries=1024)
+        self._lock = threading.Lock()
+
+    def close(self):
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+            self.transport._give_slots(self._slots)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def submit(self, requests, timeout: float = 30.0) -> list[int]:
+        """Run many requests at once: [(op, offset, length, buffer|None)] -> results (bytes or -errno).
+
+        Up to len(slots) are in flight together; a buffer is bytes-like for writes and a
+        writable buffer for reads.
+        """
+        if self._ring is None:
+            raise ValueError("block device is closed")
+        reqs = list(requests)
+        results = [0] * len(reqs)
+        d = self.transport.driver
+        keep = {}
+        with self._lock:
+            free = list(self._slots)
+            inflight = {}
+            nxt = 0
+            while nxt < len(reqs) or inflight:
+                while nxt < len(reqs) and free:
+                    op, offset, length, buf = reqs[nxt]
+                    addr = 0
+                    if buf is not None:
+                        arr = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
+                        if arr.nbytes < length:
+                            raise ValueError(f"request {nxt}: buffer of {arr.nbytes} bytes < length {length}")
+                        addr = arr.__array_interface__["data"][0]
+                        keep[nxt] = arr
+                    slot = free.pop()
+                    d.fill_req(slot, self.dev_id, op, 0, offset, length, addr)
+                    self._ring.prep_msg_ring(d.fd, self._ring.fd, front_msg(slot))
+                    inflight[slot] = nxt
+                    nxt += 1
+                n = self._ring.wait(1, timeout)
+                for ud, res in zip(self._ring.cqe_user_data[:n].tolist(), self._ring.cqe_res[:n].tolist()):
+                    if ud in inflight:
+                        results[inflight.pop(ud)] = res
+                        free.append(ud)
+                    elif res < 0:
+                        raise OSError(-res, "simulated block device: could not reach the driver")
+        return results
+
+    def _one(self, op, offset, length, buf, what):
+        res = self.submit([(op, offset, length, buf)])[0]
+        if res < 0:
+            raise OSError(-res, f"{what} at offset {offset}, {length} bytes on /dev/ublkb{self.dev_id}: "
+                                f"{__import__('os').strerror(-res)}")
+        return res
+
+    def _chunks(self, offset, length):
+        step = self.max_io
+        for off in range(offset, offset + length, step):
+            yield off, min(step, offset + length - off)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        out = bytearray(length)
+        mv = memoryview(out)
+        reqs = [(OP_READ, off, n, mv[off - offset:off - offset + n]) for off, n in self._chunks(offset, length)]
+        self._check(self.submit(reqs), reqs, "read")
+        return bytes(out)
+
+    def pwrite(self, data, offset: int) -> int:
+        mv = memoryview(data).cast("B")
+        reqs = [(OP_WRITE, off, n, mv[off - offset:off - offset + n]) for off, n in self._chunks(offset, len(mv))]
+        self._check(self.submit(reqs), reqs, "write")
+        return len(mv)
+
+    def _check(self, results, reqs, what):
+        for (op, off, n, _), res in zip(reqs, results):
+            if res < 0:
+                raise OSError(-res, f"{what} at offset {off}, {n} bytes on /dev/ublkb{self.dev_id}: "
+                                    f"{__import__('os').strerror(-res)}")
+
+    def flush(self) -> None:
+        self._one(OP_FLUSH, 0, 0, None, "flush")
+
+    def discard(self, offset: int, length: int) -> None:
+        self._one(OP_DISCARD, offset, length, None, "discard")
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._one(OP_WRITE_ZEROES, offset, length, None, "write_zeroes")
