@@ -1,0 +1,33 @@
+"""qcow2: a qcow2 (v3) image served through the qcow2-lite engine."""
+from pyublk_fast.backend import Backend, register
+
+from .qcow2 import Qcow2Image
+
+
+@register("qcow2")
+class Qcow2Backend(Backend):
+    can_discard = True
+    can_write_zeroes = True
+
+    def __init__(self, path: str, *, read_only: bool = False):
+        self.image = Qcow2Image.open(path, readonly=read_only)
+        self.read_only = read_only
+        self.size = self.image.size
+
+    def read(self, offset, buf):
+        self.image.readinto(offset, buf)
+
+    def write(self, offset, data):
+        self.image.write(offset, data)
+
+    def flush(self):
+        self.image.flush()
+
+    def discard(self, offset, length):
+        self.image.discard(offset, length)
+
+    def write_zeroes(self, offset, length):
+        self.image.write_zeroes(offset, length)
+
+    def close(self):
+        self.image.close()
