@@ -1,0 +1,1 @@
+"""`python -m pyublk_fast.bench`: servers on the simulated driver, with same-run references."""
