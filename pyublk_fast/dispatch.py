@@ -20,6 +20,10 @@ OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_SAME, OP_WRITE_ZEROES = range(
 F_FUA = 1 << 13
 
 
+async def _gather(coros):
+    return await asyncio.gather(*coros, return_exceptions=True)
+
+
 class PythonDispatch:
     """Per-queue adapter between the Cython queue runner and a Python Backend."""
 
@@ -94,8 +98,7 @@ class PythonDispatch:
             else:
                 results[i] = nbytes
         if pending:
-            outs = self.loop.run_until_complete(
-                asyncio.gather(*(p[2] for p in pending), return_exceptions=True))
+            outs = self.loop.run_until_complete(_gather([p[2] for p in pending]))
             for (i, tag, _, nbytes), out in zip(pending, outs):
                 results[i] = self._failure(tag, out) if isinstance(out, BaseException) else nbytes
         return results
