@@ -15,11 +15,6 @@ from conftest import BACKEND_KINDS, DEV_SIZE
 
 KiB = 1 << 10
 DATA_KINDS = [k for k, (stores, _) in BACKEND_KINDS.items() if stores]
-LOOP_PY_BUG = pytest.mark.xfail(strict=True, reason=(
-    "framework bug: LoopBackend sets can_discard/can_write_zeroes=True but defines no Python "
-    "discard()/write_zeroes(), so with native=False both fail with EOPNOTSUPP"))
-PATHS = ["copy", "need_get_data"]
-
 
 def _rand_extent(rng: random.Random, max_len: int = 192 * KiB) -> tuple[int, int]:
     """A 512-aligned extent, often straddling a 64 KiB qcow2 cluster boundary."""
@@ -38,13 +33,10 @@ def test_random_io_matches_model(sim, make_backend, kind, path):
     backend, native = make_backend(kind)
     model = bytearray(DEV_SIZE)
     rng = random.Random(f"{kind}/{path}")
-    trims = kind != "loop-python"      # see LOOP_PY_BUG; covered by the discard test
     with Device(backend, sim, depth=16, data_path=path, native=native) as dev, dev.open() as blk:
         for i in range(60):
             off, n = _rand_extent(rng)
             r = rng.random()
-            if not trims and 0.5 <= r < 0.7:
-                r = 0.8
             if r < 0.5:
                 data = rng.randbytes(n)
                 assert blk.pwrite(data, off) == n
@@ -63,8 +55,7 @@ def test_random_io_matches_model(sim, make_backend, kind, path):
         assert blk.pread(DEV_SIZE, 0) == bytes(model)
 
 
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=LOOP_PY_BUG) if k == "loop-python" else k
-                                  for k in DATA_KINDS])
+@pytest.mark.parametrize("kind", DATA_KINDS)
 def test_discard_and_write_zeroes_read_back_zeros(sim, make_backend, kind):
     backend, native = make_backend(kind)
     with Device(backend, sim, depth=8, native=native) as dev, dev.open() as blk:
@@ -138,10 +129,6 @@ class AsyncMemory(Backend):
         self.data[offset:offset + length] = bytes(length)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "framework bug: PythonDispatch.handle_batch calls asyncio.gather() outside its loop; the queue "
-    "thread has no current event loop, so gather raises RuntimeError and every async request gets EIO "
-    "(fix: wrap in a coroutine run by self.loop, or asyncio.set_event_loop(self.loop) in the queue thread)"))
 @pytest.mark.parametrize("path", PATHS)
 def test_async_backend(sim, path):
     backend = AsyncMemory(1 << 20)

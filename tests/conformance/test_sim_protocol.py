@@ -255,18 +255,19 @@ def test_kill_with_recovery_fail_new_io_waits_for_recover(sim, path):
         th, out = _submit_in_thread(blk, [(OP_WRITE, i * 4096, 4096, p) for i, p in enumerate(pats)])
         _wait_served(backend, 16)
         _kill(dev)
-        th.join(15)
-        assert not th.is_alive()
-        res = out["res"]
-        assert -errno.EIO in res and set(res) <= {4096, -errno.EIO}, res
-        # new I/O while no server waits, then completes once the device is recovered
+        # requests the dead server held fail; queued ones and new I/O wait for the new server
         blk2 = dev.open()
         th2, out2 = _submit_in_thread(blk2, [(OP_WRITE, 512 * KiB, 4096, pats[0])])
         time.sleep(0.05)
         assert th2.is_alive(), "new I/O must wait for the new server"
+        assert dev.info()["state"] == 2                      # QUIESCED
         dev.recover()
+        th.join(15)
         th2.join(15)
-        assert out2.get("res") == [4096]
+        assert not th.is_alive() and not th2.is_alive()
+        assert out2.get("res") == [4096], out2
+        res = out["res"]
+        assert -errno.EIO in res and set(res) <= {4096, -errno.EIO}, res
         backend.delay = 0
         assert blk.pread(4096, 512 * KiB) == pats[0]
         for i, r in enumerate(res):
