@@ -15,6 +15,8 @@ from conftest import BACKEND_KINDS, DEV_SIZE
 
 KiB = 1 << 10
 DATA_KINDS = [k for k, (stores, _) in BACKEND_KINDS.items() if stores]
+PATHS = ["copy", "need_get_data"]
+
 
 def _rand_extent(rng: random.Random, max_len: int = 192 * KiB) -> tuple[int, int]:
     """A 512-aligned extent, often straddling a 64 KiB qcow2 cluster boundary."""
