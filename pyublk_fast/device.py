@@ -140,11 +140,13 @@ class Device:
 
     def _wake_queues(self):
         with Ring(64) as r:
+            sent = 0
             for q in self._queues:
-                if q is not None and not q.ring.closed:
-                    r.prep_msg_ring(q.ring_fd, 0, q.wake_ud(), )
-            r.submit()
-            r.wait(sum(q is not None for q in self._queues), timeout=5)
+                if q is not None and not q.closed:
+                    r.prep_msg_ring(q.ring_fd, 0, q.wake_ud())
+                    sent += 1
+            if sent:
+                r.wait(sent, timeout=5)
 
     def _teardown(self, delete: bool):
         t = self.transport
@@ -198,6 +200,8 @@ class Device:
 
     def open(self):
         """The device's block-device front (the simulated or real /dev/ublkbN)."""
+        if self.dev_id < 0:
+            raise FileNotFoundError(2, "the device was never added: call start() (or use `with Device(...)`) first")
         return self.transport.open(self.dev_id)
 
     @property

@@ -110,6 +110,10 @@ cdef class Queue:
     def ring_fd(self) -> int:
         return self.ring.fd
 
+    @property
+    def closed(self) -> bool:
+        return self.ring.closed
+
     def buffers(self):
         """The per-tag buffers as a (depth, buf_size) uint8 array (views, no copy)."""
         return self._keep[3].reshape(self.depth, self.buf_size)

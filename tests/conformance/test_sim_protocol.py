@@ -112,9 +112,6 @@ def test_open_device_not_started(sim):
         sim.del_dev(dev_id)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "framework bug: Device.open() before start() (dev_id=-1) and after stop() (device deleted) raise "
-    "OSError(ENODEV) from GET_DEV_INFO instead of FileNotFoundError like a missing /dev/ublkbN"))
 def test_open_device_before_start_and_after_stop(sim):
     dev = Device(MemoryBackend(MiB), sim, depth=4)
     with pytest.raises(FileNotFoundError):
@@ -168,12 +165,6 @@ def _submit_in_thread(blk, reqs):
     return th, out
 
 
-KILL_BUG = pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "framework bug: Device.kill() (and stop()'s fallback) call _wake_queues(), which reads q.ring, but "
-    "Queue.ring is a cdef attribute not exposed to Python (no `public`/`readonly`): AttributeError, "
-    "the queue threads keep running and the server never dies"))
-
-
 def _kill(dev):
     """_kill(dev); if it raises, stop the device so the test ends quickly, then re-raise."""
     try:
@@ -192,7 +183,6 @@ def _wait_served(backend, n, timeout=10.0):
         time.sleep(0.001)
 
 
-@KILL_BUG
 @pytest.mark.parametrize("path", PATHS)
 def test_kill_without_recovery_fails_in_flight(sim, path):
     backend = Slow()
@@ -222,7 +212,6 @@ def test_kill_without_recovery_fails_in_flight(sim, path):
         sim.del_dev(dev.dev_id)
 
 
-@KILL_BUG
 @pytest.mark.parametrize("path", PATHS)
 def test_kill_with_reissue_completes_everything_after_recover(sim, path):
     backend = Slow()
@@ -245,7 +234,6 @@ def test_kill_with_reissue_completes_everything_after_recover(sim, path):
         blk.close()
 
 
-@KILL_BUG
 @pytest.mark.parametrize("path", PATHS)
 def test_kill_with_recovery_fail_new_io_waits_for_recover(sim, path):
     backend = Slow()
@@ -277,7 +265,6 @@ def test_kill_with_recovery_fail_new_io_waits_for_recover(sim, path):
         blk2.close()
 
 
-@KILL_BUG
 def test_kill_with_recovery_fail_io_fails_new_io_until_recover(sim):
     backend = MemoryBackend(MiB)
     with Device(backend, sim, depth=4, recovery="fail_io") as dev, dev.open() as blk:

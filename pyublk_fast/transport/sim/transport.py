@@ -110,7 +110,12 @@ class SimTransport:
 
     def open(self, dev_id: int) -> "SimBlockDevice":
         """Open the simulated /dev/ublkb<dev_id>."""
-        info = self.dev_info(dev_id)
+        try:
+            info = self.dev_info(dev_id)
+        except OSError as e:
+            if e.errno != errno.ENODEV:
+                raise
+            raise FileNotFoundError(errno.ENOENT, f"/dev/ublkb{dev_id} does not exist: no such device") from None
         if not info["started"]:
             raise FileNotFoundError(errno.ENOENT, f"/dev/ublkb{dev_id} does not exist: the device is not started")
         return SimBlockDevice(self, dev_id, info)
