@@ -24,7 +24,7 @@ boot failure, modprobe failed); 126 lane unavailable (no kernel, no qemu);
 Environment: UBLK_VM_CACHE (/var/cache/pyublk-vm), UBLK_VM_SUITE (sid, then
 trixie, bookworm-backports), UBLK_VM_KVER, UBLK_VM_REFRESH=1, UBLK_VM_MIRROR
 (default: the host apt's Debian mirror), UBLK_VM_MEM (2G), UBLK_VM_CPUS (2),
-UBLK_VM_ACCEL (tcg,thread=multi), UBLK_VM_APPEND, UBLK_VM_TIMEOUT (900),
+UBLK_VM_ACCEL (tcg,thread=multi), UBLK_VM_CPU (max), UBLK_VM_APPEND, UBLK_VM_TIMEOUT (900),
 UBLK_VM_MODULES (ublk_drv).
 """
 from __future__ import annotations

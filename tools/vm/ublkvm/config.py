@@ -39,6 +39,7 @@ class Settings:
     mem_mib: int = 2048
     cpus: int = 2
     accel: str = "tcg,thread=multi"
+    cpu_model: str = "max"
     append: str = ""               # extra kernel command line
     timeout: float = 900.0
     modules: tuple[str, ...] = ("ublk_drv",)
@@ -60,6 +61,7 @@ class Settings:
             raise LaneError(f"UBLK_VM_CPUS={cpus!r}: give a number of vCPUs from 1 to 64")
         s.cpus = int(cpus)
         s.accel = env.get("UBLK_VM_ACCEL", s.accel)
+        s.cpu_model = env.get("UBLK_VM_CPU", s.cpu_model)
         s.append = env.get("UBLK_VM_APPEND", "")
         if "UBLK_VM_TIMEOUT" in env:
             s.timeout = parse_timeout(env["UBLK_VM_TIMEOUT"])
