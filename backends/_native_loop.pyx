@@ -7,7 +7,8 @@ from libc.string cimport memset
 from libc.errno cimport EAGAIN, EIO, EOPNOTSUPP
 
 from pyublk_fast._core.liburing cimport *
-from pyublk_fast._core.queue cimport NativeTarget, Queue
+from pyublk_fast._core.queue cimport NativeTarget, Queue, DP_ZERO_COPY, DP_SPLICE
+from libc.stdint cimport int64_t, uintptr_t
 from pyublk_fast._core.queue import RESUBMITTED
 from pyublk_fast._core.uapi cimport *
 
@@ -34,16 +35,33 @@ cdef class LoopTarget(NativeTarget):
         self.fd = fd
 
     cdef inline int prep_rw(self, Queue q, int tag, const ublksrv_io_desc *iod, uint32_t done) noexcept nogil:
+        """Read/write the rest of the request (from byte `done`) by the queue's data path."""
         cdef io_uring_sqe *sqe = q.get_sqe()
         cdef uint32_t total = iod.nr_sectors << SECTOR_SHIFT
         cdef uint64_t off = (iod.start_sector << SECTOR_SHIFT) + done
-        cdef uint8_t *buf = q.tag_buf(tag) + done
-        if (iod.op_flags & 0xff) == UBLK_IO_OP_READ:
-            io_uring_prep_read(sqe, self.fd, buf, total - done, off)
+        cdef uint8_t *buf
+        cdef bint is_read = (iod.op_flags & 0xff) == UBLK_IO_OP_READ
+        if q.data_path == DP_SPLICE:
+            # file -> pipe (READ; the pipe is drained into the request in io_done) or pipe -> file
+            if is_read:
+                io_uring_prep_splice(sqe, self.fd, off, q.pipes[2 * tag + 1], -1, total - done, 0)
+            else:
+                io_uring_prep_splice(sqe, q.pipes[2 * tag], -1, self.fd, off, total - done, 0)
+        elif q.data_path == DP_ZERO_COPY:
+            # the request's own pages, installed in this ring's buffer table at index tag
+            buf = <uint8_t *><uintptr_t>q.zc_addr[tag] + done
+            if is_read:
+                io_uring_prep_read_fixed(sqe, self.fd, buf, total - done, off, tag)
+            else:
+                io_uring_prep_write_fixed(sqe, self.fd, buf, total - done, off, tag)
         else:
-            io_uring_prep_write(sqe, self.fd, buf, total - done, off)
-            if iod.op_flags & UBLK_IO_F_FUA:
-                sqe.rw_flags = RWF_DSYNC
+            buf = q.tag_buf(tag) + done
+            if is_read:
+                io_uring_prep_read(sqe, self.fd, buf, total - done, off)
+            else:
+                io_uring_prep_write(sqe, self.fd, buf, total - done, off)
+        if not is_read and iod.op_flags & UBLK_IO_F_FUA:
+            sqe.rw_flags = RWF_DSYNC
         sqe.user_data = q.target_ud(tag, done)
         return 1
 
@@ -52,7 +70,13 @@ cdef class LoopTarget(NativeTarget):
         cdef io_uring_sqe *sqe
         cdef uint64_t off = iod.start_sector << SECTOR_SHIFT
         cdef uint64_t n = <uint64_t>iod.nr_sectors << SECTOR_SHIFT
+        cdef int64_t moved
         if op == UBLK_IO_OP_READ or op == UBLK_IO_OP_WRITE:
+            if q.data_path == DP_SPLICE and op == UBLK_IO_OP_WRITE:
+                moved = q.splice(tag, 0, 1, <uint32_t>n)      # request pages -> pipe, no copy
+                if moved != <int64_t>n:
+                    q.commit(tag, <int32_t>moved if moved < 0 else -EIO)
+                    return 0
             return self.prep_rw(q, tag, iod, 0)
         sqe = q.get_sqe()
         if op == UBLK_IO_OP_FLUSH:
@@ -83,12 +107,17 @@ cdef class LoopTarget(NativeTarget):
             return res
         if op != UBLK_IO_OP_READ and op != UBLK_IO_OP_WRITE:
             return 0
+        cdef int64_t moved
+        if q.data_path == DP_SPLICE and op == UBLK_IO_OP_READ and res > 0:
+            moved = q.splice(tag, tgt_data, 0, <uint32_t>res)  # pipe -> request pages
+            if moved != res:
+                return <int32_t>moved if moved < 0 else -EIO
         done = tgt_data + <uint32_t>res
         if done >= total:
             return total
         if res == 0:
-            if op == UBLK_IO_OP_READ:          # past the backing file's end: zeros
-                memset(q.tag_buf(tag) + done, 0, total - done)
+            if op == UBLK_IO_OP_READ and q.data_path != DP_SPLICE and q.data_path != DP_ZERO_COPY:
+                memset(q.tag_buf(tag) + done, 0, total - done)   # past the backing file's end: zeros
                 return total
             return -EIO
         self.prep_rw(q, tag, iod, done)        # short read/write: continue

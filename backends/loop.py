@@ -15,6 +15,7 @@ def _zeros(n: int) -> memoryview:
 class LoopBackend(Backend):
     can_discard = True
     can_write_zeroes = True
+    data_paths = ("user_copy", "zero_copy", "splice_zc")
     can_fua = True
 
     def __init__(self, path: str, *, direct: bool | None = None, read_only: bool = False):

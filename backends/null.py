@@ -6,6 +6,7 @@ from pyublk_fast.backend import Backend, register
 class NullBackend(Backend):
     can_discard = True
     can_write_zeroes = True
+    data_paths = ("user_copy", "zero_copy", "splice_zc")
 
     def __init__(self, size: int = 250 << 30, block_size: int = 512):
         self.size = size

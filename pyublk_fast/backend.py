@@ -24,7 +24,8 @@ class Backend:
     can_discard: bool = False
     can_write_zeroes: bool = False
     can_fua: bool = False
-    #: Data paths the backend can serve besides plain copy: "user_copy", "zero_copy", "splice_zc".
+    #: Data paths its native target can serve besides the buffered ones (copy, need_get_data,
+    #: user_copy, which every backend gets): "zero_copy", "splice_zc".
     data_paths: tuple[str, ...] = ()
 
     def read(self, offset: int, buf: memoryview) -> None:

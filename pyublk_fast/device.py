@@ -24,7 +24,12 @@ DATA_PATHS = ("copy", "need_get_data", "user_copy", "zero_copy", "splice_zc")
 _PATH_FLAGS = {
     "copy": 0,
     "need_get_data": uapi.UBLK_F_NEED_GET_DATA,
+    "user_copy": uapi.UBLK_F_USER_COPY,
+    "zero_copy": uapi.UBLK_F_SUPPORT_ZERO_COPY,
+    "splice_zc": uapi.SIM_F_SPLICE_ZC,
 }
+#: Data paths every backend can use: the server holds a buffer per tag.
+BUFFERED_PATHS = ("copy", "need_get_data", "user_copy")
 
 
 class Device:
@@ -49,8 +54,8 @@ class Device:
         self.max_io_bytes = max_io_bytes
         self.recovery = recovery
         self.requested_path = data_path
-        self.data_path = self._choose_path(data_path)
         self.native = backend.native_target() if native else None
+        self.data_path = self._choose_path(data_path)
         self.dev_id = dev_id
         self.flags = 0
         self._threads: list[threading.Thread] = []
@@ -59,10 +64,21 @@ class Device:
         self._started = False
 
     def _choose_path(self, wanted: str) -> str:
+        """The data path: what the user forced, else copy; checked against backend and driver."""
         if wanted == "auto":
             return "copy"
-        if wanted not in _PATH_FLAGS:
-            raise NotImplementedError(f"data path {wanted!r} is not implemented yet; use 'copy' or 'need_get_data'")
+        offered = BUFFERED_PATHS + (tuple(self.backend.data_paths) if self.native is not None else ())
+        if wanted not in offered:
+            why = ("it needs a native backend (Python handlers never see request pages)"
+                   if wanted in self.backend.data_paths else f"{type(self.backend).__name__} does not declare it")
+            raise ValueError(f"data_path={wanted!r} is not available: {why}; available: {', '.join(offered)}")
+        missing = _PATH_FLAGS[wanted] & ~self.transport.features()
+        if missing:
+            names = uapi.feature_names(missing)
+            versions = [uapi.KERNEL_VERSION_OF_FEATURE.get(1 << b, "?") for b in range(64) if missing >> b & 1]
+            where = ("only the simulated driver has it (the RFC was never merged)" if missing & uapi.SIM_FEATURE_MASK
+                     else f"it needs Linux {max(versions)}+")
+            raise OSError(95, f"data_path={wanted!r}: the {self.transport.name} driver lacks {names}: {where}")
         return wanted
 
     def _flags(self) -> int:
@@ -119,7 +135,7 @@ class Device:
             args = self.transport.queue_args(self.dev_id, q_id)
             q = Queue(q_id, self.depth, self.max_io_bytes, native=self.native,
                       py_handler=None if self.native is not None else (lambda n: dispatch.handle_batch(n)),
-                      need_get_data=self.data_path == "need_get_data", **args)
+                      need_get_data=self.data_path == "need_get_data", data_path=self.data_path, **args)
             if self.native is None:
                 dispatch = PythonDispatch(self.backend, q)
             self._queues[q_id] = q

@@ -2,7 +2,14 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t
 from .liburing cimport io_uring, io_uring_sqe
 from .ring cimport Ring
 from .uapi cimport ublksrv_io_desc
-from .simwire cimport SimCmd
+from libc.stdint cimport int64_t
+from .simwire cimport SimCmd, sim_copy_fn, sim_splice_fn, sim_regbuf_fn
+
+cdef enum:
+    DP_COPY = 0
+    DP_USER_COPY = 1
+    DP_ZERO_COPY = 2
+    DP_SPLICE = 3
 
 cdef class Queue
 
@@ -45,7 +52,13 @@ cdef class Queue:
     cdef int n_py
     cdef int nr_live               # tags not yet aborted
     cdef bint need_get_data
-    cdef bint user_copy
+    cdef readonly int data_path
+    cdef void *sim_ctx
+    cdef sim_copy_fn uc_fn
+    cdef sim_regbuf_fn regbuf_fn
+    cdef sim_splice_fn splice_fn
+    cdef int *pipes                # DP_SPLICE: read end 2*tag, write end 2*tag+1
+    cdef uint64_t *zc_addr         # DP_ZERO_COPY: address of the request's registered buffer
     cdef readonly uint64_t requests
     cdef readonly uint64_t cmd_errors
     cdef readonly object py_tag_array
@@ -56,6 +69,8 @@ cdef class Queue:
     cdef void commit(self, int tag, int32_t res) noexcept nogil
     cdef uint64_t target_ud(self, int tag, uint32_t tgt_data) noexcept nogil
     cdef uint8_t *tag_buf(self, int tag) noexcept nogil
+    cdef int64_t user_copy(self, int tag, int to_request, uint32_t nbytes) noexcept nogil
+    cdef int64_t splice(self, int tag, uint32_t offset, int write_end, uint32_t nbytes) noexcept nogil
     cdef void on_request(self, int tag) noexcept nogil
     cdef void on_target(self, int tag, uint32_t tgt_data, int32_t res) noexcept nogil
     cdef void loop(self) noexcept nogil

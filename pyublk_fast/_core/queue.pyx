@@ -15,12 +15,14 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, uintptr
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 from libc.errno cimport ENODEV, EIO, EINVAL
+from posix.unistd cimport pread, pwrite, close
 
 from .liburing cimport *
 from .ring cimport Ring, reap_cq
 from .uapi cimport *
 from .simwire cimport SimCmd, sim_msg, SIM_MSG_SERVER
-from .codec cimport ud_encode, ud_tag, ud_op, ud_tgt_data, ud_is_target
+from .codec cimport ud_encode, ud_tag, ud_op, ud_tgt_data, ud_is_target, uc_pos, sp_pos
+from .simwire cimport sim_copy_fn, sim_splice_fn, sim_regbuf_fn
 
 cnp.import_array()
 log = logging.getLogger("pyublk_fast.queue")
@@ -34,7 +36,21 @@ cdef enum:
     REAP_BATCH = 512
 
 RESUBMITTED = -0x7fffffff
+DATA_PATHS = {"copy": DP_COPY, "need_get_data": DP_COPY, "user_copy": DP_USER_COPY,
+              "zero_copy": DP_ZERO_COPY, "splice_zc": DP_SPLICE}
+
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        F_SETPIPE_SZ
+        O_CLOEXEC
+    int fcntl(int fd, int cmd, ...)
+cdef extern from "<unistd.h>" nogil:
+    int pipe2(int *fds, int flags)
+cdef unsigned SPLICE_F_DIRECT = 0x10
+cdef unsigned SPLICE_F_READ_TO_READ = 0x20
+
 cdef int32_t C_RESUBMITTED = -0x7fffffff
+
 
 
 cdef class NativeTarget:
@@ -57,7 +73,7 @@ cdef class Queue:
 
     def __init__(self, int q_id, int depth, uint32_t buf_size, *, bint sim, int cmd_fd,
                  iods, sim_cmds=None, int sim_qi=0, NativeTarget native=None, py_handler=None,
-                 bint need_get_data=False, bint user_copy=False, unsigned ring_flags=0):
+                 bint need_get_data=False, str data_path="copy", sim_ops=None, unsigned ring_flags=0):
         if native is None and py_handler is None:
             raise ValueError("Queue needs a native target or a Python handler")
         if not 1 <= depth <= UBLK_MAX_QUEUE_DEPTH:
@@ -69,7 +85,23 @@ cdef class Queue:
         self.cmd_fd = cmd_fd
         self.sim_qi = sim_qi
         self.need_get_data = need_get_data
-        self.user_copy = user_copy
+        if data_path not in DATA_PATHS:
+            raise ValueError(f"data_path={data_path!r}: one of {sorted(DATA_PATHS)}")
+        self.data_path = DATA_PATHS[data_path]
+        if self.data_path in (DP_ZERO_COPY, DP_SPLICE) and native is None:
+            raise ValueError(f"data path {data_path} needs a native (C) backend: a Python backend "
+                             "cannot reach request pages it never sees; use copy or user_copy")
+        if sim and self.data_path != DP_COPY:
+            if sim_ops is None:
+                raise ValueError("the simulated driver's data-path entry points are missing")
+            ctx, uc, rb, sp = sim_ops
+            self.sim_ctx = <void *><uintptr_t>ctx
+            self.uc_fn = <sim_copy_fn><uintptr_t>uc
+            self.regbuf_fn = <sim_regbuf_fn><uintptr_t>rb
+            self.splice_fn = <sim_splice_fn><uintptr_t>sp
+        elif self.data_path == DP_SPLICE:
+            raise ValueError("splice zero copy (the seed RFC) exists only on the simulated driver; "
+                             "on a kernel use zero_copy (6.15+) or user_copy")
         self.native = native
         self.py_handler = py_handler
         iod_arr = np.asarray(iods)
@@ -99,12 +131,37 @@ cdef class Queue:
             entries <<= 1
         self.ring = Ring(max(entries, 64), ring_flags, cq_entries=max(entries, 64) * 2)
         self.r = &self.ring.ring
+        if self.data_path == DP_ZERO_COPY:
+            self.zc_addr = <uint64_t *>calloc(depth, sizeof(uint64_t))
+            self.ring.register_buffers_sparse(depth)
+        if self.data_path == DP_SPLICE:
+            self._open_pipes()
         if native is not None:
             native.setup(self)
 
+    def _open_pipes(self):
+        cdef int i
+        self.pipes = <int *>calloc(2 * self.depth, sizeof(int))
+        for i in range(2 * self.depth):
+            self.pipes[i] = -1
+        for i in range(self.depth):
+            if pipe2(&self.pipes[2 * i], O_CLOEXEC) < 0:
+                raise OSError(_errno.EMFILE, f"splice_zc: cannot create {self.depth} pipes "
+                              "(raise RLIMIT_NOFILE: ulimit -n)")
+            if fcntl(self.pipes[2 * i + 1], F_SETPIPE_SZ, <int>self.buf_size) < 0:
+                raise OSError(_errno.EPERM, f"splice_zc: cannot size a pipe to {self.buf_size} bytes "
+                              "(raise /proc/sys/fs/pipe-max-size or lower max_io_bytes)")
+
     def __dealloc__(self):
+        cdef int i
         free(self.tags)
         free(self.py_tags)
+        free(self.zc_addr)
+        if self.pipes != NULL:
+            for i in range(2 * self.depth):
+                if self.pipes[i] >= 0:
+                    close(self.pipes[i])
+            free(self.pipes)
 
     @property
     def ring_fd(self) -> int:
@@ -140,7 +197,7 @@ cdef class Queue:
         """FETCH_REQ / COMMIT_AND_FETCH_REQ / NEED_GET_DATA for tag."""
         cdef io_uring_sqe *sqe = self.get_sqe()
         cdef uint64_t ud = ud_encode(tag, nr, 0, 0)
-        cdef uint64_t addr = 0 if self.user_copy else <uintptr_t>self.tag_buf(tag)
+        cdef uint64_t addr = <uintptr_t>self.tag_buf(tag) if self.data_path == DP_COPY else 0
         cdef ublksrv_io_cmd *c
         cdef SimCmd *s
         if self.sim:
@@ -164,7 +221,36 @@ cdef class Queue:
 
     cdef void commit(self, int tag, int32_t res) noexcept nogil:
         """Complete the request of tag with res (bytes or -errno) and fetch the next."""
+        cdef unsigned op = self.iods[tag].op_flags & 0xff
+        cdef iovec empty
+        cdef int64_t n
+        if self.data_path == DP_USER_COPY and op == UBLK_IO_OP_READ and res > 0:
+            n = self.user_copy(tag, 1, res)
+            if n != res:
+                res = <int32_t>n if n < 0 else -EIO
+        elif self.data_path == DP_ZERO_COPY and self.sim and (op == UBLK_IO_OP_READ or op == UBLK_IO_OP_WRITE):
+            empty.iov_base = NULL
+            empty.iov_len = 0
+            io_uring_register_buffers_update_tag(self.r, tag, &empty, NULL, 1)
         self.submit_cmd(UBLK_IO_COMMIT_AND_FETCH_REQ, tag, res)
+
+    cdef int64_t user_copy(self, int tag, int to_request, uint32_t nbytes) noexcept nogil:
+        """USER_COPY: move nbytes between the tag buffer and the request (pread/pwrite on ublkc)."""
+        cdef uint64_t pos = uc_pos(self.q_id, tag, 0)
+        cdef int64_t n
+        if self.sim:
+            return self.uc_fn(self.sim_ctx, pos, self.tag_buf(tag), nbytes, to_request)
+        if to_request:
+            n = pwrite(self.cmd_fd, self.tag_buf(tag), nbytes, pos)
+        else:
+            n = pread(self.cmd_fd, self.tag_buf(tag), nbytes, pos)
+        return n if n >= 0 else -EIO
+
+    cdef int64_t splice(self, int tag, uint32_t offset, int write_end, uint32_t nbytes) noexcept nogil:
+        """Seed splice ZC: request pages -> this tag's pipe (WRITE) or pipe -> request (READ)."""
+        cdef unsigned flags = SPLICE_F_DIRECT if write_end else SPLICE_F_DIRECT | SPLICE_F_READ_TO_READ
+        return self.splice_fn(self.sim_ctx, sp_pos(self.q_id, tag, offset),
+                              self.pipes[2 * tag + (1 if write_end else 0)], nbytes, flags)
 
     cdef uint64_t target_ud(self, int tag, uint32_t tgt_data) noexcept nogil:
         return ud_encode(tag, 0, tgt_data, 1)
@@ -231,8 +317,24 @@ cdef class Queue:
     cdef void on_request(self, int tag) noexcept nogil:
         cdef const ublksrv_io_desc *iod = &self.iods[tag]
         cdef int n
+        cdef int64_t c
+        cdef unsigned op = iod.op_flags & 0xff
+        cdef iovec iov
         self.requests += 1
         self.tags[tag].state = TAG_BUSY
+        if self.data_path == DP_USER_COPY and op == UBLK_IO_OP_WRITE:
+            c = self.user_copy(tag, 0, iod.nr_sectors << SECTOR_SHIFT)
+            if c != <int64_t>(iod.nr_sectors << SECTOR_SHIFT):
+                self.commit(tag, <int32_t>c if c < 0 else -EIO)
+                return
+        elif self.data_path == DP_ZERO_COPY and self.sim and (op == UBLK_IO_OP_READ or op == UBLK_IO_OP_WRITE):
+            n = self.regbuf_fn(self.sim_ctx, self.q_id, tag, &iov)
+            if n == 0:
+                n = io_uring_register_buffers_update_tag(self.r, tag, &iov, NULL, 1)
+            if n < 0:
+                self.commit(tag, n)
+                return
+            self.zc_addr[tag] = <uintptr_t>iov.iov_base
         if self.native is not None:
             self.tags[tag].result = 0
             n = self.native.queue_io(self, tag, iod)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ... import uapi
 from ..._core.ring import Ring
-from .driver import SimDriver, SIM_FEATURES, front_msg, hist_bucket_lower_ns
+from .driver import SimDriver, SIM_FEATURES, data_path_ops, front_msg, hist_bucket_lower_ns
 
 OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES = 0, 1, 2, 3, 5
 FRONT_SLOTS = 8192          # request slots for fronts; the load generator uses the rest
@@ -104,7 +104,8 @@ class SimTransport:
     def queue_args(self, dev_id: int, q_id: int) -> dict:
         """Keyword arguments for Queue(...) serving queue q_id of dev_id."""
         iods, cmds, qi = self.driver.call(self.driver.queue_endpoint, dev_id, q_id)
-        return dict(sim=True, cmd_fd=self.driver.fd, iods=iods, sim_cmds=cmds, sim_qi=qi)
+        return dict(sim=True, cmd_fd=self.driver.fd, iods=iods, sim_cmds=cmds, sim_qi=qi,
+                    sim_ops=data_path_ops(self.driver, dev_id))
 
     # -- the user side -----------------------------------------------------------------------
 
@@ -164,6 +165,12 @@ class SimTransport:
         return summarize(out, bs)
 
 
+def _aligned(n: int) -> np.ndarray:
+    raw = np.empty(n + 4096, np.uint8)
+    start = (-raw.__array_interface__["data"][0]) % 4096
+    return raw[start:start + n]
+
+
 def summarize(out: dict, bs: int) -> dict:
     hist = out.pop("hist")
     secs = out["seconds"] or 1e-9
@@ -221,6 +228,7 @@ class SimBlockDevice:
         results = [0] * len(reqs)
         d = self.transport.driver
         keep = {}
+        copy_back = []
         with self._lock:
             free = list(self._slots)
             inflight = {}
@@ -233,6 +241,14 @@ class SimBlockDevice:
                         arr = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
                         if arr.nbytes < length:
                             raise ValueError(f"request {nxt}: buffer of {arr.nbytes} bytes < length {length}")
+                        if arr.__array_interface__["data"][0] % 4096:
+                            # page-aligned bounce buffer, like the page cache in front of a real disk
+                            bounce = _aligned(length)
+                            if op == OP_WRITE:
+                                bounce[:] = arr[:length]
+                            else:
+                                copy_back.append((arr, bounce))
+                            arr = bounce
                         addr = arr.__array_interface__["data"][0]
                         keep[nxt] = arr
                     slot = free.pop()
@@ -247,6 +263,8 @@ class SimBlockDevice:
                         free.append(ud)
                     elif res < 0:
                         raise OSError(-res, "simulated block device: could not reach the driver")
+        for dst, bounce in copy_back:
+            dst[:bounce.nbytes] = bounce
         return results
 
     def _one(self, op, offset, length, buf, what):
