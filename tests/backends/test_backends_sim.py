@@ -16,6 +16,11 @@ from conftest import BACKEND_KINDS, DEV_SIZE
 KiB = 1 << 10
 DATA_KINDS = [k for k, (stores, _) in BACKEND_KINDS.items() if stores]
 PATHS = ["copy", "need_get_data"]
+BUFFERED = ["copy", "need_get_data", "user_copy"]
+NATIVE_ONLY = ["zero_copy", "splice_zc"]
+NATIVE_KINDS = {"loop-native", "null-native"}
+#: every (backend kind, data path) pair the framework offers
+COMBOS = [(k, p) for k in DATA_KINDS for p in BUFFERED + (NATIVE_ONLY if k in NATIVE_KINDS else [])]
 
 
 def _rand_extent(rng: random.Random, max_len: int = 192 * KiB) -> tuple[int, int]:
@@ -29,8 +34,7 @@ def _rand_extent(rng: random.Random, max_len: int = 192 * KiB) -> tuple[int, int
     return off, length
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", DATA_KINDS)
+@pytest.mark.parametrize("kind,path", COMBOS)
 def test_random_io_matches_model(sim, make_backend, kind, path):
     backend, native = make_backend(kind)
     model = bytearray(DEV_SIZE)
@@ -72,7 +76,7 @@ def test_discard_and_write_zeroes_read_back_zeros(sim, make_backend, kind):
     assert got == bytes(want)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", BUFFERED + NATIVE_ONLY)
 def test_null_native_completes_everything(sim, make_backend, path):
     backend, native = make_backend("null-native")
     with Device(backend, sim, depth=8, data_path=path, native=native) as dev:
@@ -221,3 +225,22 @@ def test_backend_size_not_multiple_of_block_size(sim):
 
     with pytest.raises(ValueError, match="block_size"):
         Device(BadBlock(), sim)
+
+
+@pytest.mark.parametrize("kind", sorted(set(DATA_KINDS) - NATIVE_KINDS))
+@pytest.mark.parametrize("path", NATIVE_ONLY)
+def test_native_only_paths_refused_for_python_backends(sim, make_backend, kind, path):
+    backend, native = make_backend(kind)
+    with pytest.raises(ValueError, match="native backend|does not declare"):
+        Device(backend, sim, depth=4, data_path=path, native=native)
+    backend.close()
+
+
+@pytest.mark.parametrize("path", BUFFERED + NATIVE_ONLY)
+def test_loadgen_verify_on_every_loop_path(sim, make_backend, path):
+    backend, native = make_backend("loop-native")
+    with Device(backend, sim, depth=16, data_path=path, native=native) as dev:
+        for bs in (4096, 65536):
+            r = sim.run_load(dev.dev_id, rw="randrw", bs=bs, qd=32, count=1500, verify=True)
+            assert r["errors"] == 0 and r["verify_errors"] == 0, (bs, r)
+            assert r["completed"] == 1500

@@ -1035,3 +1035,16 @@ def data_path_ops(SimDriver drv, int d):
     """(context, user_copy, reg_buf, splice) addresses for a queue of device d."""
     drv._dev(d, "data_path_ops")
     return (<uintptr_t>&drv.devs[d], <uintptr_t>sim_user_copy, <uintptr_t>sim_reg_buf, <uintptr_t>sim_splice)
+
+
+def splice_probe(SimDriver drv, int d, uint64_t pos, int pipe_fd, uint64_t length, unsigned flags) -> int:
+    """Call the simulated splice entry point from Python (protocol tests): bytes or -errno."""
+    drv._dev(d, "splice")
+    return sim_splice(&drv.devs[d], pos, pipe_fd, length, flags)
+
+
+def user_copy_probe(SimDriver drv, int d, uint64_t pos, buf, bint to_request) -> int:
+    """Call the simulated USER_COPY entry point from Python (protocol tests): bytes or -errno."""
+    drv._dev(d, "user copy")
+    cdef unsigned char[::1] b = buf
+    return sim_user_copy(&drv.devs[d], pos, &b[0], b.shape[0], to_request)
