@@ -63,28 +63,33 @@ def _require_driver(request: pytest.FixtureRequest) -> None:
                     "guest kernel's ublk driver did not load (see the console log)")
 
 
-def _char_devs() -> set[int]:
-    return {int(p.name[len("ublkc"):]) for p in Path("/sys/class/ublk-char").glob("ublkc*")}
-
-
 @pytest.fixture
 def ctrl():
-    """An open UblkControl; devices the test added and left behind are deleted."""
+    """An open UblkControl; devices it added that the test left behind are deleted."""
     from pyublk_fast.transport.control import UblkControl
 
-    before = _char_devs()
-    c = UblkControl()
+    class TrackingControl(UblkControl):
+        added: set[int] = set()
+
+        def add_dev(self, *args, **kwargs):
+            info = super().add_dev(*args, **kwargs)
+            self.added.add(info.dev_id)
+            return info
+
+    c = TrackingControl()
+    c.added = set()
     yield c
-    leftovers = _char_devs() - before
+    added = c.added
     if c.closed:
-        c = UblkControl()
+        c = TrackingControl()
     try:
-        for dev_id in sorted(leftovers):
-            try:
-                c.del_dev(dev_id)
-            except OSError as exc:
-                if exc.errno != errno.ENODEV:
-                    raise
+        for dev_id in sorted(added):
+            if os.path.exists(f"/sys/class/ublk-char/ublkc{dev_id}"):
+                try:
+                    c.del_dev(dev_id)
+                except OSError as exc:
+                    if exc.errno != errno.ENODEV:
+                        raise
     finally:
         c.close()
 
