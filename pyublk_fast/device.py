@@ -37,7 +37,7 @@ class Device:
 
     def __init__(self, backend, transport, *, queues: int = 1, depth: int = 128,
                  max_io_bytes: int = 512 * 1024, data_path: str = "auto", recovery: str | None = None,
-                 dev_id: int = -1, native: bool = True):
+                 dev_id: int = -1, native: bool = True, poll_us: float = 0.0):
         backend.check()
         if data_path != "auto" and data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: choose auto or one of {DATA_PATHS}")
@@ -57,6 +57,7 @@ class Device:
         self.native = backend.native_target() if native else None
         self.data_path = self._choose_path(data_path)
         self.dev_id = dev_id
+        self.poll_us = poll_us
         self.flags = 0
         self._threads: list[threading.Thread] = []
         self._queues: list[Queue | None] = []
@@ -135,7 +136,7 @@ class Device:
             args = self.transport.queue_args(self.dev_id, q_id)
             q = Queue(q_id, self.depth, self.max_io_bytes, native=self.native,
                       py_handler=None if self.native is not None else (lambda n: dispatch.handle_batch(n)),
-                      need_get_data=self.data_path == "need_get_data", data_path=self.data_path, **args)
+                      need_get_data=self.data_path == "need_get_data", data_path=self.data_path, poll_us=self.poll_us, **args)
             if self.native is None:
                 dispatch = PythonDispatch(self.backend, q)
             self._queues[q_id] = q

@@ -134,3 +134,5 @@ cdef extern from "compat.h" nogil:
     void pyu_prep_uring_cmd(io_uring_sqe *sqe, unsigned sqe_size, int fd, uint32_t cmd_op,
                             const void *cmd, unsigned cmd_len, uint64_t user_data)
     void *pyu_sqe_cmd(io_uring_sqe *sqe)
+    int64_t pyu_now_ns()
+    void pyu_submit_and_wait_spin(io_uring *ring, int64_t spin_ns)

@@ -73,7 +73,8 @@ cdef class Queue:
 
     def __init__(self, int q_id, int depth, uint32_t buf_size, *, bint sim, int cmd_fd,
                  iods, sim_cmds=None, int sim_qi=0, NativeTarget native=None, py_handler=None,
-                 bint need_get_data=False, str data_path="copy", sim_ops=None, unsigned ring_flags=0):
+                 bint need_get_data=False, str data_path="copy", sim_ops=None, unsigned ring_flags=0,
+                 double poll_us=0.0):
         if native is None and py_handler is None:
             raise ValueError("Queue needs a native target or a Python handler")
         if not 1 <= depth <= UBLK_MAX_QUEUE_DEPTH:
@@ -85,6 +86,7 @@ cdef class Queue:
         self.cmd_fd = cmd_fd
         self.sim_qi = sim_qi
         self.need_get_data = need_get_data
+        self.spin_ns = <int64_t>(poll_us * 1000)    # poll the CQ this long before sleeping
         if data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: one of {sorted(DATA_PATHS)}")
         self.data_path = DATA_PATHS[data_path]
@@ -285,7 +287,7 @@ cdef class Queue:
         cdef int tag
         cdef uint32_t op
         while self.nr_live > 0:
-            io_uring_submit_and_wait(self.r, 1)
+            pyu_submit_and_wait_spin(self.r, self.spin_ns)
             n = reap_cq(self.r, ud, res, fl, REAP_BATCH)
             for i in range(n):
                 tag = ud_tag(ud[i])

@@ -106,6 +106,7 @@ cdef class SimDriver:
     cdef uint64_t msg_failures
     cdef uint64_t rng_state
     cdef bint random_tags
+    cdef int64_t spin_ns
 
     cdef void loop(self) noexcept nogil
     cdef void post(self, int fd, int32_t res, uint64_t user_data) noexcept nogil

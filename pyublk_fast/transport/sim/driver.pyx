@@ -30,7 +30,7 @@ cdef extern from "<stdlib.h>" nogil:
 
 from pyublk_fast._core.liburing cimport (iovec, io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit,
                                          io_uring_submit_and_wait, io_uring_prep_msg_ring,
-                                         IOSQE_CQE_SKIP_SUCCESS)
+                                         IOSQE_CQE_SKIP_SUCCESS, pyu_submit_and_wait_spin)
 from pyublk_fast._core.ring cimport Ring, reap_cq
 from pyublk_fast._core.uapi cimport *
 from pyublk_fast._core.simwire cimport *
@@ -155,7 +155,7 @@ cdef class SimDriver:
     """One simulated ublk_drv instance (one "kernel"), serving up to max_devs devices."""
 
     def __cinit__(self, int max_devs=64, int max_queues=256, int nreq=16384, bint random_tags=True,
-                  uint64_t seed=0x9E3779B97F4A7C15):
+                  uint64_t seed=0x9E3779B97F4A7C15, double spin_us=50.0):
         self.max_devs = max_devs
         self.max_queues = max_queues
         self.nreq = nreq
@@ -167,6 +167,7 @@ cdef class SimDriver:
         for i in range(max_queues):
             self.queues[i].dev = -1
         self.random_tags = random_tags
+        self.spin_ns = <int64_t>(spin_us * 1000)   # the kernel reacts at once; a sleeping thread does not
         self.rng_state = seed | 1
         self._iod_arrays = {}
         self._cmd_arrays = {}
@@ -291,7 +292,7 @@ cdef class SimDriver:
         while not self.stopping:
             if self.lg.active:
                 self.lg_issue()
-            io_uring_submit_and_wait(ring, 1)
+            pyu_submit_and_wait_spin(ring, self.spin_ns)
             while True:
                 n = reap_cq(ring, ud, res, fl, REAP_BATCH)
                 if n == 0:
