@@ -363,3 +363,14 @@ def test_exit_codes(res, fail_on_warning, code, words):
     got_code, verdict = ublk_vm.decide_exit(res, 30, fail_on_warning)
     assert got_code == code
     assert (words in verdict) if words else verdict == ""
+
+
+def test_apt_failure_picks_the_reason():
+    from ublkvm.apt import apt_failure
+    out = ("Ign:1 http://m/debian sid InRelease\nErr:1 http://m/debian sid InRelease\n"
+           "  Could not connect to m:80 - connect (111: Connection refused)\n"
+           "Reading package lists...\nW: Failed to fetch http://m/debian/dists/sid/InRelease\n")
+    assert apt_failure(out) == "Could not connect to m:80 - connect (111: Connection refused)"
+    assert apt_failure("Reading...\nE: Unable to locate package linux-source-7.2\n") == \
+        "E: Unable to locate package linux-source-7.2"
+    assert apt_failure("") == "no output"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ublk_ktest import kublk_path
+from ublk_ktest import kernel_series, kublk_path
 
 CONTROL = "/dev/ublk-control"
 HERE = Path(__file__).resolve().parent
@@ -98,6 +98,9 @@ def ctrl():
 def kublk() -> str:
     """Path of kublk, or skip with how to build it."""
     path = kublk_path()
+    if path is None and kernel_series() < (6, 15):
+        pytest.skip(f"kernel {os.uname().release} predates kublk (tools/testing/selftests/"
+                    "ublk, Linux 6.15+)")
     if path is None:
         pytest.skip(KUBLK_HINT)
     return path

@@ -122,6 +122,20 @@ def host_proxy_config() -> list[str]:
             if re.match(r"Acquire::(http|https|ftp)::Proxy", line)]
 
 
+def apt_failure(output: str) -> str:
+    """The one line of apt's output that says why it failed."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("Err:") and i + 1 < len(lines) and not lines[i + 1][:3] in (
+                "Ign", "Get", "Hit", "Err"):
+            return lines[i + 1]
+    for prefix in ("E:", "W:", "Err:"):
+        for line in lines:
+            if line.startswith(prefix):
+                return line
+    return lines[-1] if lines else "no output"
+
+
 class PrivateApt:
     """apt-get/apt-cache against ``suite`` with all state under ``root``."""
 
@@ -173,9 +187,8 @@ class PrivateApt:
         self.write_config()
         res = self._run(["apt-get", "update", "-q"])
         if not list((self.root / "lists").glob("*_Packages*")):
-            tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-6:])
             raise LaneError(f"no package list for Debian '{self.suite}' from {self.mirror} "
-                            f"(archive unreachable?); apt-get update said:\n{tail}")
+                            f"(archive unreachable?): {apt_failure(res.stdout + res.stderr)}")
         self._updated = True
 
     def package_names(self, pattern: str) -> list[str]:
@@ -205,9 +218,8 @@ class PrivateApt:
         res = self._run(["apt-get", "download", "-q", *packages], cwd=dest)
         got = sorted(set(dest.glob("*.deb")) - before)
         if res.returncode != 0 or len(got) < len(packages):
-            tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-6:])
             raise LaneError(f"download of {' '.join(packages)} from Debian '{self.suite}' "
-                            f"failed:\n{tail}")
+                            f"failed: {apt_failure(res.stdout + res.stderr)}")
         return got
 
     def run_raw(self, args: list[str]) -> int:
