@@ -374,3 +374,15 @@ def test_apt_failure_picks_the_reason():
     assert apt_failure("Reading...\nE: Unable to locate package linux-source-7.2\n") == \
         "E: Unable to locate package linux-source-7.2"
     assert apt_failure("") == "no output"
+
+
+def test_pyenv_shims_are_resolved_on_the_host(tmp_path):
+    from ublkvm.qemu import resolve_shim
+    real = tmp_path / "python3.11"
+    real.write_text("#!/bin/sh\n")
+    real.chmod(0o755)
+    which = {"python3": "/root/.pyenv/shims/python3", "fio": "/usr/bin/fio"}.get
+    assert resolve_shim(["python3", "-m", "pytest"], which, lambda n: str(real)) == [
+        str(real), "-m", "pytest"]
+    assert resolve_shim(["fio", "x"], which, lambda n: "/nope") == ["fio", "x"]
+    assert resolve_shim(["python3"], which, lambda n: "") == ["python3"]   # pyenv failed

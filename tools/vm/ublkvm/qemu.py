@@ -12,6 +12,7 @@ import os
 import re
 import selectors
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,33 @@ def job_script(env: Mapping[str, str], cwd: str, argv: Sequence[str],
                  " exit 125; }")
     lines.append("exec " + shlex.join(argv))
     return "\n".join(lines) + "\n"
+
+
+def resolve_shim(argv: Sequence[str], which=shutil.which,
+                 pyenv_which: Callable[[str], str] | None = None) -> list[str]:
+    """Replace a pyenv shim in argv[0] by the interpreter it would run.
+
+    The shim (a bash script) costs ~2.5 s per start under TCG; ``pyenv which``
+    on the host, in the same cwd and environment, names the same program.
+    """
+    argv = list(argv)
+    path = which(argv[0]) if argv else None
+    if not path or "/shims/" not in path:
+        return argv
+    pyenv_which = pyenv_which or _pyenv_which
+    real = pyenv_which(argv[0])
+    if real and os.access(real, os.X_OK):
+        argv[0] = real
+    return argv
+
+
+def _pyenv_which(name: str) -> str:
+    try:
+        res = subprocess.run(["pyenv", "which", name], capture_output=True, text=True,
+                             timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return res.stdout.strip() if res.returncode == 0 else ""
 
 
 def watchdog_seconds(timeout: float) -> int:
