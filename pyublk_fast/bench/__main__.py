@@ -1,44 +1,189 @@
-"""Run the benchmark: `python -m pyublk_fast.bench [--quick] [--runtime S] [--json FILE]`."""
+"""Benchmark ublk servers: python -m pyublk_fast.bench [--quick] [--list] [selectors] [--json F] [--plot DIR].
+
+Runs servers (null, loop, qcow2, pure-Python) on the simulated driver (and the kernel's, with
+--transport kernel|all) next to references measured in the same run: fio with io_uring and
+O_DIRECT on the same backing file, the C io_uring NOP loop (the ring's ceiling) and, on real
+kernels, kublk. Every server row carries its ratio to its reference.
+"""
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import sys
 import tempfile
+import time
 
-from ..transport.sim import SimTransport
-from .scenarios import scenarios
+from . import report, scenarios as sc_mod
+from .runner import Progress, Runner, TransportUnavailable, Workdir, open_transport
+
+QUICK_RUNTIME = 1.0
+DEFAULT_RUNTIME = 2.0
+
+
+def _csv(conv):
+    def parse(text: str):
+        try:
+            return [conv(x) for x in text.split(",") if x.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise ValueError(f"{text}: must be >= 1")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m pyublk_fast.bench", description=__doc__.split("\n", 2)[2].strip(),
+        epilog="Selection: without selectors the default set runs (--quick: a smaller one). --scenario "
+               "patterns (fnmatch on names like sim/loop/randread-4k-qd32/zero_copy/q1) and --all pick from "
+               "the full matrix; --bs/--qd set those axes (and so also pick from it); --backend/--rw/--path/"
+               "--queues narrow any selection. Pairs a backend cannot serve are skipped with the reason.")
+    ap.add_argument("--quick", action="store_true", help=f"smaller set, {QUICK_RUNTIME:g} s each (~30 s)")
+    ap.add_argument("--runtime", type=float, metavar="S",
+                    help=f"seconds per scenario and reference (default {DEFAULT_RUNTIME:g}, --quick {QUICK_RUNTIME:g})")
+    ap.add_argument("--size", type=int, default=256, metavar="MIB", help="backing file size in MiB (default 256)")
+    ap.add_argument("--transport", choices=("sim", "kernel", "all"), default="sim",
+                    help="simulated driver (default), the kernel's (/dev/ublk-control), or both")
+    ap.add_argument("--list", action="store_true", help="list the selected scenarios (marks: * default, q quick) "
+                    "with the reason for any that would be skipped, and exit")
+    ap.add_argument("--all", action="store_true", help="start from the full matrix instead of the default set")
+    ap.add_argument("--scenario", action="append", metavar="PATTERN", help="fnmatch pattern on the name (repeatable)")
+    ap.add_argument("--backend", type=_csv(str), action="extend",
+                    help=f"backends (patterns, comma separated): {', '.join(sc_mod.BACKENDS)}")
+    ap.add_argument("--rw", type=_csv(str), action="extend", help=f"workloads: {', '.join(sc_mod.RWS)}")
+    ap.add_argument("--bs", type=_csv(sc_mod.parse_size), action="extend", help="block sizes, e.g. 4k,64k,128k")
+    ap.add_argument("--qd", type=_csv(_positive_int), action="extend", help="queue depths, e.g. 1,32")
+    ap.add_argument("--path", type=_csv(str), action="extend", help=f"data paths: {', '.join(sc_mod.PATHS)}")
+    ap.add_argument("--queues", type=_csv(_positive_int), action="extend", help="queue counts: 1,2")
+    ap.add_argument("--json", metavar="FILE", help="write every figure, machine and versions to FILE")
+    ap.add_argument("--markdown", metavar="FILE", help="write the results as a Markdown table to FILE")
+    ap.add_argument("--plot", metavar="DIR", help="write PNG charts to DIR (needs matplotlib)")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.runtime is None:
+        args.runtime = QUICK_RUNTIME if args.quick else DEFAULT_RUNTIME
+    if not 0.05 <= args.runtime <= 3600:
+        ap.error(f"--runtime {args.runtime:g}: choose 0.05 .. 3600 seconds")
+    if args.size < 1:
+        ap.error(f"--size {args.size}: must be >= 1 MiB")
+    if any(q > 4096 for q in args.qd or ()):
+        ap.error("--qd: at most 4096 (UBLK_MAX_QUEUE_DEPTH)")
+    args.transports = ("sim", "kernel") if args.transport == "all" else (args.transport,)
+    try:
+        args.selected = sc_mod.select(
+            transports=args.transports, patterns=args.scenario, backends=args.backend, rws=args.rw,
+            bs=args.bs, qd=args.qd, paths=args.path, queues=args.queues, everything=args.all, quick=args.quick)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def skip_reasons(selected: list) -> dict[str, str]:
+    """name -> why it would be skipped (transport missing, or Device refusing the pair)."""
+    reasons: dict[str, str] = {}
+    transports = {}
+    for t in {s.transport for s in selected}:
+        if t == "sim":
+            transports[t] = sc_mod.sim_features()
+            continue
+        try:
+            transports[t] = open_transport(t)
+        except TransportUnavailable as e:
+            transports[t] = e
+    try:
+        with tempfile.TemporaryDirectory(prefix="pyublk-bench-list-", dir="/var/tmp" if os.path.isdir("/var/tmp")
+                                         else None) as wd:
+            files = sc_mod.probe_files(wd)
+            for s in selected:
+                tr = transports[s.transport]
+                if isinstance(tr, Exception):
+                    reasons[s.name] = str(tr)
+                    continue
+                backend = s.kind.make(files.get(s.kind.needs), 1 << 20)
+                try:
+                    why = sc_mod.unsupported(s, backend, tr)
+                finally:
+                    backend.close()
+                if why:
+                    reasons[s.name] = why
+    finally:
+        for tr in transports.values():
+            if hasattr(tr, "close"):
+                tr.close()
+    return reasons
+
+
+def _check_matplotlib() -> str | None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "--plot needs matplotlib: pip install matplotlib (or run without --plot)"
+    return None
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyublk_fast.bench", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="1 s per scenario")
-    ap.add_argument("--runtime", type=float, default=3.0, help="seconds per scenario (default 3)")
-    ap.add_argument("--json", metavar="FILE", help="write every figure to FILE")
-    args = ap.parse_args(argv)
-    runtime = 1.0 if args.quick else args.runtime
-    rows = []
-    print(f"pyublk_fast bench on the simulated driver ({platform.node()}, {platform.release()}, "
-          f"{runtime:g} s per scenario)\n")
-    hdr = f"{'scenario':36} {'IOPS':>10} {'MB/s':>8} {'p50 us':>8} {'p99 us':>8} {'p99.9':>8}  ratio to reference"
-    print(hdr)
-    print("-" * len(hdr))
-    try:
-        with SimTransport() as t, tempfile.TemporaryDirectory(dir="/var/tmp") as wd:
-            for name, r, ref_name, ref in scenarios(t, runtime, wd):
-                ratio = f"{r['iops'] / ref:.2f}x {ref_name} ({ref:,.0f})" if ref else ""
-                err = f"  ERRORS {r['errors']}" if r["errors"] else ""
-                print(f"{name:36} {r['iops']:>10,.0f} {r['mbps']:>8.1f} {r['lat_p50_us']:>8.1f} "
-                      f"{r['lat_p99_us']:>8.1f} {r['lat_p999_us']:>8.1f}  {ratio}{err}", flush=True)
-                rows.append(dict(scenario=name, reference=ref_name, reference_iops=ref,
-                                 **{k: float(v) for k, v in r.items() if k != "hist"}))
-    except KeyboardInterrupt:
-        print("\ninterrupted: results so far are above", file=sys.stderr)
+    args = parse_args(argv)
+    selected = args.selected
+    if args.list:
+        print("\n".join(sc_mod.describe(selected, skip_reasons(selected))))
+        return 0
+    if not selected:
+        print("no scenario matches the selection (see --list --all)", file=sys.stderr)
+        return 2
+    if args.plot and (msg := _check_matplotlib()):
+        print(msg, file=sys.stderr)
+        return 2
+    u = platform.uname()
+    print(f"pyublk_fast bench: {len(selected)} scenarios on {'+'.join(args.transports)}, {args.runtime:g} s each, "
+          f"{args.size} MiB backing files ({u.node}, Linux {u.release}, {os.cpu_count()} cpus)")
+    print("CPU us/IO: whole-process CPU (+ fio's usr+sys for fio rows) per I/O; ratio: IOPS / reference IOPS\n")
+    print(report.header(), flush=True)
+    progress = Progress(len(selected))
+
+    def on_row(row: dict) -> None:
+        progress.row_done(row)
+        progress.clear()
+        print(report.text_line(row), flush=True)
+
+    started = time.time()
+    with Workdir(args.size << 20) as wd:
+        runner = Runner(wd, args.runtime, on_row, progress)
+        finished = runner.run(selected)
+    progress.clear()
+    rows = runner.rows
+    print(f"\n{report.summary(rows)} in {time.time() - started:.0f} s")
+    if not finished:
+        print(f"interrupted (Ctrl-C): the {sum(r['kind'] == 'server' for r in rows)} finished scenarios are above",
+              file=sys.stderr)
+    settings = dict(argv=list(sys.argv[1:] if argv is None else argv), runtime=args.runtime,
+                    size_mib=args.size, transports=list(args.transports), quick=args.quick,
+                    selected=[s.name for s in selected])
+    doc = report.document(rows, settings=settings, started=started, finished=time.time(),
+                          interrupted=not finished)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=platform.uname()._asdict(), rows=rows), f, indent=1)
-    return 0
+        report.write_json(args.json, doc)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(rows))
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        from .plots import write_all
+        for path in write_all(doc, args.plot):
+            print(f"wrote {path}")
+    if not finished:
+        return 130
+    return 1 if any(r["status"] == "failed" for r in rows if r["kind"] == "server") else 0
 
 
 if __name__ == "__main__":

@@ -1,20 +1,33 @@
-"""Bench scenarios: each returns a row dict (iops, MB/s, latency, reference, ratio)."""
+"""The scenario matrix: transport x backend x workload x data path x queues, and selection.
+
+A scenario's name is ``transport/backend/rw-bs-qdN/path/qN``, e.g.
+``sim/loop/randread-4k-qd32/zero_copy/q1``; ``--scenario`` patterns match it with fnmatch.
+The full matrix is reachable with ``--all`` or patterns; without selectors a curated
+default set runs (``--quick``: a smaller one). Pairs a backend cannot serve stay in the
+matrix: Device refuses them (ValueError/OSError) and the row is skipped with its reason.
+"""
 from __future__ import annotations
 
-import json
+import fnmatch
 import os
-import shutil
-import subprocess
-import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 from ..backend import Backend
-from ..device import Device
+
+TRANSPORTS = ("sim", "kernel")
+PATHS = ("copy", "user_copy", "zero_copy", "splice_zc")
+RWS = ("randread", "randwrite", "read", "write")
+QUEUES = (1, 2)
+#: Default axes: random I/O at 4 KiB and three depths, sequential at 128 KiB, QD32.
+RAND_BS, SEQ_BS = (4096,), (131072,)
+RAND_QD, SEQ_QD = (1, 32, 128), (32,)
 
 
 class PyNull(Backend):
     """A pure-Python null backend: the cost of one Python call per request."""
 
-    def __init__(self, size):
+    def __init__(self, size: int):
         self.size = size
 
     def read(self, offset, buf):
@@ -24,61 +37,229 @@ class PyNull(Backend):
         pass
 
 
-def fio_iops(path: str, rw: str, bs: int, qd: int, runtime: float) -> float | None:
-    """fio with io_uring, O_DIRECT, on the same file: the reference a loop server is held to."""
-    if shutil.which("fio") is None:
-        return None
-    out = subprocess.run(
-        ["fio", "--name=ref", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
-         "--ioengine=io_uring", "--direct=1", f"--runtime={runtime}", "--time_based", "--numjobs=1",
-         "--output-format=json", "--randrepeat=0"], capture_output=True, text=True, check=False)
-    if out.returncode:
-        return None
-    job = json.loads(out.stdout)["jobs"][0]
-    return job["read"]["iops"] + job["write"]["iops"]
+@dataclass(frozen=True)
+class BackendKind:
+    """How the bench builds one backend: its factory, native flag and backing file."""
+
+    name: str
+    native: bool
+    needs: str                  # "" | "raw" | "qcow2": the backing file it serves
+    about: str
+    make: Callable[[str | None, int], Backend] = field(compare=False, repr=False)
 
 
-def run_device(transport, backend, *, rw, bs, qd, runtime, native=True, depth=128) -> dict:
-    with Device(backend, transport, depth=depth, native=native) as dev:
-        return transport.run_load(dev.dev_id, rw=rw, bs=bs, qd=qd, runtime=runtime)
-
-
-def scenarios(transport, runtime: float, workdir: str):
-    """Yield (name, row) for each scenario."""
-    from ..backends.loop import LoopBackend
+def _null(path, size):
     from ..backends.null import NullBackend
-    from ..backends.qcow2 import Qcow2Image
-    from ..backends.qcow2_backend import Qcow2Backend
+    return NullBackend(size)
 
-    size = 256 << 20
-    path = os.path.join(workdir, "loop.img")
-    with open(path, "wb") as f:           # real data, so reads hit allocated blocks
-        chunk = os.urandom(1 << 20)
-        for _ in range(size >> 20):
-            f.write(chunk)
-    native_null = None
-    for qd in (1, 32, 128):
-        r = run_device(transport, NullBackend(1 << 30), rw="randread", bs=4096, qd=qd, runtime=runtime)
-        if qd == 128:
-            native_null = r["iops"]
-        yield f"null native randread 4k qd{qd}", r, None, None
-    r = run_device(transport, PyNull(1 << 30), rw="randread", bs=4096, qd=32, runtime=runtime, native=False)
-    yield "null python randread 4k qd32", r, "null native qd128", native_null
-    for rw in ("randread", "randwrite"):
-        ref = fio_iops(path, rw, 4096, 32, runtime)
-        r = run_device(transport, LoopBackend(path), rw=rw, bs=4096, qd=32, runtime=runtime)
-        yield f"loop native {rw} 4k qd32", r, "fio io_uring direct", ref
-    ref = fio_iops(path, "read", 131072, 32, runtime)
-    r = run_device(transport, LoopBackend(path), rw="read", bs=131072, qd=32, runtime=runtime)
-    yield "loop native read 128k qd32", r, "fio io_uring direct", ref
-    loop_rr = None
-    qpath = os.path.join(workdir, "img.qcow2")
-    img = Qcow2Image.create(qpath, size)
-    for off in range(0, size, 1 << 20):
-        img.write(off, chunk)
-    img.close()
-    r = run_device(transport, LoopBackend(path), rw="randread", bs=4096, qd=16, runtime=runtime, native=False)
-    loop_rr = r["iops"]
-    yield "loop python randread 4k qd16", r, None, None
-    r = run_device(transport, Qcow2Backend(qpath), rw="randread", bs=4096, qd=16, runtime=runtime)
-    yield "qcow2 randread 4k qd16", r, "loop python qd16", loop_rr
+
+def _loop(path, size):
+    from ..backends.loop import LoopBackend
+    return LoopBackend(path)
+
+
+def _qcow2(path, size):
+    from ..backends.qcow2_backend import Qcow2Backend
+    return Qcow2Backend(path)
+
+
+BACKENDS: dict[str, BackendKind] = {k.name: k for k in (
+    BackendKind("null", True, "", "null, native target (no Python per I/O)", _null),
+    BackendKind("null-py", False, "", "pure-Python null backend (one Python call per request)",
+                lambda path, size: PyNull(size)),
+    BackendKind("loop", True, "raw", "loop on a raw file, native io_uring target", _loop),
+    BackendKind("loop-py", False, "raw", "loop on a raw file, Python handlers (native=False)", _loop),
+    BackendKind("qcow2", False, "qcow2", "qcow2-lite image, Python handlers", _qcow2),
+)}
+
+
+def size_label(bs: int) -> str:
+    """4096 -> '4k', 131072 -> '128k', 1048576 -> '1m'."""
+    if bs % (1 << 20) == 0:
+        return f"{bs >> 20}m"
+    if bs % 1024 == 0:
+        return f"{bs >> 10}k"
+    return str(bs)
+
+
+def parse_size(text: str) -> int:
+    """'4k' / '128K' / '1m' / '4096' -> bytes; ValueError naming the problem otherwise."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
+    num = t[:-1] if mult > 1 else t
+    try:
+        n = int(num) * mult
+    except ValueError:
+        raise ValueError(f"block size {text!r}: write a number of bytes or e.g. 4k, 128k, 1m") from None
+    if n < 512 or n % 512 or n > 512 * 1024:
+        raise ValueError(f"block size {text!r}: must be a multiple of 512 between 512 and 512k "
+                         f"(the devices' max I/O)")
+    return n
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One measured server configuration."""
+
+    transport: str
+    backend: str
+    rw: str
+    bs: int
+    qd: int
+    path: str
+    queues: int
+    default: bool = field(default=False, compare=False)
+    quick: bool = field(default=False, compare=False)
+
+    @property
+    def workload(self) -> str:
+        return f"{self.rw}-{size_label(self.bs)}-qd{self.qd}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.transport}/{self.backend}/{self.workload}/{self.path}/q{self.queues}"
+
+    @property
+    def kind(self) -> BackendKind:
+        return BACKENDS[self.backend]
+
+
+def _default_marks() -> dict[tuple, str]:
+    """(backend, rw, bs, qd, path, queues) -> 'd' (default) or 'q' (default and quick)."""
+    marks: dict[tuple, str] = {}
+
+    def add(backend, rw, bs, qd, path="copy", queues=1, quick=False):
+        marks[(backend, rw, bs, qd, path, queues)] = "q" if quick else "d"
+
+    k4, k128 = 4096, 131072
+    for be in ("null", "loop"):
+        for qd in RAND_QD:
+            add(be, "randread", k4, qd, quick=be == "null" or qd == 32)
+        add(be, "read", k128, 32, quick=True)
+        add(be, "write", k128, 32)
+        add(be, "randread", k4, 128, queues=2, quick=be == "null")
+        for path in PATHS[1:]:
+            add(be, "randread", k4, 32, path)
+            add(be, "read", k128, 32, path, quick=path == "zero_copy" or (be, path) == ("null", "splice_zc"))
+            add(be, "write", k128, 32, path)
+    add("null", "randwrite", k4, 32)
+    for qd in RAND_QD:
+        add("loop", "randwrite", k4, qd, quick=qd == 32)
+    for qd in RAND_QD:
+        add("null-py", "randread", k4, qd, quick=qd == 32)
+    add("null-py", "randwrite", k4, 32)
+    add("null-py", "randread", k4, 32, "user_copy")
+    add("loop-py", "randread", k4, 32, quick=True)
+    add("loop-py", "randwrite", k4, 32)
+    add("loop-py", "read", k128, 32)
+    add("loop-py", "randread", k4, 32, "user_copy")
+    add("qcow2", "randread", k4, 32, quick=True)
+    add("qcow2", "randwrite", k4, 32)
+    add("qcow2", "read", k128, 32)
+    return marks
+
+
+DEFAULT_MARKS = _default_marks()
+
+
+def matrix(transports: Iterable[str] = ("sim",), bs: Iterable[int] | None = None,
+           qd: Iterable[int] | None = None) -> list[Scenario]:
+    """Every scenario; bs/qd replace the default axes (for both random and sequential I/O)."""
+    out = []
+    for tr in transports:
+        for be in BACKENDS:
+            for rw in RWS:
+                rand = rw.startswith("rand")
+                for b in (tuple(bs) if bs else RAND_BS if rand else SEQ_BS):
+                    for d in (tuple(qd) if qd else RAND_QD if rand else SEQ_QD):
+                        for path in PATHS:
+                            for nq in QUEUES:
+                                mark = DEFAULT_MARKS.get((be, rw, b, d, path, nq), "")
+                                out.append(Scenario(tr, be, rw, b, d, path, nq,
+                                                    default=bool(mark), quick=mark == "q"))
+    return out
+
+
+def _match(value: str, patterns: list[str] | None) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(value, p) for p in patterns)
+
+
+def select(*, transports=("sim",), patterns=None, backends=None, rws=None, bs=None, qd=None,
+           paths=None, queues=None, everything=False, quick=False) -> list[Scenario]:
+    """The scenarios to run, in run order.
+
+    patterns (fnmatch on the name) pick from the full matrix; so do everything=True and
+    bs/qd (which set those axes). Otherwise the default set (quick: its quick subset).
+    backends/rws/paths are fnmatch patterns too; queues a list of ints.
+    """
+    for name, allowed in (("backend", BACKENDS), ("rw", RWS), ("path", PATHS)):
+        pats = {"backend": backends, "rw": rws, "path": paths}[name]
+        for p in pats or ():
+            if not any(fnmatch.fnmatchcase(a, p) for a in allowed):
+                raise ValueError(f"--{name} {p!r} matches nothing: choose from {', '.join(allowed)}")
+    for n in queues or ():
+        if n not in QUEUES:
+            raise ValueError(f"--queues {n}: choose from {', '.join(map(str, QUEUES))}")
+    for t in transports:
+        if t not in TRANSPORTS:
+            raise ValueError(f"transport {t!r}: choose sim, kernel or all")
+    full = matrix(transports, bs, qd)
+    if patterns:
+        base = [s for s in full if _match(s.name, patterns)]
+    elif everything or bs or qd:
+        base = full
+    else:
+        base = [s for s in full if (s.quick if quick else s.default)]
+    return [s for s in base
+            if _match(s.backend, backends) and _match(s.rw, rws) and _match(s.path, paths)
+            and (not queues or s.queues in queues)]
+
+
+class _FeaturesOnly:
+    """Enough of a transport for Device's data-path check, without starting a driver."""
+
+    def __init__(self, name: str, features: int):
+        self.name = name
+        self._features = features
+
+    def features(self) -> int:
+        return self._features
+
+
+def sim_features() -> _FeaturesOnly:
+    from ..transport.sim.driver import SIM_FEATURES
+    return _FeaturesOnly("sim", SIM_FEATURES)
+
+
+def unsupported(sc: Scenario, backend: Backend, transport) -> str | None:
+    """Why Device refuses this backend/path/transport combination, or None if it accepts it."""
+    from ..device import Device
+    try:
+        Device(backend, transport, queues=sc.queues, depth=max(128, sc.qd), data_path=sc.path,
+               native=sc.kind.native)
+    except (ValueError, OSError) as e:
+        return str(e)
+    return None
+
+
+def describe(scenarios: list[Scenario], reasons: dict[str, str]) -> list[str]:
+    """Lines for --list: marks (* default, q quick), name, and why a pair is unsupported."""
+    lines = [f"{len(scenarios)} scenarios  (* in the default set, q also in --quick; "
+             f"'--all' lists the full matrix)"]
+    for s in scenarios:
+        mark = "q" if s.quick else "*" if s.default else " "
+        why = reasons.get(s.name)
+        lines.append(f"{mark} {s.name}" + (f"   [skipped: {why}]" if why else ""))
+    lines.append("backends: " + "; ".join(f"{k.name} = {k.about}" for k in BACKENDS.values()))
+    return lines
+
+
+def probe_files(workdir: str) -> dict[str, str]:
+    """Tiny backing files, enough to build every backend for the support check."""
+    from ..backends.qcow2 import Qcow2Image
+    raw = os.path.join(workdir, "probe.img")
+    with open(raw, "wb") as f:
+        f.truncate(1 << 20)
+    q = os.path.join(workdir, "probe.qcow2")
+    Qcow2Image.create(q, 1 << 20).close()
+    return {"raw": raw, "qcow2": q}

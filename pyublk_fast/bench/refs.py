@@ -1,0 +1,155 @@
+"""Reference programs measured in the same run: fio (io_uring, O_DIRECT), the C NOP loop, kublk.
+
+Each returns a figures dict (iops, mbps, lat_p50/p99/p999_us, cpu_us_per_io, ios, errors,
+seconds) or raises RefUnavailable with the reason (missing tool, failed run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+NOP_SOURCE = Path(__file__).with_name("nop_qd.c")
+
+
+class RefUnavailable(Exception):
+    """A reference cannot be measured here; str() says why and how to fix it."""
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def fio_args(target: str, rw: str, bs: int, qd: int, runtime: float) -> list[str]:
+    """fio's command line for one job: io_uring, O_DIRECT, time based, latency percentiles."""
+    return ["fio", "--name=ref", f"--filename={target}", f"--rw={rw}", f"--bs={bs}",
+            f"--iodepth={qd}", "--ioengine=io_uring", "--direct=1", f"--runtime={max(1, round(runtime * 1000))}ms",
+            "--time_based", "--numjobs=1", "--randrepeat=0", "--norandommap", "--lat_percentiles=1",
+            "--percentile_list=50:99:99.9", "--output-format=json"]
+
+
+def parse_fio(out: str) -> dict:
+    """Figures from fio's JSON output (read + write directions summed)."""
+    try:
+        job = json.loads(out[out.index("{"):])["jobs"][0]
+    except (ValueError, KeyError, IndexError) as e:
+        raise RefUnavailable(f"fio printed no usable JSON ({e})") from None
+    ios = iops = bw = 0.0
+    pcts: dict[str, float] = {}
+    for d in ("read", "write"):
+        side = job[d]
+        if not side["total_ios"]:
+            continue
+        ios += side["total_ios"]
+        iops += side["iops"]
+        bw += side["bw_bytes"]
+        lat = side.get("lat_ns", {}).get("percentile") or side.get("clat_ns", {}).get("percentile") or {}
+        for key, val in lat.items():
+            pcts[key] = max(pcts.get(key, 0.0), val / 1000.0)
+    seconds = job["job_runtime"] / 1000.0
+    cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * seconds
+    pick = {p: next((v for k, v in pcts.items() if abs(float(k) - p) < 1e-6), None) for p in (50, 99, 99.9)}
+    return dict(iops=iops, mbps=bw / 1e6, lat_p50_us=pick[50], lat_p99_us=pick[99], lat_p999_us=pick[99.9],
+                cpu_s=cpu, ios=int(ios), errors=int(job["error"] != 0), seconds=seconds)
+
+
+def fio(target: str, rw: str, bs: int, qd: int, runtime: float, timeout: float | None = None) -> dict:
+    """fio on a file or block device; cpu_s is fio's own usr+sys."""
+    if shutil.which("fio") is None:
+        raise RefUnavailable("fio not installed (apt-get install fio)")
+    proc = subprocess.run(fio_args(target, rw, bs, qd, runtime), capture_output=True, text=True,
+                          timeout=timeout or runtime * 5 + 60, check=False)
+    if proc.returncode:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise RefUnavailable(f"fio failed: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")
+    return parse_fio(proc.stdout)
+
+
+class NopLoop:
+    """The C io_uring NOP loop (QD NOPs in flight), compiled once into workdir."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self._exe: str | None = None
+        self._error: str | None = None
+
+    def exe(self) -> str:
+        if self._exe is None and self._error is None:
+            gcc = shutil.which("gcc") or shutil.which("cc")
+            if gcc is None:
+                self._error = "no C compiler (apt-get install build-essential)"
+            elif not NOP_SOURCE.exists():
+                self._error = f"{NOP_SOURCE} is missing from this install"
+            else:
+                exe = os.path.join(self.workdir, "nop_qd")
+                p = subprocess.run([gcc, "-O2", "-o", exe, str(NOP_SOURCE), "-luring"],
+                                   capture_output=True, text=True, check=False)
+                if p.returncode:
+                    last = p.stderr.strip().splitlines()[-1:] or ["?"]
+                    self._error = f"compiling nop_qd.c failed (is liburing-dev installed?): {last[0]}"
+                else:
+                    self._exe = exe
+        if self._error:
+            raise RefUnavailable(self._error)
+        return self._exe
+
+    def run(self, qd: int, runtime: float) -> dict:
+        exe = self.exe()
+        cpu0 = _children_cpu()
+        p = subprocess.run([exe, str(qd), f"{runtime:g}"], capture_output=True, text=True,
+                           timeout=runtime * 5 + 30, check=False)
+        cpu = _children_cpu() - cpu0
+        if p.returncode:
+            raise RefUnavailable(f"nop_qd failed: {p.stderr.strip() or p.returncode}")
+        r = json.loads(p.stdout)
+        secs = r["seconds"] or 1e-9
+        return dict(iops=r["ops"] / secs, mbps=None, lat_p50_us=r["p50_ns"] / 1000.0,
+                    lat_p99_us=r["p99_ns"] / 1000.0, lat_p999_us=r["p999_ns"] / 1000.0,
+                    cpu_s=cpu, ios=r["ops"], errors=0, seconds=secs)
+
+
+def kublk_path() -> str | None:
+    """The kernel selftests' kublk: $KUBLK, PATH, or what tools/vm/build-kublk cached."""
+    env = os.environ.get("KUBLK")
+    if env:
+        return env if os.access(env, os.X_OK) else None
+    found = shutil.which("kublk")
+    if found:
+        return found
+    cand = Path(os.environ.get("UBLK_VM_CACHE") or "/var/cache/pyublk-vm") / "kublk" / os.uname().release / "kublk"
+    return str(cand) if os.access(cand, os.X_OK) else None
+
+
+def _wait_path(path: str, present: bool, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while os.path.exists(path) != present:
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def kublk_fio(target_args: list[str], rw: str, bs: int, qd: int, runtime: float, queues: int = 1) -> dict:
+    """fio against a kublk device (`kublk add -t null ...`), deleted afterwards."""
+    exe = kublk_path()
+    if exe is None:
+        raise RefUnavailable("kublk not installed (tools/vm/build-kublk, or set KUBLK=path)")
+    used = {int(p.name[5:]) for p in Path("/sys/class/ublk-char").glob("ublkc*")}
+    dev_id = next(i for i in range(1024) if i not in used)
+    add = subprocess.run([exe, "add", "-n", str(dev_id), "-q", str(queues), "-d", str(max(qd, 128)),
+                          *target_args], capture_output=True, text=True, timeout=30, check=False)
+    if add.returncode:
+        raise RefUnavailable(f"kublk add failed: {(add.stderr or add.stdout).strip()[-200:]}")
+    try:
+        path = f"/dev/ublkb{dev_id}"
+        if not _wait_path(path, True):
+            raise RefUnavailable(f"kublk: {path} did not appear")
+        r = fio(path, rw, bs, qd, runtime)
+    finally:
+        subprocess.run([exe, "del", "-n", str(dev_id)], capture_output=True, timeout=30, check=False)
+    return r  # kublk daemonizes, so only fio's own CPU is counted

@@ -1,0 +1,141 @@
+"""Output: the terminal table, the Markdown table and the JSON document (figures + machine)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+
+SCHEMA = 1
+NAME_W = 44
+COLUMNS = ("IOPS", "MB/s", "p50 us", "p99 us", "p99.9 us", "CPU us/IO", "ratio")
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _cells(row: dict) -> list[str]:
+    return [_num(row["iops"], ",.0f"), _num(row["mbps"], ".1f"), _num(row["lat_p50_us"], ".1f"),
+            _num(row["lat_p99_us"], ".1f"), _num(row["lat_p999_us"], ".1f"), _num(row["cpu_us_per_io"], ".2f"),
+            _num(row["ratio"], ".3f")]
+
+
+def _note(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['status']}: {row['reason']}"
+    parts = []
+    if row["kind"] == "reference":
+        parts.append("reference")
+    elif row["reference"]:
+        parts.append(f"vs {row['reference']}" + ("" if row["ratio"] is not None else " (not measured)"))
+    if row["errors"]:
+        parts.append(f"ERRORS: {row['errors']}")
+    return "; ".join(parts)
+
+
+WIDTHS = (11, 8, 8, 8, 9, 9, 6)
+
+
+def header() -> str:
+    cols = "".join(f" {c:>{w}}" for c, w in zip(COLUMNS, WIDTHS))
+    line = f"{'scenario':{NAME_W}}{cols}  reference / note"
+    return line + "\n" + "-" * len(line)
+
+
+def text_line(row: dict) -> str:
+    """One row of the terminal table; skipped rows carry their reason instead of figures."""
+    name = row["name"] if len(row["name"]) <= NAME_W else row["name"][:NAME_W - 1] + "~"
+    if row["status"] != "ok":
+        return f"{name:{NAME_W}} {_note(row)}"
+    cells = "".join(f" {c:>{w}}" for c, w in zip(_cells(row), WIDTHS))
+    return f"{name:{NAME_W}}{cells}  {_note(row)}"
+
+
+def markdown(rows: list[dict]) -> str:
+    """A GitHub Markdown table of every row (references included, skipped rows with reason)."""
+    out = ["| scenario | " + " | ".join(COLUMNS) + " | reference / note |",
+           "| --- | " + " | ".join("---:" for _ in COLUMNS) + " | --- |"]
+    for r in rows:
+        note = _note(r).replace("|", "\\|")
+        cells = _cells(r) if r["status"] == "ok" else ["-"] * len(COLUMNS)
+        name = f"*{r['name']}*" if r["kind"] == "reference" else f"`{r['name']}`"
+        out.append(f"| {name} | " + " | ".join(cells) + f" | {note} |")
+    return "\n".join(out) + "\n"
+
+
+def summary(rows: list[dict]) -> str:
+    server = [r for r in rows if r["kind"] == "server"]
+    ok = sum(r["status"] == "ok" for r in server)
+    refs = sum(r["kind"] == "reference" for r in rows)
+    return (f"{ok} of {len(server)} scenarios measured, {len(server) - ok} skipped/failed, "
+            f"{refs} references")
+
+
+def _run(cmd: list[str]) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return p.stdout.strip().splitlines()[0] if p.returncode == 0 and p.stdout.strip() else None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict:
+    """Host, kernel, CPU and memory."""
+    u = platform.uname()
+    cpu = mem = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    return dict(node=u.node, system=u.system, kernel=u.release, kernel_version=u.version, arch=u.machine,
+                cpus=os.cpu_count(), cpu_model=cpu, mem_bytes=mem,
+                ublk_control=os.path.exists("/dev/ublk-control"))
+
+
+def versions() -> dict:
+    """Versions of everything the figures depend on (None when not installed)."""
+    import numpy
+
+    from .. import __version__
+    try:
+        import Cython
+        cython = Cython.__version__
+    except ImportError:
+        cython = _version("cython")
+    here = os.path.dirname(os.path.abspath(__file__))
+    return dict(pyublk_fast=__version__, git_commit=_run(["git", "-C", here, "rev-parse", "HEAD"]),
+                python=platform.python_version(), numpy=numpy.__version__, cython=cython,
+                liburing=_run(["dpkg-query", "-W", "-f=${Version}", "liburing-dev"]),
+                liburing_runtime=_run(["dpkg-query", "-W", "-f=${Version}", "liburing2"]),
+                fio=_run(["fio", "--version"]), gcc=_run(["gcc", "--version"]),
+                matplotlib=_version("matplotlib"))
+
+
+def document(rows: list[dict], *, settings: dict, started: float, finished: float, interrupted: bool) -> dict:
+    """The JSON document: every row's figures plus machine, versions and run settings."""
+    return dict(schema=SCHEMA, tool="python -m pyublk_fast.bench",
+                started=datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+                duration_s=round(finished - started, 3), interrupted=interrupted, settings=settings,
+                machine=machine(), versions=versions(), rows=rows)
+
+
+def write_json(path: str, doc: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")

@@ -1,0 +1,272 @@
+"""Run scenarios and their references; every result is a row dict (see ROW_KEYS).
+
+Server rows on the simulated driver use its load generator (SimTransport.run_load); on the
+kernel transport, fio against /dev/ublkbN. CPU time per I/O is the whole process's
+time.process_time() delta over the measurement (driver, load generator and server threads
+on sim), plus fio's own usr+sys where fio drives the load. References are measured once
+per run, the first time a scenario needs them, and appear as rows of their own.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Callable
+
+from . import refs
+from .scenarios import Scenario
+
+ROW_KEYS = ("name", "kind", "transport", "backend", "native", "rw", "bs", "qd", "data_path", "queues",
+            "status", "reason", "iops", "mbps", "lat_p50_us", "lat_p99_us", "lat_p999_us", "cpu_us_per_io",
+            "ios", "errors", "seconds", "reference", "reference_iops", "ratio", "hist")
+FIGURES = ("iops", "mbps", "lat_p50_us", "lat_p99_us", "lat_p999_us", "cpu_us_per_io", "ios", "errors", "seconds")
+
+
+def make_row(name: str, kind: str, *, status: str = "ok", reason: str | None = None, figures: dict | None = None,
+             **fields) -> dict:
+    """A row with every key of ROW_KEYS (figures None unless measured)."""
+    row = dict.fromkeys(ROW_KEYS)
+    row.update(name=name, kind=kind, status=status, reason=reason, **fields)
+    if figures:
+        cpu_s = figures.get("cpu_s")
+        ios = figures.get("ios") or 0
+        for k in FIGURES:
+            if k in figures:
+                row[k] = figures[k]
+        if cpu_s is not None and ios:
+            row["cpu_us_per_io"] = cpu_s / ios * 1e6
+        row["hist"] = figures.get("hist")
+    return row
+
+
+def scenario_fields(sc: Scenario) -> dict:
+    return dict(transport=sc.transport, backend=sc.backend, native=sc.kind.native, rw=sc.rw, bs=sc.bs,
+                qd=sc.qd, data_path=sc.path, queues=sc.queues)
+
+
+def compact_hist(hist) -> dict | None:
+    """The simulated driver's latency histogram, nonzero buckets only: lower bounds (ns) and counts."""
+    from ..transport.sim.driver import hist_bucket_lower_ns
+    lower = hist_bucket_lower_ns()
+    nz = [i for i, c in enumerate(hist.tolist()) if c]
+    if not nz:
+        return None
+    return {"lower_ns": [float(lower[i]) for i in nz], "counts": [int(hist[i]) for i in nz]}
+
+
+class Workdir:
+    """Backing files in a temp dir under /var/tmp (ext4 there, so O_DIRECT works); removed on exit."""
+
+    def __init__(self, size: int, base: str = "/var/tmp"):
+        self.size = size
+        self.base = base if os.path.isdir(base) else None
+        self.path: str | None = None
+        self._files: dict[str, str] = {}
+
+    def __enter__(self) -> "Workdir":
+        self.path = tempfile.mkdtemp(prefix="pyublk-bench-", dir=self.base)
+        return self
+
+    def __exit__(self, *exc):
+        if self.path:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+    def file(self, kind: str) -> str:
+        """The raw or qcow2 backing file, created on first use and filled with data (no holes)."""
+        if kind not in self._files:
+            chunk = os.urandom(1 << 20)
+            if kind == "raw":
+                path = os.path.join(self.path, "backing.img")
+                with open(path, "wb") as f:
+                    for off in range(0, self.size, len(chunk)):
+                        f.write(chunk[:min(len(chunk), self.size - off)])
+            elif kind == "qcow2":
+                from ..backends.qcow2 import Qcow2Image
+                path = os.path.join(self.path, "backing.qcow2")
+                img = Qcow2Image.create(path, self.size)
+                try:
+                    for off in range(0, self.size, len(chunk)):
+                        img.write(off, chunk[:min(len(chunk), self.size - off)])
+                finally:
+                    img.close()
+            else:
+                raise ValueError(f"backing file kind {kind!r}: choose raw or qcow2")
+            self._files[kind] = path
+        return self._files[kind]
+
+
+class TransportUnavailable(Exception):
+    """The transport cannot run here; str() says why."""
+
+
+def open_transport(name: str):
+    """A transport by name, or TransportUnavailable with the reason."""
+    if name == "sim":
+        from ..transport.sim import SimTransport
+        return SimTransport()
+    ctl = "/dev/ublk-control"
+    if not os.path.exists(ctl):
+        raise TransportUnavailable(f"{ctl} missing: the ublk driver is not loaded (modprobe ublk_drv)")
+    if not os.access(ctl, os.R_OK | os.W_OK):
+        raise TransportUnavailable(f"no permission on {ctl}: run as root")
+    try:
+        from ..transport.kernel import KernelTransport
+    except ImportError as e:
+        raise TransportUnavailable(f"pyublk_fast.transport.kernel.KernelTransport is not available ({e})") from None
+    try:
+        return KernelTransport()
+    except OSError as e:
+        raise TransportUnavailable(f"KernelTransport(): {e}") from None
+
+
+class Runner:
+    """Runs scenarios in order, measuring references on demand; on_row sees every finished row."""
+
+    def __init__(self, workdir: Workdir, runtime: float, on_row: Callable[[dict], None],
+                 progress: Callable[[str], None] = lambda s: None):
+        self.wd = workdir
+        self.runtime = runtime
+        self.on_row = on_row
+        self.progress = progress
+        self.rows: list[dict] = []
+        self._refs: dict[str, dict] = {}
+        self._nop = refs.NopLoop(workdir.path)
+
+    def _emit(self, row: dict) -> dict:
+        self.rows.append(row)
+        self.on_row(row)
+        return row
+
+    # -- references ----------------------------------------------------------------------
+
+    def reference(self, sc: Scenario) -> dict:
+        """The reference row for a scenario, measured the first time it is needed."""
+        rt = self.runtime
+        if sc.kind.needs:
+            name = f"ref/fio-file/{sc.workload}"
+            fields = dict(transport="host", backend="fio", rw=sc.rw, bs=sc.bs, qd=sc.qd)
+            measure = lambda: refs.fio(self.wd.file("raw"), sc.rw, sc.bs, sc.qd, rt)  # noqa: E731
+        elif sc.transport == "kernel" and refs.kublk_path():
+            name = f"ref/kublk-null/{sc.workload}/q{sc.queues}"
+            fields = dict(transport="kernel", backend="kublk-null", rw=sc.rw, bs=sc.bs, qd=sc.qd, queues=sc.queues)
+            measure = lambda: refs.kublk_fio(["-t", "null"], sc.rw, sc.bs, sc.qd, rt, sc.queues)  # noqa: E731
+        else:
+            name = f"ref/nop/qd{sc.qd}"
+            fields = dict(transport="host", backend="nop", rw="nop", bs=0, qd=sc.qd)
+            measure = lambda: self._nop.run(sc.qd, rt)  # noqa: E731
+        if name not in self._refs:
+            self.progress(name)
+            try:
+                row = make_row(name, "reference", figures=measure(), **fields)
+            except (refs.RefUnavailable, OSError, ValueError, TimeoutError) as e:
+                row = make_row(name, "reference", status="skipped", reason=str(e), **fields)
+            except Exception as e:  # a reference failing must not end the run
+                row = make_row(name, "reference", status="failed", reason=f"{type(e).__name__}: {e}", **fields)
+            self._refs[name] = self._emit(row)
+        return self._refs[name]
+
+    # -- servers -------------------------------------------------------------------------
+
+    def _measure(self, sc: Scenario, transport) -> dict:
+        from ..device import Device
+        kind = sc.kind
+        path = self.wd.file(kind.needs) if kind.needs else None
+        backend = kind.make(path, self.wd.size if not path else 0)
+        try:
+            dev = Device(backend, transport, queues=sc.queues, depth=max(128, sc.qd), data_path=sc.path,
+                         native=kind.native)
+        except (ValueError, OSError) as e:
+            backend.close()
+            return dict(skipped=str(e))
+        with dev:
+            if sc.transport == "sim":
+                cpu0 = time.process_time()
+                r = transport.run_load(dev.dev_id, rw=sc.rw, bs=sc.bs, qd=sc.qd, runtime=self.runtime)
+                cpu = time.process_time() - cpu0
+                return dict(iops=r["iops"], mbps=r["mbps"], lat_p50_us=r["lat_p50_us"], lat_p99_us=r["lat_p99_us"],
+                            lat_p999_us=r["lat_p999_us"], ios=int(r["completed"]), errors=int(r["errors"]),
+                            seconds=float(r["seconds"]), cpu_s=cpu, hist=compact_hist(r["hist"]))
+            blk = transport.block_path(dev.dev_id)
+            end = time.monotonic() + 10
+            while not os.path.exists(blk):
+                if time.monotonic() > end:
+                    raise TimeoutError(f"{blk} did not appear within 10 s (udev?)")
+                time.sleep(0.02)
+            cpu0 = time.process_time()
+            r = refs.fio(blk, sc.rw, sc.bs, sc.qd, self.runtime)
+            r["cpu_s"] += time.process_time() - cpu0   # fio's usr+sys plus our server threads
+            return r
+
+    def run_scenario(self, sc: Scenario, transport) -> dict:
+        """Measure one scenario (and its reference first); never raises but KeyboardInterrupt."""
+        fields = scenario_fields(sc)
+        if isinstance(transport, TransportUnavailable):
+            return self._emit(make_row(sc.name, "server", status="skipped", reason=str(transport), **fields))
+        ref = self.reference(sc)
+        self.progress(sc.name)
+        try:
+            fig = self._measure(sc, transport)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:
+            return self._emit(make_row(sc.name, "server", status="failed", reason=f"{type(e).__name__}: {e}",
+                                       **fields))
+        if "skipped" in fig:
+            return self._emit(make_row(sc.name, "server", status="skipped", reason=fig["skipped"], **fields))
+        row = make_row(sc.name, "server", figures=fig, reference=ref["name"], **fields)
+        if ref["status"] == "ok" and ref["iops"]:
+            row["reference_iops"] = ref["iops"]
+            row["ratio"] = row["iops"] / ref["iops"]
+        return self._emit(row)
+
+    def run(self, scenarios: list[Scenario]) -> bool:
+        """Run them all, grouped by transport; False if interrupted by Ctrl-C (rows so far are kept)."""
+        by_transport: dict[str, list[Scenario]] = {}
+        for sc in scenarios:
+            by_transport.setdefault(sc.transport, []).append(sc)
+        try:
+            for name, group in by_transport.items():
+                try:
+                    transport = open_transport(name)
+                except TransportUnavailable as e:
+                    transport = e
+                except Exception as e:
+                    transport = TransportUnavailable(f"{name} transport: {type(e).__name__}: {e}")
+                try:
+                    for sc in group:
+                        self.run_scenario(sc, transport)
+                finally:
+                    if not isinstance(transport, Exception):
+                        transport.close()
+        except KeyboardInterrupt:
+            return False
+        return True
+
+
+class Progress:
+    """One self-overwriting status line on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, total: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.total = total
+        self.done = 0
+        self.t0 = time.monotonic()
+
+    def row_done(self, row: dict) -> None:
+        if row["kind"] == "server":
+            self.done += 1
+
+    def __call__(self, what: str) -> None:
+        if self.enabled:
+            el = time.monotonic() - self.t0
+            self.stream.write(f"\r\033[K[{self.done + 1}/{self.total} {el:4.0f}s] {what} ...")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
