@@ -9,7 +9,7 @@ from . import LaneError
 HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod", "fio", "zstd")
 """qemu (TCG guest), static busybox (initramfs), kmod (depmod on the host, modprobe
 in the guest), fio (kernel tests), zstd (for .ko.zst modules)."""
-BUILD_PACKAGES = ("gcc", "libc6-dev", "make")
+BUILD_PACKAGES = ("gcc", "libc6-dev")
 """Needed by build-kublk only."""
 
 
