@@ -83,6 +83,8 @@ class Workdir:
                 with open(path, "wb") as f:
                     for off in range(0, self.size, len(chunk)):
                         f.write(chunk[:min(len(chunk), self.size - off)])
+                    f.flush()
+                    os.fsync(f.fileno())    # no dirty pages left for O_DIRECT I/O to wait on
             elif kind == "qcow2":
                 from ..backends.qcow2 import Qcow2Image
                 path = os.path.join(self.path, "backing.qcow2")
@@ -92,6 +94,11 @@ class Workdir:
                         img.write(off, chunk[:min(len(chunk), self.size - off)])
                 finally:
                     img.close()
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             else:
                 raise ValueError(f"backing file kind {kind!r}: choose raw or qcow2")
             self._files[kind] = path
@@ -170,24 +177,33 @@ class Runner:
 
     # -- servers -------------------------------------------------------------------------
 
-    def _measure(self, sc: Scenario, transport) -> dict:
+    def _device(self, sc: Scenario, transport):
+        """A Device for the scenario (not started), or the reason Device refuses the pair (a str)."""
         from ..device import Device
         kind = sc.kind
         path = self.wd.file(kind.needs) if kind.needs else None
         backend = kind.make(path, self.wd.size if not path else 0)
         try:
-            dev = Device(backend, transport, queues=sc.queues, depth=max(128, sc.qd), data_path=sc.path,
-                         native=kind.native)
+            return Device(backend, transport, queues=sc.queues, depth=max(128, sc.qd), data_path=sc.path,
+                          native=kind.native)
         except (ValueError, OSError) as e:
             backend.close()
-            return dict(skipped=str(e))
-        with dev:
+            return str(e)
+
+    def _measure(self, sc: Scenario, transport, dev) -> dict:
+        try:
+            dev.start()
+        except BaseException:
+            dev.backend.close()
+            raise
+        try:
             if sc.transport == "sim":
                 cpu0 = time.process_time()
                 r = transport.run_load(dev.dev_id, rw=sc.rw, bs=sc.bs, qd=sc.qd, runtime=self.runtime)
                 cpu = time.process_time() - cpu0
-                return dict(iops=r["iops"], mbps=r["mbps"], lat_p50_us=r["lat_p50_us"], lat_p99_us=r["lat_p99_us"],
-                            lat_p999_us=r["lat_p999_us"], ios=int(r["completed"]), errors=int(r["errors"]),
+                return dict(iops=float(r["iops"]), mbps=float(r["mbps"]), lat_p50_us=float(r["lat_p50_us"]),
+                            lat_p99_us=float(r["lat_p99_us"]), lat_p999_us=float(r["lat_p999_us"]),
+                            ios=int(r["completed"]), errors=int(r["errors"]),
                             seconds=float(r["seconds"]), cpu_s=cpu, hist=compact_hist(r["hist"]))
             blk = transport.block_path(dev.dev_id)
             end = time.monotonic() + 10
@@ -199,23 +215,30 @@ class Runner:
             r = refs.fio(blk, sc.rw, sc.bs, sc.qd, self.runtime)
             r["cpu_s"] += time.process_time() - cpu0   # fio's usr+sys plus our server threads
             return r
+        finally:
+            dev.stop()
 
     def run_scenario(self, sc: Scenario, transport) -> dict:
         """Measure one scenario (and its reference first); never raises but KeyboardInterrupt."""
         fields = scenario_fields(sc)
         if isinstance(transport, TransportUnavailable):
             return self._emit(make_row(sc.name, "server", status="skipped", reason=str(transport), **fields))
-        ref = self.reference(sc)
-        self.progress(sc.name)
         try:
-            fig = self._measure(sc, transport)
+            dev = self._device(sc, transport)
+            if isinstance(dev, str):
+                return self._emit(make_row(sc.name, "server", status="skipped", reason=dev, **fields))
+            try:
+                ref = self.reference(sc)
+            except BaseException:
+                dev.backend.close()
+                raise
+            self.progress(sc.name)
+            fig = self._measure(sc, transport, dev)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:
             return self._emit(make_row(sc.name, "server", status="failed", reason=f"{type(e).__name__}: {e}",
                                        **fields))
-        if "skipped" in fig:
-            return self._emit(make_row(sc.name, "server", status="skipped", reason=fig["skipped"], **fields))
         row = make_row(sc.name, "server", figures=fig, reference=ref["name"], **fields)
         if ref["status"] == "ok" and ref["iops"]:
             row["reference_iops"] = ref["iops"]

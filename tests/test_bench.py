@@ -1,0 +1,250 @@
+"""python -m pyublk_fast.bench: arguments, scenario selection, output formats, a short real run."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+from pyublk_fast.bench import report
+from pyublk_fast.bench.__main__ import DEFAULT_RUNTIME, QUICK_RUNTIME, main, parse_args
+from pyublk_fast.bench.runner import ROW_KEYS, Progress, make_row
+from pyublk_fast.bench.scenarios import BACKENDS, PATHS, matrix, parse_size, select
+
+NULL_QD32 = "sim/null/randread-4k-qd32/copy/q1"
+LOOP_QD32 = "sim/loop/randread-4k-qd32/copy/q1"
+PY_ZC = "sim/null-py/randread-4k-qd32/zero_copy/q1"   # a pair Device refuses
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- arguments -------------------------------------------------------------------------------
+
+def test_defaults_and_quick_runtime():
+    a = parse_args([])
+    assert a.runtime == DEFAULT_RUNTIME and a.transports == ("sim",)
+    assert parse_args(["--quick"]).runtime == QUICK_RUNTIME
+    assert parse_args(["--quick", "--runtime", "0.3"]).runtime == 0.3
+    assert parse_args(["--transport", "all"]).transports == ("sim", "kernel")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--bs", "3000"], "multiple of 512"),
+    (["--bs", "4x"], "block size"),
+    (["--qd", "0"], "must be >= 1"),
+    (["--backend", "nosuch"], "choose from null"),
+    (["--path", "dma"], "choose from copy"),
+    (["--queues", "3"], "choose from 1, 2"),
+    (["--runtime", "0"], "--runtime"),
+    (["--transport", "usb"], "invalid choice"),
+])
+def test_bad_arguments_name_the_problem(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_parse_size():
+    assert [parse_size(s) for s in ("4k", "128K", "512k", "4096", "64KiB")] == [4096, 131072, 1 << 19, 4096, 65536]
+    with pytest.raises(ValueError, match="between 512 and 512k"):
+        parse_size("1m")
+
+
+# -- selection -------------------------------------------------------------------------------
+
+def test_default_set_covers_the_brief_and_quick_is_a_subset():
+    full = matrix()
+    names = [s.name for s in full]
+    assert len(names) == len(set(names)) == len(BACKENDS) * 8 * len(PATHS) * 2
+    default = select()
+    quick = select(quick=True)
+    assert set(quick) < set(default) and 10 <= len(quick) < len(default) <= 60
+    assert {s.backend for s in quick} == set(BACKENDS)
+    got = {(s.backend, s.rw, s.bs, s.qd, s.path, s.queues) for s in default}
+    for qd in (1, 32, 128):
+        assert ("null", "randread", 4096, qd, "copy", 1) in got
+        assert ("loop", "randwrite", 4096, qd, "copy", 1) in got
+    for path in PATHS:
+        for be in ("null", "loop"):
+            assert (be, "read", 131072, 32, path, 1) in got and (be, "write", 131072, 32, path, 1) in got
+    assert ("null", "randread", 4096, 128, "copy", 2) in got
+    # the default set never asks for a pair Device refuses
+    assert not [s for s in default if not s.kind.native and s.path in ("zero_copy", "splice_zc")]
+
+
+def test_patterns_and_filters():
+    sel = select(patterns=["sim/loop/*/zero_copy/q1"])
+    assert sel and all(s.backend == "loop" and s.path == "zero_copy" and s.queues == 1 for s in sel)
+    assert len(sel) == 8            # every workload of the matrix
+    narrowed = select(patterns=["sim/loop/*/zero_copy/q1"], rws=["rand*"])
+    assert {s.rw for s in narrowed} == {"randread", "randwrite"}
+    assert select(patterns=["nothing*"]) == []
+    assert {s.backend for s in select(backends=["loop*"])} == {"loop", "loop-py"}
+
+
+def test_bs_and_qd_set_the_axes():
+    sel = select(bs=[65536], qd=[8], backends=["null"], paths=["copy"], queues=[1])
+    assert [s.name for s in sel] == [f"sim/null/{rw}-64k-qd8/copy/q1" for rw in ("randread", "randwrite", "read", "write")]
+
+
+def test_list_marks_and_skip_reasons(capsys):
+    assert main(["--list", "--all", "--backend", "null-py", "--rw", "randread", "--qd", "32", "--queues", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("4 scenarios")
+    lines = {ln.split()[-1] if "[" not in ln else ln.split("   [")[0].split()[-1]: ln for ln in out[1:5]}
+    assert lines["sim/null-py/randread-4k-qd32/copy/q1"].startswith("q ")       # in --quick
+    assert lines["sim/null-py/randread-4k-qd32/user_copy/q1"].startswith("* ")  # default only
+    for path in ("zero_copy", "splice_zc"):
+        line = lines[f"sim/null-py/randread-4k-qd32/{path}/q1"]
+        assert f"[skipped: data_path='{path}' is not available" in line and "PyNull does not declare it" in line
+    assert "skipped" not in lines["sim/null-py/randread-4k-qd32/copy/q1"]
+
+
+@pytest.mark.skipif(os.path.exists("/dev/ublk-control"), reason="the ublk driver is loaded here")
+def test_kernel_rows_skipped_with_reason_without_driver(tmp_path, capsys):
+    out = tmp_path / "k.json"
+    assert main(["--transport", "kernel", "--runtime", "0.1", "--scenario", "kernel/null/randread-4k-qd1/copy/q1",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["name"], r["status"]) for r in rows] == [("kernel/null/randread-4k-qd1/copy/q1", "skipped")]
+    assert "modprobe ublk_drv" in rows[0]["reason"]
+    assert "skipped: /dev/ublk-control missing" in capsys.readouterr().out
+
+
+# -- formats ---------------------------------------------------------------------------------
+
+def test_text_and_markdown_formats():
+    ok = make_row("sim/x/randread-4k-qd1/copy/q1", "server", figures=dict(
+        iops=1234.5, mbps=5.06, lat_p50_us=10.0, lat_p99_us=20.0, lat_p999_us=30.0, ios=2469, errors=0,
+        seconds=2.0, cpu_s=0.02469), reference="ref/nop/qd1", reference_iops=2469.0, ratio=0.5)
+    skipped = make_row("sim/y/read-128k-qd32/zero_copy/q1", "server", status="skipped", reason="no | way")
+    assert set(ok) == set(ROW_KEYS) and ok["cpu_us_per_io"] == pytest.approx(10.0)
+    line = report.text_line(ok)
+    for cell in ("1,234", "5.1", "10.0", "20.0", "30.0", "10.00", "0.500", "vs ref/nop/qd1"):
+        assert cell in line
+    assert report.text_line(skipped).endswith("skipped: no | way")
+    md = report.markdown([ok, skipped]).splitlines()
+    assert len(md) == 4 and md[0].startswith("| scenario | IOPS |") and md[1].startswith("| --- | ---: |")
+    assert all(ln.count(" | ") == md[0].count(" | ") for ln in md[2:])   # the escaped | keeps columns
+    assert "skipped: no \\| way" in md[3]
+
+
+def test_progress_only_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    quiet, tty = io.StringIO(), Tty()
+    for stream in (quiet, tty):
+        p = Progress(3, stream)
+        p("sim/null/randread-4k-qd1/copy/q1")
+        p.clear()
+    assert quiet.getvalue() == ""
+    assert "[1/3" in tty.getvalue() and "sim/null/randread-4k-qd1/copy/q1" in tty.getvalue()
+
+
+# -- a very short real run --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    argv = ["--runtime", "0.2", "--size", "16", "--scenario", NULL_QD32, "--scenario", LOOP_QD32,
+            "--scenario", PY_ZC, "--json", str(d / "r.json"), "--markdown", str(d / "r.md")]
+    try:
+        import matplotlib  # noqa: F401
+        argv += ["--plot", str(d / "plots")]
+    except ImportError:
+        pass
+    rc = main(argv)
+    return rc, d, json.loads((d / "r.json").read_text())
+
+
+def test_short_run_json_schema(short_run):
+    rc, _, doc = short_run
+    assert rc == 0
+    assert doc["schema"] == report.SCHEMA and doc["interrupted"] is False and doc["duration_s"] > 0
+    assert doc["settings"]["runtime"] == 0.2 and doc["settings"]["selected"] == [NULL_QD32, PY_ZC, LOOP_QD32]
+    assert doc["machine"]["kernel"] == platform.release() and doc["machine"]["cpus"] == os.cpu_count()
+    v = doc["versions"]
+    assert v["python"] == platform.python_version() and v["numpy"] == numpy.__version__
+    assert v["cython"] and v["fio"].startswith("fio-") and v["liburing"]
+    for row in doc["rows"]:
+        assert set(row) == set(ROW_KEYS)
+    names = [r["name"] for r in doc["rows"]]
+    # each reference is measured right before the first scenario that needs it; none for a refused pair
+    assert names == ["ref/nop/qd32", NULL_QD32, PY_ZC, "ref/fio-file/randread-4k-qd32", LOOP_QD32]
+
+
+def test_short_run_figures_are_sane(short_run):
+    _, _, doc = short_run
+    rows = {r["name"]: r for r in doc["rows"]}
+    for name in (NULL_QD32, LOOP_QD32):
+        r = rows[name]
+        assert r["status"] == "ok" and r["errors"] == 0
+        for k in ("iops", "mbps", "lat_p50_us", "cpu_us_per_io", "seconds", "ios"):
+            assert r[k] > 0, (name, k)
+        assert r["lat_p50_us"] <= r["lat_p99_us"] <= r["lat_p999_us"]
+        assert r["iops"] == pytest.approx(r["ios"] / r["seconds"], rel=1e-6)
+        assert r["mbps"] == pytest.approx(r["iops"] * 4096 / 1e6, rel=1e-6)
+        assert sum(r["hist"]["counts"]) == r["ios"]
+        ref = rows[r["reference"]]
+        assert ref["kind"] == "reference" and ref["status"] == "ok" and ref["iops"] > 0
+        assert r["reference_iops"] == ref["iops"]
+        assert r["ratio"] == pytest.approx(r["iops"] / ref["iops"], rel=1e-12)
+    fio = rows["ref/fio-file/randread-4k-qd32"]
+    assert fio["cpu_us_per_io"] > 0 and fio["lat_p50_us"] <= fio["lat_p999_us"] and fio["mbps"] > 0
+    assert rows["ref/nop/qd32"]["iops"] > rows[NULL_QD32]["iops"]     # the ring's ceiling
+
+
+def test_short_run_skips_unsupported_pair_with_reason(short_run):
+    _, d, doc = short_run
+    r = next(r for r in doc["rows"] if r["name"] == PY_ZC)
+    assert r["status"] == "skipped" and "zero_copy" in r["reason"] and r["iops"] is None and r["ratio"] is None
+    md = (d / "r.md").read_text().splitlines()
+    assert len(md) == 2 + len(doc["rows"])
+    assert any(f"`{PY_ZC}`" in ln and "skipped: data_path='zero_copy'" in ln for ln in md)
+    assert any("*ref/nop/qd32*" in ln for ln in md)
+
+
+def test_short_run_plots(short_run):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed: --plot is not available")
+    _, d, _ = short_run
+    for name in ("iops.png", "latency.png"):
+        data = (d / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def _bench_cmd(*args: str, prelude: str = "") -> list[str]:
+    code = f"{prelude}import sys; from pyublk_fast.bench.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", code, *args]
+
+
+def test_plot_without_matplotlib_says_to_install_it(tmp_path):
+    p = subprocess.run(_bench_cmd("--scenario", NULL_QD32, "--plot", str(tmp_path),
+                                  prelude="import sys; sys.modules['matplotlib'] = None; "),
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 2 and "pip install matplotlib" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_ctrl_c_keeps_what_finished(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen(_bench_cmd("--runtime", "0.5", "--size", "16", "--scenario", "sim/null/randread-4k-qd*/copy/q1",
+                                       "--json", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("sim/null/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted (Ctrl-C)" in err and "Traceback" not in err and "\033[K" not in err
+    doc = json.loads(out.read_text())
+    server = [r for r in doc["rows"] if r["kind"] == "server"]
+    assert doc["interrupted"] is True and 1 <= len(server) < 3 and all(r["status"] == "ok" for r in server)
