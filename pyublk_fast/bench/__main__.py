@@ -18,7 +18,7 @@ from . import report, scenarios as sc_mod
 from .runner import Progress, Runner, TransportUnavailable, Workdir, open_transport
 
 QUICK_RUNTIME = 1.0
-DEFAULT_RUNTIME = 2.0
+DEFAULT_RUNTIME = 3.0
 
 
 def _csv(conv):
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         print(f"wrote {args.json}")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(report.markdown(rows))
+            f.write(report.markdown_document(doc))
         print(f"wrote {args.markdown}")
     if args.plot:
         from .plots import write_all

@@ -46,6 +46,10 @@ def plot_iops(doc: dict, path: str) -> str:
     hi = max(r["iops"] for r in rows)
     ax.set_xlim(lo / 2, hi * 12)
     ax.grid(axis="x", which="major", alpha=0.3)
+    from matplotlib.patches import Patch
+    seen = list(dict.fromkeys(r["backend"] for r in rows))
+    ax.legend(handles=[Patch(color=COLORS.get(b, "#333333"), label=b) for b in seen], fontsize=7,
+              loc="lower right", title="backend / reference", title_fontsize=7)
     ax.set_title(f"IOPS by scenario (grey: references measured in the same run)\n{_subtitle(doc)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -54,10 +58,11 @@ def plot_iops(doc: dict, path: str) -> str:
 
 
 def _latency_rows(rows: list[dict], limit: int = 8) -> list[dict]:
-    """Rows with histograms, preferring 4 KiB random reads on the copy path with one queue."""
+    """Rows with histograms: 4 KiB random reads, copy path, one queue; QD32 of every backend first."""
     with_hist = [r for r in rows if r["status"] == "ok" and r.get("hist")]
     pref = [r for r in with_hist if r["rw"] == "randread" and r["bs"] == 4096 and r["data_path"] == "copy"
             and r["queues"] == 1]
+    pref.sort(key=lambda r: (r["qd"] != 32, r["qd"]))       # stable: backends keep run order
     rest = [r for r in with_hist if r not in pref]
     return (pref + rest)[:limit]
 
@@ -112,7 +117,9 @@ def plot_datapaths(doc: dict, path: str) -> str | None:
     panels = {be: wls for be, wls in panels.items() if wls}
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.6), squeeze=False)
+    widths = [len(wls) + 0.6 for wls in panels.values()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8.0, 1.5 * sum(widths) + 1.0), 4.8), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     for ax, (be, wls) in zip(axes[0], panels.items()):
         order = sorted(wls, key=lambda w: (int(w.split()[1][:-1]), w))
         paths = [p for p in PATH_COLORS if any(p in wls[w] for w in order)]
@@ -128,7 +135,7 @@ def plot_datapaths(doc: dict, path: str) -> str | None:
                             fontsize=6.5, rotation=90)
         ax.axhline(1.0, color="#444444", lw=0.8, ls="--")
         ax.set_xticks(range(len(order)), order, fontsize=8)
-        ax.set_ylabel("throughput relative to the copy path (labels: MB/s)")
+        ax.set_ylabel("relative to the copy path (labels: MB/s)", fontsize=8)
         ax.set_title(be, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.2)

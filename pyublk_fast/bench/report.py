@@ -67,6 +67,26 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def markdown_document(doc: dict) -> str:
+    """results.md: what ran where, then the table."""
+    m, v, st = doc["machine"], doc["versions"], doc["settings"]
+    argv = " ".join(st["argv"])
+    lines = [f"# pyublk_fast bench results", "",
+             f"`python -m pyublk_fast.bench {argv}`".replace(" `", "`") + f" on {m['node']}: Linux {m['kernel']} "
+             f"({m['arch']}, {m['cpus']} cpus, {m['cpu_model']}), {st['runtime']:g} s per scenario, "
+             f"{st['size_mib']} MiB backing files; {doc['started']}, {doc['duration_s']:.0f} s"
+             + (" (interrupted)" if doc["interrupted"] else "") + ".",
+             "",
+             f"python {v['python']}, numpy {v['numpy']}, cython {v['cython']}, liburing {v['liburing']}, "
+             f"{v['fio']}, pyublk_fast {v['pyublk_fast']} ({(v['git_commit'] or '?')[:12]}).",
+             "",
+             "Latency in microseconds; CPU us/IO is the whole process's CPU time (plus fio's usr+sys for fio "
+             "rows) per I/O; ratio is IOPS / the reference's IOPS, measured in the same run "
+             "(ref/nop: the C io_uring NOP loop at that depth; ref/fio-file: fio, io_uring, O_DIRECT "
+             "on the same raw backing file).", "", markdown(doc["rows"])]
+    return "\n".join(lines)
+
+
 def summary(rows: list[dict]) -> str:
     server = [r for r in rows if r["kind"] == "server"]
     ok = sum(r["status"] == "ok" for r in server)
