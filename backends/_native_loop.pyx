@@ -97,8 +97,17 @@ cdef class LoopTarget(NativeTarget):
         cdef unsigned op = iod.op_flags & 0xff
         cdef uint32_t total = iod.nr_sectors << SECTOR_SHIFT
         cdef uint32_t done
+        cdef io_uring_sqe *sqe
         if tgt_data == NO_OP_TGT:
             return -EOPNOTSUPP
+        if op == UBLK_IO_OP_WRITE_ZEROES and res == -EOPNOTSUPP and tgt_data == 0:
+            # no ZERO_RANGE here (tmpfs): punching a hole reads back as zeros too
+            sqe = q.get_sqe()
+            io_uring_prep_fallocate(sqe, self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                    iod.start_sector << SECTOR_SHIFT,
+                                    <uint64_t>iod.nr_sectors << SECTOR_SHIFT)
+            sqe.user_data = q.target_ud(tag, 1)
+            return C_RESUBMITTED
         if res == -EAGAIN:
             if op == UBLK_IO_OP_READ or op == UBLK_IO_OP_WRITE:
                 return C_RESUBMITTED if self.prep_rw(q, tag, iod, tgt_data) else -EIO

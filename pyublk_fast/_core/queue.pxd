@@ -52,6 +52,7 @@ cdef class Queue:
     cdef int n_py
     cdef int nr_live               # tags not yet aborted
     cdef bint need_get_data
+    cdef bint auto_buf_reg         # kernel zero copy: request buffer auto-registered at index tag
     cdef readonly int data_path
     cdef void *sim_ctx
     cdef sim_copy_fn uc_fn

@@ -74,7 +74,7 @@ cdef class Queue:
     def __init__(self, int q_id, int depth, uint32_t buf_size, *, bint sim, int cmd_fd,
                  iods, sim_cmds=None, int sim_qi=0, NativeTarget native=None, py_handler=None,
                  bint need_get_data=False, str data_path="copy", sim_ops=None, unsigned ring_flags=0,
-                 double poll_us=0.0):
+                 double poll_us=0.0, bint auto_buf_reg=False):
         if native is None and py_handler is None:
             raise ValueError("Queue needs a native target or a Python handler")
         if not 1 <= depth <= UBLK_MAX_QUEUE_DEPTH:
@@ -104,6 +104,13 @@ cdef class Queue:
         elif self.data_path == DP_SPLICE:
             raise ValueError("splice zero copy (the seed RFC) exists only on the simulated driver; "
                              "on a kernel use zero_copy (6.15+) or user_copy")
+        elif self.data_path == DP_ZERO_COPY and not auto_buf_reg:
+            raise ValueError("kernel zero copy is served with UBLK_F_AUTO_BUF_REG (Linux 6.16+); "
+                             "the REGISTER_IO_BUF path is not implemented: use user_copy")
+        # kernel zero copy: the driver installs each request's pages at buffer index `tag`
+        # of this ring (the index rides in the FETCH/COMMIT SQE's addr) and removes them at
+        # COMMIT; backend SQEs use READ/WRITE_FIXED at offset 0 of that buffer
+        self.auto_buf_reg = auto_buf_reg and not sim and self.data_path == DP_ZERO_COPY
         self.native = native
         self.py_handler = py_handler
         iod_arr = np.asarray(iods)
@@ -219,6 +226,8 @@ cdef class Queue:
             c.tag = tag
             c.result = result
             c.addr = addr
+            if self.auto_buf_reg:
+                sqe.addr = tag        # struct ublk_auto_buf_reg: index = tag, flags 0
         self.tags[tag].state = TAG_WAIT
 
     cdef void commit(self, int tag, int32_t res) noexcept nogil:

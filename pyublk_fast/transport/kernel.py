@@ -1,0 +1,338 @@
+"""KernelTransport: real ublk devices through /dev/ublk-control (the interface Device uses).
+
+    with KernelTransport() as t, Device(LoopBackend("disk.img"), t) as dev:
+        print(t.block_path(dev.dev_id))       # /dev/ublkbN, served until dev.stop()
+
+Per device the transport opens ``/dev/ublkcN`` once and maps every queue's
+descriptor array read-only; :meth:`release` (also done before DEL_DEV) unmaps
+and closes them, which is what the kernel sees when a server dies.  Commands
+that block in the kernel (START_DEV, END_USER_RECOVERY, DEL_DEV) run on their
+own short-lived control ring with a timeout, so several devices per process
+never wait on each other.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import uapi
+from .control import CONTROL_PATH, DevInfo, UblkControl, UblkCommandError
+
+IOD_SIZE = 24
+PAGE = mmap.PAGESIZE
+#: Bytes between two queues' descriptor arrays in /dev/ublkcN (the max depth, not the device's).
+QUEUE_STRIDE = -(-uapi.UBLK_MAX_QUEUE_DEPTH * IOD_SIZE // PAGE) * PAGE
+RECOVERY_FLAGS = (uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
+                  | uapi.UBLK_F_USER_RECOVERY_FAIL_IO)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def kernel_version() -> str:
+    """The running kernel's release (uname -r)."""
+    return os.uname().release
+
+
+def missing_features_message(missing: int, what: str = "") -> str:
+    """'kernel X lacks UBLK_F_A (Linux 6.16+), ...' for the bits in ``missing``."""
+    parts = []
+    for bit in range(64):
+        flag = 1 << bit
+        if not missing & flag:
+            continue
+        if flag & uapi.SIM_FEATURE_MASK:
+            parts.append("SPLICE_ZC (the seed's splice zero copy exists only "
+                         "on the simulated driver: the RFC was never merged; use zero_copy "
+                         "or user_copy)")
+        else:
+            ver = uapi.KERNEL_VERSION_OF_FEATURE.get(flag, "?")
+            parts.append(f"UBLK_F_{uapi.feature_names(flag)[0]} (Linux {ver}+)")
+    head = f"{what}: " if what else ""
+    return f"{head}kernel {kernel_version()} lacks " + ", ".join(parts)
+
+
+@dataclass
+class _Dev:
+    """What the transport holds for one device it serves."""
+
+    dev_id: int
+    nr_queues: int
+    depth: int
+    flags: int
+    max_io_buf_bytes: int
+    fd: int = -1
+    maps: dict[int, tuple[int, int]] = field(default_factory=dict)   # q_id -> (addr, length)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class KernelTransport:
+    """The real ublk driver. Use as a context manager or call close()."""
+
+    name = "kernel"
+
+    def __init__(self, control_path: str = CONTROL_PATH, *, timeout: float = 30.0) -> None:
+        self.control_path = control_path
+        self.timeout = timeout
+        self.ctrl = UblkControl(control_path, timeout=timeout)   # clear error if no module
+        self._devs: dict[int, _Dev] = {}
+        self._lock = threading.Lock()
+        self._features: int | None = None
+
+    def close(self) -> None:
+        """Release every device this transport still holds and close the control device."""
+        for dev_id in list(self._devs):
+            self.release(dev_id)
+        self.ctrl.close()
+
+    def __enter__(self) -> "KernelTransport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _oneshot(self, timeout: float | None) -> UblkControl:
+        return UblkControl(self.control_path, timeout=timeout)
+
+    # -- control commands -------------------------------------------------------------
+
+    def features(self) -> int:
+        """UBLK_F_* bits the running kernel supports (GET_FEATURES, cached)."""
+        if self._features is None:
+            self._features = self.ctrl.get_features()
+        return self._features
+
+    def add_dev(self, dev_id: int, nr_queues: int, depth: int, max_io_bytes: int,
+                flags: int) -> tuple[int, int]:
+        """ADD_DEV; returns (dev_id, granted_flags).
+
+        Zero copy gets AUTO_BUF_REG added (the queue runner's kernel zero-copy
+        path).  Flags the kernel does not have raise OSError(EOPNOTSUPP) naming
+        them and the kernel version that has them, before anything is added.
+        """
+        if flags & uapi.SIM_FEATURE_MASK:
+            raise OSError(errno.EOPNOTSUPP, missing_features_message(
+                flags & uapi.SIM_FEATURE_MASK, "ADD_DEV"))
+        if flags & uapi.UBLK_F_SUPPORT_ZERO_COPY:
+            flags |= uapi.UBLK_F_AUTO_BUF_REG
+        missing = flags & ~self.features()
+        if missing:
+            raise OSError(errno.EOPNOTSUPP, missing_features_message(missing, "ADD_DEV"))
+        flags |= uapi.UBLK_F_CMD_IOCTL_ENCODE
+        if nr_queues > (os.cpu_count() or 1):
+            raise ValueError(f"nr_queues={nr_queues}: the kernel caps queues at the CPU count "
+                             f"({os.cpu_count()}); use -q {os.cpu_count()} or fewer")
+        info = self.ctrl.add_dev(dev_id, nr_queues, depth, max_io_bytes, flags)
+        self.refused_flags = info.refused_flags
+        with self._lock:
+            self._devs[info.dev_id] = _Dev(info.dev_id, info.nr_hw_queues, info.queue_depth,
+                                           info.flags, info.max_io_buf_bytes)
+        return info.dev_id, info.flags
+
+    def set_params(self, dev_id: int, size: int, block_size: int, attrs: int = 0,
+                   max_sectors: int = 0, discard: bool = True) -> None:
+        """SET_PARAMS: basic (size, block size, attrs) and, by default, discard/write-zeroes."""
+        if block_size & (block_size - 1) or not 512 <= block_size <= PAGE:
+            raise ValueError(f"block_size={block_size} must be a power of two in 512..{PAGE}")
+        if size <= 0 or size % block_size:
+            raise ValueError(f"size={size} must be a positive multiple of block_size {block_size}")
+        dev = self._dev(dev_id)
+        p = np.zeros(1, uapi.PARAMS_DTYPE)
+        p["len"] = uapi.PARAMS_DTYPE.itemsize
+        p["types"] = uapi.UBLK_PARAM_TYPE_BASIC
+        b = p["basic"]
+        shift = block_size.bit_length() - 1
+        b["attrs"] = attrs
+        b["logical_bs_shift"] = shift
+        b["physical_bs_shift"] = max(shift, 12)
+        b["io_opt_shift"] = 12
+        b["io_min_shift"] = shift
+        b["max_sectors"] = max_sectors or dev.max_io_buf_bytes >> 9
+        b["dev_sectors"] = size >> 9
+        p["basic"] = b
+        if discard:
+            p["types"] |= uapi.UBLK_PARAM_TYPE_DISCARD
+            d = p["discard"]
+            d["discard_granularity"] = max(block_size, 4096)
+            d["max_discard_sectors"] = (1 << 30) >> 9
+            d["max_write_zeroes_sectors"] = (1 << 30) >> 9
+            d["max_discard_segments"] = 1
+            p["discard"] = d
+        self.ctrl.set_params(dev_id, p)
+
+    def start_dev(self, dev_id: int, timeout: float = 10.0) -> None:
+        """START_DEV (blocks until every tag has a FETCH); waits for /dev/ublkbN to appear."""
+        with self._oneshot(timeout) as c:
+            c.start_dev(dev_id)
+        _wait_path(self.block_path(dev_id), timeout)
+
+    def stop_dev(self, dev_id: int) -> None:
+        """STOP_DEV: /dev/ublkbN goes away, the queues' commands are aborted."""
+        self.ctrl.stop_dev(dev_id)
+
+    def del_dev(self, dev_id: int, timeout: float = 10.0) -> None:
+        """Release the char device, then delete (DEL_DEV_ASYNC when the kernel has it).
+
+        DEL_DEV_ASYNC never waits for users of /dev/ublkbN to close it; the
+        synchronous DEL_DEV (older kernels) does, bounded by ``timeout``.
+        """
+        self.release(dev_id)
+        try:
+            self.ctrl.del_dev_async(dev_id)
+            return
+        except UblkCommandError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, 524, errno.ENOTTY):
+                raise
+        with self._oneshot(timeout) as c:
+            c.del_dev(dev_id)
+
+    def release(self, dev_id: int) -> None:
+        """Unmap the descriptor arrays and close /dev/ublkcN (what the kernel sees when a
+        server exits or dies). The queues must not run any more."""
+        with self._lock:
+            dev = self._devs.pop(dev_id, None)
+        if dev is None:
+            return
+        with dev.lock:
+            for addr, length in dev.maps.values():
+                _libc.munmap(addr, length)
+            dev.maps.clear()
+            if dev.fd >= 0:
+                os.close(dev.fd)
+                dev.fd = -1
+
+    def start_user_recovery(self, dev_id: int, timeout: float = 10.0) -> None:
+        """START_USER_RECOVERY, retried while the kernel still tears the old server down."""
+        self.release(dev_id)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.ctrl._execute("START_USER_RECOVERY", dev_id)
+                return
+            except UblkCommandError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    if exc.errno == errno.EBUSY:
+                        raise UblkCommandError(errno.EBUSY, "START_USER_RECOVERY",
+                                               "the old server still holds /dev/ublkc"
+                                               f"{dev_id}: is it still running?") from None
+                    raise
+            time.sleep(0.05)
+
+    def end_user_recovery(self, dev_id: int, timeout: float = 10.0) -> None:
+        """END_USER_RECOVERY (blocks until every tag has a FETCH again)."""
+        with self._oneshot(timeout) as c:
+            c._execute("END_USER_RECOVERY", dev_id, data0=os.getpid())
+
+    def update_size(self, dev_id: int, sectors: int) -> None:
+        """UPDATE_SIZE of a live device (UBLK_F_UPDATE_SIZE)."""
+        self.ctrl.update_size(dev_id, sectors)
+
+    def dev_info(self, dev_id: int) -> dict[str, Any]:
+        """GET_DEV_INFO + GET_PARAMS as a dict with the sim's keys (plus pid, owner)."""
+        info = self.ctrl.get_dev_info(dev_id)
+        params = self.ctrl.get_params(dev_id)
+        basic = params["basic"]
+        state = info.state
+        return dict(dev_id=dev_id, nr_hw_queues=info.nr_hw_queues, queue_depth=info.queue_depth,
+                    state=int(state), state_name=getattr(state, "name", str(state)),
+                    max_io_buf_bytes=info.max_io_buf_bytes, flags=info.flags,
+                    features=info.feature_names, size=int(basic["dev_sectors"]) << 9,
+                    logical_block_size=1 << int(basic["logical_bs_shift"]),
+                    attrs=int(basic["attrs"]), started=state == uapi.DevState.LIVE,
+                    server_alive=info.ublksrv_pid > 0 and _pid_alive(info.ublksrv_pid),
+                    pid=info.ublksrv_pid, owner_uid=info.owner_uid, owner_gid=info.owner_gid,
+                    block_path=info.block_path, char_path=info.char_path)
+
+    def list_devs(self) -> list[int]:
+        """Ids of every ublk device on the system (from /sys/class/ublk-char)."""
+        try:
+            names = os.listdir("/sys/class/ublk-char")
+        except FileNotFoundError:
+            return []
+        return sorted(int(n[5:]) for n in names if n.startswith("ublkc") and n[5:].isdigit())
+
+    # -- the server side ----------------------------------------------------------------
+
+    def _dev(self, dev_id: int) -> _Dev:
+        with self._lock:
+            dev = self._devs.get(dev_id)
+            if dev is None:   # a device added elsewhere (recovery by a new process)
+                info: DevInfo = self.ctrl.get_dev_info(dev_id)
+                dev = self._devs[dev_id] = _Dev(dev_id, info.nr_hw_queues, info.queue_depth,
+                                                info.flags, info.max_io_buf_bytes)
+            return dev
+
+    def queue_args(self, dev_id: int, q_id: int) -> dict[str, Any]:
+        """Keyword arguments for Queue(...) serving queue q_id of dev_id on the kernel."""
+        dev = self._dev(dev_id)
+        if not 0 <= q_id < dev.nr_queues:
+            raise ValueError(f"q_id={q_id}: device {dev_id} has {dev.nr_queues} queues")
+        with dev.lock:
+            if dev.fd < 0:
+                path = f"/dev/ublkc{dev_id}"
+                _wait_path(path, 3.0)
+                try:
+                    dev.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                except PermissionError as exc:
+                    raise PermissionError(exc.errno, f"cannot open {path}: run as root, or for "
+                                          "an unprivileged device as its owner (udev rules)",
+                                          path) from None
+                except OSError as exc:
+                    if exc.errno == errno.EBUSY:
+                        raise OSError(errno.EBUSY, f"{path} is busy: another server still "
+                                      "holds it (kill it, or recover after it exited)") from None
+                    raise
+            if q_id not in dev.maps:
+                length = -(-dev.depth * IOD_SIZE // PAGE) * PAGE
+                addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, dev.fd,
+                                  q_id * QUEUE_STRIDE)
+                if addr in (None, _MAP_FAILED):
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"mmap of queue {q_id}'s descriptors on /dev/ublkc"
+                                  f"{dev_id}: {os.strerror(err)}")
+                dev.maps[q_id] = (addr, length)
+            addr, length = dev.maps[q_id]
+            iods = np.frombuffer((ctypes.c_uint8 * length).from_address(addr), np.uint8)
+            return dict(sim=False, cmd_fd=dev.fd, iods=iods,
+                        auto_buf_reg=bool(dev.flags & uapi.UBLK_F_AUTO_BUF_REG))
+
+    # -- the user side ------------------------------------------------------------------
+
+    def block_path(self, dev_id: int) -> str:
+        return f"/dev/ublkb{dev_id}"
+
+    def open(self, dev_id: int):
+        """Open /dev/ublkb<dev_id> (O_DIRECT) as a KernelBlockDevice."""
+        from .kblock import KernelBlockDevice
+        return KernelBlockDevice(self.block_path(dev_id))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_path(path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(errno.ETIMEDOUT, f"{path} did not appear within {timeout} s "
+                               "(is devtmpfs mounted on /dev?)")
+        time.sleep(0.005)
