@@ -10,6 +10,7 @@ drain and deletes it. Several devices per process are fine.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 
@@ -63,6 +64,7 @@ class Device:
         self._queues: list[Queue | None] = []
         self._errors: list[BaseException] = []
         self._started = False
+        self._done = threading.Event()
 
     def _choose_path(self, wanted: str) -> str:
         """The data path: what the user forced, else copy; checked against backend and driver."""
@@ -184,10 +186,14 @@ class Device:
     def stop(self) -> None:
         """Stop and delete the device. In-flight requests complete first; never hangs."""
         if not self._started:
+            self._done.set()       # a serve_forever() still starting up stops right away
             return
         self._started = False
-        self._teardown(delete=True)
-        self.backend.close()
+        try:
+            self._teardown(delete=True)
+        finally:
+            self.backend.close()
+            self._done.set()
 
     def kill(self) -> None:
         """Simulate the server dying (kill -9): queues vanish without committing, the char dev closes."""
@@ -214,6 +220,26 @@ class Device:
 
     def __exit__(self, *exc):
         self.stop()
+
+    async def __aenter__(self):
+        """`async with Device(...)`: start/stop run in the default executor, the event loop keeps going."""
+        await asyncio.get_running_loop().run_in_executor(None, self.start)
+        return self
+
+    async def __aexit__(self, *exc):
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
+
+    def serve_forever(self, poll: float = 0.5) -> None:
+        """Start if needed and serve until stop() is called (from another thread) or Ctrl-C."""
+        if not self._started:
+            self.start()
+        try:
+            while not self._done.wait(poll):
+                pass
+        except KeyboardInterrupt:
+            log.info("device %d: interrupted, stopping", self.dev_id)
+        finally:
+            self.stop()
 
     def open(self):
         """The device's block-device front (the simulated or real /dev/ublkbN)."""

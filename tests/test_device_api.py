@@ -1,0 +1,46 @@
+"""Device embedding: serve_forever stopped from another thread, and `async with`."""
+import asyncio
+import threading
+
+from pyublk_fast.backends.memory import MemoryBackend
+from pyublk_fast.device import Device
+
+
+def test_serve_forever_returns_after_stop_from_another_thread(sim):
+    dev = Device(MemoryBackend(1 << 20), sim, depth=4)
+    served = threading.Thread(target=dev.serve_forever, kwargs={"poll": 0.05})
+    served.start()
+    for _ in range(200):
+        if dev.dev_id >= 0 and dev.info()["started"]:
+            break
+        threading.Event().wait(0.01)
+    with dev.open() as blk:
+        blk.pwrite(b"s" * 512, 512)
+        assert blk.pread(512, 512) == b"s" * 512
+    dev.stop()
+    served.join(10)
+    assert not served.is_alive()
+    assert sim.list_devs() == []
+
+
+def test_async_with_serves_while_the_event_loop_runs(sim):
+    ticks = []
+
+    async def ticker():
+        while True:
+            ticks.append(1)
+            await asyncio.sleep(0.001)
+
+    async def main():
+        t = asyncio.create_task(ticker())
+        async with Device(MemoryBackend(1 << 20), sim, depth=4) as dev:
+            loop = asyncio.get_running_loop()
+            blk = await loop.run_in_executor(None, dev.open)
+            await loop.run_in_executor(None, blk.pwrite, b"q" * 4096, 0)
+            data = await loop.run_in_executor(None, blk.pread, 4096, 0)
+            blk.close()
+        t.cancel()
+        return data
+
+    assert asyncio.run(main()) == b"q" * 4096
+    assert ticks, "the event loop kept running while the device served"
