@@ -70,9 +70,9 @@ def markdown(rows: list[dict]) -> str:
 def markdown_document(doc: dict) -> str:
     """results.md: what ran where, then the table."""
     m, v, st = doc["machine"], doc["versions"], doc["settings"]
-    argv = " ".join(st["argv"])
-    lines = [f"# pyublk_fast bench results", "",
-             f"`python -m pyublk_fast.bench {argv}`".replace(" `", "`") + f" on {m['node']}: Linux {m['kernel']} "
+    cmd = " ".join(["python -m pyublk_fast.bench", *st["argv"]])
+    lines = ["# pyublk_fast bench results", "",
+             f"`{cmd}` on {m['node']}: Linux {m['kernel']} "
              f"({m['arch']}, {m['cpus']} cpus, {m['cpu_model']}), {st['runtime']:g} s per scenario, "
              f"{st['size_mib']} MiB backing files; {doc['started']}, {doc['duration_s']:.0f} s"
              + (" (interrupted)" if doc["interrupted"] else "") + ".",
