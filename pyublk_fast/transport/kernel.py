@@ -83,8 +83,10 @@ class KernelTransport:
 
     name = "kernel"
 
-    def __init__(self, control_path: str = CONTROL_PATH, *, timeout: float = 30.0) -> None:
+    def __init__(self, control_path: str = CONTROL_PATH, *, timeout: float = 30.0,
+                 unprivileged: bool = False) -> None:
         self.control_path = control_path
+        self.unprivileged = unprivileged
         self.timeout = timeout
         self.ctrl = UblkControl(control_path, timeout=timeout)   # clear error if no module
         self._devs: dict[int, _Dev] = {}
@@ -131,6 +133,8 @@ class KernelTransport:
         if missing:
             raise OSError(errno.EOPNOTSUPP, missing_features_message(missing, "ADD_DEV"))
         flags |= uapi.UBLK_F_CMD_IOCTL_ENCODE
+        if self.unprivileged:
+            flags |= uapi.UBLK_F_UNPRIVILEGED_DEV
         if nr_queues > (os.cpu_count() or 1):
             raise ValueError(f"nr_queues={nr_queues}: the kernel caps queues at the CPU count "
                              f"({os.cpu_count()}); use -q {os.cpu_count()} or fewer")
