@@ -205,6 +205,17 @@ class Device:
             th.join(10)
         self.transport.release(self.dev_id)
 
+    def quiesce(self) -> None:
+        """Hand the device over (server upgrade, needs recovery=...): new I/O waits, the queues
+        finish what they hold and exit, and the char device is released; recover() resumes."""
+        if not self._started:
+            raise RuntimeError("device is not started")
+        self.transport.quiesce_dev(self.dev_id)
+        for th in self._threads:
+            th.join(10)
+        self._started = False
+        self.transport.release(self.dev_id)
+
     def recover(self) -> "Device":
         """Take over a device whose server died (needs recovery=...): re-serve it with this backend."""
         t = self.transport

@@ -20,6 +20,9 @@ cdef struct SimTag:
     uint8_t state                 # TAG_IDLE / TAG_READY / TAG_SERVER / TAG_GETDATA
     int32_t req
     uint32_t spliced              # running total of spliced bytes (seed RFC check)
+    int32_t ring_fd               # captured from the FETCH / COMMIT_AND_FETCH that armed the tag:
+    uint64_t ud                   # a later bogus command on the same slot must not change
+    uint64_t addr                 # where this request is delivered
 
 cdef struct SimQueue:
     int dev

@@ -384,8 +384,8 @@ cdef class SimDriver:
                 self.complete(t.req, blk_status_errno(res))
             else:
                 self.complete(t.req, r.len if (r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE) else 0)
-            # the same command fetches the next request
-            if not d.present or d.stopped:
+            # the same command fetches the next request (not while quiesced: the server is leaving)
+            if not d.present or d.stopped or (d.state == S_QUIESCED and d.server_alive):
                 self.post(cmd.ring_fd, -ENODEV, cmd.user_data)
             else:
                 self.release_tag(q, tag)
@@ -404,7 +404,12 @@ cdef class SimDriver:
             self.post(cmd.ring_fd, -EOPNOTSUPP, cmd.user_data)
 
     cdef void release_tag(self, SimQueue *q, int tag) noexcept nogil:
-        q.tags[tag].state = TAG_READY
+        """Arm tag with the command just accepted in its slot: it waits for a request."""
+        cdef SimTag *t = &q.tags[tag]
+        t.ring_fd = q.cmds[tag].ring_fd
+        t.ud = q.cmds[tag].user_data
+        t.addr = q.cmds[tag].addr
+        t.state = TAG_READY
         q.free_tags[q.nfree] = <uint16_t>tag
         q.nfree += 1
 
@@ -432,7 +437,6 @@ cdef class SimDriver:
         """Hand request ri to the server through tag: fill the descriptor, complete the FETCH."""
         cdef Req *r = &self.reqs[ri]
         cdef SimDev *d = &self.devs[q.dev]
-        cdef SimCmd *cmd = &q.cmds[tag]
         cdef SimTag *t = &q.tags[tag]
         cdef ublksrv_io_desc *iod = &q.iods[tag]
         cdef uint32_t remaining = r.len - r.done
@@ -440,17 +444,17 @@ cdef class SimDriver:
         iod.op_flags = r.op | r.flags
         iod.nr_sectors = remaining >> SECTOR_SHIFT
         iod.start_sector = (r.offset + r.done) >> SECTOR_SHIFT
-        iod.addr = cmd.addr if copy_path else 0
+        iod.addr = t.addr if copy_path else 0
         t.state = TAG_SERVER
         t.req = ri
         t.spliced = 0
         if r.op == UBLK_IO_OP_WRITE and copy_path:
             if d.flags & F_NEED_GET_DATA:
                 t.state = TAG_GETDATA
-                self.post(cmd.ring_fd, UBLK_IO_RES_NEED_GET_DATA, cmd.user_data)
+                self.post(t.ring_fd, UBLK_IO_RES_NEED_GET_DATA, t.ud)
                 return
-            memcpy(<void *><uintptr_t>cmd.addr, r.buf + r.done, remaining)
-        self.post(cmd.ring_fd, UBLK_IO_RES_OK, cmd.user_data)
+            memcpy(<void *><uintptr_t>t.addr, r.buf + r.done, remaining)
+        self.post(t.ring_fd, UBLK_IO_RES_OK, t.ud)
 
     # -- block requests ------------------------------------------------------------------
 
@@ -527,7 +531,7 @@ cdef class SimDriver:
             if q.tags[tag].state == TAG_READY:
                 q.tags[tag].state = TAG_IDLE
                 q.nr_ready -= 1
-                self.post(q.cmds[tag].ring_fd, -ENODEV, q.cmds[tag].user_data)
+                self.post(q.tags[tag].ring_fd, -ENODEV, q.tags[tag].ud)
         q.nfree = 0
 
     # -- load generator ----------------------------------------------------------------
@@ -816,6 +820,23 @@ cdef class SimDriver:
         dev.server_alive = 1
         for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
             self.kick_pending(&self.queues[qi])
+
+    def quiesce_dev(self, int d):
+        """QUIESCE_DEV: stop handing requests to the server (they wait); its FETCHes are aborted."""
+        dev = self._dev(d, "QUIESCE_DEV")
+        if not dev.flags & F_RECOVERY:
+            raise OSError(EINVAL, "QUIESCE_DEV: needs a device added with UBLK_F_USER_RECOVERY")
+        if not dev.started or dev.state != S_LIVE:
+            raise OSError(EINVAL, f"QUIESCE_DEV: device {d} is not live (state {dev.state})")
+        dev.state = S_QUIESCED
+        for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
+            self.abort_ready(&self.queues[qi])
+
+    def get_params(self, int d):
+        """GET_PARAMS (basic part): size, block size, attributes, max_sectors."""
+        dev = self._dev(d, "GET_PARAMS")
+        return dict(dev_sectors=dev.size >> 9, logical_bs_shift=dev.lbs_shift, attrs=dev.attrs,
+                    max_sectors=dev.max_io_bytes >> 9)
 
     def update_size(self, int d, uint64_t sectors):
         dev = self._dev(d, "UPDATE_SIZE")

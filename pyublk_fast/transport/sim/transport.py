@@ -90,6 +90,12 @@ class SimTransport:
     def end_user_recovery(self, dev_id: int, timeout: float = 10.0):
         self._wait_ready(self.driver.end_user_recovery, dev_id, timeout, "END_USER_RECOVERY")
 
+    def quiesce_dev(self, dev_id: int):
+        self.driver.call(self.driver.quiesce_dev, dev_id)
+
+    def get_params(self, dev_id: int) -> dict:
+        return self.driver.call(self.driver.get_params, dev_id)
+
     def update_size(self, dev_id: int, sectors: int):
         self.driver.call(self.driver.update_size, dev_id, sectors)
 
