@@ -224,6 +224,11 @@ cdef class SimDriver:
         self.stopping = True
 
     @property
+    def native_thread_id(self):
+        """The driver thread's kernel tid (for CPU accounting), or None when not running."""
+        return self._thread.native_id if self._thread is not None else None
+
+    @property
     def fd(self) -> int:
         """The driver ring's fd: target of the servers' and fronts' MSG_RINGs."""
         return self.ring_fd
