@@ -393,9 +393,18 @@ cdef class Queue:
                 arr[i] = self.py_tags[i]
             try:
                 results = self.py_handler(n)
+                if len(results) != n:
+                    raise ValueError(f"handler returned {len(results)} results for {n} requests")
             except BaseException:
                 log.exception("queue %d: Python dispatch failed; failing %d requests with EIO", self.q_id, n)
                 results = [-EIO] * n
             for i in range(n):
-                self.commit(self.py_tags[i], results[i])
+                try:
+                    res = int(results[i])
+                    if not -4095 <= res <= 0x7fffffff:
+                        raise ValueError(f"result {res} is neither bytes nor -errno")
+                except Exception:
+                    log.exception("queue %d: bad result for tag %d; failing it with EIO", self.q_id, self.py_tags[i])
+                    res = -EIO
+                self.commit(self.py_tags[i], res)
         self.n_py = 0
