@@ -311,8 +311,9 @@ cdef class Queue:
         cdef unsigned n, i
         cdef int tag
         cdef uint32_t op
+        cdef int64_t budget = self.spin_ns       # adaptive poll budget (ns)
         while self.nr_live > 0:
-            pyu_submit_and_wait_spin(self.r, self.spin_ns)
+            pyu_submit_and_wait_adaptive(self.r, self.spin_ns, &budget)
             n = reap_cq(self.r, ud, res, fl, REAP_BATCH)
             for i in range(n):
                 tag = ud_tag(ud[i])

@@ -30,7 +30,7 @@ cdef extern from "<stdlib.h>" nogil:
 
 from pyublk_fast._core.liburing cimport (iovec, io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit,
                                          io_uring_submit_and_wait, io_uring_prep_msg_ring,
-                                         IOSQE_CQE_SKIP_SUCCESS, pyu_submit_and_wait_spin)
+                                         IOSQE_CQE_SKIP_SUCCESS, pyu_submit_and_wait_adaptive)
 from pyublk_fast._core.ring cimport Ring, reap_cq
 from pyublk_fast._core.uapi cimport *
 from pyublk_fast._core.simwire cimport *
@@ -294,10 +294,11 @@ cdef class SimDriver:
         cdef unsigned n, i
         cdef uint64_t kind, low
         cdef io_uring *ring = &self.ring.ring
+        cdef int64_t budget = self.spin_ns       # adaptive poll budget (ns)
         while not self.stopping:
             if self.lg.active:
                 self.lg_issue()
-            pyu_submit_and_wait_spin(ring, self.spin_ns)
+            pyu_submit_and_wait_adaptive(ring, self.spin_ns, &budget)
             while True:
                 n = reap_cq(ring, ud, res, fl, REAP_BATCH)
                 if n == 0:

@@ -25,8 +25,11 @@ class SimTransport:
 
     name = "sim"
 
-    def __init__(self, *, random_tags: bool = True, max_devs: int = 64):
-        self.driver = SimDriver(max_devs=max_devs, nreq=FRONT_SLOTS + 4096, random_tags=random_tags)
+    def __init__(self, *, random_tags: bool = True, max_devs: int = 64, spin_us: float = 50.0):
+        """spin_us: how long the driver thread polls its ring before sleeping (a kernel reacts
+        at once; a sleeping thread costs a wake-up per hand-off)."""
+        self.driver = SimDriver(max_devs=max_devs, nreq=FRONT_SLOTS + 4096, random_tags=random_tags,
+                                spin_us=spin_us)
         self.driver.start()
         self._slots = list(range(FRONT_SLOTS - 1, -1, -1))
         self._slot_lock = threading.Lock()
