@@ -168,9 +168,8 @@ def serve(opts: dict[str, Any], report, recover: bool = False) -> int:
     write_record(dev.dev_id, rec)
     report({"ok": True, "dev_id": dev.dev_id, "path": rec["block"], "pid": os.getpid(),
             "data_path": dev.data_path})
-    threads = getattr(dev, "_threads", [])
     while not stop.wait(0.2):
-        if threads and not any(th.is_alive() for th in threads):
+        if not dev.serving:
             log.info("device %d was stopped from outside; exiting", dev.dev_id)
             break
     try:

@@ -108,7 +108,8 @@ class Device:
             b = self.backend
             attrs = (uapi.UBLK_ATTR_READ_ONLY if b.read_only else 0) | \
                 (uapi.UBLK_ATTR_VOLATILE_CACHE if b.can_flush else 0) | (uapi.UBLK_ATTR_FUA if b.can_fua else 0)
-            t.set_params(self.dev_id, b.size, b.block_size, attrs)
+            t.set_params(self.dev_id, b.size, b.block_size, attrs,
+                         discard=b.can_discard or b.can_write_zeroes)
             self._spawn_queues()
             t.start_dev(self.dev_id)
         except BaseException:
@@ -257,6 +258,11 @@ class Device:
         if self.dev_id < 0:
             raise FileNotFoundError(2, "the device was never added: call start() (or use `with Device(...)`) first")
         return self.transport.open(self.dev_id)
+
+    @property
+    def serving(self) -> bool:
+        """True while a queue thread is serving (False once STOP_DEV, from anywhere, ended them)."""
+        return any(th.is_alive() for th in self._threads)
 
     @property
     def requests_served(self) -> int:

@@ -52,6 +52,7 @@ cdef struct SimDev:
     uint32_t lbs_shift
     uint32_t max_io_bytes
     uint32_t attrs
+    int discard                   # the discard part of the params was set
     int inflight
     SimQueue *qbase               # this device's queues (for the user-copy / splice entry points)
     Req *reqs

@@ -494,6 +494,9 @@ cdef class SimDriver:
             if r.op != UBLK_IO_OP_READ and d.attrs & 1:      # UBLK_ATTR_READ_ONLY
                 self.complete_unqueued(ri, -EROFS)
                 return
+            if (r.op == UBLK_IO_OP_DISCARD or r.op == UBLK_IO_OP_WRITE_ZEROES) and not d.discard:
+                self.complete_unqueued(ri, -EOPNOTSUPP)     # the queue has no discard limits
+                return
         elif r.op == UBLK_IO_OP_FLUSH:
             r.len = 0
         else:
@@ -695,7 +698,8 @@ cdef class SimDriver:
         qi = dev.first_q + q_id
         return self._iod_arrays[qi], self._cmd_arrays[qi], qi
 
-    def set_params(self, int d, uint64_t size, uint32_t lbs_shift, uint32_t attrs, uint32_t max_sectors):
+    def set_params(self, int d, uint64_t size, uint32_t lbs_shift, uint32_t attrs, uint32_t max_sectors,
+                   bint discard=True):
         dev = self._dev(d, "SET_PARAMS")
         if dev.started:
             raise OSError(EACCES, "SET_PARAMS: device already started")
@@ -708,6 +712,7 @@ cdef class SimDriver:
         dev.size = size
         dev.lbs_shift = lbs_shift
         dev.attrs = attrs
+        dev.discard = discard
         if max_sectors:
             dev.max_io_bytes = max_sectors << 9
 

@@ -52,9 +52,11 @@ class SimTransport:
         """ADD_DEV; returns (dev_id, granted_flags)."""
         return self.driver.call(self.driver.add_dev, dev_id, nr_queues, depth, max_io_bytes, flags)
 
-    def set_params(self, dev_id: int, size: int, block_size: int, attrs: int = 0, max_sectors: int = 0):
+    def set_params(self, dev_id: int, size: int, block_size: int, attrs: int = 0, max_sectors: int = 0,
+                   discard: bool = True):
+        """SET_PARAMS: basic part, and the discard part (DISCARD/WRITE_ZEROES allowed) when discard."""
         self.driver.call(self.driver.set_params, dev_id, size, block_size.bit_length() - 1, attrs,
-                         max_sectors)
+                         max_sectors, discard)
 
     def _wait_ready(self, fn, dev_id: int, timeout: float, what: str):
         deadline = time.monotonic() + timeout
