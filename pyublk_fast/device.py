@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 from . import uapi
 from ._core.queue import Queue
@@ -197,7 +198,8 @@ class Device:
             self._done.set()
 
     def kill(self) -> None:
-        """Simulate the server dying (kill -9): queues vanish without committing, the char dev closes."""
+        """Simulate the server dying (kill -9): queues vanish without committing, the char dev
+        closes. Returns once the driver has seen it (the device is no longer LIVE)."""
         if not self._started:
             return
         self._started = False
@@ -205,6 +207,17 @@ class Device:
         for th in self._threads:
             th.join(10)
         self.transport.release(self.dev_id)
+        self._wait_not_live()
+
+    def _wait_not_live(self, timeout: float = 10.0) -> None:
+        """The kernel notices a dead server only once its rings are torn down, which happens
+        after the ring fds are closed (io_uring exit work): wait for that state change."""
+        deadline = time.monotonic() + timeout
+        while self.transport.dev_info(self.dev_id)["state"] == uapi.UBLK_S_DEV_LIVE:
+            if time.monotonic() > deadline:
+                log.warning("device %d: still LIVE %.0f s after its server was killed", self.dev_id, timeout)
+                return
+            time.sleep(0.002)
 
     def quiesce(self) -> None:
         """Hand the device over (server upgrade, needs recovery=...): new I/O waits, the queues

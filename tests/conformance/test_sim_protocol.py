@@ -1,7 +1,14 @@
-"""The ublk protocol over the simulated driver: tags, queues, devices, errors, server death."""
+"""The ublk protocol at the Device level: tags, queues, devices, errors, server death.
+
+Written once against the ``transport`` fixture: here it is the simulated driver;
+tests/kernel/test_kernel_conformance.py imports these same functions and runs them
+with ``transport`` = a KernelTransport on a real ublk driver. Only the driver's own
+entry points differ, and they are behind the helpers below (run_load, inflight).
+"""
 from __future__ import annotations
 
 import errno
+import os
 import random
 import threading
 import time
@@ -17,6 +24,76 @@ OP_READ, OP_WRITE = 0, 1
 PATHS = ["copy", "need_get_data"]
 
 
+@pytest.fixture
+def transport(sim):
+    """The driver under test: the simulated one (the kernel suite overrides this fixture)."""
+    return sim
+
+
+def run_load(transport, dev_id: int, *, rw: str, bs: int = 4096, qd: int, count: int,
+             verify: bool = False, region: int = 0, seed: int = 1) -> dict:
+    """count random I/Os at queue depth qd -> {completed, errors, verify_errors}.
+
+    The simulated driver has its own load generator (transport.run_load); on other
+    drivers the requests go through the block-device front, qd at a time on distinct
+    blocks, each batch submitted from the next CPU so that every hardware queue gets
+    some. verify=True writes a pattern over the region first and checks every read.
+    """
+    if transport.name == "sim":
+        return transport.run_load(dev_id, rw=rw, bs=bs, qd=qd, count=count, verify=verify,
+                                  region=region, seed=seed)
+    read_pct = {"randread": 100, "randwrite": 0, "randrw": 50}[rw]
+    rng = random.Random(seed)
+    cpus = sorted(os.sched_getaffinity(0))
+    out = dict(completed=0, errors=0, verify_errors=0)
+    with transport.open(dev_id) as blk:
+        nblocks = (region or blk.size) // bs
+        model = {}
+        if verify:
+            for first in range(0, nblocks, qd):
+                pats = {b: rng.randbytes(bs) for b in range(first, min(first + qd, nblocks))}
+                res = blk.submit([(OP_WRITE, b * bs, bs, p) for b, p in pats.items()])
+                if any(r != bs for r in res):
+                    raise OSError(errno.EIO, f"verify prefill: write results {set(res)}")
+                model.update(pats)
+        try:
+            batch = 0
+            while out["completed"] < count:
+                os.sched_setaffinity(0, {cpus[batch % len(cpus)]})
+                batch += 1
+                blocks = rng.sample(range(nblocks), min(qd, nblocks, count - out["completed"]))
+                reqs = []
+                for b in blocks:
+                    if rng.randrange(100) < read_pct:
+                        reqs.append((OP_READ, b * bs, bs, bytearray(bs)))
+                    else:
+                        reqs.append((OP_WRITE, b * bs, bs, rng.randbytes(bs)))
+                res = blk.submit(reqs)
+                out["completed"] += len(reqs)
+                out["errors"] += sum(r != bs for r in res)
+                for (op, off, _, buf), r in zip(reqs, res):
+                    if r != bs:
+                        continue
+                    if op == OP_WRITE:
+                        model[off // bs] = buf
+                    elif verify and bytes(buf) != model[off // bs]:
+                        out["verify_errors"] += 1
+        finally:
+            os.sched_setaffinity(0, cpus)
+    return out
+
+
+def inflight(transport, dev_id: int) -> int:
+    """Requests the driver holds for dev_id (the kernel's from sysfs; 0 once its disk is gone)."""
+    if transport.name == "sim":
+        return transport.dev_info(dev_id)["inflight"]
+    try:
+        with open(f"/sys/block/ublkb{dev_id}/inflight") as fh:
+            return sum(int(x) for x in fh.read().split())
+    except FileNotFoundError:
+        return 0
+
+
 def _patterns(n: int, bs: int = 4096, seed: int = 0) -> list[bytes]:
     rng = random.Random(seed)
     return [rng.randbytes(bs) for _ in range(n)]
@@ -24,10 +101,10 @@ def _patterns(n: int, bs: int = 4096, seed: int = 0) -> list[bytes]:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("native", [True, False])
-def test_many_in_flight_more_than_tags(sim, backing_file, path, native):
+def test_many_in_flight_more_than_tags(transport, backing_file, path, native):
     from pyublk_fast.backends.loop import LoopBackend
     pats = _patterns(200)
-    with Device(LoopBackend(backing_file), sim, depth=8, data_path=path, native=native) as dev, \
+    with Device(LoopBackend(backing_file), transport, depth=8, data_path=path, native=native) as dev, \
             dev.open() as blk:
         assert blk.submit([(OP_WRITE, i * 8192, 4096, p) for i, p in enumerate(pats)]) == [4096] * 200
         bufs = [bytearray(4096) for _ in pats]
@@ -38,33 +115,34 @@ def test_many_in_flight_more_than_tags(sim, backing_file, path, native):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("native", [True, False])
-def test_tag_reuse_loadgen_qd64_on_depth8(sim, backing_file, path, native):
+def test_tag_reuse_loadgen_qd64_on_depth8(transport, backing_file, path, native):
     from pyublk_fast.backends.loop import LoopBackend
-    with Device(LoopBackend(backing_file), sim, depth=8, data_path=path, native=native) as dev:
-        r = sim.run_load(dev.dev_id, rw="randrw", bs=4096, qd=64, count=4000, verify=True, region=MiB)
+    with Device(LoopBackend(backing_file), transport, depth=8, data_path=path, native=native) as dev:
+        r = run_load(transport, dev.dev_id, rw="randrw", bs=4096, qd=64, count=4000, verify=True, region=MiB)
     assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 4000)
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_two_queues(sim, backing_file, native):
+def test_two_queues(transport, backing_file, native):
     from pyublk_fast.backends.loop import LoopBackend
     pats = _patterns(64, seed=2)
-    with Device(LoopBackend(backing_file), sim, queues=2, depth=8, native=native) as dev:
+    with Device(LoopBackend(backing_file), transport, queues=2, depth=8, native=native) as dev:
         assert dev.info()["nr_hw_queues"] == 2
         with dev.open() as blk:
             assert blk.submit([(OP_WRITE, i * 4096, 4096, p) for i, p in enumerate(pats)]) == [4096] * 64
             assert blk.pread(64 * 4096, 0) == b"".join(pats)
-        r = sim.run_load(dev.dev_id, rw="randrw", bs=4096, qd=32, count=3000, verify=True, region=MiB)
+        r = run_load(transport, dev.dev_id, rw="randrw", bs=4096, qd=32, count=3000, verify=True, region=MiB)
         assert (r["errors"], r["verify_errors"]) == (0, 0)
         served = [q.requests for q in dev._queues]
     assert all(n > 0 for n in served), f"a queue served nothing: {served}"
 
 
-def test_several_devices_in_one_transport(sim, backing_file):
+def test_several_devices_in_one_transport(transport, backing_file):
     from pyublk_fast.backends.loop import LoopBackend
     from pyublk_fast.backends.null import NullBackend
-    devs = [Device(MemoryBackend(MiB), sim, depth=4), Device(MemoryBackend(MiB), sim, depth=8, data_path="need_get_data"),
-            Device(LoopBackend(backing_file), sim, depth=16), Device(NullBackend(MiB), sim, depth=4)]
+    before = set(transport.list_devs())
+    devs = [Device(MemoryBackend(MiB), transport, depth=4), Device(MemoryBackend(MiB), transport, depth=8, data_path="need_get_data"),
+            Device(LoopBackend(backing_file), transport, depth=16), Device(NullBackend(MiB), transport, depth=4)]
     for d in devs:
         d.start()
     try:
@@ -77,18 +155,18 @@ def test_several_devices_in_one_transport(sim, backing_file):
         for blk, p in zip(blks, pats):
             assert blk.pread(64 * KiB, 128 * KiB) == p
             blk.close()
-        r = sim.run_load(devs[3].dev_id, rw="randread", qd=16, count=1000)
+        r = run_load(transport, devs[3].dev_id, rw="randread", qd=16, count=1000)
         assert r["errors"] == 0
     finally:
         for d in devs:
             d.stop()
-    assert sim.list_devs() == []
+    assert set(transport.list_devs()) == before
 
 
 # -- errors at the front ------------------------------------------------------------------
 
-def test_misaligned_and_out_of_range_requests(sim):
-    with Device(MemoryBackend(MiB), sim, depth=4) as dev, dev.open() as blk:
+def test_misaligned_and_out_of_range_requests(transport):
+    with Device(MemoryBackend(MiB), transport, depth=4) as dev, dev.open() as blk:
         for off, n in [(100, 512), (512, 100), (0, 513), (MiB, 512), (MiB - 512, 1024), (2 * MiB, 4096)]:
             with pytest.raises(OSError) as ei:
                 blk.pread(n, off)
@@ -103,17 +181,17 @@ def test_misaligned_and_out_of_range_requests(sim):
         assert blk.pread(512, MiB - 512) == b"y" * 512
 
 
-def test_open_device_not_started(sim):
-    dev_id, _ = sim.add_dev(-1, 1, 4, 512 * KiB, 0)          # added, never started
+def test_open_device_not_started(transport):
+    dev_id, _ = transport.add_dev(-1, 1, 4, 512 * KiB, 0)          # added, never started
     try:
         with pytest.raises(FileNotFoundError):
-            sim.open(dev_id)
+            transport.open(dev_id)
     finally:
-        sim.del_dev(dev_id)
+        transport.del_dev(dev_id)
 
 
-def test_open_device_before_start_and_after_stop(sim):
-    dev = Device(MemoryBackend(MiB), sim, depth=4)
+def test_open_device_before_start_and_after_stop(transport):
+    dev = Device(MemoryBackend(MiB), transport, depth=4)
     with pytest.raises(FileNotFoundError):
         dev.open()
     dev.start()
@@ -124,10 +202,11 @@ def test_open_device_before_start_and_after_stop(sim):
 
 @pytest.mark.parametrize("kwargs", [dict(depth=0), dict(depth=5000), dict(data_path="bogus"),
                                     dict(queues=0), dict(recovery="sometimes")])
-def test_bad_device_args(sim, kwargs):
+def test_bad_device_args(transport, kwargs):
+    before = set(transport.list_devs())
     with pytest.raises(ValueError):
-        Device(MemoryBackend(MiB), sim, **kwargs)
-    assert sim.list_devs() == []
+        Device(MemoryBackend(MiB), transport, **kwargs)
+    assert set(transport.list_devs()) == before
 
 
 # -- server death, recovery and stop with I/O in flight ----------------------------------------
@@ -184,10 +263,10 @@ def _wait_served(backend, n, timeout=10.0):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_kill_without_recovery_fails_in_flight(sim, path):
+def test_kill_without_recovery_fails_in_flight(transport, path):
     backend = Slow()
     pats = _patterns(64, seed=5)
-    dev = Device(backend, sim, depth=8, data_path=path).start()
+    dev = Device(backend, transport, depth=8, data_path=path).start()
     try:
         blk = dev.open()
         th, out = _submit_in_thread(blk, [(OP_WRITE, i * 4096, 4096, p) for i, p in enumerate(pats)])
@@ -200,23 +279,23 @@ def test_kill_without_recovery_fails_in_flight(sim, path):
         assert set(res) <= {4096, -errno.EIO}, set(res)
         assert res.count(4096) >= 8 and -errno.EIO in res
         # every request completed exactly once: the driver holds nothing and counts none twice
-        assert sim.dev_info(dev.dev_id)["inflight"] == 0
+        assert inflight(transport, dev.dev_id) == 0
         for i, r in enumerate(res):                          # successes really reached the backend
             if r == 4096:
                 assert backend.data[i * 4096:(i + 1) * 4096] == pats[i]
-        assert sim.dev_info(dev.dev_id)["state"] == 0        # DEAD
+        assert transport.dev_info(dev.dev_id)["state"] == 0        # DEAD
         with pytest.raises(OSError):
             blk.pread(4096, 0)
         blk.close()
     finally:
-        sim.del_dev(dev.dev_id)
+        transport.del_dev(dev.dev_id)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_kill_with_reissue_completes_everything_after_recover(sim, path):
+def test_kill_with_reissue_completes_everything_after_recover(transport, path):
     backend = Slow()
     pats = _patterns(64, seed=6)
-    with Device(backend, sim, depth=8, data_path=path, recovery="reissue") as dev:
+    with Device(backend, transport, depth=8, data_path=path, recovery="reissue") as dev:
         blk = dev.open()
         th, out = _submit_in_thread(blk, [(OP_WRITE, i * 4096, 4096, p) for i, p in enumerate(pats)])
         _wait_served(backend, 16)
@@ -230,15 +309,15 @@ def test_kill_with_reissue_completes_everything_after_recover(sim, path):
         assert out.get("res") == [4096] * 64, out
         backend.delay = 0
         assert blk.pread(64 * 4096, 0) == b"".join(pats)
-        assert dev.info()["inflight"] == 0
+        assert inflight(transport, dev.dev_id) == 0
         blk.close()
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_kill_with_recovery_fail_new_io_waits_for_recover(sim, path):
+def test_kill_with_recovery_fail_new_io_waits_for_recover(transport, path):
     backend = Slow()
     pats = _patterns(64, seed=7)
-    with Device(backend, sim, depth=8, data_path=path, recovery="fail") as dev:
+    with Device(backend, transport, depth=8, data_path=path, recovery="fail") as dev:
         blk = dev.open()
         th, out = _submit_in_thread(blk, [(OP_WRITE, i * 4096, 4096, p) for i, p in enumerate(pats)])
         _wait_served(backend, 16)
@@ -265,9 +344,9 @@ def test_kill_with_recovery_fail_new_io_waits_for_recover(sim, path):
         blk2.close()
 
 
-def test_kill_with_recovery_fail_io_fails_new_io_until_recover(sim):
+def test_kill_with_recovery_fail_io_fails_new_io_until_recover(transport):
     backend = MemoryBackend(MiB)
-    with Device(backend, sim, depth=4, recovery="fail_io") as dev, dev.open() as blk:
+    with Device(backend, transport, depth=4, recovery="fail_io") as dev, dev.open() as blk:
         blk.pwrite(b"k" * 4096, 0)
         _kill(dev)
         assert dev.info()["state"] == 3                      # FAIL_IO
@@ -279,10 +358,11 @@ def test_kill_with_recovery_fail_io_fails_new_io_until_recover(sim):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_stop_with_io_in_flight_never_hangs(sim, path):
+def test_stop_with_io_in_flight_never_hangs(transport, path):
     backend = Slow()
     pats = _patterns(64, seed=8)
-    dev = Device(backend, sim, depth=8, data_path=path).start()
+    before = set(transport.list_devs())
+    dev = Device(backend, transport, depth=8, data_path=path).start()
     blk = dev.open()
     th, out = _submit_in_thread(blk, [(OP_WRITE, i * 4096, 4096, p) for i, p in enumerate(pats)])
     _wait_served(backend, 16)
@@ -295,5 +375,5 @@ def test_stop_with_io_in_flight_never_hangs(sim, path):
     for i, r in enumerate(res):
         if r == 4096:
             assert backend.data[i * 4096:(i + 1) * 4096] == pats[i]
-    assert sim.list_devs() == []
+    assert set(transport.list_devs()) == before
     blk.close()
