@@ -126,10 +126,11 @@ cdef class SimDriver:
     cdef server_gone_hard(self, int d)
     cdef _init_queue(self, int qi, int d, int q_id, int depth)
     cdef SimDev *_dev(self, int d, str what) except NULL
-    cdef void server_gone_nogil_fail(self, int d) noexcept nogil
+    cdef void fail_inflight(self, SimQueue *q, int32_t res) noexcept nogil
     cdef void release_tag(self, SimQueue *q, int tag) noexcept nogil
     cdef void kick_pending(self, SimQueue *q) noexcept nogil
     cdef int take_tag(self, SimQueue *q) noexcept nogil
     cdef void abort_ready(self, SimQueue *q) noexcept nogil
+    cdef void fail_pending(self, SimQueue *q, int32_t res) noexcept nogil
     cdef void lg_issue(self) noexcept nogil
     cdef void lg_done(self, int ri, int32_t res) noexcept nogil

@@ -270,20 +270,11 @@ cdef class SimDriver:
 
     cdef server_gone_hard(self, int d):
         cdef SimDev *dev = &self.devs[d]
-        cdef SimQueue *q
-        cdef int qi, tag
+        cdef int qi
         for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
-            q = &self.queues[qi]
-            self.abort_ready(q)
-            for tag in range(q.depth):
-                if q.tags[tag].state == TAG_SERVER or q.tags[tag].state == TAG_GETDATA:
-                    q.tags[tag].state = TAG_IDLE
-                    self.complete(q.tags[tag].req, -ENODEV)
-            while q.pend_count:
-                self.complete(q.pending[q.pend_head], -ENODEV)
-                q.pend_head = (q.pend_head + 1) % self.nreq
-                q.pend_count -= 1
-            q.nr_ready = 0
+            self.abort_ready(&self.queues[qi])
+            self.fail_inflight(&self.queues[qi], -ENODEV)
+            self.fail_pending(&self.queues[qi], -ENODEV)
 
     # -- the loop ------------------------------------------------------------------
 
@@ -533,6 +524,13 @@ cdef class SimDriver:
         self.devs[self.reqs[ri].dev].inflight -= 1
         self.complete_unqueued(ri, res)
 
+    cdef void fail_pending(self, SimQueue *q, int32_t res) noexcept nogil:
+        """Complete every request still waiting for a tag of q with res."""
+        while q.pend_count:
+            self.complete(q.pending[q.pend_head], res)
+            q.pend_head = (q.pend_head + 1) % self.nreq
+            q.pend_count -= 1
+
     cdef void abort_ready(self, SimQueue *q) noexcept nogil:
         """Complete every outstanding FETCH of the queue with UBLK_IO_RES_ABORT."""
         cdef int tag
@@ -740,10 +738,7 @@ cdef class SimDriver:
         for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
             q = &self.queues[qi]
             self.abort_ready(q)
-            while q.pend_count:
-                self.complete(q.pending[q.pend_head], -ENODEV)
-                q.pend_head = (q.pend_head + 1) % self.nreq
-                q.pend_count -= 1
+            self.fail_pending(q, -ENODEV)
         return dev.inflight
 
     def del_dev(self, int d):
@@ -771,7 +766,8 @@ cdef class SimDriver:
         cdef bint reissue = (dev.flags & F_REISSUE) != 0
         dev.server_alive = 0
         if dev.stopped or not dev.started:
-            self.server_gone_nogil_fail(d)
+            for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
+                self.fail_inflight(&self.queues[qi], -EIO)
             return
         if dev.flags & F_ANY_RECOVERY:
             dev.state = S_FAIL_IO if dev.flags & F_RECOVERY_FAIL_IO else S_QUIESCED
@@ -791,26 +787,20 @@ cdef class SimDriver:
                 q.tags[tag].state = TAG_IDLE
             q.nr_ready = 0
             if dev.state != S_QUIESCED:
-                while q.pend_count:
-                    self.complete(q.pending[q.pend_head], -EIO)
-                    q.pend_head = (q.pend_head + 1) % self.nreq
-                    q.pend_count -= 1
+                self.fail_pending(q, -EIO)
         if dev.state == S_DEAD:
             dev.started = 0
             dev.stopped = 1
 
-    cdef void server_gone_nogil_fail(self, int d) noexcept nogil:
-        cdef SimDev *dev = &self.devs[d]
-        cdef SimQueue *q
-        cdef int qi, tag
-        for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
-            q = &self.queues[qi]
-            q.nfree = 0
-            for tag in range(q.depth):
-                if q.tags[tag].state == TAG_SERVER or q.tags[tag].state == TAG_GETDATA:
-                    self.complete(q.tags[tag].req, -EIO)
-                q.tags[tag].state = TAG_IDLE
-            q.nr_ready = 0
+    cdef void fail_inflight(self, SimQueue *q, int32_t res) noexcept nogil:
+        """Complete the requests q's server holds with res; every tag is left without a FETCH."""
+        cdef int tag
+        for tag in range(q.depth):
+            if q.tags[tag].state == TAG_SERVER or q.tags[tag].state == TAG_GETDATA:
+                self.complete(q.tags[tag].req, res)
+            q.tags[tag].state = TAG_IDLE
+        q.nfree = 0
+        q.nr_ready = 0
 
     def start_user_recovery(self, int d):
         dev = self._dev(d, "START_USER_RECOVERY")
