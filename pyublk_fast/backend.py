@@ -7,8 +7,18 @@ once when the device starts.
 from __future__ import annotations
 
 import errno
+from typing import NamedTuple
 
 from .errors import BackendError
+
+
+class Request(NamedTuple):
+    """One block request, as handed to Backend.handle_batch."""
+    op: int                    #: uapi.UBLK_IO_OP_* (READ 0, WRITE 1, FLUSH 2, DISCARD 3, WRITE_ZEROES 5)
+    offset: int                #: bytes
+    length: int                #: bytes
+    buf: memoryview | None     #: the request's data (fill it for READ); None for FLUSH/DISCARD/WRITE_ZEROES
+    fua: bool                  #: the write must be durable when it completes
 
 
 class Backend:
@@ -44,6 +54,14 @@ class Backend:
 
     def write_zeroes(self, offset: int, length: int) -> None:
         raise BackendError(errno.EOPNOTSUPP)
+
+    def handle_batch(self, requests: list[Request]) -> list:
+        """Optional: serve a whole reaped batch in one call (override to opt in).
+
+        Return one result per request: None (success), the bytes done, or -errno;
+        raise BackendError to fail them all with its errno.
+        """
+        raise NotImplementedError
 
     def native_target(self):
         """A NativeTarget serving this backend in C without the GIL, or None."""

@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 
+from .backend import Backend, Request
 from .errors import BackendError
 
 log = logging.getLogger("pyublk_fast.dispatch")
@@ -37,7 +38,7 @@ class PythonDispatch:
         self.is_async = inspect.iscoroutinefunction(type(backend).read) or \
             inspect.iscoroutinefunction(type(backend).write)
         self.loop = asyncio.new_event_loop() if self.is_async else None
-        self.fua = backend.can_fua
+        self.batched = type(backend).handle_batch is not Backend.handle_batch
 
     def close(self):
         if self.loop is not None:
@@ -53,7 +54,7 @@ class PythonDispatch:
         if op == OP_READ:
             return b.read(offset, self.bufs[tag][:nbytes]), nbytes
         if op == OP_WRITE:
-            if op_flags & F_FUA and not self.fua:
+            if op_flags & F_FUA:          # write() has no FUA flag: make it durable with flush()
                 return self._write_fua(offset, self.bufs[tag][:nbytes]), nbytes
             return b.write(offset, self.bufs[tag][:nbytes]), nbytes
         if op == OP_FLUSH:
@@ -83,8 +84,28 @@ class PythonDispatch:
         log.error("backend failed on tag %d; the request gets EIO", tag, exc_info=exc)
         return -errno.EIO
 
+    def _request(self, tag: int) -> Request:
+        op_flags = self.u32[tag * 6]
+        op = op_flags & 0xff
+        nbytes = self.u32[tag * 6 + 1] << 9
+        buf = self.bufs[tag][:nbytes] if op in (OP_READ, OP_WRITE) else None
+        return Request(op, self.u64[tag * 3 + 1] << 9, nbytes, buf, bool(op_flags & F_FUA))
+
+    def _handle_batched(self, tags: list[int]) -> list[int]:
+        reqs = [self._request(tag) for tag in tags]
+        try:
+            outs = self.backend.handle_batch(reqs)
+            if len(outs) != len(reqs):
+                raise ValueError(f"handle_batch returned {len(outs)} results for {len(reqs)} requests")
+        except Exception as exc:  # noqa: BLE001
+            err = self._failure(tags[0], exc)
+            return [err] * len(tags)
+        return [r.length if out is None else int(out) for r, out in zip(reqs, outs)]
+
     def handle_batch(self, n: int) -> list[int]:
         tags = self.tags[:n].tolist()
+        if self.batched:
+            return self._handle_batched(tags)
         results = [0] * n
         pending = []
         for i, tag in enumerate(tags):

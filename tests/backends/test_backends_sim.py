@@ -244,3 +244,61 @@ def test_loadgen_verify_on_every_loop_path(sim, make_backend, path):
             r = sim.run_load(dev.dev_id, rw="randrw", bs=bs, qd=32, count=1500, verify=True)
             assert r["errors"] == 0 and r["verify_errors"] == 0, (bs, r)
             assert r["completed"] == 1500
+
+
+class BatchMemory(Backend):
+    """A backend that takes a whole batch per call (Backend.handle_batch)."""
+
+    can_discard = True
+
+    def __init__(self, size):
+        self.size = size
+        self.data = bytearray(size)
+        self.calls = []
+
+    def handle_batch(self, requests):
+        self.calls.append(len(requests))
+        out = []
+        for r in requests:
+            if r.op == 0:
+                r.buf[:] = self.data[r.offset:r.offset + r.length]
+            elif r.op == 1:
+                self.data[r.offset:r.offset + r.length] = r.buf
+            elif r.op == 3 and r.offset >= self.size // 2:
+                out.append(-errno.ENOSPC)
+                continue
+            out.append(None)
+        return out
+
+
+def test_batch_backend_gets_whole_batches_and_moves_data(sim):
+    be = BatchMemory(1 << 20)
+    with Device(be, sim, depth=32) as dev, dev.open() as blk:
+        reqs = [(1, 4096 * i, 4096, bytes([i]) * 4096) for i in range(64)]
+        assert blk.submit(reqs) == [4096] * 64
+        got = [bytearray(4096) for _ in range(64)]
+        assert blk.submit([(0, 4096 * i, 4096, got[i]) for i in range(64)]) == [4096] * 64
+        assert all(bytes(g) == bytes([i]) * 4096 for i, g in enumerate(got))
+        with pytest.raises(OSError) as e:
+            blk.discard(1 << 19, 4096)
+        assert e.value.errno == errno.ENOSPC
+    assert max(be.calls) > 1, "requests reached the backend in batches"
+
+
+def test_fua_write_on_a_python_backend_is_flushed(sim):
+    from pyublk_fast import uapi
+    from pyublk_fast.backends.memory import MemoryBackend
+
+    class Counting(MemoryBackend):
+        flushes = 0
+
+        def flush(self):
+            self.flushes += 1
+
+    be = Counting(1 << 20)
+    with Device(be, sim, depth=4) as dev, dev.open() as blk:
+        assert blk.submit([(uapi.UBLK_IO_OP_WRITE, 0, 4096, b"f" * 4096)]) == [4096]
+        assert be.flushes == 0
+        assert blk.submit([(uapi.UBLK_IO_OP_WRITE, 4096, 4096, b"g" * 4096, uapi.UBLK_IO_F_FUA)]) == [4096]
+        assert be.flushes == 1
+        assert blk.pread(8192, 0) == b"f" * 4096 + b"g" * 4096

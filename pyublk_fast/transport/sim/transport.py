@@ -228,7 +228,9 @@ class SimBlockDevice:
         self.close()
 
     def submit(self, requests, timeout: float = 30.0) -> list[int]:
-        """Run many requests at once: [(op, offset, length, buffer|None)] -> results (bytes or -errno).
+        """Run many requests at once: [(op, offset, length, buffer|None[, flags])] -> bytes or -errno each.
+
+        flags are UBLK_IO_F_* request flags (e.g. UBLK_IO_F_FUA).
 
         Up to len(slots) are in flight together; a buffer is bytes-like for writes and a
         writable buffer for reads.
@@ -246,7 +248,8 @@ class SimBlockDevice:
             nxt = 0
             while nxt < len(reqs) or inflight:
                 while nxt < len(reqs) and free:
-                    op, offset, length, buf = reqs[nxt]
+                    op, offset, length, buf, *rest = reqs[nxt]
+                    flags = rest[0] if rest else 0
                     addr = 0
                     if buf is not None:
                         arr = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
@@ -263,7 +266,7 @@ class SimBlockDevice:
                         addr = arr.__array_interface__["data"][0]
                         keep[nxt] = arr
                     slot = free.pop()
-                    d.fill_req(slot, self.dev_id, op, 0, offset, length, addr)
+                    d.fill_req(slot, self.dev_id, op, flags, offset, length, addr)
                     self._ring.prep_msg_ring(d.fd, self._ring.fd, front_msg(slot))
                     inflight[slot] = nxt
                     nxt += 1
