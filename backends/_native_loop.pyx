@@ -72,6 +72,7 @@ cdef class LoopTarget(NativeTarget):
         cdef uint64_t n = <uint64_t>iod.nr_sectors << SECTOR_SHIFT
         cdef int64_t moved
         if op == UBLK_IO_OP_READ or op == UBLK_IO_OP_WRITE:
+            q.zc_register_buf(tag)      # kernel zero copy on 6.15: REGISTER_IO_BUF linked before
             if q.data_path == DP_SPLICE and op == UBLK_IO_OP_WRITE:
                 moved = q.splice(tag, 0, 1, <uint32_t>n)      # request pages -> pipe, no copy
                 if moved != <int64_t>n:

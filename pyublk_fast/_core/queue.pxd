@@ -17,7 +17,7 @@ cdef struct TagIO:
     int32_t result               # first error, else bytes so far
     uint16_t pending             # backend operations outstanding
     uint8_t state                # TAG_WAIT / TAG_BUSY / TAG_GONE
-    uint8_t pad
+    uint8_t registered           # kernel zero copy: REGISTER_IO_BUF sent for this request
 
 
 cdef class NativeTarget:
@@ -53,6 +53,7 @@ cdef class Queue:
     cdef int nr_live               # tags not yet aborted
     cdef bint need_get_data
     cdef bint auto_buf_reg         # kernel zero copy: request buffer auto-registered at index tag
+    cdef readonly bint zc_register # kernel zero copy without AUTO_BUF_REG: REGISTER/UNREGISTER_IO_BUF
     cdef readonly int data_path
     cdef void *sim_ctx
     cdef sim_copy_fn uc_fn
@@ -69,6 +70,8 @@ cdef class Queue:
     cdef io_uring_sqe *get_sqe(self) noexcept nogil
     cdef void submit_cmd(self, uint32_t nr, int tag, int32_t result) noexcept nogil
     cdef void commit(self, int tag, int32_t res) noexcept nogil
+    cdef void zc_buf_cmd(self, uint32_t nr, int tag, unsigned sqe_flags) noexcept nogil
+    cdef void zc_register_buf(self, int tag) noexcept nogil
     cdef uint64_t target_ud(self, int tag, uint32_t tgt_data) noexcept nogil
     cdef uint8_t *tag_buf(self, int tag) noexcept nogil
     cdef int64_t user_copy(self, int tag, int to_request, uint32_t nbytes) noexcept nogil

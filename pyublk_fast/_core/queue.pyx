@@ -120,13 +120,13 @@ cdef class Queue:
         elif self.data_path == DP_SPLICE:
             raise ValueError("splice zero copy (the seed RFC) exists only on the simulated driver; "
                              "on a kernel use zero_copy (6.15+) or user_copy")
-        elif self.data_path == DP_ZERO_COPY and not auto_buf_reg:
-            raise ValueError("kernel zero copy is served with UBLK_F_AUTO_BUF_REG (Linux 6.16+); "
-                             "the REGISTER_IO_BUF path is not implemented: use user_copy")
-        # kernel zero copy: the driver installs each request's pages at buffer index `tag`
-        # of this ring (the index rides in the FETCH/COMMIT SQE's addr) and removes them at
-        # COMMIT; backend SQEs use READ/WRITE_FIXED at offset 0 of that buffer
+        # kernel zero copy: the request's pages are installed at buffer index `tag` of this
+        # ring, either by the driver (AUTO_BUF_REG, 6.16+: the index rides in the FETCH/COMMIT
+        # SQE's addr) or by a REGISTER_IO_BUF command linked before the backend's first SQE
+        # (6.15), removed at COMMIT (UNREGISTER_IO_BUF); backend SQEs use READ/WRITE_FIXED at
+        # offset 0 of that buffer
         self.auto_buf_reg = auto_buf_reg and not sim and self.data_path == DP_ZERO_COPY
+        self.zc_register = not auto_buf_reg and not sim and self.data_path == DP_ZERO_COPY
         self.native = native
         self.py_handler = py_handler
         iod_arr = np.asarray(iods)
@@ -246,11 +246,33 @@ cdef class Queue:
                 sqe.addr = tag        # struct ublk_auto_buf_reg: index = tag, flags 0
         self.tags[tag].state = TAG_WAIT
 
+    cdef void zc_buf_cmd(self, uint32_t nr, int tag, unsigned sqe_flags) noexcept nogil:
+        """REGISTER_IO_BUF / UNREGISTER_IO_BUF of tag's request at buffer index tag."""
+        cdef io_uring_sqe *sqe = self.get_sqe()
+        cdef ublksrv_io_cmd *c
+        pyu_prep_uring_cmd(sqe, 64, self.cmd_fd, io_cmd_op(nr), NULL, 0, ud_encode(tag, nr, 0, 0))
+        c = <ublksrv_io_cmd *>pyu_sqe_cmd(sqe)
+        c.q_id = self.q_id
+        c.tag = tag
+        c.addr = tag
+        sqe.flags = sqe_flags | IOSQE_CQE_SKIP_SUCCESS
+
+    cdef void zc_register_buf(self, int tag) noexcept nogil:
+        """For targets, before their first SQE on the request's pages (kernel zero copy without
+        AUTO_BUF_REG): a REGISTER_IO_BUF linked to the next SQE. No-op otherwise."""
+        if self.zc_register and not self.tags[tag].registered:
+            self.zc_buf_cmd(UBLK_IO_REGISTER_IO_BUF, tag, IOSQE_IO_LINK)
+            self.tags[tag].registered = 1
+
     cdef void commit(self, int tag, int32_t res) noexcept nogil:
         """Complete the request of tag with res (bytes or -errno) and fetch the next."""
         cdef unsigned op = self.iods[tag].op_flags & 0xff
         cdef iovec empty
         cdef int64_t n
+        if self.tags[tag].registered:
+            # the request completes once its buffer is unregistered and the commit is done
+            self.zc_buf_cmd(UBLK_IO_UNREGISTER_IO_BUF, tag, 0)
+            self.tags[tag].registered = 0
         if self.data_path == DP_USER_COPY and op == UBLK_IO_OP_READ and res > 0:
             n = self.user_copy(tag, 1, res)
             if n != res:
@@ -326,6 +348,9 @@ cdef class Queue:
                     break
                 if tag >= self.depth:
                     self.cmd_errors += 1
+                    continue
+                if op == UBLK_IO_REGISTER_IO_BUF or op == UBLK_IO_UNREGISTER_IO_BUF:
+                    self.cmd_errors += 1      # only failures post a CQE; the linked SQE sees -ECANCELED
                     continue
                 if op == OP_SIM_MSG or res[i] < 0:
                     # the command could not be delivered, or the driver refused / aborted it
