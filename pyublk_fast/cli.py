@@ -255,7 +255,13 @@ def cmd_add(a: argparse.Namespace) -> int:
     if a.zero_copy and a.user_copy:
         raise CliError("-z (zero copy) and -u (user copy) exclude each other")
     if a.unprivileged and (a.zero_copy or a.user_copy):
-        raise CliError("--unprivileged devices cannot use -z or -u (the kernel refuses them)")
+        raise CliError("--unprivileged devices cannot use -z or -u (the kernel refuses them): "
+                       "with USER_COPY or zero copy the server reads and writes request pages "
+                       "through /dev/ublkcN, which the kernel trusts only a privileged server "
+                       "with; drop -z/-u to use the copy data path")
+    if a.unprivileged and a.recovery:
+        raise CliError("--unprivileged devices cannot use --recovery: the kernel drops "
+                       "USER_RECOVERY for them (an untrusted server could stall error handling)")
     opts = _opts_from_args(a)
     make_backend(opts["target"], opts["file"], opts["size"]).close()   # early, clear errors
     if a.foreground:
@@ -453,7 +459,10 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
                    help="zero copy (Linux 6.16+, native backends: null, loop)")
     p.add_argument("-u", "--user-copy", action="store_true", help="USER_COPY data path (6.5+)")
     p.add_argument("--unprivileged", action="store_true",
-                   help="UNPRIVILEGED_DEV: owned by the calling user (needs udev rules)")
+                   help="UNPRIVILEGED_DEV: a normal user's device, owned by it (needs udev "
+                   "rules: /dev/ublk-control open to users, /dev/ublkcN and /dev/ublkbN "
+                   "chowned to the owner; no -z, -u or --recovery; as root the kernel makes "
+                   "a privileged device)")
     p.add_argument("--recovery", nargs="?", const="reissue", choices=RECOVERY_MODES,
                    help="allow `recover` after the server dies (default mode: reissue)")
     p.add_argument("--python", action="store_true",

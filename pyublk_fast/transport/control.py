@@ -6,6 +6,15 @@ numpy arrays kept alive until the completion is reaped.  Command codes are the
 ioctl-encoded ones (``UBLK_U_CMD_*``, kernel 6.4+).  Kernel errors become
 :class:`UblkCommandError` (an ``OSError`` with the errno, the command's name and
 a hint; also a ``PermissionError``/``FileExistsError``/... where Python has one).
+
+Unprivileged devices (``UBLK_F_UNPRIVILEGED_DEV``): every command but ADD_DEV and
+GET_FEATURES names the device's char node: the buffer at ``addr`` starts with
+``"/dev/ublkcN\\0"`` (``dev_path_len`` bytes, NUL included), the command's own
+payload follows and ``len`` covers both; GET_DEV_INFO becomes GET_DEV_INFO2.  The
+kernel checks the caller's access to that node (read, or read-write for commands
+that change the device).  :class:`UblkControl` picks the form per device: the one
+ADD_DEV granted, or, for a device added elsewhere, the path form once a command in
+the plain form was refused and GET_DEV_INFO2 shows the flag.
 """
 from __future__ import annotations
 
@@ -122,9 +131,19 @@ def hint_for(command: str, err: int, dev_id: int | None = None,
     if err == errno.ENODEV and dev_id is not None:
         return f"there is no ublk device {dev_id} (see /sys/class/ublk-char/)"
     if err == errno.EPERM:
+        if command == "ADD_DEV":
+            return ("needs CAP_SYS_ADMIN (root); a normal user must ask for UNPRIVILEGED_DEV "
+                    "(--unprivileged)")
         return "needs CAP_SYS_ADMIN (root), or a device added with UNPRIVILEGED_DEV"
     if err == errno.EINTR:
         return "interrupted by a signal while the kernel waited; retry"
+    if err == errno.EACCES and dev_id is not None and command not in ("ADD_DEV", "SET_PARAMS"):
+        return (f"no access to /dev/ublkc{dev_id}: commands on an unprivileged device need "
+                "read-write access to its char node (read for GET_*), which a udev rule gives "
+                "the device's owner; other users cannot control it")
+    if err == errno.ENOENT and dev_id is not None:
+        return (f"/dev/ublkc{dev_id} is missing: an unprivileged device is named by its char "
+                "node, which must exist in this mount namespace")
     if command == "ADD_DEV":
         if err in (errno.ENOSPC, errno.EMFILE):
             return (f"device limit reached: ublk_drv allows ublks_max={_ublks_max()} "
@@ -133,14 +152,17 @@ def hint_for(command: str, err: int, dev_id: int | None = None,
         if err == errno.EEXIST:
             return f"device id {dev_id} is taken: pass dev_id=-1 for the next free one"
         if err == errno.EACCES:
-            return "unprivileged device limit reached (unprivileged_ublks_max)"
+            return (f"unprivileged device limit reached: ublk_drv allows ublks_max="
+                    f"{_ublks_max()} unprivileged devices; delete unused ones, or as root raise "
+                    "it: `echo N > /sys/module/ublk_drv/parameters/ublks_max`")
         if err == errno.EINVAL:
             found = _add_dev_problems(args or {}) if args else []
             return "; ".join(found) if found else (
                 "invalid arguments: depth 1..4096, nr_queues >= 1, known flag combinations")
     if command == "SET_PARAMS":
         if err == errno.EACCES:
-            return "parameters can only be set before START_DEV"
+            return ("parameters can only be set before START_DEV (or, for an unprivileged "
+                    f"device, the caller lacks read-write access to /dev/ublkc{dev_id})")
         if err == errno.EINVAL:
             return ("invalid parameters: basic is required, logical_bs_shift 9..page shift "
                     "and <= physical_bs_shift, max_sectors <= max_io_buf_bytes/512, devt "
@@ -157,6 +179,38 @@ def hint_for(command: str, err: int, dev_id: int | None = None,
     if err == errno.EBUSY:
         return "the device is busy (being started, stopped or recovered); retry later"
     return ""
+
+
+# ---- command encoding ------------------------------------------------------------------
+def char_dev_path(dev_id: int) -> bytes:
+    """``b"/dev/ublkcN\\0"``: how an unprivileged device's commands name it."""
+    return f"/dev/ublkc{dev_id}".encode() + b"\0"
+
+
+def path_form_buffer(dev_id: int, payload: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """(buffer, dev_path_len) for an unprivileged device's command: the NUL-terminated
+    char device path, then ``payload``'s bytes (none for commands without a buffer)."""
+    path = char_dev_path(dev_id)
+    body = b"" if payload is None else payload.reshape(-1).view(np.uint8).tobytes()
+    if len(path) + len(body) > 0xFFFF:
+        raise ValueError(f"command buffer of {len(path) + len(body)} bytes does not fit "
+                         "ublksrv_ctrl_cmd.len (u16)")
+    return np.frombuffer(path + body, np.uint8).copy(), len(path)
+
+
+def ctrl_cmd(dev_id: int, buf: np.ndarray | None, data0: int = 0,
+             dev_path_len: int = 0) -> np.ndarray:
+    """The 32-byte ``struct ublksrv_ctrl_cmd`` (one CTRL_CMD_DTYPE record) for a device-wide
+    command on ``dev_id`` whose buffer is ``buf``."""
+    cmd = np.zeros(1, uapi.CTRL_CMD_DTYPE)
+    cmd["dev_id"] = dev_id & 0xFFFFFFFF
+    cmd["queue_id"] = _NO_QUEUE
+    if buf is not None:
+        cmd["addr"] = buf.ctypes.data
+        cmd["len"] = buf.nbytes
+    cmd["data"][0, 0] = data0
+    cmd["dev_path_len"] = dev_path_len
+    return cmd
 
 
 # ---- device info -----------------------------------------------------------------------
@@ -225,8 +279,9 @@ class UblkControl:
                 "ublk_drv` (needs CONFIG_BLK_DEV_UBLK)", path) from None
         except PermissionError as exc:
             raise PermissionError(
-                exc.errno, f"no permission to open {path}: run as root, or use "
-                "UNPRIVILEGED_DEV with udev rules that grant access", path) from None
+                exc.errno, f"no permission to open {path} (uid {os.geteuid()}): run as root, "
+                "or use UNPRIVILEGED_DEV (--unprivileged) and add a udev rule that opens it to "
+                'users, e.g. KERNEL=="ublk-control", MODE="0666"', path) from None
         try:
             self._ring = Ring(8, SETUP_SQE128)
         except BaseException:
@@ -237,6 +292,7 @@ class UblkControl:
         self._lock = threading.Lock()
         self._next_ud = 1
         self._inflight: dict[int, Any] = {}   # user_data -> buffers the kernel may still use
+        self._path_form: dict[int, bool] = {}  # dev_id -> commands carry /dev/ublkcN
 
     # -- plumbing
     def close(self) -> None:
@@ -259,26 +315,62 @@ class UblkControl:
         return self._fd < 0
 
     def _execute(self, command: str, dev_id: int, buf: np.ndarray | None = None,
-                 data0: int = 0, args: dict[str, Any] | None = None) -> int:
+                 data0: int = 0, args: dict[str, Any] | None = None,
+                 unprivileged: bool | None = False) -> int:
+        """Run one command; ``unprivileged``: True path form, False plain, None as the
+        device needs (see :meth:`uses_path_form`)."""
+        if unprivileged is None:
+            unprivileged = self._path_form.get(dev_id)
+            if unprivileged is None:
+                try:
+                    return self._execute(command, dev_id, buf, data0, args, False)
+                except UblkCommandError as exc:
+                    # what an unprivileged device answers to the plain form: the kernel
+                    # refused it in its permission check, before doing anything
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    if not self.uses_path_form(dev_id):
+                        raise
+                    unprivileged = True
+            return self._execute(command, dev_id, buf, data0, args, unprivileged)
         if self._fd < 0:
             raise ValueError("UblkControl is closed")
+        sent = buf
+        plen = 0
+        if unprivileged:
+            sent, plen = path_form_buffer(dev_id, buf)
+            if command == "GET_DEV_INFO":
+                command = "GET_DEV_INFO2"
         op = getattr(uapi, f"UBLK_U_CMD_{command}")
-        cmd = np.zeros(1, uapi.CTRL_CMD_DTYPE)
-        cmd["dev_id"] = dev_id & 0xFFFFFFFF
-        cmd["queue_id"] = _NO_QUEUE
-        if buf is not None:
-            cmd["addr"] = buf.ctypes.data
-            cmd["len"] = buf.nbytes
-        cmd["data"][0, 0] = data0
+        cmd = ctrl_cmd(dev_id, sent, data0, plen)
         with self._lock:
             ud = self._next_ud
             self._next_ud += 1
-            self._inflight[ud] = buf
+            self._inflight[ud] = sent
             self._ring.prep_uring_cmd(self._fd, op, cmd.tobytes(), ud)
             res = self._wait_for(ud, command)
         if res < 0:
             raise command_error(-res, command, hint_for(command, -res, dev_id, args))
+        if plen and buf is not None:      # what the kernel wrote after the path
+            buf.reshape(-1).view(np.uint8)[:] = sent[plen:]
         return res
+
+    def uses_path_form(self, dev_id: int) -> bool:
+        """Whether commands for ``dev_id`` must carry its char device path (an
+        unprivileged device); asks GET_DEV_INFO2 once and remembers the answer."""
+        known = self._path_form.get(dev_id)
+        if known is not None:
+            return known
+        info = np.zeros(1, uapi.DEV_INFO_DTYPE)
+        try:
+            self._execute("GET_DEV_INFO2", dev_id, info, unprivileged=True)
+        except UblkCommandError as exc:
+            if exc.errno == errno.EACCES:      # the path check ran: an unprivileged device
+                return True
+            return False                       # no device, no permission, no GET_DEV_INFO2
+        flag = bool(int(info[0]["flags"]) & uapi.UBLK_F_UNPRIVILEGED_DEV)
+        self._path_form[dev_id] = flag
+        return flag
 
     def _wait_for(self, ud: int, command: str) -> int:
         ring = self._ring
@@ -330,23 +422,40 @@ class UblkControl:
         info["flags"] = flags
         args = dict(dev_id=dev_id, nr_queues=nr_queues, depth=depth, flags=flags)
         self._execute("ADD_DEV", dev_id, info, args=args)
-        return DevInfo.from_record(info[0], asked_flags=flags)
+        granted = DevInfo.from_record(info[0], asked_flags=flags)
+        self._path_form[granted.dev_id] = bool(granted.flags & uapi.UBLK_F_UNPRIVILEGED_DEV)
+        return granted
 
-    def del_dev(self, dev_id: int) -> None:
-        """Delete a device; waits until the kernel has released its id."""
-        self._execute("DEL_DEV", _dev(dev_id))
+    def del_dev(self, dev_id: int, unprivileged: bool | None = None) -> None:
+        """Delete a device; waits until the kernel has released its id.
 
-    def del_dev_async(self, dev_id: int) -> None:
+        ``unprivileged`` (every device command takes it): True sends the path form,
+        False the plain one, None (default) what the device needs.
+        """
+        self._execute("DEL_DEV", _dev(dev_id), unprivileged=unprivileged)
+        self._path_form.pop(dev_id, None)
+
+    def del_dev_async(self, dev_id: int, unprivileged: bool | None = None) -> None:
         """Delete a device without waiting for its id to be freed."""
-        self._execute("DEL_DEV_ASYNC", _dev(dev_id))
+        self._execute("DEL_DEV_ASYNC", _dev(dev_id), unprivileged=unprivileged)
+        self._path_form.pop(dev_id, None)
 
-    def get_dev_info(self, dev_id: int) -> DevInfo:
-        """The device's current ``ublksrv_ctrl_dev_info`` (state, pid, flags...)."""
+    def get_dev_info(self, dev_id: int, unprivileged: bool | None = None) -> DevInfo:
+        """The device's current ``ublksrv_ctrl_dev_info`` (state, pid, flags, owner...);
+        GET_DEV_INFO2 for an unprivileged device."""
         info = np.zeros(1, uapi.DEV_INFO_DTYPE)
-        self._execute("GET_DEV_INFO", _dev(dev_id), info)
+        self._execute("GET_DEV_INFO", _dev(dev_id), info, unprivileged=unprivileged)
         return DevInfo.from_record(info[0])
 
-    def set_params(self, dev_id: int, params: np.ndarray | np.void) -> None:
+    def get_dev_info2(self, dev_id: int) -> DevInfo:
+        """GET_DEV_INFO2 (Linux 6.5+): always names /dev/ublkcN, works for any device
+        whose char node the caller may read (root: all)."""
+        info = np.zeros(1, uapi.DEV_INFO_DTYPE)
+        self._execute("GET_DEV_INFO2", _dev(dev_id), info, unprivileged=True)
+        return DevInfo.from_record(info[0])
+
+    def set_params(self, dev_id: int, params: np.ndarray | np.void,
+                   unprivileged: bool | None = None) -> None:
         """SET_PARAMS from a PARAMS_DTYPE record (``len`` 0 means the whole struct)."""
         buf = np.zeros(1, uapi.PARAMS_DTYPE)
         try:
@@ -356,38 +465,42 @@ class UblkControl:
                             f"({exc})") from None
         if buf[0]["len"] == 0:
             buf["len"] = uapi.PARAMS_DTYPE.itemsize
-        self._execute("SET_PARAMS", _dev(dev_id), buf)
+        self._execute("SET_PARAMS", _dev(dev_id), buf, unprivileged=unprivileged)
 
-    def get_params(self, dev_id: int) -> np.void:
+    def get_params(self, dev_id: int, unprivileged: bool | None = None) -> np.void:
         """The device's ``struct ublk_params`` (devt filled in by the kernel)."""
         buf = np.zeros(1, uapi.PARAMS_DTYPE)
         buf["len"] = uapi.PARAMS_DTYPE.itemsize
-        self._execute("GET_PARAMS", _dev(dev_id), buf)
+        self._execute("GET_PARAMS", _dev(dev_id), buf, unprivileged=unprivileged)
         return buf[0]
 
-    def start_dev(self, dev_id: int, pid: int | None = None) -> None:
+    def start_dev(self, dev_id: int, pid: int | None = None,
+                  unprivileged: bool | None = None) -> None:
         """Make /dev/ublkbN appear; blocks until every queue's FETCH commands are in.
 
         ``pid`` is the server's (6.17+: the process that opened /dev/ublkcN).
         """
-        self._execute("START_DEV", _dev(dev_id), data0=os.getpid() if pid is None else pid)
+        self._execute("START_DEV", _dev(dev_id), data0=os.getpid() if pid is None else pid,
+                      unprivileged=unprivileged)
 
-    def stop_dev(self, dev_id: int) -> None:
+    def stop_dev(self, dev_id: int, unprivileged: bool | None = None) -> None:
         """Remove /dev/ublkbN and abort the server's outstanding commands."""
-        self._execute("STOP_DEV", _dev(dev_id))
+        self._execute("STOP_DEV", _dev(dev_id), unprivileged=unprivileged)
 
-    def update_size(self, dev_id: int, sectors: int) -> None:
+    def update_size(self, dev_id: int, sectors: int, unprivileged: bool | None = None) -> None:
         """Resize a LIVE device to ``sectors`` 512-byte sectors (UBLK_F_UPDATE_SIZE)."""
         _check_int("sectors", sectors, 0, (1 << 64) - 1)
-        self._execute("UPDATE_SIZE", _dev(dev_id), data0=sectors)
+        self._execute("UPDATE_SIZE", _dev(dev_id), data0=sectors, unprivileged=unprivileged)
 
-    def get_queue_affinity(self, dev_id: int, queue_id: int) -> set[int]:
+    def get_queue_affinity(self, dev_id: int, queue_id: int,
+                           unprivileged: bool | None = None) -> set[int]:
         """CPUs whose I/O goes to queue ``queue_id``."""
         _check_int("queue_id", queue_id, 0, 0xFFFF)
         ncpu = os.cpu_count() or 1
         words = max(1, -(-max(ncpu, 1024) // 64))      # cpumask in u64 words
         buf = np.zeros(words, np.uint64)
-        self._execute("GET_QUEUE_AFFINITY", _dev(dev_id), buf, data0=queue_id)
+        self._execute("GET_QUEUE_AFFINITY", _dev(dev_id), buf, data0=queue_id,
+                      unprivileged=unprivileged)
         bits = np.unpackbits(buf.view(np.uint8), bitorder="little")
         return {int(i) for i in np.flatnonzero(bits)}
 

@@ -32,6 +32,17 @@ PAGE = mmap.PAGESIZE
 QUEUE_STRIDE = -(-uapi.UBLK_MAX_QUEUE_DEPTH * IOD_SIZE // PAGE) * PAGE
 RECOVERY_FLAGS = (uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
                   | uapi.UBLK_F_USER_RECOVERY_FAIL_IO)
+#: What an unprivileged device cannot have, and why the kernel refuses or drops it.
+UNPRIVILEGED_REFUSES = {
+    uapi.UBLK_F_USER_COPY: "USER_COPY (-u): the server would fill request buffers by pread/"
+    "pwrite on /dev/ublkcN, which the kernel does not trust an unprivileged server with "
+    "(ADD_DEV fails with EINVAL); use the default copy data path",
+    uapi.UBLK_F_SUPPORT_ZERO_COPY: "zero copy (-z): the server would get the kernel's request "
+    "pages, which the kernel does not trust an unprivileged server with (ADD_DEV fails with "
+    "EINVAL); use the default copy data path",
+    uapi.UBLK_F_USER_RECOVERY: "recovery (--recovery): the kernel drops USER_RECOVERY for "
+    "unprivileged devices (an untrusted server could stall error handling)",
+}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -84,10 +95,13 @@ class KernelTransport:
     name = "kernel"
 
     def __init__(self, control_path: str = CONTROL_PATH, *, timeout: float = 30.0,
-                 unprivileged: bool = False) -> None:
+                 unprivileged: bool = False, node_timeout: float = 5.0) -> None:
+        """``unprivileged``: add devices with UBLK_F_UNPRIVILEGED_DEV, owned by the caller;
+        ``node_timeout``: how long ADD_DEV then waits for udev to hand /dev/ublkcN over."""
         self.control_path = control_path
         self.unprivileged = unprivileged
         self.timeout = timeout
+        self.node_timeout = node_timeout
         self.ctrl = UblkControl(control_path, timeout=timeout)   # clear error if no module
         self._devs: dict[int, _Dev] = {}
         self._lock = threading.Lock()
@@ -127,6 +141,10 @@ class KernelTransport:
         if flags & uapi.SIM_FEATURE_MASK:
             raise OSError(errno.EOPNOTSUPP, missing_features_message(
                 flags & uapi.SIM_FEATURE_MASK, "ADD_DEV"))
+        if self.unprivileged:
+            for flag, why in UNPRIVILEGED_REFUSES.items():
+                if flags & flag:
+                    raise ValueError(f"an unprivileged device cannot use {why}")
         if flags & uapi.UBLK_F_SUPPORT_ZERO_COPY:
             flags |= uapi.UBLK_F_AUTO_BUF_REG
         missing = flags & ~self.features()
@@ -139,11 +157,39 @@ class KernelTransport:
             raise ValueError(f"nr_queues={nr_queues}: the kernel caps queues at the CPU count "
                              f"({os.cpu_count()}); use -q {os.cpu_count()} or fewer")
         info = self.ctrl.add_dev(dev_id, nr_queues, depth, max_io_bytes, flags)
-        self.refused_flags = info.refused_flags
+        # root's devices are privileged whatever it asks for: the kernel drops the flag
+        self.refused_flags = info.refused_flags & ~uapi.UBLK_F_UNPRIVILEGED_DEV
         with self._lock:
             self._devs[info.dev_id] = _Dev(info.dev_id, info.nr_hw_queues, info.queue_depth,
                                            info.flags, info.max_io_buf_bytes)
+        if info.flags & uapi.UBLK_F_UNPRIVILEGED_DEV:
+            self._wait_for_node(info.dev_id)
         return info.dev_id, info.flags
+
+    def _wait_for_node(self, dev_id: int) -> None:
+        """Wait until udev gave the caller read-write access to /dev/ublkcN (a new node is
+        root's, mode 0600); without it no command on the device is possible."""
+        path = f"/dev/ublkc{dev_id}"
+        deadline = time.monotonic() + self.node_timeout
+        while not os.access(path, os.R_OK | os.W_OK):
+            if time.monotonic() > deadline:
+                try:
+                    self.ctrl.del_dev(dev_id, unprivileged=True)
+                    gone = "it was deleted again"
+                except OSError:
+                    gone = f"it stays until root deletes it (`python -m pyublk_fast del -n {dev_id}`)"
+                self.release(dev_id)
+                raise PermissionError(
+                    errno.EACCES, f"unprivileged device {dev_id} added, but {path} did not "
+                    f"become read-writable for uid {os.geteuid()} within {self.node_timeout} s; "
+                    "a udev rule must give the device's owner its /dev/ublkcN and /dev/ublkbN "
+                    f"(chown to the owner_uid of GET_DEV_INFO2); {gone}", path)
+            time.sleep(0.01)
+
+    def _form(self, dev_id: int) -> bool | None:
+        """The command form for a device this transport holds (None: let UblkControl find out)."""
+        dev = self._devs.get(dev_id)
+        return None if dev is None else bool(dev.flags & uapi.UBLK_F_UNPRIVILEGED_DEV)
 
     def set_params(self, dev_id: int, size: int, block_size: int, attrs: int = 0,
                    max_sectors: int = 0, discard: bool = True) -> None:
@@ -179,7 +225,7 @@ class KernelTransport:
     def start_dev(self, dev_id: int, timeout: float = 10.0) -> None:
         """START_DEV (blocks until every tag has a FETCH); waits for /dev/ublkbN to appear."""
         with self._oneshot(timeout) as c:
-            c.start_dev(dev_id)
+            c.start_dev(dev_id, unprivileged=self._form(dev_id))
         _wait_path(self.block_path(dev_id), timeout)
 
     def stop_dev(self, dev_id: int) -> None:
@@ -192,15 +238,18 @@ class KernelTransport:
         DEL_DEV_ASYNC never waits for users of /dev/ublkbN to close it; the
         synchronous DEL_DEV (older kernels) does, bounded by ``timeout``.
         """
+        form = self._form(dev_id)
         self.release(dev_id)
         try:
-            self.ctrl.del_dev_async(dev_id)
+            self.ctrl.del_dev_async(dev_id, unprivileged=form)
             return
         except UblkCommandError as exc:
+            # EINVAL also: kernels whose permission check does not know DEL_DEV_ASYNC
+            # refuse it for unprivileged devices
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, 524, errno.ENOTTY):
                 raise
         with self._oneshot(timeout) as c:
-            c.del_dev(dev_id)
+            c.del_dev(dev_id, unprivileged=form)
 
     def release(self, dev_id: int) -> None:
         """Unmap the descriptor arrays and close /dev/ublkcN (what the kernel sees when a
@@ -219,11 +268,12 @@ class KernelTransport:
 
     def start_user_recovery(self, dev_id: int, timeout: float = 10.0) -> None:
         """START_USER_RECOVERY, retried while the kernel still tears the old server down."""
+        form = self._form(dev_id)
         self.release(dev_id)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.ctrl._execute("START_USER_RECOVERY", dev_id)
+                self.ctrl._execute("START_USER_RECOVERY", dev_id, unprivileged=form)
                 return
             except UblkCommandError as exc:
                 if exc.errno != errno.EBUSY or time.monotonic() > deadline:
@@ -237,7 +287,8 @@ class KernelTransport:
     def end_user_recovery(self, dev_id: int, timeout: float = 10.0) -> None:
         """END_USER_RECOVERY (blocks until every tag has a FETCH again)."""
         with self._oneshot(timeout) as c:
-            c._execute("END_USER_RECOVERY", dev_id, data0=os.getpid())
+            c._execute("END_USER_RECOVERY", dev_id, data0=os.getpid(),
+                       unprivileged=self._form(dev_id))
 
     def update_size(self, dev_id: int, sectors: int) -> None:
         """UPDATE_SIZE of a live device (UBLK_F_UPDATE_SIZE)."""
