@@ -95,9 +95,16 @@ class KernelTransport:
     name = "kernel"
 
     def __init__(self, control_path: str = CONTROL_PATH, *, timeout: float = 30.0,
-                 unprivileged: bool = False, node_timeout: float = 5.0) -> None:
+                 unprivileged: bool = False, node_timeout: float = 5.0,
+                 zero_copy: str = "auto") -> None:
         """``unprivileged``: add devices with UBLK_F_UNPRIVILEGED_DEV, owned by the caller;
-        ``node_timeout``: how long ADD_DEV then waits for udev to hand /dev/ublkcN over."""
+        ``node_timeout``: how long ADD_DEV then waits for udev to hand /dev/ublkcN over;
+        ``zero_copy``: how request pages reach the ring's buffer table: "auto_buf_reg" (the
+        driver installs them, 6.16+), "register" (REGISTER_IO_BUF per request, 6.15+) or
+        "auto" (AUTO_BUF_REG where the kernel has it)."""
+        if zero_copy not in ("auto", "auto_buf_reg", "register"):
+            raise ValueError(f"zero_copy={zero_copy!r}: choose auto, auto_buf_reg or register")
+        self.zero_copy = zero_copy
         self.control_path = control_path
         self.unprivileged = unprivileged
         self.timeout = timeout
@@ -134,8 +141,8 @@ class KernelTransport:
                 flags: int) -> tuple[int, int]:
         """ADD_DEV; returns (dev_id, granted_flags).
 
-        Zero copy gets AUTO_BUF_REG added (the queue runner's kernel zero-copy
-        path).  Flags the kernel does not have raise OSError(EOPNOTSUPP) naming
+        Zero copy gets AUTO_BUF_REG added where the kernel has it (or zero_copy=
+        "auto_buf_reg" insists); otherwise the queues register each request's buffer.  Flags the kernel does not have raise OSError(EOPNOTSUPP) naming
         them and the kernel version that has them, before anything is added.
         """
         if flags & uapi.SIM_FEATURE_MASK:
@@ -145,7 +152,9 @@ class KernelTransport:
             for flag, why in UNPRIVILEGED_REFUSES.items():
                 if flags & flag:
                     raise ValueError(f"an unprivileged device cannot use {why}")
-        if flags & uapi.UBLK_F_SUPPORT_ZERO_COPY:
+        if flags & uapi.UBLK_F_SUPPORT_ZERO_COPY and (
+                self.zero_copy == "auto_buf_reg"
+                or (self.zero_copy == "auto" and self.features() & uapi.UBLK_F_AUTO_BUF_REG)):
             flags |= uapi.UBLK_F_AUTO_BUF_REG
         missing = flags & ~self.features()
         if missing:
