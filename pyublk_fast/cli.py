@@ -456,7 +456,7 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-io", type=parse_size, default=512 << 10,
                    help="largest request in bytes (default 512K)")
     p.add_argument("-z", "--zero-copy", action="store_true",
-                   help="zero copy (Linux 6.16+, native backends: null, loop)")
+                   help="zero copy (Linux 6.15+; AUTO_BUF_REG on 6.16+; native backends: null, loop)")
     p.add_argument("-u", "--user-copy", action="store_true", help="USER_COPY data path (6.5+)")
     p.add_argument("--unprivileged", action="store_true",
                    help="UNPRIVILEGED_DEV: a normal user's device, owned by it (needs udev "
