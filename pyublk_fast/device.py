@@ -78,7 +78,8 @@ class Device:
             raise ValueError(f"data_path={wanted!r} is not available: {why}; available: {', '.join(offered)}")
         missing = _PATH_FLAGS[wanted] & ~self.transport.features()
         if missing:
-            names = uapi.feature_names(missing)
+            names = ", ".join(uapi.feature_names(missing & ~uapi.SIM_FEATURE_MASK)
+                              + (["SPLICE_ZC"] if missing & uapi.SIM_FEATURE_MASK else []))
             versions = [uapi.KERNEL_VERSION_OF_FEATURE.get(1 << b, "?") for b in range(64) if missing >> b & 1]
             where = ("only the simulated driver has it (the RFC was never merged)" if missing & uapi.SIM_FEATURE_MASK
                      else f"it needs Linux {max(versions)}+")
