@@ -31,7 +31,7 @@ class PythonDispatch:
     def __init__(self, backend, queue):
         self.backend = backend
         self.tags = queue.py_tag_array
-        raw = memoryview(queue.descriptors().view(np.uint8)).cast("B")
+        self._raw = raw = memoryview(queue.descriptors().view(np.uint8)).cast("B")
         self.u32 = raw.cast("I")
         self.u64 = raw.cast("Q")
         self.bufs = [memoryview(b) for b in queue.buffers()]
@@ -41,8 +41,12 @@ class PythonDispatch:
         self.batched = type(backend).handle_batch is not Backend.handle_batch
 
     def close(self):
+        """Release the views of the queue's descriptors and buffers, and the event loop."""
         if self.loop is not None:
             self.loop.close()
+        for view in (self.u32, self.u64, self._raw, *self.bufs):
+            view.release()
+        self.bufs = []
 
     def _call(self, tag: int):
         u32 = self.u32

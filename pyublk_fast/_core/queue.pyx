@@ -204,7 +204,12 @@ cdef class Queue:
         return self._keep[0]
 
     def close(self):
+        """Close the ring and drop the descriptor array and buffers (after run() returned): a
+        kernel transport can then unmap /dev/ublkcN's descriptors and the server is gone."""
         self.ring.close()
+        self._keep = None
+        self.iods = NULL
+        self.bufs = NULL
 
     # -- commands to the driver -------------------------------------------------------
 

@@ -12,7 +12,6 @@ never wait on each other.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -43,13 +42,6 @@ UNPRIVILEGED_REFUSES = {
     uapi.UBLK_F_USER_RECOVERY: "recovery (--recovery): the kernel drops USER_RECOVERY for "
     "unprivileged devices (an untrusted server could stall error handling)",
 }
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def kernel_version() -> str:
@@ -268,8 +260,13 @@ class KernelTransport:
         if dev is None:
             return
         with dev.lock:
-            for addr, length in dev.maps.values():
-                _libc.munmap(addr, length)
+            for mm in dev.maps.values():
+                try:
+                    mm.close()
+                except BufferError:
+                    # a queue still holds a view: it is unmapped when that view goes away,
+                    # never under a running queue
+                    pass
             dev.maps.clear()
             if dev.fd >= 0:
                 os.close(dev.fd)
@@ -360,15 +357,14 @@ class KernelTransport:
                     raise
             if q_id not in dev.maps:
                 length = -(-dev.depth * IOD_SIZE // PAGE) * PAGE
-                addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, dev.fd,
-                                  q_id * QUEUE_STRIDE)
-                if addr in (None, _MAP_FAILED):
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"mmap of queue {q_id}'s descriptors on /dev/ublkc"
-                                  f"{dev_id}: {os.strerror(err)}")
-                dev.maps[q_id] = (addr, length)
-            addr, length = dev.maps[q_id]
-            iods = np.frombuffer((ctypes.c_uint8 * length).from_address(addr), np.uint8)
+                try:
+                    dev.maps[q_id] = mmap.mmap(dev.fd, length, mmap.MAP_SHARED, mmap.PROT_READ,
+                                               offset=q_id * QUEUE_STRIDE)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"mmap of queue {q_id}'s descriptors on /dev/ublkc"
+                                  f"{dev_id}: {os.strerror(exc.errno)}") from None
+            # the array keeps the mapping alive (and un-closable) while a queue uses it
+            iods = np.frombuffer(dev.maps[q_id], np.uint8)
             return dict(sim=False, cmd_fd=dev.fd, iods=iods,
                         auto_buf_reg=bool(dev.flags & uapi.UBLK_F_AUTO_BUF_REG))
 
