@@ -22,9 +22,8 @@ from pyublk_fast.device import Device
 KiB, MiB = 1 << 10, 1 << 20
 OP_READ, OP_WRITE = 0, 1
 PATHS = ["copy", "need_get_data"]
-#: What new I/O fails with while a recovery="fail_io" device has no server: the kernel
-#: ends it with BLK_STS_TARGET (EREMOTEIO), the simulated driver with EIO.
-FAIL_IO_ERRNO = {"sim": errno.EIO, "kernel": errno.EREMOTEIO}
+#: What new I/O fails with while a recovery="fail_io" device has no server: BLK_STS_TARGET.
+FAIL_IO_ERRNO = {"sim": errno.EREMOTEIO, "kernel": errno.EREMOTEIO}
 #: What I/O fails with once a device without recovery lost its server or was stopped. The
 #: kernel also fails a write that reaches the disk after it was removed (capacity 0) with ENOSPC.
 GONE_ERRNOS = {"sim": {errno.EIO, errno.ENODEV}, "kernel": {errno.EIO, errno.ENODEV, errno.ENOSPC}}

@@ -21,7 +21,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free, malloc
 from libc.errno cimport (EINVAL, EIO, ENODEV, EBUSY, EAGAIN, EPERM, EACCES, EOPNOTSUPP, ENOSPC, EEXIST,
-                         ETIMEDOUT, ENOLINK, ENODATA, EILSEQ, ENOMEM, ENOENT, EEXIST, EROFS)
+                         ETIMEDOUT, ENOLINK, ENODATA, EILSEQ, ENOMEM, ENOENT, EEXIST, EROFS,
+                         EREMOTEIO, EBADE)
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.unistd cimport read as c_read
 from posix.ioctl cimport ioctl
@@ -120,7 +121,8 @@ cdef inline int32_t blk_status_errno(int32_t res) noexcept nogil:
     """errno_to_blk_status(): the errnos a block device passes through; the rest are EIO."""
     cdef int32_t e = -res
     if (e == EOPNOTSUPP or e == ENOSPC or e == ETIMEDOUT or e == ENOLINK or e == ENODATA
-            or e == EILSEQ or e == EAGAIN or e == ENOMEM or e == EBUSY):
+            or e == EILSEQ or e == EAGAIN or e == ENOMEM or e == EBUSY or e == EREMOTEIO
+            or e == EBADE):
         return res
     return -EIO
 
@@ -493,7 +495,10 @@ cdef class SimDriver:
         else:
             self.complete_unqueued(ri, -EOPNOTSUPP)
             return
-        if d.state == S_FAIL_IO or d.state == S_DEAD:
+        if d.state == S_FAIL_IO:
+            self.complete_unqueued(ri, -EREMOTEIO)     # BLK_STS_TARGET, as ublk_queue_rq does
+            return
+        if d.state == S_DEAD:
             self.complete_unqueued(ri, -EIO)
             return
         d.inflight += 1
@@ -787,7 +792,7 @@ cdef class SimDriver:
                 q.tags[tag].state = TAG_IDLE
             q.nr_ready = 0
             if dev.state != S_QUIESCED:
-                self.fail_pending(q, -EIO)
+                self.fail_pending(q, -EREMOTEIO if dev.state == S_FAIL_IO else -EIO)
         if dev.state == S_DEAD:
             dev.started = 0
             dev.stopped = 1
