@@ -17,7 +17,7 @@ import time
 
 from . import uapi
 from ._core.queue import Queue
-from ._core.ring import Ring
+from ._core.ring import SETUP_COOP_TASKRUN, SETUP_SINGLE_ISSUER, Ring
 from .dispatch import PythonDispatch
 
 log = logging.getLogger("pyublk_fast.device")
@@ -30,6 +30,10 @@ _PATH_FLAGS = {
     "zero_copy": uapi.UBLK_F_SUPPORT_ZERO_COPY,
     "splice_zc": uapi.SIM_F_SPLICE_ZC,
 }
+#: Queue rings: owned by their thread; completions run when the thread enters the kernel
+#: anyway (no IPI per completion). Same-run A/B on the sim, 2 cores: null QD128 1.76M ->
+#: 2.25M IOPS, loop randread vs fio 0.73-0.77x -> 0.80-0.84x.
+SERVER_RING_FLAGS = SETUP_SINGLE_ISSUER | SETUP_COOP_TASKRUN
 #: Data paths every backend can use: the server holds a buffer per tag.
 BUFFERED_PATHS = ("copy", "need_get_data", "user_copy")
 
@@ -39,7 +43,8 @@ class Device:
 
     def __init__(self, backend, transport, *, queues: int = 1, depth: int = 128,
                  max_io_bytes: int = 512 * 1024, data_path: str = "auto", recovery: str | None = None,
-                 dev_id: int = -1, native: bool = True, poll_us: float = 0.0):
+                 dev_id: int = -1, native: bool = True, poll_us: float = 0.0,
+                 ring_flags: int = SERVER_RING_FLAGS):
         backend.check()
         if data_path != "auto" and data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: choose auto or one of {DATA_PATHS}")
@@ -60,6 +65,7 @@ class Device:
         self.data_path = self._choose_path(data_path)
         self.dev_id = dev_id
         self.poll_us = poll_us
+        self.ring_flags = ring_flags
         self.flags = 0
         self._threads: list[threading.Thread] = []
         self._queues: list[Queue | None] = []
@@ -141,7 +147,8 @@ class Device:
             args = self.transport.queue_args(self.dev_id, q_id)
             q = Queue(q_id, self.depth, self.max_io_bytes, native=self.native,
                       py_handler=None if self.native is not None else (lambda n: dispatch.handle_batch(n)),
-                      need_get_data=self.data_path == "need_get_data", data_path=self.data_path, poll_us=self.poll_us, **args)
+                      need_get_data=self.data_path == "need_get_data", data_path=self.data_path, poll_us=self.poll_us,
+                      ring_flags=self.ring_flags, **args)
             if self.native is None:
                 dispatch = PythonDispatch(self.backend, q)
             self._queues[q_id] = q

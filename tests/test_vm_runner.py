@@ -386,3 +386,27 @@ def test_pyenv_shims_are_resolved_on_the_host(tmp_path):
         str(real), "-m", "pytest"]
     assert resolve_shim(["fio", "x"], which, lambda n: "/nope") == ["fio", "x"]
     assert resolve_shim(["python3"], which, lambda n: "") == ["python3"]   # pyenv failed
+
+
+def test_boot_died_only_when_the_job_never_started(tmp_path):
+    import ublk_vm
+    from ublkvm.qemu import RunResult
+    res = RunResult()
+    res.status = None
+    assert ublk_vm.boot_died(res, tmp_path)             # crashed during boot: retry
+    (tmp_path / "started").write_text("")
+    assert not ublk_vm.boot_died(res, tmp_path)         # CMD ran (and died): report it
+    (tmp_path / "started").unlink()
+    res.timed_out = True
+    assert not ublk_vm.boot_died(res, tmp_path)         # a hang is reported, not retried
+    res.timed_out = False
+    res.status = 0
+    assert not ublk_vm.boot_died(res, tmp_path)
+
+
+def test_job_script_marks_the_start_first():
+    from ublkvm.qemu import job_script
+    from ublkvm.initramfs import GUEST_JOB_DIR
+    lines = job_script({}, "/work", ["true"], ["ublk_drv"]).splitlines()
+    assert lines[2].startswith(f": > {GUEST_JOB_DIR}/started")
+    assert lines[-1] == "exec true"

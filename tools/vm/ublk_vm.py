@@ -149,6 +149,15 @@ def new_run_dir(s: Settings) -> Path:
     return d
 
 
+BOOT_ATTEMPTS = 3
+
+
+def boot_died(res: RunResult, jobdir: Path) -> bool:
+    """True when the guest ended (not by timeout or ^C) before the job script started."""
+    return (res.status is None and not res.timed_out and not res.interrupted
+            and not (jobdir / "started").exists())
+
+
 def cmd_run(ns: argparse.Namespace, s: Settings) -> int:
     """Boot the guest, run CMD, report; returns the exit status."""
     timeout = ns.timeout or s.timeout
@@ -162,10 +171,16 @@ def cmd_run(ns: argparse.Namespace, s: Settings) -> int:
     cmd = resolve_shim(ns.cmd)
     if cmd[0] != ns.cmd[0]:
         log(f"{ns.cmd[0]} is a pyenv shim: running {cmd[0]} directly (faster under TCG)")
-    run_dir = new_run_dir(s)
-    log(f"booting {kernel.kver} (Debian {kernel.suite}), timeout {timeout:g}s")
-    res = run_guest(s, kernel, initrd, run_dir / "job", cmd, os.getcwd(), outdir,
-                    timeout, console_log=run_dir / "console.log")
+    for attempt in range(1, BOOT_ATTEMPTS + 1):
+        run_dir = new_run_dir(s)
+        log(f"booting {kernel.kver} (Debian {kernel.suite}), timeout {timeout:g}s")
+        res = run_guest(s, kernel, initrd, run_dir / "job", cmd, os.getcwd(), outdir,
+                        timeout, console_log=run_dir / "console.log")
+        if not boot_died(res, run_dir / "job") or attempt == BOOT_ATTEMPTS:
+            break
+        # TCG occasionally oopses while the kernel patches its own text at boot; CMD never ran
+        log(f"the guest died before CMD started (console: {run_dir / 'console.log'}); "
+            f"booting again ({attempt + 1}/{BOOT_ATTEMPTS})")
     code, verdict = decide_exit(res, timeout, ns.fail_on_warning)
     if outdir:
         shutil.copy(run_dir / "console.log", Path(outdir) / "ublk-vm-console.log")
