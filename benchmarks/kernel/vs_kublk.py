@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -66,6 +67,7 @@ def main() -> int:
     ap.add_argument("--runtime", type=float, default=4.0)
     ap.add_argument("--out", default="")
     ap.add_argument("--queues", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="repeat every pair, alternating order")
     a = ap.parse_args()
     kublk = kublk_path()
     if kublk is None:
@@ -84,34 +86,45 @@ def main() -> int:
         ("loop -z", "pyublk_fast", lambda: ours_add(["-t", "loop", "-q", q, "-d", "128", "-z", "-f", RAM])),
     ]
     rows = []
-    for target, server, add in cases:
-        try:
-            path, remove = add()
-        except Exception as exc:   # noqa: BLE001 - reported in the table
-            rows.append(dict(target=target, server=server, error=str(exc)[:200]))
-            continue
-        try:
-            qd32 = fio(path, 32, a.runtime)
-            qd1 = fio(path, 1, a.runtime)
-            rows.append(dict(target=target, server=server, qd32_iops=qd32["iops"],
-                             qd1_lat_mean_us=qd1["lat_mean_us"], qd1_lat_p50_us=qd1["lat_p50_us"]))
-        finally:
-            remove()
-        time.sleep(0.2)
+    pairs = [cases[i:i + 2] for i in range(0, len(cases), 2)]     # (kublk, ours) per target
+    for rnd in range(a.rounds):
+        for pair in pairs:
+            # alternate who goes first, so drift in a noisy VM hits both servers alike
+            for target, server, add in (pair if rnd % 2 == 0 else pair[::-1]):
+                row = dict(target=target, server=server, round=rnd)
+                try:
+                    path, remove = add()
+                except Exception as exc:   # noqa: BLE001 - reported in the table
+                    rows.append(dict(row, error=str(exc)[:200]))
+                    continue
+                try:
+                    qd32 = fio(path, 32, a.runtime)
+                    qd1 = fio(path, 1, a.runtime)
+                    rows.append(dict(row, qd32_iops=qd32["iops"], qd1_lat_mean_us=qd1["lat_mean_us"],
+                                     qd1_lat_p50_us=qd1["lat_p50_us"]))
+                finally:
+                    remove()
+                time.sleep(0.2)
     lines = [f"kernel {os.uname().release}, qemu TCG, {os.cpu_count()} vCPUs, 4k randread, "
-             f"{a.runtime:g} s per point, queues {q}", "",
-             "| target | server | QD32 IOPS | vs kublk | QD1 mean lat (us) | vs kublk | QD1 p50 (us) |",
-             "|---|---|---|---|---|---|---|"]
-    ref = {r["target"]: r for r in rows if r["server"] == "kublk" and "error" not in r}
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['target']} | {r['server']} | error: {r['error']} | | | | |")
-            continue
-        k = ref.get(r["target"])
-        ri = f"{r['qd32_iops'] / k['qd32_iops']:.2f}x" if k else ""
-        rl = f"{r['qd1_lat_mean_us'] / k['qd1_lat_mean_us']:.2f}x" if k else ""
-        lines.append(f"| {r['target']} | {r['server']} | {r['qd32_iops']:.0f} | {ri} | "
-                     f"{r['qd1_lat_mean_us']:.1f} | {rl} | {r['qd1_lat_p50_us']:.1f} |")
+             f"{a.runtime:g} s per point, queues {q}, {a.rounds} rounds (order alternating); "
+             "medians, ratios paired per round (min..max)", "",
+             "| target | server | QD32 IOPS | vs kublk | QD1 mean lat (us) | vs kublk |",
+             "|---|---|---|---|---|---|"]
+    for pair in pairs:
+        for target, server, _ in pair:
+            mine = {r["round"]: r for r in rows if r["target"] == target and r["server"] == server}
+            errs = [r["error"] for r in mine.values() if "error" in r]
+            if errs:
+                lines.append(f"| {target} | {server} | error: {errs[0]} | | | |")
+                continue
+            ref = {r["round"]: r for r in rows if r["target"] == target and r["server"] == "kublk"
+                   and "error" not in r}
+            iops = statistics.median(r["qd32_iops"] for r in mine.values())
+            lat = statistics.median(r["qd1_lat_mean_us"] for r in mine.values())
+            ri = [mine[k]["qd32_iops"] / ref[k]["qd32_iops"] for k in mine if k in ref]
+            rl = [mine[k]["qd1_lat_mean_us"] / ref[k]["qd1_lat_mean_us"] for k in mine if k in ref]
+            fmt = (lambda v: f"{statistics.median(v):.2f}x ({min(v):.2f}..{max(v):.2f})") if ri else (lambda v: "")
+            lines.append(f"| {target} | {server} | {iops:.0f} | {fmt(ri)} | {lat:.1f} | {fmt(rl)} |")
     text = "\n".join(lines)
     print(text)
     if a.out:
