@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Any, Sequence
 
+from .transport.kernel import pid_alive
+
 TARGETS = ("null", "loop", "qcow2", "memory")
 RECOVERY_MODES = ("fail", "reissue", "fail_io")
 log = logging.getLogger("pyublk_fast.cli")
@@ -290,7 +292,7 @@ def cmd_recover(a: argparse.Namespace) -> int:
                        "with -t TYPE [-f FILE]")
     opts["dev_id"] = a.number
     old = rec.get("pid")
-    if old and _alive(old):
+    if old and pid_alive(old):
         raise CliError(f"device {a.number}'s server (pid {old}) is still running: nothing to "
                        "recover")
     with _transport(opts) as t:
@@ -314,28 +316,14 @@ def cmd_recover(a: argparse.Namespace) -> int:
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:   # a zombie child of ours (tests) counts as dead
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def delete_device(t, dev_id: int, timeout: float) -> None:
     """Ask the server to stop (SIGTERM) and wait; else stop and delete via the control device."""
     rec = read_record(dev_id) or {}
     pid = rec.get("pid")
-    if pid and _alive(pid):
+    if pid and pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     if dev_id in t.list_devs():
         try:

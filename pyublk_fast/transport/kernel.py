@@ -312,7 +312,7 @@ class KernelTransport:
                     features=info.feature_names, size=int(basic["dev_sectors"]) << 9,
                     logical_block_size=1 << int(basic["logical_bs_shift"]),
                     attrs=int(basic["attrs"]), started=state == uapi.DevState.LIVE,
-                    server_alive=info.ublksrv_pid > 0 and _pid_alive(info.ublksrv_pid),
+                    server_alive=info.ublksrv_pid > 0 and pid_alive(info.ublksrv_pid),
                     pid=info.ublksrv_pid, owner_uid=info.owner_uid, owner_gid=info.owner_gid,
                     block_path=info.block_path, char_path=info.char_path)
 
@@ -379,14 +379,19 @@ class KernelTransport:
         return KernelBlockDevice(self.block_path(dev_id))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process pid runs (a zombie, e.g. a dead server not yet reaped, counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _wait_path(path: str, timeout: float) -> None:
