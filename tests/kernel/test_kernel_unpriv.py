@@ -111,6 +111,14 @@ def _dev_id_of(path: str) -> int:
 
 
 # ---- root's side: what udev does ------------------------------------------------------------
+def _root_owned(path: str) -> bool:
+    """Whether the node exists and still belongs to root (it may vanish at any moment)."""
+    try:
+        return os.stat(path).st_uid == 0
+    except FileNotFoundError:
+        return False
+
+
 class UdevStandIn:
     """Chowns the nodes of unprivileged devices to their owner, like ublksrv's udev rule."""
 
@@ -132,11 +140,9 @@ class UdevStandIn:
                     self._handle(int(name[5:]))
 
     def _handle(self, dev_id: int) -> None:
+        """chown a new device's nodes to its owner, as a udev rule would."""
         nodes = [f"/dev/ublkc{dev_id}", f"/dev/ublkb{dev_id}"]
-        try:
-            todo = [p for p in nodes if os.stat(p).st_uid == 0]
-        except FileNotFoundError:
-            todo = [p for p in nodes if os.path.exists(p) and os.stat(p).st_uid == 0]
+        todo = [p for p in nodes if _root_owned(p)]
         if not todo:
             return
         try:
