@@ -1,9 +1,10 @@
 """Shared fixtures: a simulated ublk driver, backing files and backend factories."""
 from __future__ import annotations
 
-import os
 
 import pytest
+
+from backend_kinds import build_backend
 
 from pyublk_fast.transport.sim import SimTransport
 
@@ -56,24 +57,7 @@ def make_backend(tmp_path):
     File-backed kinds reuse one file per test, so calling it twice reopens the same data.
     """
     def make(kind: str):
-        from pyublk_fast.backends.loop import LoopBackend
-        from pyublk_fast.backends.memory import MemoryBackend
-        from pyublk_fast.backends.null import NullBackend
-        from pyublk_fast.backends.qcow2 import Qcow2Image
-        from pyublk_fast.backends.qcow2_backend import Qcow2Backend
-        native = BACKEND_KINDS[kind][1]
-        if kind == "memory":
-            return MemoryBackend(DEV_SIZE), native
-        if kind == "null-native":
-            return NullBackend(DEV_SIZE), native
-        if kind.startswith("loop"):
-            path = tmp_path / "loop.img"
-            if not path.exists():
-                with open(path, "wb") as f:
-                    f.truncate(DEV_SIZE)
-            return LoopBackend(str(path)), native
-        path = str(tmp_path / "img.qcow2")
-        if not os.path.exists(path):
-            Qcow2Image.create(path, DEV_SIZE).close()
-        return Qcow2Backend(path), native
+        backend, native = build_backend(kind.removesuffix("-native"), tmp_path, DEV_SIZE)
+        assert native == BACKEND_KINDS[kind][1]
+        return backend, native
     return make

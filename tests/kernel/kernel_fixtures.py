@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from backend_kinds import build_backend
+
 MiB = 1 << 20
 DEV_SIZE = 16 * MiB
 FIO_TIMEOUT = 240
@@ -39,25 +41,7 @@ def fio_verify_args(path: str, size: int = 12 * MiB) -> list[str]:
 
 def make_backend(kind: str, tmp_path: Path, size: int = DEV_SIZE):
     """(backend, native) for kind: memory, loop, loop-python, qcow2, null."""
-    from pyublk_fast.backends.loop import LoopBackend
-    from pyublk_fast.backends.memory import MemoryBackend
-    from pyublk_fast.backends.null import NullBackend
-    from pyublk_fast.backends.qcow2 import Qcow2Image
-    from pyublk_fast.backends.qcow2_backend import Qcow2Backend
-    if kind == "memory":
-        return MemoryBackend(size), True
-    if kind == "null":
-        return NullBackend(size), True
-    if kind.startswith("loop"):
-        path = tmp_path / "loop.img"
-        if not path.exists():
-            with open(path, "wb") as fh:
-                fh.truncate(size)
-        return LoopBackend(str(path)), kind == "loop"
-    path = tmp_path / "img.qcow2"
-    if not path.exists():
-        Qcow2Image.create(str(path), size).close()
-    return Qcow2Backend(str(path)), True
+    return build_backend(kind, tmp_path, size)
 
 
 @pytest.fixture
