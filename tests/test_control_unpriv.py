@@ -13,6 +13,8 @@ import os
 import numpy as np
 import pytest
 
+from asuser import as_user
+
 from pyublk_fast import uapi
 from pyublk_fast.transport.control import (UblkControl, char_dev_path, ctrl_cmd, hint_for,
                                            path_form_buffer)
@@ -128,23 +130,7 @@ def test_control_open_error_names_udev_and_root(tmp_path):
         with pytest.raises(PermissionError, match="add a udev rule.*run as root"):
             UblkControl(str(node))
         return
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        msg = "opened"
-        try:
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            UblkControl(str(node)).close()
-        except BaseException as exc:        # noqa: BLE001 - reported to the parent
-            msg = f"{type(exc).__name__}: {exc}"
-        os.write(w, msg.encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as fh:
-        msg = fh.read().decode()
-    os.waitpid(pid, 0)
-    assert msg.startswith("PermissionError"), msg
+    with pytest.raises(PermissionError) as ei:
+        as_user(65534, lambda: UblkControl(str(node)).close())
+    msg = str(ei.value)
     assert "add a udev rule" in msg and "run as root" in msg and "--unprivileged" in msg, msg
