@@ -117,6 +117,11 @@ def hist_bucket_lower_ns():
     return out
 
 
+cdef inline bint is_copy_path(const SimDev *d) noexcept nogil:
+    """The driver copies data to/from the server's buffer (no user copy / zero copy flag)."""
+    return not (d.flags & (F_USER_COPY | F_ZERO_COPY | F_AUTO_BUF_REG | F_SPLICE_ZC))
+
+
 cdef inline int32_t blk_status_errno(int32_t res) noexcept nogil:
     """errno_to_blk_status(): the errnos a block device passes through; the rest are EIO."""
     cdef int32_t e = -res
@@ -338,7 +343,7 @@ cdef class SimDriver:
         cdef Req *r
         cdef int32_t res
         cdef uint32_t remaining
-        cdef bint copy_path = not (d.flags & (F_USER_COPY | F_ZERO_COPY | F_AUTO_BUF_REG | F_SPLICE_ZC))
+        cdef bint copy_path = is_copy_path(d)
         if (cmd.cmd_op >> 8) != ((UBLK_IO_CMD_IOCTL_BASE >> 8) & 0xffffff) and (cmd.cmd_op >> 8) != 0:
             self.post(cmd.ring_fd, -EOPNOTSUPP, cmd.user_data)
             return
@@ -439,7 +444,7 @@ cdef class SimDriver:
         cdef SimTag *t = &q.tags[tag]
         cdef ublksrv_io_desc *iod = &q.iods[tag]
         cdef uint32_t remaining = r.len - r.done
-        cdef bint copy_path = not (d.flags & (F_USER_COPY | F_ZERO_COPY | F_AUTO_BUF_REG | F_SPLICE_ZC))
+        cdef bint copy_path = is_copy_path(d)
         iod.op_flags = r.op | r.flags
         iod.nr_sectors = remaining >> SECTOR_SHIFT
         iod.start_sector = (r.offset + r.done) >> SECTOR_SHIFT

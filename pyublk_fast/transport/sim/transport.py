@@ -7,6 +7,7 @@ the kernel's errnos.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 
@@ -282,11 +283,10 @@ class SimBlockDevice:
         return results
 
     def _one(self, op, offset, length, buf, what):
-        res = self.submit([(op, offset, length, buf)])[0]
-        if res < 0:
-            raise OSError(-res, f"{what} at offset {offset}, {length} bytes on /dev/ublkb{self.dev_id}: "
-                                f"{__import__('os').strerror(-res)}")
-        return res
+        reqs = [(op, offset, length, buf)]
+        res = self.submit(reqs)
+        self._check(res, reqs, what)
+        return res[0]
 
     def _chunks(self, offset, length):
         step = self.max_io
@@ -310,7 +310,7 @@ class SimBlockDevice:
         for (op, off, n, _), res in zip(reqs, results):
             if res < 0:
                 raise OSError(-res, f"{what} at offset {off}, {n} bytes on /dev/ublkb{self.dev_id}: "
-                                    f"{__import__('os').strerror(-res)}")
+                                    f"{os.strerror(-res)}")
 
     def flush(self) -> None:
         self._one(OP_FLUSH, 0, 0, None, "flush")
