@@ -22,7 +22,6 @@ from .dispatch import PythonDispatch
 
 log = logging.getLogger("pyublk_fast.device")
 
-DATA_PATHS = ("copy", "need_get_data", "user_copy", "zero_copy", "splice_zc")
 _PATH_FLAGS = {
     "copy": 0,
     "need_get_data": uapi.UBLK_F_NEED_GET_DATA,
@@ -30,6 +29,7 @@ _PATH_FLAGS = {
     "zero_copy": uapi.UBLK_F_SUPPORT_ZERO_COPY,
     "splice_zc": uapi.SIM_F_SPLICE_ZC,
 }
+DATA_PATHS = tuple(_PATH_FLAGS)
 #: Queue rings: owned by their thread; completions run when the thread enters the kernel
 #: anyway (no IPI per completion). Same-run A/B on the sim, 2 cores: null QD128 1.76M ->
 #: 2.25M IOPS, loop randread vs fio 0.73-0.77x -> 0.80-0.84x.
@@ -60,7 +60,6 @@ class Device:
         self.depth = depth
         self.max_io_bytes = max_io_bytes
         self.recovery = recovery
-        self.requested_path = data_path
         self.native = backend.native_target() if native else None
         self.data_path = self._choose_path(data_path)
         self.dev_id = dev_id
@@ -147,7 +146,7 @@ class Device:
             args = self.transport.queue_args(self.dev_id, q_id)
             q = Queue(q_id, self.depth, self.max_io_bytes, native=self.native,
                       py_handler=None if self.native is not None else (lambda n: dispatch.handle_batch(n)),
-                      need_get_data=self.data_path == "need_get_data", data_path=self.data_path, poll_us=self.poll_us,
+                      data_path=self.data_path, poll_us=self.poll_us,
                       ring_flags=self.ring_flags, **args)
             if self.native is None:
                 dispatch = PythonDispatch(self.backend, q)

@@ -51,7 +51,6 @@ cdef class Queue:
     cdef uint16_t *py_tags
     cdef int n_py
     cdef int nr_live               # tags not yet aborted
-    cdef bint need_get_data
     cdef bint auto_buf_reg         # kernel zero copy: request buffer auto-registered at index tag
     cdef readonly bint zc_register # kernel zero copy without AUTO_BUF_REG: REGISTER/UNREGISTER_IO_BUF
     cdef readonly int data_path

@@ -89,7 +89,7 @@ cdef class Queue:
 
     def __init__(self, int q_id, int depth, uint32_t buf_size, *, bint sim, int cmd_fd,
                  iods, sim_cmds=None, int sim_qi=0, NativeTarget native=None, py_handler=None,
-                 bint need_get_data=False, str data_path="copy", sim_ops=None, unsigned ring_flags=0,
+                 str data_path="copy", sim_ops=None, unsigned ring_flags=0,
                  double poll_us=0.0, bint auto_buf_reg=False):
         if native is None and py_handler is None:
             raise ValueError("Queue needs a native target or a Python handler")
@@ -101,7 +101,6 @@ cdef class Queue:
         self.sim = sim
         self.cmd_fd = cmd_fd
         self.sim_qi = sim_qi
-        self.need_get_data = need_get_data
         self.spin_ns = <int64_t>(poll_us * 1000)    # poll the CQ this long before sleeping
         if data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: one of {sorted(DATA_PATHS)}")
