@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -18,24 +18,24 @@ from ublk_ktest import wait_for_path
 FIO_TIMEOUT = 180
 
 
-def free_dev_id() -> int:
-    used = {int(p.name[len("ublkc"):]) for p in Path("/sys/class/ublk-char").glob("ublkc*")}
-    return next(i for i in range(64) if i not in used)
-
-
 def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
 def kublk_dev(kublk):
-    """Start a kublk device from argv; always `kublk del` it afterwards."""
+    """Start a kublk device from argv; always `kublk del` it afterwards.
+
+    The kernel picks the id: an id whose char node is gone can still be taken
+    while a closing server holds the device, so guessing a free one races."""
     started: list[int] = []
 
     def add(*args: str) -> str:
-        dev_id = free_dev_id()
-        res = run([kublk, "add", "-n", str(dev_id), *args])
+        res = run([kublk, "add", *args])
         assert res.returncode == 0, f"kublk add {' '.join(args)}: {res.stdout}{res.stderr}"
+        found = re.search(r"^dev id (\d+):", res.stdout, re.M)
+        assert found, f"kublk add printed no device id: {res.stdout}"
+        dev_id = int(found.group(1))
         started.append(dev_id)
         path = f"/dev/ublkb{dev_id}"
         assert wait_for_path(path, True, timeout=10), f"{path} did not appear"
