@@ -39,12 +39,17 @@ BUFFERED_PATHS = ("copy", "need_get_data", "user_copy")
 
 
 class Device:
-    """A ublk device served by a backend. Not started until start() (or `with`)."""
+    """A ublk device served by a backend. Not started until start() (or `with`).
+
+    Tuning: ``poll_us`` lets each queue thread poll its ring up to that long (adaptively)
+    before sleeping; ``submit_chunk`` is how many SQEs a queue gathers while handling a
+    batch before it submits them, so the backing disk starts on the first ones early.
+    """
 
     def __init__(self, backend, transport, *, queues: int = 1, depth: int = 128,
                  max_io_bytes: int = 512 * 1024, data_path: str = "auto", recovery: str | None = None,
                  dev_id: int = -1, native: bool = True, poll_us: float = 0.0,
-                 ring_flags: int = SERVER_RING_FLAGS):
+                 submit_chunk: int = 4, ring_flags: int = SERVER_RING_FLAGS):
         backend.check()
         if data_path != "auto" and data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: choose auto or one of {DATA_PATHS}")
@@ -54,6 +59,8 @@ class Device:
             raise ValueError(f"depth={depth} out of range 1..{uapi.UBLK_MAX_QUEUE_DEPTH}")
         if queues < 1:
             raise ValueError(f"queues={queues} must be >= 1")
+        if submit_chunk < 1:
+            raise ValueError(f"submit_chunk={submit_chunk} must be >= 1")
         self.backend = backend
         self.transport = transport
         self.nr_queues = queues
@@ -64,6 +71,7 @@ class Device:
         self.data_path = self._choose_path(data_path)
         self.dev_id = dev_id
         self.poll_us = poll_us
+        self.submit_chunk = submit_chunk
         self.ring_flags = ring_flags
         self.flags = 0
         self._threads: list[threading.Thread] = []
@@ -146,7 +154,7 @@ class Device:
             args = self.transport.queue_args(self.dev_id, q_id)
             q = Queue(q_id, self.depth, self.max_io_bytes, native=self.native,
                       py_handler=None if self.native is not None else (lambda n: dispatch.handle_batch(n)),
-                      data_path=self.data_path, poll_us=self.poll_us,
+                      data_path=self.data_path, poll_us=self.poll_us, submit_chunk=self.submit_chunk,
                       ring_flags=self.ring_flags, **args)
             if self.native is None:
                 dispatch = PythonDispatch(self.backend, q)

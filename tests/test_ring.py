@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from pyublk_fast._core.ring import (
+    SETUP_COOP_TASKRUN,
     SETUP_DEFER_TASKRUN,
     SETUP_SINGLE_ISSUER,
     SETUP_SQE128,
@@ -269,6 +270,24 @@ def test_setup_defer_taskrun_needs_single_issuer():
     with Ring(4, SETUP_DEFER_TASKRUN | SETUP_SINGLE_ISSUER) as r:
         r.prep_nop(3)
         assert one(r) == (3, 0, 0)
+
+
+IORING_SETUP_TASKRUN_FLAG = 1 << 9
+
+
+def test_coop_taskrun_ring_sets_taskrun_flag_and_completes_file_io(datafile):
+    """A thread polling a COOP_TASKRUN ring's CQ only learns of a finished read through
+    IORING_SQ_TASKRUN, so Ring asks for that flag with either TASKRUN mode."""
+    with Ring(8, SETUP_COOP_TASKRUN | SETUP_SINGLE_ISSUER) as r:
+        assert r.setup_flags & IORING_SETUP_TASKRUN_FLAG
+        data = pattern(4096, seed=3)
+        r.prep_write(datafile, data, 0, 1)
+        assert one(r) == (1, 4096, 0)
+        buf = bytearray(4096)
+        r.prep_read(datafile, buf, 0, 2)
+        assert one(r) == (2, 4096, 0) and bytes(buf) == data
+    with Ring(8) as r:
+        assert not r.setup_flags & IORING_SETUP_TASKRUN_FLAG
 
 
 @pytest.mark.parametrize("flags", [1 << 30, 0xFFFF_FFFF])

@@ -32,6 +32,15 @@ static inline int pyu_cq_overflowed(const struct io_uring *ring)
     return (__atomic_load_n(ring->sq.kflags, __ATOMIC_RELAXED) & IORING_SQ_CQ_OVERFLOW) != 0;
 }
 
+/* Whether the kernel holds completions for us that only run when we enter it:
+ * CQ overflow, or (COOP_TASKRUN with TASKRUN_FLAG) queued task work such as a
+ * finished disk read, which a poll of the CQ tail alone would never see. */
+static inline int pyu_must_enter(const struct io_uring *ring)
+{
+    return (__atomic_load_n(ring->sq.kflags, __ATOMIC_RELAXED)
+            & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN)) != 0;
+}
+
 /* IORING_OP_URING_CMD preparation (liburing 2.3 has no helper): the whole SQE is
  * cleared, then opcode, fd and cmd_op are set and the payload copied into the
  * command area (16 bytes on a 64-byte SQE, 80 bytes on an SQE128 ring). */
@@ -90,6 +99,10 @@ static inline void pyu_submit_and_wait_adaptive(struct io_uring *ring, int64_t m
     if (b > 0) {
         unsigned head = *ring->cq.khead;
         for (unsigned i = 1; pyu_cq_tail(ring) == head; i++) {
+            if (pyu_must_enter(ring)) {             /* task work or overflow: run it now */
+                io_uring_get_events(ring);
+                break;
+            }
             pyu_cpu_relax();
             if ((i & 63) == 0 && pyu_now_ns() - start > b) {
                 *budget = b / 2;

@@ -62,6 +62,7 @@ cdef class Queue:
     cdef uint64_t *zc_addr         # DP_ZERO_COPY: address of the request's registered buffer
     cdef readonly uint64_t requests
     cdef int64_t spin_ns
+    cdef unsigned submit_chunk
     cdef readonly uint64_t cmd_errors
     cdef readonly object py_tag_array
     cdef object _keep

@@ -90,7 +90,7 @@ cdef class Queue:
     def __init__(self, int q_id, int depth, uint32_t buf_size, *, bint sim, int cmd_fd,
                  iods, sim_cmds=None, int sim_qi=0, NativeTarget native=None, py_handler=None,
                  str data_path="copy", sim_ops=None, unsigned ring_flags=0,
-                 double poll_us=0.0, bint auto_buf_reg=False):
+                 double poll_us=0.0, bint auto_buf_reg=False, unsigned submit_chunk=4):
         if native is None and py_handler is None:
             raise ValueError("Queue needs a native target or a Python handler")
         if not 1 <= depth <= UBLK_MAX_QUEUE_DEPTH:
@@ -102,6 +102,9 @@ cdef class Queue:
         self.cmd_fd = cmd_fd
         self.sim_qi = sim_qi
         self.spin_ns = <int64_t>(poll_us * 1000)    # poll the CQ this long before sleeping
+        if submit_chunk < 1:
+            raise ValueError(f"submit_chunk={submit_chunk} must be >= 1")
+        self.submit_chunk = submit_chunk
         if data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: one of {sorted(DATA_PATHS)}")
         self.data_path = DATA_PATHS[data_path]
@@ -342,6 +345,11 @@ cdef class Queue:
             pyu_submit_and_wait_adaptive(self.r, self.spin_ns, &budget)
             n = reap_cq(self.r, ud, res, fl, REAP_BATCH)
             for i in range(n):
+                # hand work on in small chunks while going through a batch: the disk
+                # (or the driver) starts on the first requests instead of idling until
+                # the whole batch is prepared (one big plug); see DESIGN.md notes
+                if io_uring_sq_ready(self.r) >= self.submit_chunk:
+                    io_uring_submit(self.r)
                 tag = ud_tag(ud[i])
                 if ud_is_target(ud[i]):
                     self.on_target(tag, ud_tgt_data(ud[i]), res[i])

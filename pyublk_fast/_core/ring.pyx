@@ -77,6 +77,10 @@ cdef class Ring:
         cdef io_uring_params p
         memset(&p, 0, sizeof(p))
         p.flags = flags
+        if flags & (IORING_SETUP_COOP_TASKRUN | IORING_SETUP_DEFER_TASKRUN):
+            # let a thread polling the CQ see pending task work (IORING_SQ_TASKRUN):
+            # with COOP_TASKRUN a finished disk read waits there until we enter
+            p.flags |= IORING_SETUP_TASKRUN_FLAG
         if cq_entries:
             if cq_entries < entries:
                 raise ValueError(f"cq_entries={cq_entries} must be >= entries={entries}")

@@ -113,6 +113,26 @@ def test_loadgen_verify(sim, make_backend, kind, path):
     assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 2000)
 
 
+@pytest.mark.parametrize("submit_chunk", [1, 4, 1000])
+@pytest.mark.parametrize("kind", DATA_KINDS)
+def test_polling_server_and_submit_chunks_keep_data(sim, make_backend, kind, submit_chunk):
+    """A server that polls its CQ (it must still see backing-file completions that the
+    kernel queues as task work) and any submit chunk size serve the same bytes."""
+    backend, native = make_backend(kind)
+    with Device(backend, sim, depth=16, native=native, poll_us=200, submit_chunk=submit_chunk) as dev:
+        r = sim.run_load(dev.dev_id, rw="randrw", bs=4096, qd=32, count=2000, verify=True, region=1 << 20)
+        with dev.open() as blk:
+            blk.pwrite(b"\xa5" * 8192, 4096)
+            assert blk.pread(16384, 0)[4096:12288] == b"\xa5" * 8192
+    assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 2000)
+
+
+def test_submit_chunk_must_be_positive(sim, make_backend):
+    backend, native = make_backend("memory")
+    with pytest.raises(ValueError, match="submit_chunk=0 must be >= 1"):
+        Device(backend, sim, native=native, submit_chunk=0)
+
+
 class AsyncMemory(Backend):
     """A RAM disk whose handlers are coroutines that yield to the loop before touching data."""
 

@@ -29,7 +29,7 @@ from posix.ioctl cimport ioctl
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
-from pyublk_fast._core.liburing cimport (iovec, io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit,
+from pyublk_fast._core.liburing cimport (iovec, io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit, io_uring_sq_ready,
                                          io_uring_submit_and_wait, io_uring_prep_msg_ring,
                                          IOSQE_CQE_SKIP_SUCCESS, pyu_submit_and_wait_adaptive)
 from pyublk_fast._core.ring cimport Ring, reap_cq
@@ -49,6 +49,7 @@ cdef enum:
     ORIGIN_FRONT = 0
     ORIGIN_LOADGEN = 1
     REAP_BATCH = 256
+    SUBMIT_CHUNK = 4                # submit after this many queued SQEs while handling a batch
     HIST_BUCKETS = 512              # log-linear: 64 powers of two x 8 steps
     S_DEAD = 0
     S_LIVE = 1
@@ -302,6 +303,12 @@ cdef class SimDriver:
                 if n == 0:
                     break
                 for i in range(n):
+                    # pipeline with the servers: pass on completions and new requests
+                    # every SUBMIT_CHUNK messages rather than after the whole batch
+                    if io_uring_sq_ready(ring) >= SUBMIT_CHUNK:
+                        io_uring_submit(ring)
+                    if self.lg.active and i % SUBMIT_CHUNK == SUBMIT_CHUNK - 1:
+                        self.lg_issue()
                     kind = ud[i] >> SIM_MSG_SHIFT
                     low = ud[i] & ((1ULL << SIM_MSG_SHIFT) - 1)
                     if kind == SIM_MSG_SERVER:
