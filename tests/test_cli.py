@@ -37,6 +37,8 @@ def test_help_everywhere(sub):
     (["add"], "required: -t/--type"),
     (["add", "-t", "floppy"], "invalid choice: 'floppy'"),
     (["add", "-t", "null", "-q", "0"], "--queues must be >= 1"),
+    (["add", "-t", "null", "--submit-chunk", "0"], "--submit-chunk must be >= 1"),
+    (["add", "-t", "null", "--poll-us", "-5"], "--poll-us must be >= 0"),
     (["add", "-t", "null", "-d", "x"], "invalid int value"),
     (["add", "-t", "null", "-s", "lots"], "bad size 'lots'"),
     (["recover"], "required: -n/--number"),

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -42,17 +44,15 @@ def fio(path: str, qd: int, runtime: float, rw: str = "randread") -> dict:
             "lat_p50_us": r["clat_ns"]["percentile"]["50.000000"] / 1000}
 
 
-def free_id() -> int:
-    used = {int(p.name[5:]) for p in Path("/sys/class/ublk-char").glob("ublkc*")}
-    return next(i for i in range(1000) if i not in used)
-
-
 def kublk_add(kublk: str, args: list[str]) -> tuple[str, callable]:
-    n = free_id()
-    sh(kublk, "add", "-n", str(n), *args)
+    out = sh(kublk, "add", *args)          # the kernel picks the id; kublk prints it
+    found = re.search(r"^dev id (\d+):", out, re.M)
+    if not found:
+        raise RuntimeError(f"kublk add printed no device id: {out}")
+    n = found.group(1)
     path = f"/dev/ublkb{n}"
     assert wait_for_path(path, True, 10), path
-    return path, lambda: sh(kublk, "del", "-n", str(n))
+    return path, lambda: sh(kublk, "del", "-n", n)
 
 
 def ours_add(args: list[str]) -> tuple[str, callable]:
@@ -68,7 +68,10 @@ def main() -> int:
     ap.add_argument("--out", default="")
     ap.add_argument("--queues", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="repeat every pair, alternating order")
+    ap.add_argument("--ours-extra", default="",
+                    help="extra options for our `add` (e.g. '--submit-chunk 32 --poll-us 50')")
     a = ap.parse_args()
+    extra = shlex.split(a.ours_extra)
     kublk = kublk_path()
     if kublk is None:
         sys.exit("kublk not built: run tools/vm/build-kublk on the host first")
@@ -77,13 +80,13 @@ def main() -> int:
     q = str(a.queues)
     cases = [
         ("null", "kublk", lambda: kublk_add(kublk, ["-t", "null", "-q", q, "-d", "128"])),
-        ("null", "pyublk_fast", lambda: ours_add(["-t", "null", "-q", q, "-d", "128"])),
+        ("null", "pyublk_fast", lambda: ours_add(["-t", "null", "-q", q, "-d", "128", *extra])),
         ("null -z", "kublk", lambda: kublk_add(kublk, ["-t", "null", "-q", q, "-d", "128", "-z"])),
-        ("null -z", "pyublk_fast", lambda: ours_add(["-t", "null", "-q", q, "-d", "128", "-z"])),
+        ("null -z", "pyublk_fast", lambda: ours_add(["-t", "null", "-q", q, "-d", "128", "-z", *extra])),
         ("loop", "kublk", lambda: kublk_add(kublk, ["-t", "loop", "-q", q, "-d", "128", RAM])),
-        ("loop", "pyublk_fast", lambda: ours_add(["-t", "loop", "-q", q, "-d", "128", "-f", RAM])),
+        ("loop", "pyublk_fast", lambda: ours_add(["-t", "loop", "-q", q, "-d", "128", "-f", RAM, *extra])),
         ("loop -z", "kublk", lambda: kublk_add(kublk, ["-t", "loop", "-q", q, "-d", "128", "-z", RAM])),
-        ("loop -z", "pyublk_fast", lambda: ours_add(["-t", "loop", "-q", q, "-d", "128", "-z", "-f", RAM])),
+        ("loop -z", "pyublk_fast", lambda: ours_add(["-t", "loop", "-q", q, "-d", "128", "-z", "-f", RAM, *extra])),
     ]
     rows = []
     pairs = [cases[i:i + 2] for i in range(0, len(cases), 2)]     # (kublk, ours) per target
@@ -106,7 +109,8 @@ def main() -> int:
                     remove()
                 time.sleep(0.2)
     lines = [f"kernel {os.uname().release}, qemu TCG, {os.cpu_count()} vCPUs, 4k randread, "
-             f"{a.runtime:g} s per point, queues {q}, {a.rounds} rounds (order alternating); "
+             f"{a.runtime:g} s per point, queues {q}, {a.rounds} rounds (order alternating)"
+             + (f", ours with `{a.ours_extra}`" if extra else "") + "; "
              "medians, ratios paired per round (min..max)", "",
              "| target | server | QD32 IOPS | vs kublk | QD1 mean lat (us) | vs kublk |",
              "|---|---|---|---|---|---|"]
