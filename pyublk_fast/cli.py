@@ -131,7 +131,7 @@ def build_device(opts: dict[str, Any], transport, recover_info: dict[str, Any] |
     return Device(backend, transport, queues=queues, depth=depth, max_io_bytes=max_io,
                   data_path=data_path_of(opts), recovery=opts.get("recovery"),
                   dev_id=opts.get("dev_id", -1), native=not opts.get("python", False),
-                  poll_us=opts.get("poll_us", 0.0), submit_chunk=opts.get("submit_chunk", 4))
+                  poll_us=opts.get("poll_us", 50.0), submit_chunk=opts.get("submit_chunk", 4))
 
 
 def _transport(opts: dict[str, Any]):
@@ -456,9 +456,9 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
                    help="allow `recover` after the server dies (default mode: reissue)")
     p.add_argument("--python", action="store_true",
                    help="serve with the Python handlers even if the backend is native")
-    p.add_argument("--poll-us", type=float, default=0.0,
-                   help="poll each queue's ring up to this many microseconds (adaptively) "
-                   "before sleeping: lower latency for CPU time (default 0: sleep)")
+    p.add_argument("--poll-us", type=float, default=50.0,
+                   help="poll each queue's ring up to this many microseconds before sleeping "
+                   "(adaptive: an idle queue stops polling; default 50, 0 always sleeps)")
     p.add_argument("--submit-chunk", type=int, default=4,
                    help="submit queued I/O every N requests while handling a batch (default 4; "
                    "larger: fewer syscalls, smaller: the backing disk starts sooner)")

@@ -41,14 +41,15 @@ BUFFERED_PATHS = ("copy", "need_get_data", "user_copy")
 class Device:
     """A ublk device served by a backend. Not started until start() (or `with`).
 
-    Tuning: ``poll_us`` lets each queue thread poll its ring up to that long (adaptively)
-    before sleeping; ``submit_chunk`` is how many SQEs a queue gathers while handling a
+    Tuning: ``poll_us`` lets each queue thread poll its ring up to that long before
+    sleeping; the budget adapts (it doubles while work arrives within it, halves when
+    not, so an idle queue sleeps; 0 always sleeps). ``submit_chunk`` is how many SQEs a queue gathers while handling a
     batch before it submits them, so the backing disk starts on the first ones early.
     """
 
     def __init__(self, backend, transport, *, queues: int = 1, depth: int = 128,
                  max_io_bytes: int = 512 * 1024, data_path: str = "auto", recovery: str | None = None,
-                 dev_id: int = -1, native: bool = True, poll_us: float = 0.0,
+                 dev_id: int = -1, native: bool = True, poll_us: float = 50.0,
                  submit_chunk: int = 4, ring_flags: int = SERVER_RING_FLAGS):
         backend.check()
         if data_path != "auto" and data_path not in DATA_PATHS:

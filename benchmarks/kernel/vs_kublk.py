@@ -68,32 +68,41 @@ def main() -> int:
     ap.add_argument("--out", default="")
     ap.add_argument("--queues", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="repeat every pair, alternating order")
-    ap.add_argument("--ours-extra", default="",
-                    help="extra options for our `add` (e.g. '--submit-chunk 32 --poll-us 50')")
+    ap.add_argument("--ours-extra", action="append", default=[],
+                    help="also run our server with these extra `add` options, as one more "
+                    "server per target (repeatable; e.g. '--submit-chunk 32 --poll-us 50')")
+    ap.add_argument("--targets", default="null,null -z,loop,loop -z",
+                    help="comma-separated subset of: null, null -z, loop, loop -z")
     a = ap.parse_args()
-    extra = shlex.split(a.ours_extra)
     kublk = kublk_path()
     if kublk is None:
         sys.exit("kublk not built: run tools/vm/build-kublk on the host first")
     os.chdir(REPO)
     subprocess.run(["modprobe", "brd", "rd_nr=1", "rd_size=262144"], check=False)
     q = str(a.queues)
-    cases = [
-        ("null", "kublk", lambda: kublk_add(kublk, ["-t", "null", "-q", q, "-d", "128"])),
-        ("null", "pyublk_fast", lambda: ours_add(["-t", "null", "-q", q, "-d", "128", *extra])),
-        ("null -z", "kublk", lambda: kublk_add(kublk, ["-t", "null", "-q", q, "-d", "128", "-z"])),
-        ("null -z", "pyublk_fast", lambda: ours_add(["-t", "null", "-q", q, "-d", "128", "-z", *extra])),
-        ("loop", "kublk", lambda: kublk_add(kublk, ["-t", "loop", "-q", q, "-d", "128", RAM])),
-        ("loop", "pyublk_fast", lambda: ours_add(["-t", "loop", "-q", q, "-d", "128", "-f", RAM, *extra])),
-        ("loop -z", "kublk", lambda: kublk_add(kublk, ["-t", "loop", "-q", q, "-d", "128", "-z", RAM])),
-        ("loop -z", "pyublk_fast", lambda: ours_add(["-t", "loop", "-q", q, "-d", "128", "-z", "-f", RAM, *extra])),
-    ]
+    shape = ["-q", q, "-d", "128"]
+    # target -> (kublk's args, our args): same backing store, same shape
+    specs = {"null": (["-t", "null"], ["-t", "null"]),
+             "null -z": (["-t", "null", "-z"], ["-t", "null", "-z"]),
+             "loop": (["-t", "loop", RAM], ["-t", "loop", "-f", RAM]),
+             "loop -z": (["-t", "loop", "-z", RAM], ["-t", "loop", "-z", "-f", RAM])}
+    targets = [t.strip() for t in a.targets.split(",")]
+    unknown = [t for t in targets if t not in specs]
+    if unknown:
+        sys.exit(f"--targets: unknown {unknown}; choose from {list(specs)}")
+    ours_variants = [("pyublk_fast", [])] + [(f"pyublk_fast {x}", shlex.split(x)) for x in a.ours_extra]
+    groups = []          # per target: kublk first, then each of our variants
+    for t in targets:
+        kargs, oargs = specs[t]
+        group = [(t, "kublk", lambda k=kargs: kublk_add(kublk, [*k[:2], *shape, *k[2:]]))]
+        for name, extra in ours_variants:
+            group.append((t, name, lambda o=oargs, e=extra: ours_add([*o, *shape, *e])))
+        groups.append(group)
     rows = []
-    pairs = [cases[i:i + 2] for i in range(0, len(cases), 2)]     # (kublk, ours) per target
     for rnd in range(a.rounds):
-        for pair in pairs:
-            # alternate who goes first, so drift in a noisy VM hits both servers alike
-            for target, server, add in (pair if rnd % 2 == 0 else pair[::-1]):
+        for group in groups:
+            # alternate who goes first, so drift in a noisy VM hits all servers alike
+            for target, server, add in (group if rnd % 2 == 0 else group[::-1]):
                 row = dict(target=target, server=server, round=rnd)
                 try:
                     path, remove = add()
@@ -109,13 +118,12 @@ def main() -> int:
                     remove()
                 time.sleep(0.2)
     lines = [f"kernel {os.uname().release}, qemu TCG, {os.cpu_count()} vCPUs, 4k randread, "
-             f"{a.runtime:g} s per point, queues {q}, {a.rounds} rounds (order alternating)"
-             + (f", ours with `{a.ours_extra}`" if extra else "") + "; "
+             f"{a.runtime:g} s per point, queues {q}, {a.rounds} rounds (order alternating); "
              "medians, ratios paired per round (min..max)", "",
              "| target | server | QD32 IOPS | vs kublk | QD1 mean lat (us) | vs kublk |",
              "|---|---|---|---|---|---|"]
-    for pair in pairs:
-        for target, server, _ in pair:
+    for group in groups:
+        for target, server, _ in group:
             mine = {r["round"]: r for r in rows if r["target"] == target and r["server"] == server}
             errs = [r["error"] for r in mine.values() if "error" in r]
             if errs:

@@ -113,13 +113,15 @@ def test_loadgen_verify(sim, make_backend, kind, path):
     assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 2000)
 
 
+@pytest.mark.parametrize("poll_us", [0, 200])
 @pytest.mark.parametrize("submit_chunk", [1, 4, 1000])
 @pytest.mark.parametrize("kind", DATA_KINDS)
-def test_polling_server_and_submit_chunks_keep_data(sim, make_backend, kind, submit_chunk):
-    """A server that polls its CQ (it must still see backing-file completions that the
-    kernel queues as task work) and any submit chunk size serve the same bytes."""
+def test_polling_server_and_submit_chunks_keep_data(sim, make_backend, kind, submit_chunk, poll_us):
+    """A server that sleeps or polls its CQ (it must still see backing-file completions
+    that the kernel queues as task work) and any submit chunk size serve the same bytes."""
     backend, native = make_backend(kind)
-    with Device(backend, sim, depth=16, native=native, poll_us=200, submit_chunk=submit_chunk) as dev:
+    with Device(backend, sim, depth=16, native=native, poll_us=poll_us,
+                submit_chunk=submit_chunk) as dev:
         r = sim.run_load(dev.dev_id, rw="randrw", bs=4096, qd=32, count=2000, verify=True, region=1 << 20)
         with dev.open() as blk:
             blk.pwrite(b"\xa5" * 8192, 4096)

@@ -1,0 +1,90 @@
+"""The loop backend on the simulated driver against fio on the same file, in paired rounds.
+
+    python benchmarks/sim/loop_vs_fio.py [--rounds 5] [--runtime 2] [--rw randread,randwrite]
+        [--qd 32] [--submit-chunk 4,1000] [--poll-us 0,50] [--out DIR]
+
+One bench run measures fio once and our server once, seconds apart; on a shared VM the
+disk's speed drifts more than that between them. Here every round runs fio and each of
+our variants back to back (order alternating per round), and the figure is the median of
+the per-round ratios, with their range. Variants are every --submit-chunk x --poll-us pair.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+from pathlib import Path
+
+from pyublk_fast.backends.loop import LoopBackend
+from pyublk_fast.bench import refs
+from pyublk_fast.bench.runner import Workdir
+from pyublk_fast.device import Device
+from pyublk_fast.transport.sim import SimTransport
+
+
+def ours(t: SimTransport, path: str, rw: str, qd: int, runtime: float, chunk: int, poll: float) -> float:
+    with Device(LoopBackend(path), t, depth=max(128, qd), data_path="copy",
+                submit_chunk=chunk, poll_us=poll) as dev:
+        r = t.run_load(dev.dev_id, rw=rw, bs=4096, qd=qd, runtime=runtime)
+    if r["errors"]:
+        raise RuntimeError(f"{r['errors']} I/O errors")
+    return float(r["iops"])
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runtime", type=float, default=2.0, help="seconds per point")
+    ap.add_argument("--rw", default="randread,randwrite")
+    ap.add_argument("--qd", type=int, default=32)
+    ap.add_argument("--size", type=int, default=256, help="backing file MiB")
+    ap.add_argument("--submit-chunk", type=ints, default=[4])
+    ap.add_argument("--poll-us", type=floats, default=[0.0])
+    ap.add_argument("--out", default="", help="write loop_vs_fio.md and .json here")
+    a = ap.parse_args()
+    variants = list(itertools.product(a.submit_chunk, a.poll_us))
+    rows = []
+    with Workdir(a.size << 20) as wd, SimTransport() as t:
+        path = wd.file("raw")
+        for rnd in range(a.rounds):
+            for rw in a.rw.split(","):
+                order = ["fio", *variants]
+                for who in order if rnd % 2 == 0 else order[::-1]:
+                    if who == "fio":
+                        iops = refs.fio(path, rw, 4096, a.qd, a.runtime)["iops"]
+                    else:
+                        iops = ours(t, path, rw, a.qd, a.runtime, *who)
+                    rows.append(dict(round=rnd, rw=rw, who=str(who), iops=iops))
+    lines = [f"loop (native, copy) on the sim vs fio (io_uring, O_DIRECT, same file), 4k QD{a.qd}, "
+             f"{a.runtime:g} s per point, {a.rounds} rounds (order alternating); "
+             f"{os.cpu_count()} CPUs; medians, ratios paired per round (min..max)", "",
+             "| workload | server | submit_chunk | poll_us | IOPS | vs fio |", "|---|---|---|---|---|---|"]
+    for rw in a.rw.split(","):
+        ref = {r["round"]: r["iops"] for r in rows if r["rw"] == rw and r["who"] == "fio"}
+        lines.append(f"| {rw} | fio | | | {statistics.median(ref.values()):,.0f} | |")
+        for v in variants:
+            mine = {r["round"]: r["iops"] for r in rows if r["rw"] == rw and r["who"] == str(v)}
+            ratios = [mine[k] / ref[k] for k in mine]
+            lines.append(f"| {rw} | pyublk_fast | {v[0]} | {v[1]:g} | {statistics.median(mine.values()):,.0f} "
+                         f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f}) |")
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "loop_vs_fio.md").write_text(text + "\n")
+        (Path(a.out) / "loop_vs_fio.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
