@@ -14,7 +14,7 @@ import pytest
 
 from pyublk_fast.bench import report
 from pyublk_fast.bench.__main__ import DEFAULT_RUNTIME, QUICK_RUNTIME, main, parse_args
-from pyublk_fast.bench.runner import ROW_KEYS, Progress, make_row
+from pyublk_fast.bench.runner import ROW_KEYS, Progress, combine_rounds, make_row
 from pyublk_fast.bench.scenarios import BACKENDS, PATHS, matrix, parse_size, select
 
 NULL_QD32 = "sim/null/randread-4k-qd32/copy/q1"
@@ -219,6 +219,63 @@ def test_short_run_plots(short_run):
     for name in ("iops.png", "latency.png"):
         data = (d / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+# -- several rounds ----------------------------------------------------------------------------
+
+def test_combine_rounds_takes_medians_and_paired_ratio_range():
+    def server(rnd, iops, ref_iops, status="ok"):
+        if status != "ok":
+            row = make_row("s", "server", status=status, reason="boom", reference="r")
+            row["round"] = rnd
+            return row
+        fig = dict(iops=iops, mbps=iops * 4096 / 1e6, lat_p50_us=1e6 / iops, lat_p99_us=2e6 / iops,
+                   lat_p999_us=3e6 / iops, ios=iops, errors=0, seconds=1.0, cpu_s=iops * 1e-6,
+                   hist={"lower_ns": [0.0], "counts": [iops]})
+        row = make_row("s", "server", figures=fig, reference="r")
+        row.update(reference_iops=ref_iops, ratio=iops / ref_iops)
+        row["round"] = rnd
+        return row
+
+    rows = [server(0, 80, 100), server(1, 120, 100), server(2, 90, 200), server(3, 0, 0, "failed")]
+    (row,) = combine_rounds(rows)
+    assert row["rounds"] == 3 and row["round"] is None and row["status"] == "ok"
+    assert row["iops"] == 90 and row["reference_iops"] == 100          # medians, each on its own
+    assert (row["ratio_min"], row["ratio"], row["ratio_max"]) == (0.45, 0.8, 1.2)
+    assert row["ios"] == 290 and row["seconds"] == 3.0 and row["errors"] == 0
+    assert row["hist"]["counts"] == [90]                                # the median-IOPS round's
+    assert row["reason"] == "1 of 4 rounds failed: boom"
+    assert "median of 3 rounds, ratio 0.450..1.200" in report.text_line(row)
+    (gone,) = combine_rounds([server(0, 0, 0, "skipped"), server(1, 0, 0, "skipped")])
+    assert gone["status"] == "skipped" and gone["rounds"] == 0 and gone["iops"] is None
+
+
+def test_repeat_pairs_each_round_with_its_own_reference(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["--runtime", "0.1", "--size", "16", "--repeat", "2", "--scenario", NULL_QD32,
+                 "--json", str(out), "--markdown", str(tmp_path / "r.md")]) == 0
+    doc = json.loads(out.read_text())
+    raw, rows = doc["raw_rows"], {r["name"]: r for r in doc["rows"]}
+    assert [(r["name"], r["round"]) for r in raw] == [("ref/nop/qd32", 0), (NULL_QD32, 0),
+                                                      ("ref/nop/qd32", 1), (NULL_QD32, 1)]
+    refs = {r["round"]: r["iops"] for r in raw if r["kind"] == "reference"}
+    per_round = [r["iops"] / refs[r["round"]] for r in raw if r["kind"] == "server"]
+    for r in raw:
+        if r["kind"] == "server":
+            assert r["ratio"] == pytest.approx(r["iops"] / refs[r["round"]], rel=1e-12)
+    row = rows[NULL_QD32]
+    assert row["rounds"] == 2 and doc["settings"]["repeat"] == 2
+    assert row["ratio"] == pytest.approx(sum(per_round) / 2, rel=1e-12)
+    assert row["ratio_min"] == pytest.approx(min(per_round)) and row["ratio_max"] == pytest.approx(max(per_round))
+    text = capsys.readouterr().out
+    assert "-- round 2 of 2" in text and "medians over 2 rounds" in text
+    assert "2 rounds (medians)" in (tmp_path / "r.md").read_text()
+
+
+def test_repeat_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--repeat", "0"])
+    assert "--repeat" in capsys.readouterr().err
 
 
 def _bench_cmd(*args: str, prelude: str = "") -> list[str]:

@@ -15,7 +15,7 @@ import tempfile
 import time
 
 from . import report, scenarios as sc_mod
-from .runner import Progress, Runner, TransportUnavailable, Workdir, open_transport
+from .runner import Progress, Runner, TransportUnavailable, Workdir, combine_rounds, open_transport
 
 QUICK_RUNTIME = 1.0
 DEFAULT_RUNTIME = 3.0
@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--qd", type=_csv(_positive_int), action="extend", help="queue depths, e.g. 1,32")
     ap.add_argument("--path", type=_csv(str), action="extend", help=f"data paths: {', '.join(sc_mod.PATHS)}")
     ap.add_argument("--queues", type=_csv(_positive_int), action="extend", help="queue counts: 1,2")
+    ap.add_argument("--repeat", type=_positive_int, default=1, metavar="N",
+                    help="run everything N times, each round with fresh references, and report medians "
+                    "(ratio: the median of per-round ratios, with its range); for noisy machines")
     ap.add_argument("--json", metavar="FILE", help="write every figure, machine and versions to FILE")
     ap.add_argument("--markdown", metavar="FILE", help="write the results as a Markdown table to FILE")
     ap.add_argument("--plot", metavar="DIR", help="write PNG charts to DIR (needs matplotlib)")
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
           f"{args.size} MiB backing files ({u.node}, Linux {u.release}, {os.cpu_count()} cpus)")
     print("CPU us/IO: whole-process CPU (+ fio's usr+sys for fio rows) per I/O; ratio: IOPS / reference IOPS\n")
     print(report.header(), flush=True)
-    progress = Progress(len(selected))
+    progress = Progress(len(selected) * args.repeat)
 
     def on_row(row: dict) -> None:
         progress.row_done(row)
@@ -158,18 +161,30 @@ def main(argv=None) -> int:
     started = time.time()
     with Workdir(args.size << 20) as wd:
         runner = Runner(wd, args.runtime, on_row, progress)
-        finished = runner.run(selected)
+        for number in range(args.repeat):
+            if args.repeat > 1:
+                progress.clear()
+                print(f"-- round {number + 1} of {args.repeat}", flush=True)
+            runner.start_round(number)
+            finished = runner.run(selected)
+            if not finished:
+                break
     progress.clear()
-    rows = runner.rows
+    raw = runner.rows
+    rows = combine_rounds(raw) if args.repeat > 1 else raw
+    if args.repeat > 1:
+        print(f"\nmedians over {args.repeat} rounds:\n{report.header()}")
+        for row in rows:
+            print(report.text_line(row))
     print(f"\n{report.summary(rows)} in {time.time() - started:.0f} s")
     if not finished:
         print(f"interrupted (Ctrl-C): the {sum(r['kind'] == 'server' for r in rows)} finished scenarios are above",
               file=sys.stderr)
     settings = dict(argv=list(sys.argv[1:] if argv is None else argv), runtime=args.runtime,
-                    size_mib=args.size, transports=list(args.transports), quick=args.quick,
+                    repeat=args.repeat, size_mib=args.size, transports=list(args.transports), quick=args.quick,
                     selected=[s.name for s in selected])
     doc = report.document(rows, settings=settings, started=started, finished=time.time(),
-                          interrupted=not finished)
+                          interrupted=not finished, raw_rows=raw if args.repeat > 1 else None)
     if args.json:
         report.write_json(args.json, doc)
         print(f"wrote {args.json}")
@@ -183,7 +198,7 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
     if not finished:
         return 130
-    return 1 if any(r["status"] == "failed" for r in rows if r["kind"] == "server") else 0
+    return 1 if any(r["status"] == "failed" for r in raw if r["kind"] == "server") else 0
 
 
 if __name__ == "__main__":

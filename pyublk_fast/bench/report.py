@@ -32,6 +32,12 @@ def _note(row: dict) -> str:
         parts.append("reference")
     elif row["reference"]:
         parts.append(f"vs {row['reference']}" + ("" if row["ratio"] is not None else " (not measured)"))
+    if row.get("rounds") and row["rounds"] > 1:
+        spread = (f", ratio {row['ratio_min']:.3f}..{row['ratio_max']:.3f}"
+                  if row.get("ratio_min") is not None else "")
+        parts.append(f"median of {row['rounds']} rounds{spread}")
+    if row.get("rounds") is not None and row["reason"]:
+        parts.append(row["reason"])
     if row["errors"]:
         parts.append(f"ERRORS: {row['errors']}")
     return "; ".join(parts)
@@ -74,6 +80,7 @@ def markdown_document(doc: dict) -> str:
     lines = ["# pyublk_fast bench results", "",
              f"`{cmd}` on {m['node']}: Linux {m['kernel']} "
              f"({m['arch']}, {m['cpus']} cpus, {m['cpu_model']}), {st['runtime']:g} s per scenario, "
+             + (f"{st['repeat']} rounds (medians), " if st.get("repeat", 1) > 1 else "") +
              f"{st['size_mib']} MiB backing files; {doc['started']}, {doc['duration_s']:.0f} s"
              + (" (interrupted)" if doc["interrupted"] else "") + ".",
              "",
@@ -147,12 +154,17 @@ def versions() -> dict:
                 matplotlib=_version("matplotlib"))
 
 
-def document(rows: list[dict], *, settings: dict, started: float, finished: float, interrupted: bool) -> dict:
-    """The JSON document: every row's figures plus machine, versions and run settings."""
-    return dict(schema=SCHEMA, tool="python -m pyublk_fast.bench",
-                started=datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
-                duration_s=round(finished - started, 3), interrupted=interrupted, settings=settings,
-                machine=machine(), versions=versions(), rows=rows)
+def document(rows: list[dict], *, settings: dict, started: float, finished: float, interrupted: bool,
+             raw_rows: list[dict] | None = None) -> dict:
+    """The JSON document: every row's figures plus machine, versions and run settings
+    (and, for several rounds, each round's own rows under raw_rows)."""
+    doc = dict(schema=SCHEMA, tool="python -m pyublk_fast.bench",
+               started=datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+               duration_s=round(finished - started, 3), interrupted=interrupted, settings=settings,
+               machine=machine(), versions=versions(), rows=rows)
+    if raw_rows is not None:
+        doc["raw_rows"] = raw_rows
+    return doc
 
 
 def write_json(path: str, doc: dict) -> None:

@@ -4,12 +4,14 @@ Server rows on the simulated driver use its load generator (SimTransport.run_loa
 kernel transport, fio against /dev/ublkbN. CPU time per I/O is the whole process's
 time.process_time() delta over the measurement (driver, load generator and server threads
 on sim), plus fio's own usr+sys where fio drives the load. References are measured once
-per run, the first time a scenario needs them, and appear as rows of their own.
+per round, the first time a scenario needs them, and appear as rows of their own; with
+several rounds, combine_rounds() folds each name's rows into medians.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -20,7 +22,8 @@ from .scenarios import Scenario
 
 ROW_KEYS = ("name", "kind", "transport", "backend", "native", "rw", "bs", "qd", "data_path", "queues",
             "status", "reason", "iops", "mbps", "lat_p50_us", "lat_p99_us", "lat_p999_us", "cpu_us_per_io",
-            "ios", "errors", "seconds", "reference", "reference_iops", "ratio", "hist")
+            "ios", "errors", "seconds", "reference", "reference_iops", "ratio", "hist",
+            "round", "rounds", "ratio_min", "ratio_max")
 FIGURES = ("iops", "mbps", "lat_p50_us", "lat_p99_us", "lat_p999_us", "cpu_us_per_io", "ios", "errors", "seconds")
 
 
@@ -39,6 +42,40 @@ def make_row(name: str, kind: str, *, status: str = "ok", reason: str | None = N
             row["cpu_us_per_io"] = cpu_s / ios * 1e6
         row["hist"] = figures.get("hist")
     return row
+
+
+MEDIAN_FIGURES = ("iops", "mbps", "lat_p50_us", "lat_p99_us", "lat_p999_us", "cpu_us_per_io", "reference_iops")
+SUMMED_FIGURES = ("ios", "errors", "seconds")
+
+
+def combine_rounds(rows: list[dict]) -> list[dict]:
+    """One row per name from several rounds: the median of each figure over the rounds that
+    measured it, and the ratio as the median of the per-round ratios (each against that
+    round's own reference) with its range; the latency histogram of the median-IOPS round."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["name"], []).append(r)
+    out = []
+    for runs in groups.values():
+        ok = [r for r in runs if r["status"] == "ok"]
+        if not ok:
+            out.append(dict(runs[0], round=None, rounds=0))
+            continue
+        row = dict(ok[0], round=None, rounds=len(ok))
+        for k in MEDIAN_FIGURES:
+            vals = [r[k] for r in ok if r[k] is not None]
+            row[k] = statistics.median(vals) if vals else None
+        for k in SUMMED_FIGURES:
+            row[k] = sum(r[k] or 0 for r in ok)
+        ratios = [r["ratio"] for r in ok if r["ratio"] is not None]
+        if ratios:
+            row.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+        row["hist"] = sorted(ok, key=lambda r: r["iops"] or 0)[len(ok) // 2]["hist"]
+        if len(ok) < len(runs):
+            bad = next(r for r in runs if r["status"] != "ok")
+            row["reason"] = f"{len(runs) - len(ok)} of {len(runs)} rounds {bad['status']}: {bad['reason']}"
+        out.append(row)
+    return out
 
 
 def scenario_fields(sc: Scenario) -> dict:
@@ -139,10 +176,17 @@ class Runner:
         self.on_row = on_row
         self.progress = progress
         self.rows: list[dict] = []
+        self.round = 0
         self._refs: dict[str, dict] = {}
         self._nop = refs.NopLoop(workdir.path)
 
+    def start_round(self, number: int) -> None:
+        """Rows from now on belong to round `number`; references are measured afresh."""
+        self.round = number
+        self._refs = {}
+
     def _emit(self, row: dict) -> dict:
+        row["round"] = self.round
         self.rows.append(row)
         self.on_row(row)
         return row
