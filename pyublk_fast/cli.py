@@ -131,7 +131,7 @@ def build_device(opts: dict[str, Any], transport, recover_info: dict[str, Any] |
     return Device(backend, transport, queues=queues, depth=depth, max_io_bytes=max_io,
                   data_path=data_path_of(opts), recovery=opts.get("recovery"),
                   dev_id=opts.get("dev_id", -1), native=not opts.get("python", False),
-                  poll_us=opts.get("poll_us", 50.0), submit_chunk=opts.get("submit_chunk", 4))
+                  poll_us=opts.get("poll_us"), submit_chunk=opts.get("submit_chunk", 4))
 
 
 def _transport(opts: dict[str, Any]):
@@ -456,9 +456,10 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
                    help="allow `recover` after the server dies (default mode: reissue)")
     p.add_argument("--python", action="store_true",
                    help="serve with the Python handlers even if the backend is native")
-    p.add_argument("--poll-us", type=float, default=50.0,
+    p.add_argument("--poll-us", type=float, default=None,
                    help="poll each queue's ring up to this many microseconds before sleeping "
-                   "(adaptive: an idle queue stops polling; default 50, 0 always sleeps)")
+                   "(adaptive: an idle queue stops polling; 0 always sleeps; default 50 "
+                   "while the queues leave a CPU free, else 0)")
     p.add_argument("--submit-chunk", type=int, default=4,
                    help="submit queued I/O every N requests while handling a batch (default 4; "
                    "larger: fewer syscalls, smaller: the backing disk starts sooner)")
@@ -475,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         v = getattr(a, name, None)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1 (got {v})")
-    if getattr(a, "poll_us", 0) < 0:
+    if (getattr(a, "poll_us", None) or 0) < 0:
         parser.error(f"--poll-us must be >= 0 (got {a.poll_us})")
     try:
         return a.func(a)

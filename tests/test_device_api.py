@@ -44,3 +44,13 @@ def test_async_with_serves_while_the_event_loop_runs(sim):
 
     assert asyncio.run(main()) == b"q" * 4096
     assert ticks, "the event loop kept running while the device served"
+
+
+def test_default_poll_leaves_a_cpu_free(sim, monkeypatch):
+    """Polling queue threads that fill every CPU would starve the driver/application."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    be = MemoryBackend(1 << 20)
+    assert Device(be, sim, queues=1).poll_us == 50.0
+    assert Device(be, sim, queues=2).poll_us == 0.0
+    assert Device(be, sim, queues=2, poll_us=20).poll_us == 20
+    assert Device(be, sim, queues=1, poll_us=0).poll_us == 0
