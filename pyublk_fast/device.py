@@ -55,8 +55,9 @@ class Device:
     not, so an idle queue sleeps; 0 always sleeps). The default (None) polls
     DEFAULT_POLL_US when the queue threads leave a CPU free for the rest (the driver or
     the application), and never otherwise: spinning threads that outnumber the CPUs
-    take them from the work they wait for. ``submit_chunk`` is how many SQEs a queue gathers while handling a
-    batch before it submits them, so the backing disk starts on the first ones early.
+    take them from the work they wait for. ``submit_chunk`` is how many SQEs a queue
+    gathers while handling a batch before it submits them, so the backing disk starts
+    on the first ones early.
     """
 
     def __init__(self, backend, transport, *, queues: int = 1, depth: int = 128,

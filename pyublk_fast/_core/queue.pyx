@@ -347,7 +347,7 @@ cdef class Queue:
             for i in range(n):
                 # hand work on in small chunks while going through a batch: the disk
                 # (or the driver) starts on the first requests instead of idling until
-                # the whole batch is prepared (one big plug); see DESIGN.md notes
+                # the whole batch is prepared (io_uring plugs a multi-SQE submit)
                 if io_uring_sq_ready(self.r) >= self.submit_chunk:
                     io_uring_submit(self.r)
                 tag = ud_tag(ud[i])

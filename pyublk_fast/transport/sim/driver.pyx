@@ -29,8 +29,8 @@ from posix.ioctl cimport ioctl
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
-from pyublk_fast._core.liburing cimport (iovec, io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit, io_uring_sq_ready,
-                                         io_uring_submit_and_wait, io_uring_prep_msg_ring,
+from pyublk_fast._core.liburing cimport (iovec, io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit,
+                                         io_uring_sq_ready, io_uring_submit_and_wait, io_uring_prep_msg_ring,
                                          IOSQE_CQE_SKIP_SUCCESS, pyu_submit_and_wait_adaptive)
 from pyublk_fast._core.ring cimport Ring, reap_cq
 from pyublk_fast._core.uapi cimport *
