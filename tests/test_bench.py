@@ -272,6 +272,16 @@ def test_repeat_pairs_each_round_with_its_own_reference(tmp_path, capsys):
     assert "2 rounds (medians)" in (tmp_path / "r.md").read_text()
 
 
+def test_paired_ratio_and_emit_paired(tmp_path, capsys):
+    assert report.paired_ratio([0.8, 1.2, 0.45]) == "0.80x (0.45..1.20)"
+    assert report.paired_ratio([]) == ""
+    rows = [dict(round=0, iops=1.5)]
+    report.emit_paired("| t |", rows, str(tmp_path / "out"), "pair")
+    assert capsys.readouterr().out == "| t |\n"
+    assert (tmp_path / "out" / "pair.md").read_text() == "| t |\n"
+    assert json.loads((tmp_path / "out" / "pair.json").read_text()) == rows
+
+
 def test_repeat_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--repeat", "0"])

@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "kernel"))
 from ublk_ktest import kublk_path, wait_for_path  # noqa: E402
 
+from pyublk_fast.bench.report import emit_paired, paired_ratio  # noqa: E402
+
 RAM = "/dev/ram0"
 
 
@@ -135,14 +137,9 @@ def main() -> int:
             lat = statistics.median(r["qd1_lat_mean_us"] for r in mine.values())
             ri = [mine[k]["qd32_iops"] / ref[k]["qd32_iops"] for k in mine if k in ref]
             rl = [mine[k]["qd1_lat_mean_us"] / ref[k]["qd1_lat_mean_us"] for k in mine if k in ref]
-            fmt = (lambda v: f"{statistics.median(v):.2f}x ({min(v):.2f}..{max(v):.2f})") if ri else (lambda v: "")
-            lines.append(f"| {target} | {server} | {iops:.0f} | {fmt(ri)} | {lat:.1f} | {fmt(rl)} |")
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "vs_kublk.md").write_text(text + "\n")
-        (Path(a.out) / "vs_kublk.json").write_text(json.dumps(rows, indent=1))
+            lines.append(f"| {target} | {server} | {iops:.0f} | {paired_ratio(ri)} | {lat:.1f} "
+                         f"| {paired_ratio(rl)} |")
+    emit_paired("\n".join(lines), rows, a.out, "vs_kublk")
     return 0
 
 

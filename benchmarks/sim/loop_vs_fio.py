@@ -1,7 +1,7 @@
 """The loop backend on the simulated driver against fio on the same file, in paired rounds.
 
     python benchmarks/sim/loop_vs_fio.py [--rounds 5] [--runtime 2] [--rw randread,randwrite]
-        [--qd 32] [--submit-chunk 4,1000] [--poll-us 0,50] [--out DIR]
+        [--qd 32] [--submit-chunk 4,1000] [--poll-us auto,0,50] [--out DIR]
 
 One bench run measures fio once and our server once, seconds apart; on a shared VM the
 disk's speed drifts more than that between them. Here every round runs fio and each of
@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import statistics
-from pathlib import Path
 
 from pyublk_fast.backends.loop import LoopBackend
 from pyublk_fast.bench import refs
+from pyublk_fast.bench.report import emit_paired, paired_ratio
 from pyublk_fast.bench.runner import Workdir
 from pyublk_fast.device import Device
 from pyublk_fast.transport.sim import SimTransport
 
 
-def ours(t: SimTransport, path: str, rw: str, qd: int, runtime: float, chunk: int, poll: float) -> float:
+def ours(t: SimTransport, path: str, rw: str, qd: int, runtime: float, chunk: int,
+         poll: float | None) -> float:
     with Device(LoopBackend(path), t, depth=max(128, qd), data_path="copy",
                 submit_chunk=chunk, poll_us=poll) as dev:
         r = t.run_load(dev.dev_id, rw=rw, bs=4096, qd=qd, runtime=runtime)
@@ -37,8 +37,9 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
-def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",")]
+def polls(text: str) -> list[float | None]:
+    """Poll budgets in us; 'auto' is Device's own default."""
+    return [None if x == "auto" else float(x) for x in text.split(",")]
 
 
 def main() -> int:
@@ -49,7 +50,7 @@ def main() -> int:
     ap.add_argument("--qd", type=int, default=32)
     ap.add_argument("--size", type=int, default=256, help="backing file MiB")
     ap.add_argument("--submit-chunk", type=ints, default=[4])
-    ap.add_argument("--poll-us", type=floats, default=[0.0])
+    ap.add_argument("--poll-us", type=polls, default=[None], help="e.g. auto,0,50 (default auto)")
     ap.add_argument("--out", default="", help="write loop_vs_fio.md and .json here")
     a = ap.parse_args()
     variants = list(itertools.product(a.submit_chunk, a.poll_us))
@@ -75,14 +76,9 @@ def main() -> int:
         for v in variants:
             mine = {r["round"]: r["iops"] for r in rows if r["rw"] == rw and r["who"] == str(v)}
             ratios = [mine[k] / ref[k] for k in mine]
-            lines.append(f"| {rw} | pyublk_fast | {v[0]} | {v[1]:g} | {statistics.median(mine.values()):,.0f} "
-                         f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f}) |")
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "loop_vs_fio.md").write_text(text + "\n")
-        (Path(a.out) / "loop_vs_fio.json").write_text(json.dumps(rows, indent=1))
+            lines.append(f"| {rw} | pyublk_fast | {v[0]} | {'auto' if v[1] is None else f'{v[1]:g}'} | {statistics.median(mine.values()):,.0f} "
+                         f"| {paired_ratio(ratios)} |")
+    emit_paired("\n".join(lines), rows, a.out, "loop_vs_fio")
     return 0
 
 

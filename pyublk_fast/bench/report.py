@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 from importlib import metadata
 
@@ -100,6 +101,24 @@ def summary(rows: list[dict]) -> str:
     refs = sum(r["kind"] == "reference" for r in rows)
     return (f"{ok} of {len(server)} scenarios measured, {len(server) - ok} skipped/failed, "
             f"{refs} references")
+
+
+def paired_ratio(ratios: list[float]) -> str:
+    """'1.05x (0.91..2.25)': the median of per-round ratios and their range ('' for none)."""
+    if not ratios:
+        return ""
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})"
+
+
+def emit_paired(text: str, rows: list[dict], out_dir: str, stem: str) -> None:
+    """Print a paired-rounds table; with out_dir, keep it as STEM.md and the rounds as STEM.json."""
+    print(text)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 def _run(cmd: list[str]) -> str | None:
