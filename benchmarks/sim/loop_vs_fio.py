@@ -4,9 +4,11 @@
         [--qd 32] [--submit-chunk 4,1000] [--poll-us auto,0,50] [--out DIR]
 
 One bench run measures fio once and our server once, seconds apart; on a shared VM the
-disk's speed drifts more than that between them. Here every round runs fio and each of
-our variants back to back (order alternating per round), and the figure is the median of
-the per-round ratios, with their range. Variants are every --submit-chunk x --poll-us pair.
+disk's speed drifts more than that between them. Here every round brackets each of our
+variants with fio runs (fio, A, fio, B, fio; variant order alternating per round), and a
+variant's ratio is its IOPS over the mean of the two fio runs around it, so drift within
+a round cancels. The figure is the median of the per-round ratios, with their range.
+Variants are every --submit-chunk x --poll-us pair.
 """
 from __future__ import annotations
 
@@ -59,25 +61,26 @@ def main() -> int:
         path = wd.file("raw")
         for rnd in range(a.rounds):
             for rw in a.rw.split(","):
-                order = ["fio", *variants]
-                for who in order if rnd % 2 == 0 else order[::-1]:
-                    if who == "fio":
-                        iops = refs.fio(path, rw, 4096, a.qd, a.runtime)["iops"]
-                    else:
-                        iops = ours(t, path, rw, a.qd, a.runtime, *who)
-                    rows.append(dict(round=rnd, rw=rw, who=str(who), iops=iops))
+                before = refs.fio(path, rw, 4096, a.qd, a.runtime)["iops"]
+                rows.append(dict(round=rnd, rw=rw, who="fio", iops=before))
+                for v in variants if rnd % 2 == 0 else variants[::-1]:
+                    iops = ours(t, path, rw, a.qd, a.runtime, *v)
+                    after = refs.fio(path, rw, 4096, a.qd, a.runtime)["iops"]
+                    rows.append(dict(round=rnd, rw=rw, who=str(v), iops=iops, ratio=2 * iops / (before + after)))
+                    rows.append(dict(round=rnd, rw=rw, who="fio", iops=after))
+                    before = after
     lines = [f"loop (native, copy) on the sim vs fio (io_uring, O_DIRECT, same file), 4k QD{a.qd}, "
-             f"{a.runtime:g} s per point, {a.rounds} rounds (order alternating); "
-             f"{os.cpu_count()} CPUs; medians, ratios paired per round (min..max)", "",
+             f"{a.runtime:g} s per point, {a.rounds} rounds (variant order alternating); "
+             f"{os.cpu_count()} CPUs; medians; each ratio against the fio runs just before and after (min..max)", "",
              "| workload | server | submit_chunk | poll_us | IOPS | vs fio |", "|---|---|---|---|---|---|"]
     for rw in a.rw.split(","):
-        ref = {r["round"]: r["iops"] for r in rows if r["rw"] == rw and r["who"] == "fio"}
-        lines.append(f"| {rw} | fio | | | {statistics.median(ref.values()):,.0f} | |")
+        ref = [r["iops"] for r in rows if r["rw"] == rw and r["who"] == "fio"]
+        lines.append(f"| {rw} | fio | | | {statistics.median(ref):,.0f} | |")
         for v in variants:
-            mine = {r["round"]: r["iops"] for r in rows if r["rw"] == rw and r["who"] == str(v)}
-            ratios = [mine[k] / ref[k] for k in mine]
-            lines.append(f"| {rw} | pyublk_fast | {v[0]} | {'auto' if v[1] is None else f'{v[1]:g}'} | {statistics.median(mine.values()):,.0f} "
-                         f"| {paired_ratio(ratios)} |")
+            mine = [r for r in rows if r["rw"] == rw and r["who"] == str(v)]
+            poll = "auto" if v[1] is None else f"{v[1]:g}"
+            lines.append(f"| {rw} | pyublk_fast | {v[0]} | {poll} | {statistics.median(r['iops'] for r in mine):,.0f} "
+                         f"| {paired_ratio([r['ratio'] for r in mine])} |")
     emit_paired("\n".join(lines), rows, a.out, "loop_vs_fio")
     return 0
 
