@@ -1,8 +1,9 @@
 """The Backend base class users subclass to make a block device.
 
-Override what you support; the rest fails with EOPNOTSUPP. Handlers are all
-plain functions or all ``async def``. Capabilities are class attributes read
-once when the device starts.
+Override what you support; the rest fails with EOPNOTSUPP. Each handler may be a
+plain function or an ``async def`` (the awaitables of one batch run concurrently on
+the queue thread's own event loop). Capabilities are class attributes read once
+when the device starts.
 """
 from __future__ import annotations
 

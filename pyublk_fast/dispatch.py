@@ -35,9 +35,7 @@ class PythonDispatch:
         self.u32 = raw.cast("I")
         self.u64 = raw.cast("Q")
         self.bufs = [memoryview(b) for b in queue.buffers()]
-        self.is_async = inspect.iscoroutinefunction(type(backend).read) or \
-            inspect.iscoroutinefunction(type(backend).write)
-        self.loop = asyncio.new_event_loop() if self.is_async else None
+        self.loop: asyncio.AbstractEventLoop | None = None    # made when a handler first returns an awaitable
         self.batched = type(backend).handle_batch is not Backend.handle_batch
 
     def close(self):
@@ -70,14 +68,17 @@ class PythonDispatch:
         raise BackendError(errno.EOPNOTSUPP)
 
     def _write_fua(self, offset, data):
-        ret = self.backend.write(offset, data)
-        if inspect.isawaitable(ret):
-            async def both():
-                await ret
-                await self.backend.flush()
-            return both()
-        self.backend.flush()
-        return None
+        """write() then flush(), each sync or async: None, or one awaitable for both."""
+        wrote = self.backend.write(offset, data)
+        if not inspect.isawaitable(wrote):
+            return self.backend.flush()
+
+        async def then_flush():
+            await wrote
+            flushed = self.backend.flush()
+            if inspect.isawaitable(flushed):
+                await flushed
+        return then_flush()
 
     @staticmethod
     def _failure(tag, exc) -> int:
@@ -123,6 +124,8 @@ class PythonDispatch:
             else:
                 results[i] = nbytes
         if pending:
+            if self.loop is None:
+                self.loop = asyncio.new_event_loop()
             outs = self.loop.run_until_complete(_gather([p[2] for p in pending]))
             for (i, tag, _, nbytes), out in zip(pending, outs):
                 results[i] = self._failure(tag, out) if isinstance(out, BaseException) else nbytes

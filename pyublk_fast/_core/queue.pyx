@@ -439,8 +439,8 @@ cdef class Queue:
             for i in range(n):
                 try:
                     res = int(results[i])
-                    if not -4095 <= res <= 0x7fffffff:
-                        raise ValueError(f"result {res} is neither bytes nor -errno")
+                    if not -4095 <= res <= <int64_t>self.iods[self.py_tags[i]].nr_sectors << SECTOR_SHIFT:
+                        raise ValueError(f"result {res} is neither bytes done (at most the request's) nor -errno")
                 except Exception:
                     log.exception("queue %d: bad result for tag %d; failing it with EIO", self.q_id, self.py_tags[i])
                     res = -EIO

@@ -215,6 +215,86 @@ def test_backend_errors_reach_the_front(sim, path):
         assert blk.pread(512, 12288) == b"c" * 512
 
 
+def test_backend_error_takes_either_sign_and_refuses_non_errnos(sim):
+    assert BackendError(errno.ENOSPC).errno == BackendError(-errno.ENOSPC).errno == errno.ENOSPC
+    for bad in (0, True, 4096, -5000, "EIO", None):
+        with pytest.raises(ValueError, match="errno number"):
+            BackendError(bad)
+
+    class Negative(Failing):
+        def write(self, offset, data):
+            raise BackendError(-errno.ENOSPC)      # the kernel's sign: still a failure
+
+    with Device(Negative(1 << 20), sim, depth=4) as dev, dev.open() as blk:
+        with pytest.raises(OSError) as ei:
+            blk.pwrite(b"x" * 4096, 0)
+        assert ei.value.errno == errno.ENOSPC
+        assert blk.pread(4096, 0) == bytes(4096)
+
+
+class HalfAsync(Backend):
+    """Some handlers sync and some async, per the flags: flushes are counted."""
+
+    can_fua = True
+
+    def __init__(self, size: int, async_write: bool, async_flush: bool):
+        self.size = size
+        self.data = bytearray(size)
+        self.flushed_upto = []          # how many bytes had been written at each flush
+        self.written = 0
+        if async_write:
+            self.write = self._write_async
+        if async_flush:
+            self.flush = self._flush_async
+
+    def read(self, offset, buf):
+        buf[:] = self.data[offset:offset + len(buf)]
+
+    def write(self, offset, data):
+        self.data[offset:offset + len(data)] = data
+        self.written += len(data)
+
+    async def _write_async(self, offset, data):
+        await asyncio.sleep(0)
+        self.data[offset:offset + len(data)] = data
+        self.written += len(data)
+
+    def flush(self):
+        self.flushed_upto.append(self.written)
+
+    async def _flush_async(self):
+        await asyncio.sleep(0)
+        self.flushed_upto.append(self.written)
+
+
+@pytest.mark.parametrize("async_write,async_flush", [(False, True), (True, False), (True, True)])
+def test_sync_and_async_handlers_mix(sim, async_write, async_flush):
+    from pyublk_fast import uapi
+    be = HalfAsync(1 << 20, async_write, async_flush)
+    with Device(be, sim, depth=8) as dev, dev.open() as blk:
+        assert blk.pwrite(b"p" * 4096, 0) == 4096
+        blk.flush()
+        assert be.flushed_upto == [4096]
+        # FUA: the flush runs after the write's data is in, each awaited if async
+        assert blk.submit([(uapi.UBLK_IO_OP_WRITE, 8192, 4096, b"q" * 4096, uapi.UBLK_IO_F_FUA)]) == [4096]
+        assert be.flushed_upto == [4096, 8192]
+        assert blk.pread(12288, 0) == b"p" * 4096 + bytes(4096) + b"q" * 4096
+
+
+def test_batch_result_beyond_the_request_fails_it(sim, caplog):
+    class Overclaims(BatchMemory):
+        def handle_batch(self, requests):
+            super().handle_batch(requests)
+            return [2 * r.length if r.op == 0 else None for r in requests]
+
+    with Device(Overclaims(1 << 20), sim, depth=4) as dev, dev.open() as blk:
+        assert blk.pwrite(b"o" * 4096, 0) == 4096
+        with pytest.raises(OSError) as ei:
+            blk.pread(4096, 0)
+        assert ei.value.errno == errno.EIO
+    assert "result 8192 is neither bytes done (at most the request's) nor -errno" in caplog.text
+
+
 @pytest.mark.parametrize("kind", ["memory", "loop-native", "loop-python"])
 def test_read_only_backend_refuses_writes(sim, make_backend, kind, tmp_path):
     from pyublk_fast.backends.loop import LoopBackend
