@@ -24,6 +24,7 @@ cdef extern from "<linux/fs.h>" nogil:
 
 cdef int32_t C_RESUBMITTED = -0x7fffffff
 cdef uint32_t NO_OP_TGT = 0xffffffffU  # tgt_data of the NOP standing in for an unsupported op
+cdef uint32_t FUA_SYNC_TGT = 0xfffffffeU  # tgt_data of the fdatasync after a FUA write by splice
 
 
 cdef class LoopTarget(NativeTarget):
@@ -60,8 +61,8 @@ cdef class LoopTarget(NativeTarget):
                 io_uring_prep_read(sqe, self.fd, buf, total - done, off)
             else:
                 io_uring_prep_write(sqe, self.fd, buf, total - done, off)
-        if not is_read and iod.op_flags & UBLK_IO_F_FUA:
-            sqe.rw_flags = RWF_DSYNC
+        if not is_read and iod.op_flags & UBLK_IO_F_FUA and q.data_path != DP_SPLICE:
+            sqe.rw_flags = RWF_DSYNC     # (a splice SQE has splice_flags there: it syncs in io_done)
         sqe.user_data = q.target_ud(tag, done)
         return 1
 
@@ -101,6 +102,8 @@ cdef class LoopTarget(NativeTarget):
         cdef io_uring_sqe *sqe
         if tgt_data == NO_OP_TGT:
             return -EOPNOTSUPP
+        if tgt_data == FUA_SYNC_TGT:
+            return res if res < 0 else total
         if op == UBLK_IO_OP_WRITE_ZEROES and res == -EOPNOTSUPP and tgt_data == 0:
             # no ZERO_RANGE here (tmpfs): punching a hole reads back as zeros too
             sqe = q.get_sqe()
@@ -124,6 +127,11 @@ cdef class LoopTarget(NativeTarget):
                 return <int32_t>moved if moved < 0 else -EIO
         done = tgt_data + <uint32_t>res
         if done >= total:
+            if op == UBLK_IO_OP_WRITE and iod.op_flags & UBLK_IO_F_FUA and q.data_path == DP_SPLICE:
+                sqe = q.get_sqe()
+                io_uring_prep_fsync(sqe, self.fd, IORING_FSYNC_DATASYNC)
+                sqe.user_data = q.target_ud(tag, FUA_SYNC_TGT)
+                return C_RESUBMITTED
             return total
         if res == 0:
             if op == UBLK_IO_OP_READ and q.data_path != DP_SPLICE and q.data_path != DP_ZERO_COPY:

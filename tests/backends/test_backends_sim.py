@@ -348,6 +348,20 @@ def test_loadgen_verify_on_every_loop_path(sim, make_backend, path):
             assert r["completed"] == 1500
 
 
+@pytest.mark.parametrize("path", BUFFERED + NATIVE_ONLY)
+def test_fua_writes_on_every_loop_path(sim, make_backend, path):
+    """FUA writes (RWF_DSYNC, or a datasync after a splice) complete and land in the file."""
+    from pyublk_fast import uapi
+    backend, native = make_backend("loop-native")
+    blocks = [bytes([i + 1]) * 8192 for i in range(16)]
+    with Device(backend, sim, depth=8, data_path=path, native=native) as dev, dev.open() as blk:
+        reqs = [(uapi.UBLK_IO_OP_WRITE, i * 8192, 8192, b, uapi.UBLK_IO_F_FUA) for i, b in enumerate(blocks)]
+        assert blk.submit(reqs) == [8192] * 16
+        assert blk.pread(16 * 8192, 0) == b"".join(blocks)
+    with open(backend.path, "rb") as f:
+        assert f.read(16 * 8192) == b"".join(blocks)
+
+
 class BatchMemory(Backend):
     """A backend that takes a whole batch per call (Backend.handle_batch)."""
 
