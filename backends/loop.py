@@ -1,14 +1,34 @@
 """loop: a backing file or block device, served by io_uring from C (no Python per I/O)."""
+import errno
+import fcntl
 import mmap
 import os
+import stat
+import struct
 
 from pyublk_fast.backend import Backend, register
+
+BLKSSZGET = 0x1268      # <linux/fs.h>: a block device's logical block size
 
 
 def _zeros(n: int) -> memoryview:
     # page-aligned, so O_DIRECT accepts it
     buf = mmap.mmap(-1, max(n, 4096))
     return memoryview(buf)[:n]
+
+
+def _direct_block_size(fd: int) -> int:
+    """The smallest block O_DIRECT I/O on fd accepts: a block device's logical block size;
+    for a file, 512 if a 512-byte direct read is accepted, else 4096."""
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        return struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
+    try:
+        os.preadv(fd, [_zeros(512)], 512)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return 4096
+    return 512
 
 
 @register("loop")
@@ -33,23 +53,33 @@ class LoopBackend(Backend):
                     raise
         if not self.direct:
             self.fd = os.open(path, flags)
-        st = os.fstat(self.fd)
-        size = os.lseek(self.fd, 0, os.SEEK_END)
-        if size <= 0 or size % 512:
+        try:
+            self.block_size = _direct_block_size(self.fd) if self.direct else 512
+            size = os.lseek(self.fd, 0, os.SEEK_END)
+            if self.block_size > 4096:
+                raise ValueError(f"{path}: O_DIRECT needs {self.block_size}-byte blocks, more than "
+                                 "ublk's 4096; pass direct=False")
+            if size <= 0 or size % self.block_size:
+                raise ValueError(f"{path}: size {size} is not a positive multiple of {self.block_size} "
+                                 f"bytes (truncate it, e.g. `truncate -s 1G {path}`)")
+        except BaseException:
             os.close(self.fd)
-            raise ValueError(f"{path}: size {size} is not a positive multiple of 512 bytes "
-                             f"(truncate it, e.g. `truncate -s 1G {path}`)")
+            raise
         self.size = size
-        self.block_size = 512 if not self.direct else max(512, st.st_blksize if st.st_blksize <= 4096 else 512)
-        self.block_size = 512
 
     def read(self, offset, buf):
-        n = os.preadv(self.fd, [buf], offset)
-        if n < len(buf):
-            buf[n:] = bytes(len(buf) - n)
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:                       # past the end of the file: zeros
+                buf[done:] = bytes(len(buf) - done)
+                return
+            done += n
 
     def write(self, offset, data):
-        os.pwritev(self.fd, [data], offset)
+        done = 0
+        while done < len(data):
+            done += os.pwritev(self.fd, [data[done:]], offset + done)
 
     def flush(self):
         os.fdatasync(self.fd)
@@ -61,7 +91,7 @@ class LoopBackend(Backend):
     def write_zeroes(self, offset, length):
         zeros = _zeros(min(length, 1 << 20))
         for off in range(offset, offset + length, len(zeros)):
-            os.pwrite(self.fd, zeros[:min(len(zeros), offset + length - off)], off)
+            self.write(off, zeros[:min(len(zeros), offset + length - off)])
 
     def native_target(self):
         from ._native_loop import LoopTarget

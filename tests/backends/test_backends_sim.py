@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import random
 
 import pytest
@@ -418,3 +419,64 @@ def test_fua_write_on_a_python_backend_is_flushed(sim):
         assert blk.submit([(uapi.UBLK_IO_OP_WRITE, 4096, 4096, b"g" * 4096, uapi.UBLK_IO_F_FUA)]) == [4096]
         assert be.flushes == 1
         assert blk.pread(8192, 0) == b"f" * 4096 + b"g" * 4096
+
+
+@pytest.fixture
+def loop_dev_4k(tmp_path):
+    """A kernel loop device with 4096-byte logical blocks over a file (needs root)."""
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup (util-linux) to make a 4k-sector loop device")
+    img = tmp_path / "4k.img"
+    with open(img, "wb") as f:
+        f.truncate(8 << 20)
+    p = subprocess.run(["losetup", "--find", "--show", "--sector-size", "4096", str(img)],
+                       capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"losetup could not make a loop device here: {p.stderr.strip()}")
+    dev = p.stdout.strip()
+    yield dev, img
+    subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_loop_on_a_4k_sector_device_declares_4k_blocks(sim, loop_dev_4k, native):
+    """O_DIRECT on a 4k-sector disk refuses 512-byte I/O: the device must say 4096."""
+    from pyublk_fast.backends.loop import LoopBackend
+    dev_path, img = loop_dev_4k
+    backend = LoopBackend(dev_path)
+    assert backend.direct and backend.block_size == 4096
+    data = random.Random(4).randbytes(64 * KiB)
+    with Device(backend, sim, depth=8, native=native) as dev, dev.open() as blk:
+        assert blk.pwrite(data, 12288) == len(data)
+        assert blk.pread(len(data), 12288) == data
+        r = sim.run_load(dev.dev_id, rw="randrw", bs=4096, qd=8, count=400, verify=True)
+        assert (r["errors"], r["verify_errors"]) == (0, 0)
+
+
+def test_loop_file_on_a_4k_sector_filesystem_declares_4k_blocks(sim, loop_dev_4k, tmp_path):
+    """A file's O_DIRECT alignment is its disk's sector size (probed), not 512."""
+    import shutil
+    import subprocess
+    from pyublk_fast.backends.loop import LoopBackend
+    dev_path, _ = loop_dev_4k
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("needs mkfs.ext4 (e2fsprogs)")
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev_path], check=True, capture_output=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", dev_path, str(mnt)], check=True, capture_output=True)
+    try:
+        path = mnt / "f.img"
+        path.write_bytes(bytes(256 * KiB))
+        backend = LoopBackend(str(path))
+        assert backend.direct and backend.block_size == 4096
+        data = random.Random(5).randbytes(32 * KiB)
+        with Device(backend, sim, depth=4) as dev, dev.open() as blk:
+            assert blk.pwrite(data, 4096) == len(data)
+            assert blk.pread(len(data), 4096) == data
+        with open(path, "rb") as f:
+            assert f.read()[4096:4096 + len(data)] == data
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
