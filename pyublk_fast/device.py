@@ -92,6 +92,7 @@ class Device:
         self._queues: list[Queue | None] = []
         self._errors: list[BaseException] = []
         self._started = False
+        self._closed = False       # stop() closed the backend: this Device cannot serve again
         self._done = threading.Event()
 
     def _choose_path(self, wanted: str) -> str:
@@ -126,6 +127,7 @@ class Device:
         """Add, serve and start the device; returns once I/O can flow."""
         if self._started:
             raise RuntimeError("device already started")
+        self._check_open()
         t = self.transport
         want = self._flags()
         self.dev_id, self.flags = t.add_dev(self.dev_id, self.nr_queues, self.depth, self.max_io_bytes, want)
@@ -146,6 +148,11 @@ class Device:
             raise
         self._started = True
         return self
+
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError(f"device {self.dev_id} was stopped and its backend closed: "
+                               "make a new Device (with a new backend) to serve again")
 
     def _spawn_queues(self):
         ready = [threading.Event() for _ in range(self.nr_queues)]
@@ -224,6 +231,7 @@ class Device:
             self._teardown(delete=True)
         finally:
             self.backend.close()
+            self._closed = True
             self._done.set()
 
     def kill(self) -> None:
@@ -261,6 +269,7 @@ class Device:
 
     def recover(self) -> "Device":
         """Take over a device whose server died (needs recovery=...): re-serve it with this backend."""
+        self._check_open()
         t = self.transport
         t.start_user_recovery(self.dev_id)
         self._errors = []

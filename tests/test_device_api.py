@@ -2,6 +2,8 @@
 import asyncio
 import threading
 
+import pytest
+
 from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.device import Device
 
@@ -54,3 +56,13 @@ def test_default_poll_leaves_a_cpu_free(sim, monkeypatch):
     assert Device(be, sim, queues=2).poll_us == 0.0
     assert Device(be, sim, queues=2, poll_us=20).poll_us == 20
     assert Device(be, sim, queues=1, poll_us=0).poll_us == 0
+
+
+def test_a_stopped_device_cannot_serve_again(sim):
+    """stop() closed the backend; restarting would serve a closed (or reused) fd."""
+    dev = Device(MemoryBackend(1 << 20), sim, depth=4)
+    with dev, dev.open() as blk:
+        assert blk.pwrite(b"s" * 4096, 0) == 4096
+    for again in (dev.start, dev.recover):
+        with pytest.raises(RuntimeError, match="make a new Device"):
+            again()
