@@ -3,7 +3,7 @@
 Supported: version 3 read/write (version 2 read-only), 16-bit refcounts, cluster
 sizes 512 B..2 MiB, zero clusters, discard, raw or qcow2 backing files (read-only,
 copy-on-write). Refused with Qcow2Error(ENOTSUP): encryption, compressed clusters
-(on access), external data files, extended L2 entries, non-zlib compression types,
+(found at open), external data files, extended L2 entries, non-zlib compression types,
 unknown incompatible features, refcount widths other than 16 bits; images with
 internal snapshots or the dirty/corrupt bit open read-only only.
 """

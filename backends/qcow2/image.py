@@ -283,6 +283,7 @@ class Qcow2Image:
         if uniq.size != every.size:
             c = int(uniq[np.flatnonzero(counts > 1)[0]])
             raise _corrupt(f"metadata structures overlap at host offset {c << cb:#x}")
+        self._refuse_compressed(path)
         self._meta_sorted = np.unique(np.concatenate([l2c, rbc]).astype(np.int64))
         self._meta_new: set[int] = set()
         self._freed: list[int] = []
@@ -296,6 +297,19 @@ class Qcow2Image:
             # spec: a writer that does not understand autoclear bits must clear them
             _pwrite_all(fd, bytes(8), 88)
             h.autoclear = 0
+
+    def _refuse_compressed(self, path: str) -> None:
+        """Compression is not supported: refuse the image at open rather than fail reads
+        later, reading each L2 table once (qemu-img check reads them all too)."""
+        flag = np.uint64(OFLAG_COMPRESSED)
+        for i in np.flatnonzero(self._l1 & np.uint64(OFFSET_MASK)):
+            t = np.frombuffer(_pread_padded(self._fd, self._cs, int(self._l1[i]) & OFFSET_MASK), dtype=">u8")
+            hit = np.flatnonzero(t & flag)
+            if hit.size:
+                voff = ((int(i) << self._l2_bits) + int(hit[0])) << self._cb
+                raise Qcow2Error(errno.ENOTSUP, f"cannot open {path!r}: it has compressed clusters "
+                                 f"(the first at virtual offset {voff:#x}), which are not supported; "
+                                 f"decompress it with 'qemu-img convert -O qcow2 {path} OUT.qcow2'")
 
     def _check_in_file(self, what: str, clusters: np.ndarray) -> None:
         if clusters.size and int(clusters.max()) >= self._end:
