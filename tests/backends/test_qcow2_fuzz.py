@@ -23,7 +23,7 @@ from backends.qcow2 import Qcow2Error, Qcow2Image
 SEED = 20240611
 MUTANTS = 5000
 TIME_BUDGET = 25.0  # seconds; the loop stops early (but after MIN_MUTANTS) on slow hosts
-MIN_MUTANTS = 300
+MIN_MUTANTS = 2000  # "thousands" even on a slow host (all 5000 take ~7 s here)
 
 
 class Base:
@@ -144,8 +144,7 @@ def _touched(base: Base, vc: int, a: int, b: int, cut: int | None) -> bool:
     return False
 
 
-def _check_reads(img: Qcow2Image, base: Base, a: int, b: int, cut: int | None,
-                 rng: random.Random) -> None:
+def _check_reads(img: Qcow2Image, base: Base, a: int, b: int, cut: int | None) -> None:
     size, cs = base.size, base.cs
     if img.size != size:
         return
@@ -158,10 +157,11 @@ def _check_reads(img: Qcow2Image, base: Base, a: int, b: int, cut: int | None,
         if header_hit or _touched(base, vc, a, b, cut):
             continue
         lo, hi = vc * cs, min(size, vc * cs + cs)
-        if whole is None:
-            if rng.random() > 0.1:
-                continue  # sample clusters individually when a whole read failed
-            got = img.read(lo, hi - lo)
+        if whole is None:            # the mutation broke some cluster: this one must still read
+            try:
+                got = img.read(lo, hi - lo)
+            except Qcow2Error as e:
+                raise AssertionError(f"untouched cluster {vc} of {base.name} unreadable: {e}") from e
         else:
             got = whole[lo:hi]
         assert got == base.model[lo:hi], f"untouched cluster {vc} of {base.name} changed"
@@ -174,7 +174,7 @@ def _exercise(path: str, base: Base, a: int, b: int, cut: int | None,
     except Qcow2Error:
         return
     with img:
-        _check_reads(img, base, a, b, cut, rng)
+        _check_reads(img, base, a, b, cut)
         span = min(img.size, 2 * base.size)
         if span == 0:
             return
