@@ -208,10 +208,39 @@ cdef class Queue:
     def close(self):
         """Close the ring and drop the descriptor array and buffers (after run() returned): a
         kernel transport can then unmap /dev/ublkcN's descriptors and the server is gone."""
+        if not self.ring.closed:
+            with nogil:
+                self.drain_backend_io(1000000000)
         self.ring.close()
         self._keep = None
         self.iods = NULL
         self.bufs = NULL
+
+    cdef void drain_backend_io(self, int64_t timeout_ns) noexcept nogil:
+        """Wait, at most timeout_ns, for backend SQEs still in flight (only after a forced
+        exit: die(), a kill): close() frees the buffers they read into or write from.
+        Their results are dropped; the requests are the driver's to fail."""
+        cdef uint64_t ud[REAP_BATCH]
+        cdef int32_t res[REAP_BATCH]
+        cdef uint32_t fl[REAP_BATCH]
+        cdef unsigned n, i
+        cdef int tag
+        cdef int left = 0
+        cdef __kernel_timespec ts
+        cdef io_uring_cqe *cqe
+        cdef int64_t deadline = pyu_now_ns() + timeout_ns
+        for tag in range(self.depth):
+            left += self.tags[tag].pending
+        ts.tv_sec = 0
+        ts.tv_nsec = 10000000
+        while left > 0 and pyu_now_ns() < deadline:
+            io_uring_submit_and_wait_timeout(self.r, &cqe, 1, &ts, NULL)
+            n = reap_cq(self.r, ud, res, fl, REAP_BATCH)
+            for i in range(n):
+                tag = ud_tag(ud[i])
+                if ud_is_target(ud[i]) and tag < self.depth and self.tags[tag].pending:
+                    self.tags[tag].pending -= 1
+                    left -= 1
 
     # -- commands to the driver -------------------------------------------------------
 
