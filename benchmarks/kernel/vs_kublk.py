@@ -5,7 +5,9 @@
 
 Loop devices are backed by a brd RAM disk (/dev/ram0, O_DIRECT capable) so the
 backing store is the same for both servers. Prints a Markdown table (QD32 4k
-randread IOPS, QD1 4k randread mean/p50 latency) and writes JSON next to it.
+randread IOPS, QD1 4k randread mean/p50 latency) and writes JSON next to it. With
+--direct, fio on the RAM disk itself joins the loop rows: its "vs kublk" is how much
+the ublk round trip costs a C server.
 """
 from __future__ import annotations
 
@@ -75,6 +77,9 @@ def main() -> int:
                     "server per target (repeatable; e.g. '--submit-chunk 32 --poll-us 50')")
     ap.add_argument("--targets", default="null,null -z,loop,loop -z",
                     help="comma-separated subset of: null, null -z, loop, loop -z")
+    ap.add_argument("--direct", action="store_true",
+                    help="with the loop target, also run fio on the RAM disk itself (no ublk): "
+                    "what any ublk server costs, C or ours")
     a = ap.parse_args()
     kublk = kublk_path()
     if kublk is None:
@@ -99,6 +104,8 @@ def main() -> int:
         group = [(t, "kublk", lambda k=kargs: kublk_add(kublk, [*k[:2], *shape, *k[2:]]))]
         for name, extra in ours_variants:
             group.append((t, name, lambda o=oargs, e=extra: ours_add([*o, *shape, *e])))
+        if a.direct and t == "loop":
+            group.append((t, f"fio on {RAM} (no ublk)", lambda: (RAM, lambda: None)))
         groups.append(group)
     rows = []
     for rnd in range(a.rounds):
