@@ -471,11 +471,14 @@ def test_loop_file_on_a_4k_sector_filesystem_declares_4k_blocks(sim, loop_dev_4k
         path = mnt / "f.img"
         path.write_bytes(bytes(256 * KiB))
         backend = LoopBackend(str(path))
-        assert backend.direct and backend.block_size == 4096
-        data = random.Random(5).randbytes(32 * KiB)
-        with Device(backend, sim, depth=4) as dev, dev.open() as blk:
-            assert blk.pwrite(data, 4096) == len(data)
-            assert blk.pread(len(data), 4096) == data
+        try:
+            assert backend.direct and backend.block_size == 4096
+            data = random.Random(5).randbytes(32 * KiB)
+            with Device(backend, sim, depth=4) as dev, dev.open() as blk:
+                assert blk.pwrite(data, 4096) == len(data)
+                assert blk.pread(len(data), 4096) == data
+        finally:
+            backend.close()               # (Device closed it already unless a check failed)
         with open(path, "rb") as f:
             assert f.read()[4096:4096 + len(data)] == data
     finally:
