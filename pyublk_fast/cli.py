@@ -121,7 +121,8 @@ def data_path_of(opts: dict[str, Any]) -> str:
 
 def build_device(opts: dict[str, Any], transport, recover_info: dict[str, Any] | None = None):
     """A Device for the record/options ``opts`` (shape fixed by the kernel when recovering)."""
-    from pyublk_fast.device import Device
+    from pyublk_fast.device import DEFAULT_POLL_US, Device
+    # (a record written before --poll-us had a numeric default holds None)
     backend = make_backend(opts["target"], opts.get("file"), opts.get("size"))
     queues, depth = opts["queues"], opts["depth"]
     max_io = opts.get("max_io_bytes", 512 << 10)
@@ -131,7 +132,8 @@ def build_device(opts: dict[str, Any], transport, recover_info: dict[str, Any] |
     return Device(backend, transport, queues=queues, depth=depth, max_io_bytes=max_io,
                   data_path=data_path_of(opts), recovery=opts.get("recovery"),
                   dev_id=opts.get("dev_id", -1), native=not opts.get("python", False),
-                  poll_us=opts.get("poll_us"), submit_chunk=opts.get("submit_chunk", 4))
+                  poll_us=DEFAULT_POLL_US if opts.get("poll_us") is None else opts["poll_us"],
+                  submit_chunk=opts.get("submit_chunk", 4))
 
 
 def _transport(opts: dict[str, Any]):
@@ -439,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _shape_args(p: argparse.ArgumentParser) -> None:
+    from pyublk_fast.device import DEFAULT_POLL_US
     p.add_argument("-n", "--number", type=int, default=-1, help="device id (default: next free)")
     p.add_argument("-q", "--queues", type=int, default=1, help="hardware queues (default 1)")
     p.add_argument("-d", "--depth", type=int, default=128, help="queue depth (default 128)")
@@ -456,10 +459,10 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
                    help="allow `recover` after the server dies (default mode: reissue)")
     p.add_argument("--python", action="store_true",
                    help="serve with the Python handlers even if the backend is native")
-    p.add_argument("--poll-us", type=float, default=None,
+    p.add_argument("--poll-us", type=float, default=DEFAULT_POLL_US,
                    help="poll each queue's ring up to this many microseconds before sleeping "
-                   "(adaptive: an idle queue stops polling; 0 always sleeps; default 50 "
-                   "while the queues leave a CPU free, else 0)")
+                   "(adaptive: an idle queue stops polling; it yields to other runnable "
+                   f"threads; 0 always sleeps; default {DEFAULT_POLL_US:g})")
     p.add_argument("--submit-chunk", type=int, default=4,
                    help="submit queued I/O every N requests while handling a batch (default 4; "
                    "larger: fewer syscalls, smaller: the backing disk starts sooner)")

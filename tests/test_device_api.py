@@ -1,11 +1,12 @@
 """Device embedding: serve_forever stopped from another thread, and `async with`."""
 import asyncio
 import threading
+import time
 
 import pytest
 
 from pyublk_fast.backends.memory import MemoryBackend
-from pyublk_fast.device import Device
+from pyublk_fast.device import DEFAULT_POLL_US, Device
 
 
 def test_serve_forever_returns_after_stop_from_another_thread(sim):
@@ -48,14 +49,12 @@ def test_async_with_serves_while_the_event_loop_runs(sim):
     assert ticks, "the event loop kept running while the device served"
 
 
-def test_default_poll_leaves_a_cpu_free(sim, monkeypatch):
-    """Polling queue threads that fill every CPU would starve the driver/application."""
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+def test_poll_budget_default_and_bad_values(sim):
     be = MemoryBackend(1 << 20)
-    assert Device(be, sim, queues=1).poll_us == 50.0
-    assert Device(be, sim, queues=2).poll_us == 0.0
-    assert Device(be, sim, queues=2, poll_us=20).poll_us == 20
-    assert Device(be, sim, queues=1, poll_us=0).poll_us == 0
+    assert Device(be, sim, queues=4).poll_us == DEFAULT_POLL_US == 500.0
+    assert Device(be, sim, poll_us=0).poll_us == 0
+    with pytest.raises(ValueError, match="poll_us=-1 must be >= 0"):
+        Device(be, sim, poll_us=-1)
 
 
 def test_a_stopped_device_cannot_serve_again(sim):
@@ -66,3 +65,23 @@ def test_a_stopped_device_cannot_serve_again(sim):
     for again in (dev.start, dev.recover):
         with pytest.raises(RuntimeError, match="make a new Device"):
             again()
+
+
+def _cpu_ticks(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])      # utime + stime
+
+
+def test_an_idle_queue_sleeps_despite_the_poll_budget(sim):
+    """The poll budget halves on every empty wait: once I/O stops, the queue thread sleeps."""
+    with Device(MemoryBackend(1 << 20), sim, depth=4) as dev, dev.open() as blk:
+        for i in range(200):
+            assert blk.pwrite(bytes([i]) * 512, 512 * i) == 512
+        tid = dev._threads[0].native_id
+        time.sleep(0.1)                      # the budget decays over the first few waits
+        before = _cpu_ticks(tid)
+        time.sleep(1.0)
+        used = _cpu_ticks(tid) - before
+        assert used <= 10, f"idle queue thread used {used} of ~100 clock ticks in 1 s"
+        assert blk.pread(512, 512 * 199) == bytes([199]) * 512

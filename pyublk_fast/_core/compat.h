@@ -64,6 +64,7 @@ static inline void *pyu_sqe_cmd(struct io_uring_sqe *sqe)
 }
 
 #include <time.h>
+#include <sched.h>
 
 /* Monotonic clock in ns (vDSO, ~20 ns). */
 static inline int64_t pyu_now_ns(void)
@@ -85,8 +86,8 @@ static inline void pyu_cpu_relax(void)
 /* Submit, then poll the CQ before sleeping in io_uring_enter, adaptively: the poll
  * budget (*budget, ns) doubles up to max_ns while completions arrive soon after we
  * start waiting, and halves when they do not. Hand-offs between two busy threads
- * then cost ~1 us instead of a wake-up, while a thread waiting on a disk stops
- * burning the CPU the I/O workers need. */
+ * then cost ~1 us instead of a wake-up, and an idle thread sleeps. The poll yields
+ * the CPU every few us, so a polling thread never holds up one that shares its CPU. */
 static inline void pyu_submit_and_wait_adaptive(struct io_uring *ring, int64_t max_ns, int64_t *budget)
 {
     if (max_ns <= 0 || io_uring_cq_ready(ring)) {
@@ -104,10 +105,16 @@ static inline void pyu_submit_and_wait_adaptive(struct io_uring *ring, int64_t m
                 break;
             }
             pyu_cpu_relax();
-            if ((i & 63) == 0 && pyu_now_ns() - start > b) {
-                *budget = b / 2;
-                io_uring_submit_and_wait(ring, 1);
-                return;
+            if ((i & 63) == 0) {
+                if (pyu_now_ns() - start > b) {
+                    *budget = b / 2;
+                    io_uring_submit_and_wait(ring, 1);
+                    return;
+                }
+                /* let whatever else is runnable on this CPU go first: the peer we wait
+                 * for, or the kworker finishing our direct write, would otherwise wait
+                 * for the scheduler to preempt us */
+                sched_yield();
             }
         }
         *budget = b * 2 < max_ns ? b * 2 : max_ns;
