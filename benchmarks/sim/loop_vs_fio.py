@@ -21,7 +21,7 @@ from pyublk_fast.backends.loop import LoopBackend
 from pyublk_fast.bench import refs
 from pyublk_fast.bench.report import emit_paired, paired_ratio
 from pyublk_fast.bench.runner import Workdir
-from pyublk_fast.device import Device
+from pyublk_fast.device import DEFAULT_POLL_US, Device
 from pyublk_fast.transport.sim import SimTransport
 
 
@@ -78,7 +78,7 @@ def main() -> int:
         lines.append(f"| {rw} | fio | | | {statistics.median(ref):,.0f} | |")
         for v in variants:
             mine = [r for r in rows if r["rw"] == rw and r["who"] == str(v)]
-            poll = "auto" if v[1] is None else f"{v[1]:g}"
+            poll = f"{DEFAULT_POLL_US:g} (default)" if v[1] is None else f"{v[1]:g}"
             lines.append(f"| {rw} | pyublk_fast | {v[0]} | {poll} | {statistics.median(r['iops'] for r in mine):,.0f} "
                          f"| {paired_ratio([r['ratio'] for r in mine])} |")
     emit_paired("\n".join(lines), rows, a.out, "loop_vs_fio")
