@@ -121,8 +121,7 @@ def data_path_of(opts: dict[str, Any]) -> str:
 
 def build_device(opts: dict[str, Any], transport, recover_info: dict[str, Any] | None = None):
     """A Device for the record/options ``opts`` (shape fixed by the kernel when recovering)."""
-    from pyublk_fast.device import DEFAULT_POLL_US, Device
-    # (a record written before --poll-us had a numeric default holds None)
+    from pyublk_fast.device import Device
     backend = make_backend(opts["target"], opts.get("file"), opts.get("size"))
     queues, depth = opts["queues"], opts["depth"]
     max_io = opts.get("max_io_bytes", 512 << 10)
@@ -132,8 +131,7 @@ def build_device(opts: dict[str, Any], transport, recover_info: dict[str, Any] |
     return Device(backend, transport, queues=queues, depth=depth, max_io_bytes=max_io,
                   data_path=data_path_of(opts), recovery=opts.get("recovery"),
                   dev_id=opts.get("dev_id", -1), native=not opts.get("python", False),
-                  poll_us=DEFAULT_POLL_US if opts.get("poll_us") is None else opts["poll_us"],
-                  submit_chunk=opts.get("submit_chunk", 4))
+                  poll_us=opts.get("poll_us"), submit_chunk=opts.get("submit_chunk", 4))
 
 
 def _transport(opts: dict[str, Any]):

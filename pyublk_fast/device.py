@@ -38,15 +38,16 @@ SERVER_RING_FLAGS = SETUP_SINGLE_ISSUER | SETUP_COOP_TASKRUN
 BUFFERED_PATHS = ("copy", "need_get_data", "user_copy")
 
 
-#: Long enough to see a fast disk's completion without sleeping (same-run A/B on the sim,
-#: loop vs fio 4k QD32: 500 us gave 0.89x/0.92x randread/randwrite where 50 us gave 0.80x).
+#: Long enough to see a fast disk's completion without sleeping. Same-run A/B on the sim,
+#: loop vs fio 4k QD32 randread/randwrite: 0.89x/0.92x vs 0.80x/0.80x at 50 us (8 rounds),
+#: 0.83x/0.79x vs 0.79x/0.79x (16 rounds); null IOPS the same at 50 and 500 us.
 DEFAULT_POLL_US = 500.0
 
 
 class Device:
     """A ublk device served by a backend. Not started until start() (or `with`).
 
-    Tuning: ``poll_us`` (default DEFAULT_POLL_US) lets each queue thread poll its ring
+    Tuning: ``poll_us`` (None: DEFAULT_POLL_US) lets each queue thread poll its ring
     up to that long before sleeping; the budget adapts (it doubles while work arrives
     within it, halves when not, so an idle queue sleeps; 0 always sleeps), and the poll
     yields its CPU to any other runnable thread. ``submit_chunk`` is how many SQEs a
@@ -56,7 +57,7 @@ class Device:
 
     def __init__(self, backend, transport, *, queues: int = 1, depth: int = 128,
                  max_io_bytes: int = 512 * 1024, data_path: str = "auto", recovery: str | None = None,
-                 dev_id: int = -1, native: bool = True, poll_us: float = DEFAULT_POLL_US,
+                 dev_id: int = -1, native: bool = True, poll_us: float | None = None,
                  submit_chunk: int = 4, ring_flags: int = SERVER_RING_FLAGS):
         backend.check()
         if data_path != "auto" and data_path not in DATA_PATHS:
@@ -78,6 +79,8 @@ class Device:
         self.native = backend.native_target() if native else None
         self.data_path = self._choose_path(data_path)
         self.dev_id = dev_id
+        if poll_us is None:
+            poll_us = DEFAULT_POLL_US
         if poll_us < 0:
             raise ValueError(f"poll_us={poll_us} must be >= 0 (0: always sleep)")
         self.poll_us = poll_us

@@ -52,6 +52,7 @@ def test_async_with_serves_while_the_event_loop_runs(sim):
 def test_poll_budget_default_and_bad_values(sim):
     be = MemoryBackend(1 << 20)
     assert Device(be, sim, queues=4).poll_us == DEFAULT_POLL_US == 500.0
+    assert Device(be, sim, poll_us=None).poll_us == DEFAULT_POLL_US
     assert Device(be, sim, poll_us=0).poll_us == 0
     with pytest.raises(ValueError, match="poll_us=-1 must be >= 0"):
         Device(be, sim, poll_us=-1)
