@@ -27,8 +27,8 @@ from pyublk_fast.transport.sim import SimTransport
 
 def ours(t: SimTransport, path: str, rw: str, qd: int, runtime: float, chunk: int,
          poll: float | None) -> float:
-    tuning = dict(submit_chunk=chunk) if poll is None else dict(submit_chunk=chunk, poll_us=poll)
-    with Device(LoopBackend(path), t, depth=max(128, qd), data_path="copy", **tuning) as dev:
+    with Device(LoopBackend(path), t, depth=max(128, qd), data_path="copy",
+                submit_chunk=chunk, poll_us=poll) as dev:
         r = t.run_load(dev.dev_id, rw=rw, bs=4096, qd=qd, runtime=runtime)
     if r["errors"]:
         raise RuntimeError(f"{r['errors']} I/O errors")
