@@ -126,8 +126,8 @@ def build_device(opts: dict[str, Any], transport, recover_info: dict[str, Any] |
     queues, depth = opts["queues"], opts["depth"]
     max_io = opts.get("max_io_bytes", 512 << 10)
     if recover_info is not None:
-        queues, depth = recover_info["nr_hw_queues"], recover_info["queue_depth"]
-        max_io = recover_info["max_io_buf_bytes"]
+        queues, depth = recover_info.nr_hw_queues, recover_info.queue_depth
+        max_io = recover_info.max_io_buf_bytes
     return Device(backend, transport, queues=queues, depth=depth, max_io_bytes=max_io,
                   data_path=data_path_of(opts), recovery=opts.get("recovery"),
                   dev_id=opts.get("dev_id", -1), native=not opts.get("python", False),
@@ -299,14 +299,14 @@ def cmd_recover(a: argparse.Namespace) -> int:
     with _transport(opts) as t:
         info = t.dev_info(a.number)
     from pyublk_fast import uapi
-    if not info["flags"] & uapi.UBLK_F_USER_RECOVERY:
+    if not info.flags & uapi.UBLK_F_USER_RECOVERY:
         raise CliError(f"device {a.number} was added without --recovery: it cannot be "
                        "recovered (delete it with `del -n {a.number}`)")
     opts["recovery"] = opts.get("recovery") or "reissue"
-    opts["zero_copy"] = bool(info["flags"] & uapi.UBLK_F_SUPPORT_ZERO_COPY)
-    opts["user_copy"] = bool(info["flags"] & uapi.UBLK_F_USER_COPY)
-    opts.setdefault("queues", info["nr_hw_queues"])
-    opts.setdefault("depth", info["queue_depth"])
+    opts["zero_copy"] = bool(info.flags & uapi.UBLK_F_SUPPORT_ZERO_COPY)
+    opts["user_copy"] = bool(info.flags & uapi.UBLK_F_USER_COPY)
+    opts.setdefault("queues", info.nr_hw_queues)
+    opts.setdefault("depth", info.queue_depth)
     if a.foreground:
         return serve(opts, lambda m: print(m.get("path") or m.get("error"), flush=True),
                      recover=True)
@@ -354,7 +354,7 @@ def cmd_list(a: argparse.Namespace) -> int:
     with _transport({}) as t:
         for dev_id in t.list_devs():
             try:
-                info = t.dev_info(dev_id)
+                info = t.dev_info(dev_id).as_dict()
             except OSError as exc:
                 info = {"dev_id": dev_id, "error": str(exc)}
             rec = read_record(dev_id) or {}

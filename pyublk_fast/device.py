@@ -19,6 +19,7 @@ from . import uapi
 from ._core.queue import Queue
 from ._core.ring import SETUP_COOP_TASKRUN, SETUP_SINGLE_ISSUER, Ring
 from .dispatch import PythonDispatch
+from .transport.base import DevInfo
 
 log = logging.getLogger("pyublk_fast.device")
 
@@ -135,6 +136,7 @@ class Device:
             t.del_dev(self.dev_id)
             raise OSError(95, f"the driver refused {uapi.feature_names(missing)}")
         try:
+            self._take_shape(t.dev_info(self.dev_id))
             b = self.backend
             attrs = (uapi.UBLK_ATTR_READ_ONLY if b.read_only else 0) | \
                 (uapi.UBLK_ATTR_VOLATILE_CACHE if b.can_flush else 0) | (uapi.UBLK_ATTR_FUA if b.can_fua else 0)
@@ -147,6 +149,17 @@ class Device:
             raise
         self._started = True
         return self
+
+    def _take_shape(self, info: DevInfo) -> None:
+        """Serve the device as the driver made it: the kernel cuts the queue count to the
+        CPU count (like kublk, we ask for what the user said and let it), and a recovered
+        device keeps the shape it was added with."""
+        shape = (info.nr_hw_queues, info.queue_depth, info.max_io_buf_bytes)
+        if shape != (self.nr_queues, self.depth, self.max_io_bytes):
+            log.info("device %d: serving %d queues of depth %d, %d-byte buffers as the driver has "
+                     "it (asked for %d, %d, %d; the kernel makes at most one queue per CPU)",
+                     self.dev_id, *shape, self.nr_queues, self.depth, self.max_io_bytes)
+            self.nr_queues, self.depth, self.max_io_bytes = shape
 
     def _check_open(self):
         if self._closed:
@@ -171,11 +184,11 @@ class Device:
         dispatch = None
         q = None
         try:
-            args = self.transport.queue_args(self.dev_id, q_id)
-            q = Queue(q_id, self.depth, self.max_io_bytes, native=self.native,
+            ep = self.transport.queue_endpoint(self.dev_id, q_id)
+            q = Queue(self.depth, self.max_io_bytes, ep.channel, ep.iods, native=self.native,
                       py_handler=None if self.native is not None else (lambda n: dispatch.handle_batch(n)),
                       data_path=self.data_path, poll_us=self.poll_us, submit_chunk=self.submit_chunk,
-                      ring_flags=self.ring_flags, **args)
+                      ring_flags=self.ring_flags)
             if self.native is None:
                 dispatch = PythonDispatch(self.backend, q)
             self._queues[q_id] = q
@@ -249,7 +262,7 @@ class Device:
         """The kernel notices a dead server only once its rings are torn down, which happens
         after the ring fds are closed (io_uring exit work): wait for that state change."""
         deadline = time.monotonic() + timeout
-        while self.transport.dev_info(self.dev_id)["state"] == uapi.UBLK_S_DEV_LIVE:
+        while self.transport.dev_info(self.dev_id).state == uapi.UBLK_S_DEV_LIVE:
             if time.monotonic() > deadline:
                 log.warning("device %d: still LIVE %.0f s after its server was killed", self.dev_id, timeout)
                 return
@@ -271,6 +284,7 @@ class Device:
         self._check_open()
         t = self.transport
         t.start_user_recovery(self.dev_id)
+        self._take_shape(t.dev_info(self.dev_id))
         self._errors = []
         self._spawn_queues()
         t.end_user_recovery(self.dev_id)
@@ -318,5 +332,5 @@ class Device:
     def requests_served(self) -> int:
         return sum(q.requests for q in self._queues if q is not None)
 
-    def info(self) -> dict:
+    def info(self) -> DevInfo:
         return self.transport.dev_info(self.dev_id)

@@ -14,7 +14,7 @@ def test_serve_forever_returns_after_stop_from_another_thread(sim):
     served = threading.Thread(target=dev.serve_forever, kwargs={"poll": 0.05})
     served.start()
     for _ in range(200):
-        if dev.dev_id >= 0 and dev.info()["started"]:
+        if dev.dev_id >= 0 and dev.info().started:
             break
         threading.Event().wait(0.01)
     with dev.open() as blk:

@@ -44,6 +44,15 @@ cdef inline bint ud_is_target(uint64_t ud) noexcept nogil:
 cdef inline uint64_t uc_pos(uint32_t q_id, uint32_t tag, uint32_t offset) noexcept nogil:
     return UC_BASE + ((<uint64_t>q_id << UC_QID_SHIFT) | (<uint64_t>tag << UC_TAG_SHIFT) | offset)
 
+cdef inline uint32_t uc_qid(uint64_t pos) noexcept nogil:
+    return <uint32_t>(((pos - UC_BASE) >> UC_QID_SHIFT) & ((1 << UC_QID_BITS) - 1))
+
+cdef inline uint32_t uc_tag(uint64_t pos) noexcept nogil:
+    return <uint32_t>(((pos - UC_BASE) >> UC_TAG_SHIFT) & ((1 << UC_TAG_BITS) - 1))
+
+cdef inline uint32_t uc_off(uint64_t pos) noexcept nogil:
+    return <uint32_t>((pos - UC_BASE) & ((1 << UC_OFF_BITS) - 1))
+
 cdef inline uint64_t sp_pos(uint32_t q_id, uint32_t tag, uint32_t offset) noexcept nogil:
     return (<uint64_t>q_id << SP_QID_SHIFT) | (<uint64_t>tag << SP_TAG_SHIFT) | offset
 

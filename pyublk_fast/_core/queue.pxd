@@ -1,17 +1,56 @@
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from .liburing cimport io_uring, io_uring_sqe
 from .ring cimport Ring
 from .uapi cimport ublksrv_io_desc
-from libc.stdint cimport int64_t
-from .simwire cimport SimCmd, sim_copy_fn, sim_splice_fn, sim_regbuf_fn
 
 cdef enum:
-    DP_COPY = 0
+    # The data path's kind, fixed when a queue is set up (a native target picks its
+    # per-request functions from it once, in setup()).
+    DP_COPY = 0          # copy and need_get_data: the driver copies to/from the tag buffer
     DP_USER_COPY = 1
     DP_ZERO_COPY = 2
     DP_SPLICE = 3
 
 cdef class Queue
+
+
+cdef class Channel:
+    """How one queue's commands and data reach its driver; made by the transport.
+
+    The queue runner never asks which driver it talks to: the kernel's channel
+    (`kchannel.pyx`) prepares uring_cmd SQEs on /dev/ublkcN, the simulator's (under
+    transport/sim/) does its own messaging. Both are per queue (q_id fixed).
+    """
+    cdef readonly int q_id
+    cdef int ring_fd                   # the serving queue's ring, set by bind()
+
+    cdef int bind(self, Queue q) except -1
+    cdef DataPath make_path(self, Queue q, int kind)
+    cdef void prep_cmd(self, io_uring_sqe *sqe, uint32_t nr, int tag, int32_t result,
+                       uint64_t addr, uint64_t ud) noexcept nogil
+    cdef int64_t user_copy(self, int tag, uint8_t *buf, uint32_t nbytes, bint to_request) noexcept nogil
+
+
+cdef class DataPath:
+    """How request data moves between driver and server, chosen once per queue.
+
+    This base class is the copy path (and NEED_GET_DATA's): the driver copies into the
+    tag buffer whose address every command carries, so nothing happens per request.
+    """
+    cdef Channel ch
+
+    cdef int setup(self, Queue q) except -1
+    cdef uint64_t cmd_addr(self, Queue q, int tag) noexcept nogil
+    cdef int32_t begin(self, Queue q, int tag, const ublksrv_io_desc *iod) noexcept nogil
+    cdef int32_t end(self, Queue q, int tag, const ublksrv_io_desc *iod, int32_t res) noexcept nogil
+    cdef void register_buf(self, Queue q, int tag) noexcept nogil
+    cdef int64_t splice(self, Queue q, int tag, uint32_t offset, bint write_end, uint32_t nbytes) noexcept nogil
+    cdef int pipe_fd(self, int tag, bint write_end) noexcept nogil
+
+
+cdef class NoBufferPath(DataPath):
+    """Base of the paths whose commands carry no buffer address."""
+
 
 cdef struct TagIO:
     int32_t result               # first error, else bytes so far
@@ -23,6 +62,7 @@ cdef struct TagIO:
 cdef class NativeTarget:
     """A backend whose per-request work runs in C, in the queue thread, without the GIL.
 
+    setup() runs once per queue (pick data-path functions from q.data_path there).
     queue_io() either completes the request now (q.commit(tag, res), return 0) or
     prepares N backend SQEs tagged with q.target_ud(tag, tgt_data) and returns N.
     io_done() gets each backend CQE; it returns the bytes/-errno of that operation,
@@ -38,10 +78,9 @@ cdef class Queue:
     cdef io_uring *r
     cdef readonly int q_id
     cdef readonly int depth
-    cdef bint sim
-    cdef int cmd_fd                # kernel: /dev/ublkcN; sim: the driver's ring fd
-    cdef int sim_qi
-    cdef SimCmd *sim_cmds
+    cdef readonly Channel ch
+    cdef readonly DataPath dp
+    cdef readonly int data_path        # DP_*
     cdef const ublksrv_io_desc *iods
     cdef uint8_t *bufs
     cdef readonly uint32_t buf_size
@@ -51,15 +90,7 @@ cdef class Queue:
     cdef uint16_t *py_tags
     cdef int n_py
     cdef int nr_live               # tags not yet aborted
-    cdef bint auto_buf_reg         # kernel zero copy: request buffer auto-registered at index tag
-    cdef readonly bint zc_register # kernel zero copy without AUTO_BUF_REG: REGISTER/UNREGISTER_IO_BUF
-    cdef readonly int data_path
-    cdef void *sim_ctx
-    cdef sim_copy_fn uc_fn
-    cdef sim_regbuf_fn regbuf_fn
-    cdef sim_splice_fn splice_fn
-    cdef int *pipes                # DP_SPLICE: read end 2*tag, write end 2*tag+1
-    cdef uint64_t *zc_addr         # DP_ZERO_COPY: address of the request's registered buffer
+    cdef uint64_t *zc_addr         # DP_ZERO_COPY: address of the request's buffer at fixed index tag
     cdef readonly uint64_t requests
     cdef int64_t spin_ns
     cdef unsigned submit_chunk
@@ -71,12 +102,9 @@ cdef class Queue:
     cdef void drain_backend_io(self, int64_t timeout_ns) noexcept nogil
     cdef void submit_cmd(self, uint32_t nr, int tag, int32_t result) noexcept nogil
     cdef void commit(self, int tag, int32_t res) noexcept nogil
-    cdef void zc_buf_cmd(self, uint32_t nr, int tag, unsigned sqe_flags) noexcept nogil
-    cdef void zc_register_buf(self, int tag) noexcept nogil
+    cdef void register_buf(self, int tag) noexcept nogil
     cdef uint64_t target_ud(self, int tag, uint32_t tgt_data) noexcept nogil
     cdef uint8_t *tag_buf(self, int tag) noexcept nogil
-    cdef int64_t user_copy(self, int tag, int to_request, uint32_t nbytes) noexcept nogil
-    cdef int64_t splice(self, int tag, uint32_t offset, int write_end, uint32_t nbytes) noexcept nogil
     cdef void on_request(self, int tag) noexcept nogil
     cdef void on_target(self, int tag, uint32_t tgt_data, int32_t res) noexcept nogil
     cdef void loop(self) noexcept nogil

@@ -215,7 +215,7 @@ def ctrl_cmd(dev_id: int, buf: np.ndarray | None, data0: int = 0,
 
 # ---- device info -----------------------------------------------------------------------
 @dataclass(frozen=True)
-class DevInfo:
+class CtrlDevInfo:
     """``struct ublksrv_ctrl_dev_info`` as the kernel returned it."""
 
     dev_id: int
@@ -231,7 +231,7 @@ class DevInfo:
     asked_flags: int | None = None   # what ADD_DEV asked for (None for GET_DEV_INFO)
 
     @classmethod
-    def from_record(cls, rec: np.void, asked_flags: int | None = None) -> "DevInfo":
+    def from_record(cls, rec: np.void, asked_flags: int | None = None) -> "CtrlDevInfo":
         """Build from one DEV_INFO_DTYPE record."""
         state = int(rec["state"])
         return cls(int(rec["dev_id"]), int(rec["nr_hw_queues"]), int(rec["queue_depth"]),
@@ -399,11 +399,11 @@ class UblkControl:
         return int(buf[0])
 
     def add_dev(self, dev_id: int = -1, nr_queues: int = 1, depth: int = 128,
-                max_io_buf_bytes: int = DEFAULT_MAX_IO_BUF_BYTES, flags: int = 0) -> DevInfo:
+                max_io_buf_bytes: int = DEFAULT_MAX_IO_BUF_BYTES, flags: int = 0) -> CtrlDevInfo:
         """Create a device (state DEAD until START_DEV); returns what the kernel filled in.
 
         ``dev_id=-1`` takes the next free id.  The kernel clears flags it does not
-        know and adds some: see ``DevInfo.refused_flags`` / ``implied_flags``.
+        know and adds some: see ``CtrlDevInfo.refused_flags`` / ``implied_flags``.
         """
         _check_int("dev_id", dev_id, -1, 0xFFFFFFFE)
         _check_int("nr_queues", nr_queues, 0, 0xFFFF)
@@ -422,7 +422,7 @@ class UblkControl:
         info["flags"] = flags
         args = dict(dev_id=dev_id, nr_queues=nr_queues, depth=depth, flags=flags)
         self._execute("ADD_DEV", dev_id, info, args=args)
-        granted = DevInfo.from_record(info[0], asked_flags=flags)
+        granted = CtrlDevInfo.from_record(info[0], asked_flags=flags)
         self._path_form[granted.dev_id] = bool(granted.flags & uapi.UBLK_F_UNPRIVILEGED_DEV)
         return granted
 
@@ -440,19 +440,19 @@ class UblkControl:
         self._execute("DEL_DEV_ASYNC", _dev(dev_id), unprivileged=unprivileged)
         self._path_form.pop(dev_id, None)
 
-    def get_dev_info(self, dev_id: int, unprivileged: bool | None = None) -> DevInfo:
+    def get_dev_info(self, dev_id: int, unprivileged: bool | None = None) -> CtrlDevInfo:
         """The device's current ``ublksrv_ctrl_dev_info`` (state, pid, flags, owner...);
         GET_DEV_INFO2 for an unprivileged device."""
         info = np.zeros(1, uapi.DEV_INFO_DTYPE)
         self._execute("GET_DEV_INFO", _dev(dev_id), info, unprivileged=unprivileged)
-        return DevInfo.from_record(info[0])
+        return CtrlDevInfo.from_record(info[0])
 
-    def get_dev_info2(self, dev_id: int) -> DevInfo:
+    def get_dev_info2(self, dev_id: int) -> CtrlDevInfo:
         """GET_DEV_INFO2 (Linux 6.5+): always names /dev/ublkcN, works for any device
         whose char node the caller may read (root: all)."""
         info = np.zeros(1, uapi.DEV_INFO_DTYPE)
         self._execute("GET_DEV_INFO2", _dev(dev_id), info, unprivileged=True)
-        return DevInfo.from_record(info[0])
+        return CtrlDevInfo.from_record(info[0])
 
     def set_params(self, dev_id: int, params: np.ndarray | np.void,
                    unprivileged: bool | None = None) -> None:

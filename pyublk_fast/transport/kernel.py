@@ -18,12 +18,13 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from .. import uapi
-from .control import CONTROL_PATH, DevInfo, UblkControl, UblkCommandError
+from .._core.kchannel import KernelChannel
+from .base import DevInfo, QueueEndpoint, Transport
+from .control import CONTROL_PATH, CtrlDevInfo, UblkControl, UblkCommandError
 
 IOD_SIZE = 24
 PAGE = mmap.PAGESIZE
@@ -81,7 +82,7 @@ class _Dev:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class KernelTransport:
+class KernelTransport(Transport):
     """The real ublk driver. Use as a context manager or call close()."""
 
     name = "kernel"
@@ -111,12 +112,6 @@ class KernelTransport:
         for dev_id in list(self._devs):
             self.release(dev_id)
         self.ctrl.close()
-
-    def __enter__(self) -> "KernelTransport":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _oneshot(self, timeout: float | None) -> UblkControl:
         return UblkControl(self.control_path, timeout=timeout)
@@ -154,9 +149,6 @@ class KernelTransport:
         flags |= uapi.UBLK_F_CMD_IOCTL_ENCODE
         if self.unprivileged:
             flags |= uapi.UBLK_F_UNPRIVILEGED_DEV
-        if nr_queues > (os.cpu_count() or 1):
-            raise ValueError(f"nr_queues={nr_queues}: the kernel caps queues at the CPU count "
-                             f"({os.cpu_count()}); use -q {os.cpu_count()} or fewer")
         info = self.ctrl.add_dev(dev_id, nr_queues, depth, max_io_bytes, flags)
         # root's devices are privileged whatever it asks for: the kernel drops the flag
         self.refused_flags = info.refused_flags & ~uapi.UBLK_F_UNPRIVILEGED_DEV
@@ -300,21 +292,27 @@ class KernelTransport:
         """UPDATE_SIZE of a live device (UBLK_F_UPDATE_SIZE)."""
         self.ctrl.update_size(dev_id, sectors)
 
-    def dev_info(self, dev_id: int) -> dict[str, Any]:
-        """GET_DEV_INFO + GET_PARAMS as a dict with the sim's keys (plus pid, owner)."""
+    def quiesce_dev(self, dev_id: int, timeout: float = 10.0) -> None:
+        """QUIESCE_DEV (6.16+, UBLK_F_QUIESCE): refused up front where the kernel lacks it.
+        It waits in the kernel for the queues to give their commands back, hence a ring
+        of its own with a timeout."""
+        if not self.features() & uapi.UBLK_F_QUIESCE:
+            raise OSError(errno.EOPNOTSUPP, missing_features_message(uapi.UBLK_F_QUIESCE, "QUIESCE_DEV"))
+        with self._oneshot(timeout) as c:
+            c._execute("QUIESCE_DEV", dev_id, unprivileged=self._form(dev_id))
+
+    def dev_info(self, dev_id: int) -> DevInfo:
+        """GET_DEV_INFO + GET_PARAMS."""
         info = self.ctrl.get_dev_info(dev_id)
-        params = self.ctrl.get_params(dev_id)
-        basic = params["basic"]
-        state = info.state
-        return dict(dev_id=dev_id, nr_hw_queues=info.nr_hw_queues, queue_depth=info.queue_depth,
-                    state=int(state), state_name=getattr(state, "name", str(state)),
-                    max_io_buf_bytes=info.max_io_buf_bytes, flags=info.flags,
-                    features=info.feature_names, size=int(basic["dev_sectors"]) << 9,
-                    logical_block_size=1 << int(basic["logical_bs_shift"]),
-                    attrs=int(basic["attrs"]), started=state == uapi.DevState.LIVE,
-                    server_alive=info.ublksrv_pid > 0 and pid_alive(info.ublksrv_pid),
-                    pid=info.ublksrv_pid, owner_uid=info.owner_uid, owner_gid=info.owner_gid,
-                    block_path=info.block_path, char_path=info.char_path)
+        basic = self.ctrl.get_params(dev_id)["basic"]
+        return DevInfo(dev_id=dev_id, nr_hw_queues=info.nr_hw_queues, queue_depth=info.queue_depth,
+                       state=int(info.state), max_io_buf_bytes=info.max_io_buf_bytes,
+                       flags=info.flags, size=int(basic["dev_sectors"]) << 9,
+                       logical_block_size=1 << int(basic["logical_bs_shift"]),
+                       attrs=int(basic["attrs"]), started=info.state == uapi.DevState.LIVE,
+                       server_alive=info.ublksrv_pid > 0 and pid_alive(info.ublksrv_pid),
+                       pid=info.ublksrv_pid, owner_uid=info.owner_uid, owner_gid=info.owner_gid,
+                       block_path=info.block_path)
 
     def list_devs(self) -> list[int]:
         """Ids of every ublk device on the system (from /sys/class/ublk-char)."""
@@ -330,13 +328,13 @@ class KernelTransport:
         with self._lock:
             dev = self._devs.get(dev_id)
             if dev is None:   # a device added elsewhere (recovery by a new process)
-                info: DevInfo = self.ctrl.get_dev_info(dev_id)
+                info: CtrlDevInfo = self.ctrl.get_dev_info(dev_id)
                 dev = self._devs[dev_id] = _Dev(dev_id, info.nr_hw_queues, info.queue_depth,
                                                 info.flags, info.max_io_buf_bytes)
             return dev
 
-    def queue_args(self, dev_id: int, q_id: int) -> dict[str, Any]:
-        """Keyword arguments for Queue(...) serving queue q_id of dev_id on the kernel."""
+    def queue_endpoint(self, dev_id: int, q_id: int) -> QueueEndpoint:
+        """Open /dev/ublkcN (once per device) and map queue q_id's descriptors."""
         dev = self._dev(dev_id)
         if not 0 <= q_id < dev.nr_queues:
             raise ValueError(f"q_id={q_id}: device {dev_id} has {dev.nr_queues} queues")
@@ -365,8 +363,8 @@ class KernelTransport:
                                   f"{dev_id}: {os.strerror(exc.errno)}") from None
             # the array keeps the mapping alive (and un-closable) while a queue uses it
             iods = np.frombuffer(dev.maps[q_id], np.uint8)
-            return dict(sim=False, cmd_fd=dev.fd, iods=iods,
-                        auto_buf_reg=bool(dev.flags & uapi.UBLK_F_AUTO_BUF_REG))
+            return QueueEndpoint(q_id, iods, KernelChannel(
+                q_id, dev.fd, auto_buf_reg=bool(dev.flags & uapi.UBLK_F_AUTO_BUF_REG)))
 
     # -- the user side ------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ def serve(sim, flags, probe):
     dev_id, granted = sim.add_dev(-1, 1, DEPTH, 64 * 1024, flags)
     assert granted & flags == flags
     sim.set_params(dev_id, 1 << 20, 512)
-    args = sim.queue_args(dev_id, 0)
+    ep = sim.queue_endpoint(dev_id, 0)
     holder = {}
     ready = threading.Event()
 
@@ -41,7 +41,7 @@ def serve(sim, flags, probe):
         return out
 
     def run():
-        q = Queue(0, DEPTH, 64 * 1024, py_handler=handler, **{k: v for k, v in args.items() if k != "sim_ops"})
+        q = Queue(DEPTH, 64 * 1024, ep.channel, ep.iods, py_handler=handler)
         holder["q"] = q
         q.fetch_all()
         ready.set()

@@ -91,7 +91,7 @@ def run_load(transport, dev_id: int, *, rw: str, bs: int = 4096, qd: int, count:
 def inflight(transport, dev_id: int) -> int:
     """Requests the driver holds for dev_id (the kernel's from sysfs; 0 once its disk is gone)."""
     if transport.name == "sim":
-        return transport.dev_info(dev_id)["inflight"]
+        return transport.dev_info(dev_id).inflight
     try:
         with open(f"/sys/block/ublkb{dev_id}/inflight") as fh:
             return sum(int(x) for x in fh.read().split())
@@ -132,7 +132,7 @@ def test_two_queues(transport, backing_file, native):
     from pyublk_fast.backends.loop import LoopBackend
     pats = _patterns(64, seed=2)
     with Device(LoopBackend(backing_file), transport, queues=2, depth=8, native=native) as dev:
-        assert dev.info()["nr_hw_queues"] == 2
+        assert dev.info().nr_hw_queues == 2
         with dev.open() as blk:
             assert blk.submit([(OP_WRITE, i * 4096, 4096, p) for i, p in enumerate(pats)]) == [4096] * 64
             assert blk.pread(64 * 4096, 0) == b"".join(pats)
@@ -298,7 +298,7 @@ def test_kill_without_recovery_fails_in_flight(transport, path):
         for i, r in enumerate(res):                          # successes really reached the backend
             if r == 4096:
                 assert backend.data[_at(i):_at(i) + 4096] == pats[i]
-        assert transport.dev_info(dev.dev_id)["state"] == 0        # DEAD
+        assert transport.dev_info(dev.dev_id).state == 0        # DEAD
         with pytest.raises(OSError):
             blk.pread(4096, 0)
         blk.close()
@@ -317,7 +317,7 @@ def test_kill_with_reissue_completes_everything_after_recover(transport, path):
         _kill(dev)
         time.sleep(0.05)
         assert th.is_alive(), "requests should wait for the new server, not fail"
-        assert dev.info()["state"] == 2                      # QUIESCED
+        assert dev.info().state == 2                      # QUIESCED
         dev.recover()
         th.join(15)
         assert not th.is_alive()
@@ -342,7 +342,7 @@ def test_kill_with_recovery_fail_new_io_waits_for_recover(transport, path):
         th2, out2 = _submit_in_thread(blk2, [(OP_WRITE, 512 * KiB, 4096, pats[0])])
         time.sleep(0.05)
         assert th2.is_alive(), "new I/O must wait for the new server"
-        assert dev.info()["state"] == 2                      # QUIESCED
+        assert dev.info().state == 2                      # QUIESCED
         dev.recover()
         th.join(15)
         th2.join(15)
@@ -364,7 +364,7 @@ def test_kill_with_recovery_fail_io_fails_new_io_until_recover(transport):
     with Device(backend, transport, depth=4, recovery="fail_io") as dev, dev.open() as blk:
         blk.pwrite(b"k" * 4096, 0)
         _kill(dev)
-        assert dev.info()["state"] == 3                      # FAIL_IO
+        assert dev.info().state == 3                      # FAIL_IO
         with pytest.raises(OSError) as ei:
             blk.pread(4096, 0)
         assert ei.value.errno == FAIL_IO_ERRNO[transport.name]

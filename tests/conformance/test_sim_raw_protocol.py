@@ -30,9 +30,10 @@ class RawServer:
         self.sim = sim
         self.dev_id, self.flags = sim.add_dev(-1, 1, depth, BUF, flags)
         sim.set_params(self.dev_id, size, 512)
-        a = sim.queue_args(self.dev_id, 0)
-        self.iods, self.qi, self.fd = a["iods"], a["sim_qi"], a["cmd_fd"]
-        self.cmds = a["sim_cmds"].view(SIM_CMD)
+        ep = sim.queue_endpoint(self.dev_id, 0)
+        ch = ep.channel
+        self.iods, self.qi, self.fd = ep.iods, ch.queue_index, ch.driver_ring_fd
+        self.cmds = ch.cmd_slots.view(SIM_CMD)
         self.ring = Ring(64)
         self.bufs = np.zeros((depth, BUF), np.uint8)
         self.pool = concurrent.futures.ThreadPoolExecutor(2)
@@ -107,7 +108,7 @@ def test_start_needs_every_fetch_and_params(raw, sim):
         sim.start_dev(s.dev_id, timeout=0.2)
     s.send(DEPTH - 1, uapi.UBLK_IO_FETCH_REQ)
     sim.start_dev(s.dev_id)
-    assert sim.dev_info(s.dev_id)["state"] == uapi.UBLK_S_DEV_LIVE
+    assert sim.dev_info(s.dev_id).state == uapi.UBLK_S_DEV_LIVE
     assert sim.get_params(s.dev_id)["dev_sectors"] == (1 << 20) >> 9
 
 
@@ -266,7 +267,7 @@ def test_quiesce_hands_the_device_to_a_new_server(sim, tmp_path):
     payload = os.urandom(1 << 20)
     blk.pwrite(payload, 0)
     old.quiesce()
-    assert sim.dev_info(old.dev_id)["state"] == uapi.UBLK_S_DEV_QUIESCED
+    assert sim.dev_info(old.dev_id).state == uapi.UBLK_S_DEV_QUIESCED
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(blk.pread, 1 << 20, 0)
         with pytest.raises(concurrent.futures.TimeoutError):

@@ -154,7 +154,7 @@ def test_recover_refuses_a_running_server(env):
 def test_device_busy_second_server(env, kt):
     dev_id, _ = _add(env, "-t", "null")
     with pytest.raises(OSError) as ei:
-        kt.queue_args(dev_id, 0)
+        kt.queue_endpoint(dev_id, 0)
     assert ei.value.errno == errno.EBUSY and "another server" in str(ei.value)
 
 

@@ -248,7 +248,7 @@ def _in_process_memory_device() -> tuple[int, bool, int, int]:
         finally:
             dev.stop()
         gone = wait_for_path(f"/dev/ublkc{dev.dev_id}", False, 10)
-    return dev.dev_id, back == data and in_backend and gone, info["owner_uid"], info["flags"]
+    return dev.dev_id, back == data and in_backend and gone, info.owner_uid, info.flags
 
 
 def test_in_process_device(udev):

@@ -1,7 +1,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from pyublk_fast._core.ring cimport Ring
 from pyublk_fast._core.uapi cimport ublksrv_io_desc
-from pyublk_fast._core.simwire cimport SimCmd
+from .wire cimport SimCmd
 
 cdef struct Req:                  # one block request (the front's bio)
     uint8_t op
@@ -134,3 +134,12 @@ cdef class SimDriver:
     cdef void fail_pending(self, SimQueue *q, int32_t res) noexcept nogil
     cdef void lg_issue(self) noexcept nogil
     cdef void lg_done(self, int ri, int32_t res) noexcept nogil
+
+
+# Data-path entry points, called by a server thread on a request it owns (the kernel's
+# read_iter/write_iter, REGISTER_IO_BUF and the seed's splice_read on /dev/ublkcN).
+# They return bytes (or 0) or -errno like the syscalls.
+from pyublk_fast._core.liburing cimport iovec
+cdef int64_t sim_user_copy(SimDev *d, uint64_t pos, void *buf, uint64_t length, int to_request) noexcept nogil
+cdef int sim_reg_buf(SimDev *d, int q_id, int tag, iovec *iov) noexcept nogil
+cdef int64_t sim_splice(SimDev *d, uint64_t pos, int pipe_fd, uint64_t length, unsigned flags) noexcept nogil

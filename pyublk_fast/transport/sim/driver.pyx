@@ -34,8 +34,8 @@ from pyublk_fast._core.liburing cimport (iovec, io_uring, io_uring_get_sqe, io_u
                                          IOSQE_CQE_SKIP_SUCCESS, pyu_submit_and_wait_adaptive)
 from pyublk_fast._core.ring cimport Ring, reap_cq
 from pyublk_fast._core.uapi cimport *
-from pyublk_fast._core.simwire cimport *
-from pyublk_fast._core.codec cimport UC_BASE, UC_QID_SHIFT, UC_TAG_SHIFT, UC_OFF_BITS, sp_qid, sp_tag, sp_off
+from .wire cimport *
+from pyublk_fast._core.codec cimport UC_BASE, uc_qid, uc_tag, uc_off, sp_qid, sp_tag, sp_off
 
 from pyublk_fast import uapi
 
@@ -867,7 +867,7 @@ cdef class SimDriver:
         return dict(dev_id=d, nr_hw_queues=dev.nr_queues, queue_depth=dev.depth, state=dev.state,
                     max_io_buf_bytes=dev.max_io_bytes, flags=dev.flags, size=dev.size,
                     logical_block_size=1 << dev.lbs_shift, attrs=dev.attrs, started=bool(dev.started),
-                    inflight=dev.inflight, server_alive=bool(dev.server_alive))
+                    inflight=dev.inflight, server_alive=bool(dev.server_alive))     # DevInfo's fields
 
     def list_devs(self):
         return [d for d in range(self.max_devs) if self.devs[d].present]
@@ -973,19 +973,17 @@ cdef SimTag *_owned_tag(SimDev *d, uint32_t q_id, uint32_t tag) noexcept nogil:
     return t if t.state == TAG_SERVER else NULL
 
 
-cdef int64_t sim_user_copy(void *ctx, uint64_t pos, void *buf, uint64_t length, int to_request) noexcept nogil:
+cdef int64_t sim_user_copy(SimDev *d, uint64_t pos, void *buf, uint64_t length, int to_request) noexcept nogil:
     """pread (to_request=0) / pwrite (to_request=1) on /dev/ublkcN at a USER_COPY pos."""
-    cdef SimDev *d = <SimDev *>ctx
     if not d.flags & F_USER_COPY:
         return -EACCES
     if pos < UC_BASE:
         return -EINVAL
-    cdef uint64_t p = pos - UC_BASE
-    cdef SimTag *t = _owned_tag(d, <uint32_t>(p >> UC_QID_SHIFT), <uint32_t>((p >> UC_TAG_SHIFT) & 0xffff))
+    cdef SimTag *t = _owned_tag(d, uc_qid(pos), uc_tag(pos))
     if t == NULL:
         return -EINVAL
     cdef Req *r = &d.reqs[t.req]
-    cdef uint64_t off = p & ((1ULL << UC_OFF_BITS) - 1)
+    cdef uint64_t off = uc_off(pos)
     cdef uint64_t remaining = r.len - r.done
     if r.op == UBLK_IO_OP_READ:
         if not to_request:
@@ -1006,9 +1004,8 @@ cdef int64_t sim_user_copy(void *ctx, uint64_t pos, void *buf, uint64_t length, 
     return <int64_t>length
 
 
-cdef int sim_reg_buf(void *ctx, int q_id, int tag, iovec *iov) noexcept nogil:
+cdef int sim_reg_buf(SimDev *d, int q_id, int tag, iovec *iov) noexcept nogil:
     """REGISTER_IO_BUF: the request's pages, for the server to install in its buffer table."""
-    cdef SimDev *d = <SimDev *>ctx
     if not d.flags & F_ZERO_COPY:
         return -EINVAL
     cdef SimTag *t = _owned_tag(d, q_id, tag)
@@ -1022,7 +1019,7 @@ cdef int sim_reg_buf(void *ctx, int q_id, int tag, iovec *iov) noexcept nogil:
     return 0
 
 
-cdef int64_t sim_splice(void *ctx, uint64_t pos, int pipe_fd, uint64_t length, unsigned flags) noexcept nogil:
+cdef int64_t sim_splice(SimDev *d, uint64_t pos, int pipe_fd, uint64_t length, unsigned flags) noexcept nogil:
     """The seed RFC's ublk_splice_read: move request pages into (WRITE) or out of (READ) a pipe.
 
     Checks in the RFC's order: SPLICE_F_DIRECT (EPERM); a READ_TO_READ on a drained pipe
@@ -1030,7 +1027,6 @@ cdef int64_t sim_splice(void *ctx, uint64_t pos, int pipe_fd, uint64_t length, u
     even when a later check fails); no data (EINVAL); past the request (EINVAL);
     READ_TO_READ iff READ (EINVAL).
     """
-    cdef SimDev *d = <SimDev *>ctx
     cdef int avail = 0
     if not flags & SPLICE_F_DIRECT:
         return -EPERM
@@ -1069,12 +1065,6 @@ cdef int64_t sim_splice(void *ctx, uint64_t pos, int pipe_fd, uint64_t length, u
             return -EIO if done == 0 else <int64_t>done
         done += n
     return <int64_t>done
-
-
-def data_path_ops(SimDriver drv, int d):
-    """(context, user_copy, reg_buf, splice) addresses for a queue of device d."""
-    drv._dev(d, "data_path_ops")
-    return (<uintptr_t>&drv.devs[d], <uintptr_t>sim_user_copy, <uintptr_t>sim_reg_buf, <uintptr_t>sim_splice)
 
 
 def splice_probe(SimDriver drv, int d, uint64_t pos, int pipe_fd, uint64_t length, unsigned flags) -> int:

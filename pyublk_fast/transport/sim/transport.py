@@ -15,13 +15,15 @@ import numpy as np
 
 from ... import uapi
 from ..._core.ring import Ring
-from .driver import SimDriver, SIM_FEATURES, data_path_ops, front_msg, hist_bucket_lower_ns
+from ..base import DevInfo, QueueEndpoint, Transport
+from .channel import SimChannel
+from .driver import SimDriver, SIM_FEATURES, front_msg, hist_bucket_lower_ns
 
 OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES = 0, 1, 2, 3, 5
 FRONT_SLOTS = 8192          # request slots for fronts; the load generator uses the rest
 
 
-class SimTransport:
+class SimTransport(Transport):
     """An in-process ublk driver. Use as a context manager or call close()."""
 
     name = "sim"
@@ -37,12 +39,6 @@ class SimTransport:
 
     def close(self) -> None:
         self.driver.shutdown()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     # -- control commands ---------------------------------------------------------------
 
@@ -105,21 +101,22 @@ class SimTransport:
     def update_size(self, dev_id: int, sectors: int):
         self.driver.call(self.driver.update_size, dev_id, sectors)
 
-    def dev_info(self, dev_id: int) -> dict:
-        return self.driver.call(self.driver.dev_info, dev_id)
+    def dev_info(self, dev_id: int) -> DevInfo:
+        return DevInfo(**self.driver.call(self.driver.dev_info, dev_id), block_path=self.block_path(dev_id))
 
     def list_devs(self) -> list[int]:
         return self.driver.call(self.driver.list_devs)
 
     # -- the server side ---------------------------------------------------------------------
 
-    def queue_args(self, dev_id: int, q_id: int) -> dict:
-        """Keyword arguments for Queue(...) serving queue q_id of dev_id."""
+    def queue_endpoint(self, dev_id: int, q_id: int) -> QueueEndpoint:
         iods, cmds, qi = self.driver.call(self.driver.queue_endpoint, dev_id, q_id)
-        return dict(sim=True, cmd_fd=self.driver.fd, iods=iods, sim_cmds=cmds, sim_qi=qi,
-                    sim_ops=data_path_ops(self.driver, dev_id))
+        return QueueEndpoint(q_id, iods, SimChannel(self.driver, dev_id, q_id, qi, cmds))
 
     # -- the user side -----------------------------------------------------------------------
+
+    def block_path(self, dev_id: int) -> str:
+        return f"sim:ublkb{dev_id}"
 
     def open(self, dev_id: int) -> "SimBlockDevice":
         """Open the simulated /dev/ublkb<dev_id>."""
@@ -129,7 +126,7 @@ class SimTransport:
             if e.errno != errno.ENODEV:
                 raise
             raise FileNotFoundError(errno.ENOENT, f"/dev/ublkb{dev_id} does not exist: no such device") from None
-        if not info["started"]:
+        if not info.started:
             raise FileNotFoundError(errno.ENOENT, f"/dev/ublkb{dev_id} does not exist: the device is not started")
         return SimBlockDevice(self, dev_id, info)
 
@@ -167,7 +164,7 @@ class SimTransport:
         d = self.driver
         if verify:
             info = self.dev_info(dev_id)
-            reg = region or info["size"]
+            reg = region or info.size
             d.call(d.lg_start, dev_id, first, qd, bs, 0, False, True, reg, reg // bs, 0.0, seed)
             pre = d.lg_wait(timeout)
             if pre["errors"]:
@@ -206,12 +203,12 @@ class SimBlockDevice:
     Errors surface as OSError(errno), as from a real block device. One thread at a time.
     """
 
-    def __init__(self, transport: SimTransport, dev_id: int, info: dict, slots: int = 256):
+    def __init__(self, transport: SimTransport, dev_id: int, info: DevInfo, slots: int = 256):
         self.transport = transport
         self.dev_id = dev_id
-        self.size = info["size"]
-        self.block_size = info["logical_block_size"]
-        self.max_io = info["max_io_buf_bytes"]
+        self.size = info.size
+        self.block_size = info.logical_block_size
+        self.max_io = info.max_io_buf_bytes
         self._slots = transport._take_slots(slots)
         self._ring = Ring(512, cq_entries=1024)
         self._lock = threading.Lock()

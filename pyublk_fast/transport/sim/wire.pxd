@@ -20,11 +20,3 @@ cdef enum:
 
 cdef inline uint64_t sim_msg(uint64_t kind, uint64_t low) noexcept nogil:
     return (kind << SIM_MSG_SHIFT) | low
-
-# Seed (RFC) splice flags and the simulated user-copy / splice entry points, called
-# by the server thread on a request it owns (the kernel's pread/pwrite/splice on
-# /dev/ublkcN). They return bytes or -errno like the syscalls.
-ctypedef int64_t (*sim_copy_fn)(void *ctx, uint64_t pos, void *buf, uint64_t len, int to_request) noexcept nogil
-ctypedef int64_t (*sim_splice_fn)(void *ctx, uint64_t pos, int pipe_fd, uint64_t len, unsigned flags) noexcept nogil
-from .liburing cimport iovec
-ctypedef int (*sim_regbuf_fn)(void *ctx, int q_id, int tag, iovec *iov) noexcept nogil

@@ -1,0 +1,162 @@
+"""The transport contract: what `Device` needs from a ublk driver, and nothing more.
+
+A transport is a control plane (the commands of ``/dev/ublk-control``), a server
+side (one `QueueEndpoint` per queue: the descriptor array and the `Channel` that
+carries the queue's commands) and a user side (the block device). Two implement it:
+`KernelTransport` (a real kernel) and `SimTransport` (the in-process simulated
+driver). A third one plugs in by subclassing `Transport` and providing a Channel
+(see docs/architecture.md). The same contract tests run on both
+(tests/conformance/test_transport_contract.py on the host, tests/kernel/ in the VM).
+
+Errors are OSErrors with the kernel's errnos; a feature the driver lacks is
+refused with EOPNOTSUPP and a message naming what brings it.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .. import uapi
+
+
+@dataclass(frozen=True)
+class DevInfo:
+    """A device as its driver reports it (GET_DEV_INFO plus the basic parameters)."""
+
+    dev_id: int
+    nr_hw_queues: int
+    queue_depth: int
+    state: int                        #: uapi.UBLK_S_DEV_* (DEAD, LIVE, QUIESCED, FAIL_IO)
+    max_io_buf_bytes: int
+    flags: int                        #: the UBLK_F_* bits the device was granted
+    size: int                         #: bytes (0 before SET_PARAMS)
+    logical_block_size: int
+    attrs: int                        #: UBLK_ATTR_* of the basic parameters
+    started: bool                     #: the block device exists
+    server_alive: bool                #: a server process (or, simulated, a server) holds it
+    pid: int = 0                      #: the serving process (kernel; 0 on the simulator)
+    owner_uid: int = 0
+    owner_gid: int = 0
+    block_path: str = ""              #: /dev/ublkbN (kernel), "sim:ublkbN" (simulated: use open())
+    inflight: int | None = None       #: requests the driver holds (simulator only)
+
+    @property
+    def state_name(self) -> str:
+        try:
+            return uapi.DevState(self.state).name
+        except ValueError:
+            return str(self.state)
+
+    @property
+    def features(self) -> list[str]:
+        """Names of the granted UBLK_F_* flags."""
+        return uapi.feature_names(self.flags)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field and derived name, for JSON output."""
+        out = dataclasses.asdict(self)
+        out.update(state_name=self.state_name, features=self.features)
+        return out
+
+
+@dataclass(frozen=True)
+class QueueEndpoint:
+    """What one queue's server needs: the driver's descriptor array for the queue and
+    the Channel (a Cython object of ``pyublk_fast._core``) its commands go through."""
+
+    q_id: int
+    iods: Any                          #: numpy uint8 view of depth * 24 bytes (read-only)
+    channel: Any                       #: a pyublk_fast._core.queue.Channel
+
+
+class Transport(abc.ABC):
+    """A ublk driver as `Device` uses it. Methods mirror the control commands."""
+
+    #: "kernel" or "sim": used in messages.
+    name: str = ""
+
+    # -- lifecycle of the transport itself
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release everything this transport holds (devices stay unless deleted)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- control plane
+    @abc.abstractmethod
+    def features(self) -> int:
+        """UBLK_F_* bits the driver supports (GET_FEATURES)."""
+
+    @abc.abstractmethod
+    def add_dev(self, dev_id: int, nr_queues: int, depth: int, max_io_bytes: int,
+                flags: int) -> tuple[int, int]:
+        """ADD_DEV (dev_id -1: the driver picks); returns (dev_id, granted flags).
+
+        nr_queues beyond the CPU count is cut to it by the kernel, which the simulator
+        models; read the real count back from dev_info()."""
+
+    @abc.abstractmethod
+    def set_params(self, dev_id: int, size: int, block_size: int, attrs: int = 0,
+                   max_sectors: int = 0, discard: bool = True) -> None:
+        """SET_PARAMS: basic part, plus the discard part (DISCARD/WRITE_ZEROES) if discard."""
+
+    @abc.abstractmethod
+    def start_dev(self, dev_id: int, timeout: float = 10.0) -> None:
+        """START_DEV, once every tag of every queue has a FETCH outstanding."""
+
+    @abc.abstractmethod
+    def stop_dev(self, dev_id: int) -> None:
+        """STOP_DEV: the block device goes away, the queues' commands are aborted."""
+
+    @abc.abstractmethod
+    def del_dev(self, dev_id: int, timeout: float = 10.0) -> None:
+        """Release the server side, then DEL_DEV."""
+
+    @abc.abstractmethod
+    def release(self, dev_id: int) -> None:
+        """Close the server side (/dev/ublkcN): what the driver sees when a server dies."""
+
+    @abc.abstractmethod
+    def start_user_recovery(self, dev_id: int) -> None:
+        """START_USER_RECOVERY (device added with a recovery mode, its server gone)."""
+
+    @abc.abstractmethod
+    def end_user_recovery(self, dev_id: int, timeout: float = 10.0) -> None:
+        """END_USER_RECOVERY, once every tag has a FETCH again."""
+
+    @abc.abstractmethod
+    def quiesce_dev(self, dev_id: int) -> None:
+        """QUIESCE_DEV (UBLK_F_QUIESCE, Linux 6.16+): new I/O waits, the queues' fetches
+        are aborted so the server can exit; recover onto a new server afterwards."""
+
+    @abc.abstractmethod
+    def update_size(self, dev_id: int, sectors: int) -> None:
+        """UPDATE_SIZE of a live device (UBLK_F_UPDATE_SIZE)."""
+
+    @abc.abstractmethod
+    def dev_info(self, dev_id: int) -> DevInfo:
+        """GET_DEV_INFO plus the basic parameters."""
+
+    @abc.abstractmethod
+    def list_devs(self) -> list[int]:
+        """Ids of the devices the driver has."""
+
+    # -- server side
+    @abc.abstractmethod
+    def queue_endpoint(self, dev_id: int, q_id: int) -> QueueEndpoint:
+        """The endpoint of queue q_id; call it in the thread that will serve the queue."""
+
+    # -- user side
+    @abc.abstractmethod
+    def block_path(self, dev_id: int) -> str:
+        """The block device's name (a path on a kernel)."""
+
+    @abc.abstractmethod
+    def open(self, dev_id: int):
+        """The block device, opened: pread/pwrite/flush/discard/write_zeroes/close."""

@@ -1,0 +1,13 @@
+from libc.stdint cimport uint64_t
+from pyublk_fast._core.queue cimport Channel
+from .driver cimport SimDriver, SimDev
+from .wire cimport SimCmd
+
+
+cdef class SimChannel(Channel):
+    cdef SimDriver driver              # kept alive: dev points into it
+    cdef SimDev *dev
+    cdef SimCmd *cmds                  # this queue's command slots, one per tag
+    cdef int driver_fd                 # the driver thread's ring
+    cdef uint64_t qi                   # the driver's global index of this queue
+    cdef readonly object cmd_slots     # numpy array behind cmds
