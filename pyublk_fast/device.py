@@ -11,6 +11,7 @@ drain and deletes it. Several devices per process are fine.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import threading
 import time
@@ -119,6 +120,8 @@ class Device:
         flags |= {None: 0, "fail": uapi.UBLK_F_USER_RECOVERY,
                   "reissue": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE,
                   "fail_io": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_FAIL_IO}[self.recovery]
+        if self.recovery and self.transport.features() & uapi.UBLK_F_QUIESCE:
+            flags |= uapi.UBLK_F_QUIESCE      # lets quiesce() hand the device to a new server
         return flags
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -273,6 +276,10 @@ class Device:
         finish what they hold and exit, and the char device is released; recover() resumes."""
         if not self._started:
             raise RuntimeError("device is not started")
+        if not self.flags & uapi.UBLK_F_QUIESCE:
+            raise OSError(errno.EOPNOTSUPP, f"device {self.dev_id} cannot be quiesced: it needs a "
+                          "recovery mode (recovery='reissue' or 'fail_io') on a driver with "
+                          "UBLK_F_QUIESCE (Linux 6.16+)")
         self.transport.quiesce_dev(self.dev_id)
         for th in self._threads:
             th.join(10)

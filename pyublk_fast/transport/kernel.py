@@ -299,7 +299,9 @@ class KernelTransport(Transport):
         if not self.features() & uapi.UBLK_F_QUIESCE:
             raise OSError(errno.EOPNOTSUPP, missing_features_message(uapi.UBLK_F_QUIESCE, "QUIESCE_DEV"))
         with self._oneshot(timeout) as c:
-            c._execute("QUIESCE_DEV", dev_id, unprivileged=self._form(dev_id))
+            # data[0]: how long the kernel may wait for the queues, in ms (0 would be forever)
+            c._execute("QUIESCE_DEV", dev_id, data0=max(1, int(timeout * 1000)),
+                       unprivileged=self._form(dev_id))
 
     def dev_info(self, dev_id: int) -> DevInfo:
         """GET_DEV_INFO + GET_PARAMS."""

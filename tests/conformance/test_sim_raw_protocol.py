@@ -280,9 +280,12 @@ def test_quiesce_hands_the_device_to_a_new_server(sim, tmp_path):
     new.stop()
 
 
-def test_quiesce_needs_recovery(raw, sim):
+def test_quiesce_needs_the_quiesce_flag_which_needs_recovery(raw, sim):
     s = raw()
     s.start()
     with pytest.raises(OSError) as e:
         sim.quiesce_dev(s.dev_id)
+    assert e.value.errno == errno.EOPNOTSUPP and "UBLK_F_QUIESCE" in str(e.value)
+    with pytest.raises(OSError) as e:
+        sim.add_dev(-1, 1, DEPTH, BUF, uapi.UBLK_F_QUIESCE)
     assert e.value.errno == errno.EINVAL

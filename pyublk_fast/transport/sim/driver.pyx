@@ -13,6 +13,7 @@ driver state has one owner and needs no locks.
 """
 import collections
 import errno as _errno
+import os
 import threading
 
 import numpy as np
@@ -65,6 +66,7 @@ cdef uint64_t F_RECOVERY = uapi.UBLK_F_USER_RECOVERY
 cdef uint64_t F_REISSUE = uapi.UBLK_F_USER_RECOVERY_REISSUE
 cdef uint64_t F_RECOVERY_FAIL_IO = uapi.UBLK_F_USER_RECOVERY_FAIL_IO
 cdef uint64_t F_ANY_RECOVERY = F_RECOVERY | F_REISSUE | F_RECOVERY_FAIL_IO
+cdef uint64_t F_QUIESCE = uapi.UBLK_F_QUIESCE
 
 # What the simulated driver supports (GET_FEATURES). Zero copy and AUTO_BUF_REG are
 # modelled by the server registering request pages itself (see DataPath).
@@ -72,7 +74,7 @@ SIM_FEATURES = (uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_NEED_GET_DATA
                 | uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
                 | uapi.UBLK_F_CMD_IOCTL_ENCODE | uapi.UBLK_F_USER_COPY
                 | uapi.UBLK_F_USER_RECOVERY_FAIL_IO | uapi.UBLK_F_UPDATE_SIZE
-                | uapi.UBLK_F_SUPPORT_ZERO_COPY | uapi.SIM_F_SPLICE_ZC)
+                | uapi.UBLK_F_SUPPORT_ZERO_COPY | uapi.UBLK_F_QUIESCE | uapi.SIM_F_SPLICE_ZC)
 # Flags ADD_DEV always sets on 7.x (DESIGN.md: `| 0x26042` on 7.2), limited to what we model.
 SIM_ALWAYS_SET = uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_CMD_IOCTL_ENCODE
 
@@ -631,6 +633,10 @@ cdef class SimDriver:
         if max_io_bytes < 4096 or max_io_bytes > (1 << 25) or max_io_bytes & 4095:
             raise OSError(EINVAL, f"ADD_DEV: max_io_buf_bytes={max_io_bytes} must be a multiple of "
                                   "4096 in 4096..32 MiB")
+        # like the kernel: more queues than CPUs are cut to the CPU count, not refused
+        nr_queues = min(nr_queues, os.cpu_count() or 1)
+        if flags & F_QUIESCE and not flags & F_RECOVERY:
+            raise OSError(EINVAL, "ADD_DEV: UBLK_F_QUIESCE needs UBLK_F_USER_RECOVERY")
         if flags & (F_USER_COPY | F_ZERO_COPY) and flags & uapi.UBLK_F_UNPRIVILEGED_DEV:
             raise OSError(EINVAL, "ADD_DEV: USER_COPY / zero copy are not allowed for unprivileged devices")
         if dev_id >= 0:
@@ -842,8 +848,9 @@ cdef class SimDriver:
     def quiesce_dev(self, int d):
         """QUIESCE_DEV: stop handing requests to the server (they wait); its FETCHes are aborted."""
         dev = self._dev(d, "QUIESCE_DEV")
-        if not dev.flags & F_RECOVERY:
-            raise OSError(EINVAL, "QUIESCE_DEV: needs a device added with UBLK_F_USER_RECOVERY")
+        if not dev.flags & F_QUIESCE:
+            raise OSError(EOPNOTSUPP, "QUIESCE_DEV: needs a device added with UBLK_F_QUIESCE "
+                                      "(and UBLK_F_USER_RECOVERY)")
         if not dev.started or dev.state != S_LIVE:
             raise OSError(EINVAL, f"QUIESCE_DEV: device {d} is not live (state {dev.state})")
         dev.state = S_QUIESCED

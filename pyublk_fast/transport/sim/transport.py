@@ -110,6 +110,9 @@ class SimTransport(Transport):
     # -- the server side ---------------------------------------------------------------------
 
     def queue_endpoint(self, dev_id: int, q_id: int) -> QueueEndpoint:
+        nr_queues = self.dev_info(dev_id).nr_hw_queues
+        if not 0 <= q_id < nr_queues:
+            raise ValueError(f"q_id={q_id}: device {dev_id} has {nr_queues} queues")
         iods, cmds, qi = self.driver.call(self.driver.queue_endpoint, dev_id, q_id)
         return QueueEndpoint(q_id, iods, SimChannel(self.driver, dev_id, q_id, qi, cmds))
 
