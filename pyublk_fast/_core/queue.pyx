@@ -160,10 +160,7 @@ cdef class Queue:
                  unsigned ring_flags=0, double poll_us=0.0, unsigned submit_chunk=4):
         if native is None and py_handler is None:
             raise ValueError("Queue needs a native target or a Python handler")
-        if not 1 <= depth <= UBLK_MAX_QUEUE_DEPTH:
-            raise ValueError(f"depth={depth} out of range 1..{UBLK_MAX_QUEUE_DEPTH}")
-        if submit_chunk < 1:
-            raise ValueError(f"submit_chunk={submit_chunk} must be >= 1")
+        # depth, submit_chunk and the rest were validated by Device and the driver
         if data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: one of {sorted(DATA_PATHS)}")
         self.q_id = channel.q_id
