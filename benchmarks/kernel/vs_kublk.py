@@ -59,11 +59,12 @@ def kublk_add(kublk: str, args: list[str]) -> tuple[str, callable]:
     return path, lambda: sh(kublk, "del", "-n", n)
 
 
-def ours_add(args: list[str]) -> tuple[str, callable]:
-    out = sh(sys.executable, "-m", "pyublk_fast", "add", *args, timeout=60)
+def ours_add(args: list[str], python: str = sys.executable) -> tuple[str, callable]:
+    """Our CLI server, run by `python` (another checkout's interpreter with --other)."""
+    out = sh(python, "-m", "pyublk_fast", "add", *args, timeout=60)
     path = out.strip().splitlines()[-1]
     n = path[len("/dev/ublkb"):]
-    return path, lambda: sh(sys.executable, "-m", "pyublk_fast", "del", "-n", n)
+    return path, lambda: sh(python, "-m", "pyublk_fast", "del", "-n", n)
 
 
 def main() -> int:
@@ -75,6 +76,10 @@ def main() -> int:
     ap.add_argument("--ours-extra", action="append", default=[],
                     help="also run our server with these extra `add` options, as one more "
                     "server per target (repeatable; e.g. '--submit-chunk 32 --poll-us 50')")
+    ap.add_argument("--other", action="append", default=[], metavar="LABEL=PYTHON",
+                    help="also run the server of another checkout: an interpreter that imports "
+                    "it (e.g. a virtualenv's python with that checkout installed), shown as "
+                    "LABEL; for before/after comparisons in one boot (repeatable)")
     ap.add_argument("--targets", default="null,null -z,loop,loop -z",
                     help="comma-separated subset of: null, null -z, loop, loop -z")
     ap.add_argument("--direct", action="store_true",
@@ -97,13 +102,19 @@ def main() -> int:
     unknown = [t for t in targets if t not in specs]
     if unknown:
         sys.exit(f"--targets: unknown {unknown}; choose from {list(specs)}")
-    ours_variants = [("pyublk_fast", [])] + [(f"pyublk_fast {x}", shlex.split(x)) for x in a.ours_extra]
+    ours_variants = [("pyublk_fast", [], sys.executable)] + [
+        (f"pyublk_fast {x}", shlex.split(x), sys.executable) for x in a.ours_extra]
+    for other in a.other:
+        label, sep, python = other.partition("=")
+        if not sep or not os.access(python, os.X_OK):
+            sys.exit(f"--other {other!r}: give LABEL=PYTHON with an executable interpreter")
+        ours_variants.append((label, [], python))
     groups = []          # per target: kublk first, then each of our variants
     for t in targets:
         kargs, oargs = specs[t]
         group = [(t, "kublk", lambda k=kargs: kublk_add(kublk, [*k[:2], *shape, *k[2:]]))]
-        for name, extra in ours_variants:
-            group.append((t, name, lambda o=oargs, e=extra: ours_add([*o, *shape, *e])))
+        for name, extra, python in ours_variants:
+            group.append((t, name, lambda o=oargs, e=extra, p=python: ours_add([*o, *shape, *e], p)))
         if a.direct and t == "loop":
             group.append((t, f"fio on {RAM} (no ublk)", lambda: (RAM, lambda: None)))
         groups.append(group)
