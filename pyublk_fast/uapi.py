@@ -188,7 +188,8 @@ for _f in Feature:
 del _f
 
 # First mainline kernel where the feature works. Confidence per entry:
-#   sure     - DESIGN.md (checked against the header history) or the header/commit date.
+#   sure     - checked against the header's history (the release that first carries the bit
+#              or makes it work).
 #   likely   - dated upstream commit (merge window right after the date), not a release tag.
 #   unsure   - neither; verify on a real kernel before relying on it in error hints.
 KERNEL_VERSION_OF_FEATURE: dict[int, str] = {
@@ -199,19 +200,19 @@ KERNEL_VERSION_OF_FEATURE: dict[int, str] = {
     UBLK_F_USER_RECOVERY_REISSUE: "6.1",    # likely: commit 2022-09-23 (6.1 merge window)
     UBLK_F_UNPRIVILEGED_DEV: "6.3",         # likely: commit 2023-01-29 (6.3 merge window)
     UBLK_F_CMD_IOCTL_ENCODE: "6.4",         # likely: commit 2023-04-18 (6.4 merge window)
-    UBLK_F_USER_COPY: "6.5",                # sure: DESIGN.md
+    UBLK_F_USER_COPY: "6.5",                # sure: header history
     UBLK_F_ZONED: "6.6",                    # likely: commit Aug 2023 (6.6 merge window)
     UBLK_F_USER_RECOVERY_FAIL_IO: "6.13",   # likely: commit 2024-10-07 (6.13 merge window)
-    UBLK_F_UPDATE_SIZE: "6.16",             # unsure: DESIGN.md groups bits 10-13 as 6.16
-    UBLK_F_AUTO_BUF_REG: "6.16",            # sure: DESIGN.md
-    UBLK_F_QUIESCE: "6.16",                 # sure: DESIGN.md (commit 2025-05-22)
-    UBLK_F_PER_IO_DAEMON: "6.16",           # sure: DESIGN.md
-    UBLK_F_BUF_REG_OFF_DAEMON: "6.17",      # sure: DESIGN.md
-    UBLK_F_BATCH_IO: "7.0",                 # sure: DESIGN.md
-    UBLK_F_INTEGRITY: "7.0",                # sure: DESIGN.md
-    UBLK_F_SAFE_STOP_DEV: "7.0",            # sure: DESIGN.md
-    UBLK_F_NO_AUTO_PART_SCAN: "7.0",        # sure: DESIGN.md
-    UBLK_F_SHMEM_ZC: "7.1",                 # sure: DESIGN.md
+    UBLK_F_UPDATE_SIZE: "6.16",             # unsure: added with bits 11-13, which are 6.16
+    UBLK_F_AUTO_BUF_REG: "6.16",            # sure: header history
+    UBLK_F_QUIESCE: "6.16",                 # sure: commit 2025-05-22, released in 6.16
+    UBLK_F_PER_IO_DAEMON: "6.16",           # sure: header history
+    UBLK_F_BUF_REG_OFF_DAEMON: "6.17",      # sure: header history
+    UBLK_F_BATCH_IO: "7.0",                 # sure: header history
+    UBLK_F_INTEGRITY: "7.0",                # sure: header history
+    UBLK_F_SAFE_STOP_DEV: "7.0",            # sure: header history
+    UBLK_F_NO_AUTO_PART_SCAN: "7.0",        # sure: header history
+    UBLK_F_SHMEM_ZC: "7.1",                 # sure: header history
 }
 
 
@@ -444,7 +445,7 @@ AUTO_BUF_REG_DTYPE = _struct([
 assert AUTO_BUF_REG_DTYPE.itemsize == 8
 
 # struct ublk_shmem_buf_reg: 16 B per the 7.x header (addr u64, len u32, flags u32).
-# DESIGN.md section 1(e) says 24 B (len u64 + reserved u32); the header wins.
+# A 24 B layout (len u64 + reserved u32) was also published; the header we check wins.
 SHMEM_BUF_REG_DTYPE = _struct([
     ("addr", _u64, 0),
     ("len", _u32, 8),

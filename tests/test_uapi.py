@@ -1,4 +1,4 @@
-"""pyublk_fast.uapi against the C layout/values of ublk_cmd.h and the facts in DESIGN.md."""
+"""pyublk_fast.uapi against the C layout/values of ublk_cmd.h and the kernel's documented behaviour."""
 
 from __future__ import annotations
 
@@ -377,7 +377,7 @@ def test_constants_from_design_md():
 
 
 def test_feature_names():
-    # 7.2's ADD_DEV forced bits (DESIGN.md: `| 0x26042`).
+    # the bits 7.2's ADD_DEV sets on every device (its returned flags: `| 0x26042`)
     assert uapi.feature_names(0x26042) == [
         "URING_CMD_COMP_IN_TASK", "CMD_IOCTL_ENCODE", "PER_IO_DAEMON",
         "BUF_REG_OFF_DAEMON", "SAFE_STOP_DEV"]
