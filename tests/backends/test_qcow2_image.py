@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from backends.qcow2 import Qcow2Error, Qcow2Image
+from pyublk_fast.backends.qcow2 import Qcow2Error, Qcow2Image
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -422,7 +422,7 @@ def test_truncated_image(tmp_path):
 
 def _record_pwrites(monkeypatch) -> list:
     """Log every (offset, bytes) the engine pwrites, in order, and still perform it."""
-    import backends.qcow2.image as image_mod
+    import pyublk_fast.backends.qcow2.image as image_mod
     log: list = []
     real = image_mod._pwrite_all
 
