@@ -31,15 +31,17 @@ import errno
 import os
 import struct
 import threading
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
+from . import fileio
+from .cache import TableCache
 from .format import (
-    L1_RESERVED_MASK, L2_RESERVED_MASK, MAX_CLUSTER_BITS, MAX_L1_BYTES,
-    MAX_REFTABLE_BYTES, MIN_CLUSTER_BITS, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO, REFTABLE_RESERVED_MASK, Header, Qcow2Error, build_header, read_header,
+    HEADER_AUTOCLEAR, HEADER_REFTABLE_FIELDS, L1_RESERVED_MASK, L2_RESERVED_MASK,
+    MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MIN_CLUSTER_BITS, OFFSET_MASK,
+    OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFTABLE_RESERVED_MASK, Header, Qcow2Error,
+    build_header, check_in_file, corrupt, read_header,
 )
 
 __all__ = ["Qcow2Image"]
@@ -53,34 +55,6 @@ _QCOW2_MAGIC = b"QFI\xfb"
 _DATA, _ZERO, _UNALLOC = 0, 1, 2
 
 
-def _corrupt(msg: str) -> Qcow2Error:
-    return Qcow2Error(errno.EIO, f"corrupt qcow2 image: {msg}")
-
-
-def _pread_into(fd: int, mv: memoryview, offset: int) -> None:
-    """Fill ``mv`` from ``offset``; bytes past the end of the file read as zeros."""
-    done, n = 0, len(mv)
-    while done < n:
-        got = os.preadv(fd, [mv[done:]], offset + done)
-        if got <= 0:
-            mv[done:] = bytes(n - done)
-            return
-        done += got
-
-
-def _pread_padded(fd: int, n: int, offset: int) -> bytearray:
-    buf = bytearray(n)
-    _pread_into(fd, memoryview(buf), offset)
-    return buf
-
-
-def _pwrite_all(fd: int, data: Any, offset: int) -> None:
-    mv = memoryview(data).cast("B")
-    done = 0
-    while done < len(mv):
-        done += os.pwrite(fd, mv[done:], offset + done)
-
-
 class _RawBacking:
     """Read-only raw backing file; reads past its end return zeros."""
 
@@ -91,7 +65,7 @@ class _RawBacking:
     def _read_clipped(self, offset: int, mv: memoryview) -> None:
         avail = max(0, min(len(mv), self.size - offset))
         if avail:
-            _pread_into(self._fd, mv[:avail], offset)
+            fileio.pread_into(self._fd, mv[:avail], offset)
         if avail < len(mv):
             mv[avail:] = bytes(len(mv) - avail)
 
@@ -181,9 +155,9 @@ class Qcow2Image:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(fd, total * cs)
-            _pwrite_all(fd, blocks.tobytes(), rb_first * cs)
-            _pwrite_all(fd, table.tobytes(), rt_first * cs)
-            _pwrite_all(fd, header, 0)
+            fileio.pwrite_all(fd, blocks.tobytes(), rb_first * cs)
+            fileio.pwrite_all(fd, table.tobytes(), rt_first * cs)
+            fileio.pwrite_all(fd, header, 0)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -246,7 +220,7 @@ class Qcow2Image:
         self._zeros = memoryview(bytes(cs))
         # L1 table
         self._l1_off = h.l1_table_offset
-        self._l1 = np.frombuffer(_pread_padded(fd, h.l1_size * 8, h.l1_table_offset),
+        self._l1 = np.frombuffer(fileio.pread_padded(fd, h.l1_size * 8, h.l1_table_offset),
                                  dtype=">u8").copy()
         self._l1_range = (h.l1_table_offset >> cb,
                           (h.l1_table_offset + h.l1_size * 8 + cs - 1) >> cb)
@@ -255,24 +229,24 @@ class Qcow2Image:
         bad = np.flatnonzero(self._l1 & np.uint64(L1_RESERVED_MASK | (cs - 1) & OFFSET_MASK))
         if bad.size:
             i = int(bad[0])
-            raise _corrupt(f"L1 entry {i} ({int(self._l1[i]):#x}) has reserved bits set or "
-                           "is not cluster aligned")
+            raise corrupt(f"L1 entry {i} ({int(self._l1[i]):#x}) has reserved bits set or "
+                          "is not cluster aligned")
         l2c = (self._l1 & np.uint64(OFFSET_MASK)) >> np.uint64(cb)
         l2c = l2c[l2c != 0]
-        self._check_in_file("L1 entry (L2 table)", l2c)
+        check_in_file("L1 entry (L2 table)", l2c, self._end, cb)
         # refcount table
         self._rt_off = h.refcount_table_offset
         self._rt = np.frombuffer(
-            _pread_padded(fd, h.refcount_table_clusters * cs, h.refcount_table_offset),
+            fileio.pread_padded(fd, h.refcount_table_clusters * cs, h.refcount_table_offset),
             dtype=">u8").copy()
         bad = np.flatnonzero(self._rt & np.uint64(REFTABLE_RESERVED_MASK | (cs - 1)))
         if bad.size:
             i = int(bad[0])
-            raise _corrupt(f"refcount table entry {i} ({int(self._rt[i]):#x}) has reserved "
-                           "bits set or is not cluster aligned")
+            raise corrupt(f"refcount table entry {i} ({int(self._rt[i]):#x}) has reserved "
+                          "bits set or is not cluster aligned")
         rbc = self._rt >> np.uint64(cb)
         rbc = rbc[rbc != 0]
-        self._check_in_file("refcount table entry (refcount block)", rbc)
+        check_in_file("refcount table entry (refcount block)", rbc, self._end, cb)
         # no two metadata structures may share a cluster
         every = np.concatenate([
             np.zeros(1, np.uint64),
@@ -282,20 +256,18 @@ class Qcow2Image:
         uniq, counts = np.unique(every, return_counts=True)
         if uniq.size != every.size:
             c = int(uniq[np.flatnonzero(counts > 1)[0]])
-            raise _corrupt(f"metadata structures overlap at host offset {c << cb:#x}")
+            raise corrupt(f"metadata structures overlap at host offset {c << cb:#x}")
         self._refuse_compressed(path)
         self._meta_sorted = np.unique(np.concatenate([l2c, rbc]).astype(np.int64))
         self._meta_new: set[int] = set()
         self._freed: list[int] = []
-        self._l2_cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._rb_cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._l2_cache_max = max(8, _L2_CACHE_BYTES // cs)
-        self._rb_cache_max = max(8, _RB_CACHE_BYTES // cs)
+        self._l2_cache = TableCache(fd, cs, ">u8", _L2_CACHE_BYTES)
+        self._rb_cache = TableCache(fd, cs, ">u2", _RB_CACHE_BYTES)
         if h.backing_file is not None:
             self._backing = _open_backing(path, h.backing_file, h.backing_format, depth)
         if not readonly and h.autoclear:
             # spec: a writer that does not understand autoclear bits must clear them
-            _pwrite_all(fd, bytes(8), 88)
+            fileio.pwrite_all(fd, bytes(8), HEADER_AUTOCLEAR)
             h.autoclear = 0
 
     def _refuse_compressed(self, path: str) -> None:
@@ -303,19 +275,13 @@ class Qcow2Image:
         later, reading each L2 table once (qemu-img check reads them all too)."""
         flag = np.uint64(OFLAG_COMPRESSED)
         for i in np.flatnonzero(self._l1 & np.uint64(OFFSET_MASK)):
-            t = np.frombuffer(_pread_padded(self._fd, self._cs, int(self._l1[i]) & OFFSET_MASK), dtype=">u8")
+            t = np.frombuffer(fileio.pread_padded(self._fd, self._cs, int(self._l1[i]) & OFFSET_MASK), dtype=">u8")
             hit = np.flatnonzero(t & flag)
             if hit.size:
                 voff = ((int(i) << self._l2_bits) + int(hit[0])) << self._cb
                 raise Qcow2Error(errno.ENOTSUP, f"cannot open {path!r}: it has compressed clusters "
                                  f"(the first at virtual offset {voff:#x}), which are not supported; "
                                  f"decompress it with 'qemu-img convert -O qcow2 {path} OUT.qcow2'")
-
-    def _check_in_file(self, what: str, clusters: np.ndarray) -> None:
-        if clusters.size and int(clusters.max()) >= self._end:
-            c = int(clusters.max())
-            raise _corrupt(f"{what} points at {c << self._cb:#x}, beyond the end of the "
-                           f"file; the image is truncated")
 
     def _rt_range(self) -> tuple[int, int]:
         first = self._rt_off >> self._cb
@@ -388,25 +354,14 @@ class Qcow2Image:
         """Validate a data cluster offset taken from an L2 entry, return its index."""
         c = host >> self._cb
         if host & (self._cs - 1):
-            raise _corrupt(f"L2 entry for virtual offset {voff:#x} points at unaligned host "
-                           f"offset {host:#x}")
+            raise corrupt(f"L2 entry for virtual offset {voff:#x} points at unaligned host "
+                          f"offset {host:#x}")
         if c >= self._end:
-            raise _corrupt(f"L2 entry for virtual offset {voff:#x} points at {host:#x}, "
-                           "beyond the end of the file")
+            raise corrupt(f"L2 entry for virtual offset {voff:#x} points at {host:#x}, "
+                          "beyond the end of the file")
         return c
 
     # ---------------------------------------------------------------- table caches
-    def _get_l2(self, off: int) -> np.ndarray:
-        t = self._l2_cache.get(off)
-        if t is None:
-            t = np.frombuffer(_pread_padded(self._fd, self._cs, off), dtype=">u8").copy()
-            self._l2_cache[off] = t
-            if len(self._l2_cache) > self._l2_cache_max:
-                self._l2_cache.popitem(last=False)
-        else:
-            self._l2_cache.move_to_end(off)
-        return t
-
     def _get_rb(self, idx: int) -> np.ndarray | None:
         """Refcount block ``idx`` (None if not allocated)."""
         if idx >= len(self._rt):
@@ -414,15 +369,7 @@ class Qcow2Image:
         off = int(self._rt[idx])
         if off == 0:
             return None
-        b = self._rb_cache.get(off)
-        if b is None:
-            b = np.frombuffer(_pread_padded(self._fd, self._cs, off), dtype=">u2").copy()
-            self._rb_cache[off] = b
-            if len(self._rb_cache) > self._rb_cache_max:
-                self._rb_cache.popitem(last=False)
-        else:
-            self._rb_cache.move_to_end(off)
-        return b
+        return self._rb_cache.get(off)
 
     def _refcount(self, c: int) -> int:
         b = self._get_rb(c >> self._rb_bits)
@@ -433,10 +380,8 @@ class Qcow2Image:
         idx = c >> self._rb_bits
         b = self._get_rb(idx)
         if b is None:
-            raise _corrupt(f"cluster {c << self._cb:#x} is in use but has no refcount block")
-        i = c & self._rb_mask
-        b[i] = value
-        _pwrite_all(self._fd, b[i:i + 1].tobytes(), int(self._rt[idx]) + 2 * i)
+            raise corrupt(f"cluster {c << self._cb:#x} is in use but has no refcount block")
+        fileio.store_entry(self._fd, b, c & self._rb_mask, value, int(self._rt[idx]))
 
     # ---------------------------------------------------------------- allocation
     def _alloc_cluster(self) -> int:
@@ -455,8 +400,8 @@ class Qcow2Image:
             else:
                 break
         if self._refcount(c) != 0:
-            raise _corrupt(f"refcount of unused cluster {c << self._cb:#x} past the end of "
-                           "the file is not zero")
+            raise corrupt(f"refcount of unused cluster {c << self._cb:#x} past the end of "
+                          "the file is not zero")
         self._end = c + 1
         self._set_refcount(c, 1)
         return c
@@ -467,11 +412,10 @@ class Qcow2Image:
         assert b >> self._rb_bits == idx
         blk = np.zeros(self._cs // 2, dtype=">u2")
         blk[b & self._rb_mask] = 1
-        _pwrite_all(self._fd, blk.tobytes(), b << self._cb)
+        fileio.pwrite_all(self._fd, blk.tobytes(), b << self._cb)
         self._end = b + 1
         self._meta_new.add(b)
-        self._rt[idx] = b << self._cb
-        _pwrite_all(self._fd, self._rt[idx:idx + 1].tobytes(), self._rt_off + 8 * idx)
+        fileio.store_entry(self._fd, self._rt, idx, b << self._cb, self._rt_off)
 
     def _grow_reftable(self, need_idx: int) -> None:
         """Move the refcount table to a larger one at the end of the file."""
@@ -504,17 +448,18 @@ class Qcow2Image:
             blk = np.zeros(cs // 2, dtype=">u2")
             lo, hi = max(start, idx << rbb), min(stop, (idx + 1) << rbb)
             blk[lo - (idx << rbb):hi - (idx << rbb)] = 1
-            _pwrite_all(self._fd, blk.tobytes(), bc << cb)
+            fileio.pwrite_all(self._fd, blk.tobytes(), bc << cb)
             table[idx] = bc << cb
             self._meta_new.add(bc)
-        _pwrite_all(self._fd, table.tobytes(), start << cb)
+        fileio.pwrite_all(self._fd, table.tobytes(), start << cb)
         # clusters of the new area whose refcount block already existed
         for c in range(start, stop):
             idx = c >> rbb
             if idx not in missing:
                 self._set_refcount(c, 1)
         old_range = self._rt_range()
-        _pwrite_all(self._fd, struct.pack(">QI", start << cb, rtc), 48)
+        fileio.pwrite_all(self._fd, struct.pack(">QI", start << cb, rtc),
+                          HEADER_REFTABLE_FIELDS)
         self._rt, self._rt_off, self._end = table, start << cb, stop
         for c in range(*old_range):
             self._set_refcount(c, 0)
@@ -527,7 +472,7 @@ class Qcow2Image:
         l2off = l1e & OFFSET_MASK
         if l2off == 0:
             return _UNALLOC, 0
-        e = int(self._get_l2(l2off)[vc & self._l2_mask])
+        e = int(self._l2_cache.get(l2off)[vc & self._l2_mask])
         return self._decode(e, vc)
 
     def _decode(self, e: int, vc: int) -> tuple[int, int]:
@@ -536,8 +481,8 @@ class Qcow2Image:
                              f"at virtual offset {vc << self._cb:#x}; decompress with "
                              "'qemu-img convert -O qcow2'")
         if e & L2_RESERVED_MASK or (e & OFLAG_ZERO and self._h.version < 3):
-            raise _corrupt(f"L2 entry {e:#x} for virtual offset {vc << self._cb:#x} has "
-                           "reserved bits set")
+            raise corrupt(f"L2 entry {e:#x} for virtual offset {vc << self._cb:#x} has "
+                          "reserved bits set")
         if e & OFLAG_ZERO:
             return _ZERO, e & OFFSET_MASK
         host = e & OFFSET_MASK
@@ -600,7 +545,7 @@ class Qcow2Image:
         if not len(mv):
             return
         if kind == _DATA:
-            _pread_into(self._fd, mv, where)
+            fileio.pread_into(self._fd, mv, where)
         elif kind == _ZERO:
             mv[:] = bytes(len(mv))
         else:
@@ -629,37 +574,33 @@ class Qcow2Image:
         if off == 0:
             c = self._alloc_cluster()
             off = c << self._cb
-            _pwrite_all(self._fd, self._zeros, off)
+            fileio.pwrite_all(self._fd, self._zeros, off)
             self._meta_new.add(c)
             t = np.zeros(self._cs // 8, dtype=">u8")
-            self._l2_cache[off] = t
-            if len(self._l2_cache) > self._l2_cache_max:
-                self._l2_cache.popitem(last=False)
+            self._l2_cache.put(off, t)
             self._set_l1(l1i, off | OFLAG_COPIED)
             return off, t
         if not e & OFLAG_COPIED:
             if self._refcount(off >> self._cb) != 1:
-                raise _corrupt(f"L2 table at {off:#x} is shared (refcount != 1)")
+                raise corrupt(f"L2 table at {off:#x} is shared (refcount != 1)")
             self._set_l1(l1i, off | OFLAG_COPIED)
-        return off, self._get_l2(off)
+        return off, self._l2_cache.get(off)
 
     def _set_l1(self, i: int, value: int) -> None:
-        self._l1[i] = value
-        _pwrite_all(self._fd, self._l1[i:i + 1].tobytes(), self._l1_off + 8 * i)
+        fileio.store_entry(self._fd, self._l1, i, value, self._l1_off)
 
     def _set_l2(self, off: int, t: np.ndarray, i: int, value: int) -> None:
-        t[i] = value
-        _pwrite_all(self._fd, t[i:i + 1].tobytes(), off + 8 * i)
+        fileio.store_entry(self._fd, t, i, value, off)
 
     def _writable_host(self, host: int, vc: int, e: int) -> int:
         """Validate an allocated data cluster before writing into it in place."""
         c = self._data_cluster(host, vc << self._cb)
         if self._is_meta(c):
-            raise _corrupt(f"L2 entry for virtual offset {vc << self._cb:#x} points at "
-                           f"metadata cluster {host:#x}")
+            raise corrupt(f"L2 entry for virtual offset {vc << self._cb:#x} points at "
+                          f"metadata cluster {host:#x}")
         if not e & OFLAG_COPIED and self._refcount(c) != 1:
-            raise _corrupt(f"data cluster {host:#x} has refcount {self._refcount(c)}, "
-                           "expected 1")
+            raise corrupt(f"data cluster {host:#x} has refcount {self._refcount(c)}, "
+                          "expected 1")
         return c
 
     def _write_cluster(self, vc: int, o: int, data: memoryview) -> None:
@@ -670,7 +611,7 @@ class Qcow2Image:
         kind, host = self._decode(e, vc)
         if kind == _DATA:
             self._writable_host(host, vc, e)
-            _pwrite_all(self._fd, data, host + o)
+            fileio.pwrite_all(self._fd, data, host + o)
             if not e & OFLAG_COPIED:
                 self._set_l2(l2off, t, i, host | OFLAG_COPIED)
             return
@@ -686,7 +627,7 @@ class Qcow2Image:
             self._writable_host(host, vc, e)
         else:
             host = self._alloc_cluster() << self._cb
-        _pwrite_all(self._fd, buf, host)
+        fileio.pwrite_all(self._fd, buf, host)
         self._set_l2(l2off, t, i, host | OFLAG_COPIED)
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -733,7 +674,7 @@ class Qcow2Image:
         if c:
             rc = self._refcount(c)
             if rc == 0:
-                raise _corrupt(f"data cluster {host:#x} in use but its refcount is 0")
+                raise corrupt(f"data cluster {host:#x} in use but its refcount is 0")
             self._set_refcount(c, rc - 1)
             if rc == 1:
                 self._freed.append(c)
