@@ -1,7 +1,7 @@
 """Qcow2Image: read/write a qcow2 (version 3) image with plain pread/pwrite.
 
-Layout handled: header, L1 table (kept in memory), L2 tables (bounded LRU cache),
-refcount table (in memory) and 16-bit refcount blocks (bounded LRU cache).
+Layout handled: header, L1 table (kept in memory), L2 tables (bounded LRU cache);
+refcounts and allocation are in ``refcount``, the layout of a new image in ``layout``.
 Metadata is write-through: every change is pwritten at once, so evicting a cache
 entry never needs I/O.
 
@@ -29,26 +29,23 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 import threading
 from typing import Any
 
 import numpy as np
 
-from . import fileio
+from . import fileio, layout
 from .cache import TableCache
 from .format import (
-    HEADER_AUTOCLEAR, HEADER_REFTABLE_FIELDS, L1_RESERVED_MASK, L2_RESERVED_MASK,
-    MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MIN_CLUSTER_BITS, OFFSET_MASK,
-    OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFTABLE_RESERVED_MASK, Header, Qcow2Error,
-    build_header, check_in_file, corrupt, read_header,
+    HEADER_AUTOCLEAR, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED,
+    OFLAG_COPIED, OFLAG_ZERO, Header, Qcow2Error, check_in_file, corrupt, read_header,
 )
+from .refcount import Refcounts, load_reftable
 
 __all__ = ["Qcow2Image"]
 
 _MAX_BACKING_DEPTH = 16
 _L2_CACHE_BYTES = 32 << 20
-_RB_CACHE_BYTES = 8 << 20
 _QCOW2_MAGIC = b"QFI\xfb"
 
 # results of _lookup
@@ -108,20 +105,7 @@ class Qcow2Image:
                backing_format: str | None = None) -> "Qcow2Image":
         """Create (or overwrite) ``path`` as an empty qcow2 v3 image of ``size`` bytes
         and return it opened read-write."""
-        if not isinstance(size, int) or size < 0:
-            raise ValueError(f"size must be an int >= 0, got {size!r}")
-        if not isinstance(cluster_bits, int) or not (
-                MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS):
-            raise ValueError(f"cluster_bits must be in {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}, "
-                             f"got {cluster_bits!r}")
-        if backing_format not in (None, "raw", "qcow2"):
-            raise ValueError(f"backing_format must be 'raw', 'qcow2' or None, "
-                             f"got {backing_format!r}")
-        cs = 1 << cluster_bits
-        l1_size = max(1, -(-size // (cs * (cs // 8))))
-        if l1_size * 8 > MAX_L1_BYTES:
-            raise ValueError(f"size {size} needs an L1 table of {l1_size * 8} bytes, more "
-                             f"than {MAX_L1_BYTES}; use a larger cluster_bits")
+        l1_size = layout.check_new_image(size, cluster_bits, backing_format)
         if backing_file is not None:
             if not backing_file:
                 raise ValueError("backing_file must be a non-empty path")
@@ -129,38 +113,8 @@ class Qcow2Image:
             if backing_format is None:
                 backing_format = "qcow2" if isinstance(probe, Qcow2Image) else "raw"
             probe.close()
-        l1_clusters = -(-l1_size * 8 // cs)
-        used = 1 + l1_clusters
-        rb_entries = cs // 2
-        rt_clusters, nb = 1, 1
-        while True:
-            total = used + rt_clusters + nb
-            nb2 = -(-total // rb_entries)
-            rt2 = -(-nb2 * 8 // cs)
-            if (nb2, rt2) == (nb, rt_clusters):
-                break
-            nb, rt_clusters = nb2, rt2
-        if rt_clusters * cs > MAX_REFTABLE_BYTES:
-            raise ValueError("image too large for the refcount table limit; use a larger "
-                             "cluster_bits")
-        rt_first = used
-        rb_first = used + rt_clusters
-        header = build_header(cluster_bits=cluster_bits, size=size, l1_size=l1_size,
-                              l1_offset=cs, rt_offset=rt_first * cs, rt_clusters=rt_clusters,
-                              backing_file=backing_file, backing_format=backing_format)
-        table = np.zeros(rt_clusters * cs // 8, dtype=">u8")
-        table[:nb] = (np.arange(nb, dtype=np.uint64) + rb_first) * cs
-        blocks = np.zeros(nb * rb_entries, dtype=">u2")
-        blocks[:total] = 1
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(fd, total * cs)
-            fileio.pwrite_all(fd, blocks.tobytes(), rb_first * cs)
-            fileio.pwrite_all(fd, table.tobytes(), rt_first * cs)
-            fileio.pwrite_all(fd, header, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        layout.write_new_image(path, size, cluster_bits, l1_size, backing_file,
+                               backing_format)
         return cls.open(path)
 
     # ---------------------------------------------------------------- opening
@@ -213,10 +167,8 @@ class Qcow2Image:
         cs = self._cs = 1 << cb
         self._l2_bits = cb - 3
         self._l2_mask = (1 << self._l2_bits) - 1
-        self._rb_bits = cb - 1  # cluster_bits + 3 - refcount_order(4)
-        self._rb_mask = (1 << self._rb_bits) - 1
         self._size = h.size
-        self._end = -(-file_size // cs)
+        end = -(-file_size // cs)
         self._zeros = memoryview(bytes(cs))
         # L1 table
         self._l1_off = h.l1_table_offset
@@ -233,42 +185,28 @@ class Qcow2Image:
                           "is not cluster aligned")
         l2c = (self._l1 & np.uint64(OFFSET_MASK)) >> np.uint64(cb)
         l2c = l2c[l2c != 0]
-        check_in_file("L1 entry (L2 table)", l2c, self._end, cb)
-        # refcount table
-        self._rt_off = h.refcount_table_offset
-        self._rt = np.frombuffer(
-            fileio.pread_padded(fd, h.refcount_table_clusters * cs, h.refcount_table_offset),
-            dtype=">u8").copy()
-        bad = np.flatnonzero(self._rt & np.uint64(REFTABLE_RESERVED_MASK | (cs - 1)))
-        if bad.size:
-            i = int(bad[0])
-            raise corrupt(f"refcount table entry {i} ({int(self._rt[i]):#x}) has reserved "
-                          "bits set or is not cluster aligned")
-        rbc = self._rt >> np.uint64(cb)
-        rbc = rbc[rbc != 0]
-        check_in_file("refcount table entry (refcount block)", rbc, self._end, cb)
-        # no two metadata structures may share a cluster
-        every = np.concatenate([
+        check_in_file("L1 entry (L2 table)", l2c, end, cb)
+        rt, rbc = load_reftable(fd, h, end)
+        meta = np.concatenate([
             np.zeros(1, np.uint64),
             np.arange(*self._l1_range, dtype=np.uint64),
-            np.arange(*self._rt_range(), dtype=np.uint64),
             l2c.astype(np.uint64), rbc.astype(np.uint64)])
+        self._refs = Refcounts(fd, cb, rt, h.refcount_table_offset, end,
+                               np.unique(meta.astype(np.int64)))
+        # no two metadata structures may share a cluster
+        every = np.concatenate([
+            meta, np.arange(*self._refs.table_range(), dtype=np.uint64)])
         uniq, counts = np.unique(every, return_counts=True)
         if uniq.size != every.size:
             c = int(uniq[np.flatnonzero(counts > 1)[0]])
             raise corrupt(f"metadata structures overlap at host offset {c << cb:#x}")
         self._refuse_compressed(path)
-        self._meta_sorted = np.unique(np.concatenate([l2c, rbc]).astype(np.int64))
-        self._meta_new: set[int] = set()
-        self._freed: list[int] = []
         self._l2_cache = TableCache(fd, cs, ">u8", _L2_CACHE_BYTES)
-        self._rb_cache = TableCache(fd, cs, ">u2", _RB_CACHE_BYTES)
         if h.backing_file is not None:
             self._backing = _open_backing(path, h.backing_file, h.backing_format, depth)
         if not readonly and h.autoclear:
-            # spec: a writer that does not understand autoclear bits must clear them
+            # a writer that does not understand autoclear bits must clear them
             fileio.pwrite_all(fd, bytes(8), HEADER_AUTOCLEAR)
-            h.autoclear = 0
 
     def _refuse_compressed(self, path: str) -> None:
         """Compression is not supported: refuse the image at open rather than fail reads
@@ -282,10 +220,6 @@ class Qcow2Image:
                 raise Qcow2Error(errno.ENOTSUP, f"cannot open {path!r}: it has compressed clusters "
                                  f"(the first at virtual offset {voff:#x}), which are not supported; "
                                  f"decompress it with 'qemu-img convert -O qcow2 {path} OUT.qcow2'")
-
-    def _rt_range(self) -> tuple[int, int]:
-        first = self._rt_off >> self._cb
-        return first, first + len(self._rt) * 8 // self._cs
 
     # ---------------------------------------------------------------- properties
     @property
@@ -320,7 +254,11 @@ class Qcow2Image:
         self.close()
 
     def flush(self) -> None:
-        """Make all written data and metadata durable (fsync)."""
+        """Make all written data and metadata durable (fsync).
+
+        Until then the kernel may write back the file in any order, so after a power
+        loss only what was written before the last flush is safe, data and metadata.
+        """
         with self._lock:
             self._check_open()
             os.fsync(self._fd)
@@ -340,130 +278,16 @@ class Qcow2Image:
         if self._readonly:
             raise Qcow2Error(errno.EROFS, f"image {self._path!r} is opened read-only")
 
-    def _is_meta(self, c: int) -> bool:
-        if c == 0 or self._l1_range[0] <= c < self._l1_range[1]:
-            return True
-        lo, hi = self._rt_range()
-        if lo <= c < hi or c in self._meta_new:
-            return True
-        m = self._meta_sorted
-        i = int(np.searchsorted(m, c))
-        return i < m.size and int(m[i]) == c
-
     def _data_cluster(self, host: int, voff: int) -> int:
         """Validate a data cluster offset taken from an L2 entry, return its index."""
         c = host >> self._cb
         if host & (self._cs - 1):
             raise corrupt(f"L2 entry for virtual offset {voff:#x} points at unaligned host "
                           f"offset {host:#x}")
-        if c >= self._end:
+        if c >= self._refs.end:
             raise corrupt(f"L2 entry for virtual offset {voff:#x} points at {host:#x}, "
                           "beyond the end of the file")
         return c
-
-    # ---------------------------------------------------------------- table caches
-    def _get_rb(self, idx: int) -> np.ndarray | None:
-        """Refcount block ``idx`` (None if not allocated)."""
-        if idx >= len(self._rt):
-            return None
-        off = int(self._rt[idx])
-        if off == 0:
-            return None
-        return self._rb_cache.get(off)
-
-    def _refcount(self, c: int) -> int:
-        b = self._get_rb(c >> self._rb_bits)
-        return 0 if b is None else int(b[c & self._rb_mask])
-
-    def _set_refcount(self, c: int, value: int) -> None:
-        """Set the refcount of an existing cluster (its refcount block must exist)."""
-        idx = c >> self._rb_bits
-        b = self._get_rb(idx)
-        if b is None:
-            raise corrupt(f"cluster {c << self._cb:#x} is in use but has no refcount block")
-        fileio.store_entry(self._fd, b, c & self._rb_mask, value, int(self._rt[idx]))
-
-    # ---------------------------------------------------------------- allocation
-    def _alloc_cluster(self) -> int:
-        """Return a cluster whose refcount is now 1 (on disk) and whose contents are free."""
-        if self._freed:
-            c = self._freed.pop()
-            self._set_refcount(c, 1)
-            return c
-        while True:
-            c = self._end
-            idx = c >> self._rb_bits
-            if idx >= len(self._rt):
-                self._grow_reftable(idx)
-            elif int(self._rt[idx]) == 0:
-                self._new_refblock(idx)
-            else:
-                break
-        if self._refcount(c) != 0:
-            raise corrupt(f"refcount of unused cluster {c << self._cb:#x} past the end of "
-                          "the file is not zero")
-        self._end = c + 1
-        self._set_refcount(c, 1)
-        return c
-
-    def _new_refblock(self, idx: int) -> None:
-        """Write a refcount block for index ``idx`` at the end of the file, covering itself."""
-        b = self._end
-        assert b >> self._rb_bits == idx
-        blk = np.zeros(self._cs // 2, dtype=">u2")
-        blk[b & self._rb_mask] = 1
-        fileio.pwrite_all(self._fd, blk.tobytes(), b << self._cb)
-        self._end = b + 1
-        self._meta_new.add(b)
-        fileio.store_entry(self._fd, self._rt, idx, b << self._cb, self._rt_off)
-
-    def _grow_reftable(self, need_idx: int) -> None:
-        """Move the refcount table to a larger one at the end of the file."""
-        cs, cb, rbb = self._cs, self._cb, self._rb_bits
-        per_cluster = cs // 8
-        old = self._rt
-        entries = max(need_idx + 1, 2 * len(old))
-        start = self._end
-        nb = 0
-        while True:
-            rtc = -(-entries // per_cluster)
-            if rtc * cs > MAX_REFTABLE_BYTES:
-                raise Qcow2Error(errno.EFBIG, "qcow2 refcount table would exceed "
-                                 f"{MAX_REFTABLE_BYTES} bytes; the host file is too large")
-            stop = start + rtc + nb
-            first, last = start >> rbb, (stop - 1) >> rbb
-            missing = [i for i in range(first, last + 1) if i >= len(old) or int(old[i]) == 0]
-            if len(missing) != nb:
-                nb = len(missing)
-                continue
-            if last >= rtc * per_cluster:
-                entries = last + 1
-                continue
-            break
-        table = np.zeros(rtc * per_cluster, dtype=">u8")
-        table[:len(old)] = old
-        blocks_first = start + rtc
-        for k, idx in enumerate(missing):
-            bc = blocks_first + k
-            blk = np.zeros(cs // 2, dtype=">u2")
-            lo, hi = max(start, idx << rbb), min(stop, (idx + 1) << rbb)
-            blk[lo - (idx << rbb):hi - (idx << rbb)] = 1
-            fileio.pwrite_all(self._fd, blk.tobytes(), bc << cb)
-            table[idx] = bc << cb
-            self._meta_new.add(bc)
-        fileio.pwrite_all(self._fd, table.tobytes(), start << cb)
-        # clusters of the new area whose refcount block already existed
-        for c in range(start, stop):
-            idx = c >> rbb
-            if idx not in missing:
-                self._set_refcount(c, 1)
-        old_range = self._rt_range()
-        fileio.pwrite_all(self._fd, struct.pack(">QI", start << cb, rtc),
-                          HEADER_REFTABLE_FIELDS)
-        self._rt, self._rt_off, self._end = table, start << cb, stop
-        for c in range(*old_range):
-            self._set_refcount(c, 0)
-            self._freed.append(c)
 
     # ---------------------------------------------------------------- lookup
     def _lookup(self, vc: int) -> tuple[int, int]:
@@ -572,16 +396,17 @@ class Qcow2Image:
         e = int(self._l1[l1i])
         off = e & OFFSET_MASK
         if off == 0:
-            c = self._alloc_cluster()
+            c = self._refs.alloc()
             off = c << self._cb
+            # the zeroed table is on disk before the L1 entry points at it
             fileio.pwrite_all(self._fd, self._zeros, off)
-            self._meta_new.add(c)
+            self._refs.mark_meta(c)
             t = np.zeros(self._cs // 8, dtype=">u8")
             self._l2_cache.put(off, t)
             self._set_l1(l1i, off | OFLAG_COPIED)
             return off, t
         if not e & OFLAG_COPIED:
-            if self._refcount(off >> self._cb) != 1:
+            if self._refs.get(off >> self._cb) != 1:
                 raise corrupt(f"L2 table at {off:#x} is shared (refcount != 1)")
             self._set_l1(l1i, off | OFLAG_COPIED)
         return off, self._l2_cache.get(off)
@@ -595,11 +420,11 @@ class Qcow2Image:
     def _writable_host(self, host: int, vc: int, e: int) -> int:
         """Validate an allocated data cluster before writing into it in place."""
         c = self._data_cluster(host, vc << self._cb)
-        if self._is_meta(c):
+        if self._refs.is_meta(c):
             raise corrupt(f"L2 entry for virtual offset {vc << self._cb:#x} points at "
                           f"metadata cluster {host:#x}")
-        if not e & OFLAG_COPIED and self._refcount(c) != 1:
-            raise corrupt(f"data cluster {host:#x} has refcount {self._refcount(c)}, "
+        if not e & OFLAG_COPIED and self._refs.get(c) != 1:
+            raise corrupt(f"data cluster {host:#x} has refcount {self._refs.get(c)}, "
                           "expected 1")
         return c
 
@@ -626,7 +451,10 @@ class Qcow2Image:
         if host:  # zero cluster with a preallocated host cluster: reuse it
             self._writable_host(host, vc, e)
         else:
-            host = self._alloc_cluster() << self._cb
+            host = self._refs.alloc() << self._cb
+        # The whole cluster (with any copy-on-write data) is on disk before the L2 entry
+        # points at it: a crash in between keeps the old mapping, never one to a cluster
+        # holding stale or no contents.
         fileio.pwrite_all(self._fd, buf, host)
         self._set_l2(l2off, t, i, host | OFLAG_COPIED)
 
@@ -670,14 +498,10 @@ class Qcow2Image:
         if kind == _UNALLOC and self._backing is None and target == 0:
             return
         c = self._writable_host(host, vc, e) if host else 0
+        # the L2 entry lets go of the cluster before its refcount drops (see release)
         self._set_l2(l2off, t, i, target)
         if c:
-            rc = self._refcount(c)
-            if rc == 0:
-                raise corrupt(f"data cluster {host:#x} in use but its refcount is 0")
-            self._set_refcount(c, rc - 1)
-            if rc == 1:
-                self._freed.append(c)
+            self._refs.release(c)
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else ("ro" if self._readonly else "rw")
