@@ -1,24 +1,14 @@
 """Qcow2Image: read/write a qcow2 (version 3) image with plain pread/pwrite.
 
-Layout handled: header, L1 table (kept in memory), L2 tables (bounded LRU cache);
-refcounts and allocation are in ``refcount``, the layout of a new image in ``layout``.
-Metadata is write-through: every change is pwritten at once, so evicting a cache
-entry never needs I/O.
+The engine: opening and validating an image, reads, writes, discard, write zeroes,
+flush and backing files. The L1/L2 mapping lives in ``l2``, refcounts and cluster
+allocation in ``refcount``, the layout of a new image in ``layout``.
 
-Update order (so a crash can leak clusters but never leave an L1/L2 entry
-pointing at unwritten or unallocated data):
-
-1. a new cluster's refcount is set to 1 (a new refcount block is written before
-   the refcount table entry that points at it; a grown refcount table is
-   written, then the header is switched to it, then the old table is freed);
-2. the cluster's contents are written (zeroed L2 table, or data incl. copy-on-write
-   from the backing file);
-3. only then the L2 entry (or the L1 entry, for a new L2 table) points at it.
-Freeing runs the other way: the L2 entry is cleared first, then the refcount drops.
-
-The pwrite order protects against a crash of this process. The kernel may reorder
-writeback, so against power loss the metadata is only as safe as the last
-``flush()`` (fsync), like a disk with a volatile write cache.
+Metadata is write-through: every change is pwritten at once, in an order that lets a
+crash of this process leak clusters but never leave an L1/L2 entry pointing at
+unwritten or unallocated data (each step says so where it happens). The kernel may
+reorder writeback, so against power loss the image is only as safe as the last
+``flush()``, like a disk with a volatile write cache.
 
 Clusters freed by discard/write_zeroes are reused by later allocations of the same
 session; otherwise new clusters are appended at the end of the file.
@@ -35,21 +25,25 @@ from typing import Any
 import numpy as np
 
 from . import fileio, layout
-from .cache import TableCache
 from .format import (
-    HEADER_AUTOCLEAR, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED,
-    OFLAG_COPIED, OFLAG_ZERO, Header, Qcow2Error, check_in_file, corrupt, read_header,
+    HEADER_AUTOCLEAR, OFLAG_COPIED, OFLAG_ZERO, Header, Qcow2Error, corrupt, read_header,
 )
+from .l2 import DATA, UNALLOC, ZERO, ClusterMap, l1_range, load_l1
 from .refcount import Refcounts, load_reftable
 
 __all__ = ["Qcow2Image"]
 
 _MAX_BACKING_DEPTH = 16
-_L2_CACHE_BYTES = 32 << 20
 _QCOW2_MAGIC = b"QFI\xfb"
 
-# results of _lookup
-_DATA, _ZERO, _UNALLOC = 0, 1, 2
+
+def _zero_past(size: int, offset: int, mv: memoryview) -> int:
+    """Zero the bytes of ``mv`` (read at ``offset``) that lie at or past ``size``;
+    return how many lie before it."""
+    avail = max(0, min(len(mv), size - offset))
+    if avail < len(mv):
+        mv[avail:] = bytes(len(mv) - avail)
+    return avail
 
 
 class _RawBacking:
@@ -60,11 +54,9 @@ class _RawBacking:
         self.size = os.fstat(self._fd).st_size
 
     def _read_clipped(self, offset: int, mv: memoryview) -> None:
-        avail = max(0, min(len(mv), self.size - offset))
+        avail = _zero_past(self.size, offset, mv)
         if avail:
             fileio.pread_into(self._fd, mv[:avail], offset)
-        if avail < len(mv):
-            mv[avail:] = bytes(len(mv) - avail)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -147,7 +139,6 @@ class Qcow2Image:
         fd = self._fd
         file_size = os.fstat(fd).st_size
         h: Header = read_header(fd, file_size)
-        self._h = h
         if not readonly:
             why = None
             if h.version < 3:
@@ -165,31 +156,14 @@ class Qcow2Image:
                                  "(open with readonly=True to read it)")
         cb = self._cb = h.cluster_bits
         cs = self._cs = 1 << cb
-        self._l2_bits = cb - 3
-        self._l2_mask = (1 << self._l2_bits) - 1
         self._size = h.size
-        end = -(-file_size // cs)
         self._zeros = memoryview(bytes(cs))
-        # L1 table
-        self._l1_off = h.l1_table_offset
-        self._l1 = np.frombuffer(fileio.pread_padded(fd, h.l1_size * 8, h.l1_table_offset),
-                                 dtype=">u8").copy()
-        self._l1_range = (h.l1_table_offset >> cb,
-                          (h.l1_table_offset + h.l1_size * 8 + cs - 1) >> cb)
-        if h.l1_size == 0:
-            self._l1_range = (0, 0)
-        bad = np.flatnonzero(self._l1 & np.uint64(L1_RESERVED_MASK | (cs - 1) & OFFSET_MASK))
-        if bad.size:
-            i = int(bad[0])
-            raise corrupt(f"L1 entry {i} ({int(self._l1[i]):#x}) has reserved bits set or "
-                          "is not cluster aligned")
-        l2c = (self._l1 & np.uint64(OFFSET_MASK)) >> np.uint64(cb)
-        l2c = l2c[l2c != 0]
-        check_in_file("L1 entry (L2 table)", l2c, end, cb)
+        end = -(-file_size // cs)
+        l1, l2c = load_l1(fd, h, end)
         rt, rbc = load_reftable(fd, h, end)
         meta = np.concatenate([
             np.zeros(1, np.uint64),
-            np.arange(*self._l1_range, dtype=np.uint64),
+            np.arange(*l1_range(h), dtype=np.uint64),
             l2c.astype(np.uint64), rbc.astype(np.uint64)])
         self._refs = Refcounts(fd, cb, rt, h.refcount_table_offset, end,
                                np.unique(meta.astype(np.int64)))
@@ -200,26 +174,13 @@ class Qcow2Image:
         if uniq.size != every.size:
             c = int(uniq[np.flatnonzero(counts > 1)[0]])
             raise corrupt(f"metadata structures overlap at host offset {c << cb:#x}")
-        self._refuse_compressed(path)
-        self._l2_cache = TableCache(fd, cs, ">u8", _L2_CACHE_BYTES)
+        self._map = ClusterMap(fd, h, l1, self._refs)
+        self._map.refuse_compressed(path)
         if h.backing_file is not None:
             self._backing = _open_backing(path, h.backing_file, h.backing_format, depth)
         if not readonly and h.autoclear:
             # a writer that does not understand autoclear bits must clear them
             fileio.pwrite_all(fd, bytes(8), HEADER_AUTOCLEAR)
-
-    def _refuse_compressed(self, path: str) -> None:
-        """Compression is not supported: refuse the image at open rather than fail reads
-        later, reading each L2 table once (qemu-img check reads them all too)."""
-        flag = np.uint64(OFLAG_COMPRESSED)
-        for i in np.flatnonzero(self._l1 & np.uint64(OFFSET_MASK)):
-            t = np.frombuffer(fileio.pread_padded(self._fd, self._cs, int(self._l1[i]) & OFFSET_MASK), dtype=">u8")
-            hit = np.flatnonzero(t & flag)
-            if hit.size:
-                voff = ((int(i) << self._l2_bits) + int(hit[0])) << self._cb
-                raise Qcow2Error(errno.ENOTSUP, f"cannot open {path!r}: it has compressed clusters "
-                                 f"(the first at virtual offset {voff:#x}), which are not supported; "
-                                 f"decompress it with 'qemu-img convert -O qcow2 {path} OUT.qcow2'")
 
     # ---------------------------------------------------------------- properties
     @property
@@ -278,43 +239,6 @@ class Qcow2Image:
         if self._readonly:
             raise Qcow2Error(errno.EROFS, f"image {self._path!r} is opened read-only")
 
-    def _data_cluster(self, host: int, voff: int) -> int:
-        """Validate a data cluster offset taken from an L2 entry, return its index."""
-        c = host >> self._cb
-        if host & (self._cs - 1):
-            raise corrupt(f"L2 entry for virtual offset {voff:#x} points at unaligned host "
-                          f"offset {host:#x}")
-        if c >= self._refs.end:
-            raise corrupt(f"L2 entry for virtual offset {voff:#x} points at {host:#x}, "
-                          "beyond the end of the file")
-        return c
-
-    # ---------------------------------------------------------------- lookup
-    def _lookup(self, vc: int) -> tuple[int, int]:
-        """Map virtual cluster ``vc`` to (_DATA, host) / (_ZERO, 0) / (_UNALLOC, 0)."""
-        l1e = int(self._l1[vc >> self._l2_bits])
-        l2off = l1e & OFFSET_MASK
-        if l2off == 0:
-            return _UNALLOC, 0
-        e = int(self._l2_cache.get(l2off)[vc & self._l2_mask])
-        return self._decode(e, vc)
-
-    def _decode(self, e: int, vc: int) -> tuple[int, int]:
-        if e & OFLAG_COMPRESSED:
-            raise Qcow2Error(errno.ENOTSUP, "unsupported qcow2 feature: compressed cluster "
-                             f"at virtual offset {vc << self._cb:#x}; decompress with "
-                             "'qemu-img convert -O qcow2'")
-        if e & L2_RESERVED_MASK or (e & OFLAG_ZERO and self._h.version < 3):
-            raise corrupt(f"L2 entry {e:#x} for virtual offset {vc << self._cb:#x} has "
-                          "reserved bits set")
-        if e & OFLAG_ZERO:
-            return _ZERO, e & OFFSET_MASK
-        host = e & OFFSET_MASK
-        if host == 0:
-            return _UNALLOC, 0
-        self._data_cluster(host, vc << self._cb)
-        return _DATA, host
-
     # ---------------------------------------------------------------- reading
     def readinto(self, offset: int, buf: Any) -> None:
         """Read ``len(buf)`` bytes at virtual ``offset`` into the writable buffer ``buf``."""
@@ -336,14 +260,11 @@ class Qcow2Image:
 
     def _read_clipped(self, offset: int, mv: memoryview) -> None:
         """Backing-file read: bytes beyond the virtual size read as zeros."""
-        avail = max(0, min(len(mv), self._size - offset))
+        avail = _zero_past(self._size, offset, mv)
         with self._lock:
             self._check_open()
             if avail:
                 self._read(offset, mv[:avail])
-        if avail < len(mv):
-            mv[avail:] = bytes(len(mv) - avail)
-
 
     def _read(self, offset: int, mv: memoryview) -> None:
         cb, cs = self._cb, self._cs
@@ -352,11 +273,11 @@ class Qcow2Image:
         while pos < end:
             vc, o = pos >> cb, pos & (cs - 1)
             n = min(cs - o, end - pos)
-            kind, host = self._lookup(vc)
-            if kind == _UNALLOC and self._backing is None:
-                kind = _ZERO
-            host = host + o if kind == _DATA else pos
-            if run_len and kind == run_kind and (kind == _ZERO or host == run_host + run_len):
+            kind, host = self._map.lookup(vc)
+            if kind == UNALLOC and self._backing is None:
+                kind = ZERO
+            host = host + o if kind == DATA else pos
+            if run_len and kind == run_kind and (kind == ZERO or host == run_host + run_len):
                 run_len += n
             else:
                 self._flush_run(run_kind, run_host, mv[run_out:run_out + run_len])
@@ -368,9 +289,9 @@ class Qcow2Image:
     def _flush_run(self, kind: int, where: int, mv: memoryview) -> None:
         if not len(mv):
             return
-        if kind == _DATA:
+        if kind == DATA:
             fileio.pread_into(self._fd, mv, where)
-        elif kind == _ZERO:
+        elif kind == ZERO:
             mv[:] = bytes(len(mv))
         else:
             self._backing._read_clipped(where, mv)
@@ -391,72 +312,34 @@ class Qcow2Image:
                 pos += n
                 done += n
 
-    def _l2_for_write(self, l1i: int) -> tuple[int, np.ndarray]:
-        """L2 table (offset, array) for L1 index ``l1i``, allocating it if needed."""
-        e = int(self._l1[l1i])
-        off = e & OFFSET_MASK
-        if off == 0:
-            c = self._refs.alloc()
-            off = c << self._cb
-            # the zeroed table is on disk before the L1 entry points at it
-            fileio.pwrite_all(self._fd, self._zeros, off)
-            self._refs.mark_meta(c)
-            t = np.zeros(self._cs // 8, dtype=">u8")
-            self._l2_cache.put(off, t)
-            self._set_l1(l1i, off | OFLAG_COPIED)
-            return off, t
-        if not e & OFLAG_COPIED:
-            if self._refs.get(off >> self._cb) != 1:
-                raise corrupt(f"L2 table at {off:#x} is shared (refcount != 1)")
-            self._set_l1(l1i, off | OFLAG_COPIED)
-        return off, self._l2_cache.get(off)
-
-    def _set_l1(self, i: int, value: int) -> None:
-        fileio.store_entry(self._fd, self._l1, i, value, self._l1_off)
-
-    def _set_l2(self, off: int, t: np.ndarray, i: int, value: int) -> None:
-        fileio.store_entry(self._fd, t, i, value, off)
-
-    def _writable_host(self, host: int, vc: int, e: int) -> int:
-        """Validate an allocated data cluster before writing into it in place."""
-        c = self._data_cluster(host, vc << self._cb)
-        if self._refs.is_meta(c):
-            raise corrupt(f"L2 entry for virtual offset {vc << self._cb:#x} points at "
-                          f"metadata cluster {host:#x}")
-        if not e & OFLAG_COPIED and self._refs.get(c) != 1:
-            raise corrupt(f"data cluster {host:#x} has refcount {self._refs.get(c)}, "
-                          "expected 1")
-        return c
-
     def _write_cluster(self, vc: int, o: int, data: memoryview) -> None:
         cs, n = self._cs, len(data)
-        l2off, t = self._l2_for_write(vc >> self._l2_bits)
-        i = vc & self._l2_mask
+        l2off, t, i = self._map.slot(vc)
         e = int(t[i])
-        kind, host = self._decode(e, vc)
-        if kind == _DATA:
-            self._writable_host(host, vc, e)
+        kind, host = self._map.decode(e, vc)
+        if kind == DATA:
+            self._map.writable(host, vc, e)
             fileio.pwrite_all(self._fd, data, host + o)
             if not e & OFLAG_COPIED:
-                self._set_l2(l2off, t, i, host | OFLAG_COPIED)
+                self._map.set_entry(l2off, t, i, host | OFLAG_COPIED)
             return
         if n == cs:
             buf: Any = data
         else:  # build the whole cluster: zeros or backing data, then the new bytes
             ba = bytearray(cs)
-            if kind == _UNALLOC and self._backing is not None:
+            if kind == UNALLOC and self._backing is not None:
                 self._backing._read_clipped(vc << self._cb, memoryview(ba))
             ba[o:o + n] = data
             buf = ba
         if host:  # zero cluster with a preallocated host cluster: reuse it
-            self._writable_host(host, vc, e)
+            self._map.writable(host, vc, e)
         else:
             host = self._refs.alloc() << self._cb
         # The whole cluster (with any copy-on-write data) is on disk before the L2 entry
         # points at it: a crash in between keeps the old mapping, never one to a cluster
         # holding stale or no contents.
         fileio.pwrite_all(self._fd, buf, host)
-        self._set_l2(l2off, t, i, host | OFLAG_COPIED)
+        self._map.set_entry(l2off, t, i, host | OFLAG_COPIED)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros (zero flag for whole clusters)."""
@@ -479,27 +362,25 @@ class Qcow2Image:
                 if n == cs:
                     self._zero_cluster(vc, discard)
                 else:
-                    kind, _ = self._lookup(vc)
-                    if kind == _DATA or (kind == _UNALLOC and self._backing is not None):
+                    kind, _ = self._map.lookup(vc)
+                    if kind == DATA or (kind == UNALLOC and self._backing is not None):
                         self._write_cluster(vc, o, self._zeros[:n])
                 pos += n
 
     def _zero_cluster(self, vc: int, discard: bool) -> None:
-        l1i = vc >> self._l2_bits
-        if int(self._l1[l1i]) & OFFSET_MASK == 0 and self._backing is None:
+        if not self._map.has_table(vc) and self._backing is None:
             return  # no L2 table and no backing file: already reads as zeros
         target = 0 if discard and self._backing is None else OFLAG_ZERO
-        l2off, t = self._l2_for_write(l1i)
-        i = vc & self._l2_mask
+        l2off, t, i = self._map.slot(vc)
         e = int(t[i])
-        kind, host = self._decode(e, vc)
-        if e == target or (kind == _ZERO and not discard and not host):
+        kind, host = self._map.decode(e, vc)
+        if e == target or (kind == ZERO and not discard and not host):
             return
-        if kind == _UNALLOC and self._backing is None and target == 0:
+        if kind == UNALLOC and self._backing is None and target == 0:
             return
-        c = self._writable_host(host, vc, e) if host else 0
+        c = self._map.writable(host, vc, e) if host else 0
         # the L2 entry lets go of the cluster before its refcount drops (see release)
-        self._set_l2(l2off, t, i, target)
+        self._map.set_entry(l2off, t, i, target)
         if c:
             self._refs.release(c)
 
@@ -507,4 +388,3 @@ class Qcow2Image:
         state = "closed" if self._fd < 0 else ("ro" if self._readonly else "rw")
         return (f"<Qcow2Image {self._path!r} size={self._size} cluster_size={self._cs} "
                 f"{state}>")
-
