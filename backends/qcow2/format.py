@@ -16,7 +16,7 @@ import numpy as np
 
 __all__ = [
     "Qcow2Error", "Header", "parse_header", "read_header", "build_header", "corrupt",
-    "check_in_file", "HEADER_REFTABLE_FIELDS", "HEADER_AUTOCLEAR",
+    "check_entries", "check_in_file", "HEADER_REFTABLE_FIELDS", "HEADER_AUTOCLEAR",
     "MAGIC", "OFFSET_MASK", "L1_RESERVED_MASK", "L2_RESERVED_MASK", "OFLAG_COPIED",
     "OFLAG_COMPRESSED", "OFLAG_ZERO", "MAX_L1_BYTES", "MAX_REFTABLE_BYTES",
     "MIN_CLUSTER_BITS", "MAX_CLUSTER_BITS", "REFCOUNT_ORDER", "HEADER_V3_LENGTH",
@@ -84,6 +84,15 @@ _V3_EXTRA = struct.Struct(">QQQII")  # 32 bytes: 72..104
 def corrupt(msg: str) -> Qcow2Error:
     """The error for a corrupt image (EIO), to raise."""
     return Qcow2Error(errno.EIO, f"corrupt qcow2 image: {msg}")
+
+
+def check_entries(what: str, table: np.ndarray, reserved: int) -> None:
+    """Refuse entries of a table read from the file that have a ``reserved`` bit set."""
+    bad = np.flatnonzero(table & np.uint64(reserved))
+    if bad.size:
+        i = int(bad[0])
+        raise corrupt(f"{what} {i} ({int(table[i]):#x}) has reserved bits set or is not "
+                      "cluster aligned")
 
 
 def check_in_file(what: str, clusters: np.ndarray, end: int, cluster_bits: int) -> None:

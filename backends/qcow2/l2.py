@@ -11,7 +11,7 @@ from . import fileio
 from .cache import TableCache
 from .format import (
     L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO, Header, Qcow2Error, check_in_file, corrupt,
+    OFLAG_ZERO, Header, Qcow2Error, check_entries, check_in_file, corrupt,
 )
 from .refcount import Refcounts
 
@@ -37,11 +37,7 @@ def load_l1(fd: int, h: Header, end: int) -> tuple[np.ndarray, np.ndarray]:
     cb, cs = h.cluster_bits, h.cluster_size
     l1 = np.frombuffer(fileio.pread_padded(fd, h.l1_size * 8, h.l1_table_offset),
                        dtype=">u8").copy()
-    bad = np.flatnonzero(l1 & np.uint64(L1_RESERVED_MASK | (cs - 1) & OFFSET_MASK))
-    if bad.size:
-        i = int(bad[0])
-        raise corrupt(f"L1 entry {i} ({int(l1[i]):#x}) has reserved bits set or "
-                      "is not cluster aligned")
+    check_entries("L1 entry", l1, L1_RESERVED_MASK | (cs - 1) & OFFSET_MASK)
     tables = (l1 & np.uint64(OFFSET_MASK)) >> np.uint64(cb)
     tables = tables[tables != 0]
     check_in_file("L1 entry (L2 table)", tables, end, cb)

@@ -18,7 +18,7 @@ from . import fileio
 from .cache import TableCache
 from .format import (
     HEADER_REFTABLE_FIELDS, MAX_REFTABLE_BYTES, REFTABLE_RESERVED_MASK, Header, Qcow2Error,
-    check_in_file, corrupt,
+    check_entries, check_in_file, corrupt,
 )
 
 __all__ = ["Area", "Refcounts", "load_reftable", "plan_area", "write_area"]
@@ -33,11 +33,7 @@ def load_reftable(fd: int, h: Header, end: int) -> tuple[np.ndarray, np.ndarray]
     table = np.frombuffer(
         fileio.pread_padded(fd, h.refcount_table_clusters * cs, h.refcount_table_offset),
         dtype=">u8").copy()
-    bad = np.flatnonzero(table & np.uint64(REFTABLE_RESERVED_MASK | (cs - 1)))
-    if bad.size:
-        i = int(bad[0])
-        raise corrupt(f"refcount table entry {i} ({int(table[i]):#x}) has reserved "
-                      "bits set or is not cluster aligned")
+    check_entries("refcount table entry", table, REFTABLE_RESERVED_MASK | (cs - 1))
     blocks = table >> np.uint64(cb)
     blocks = blocks[blocks != 0]
     check_in_file("refcount table entry (refcount block)", blocks, end, cb)
