@@ -6,6 +6,16 @@ copy-on-write). Refused with Qcow2Error(ENOTSUP): encryption, compressed cluster
 (found at open), external data files, extended L2 entries, non-zlib compression types,
 unknown incompatible features, refcount widths other than 16 bits; images with
 internal snapshots or the dirty/corrupt bit open read-only only.
+
+Modules, each importing only those below it:
+
+- ``image``: Qcow2Image, the engine (open and validate, read, write, discard, write
+  zeroes, flush, backing files);
+- ``layout``: the header, L1 table and refcount structures of a new image;
+- ``l2``: virtual -> host cluster mapping through the L1 and L2 tables;
+- ``refcount``: refcounts and cluster allocation;
+- ``cache``: the LRU cache of L2 tables and refcount blocks;
+- ``fileio``, ``format``: file I/O; on-disk constants, the header, Qcow2Error.
 """
 
 from .format import Qcow2Error

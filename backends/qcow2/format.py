@@ -1,6 +1,7 @@
-"""qcow2 on-disk constants, header parsing/validation and header building.
+"""qcow2 on-disk constants, header parsing/validation, header building and the
+errors every layer raises (Qcow2Error, ``corrupt``).
 
-Facts follow qemu's docs/interop/qcow2.txt (all fields big-endian).
+Facts follow the qcow2 format specification (all fields big-endian).
 Nothing here touches a file descriptor except ``read_header``.
 """
 
@@ -11,8 +12,11 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
+
 __all__ = [
-    "Qcow2Error", "Header", "parse_header", "read_header", "build_header",
+    "Qcow2Error", "Header", "parse_header", "read_header", "build_header", "corrupt",
+    "check_entries", "check_in_file", "HEADER_REFTABLE_FIELDS", "HEADER_AUTOCLEAR",
     "MAGIC", "OFFSET_MASK", "L1_RESERVED_MASK", "L2_RESERVED_MASK", "OFLAG_COPIED",
     "OFLAG_COMPRESSED", "OFLAG_ZERO", "MAX_L1_BYTES", "MAX_REFTABLE_BYTES",
     "MIN_CLUSTER_BITS", "MAX_CLUSTER_BITS", "REFCOUNT_ORDER", "HEADER_V3_LENGTH",
@@ -50,6 +54,10 @@ MAX_L1_BYTES = 32 << 20  # same caps as qemu
 MAX_REFTABLE_BYTES = 8 << 20
 MAX_BACKING_NAME = 1023
 
+# header fields rewritten in place (byte offsets)
+HEADER_REFTABLE_FIELDS = 48  # refcount_table_offset (u64), refcount_table_clusters (u32)
+HEADER_AUTOCLEAR = 88  # autoclear_features (u64)
+
 # incompatible feature bits
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
@@ -73,8 +81,26 @@ _V2 = struct.Struct(">IIQIIQIIQQIIQ")  # 72 bytes
 _V3_EXTRA = struct.Struct(">QQQII")  # 32 bytes: 72..104
 
 
-def _bad(msg: str) -> Qcow2Error:
+def corrupt(msg: str) -> Qcow2Error:
+    """The error for a corrupt image (EIO), to raise."""
     return Qcow2Error(errno.EIO, f"corrupt qcow2 image: {msg}")
+
+
+def check_entries(what: str, table: np.ndarray, reserved: int) -> None:
+    """Refuse entries of a table read from the file that have a ``reserved`` bit set."""
+    bad = np.flatnonzero(table & np.uint64(reserved))
+    if bad.size:
+        i = int(bad[0])
+        raise corrupt(f"{what} {i} ({int(table[i]):#x}) has reserved bits set or is not "
+                      "cluster aligned")
+
+
+def check_in_file(what: str, clusters: np.ndarray, end: int, cluster_bits: int) -> None:
+    """Refuse table entries that point at or past ``end``, the file's length in clusters."""
+    if clusters.size and int(clusters.max()) >= end:
+        c = int(clusters.max())
+        raise corrupt(f"{what} points at {c << cluster_bits:#x}, beyond the end of the "
+                      f"file; the image is truncated")
 
 
 def _unsupported(msg: str) -> Qcow2Error:
@@ -110,12 +136,12 @@ class Header:
 
 def _check_table(name: str, offset: int, nbytes: int, cs: int, file_size: int) -> None:
     if offset % cs:
-        raise _bad(f"{name} offset {offset:#x} is not aligned to the cluster size {cs}")
+        raise corrupt(f"{name} offset {offset:#x} is not aligned to the cluster size {cs}")
     if offset == 0:
-        raise _bad(f"{name} offset is 0 (overlaps the header)")
+        raise corrupt(f"{name} offset is 0 (overlaps the header)")
     if offset + nbytes > -(-file_size // cs) * cs:
-        raise _bad(f"{name} at {offset:#x} (+{nbytes} bytes) lies beyond the end of the "
-                   f"file ({file_size} bytes); the image is truncated")
+        raise corrupt(f"{name} at {offset:#x} (+{nbytes} bytes) lies beyond the end of the "
+                      f"file ({file_size} bytes); the image is truncated")
 
 
 def parse_header(buf: bytes, file_size: int) -> Header:
@@ -140,14 +166,14 @@ def parse_header(buf: bytes, file_size: int) -> Header:
                snap_off)
     if version == 3:
         if len(buf) < HEADER_V3_LENGTH:
-            raise _bad("truncated version 3 header")
+            raise corrupt("truncated version 3 header")
         (h.incompatible, h.compatible, h.autoclear, refcount_order,
          h.header_length) = _V3_EXTRA.unpack_from(buf, HEADER_V2_LENGTH)
         if h.header_length < HEADER_V3_LENGTH or h.header_length % 8 or h.header_length > cs:
-            raise _bad(f"header_length {h.header_length} (must be a multiple of 8 in "
-                       f"{HEADER_V3_LENGTH}..{cs})")
+            raise corrupt(f"header_length {h.header_length} (must be a multiple of 8 in "
+                          f"{HEADER_V3_LENGTH}..{cs})")
         if h.header_length > len(buf):
-            raise _bad("header extends beyond the end of the file")
+            raise corrupt("header extends beyond the end of the file")
         if h.header_length > HEADER_V3_LENGTH:
             h.compression_type = buf[HEADER_V3_LENGTH]
         if refcount_order != REFCOUNT_ORDER:
@@ -162,34 +188,34 @@ def parse_header(buf: bytes, file_size: int) -> Header:
     _check_incompatible(h)
     # sizes and tables
     if size > (1 << 62):
-        raise _bad(f"virtual size {size} is absurd")
+        raise corrupt(f"virtual size {size} is absurd")
     l2_bits = cluster_bits - 3
     need_l1 = -(-size // (1 << (cluster_bits + l2_bits)))
     if l1_size < need_l1:
-        raise _bad(f"L1 table has {l1_size} entries, {need_l1} are needed for size {size}")
+        raise corrupt(f"L1 table has {l1_size} entries, {need_l1} are needed for size {size}")
     if l1_size * 8 > MAX_L1_BYTES:
-        raise _bad(f"L1 table of {l1_size * 8} bytes exceeds the {MAX_L1_BYTES} byte limit")
+        raise corrupt(f"L1 table of {l1_size * 8} bytes exceeds the {MAX_L1_BYTES} byte limit")
     if l1_size:
         _check_table("L1 table", l1_off, l1_size * 8, cs, file_size)
     if rt_clusters == 0 or rt_clusters * cs > MAX_REFTABLE_BYTES:
-        raise _bad(f"refcount table of {rt_clusters} clusters (allowed 1.."
-                   f"{MAX_REFTABLE_BYTES // cs})")
+        raise corrupt(f"refcount table of {rt_clusters} clusters (allowed 1.."
+                      f"{MAX_REFTABLE_BYTES // cs})")
     _check_table("refcount table", rt_off, rt_clusters * cs, cs, file_size)
     if nb_snap and snap_off % cs:
-        raise _bad(f"snapshot table offset {snap_off:#x} is not cluster aligned")
+        raise corrupt(f"snapshot table offset {snap_off:#x} is not cluster aligned")
     if backing_off:
         if backing_len == 0 or backing_len > MAX_BACKING_NAME:
-            raise _bad(f"backing file name length {backing_len} (allowed 1..{MAX_BACKING_NAME})")
+            raise corrupt(f"backing file name length {backing_len} (allowed 1..{MAX_BACKING_NAME})")
         end = backing_off + backing_len
         if end > len(buf) or end > cs or backing_off < HEADER_V2_LENGTH:
-            raise _bad(f"backing file name at {backing_off:#x}+{backing_len} is outside "
-                       "the header cluster")
+            raise corrupt(f"backing file name at {backing_off:#x}+{backing_len} is outside "
+                          "the header cluster")
         try:
             h.backing_file = bytes(buf[backing_off:end]).decode()
         except UnicodeDecodeError:
-            raise _bad("backing file name is not valid UTF-8") from None
+            raise corrupt("backing file name is not valid UTF-8") from None
         if "\0" in h.backing_file:
-            raise _bad("backing file name contains a NUL byte")
+            raise corrupt("backing file name contains a NUL byte")
     return h
 
 
@@ -202,8 +228,8 @@ def _parse_extensions(h: Header, buf: bytes, pos: int) -> None:
         if etype == EXT_END:
             return
         if pos + elen > limit:
-            raise _bad(f"header extension {etype:#x} of {elen} bytes runs past the "
-                       "header cluster")
+            raise corrupt(f"header extension {etype:#x} of {elen} bytes runs past the "
+                          "header cluster")
         data = bytes(buf[pos:pos + elen])
         if etype == EXT_BACKING_FORMAT:
             h.backing_format = data.decode("ascii", "replace")
@@ -214,7 +240,7 @@ def _parse_extensions(h: Header, buf: bytes, pos: int) -> None:
                 h.feature_names[(ftype, bit)] = name
         pos += (elen + 7) & ~7
     if h.version == 3 and pos < limit:
-        raise _bad("header extension list is not terminated")
+        raise corrupt("header extension list is not terminated")
 
 
 def _check_incompatible(h: Header) -> None:

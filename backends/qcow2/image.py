@@ -1,24 +1,14 @@
 """Qcow2Image: read/write a qcow2 (version 3) image with plain pread/pwrite.
 
-Layout handled: header, L1 table (kept in memory), L2 tables (bounded LRU cache),
-refcount table (in memory) and 16-bit refcount blocks (bounded LRU cache).
-Metadata is write-through: every change is pwritten at once, so evicting a cache
-entry never needs I/O.
+The engine: opening and validating an image, reads, writes, discard, write zeroes,
+flush and backing files. The L1/L2 mapping lives in ``l2``, refcounts and cluster
+allocation in ``refcount``, the layout of a new image in ``layout``.
 
-Update order (so a crash can leak clusters but never leave an L1/L2 entry
-pointing at unwritten or unallocated data):
-
-1. a new cluster's refcount is set to 1 (a new refcount block is written before
-   the refcount table entry that points at it; a grown refcount table is
-   written, then the header is switched to it, then the old table is freed);
-2. the cluster's contents are written (zeroed L2 table, or data incl. copy-on-write
-   from the backing file);
-3. only then the L2 entry (or the L1 entry, for a new L2 table) points at it.
-Freeing runs the other way: the L2 entry is cleared first, then the refcount drops.
-
-The pwrite order protects against a crash of this process. The kernel may reorder
-writeback, so against power loss the metadata is only as safe as the last
-``flush()`` (fsync), like a disk with a volatile write cache.
+Metadata is write-through: every change is pwritten at once, in an order that lets a
+crash of this process leak clusters but never leave an L1/L2 entry pointing at
+unwritten or unallocated data (each step says so where it happens). The kernel may
+reorder writeback, so against power loss the image is only as safe as the last
+``flush()``, like a disk with a volatile write cache.
 
 Clusters freed by discard/write_zeroes are reused by later allocations of the same
 session; otherwise new clusters are appended at the end of the file.
@@ -29,56 +19,31 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 import threading
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
+from . import fileio, layout
 from .format import (
-    L1_RESERVED_MASK, L2_RESERVED_MASK, MAX_CLUSTER_BITS, MAX_L1_BYTES,
-    MAX_REFTABLE_BYTES, MIN_CLUSTER_BITS, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO, REFTABLE_RESERVED_MASK, Header, Qcow2Error, build_header, read_header,
+    HEADER_AUTOCLEAR, OFLAG_COPIED, OFLAG_ZERO, Header, Qcow2Error, corrupt, read_header,
 )
+from .l2 import DATA, UNALLOC, ZERO, ClusterMap, l1_range, load_l1
+from .refcount import Refcounts, load_reftable
 
 __all__ = ["Qcow2Image"]
 
 _MAX_BACKING_DEPTH = 16
-_L2_CACHE_BYTES = 32 << 20
-_RB_CACHE_BYTES = 8 << 20
 _QCOW2_MAGIC = b"QFI\xfb"
 
-# results of _lookup
-_DATA, _ZERO, _UNALLOC = 0, 1, 2
 
-
-def _corrupt(msg: str) -> Qcow2Error:
-    return Qcow2Error(errno.EIO, f"corrupt qcow2 image: {msg}")
-
-
-def _pread_into(fd: int, mv: memoryview, offset: int) -> None:
-    """Fill ``mv`` from ``offset``; bytes past the end of the file read as zeros."""
-    done, n = 0, len(mv)
-    while done < n:
-        got = os.preadv(fd, [mv[done:]], offset + done)
-        if got <= 0:
-            mv[done:] = bytes(n - done)
-            return
-        done += got
-
-
-def _pread_padded(fd: int, n: int, offset: int) -> bytearray:
-    buf = bytearray(n)
-    _pread_into(fd, memoryview(buf), offset)
-    return buf
-
-
-def _pwrite_all(fd: int, data: Any, offset: int) -> None:
-    mv = memoryview(data).cast("B")
-    done = 0
-    while done < len(mv):
-        done += os.pwrite(fd, mv[done:], offset + done)
+def _zero_past(size: int, offset: int, mv: memoryview) -> int:
+    """Zero the bytes of ``mv`` (read at ``offset``) that lie at or past ``size``;
+    return how many lie before it."""
+    avail = max(0, min(len(mv), size - offset))
+    if avail < len(mv):
+        mv[avail:] = bytes(len(mv) - avail)
+    return avail
 
 
 class _RawBacking:
@@ -89,11 +54,9 @@ class _RawBacking:
         self.size = os.fstat(self._fd).st_size
 
     def _read_clipped(self, offset: int, mv: memoryview) -> None:
-        avail = max(0, min(len(mv), self.size - offset))
+        avail = _zero_past(self.size, offset, mv)
         if avail:
-            _pread_into(self._fd, mv[:avail], offset)
-        if avail < len(mv):
-            mv[avail:] = bytes(len(mv) - avail)
+            fileio.pread_into(self._fd, mv[:avail], offset)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -134,20 +97,7 @@ class Qcow2Image:
                backing_format: str | None = None) -> "Qcow2Image":
         """Create (or overwrite) ``path`` as an empty qcow2 v3 image of ``size`` bytes
         and return it opened read-write."""
-        if not isinstance(size, int) or size < 0:
-            raise ValueError(f"size must be an int >= 0, got {size!r}")
-        if not isinstance(cluster_bits, int) or not (
-                MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS):
-            raise ValueError(f"cluster_bits must be in {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}, "
-                             f"got {cluster_bits!r}")
-        if backing_format not in (None, "raw", "qcow2"):
-            raise ValueError(f"backing_format must be 'raw', 'qcow2' or None, "
-                             f"got {backing_format!r}")
-        cs = 1 << cluster_bits
-        l1_size = max(1, -(-size // (cs * (cs // 8))))
-        if l1_size * 8 > MAX_L1_BYTES:
-            raise ValueError(f"size {size} needs an L1 table of {l1_size * 8} bytes, more "
-                             f"than {MAX_L1_BYTES}; use a larger cluster_bits")
+        l1_size = layout.check_new_image(size, cluster_bits, backing_format)
         if backing_file is not None:
             if not backing_file:
                 raise ValueError("backing_file must be a non-empty path")
@@ -155,38 +105,8 @@ class Qcow2Image:
             if backing_format is None:
                 backing_format = "qcow2" if isinstance(probe, Qcow2Image) else "raw"
             probe.close()
-        l1_clusters = -(-l1_size * 8 // cs)
-        used = 1 + l1_clusters
-        rb_entries = cs // 2
-        rt_clusters, nb = 1, 1
-        while True:
-            total = used + rt_clusters + nb
-            nb2 = -(-total // rb_entries)
-            rt2 = -(-nb2 * 8 // cs)
-            if (nb2, rt2) == (nb, rt_clusters):
-                break
-            nb, rt_clusters = nb2, rt2
-        if rt_clusters * cs > MAX_REFTABLE_BYTES:
-            raise ValueError("image too large for the refcount table limit; use a larger "
-                             "cluster_bits")
-        rt_first = used
-        rb_first = used + rt_clusters
-        header = build_header(cluster_bits=cluster_bits, size=size, l1_size=l1_size,
-                              l1_offset=cs, rt_offset=rt_first * cs, rt_clusters=rt_clusters,
-                              backing_file=backing_file, backing_format=backing_format)
-        table = np.zeros(rt_clusters * cs // 8, dtype=">u8")
-        table[:nb] = (np.arange(nb, dtype=np.uint64) + rb_first) * cs
-        blocks = np.zeros(nb * rb_entries, dtype=">u2")
-        blocks[:total] = 1
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(fd, total * cs)
-            _pwrite_all(fd, blocks.tobytes(), rb_first * cs)
-            _pwrite_all(fd, table.tobytes(), rt_first * cs)
-            _pwrite_all(fd, header, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        layout.write_new_image(path, size, cluster_bits, l1_size, backing_file,
+                               backing_format)
         return cls.open(path)
 
     # ---------------------------------------------------------------- opening
@@ -219,7 +139,6 @@ class Qcow2Image:
         fd = self._fd
         file_size = os.fstat(fd).st_size
         h: Header = read_header(fd, file_size)
-        self._h = h
         if not readonly:
             why = None
             if h.version < 3:
@@ -237,89 +156,31 @@ class Qcow2Image:
                                  "(open with readonly=True to read it)")
         cb = self._cb = h.cluster_bits
         cs = self._cs = 1 << cb
-        self._l2_bits = cb - 3
-        self._l2_mask = (1 << self._l2_bits) - 1
-        self._rb_bits = cb - 1  # cluster_bits + 3 - refcount_order(4)
-        self._rb_mask = (1 << self._rb_bits) - 1
         self._size = h.size
-        self._end = -(-file_size // cs)
         self._zeros = memoryview(bytes(cs))
-        # L1 table
-        self._l1_off = h.l1_table_offset
-        self._l1 = np.frombuffer(_pread_padded(fd, h.l1_size * 8, h.l1_table_offset),
-                                 dtype=">u8").copy()
-        self._l1_range = (h.l1_table_offset >> cb,
-                          (h.l1_table_offset + h.l1_size * 8 + cs - 1) >> cb)
-        if h.l1_size == 0:
-            self._l1_range = (0, 0)
-        bad = np.flatnonzero(self._l1 & np.uint64(L1_RESERVED_MASK | (cs - 1) & OFFSET_MASK))
-        if bad.size:
-            i = int(bad[0])
-            raise _corrupt(f"L1 entry {i} ({int(self._l1[i]):#x}) has reserved bits set or "
-                           "is not cluster aligned")
-        l2c = (self._l1 & np.uint64(OFFSET_MASK)) >> np.uint64(cb)
-        l2c = l2c[l2c != 0]
-        self._check_in_file("L1 entry (L2 table)", l2c)
-        # refcount table
-        self._rt_off = h.refcount_table_offset
-        self._rt = np.frombuffer(
-            _pread_padded(fd, h.refcount_table_clusters * cs, h.refcount_table_offset),
-            dtype=">u8").copy()
-        bad = np.flatnonzero(self._rt & np.uint64(REFTABLE_RESERVED_MASK | (cs - 1)))
-        if bad.size:
-            i = int(bad[0])
-            raise _corrupt(f"refcount table entry {i} ({int(self._rt[i]):#x}) has reserved "
-                           "bits set or is not cluster aligned")
-        rbc = self._rt >> np.uint64(cb)
-        rbc = rbc[rbc != 0]
-        self._check_in_file("refcount table entry (refcount block)", rbc)
+        end = -(-file_size // cs)
+        l1, l2c = load_l1(fd, h, end)
+        rt, rbc = load_reftable(fd, h, end)
+        meta = np.concatenate([
+            np.zeros(1, np.uint64),
+            np.arange(*l1_range(h), dtype=np.uint64),
+            l2c.astype(np.uint64), rbc.astype(np.uint64)])
+        self._refs = Refcounts(fd, cb, rt, h.refcount_table_offset, end,
+                               np.unique(meta.astype(np.int64)))
         # no two metadata structures may share a cluster
         every = np.concatenate([
-            np.zeros(1, np.uint64),
-            np.arange(*self._l1_range, dtype=np.uint64),
-            np.arange(*self._rt_range(), dtype=np.uint64),
-            l2c.astype(np.uint64), rbc.astype(np.uint64)])
+            meta, np.arange(*self._refs.table_range(), dtype=np.uint64)])
         uniq, counts = np.unique(every, return_counts=True)
         if uniq.size != every.size:
             c = int(uniq[np.flatnonzero(counts > 1)[0]])
-            raise _corrupt(f"metadata structures overlap at host offset {c << cb:#x}")
-        self._refuse_compressed(path)
-        self._meta_sorted = np.unique(np.concatenate([l2c, rbc]).astype(np.int64))
-        self._meta_new: set[int] = set()
-        self._freed: list[int] = []
-        self._l2_cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._rb_cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._l2_cache_max = max(8, _L2_CACHE_BYTES // cs)
-        self._rb_cache_max = max(8, _RB_CACHE_BYTES // cs)
+            raise corrupt(f"metadata structures overlap at host offset {c << cb:#x}")
+        self._map = ClusterMap(fd, h, l1, self._refs)
+        self._map.refuse_compressed(path)
         if h.backing_file is not None:
             self._backing = _open_backing(path, h.backing_file, h.backing_format, depth)
         if not readonly and h.autoclear:
-            # spec: a writer that does not understand autoclear bits must clear them
-            _pwrite_all(fd, bytes(8), 88)
-            h.autoclear = 0
-
-    def _refuse_compressed(self, path: str) -> None:
-        """Compression is not supported: refuse the image at open rather than fail reads
-        later, reading each L2 table once (qemu-img check reads them all too)."""
-        flag = np.uint64(OFLAG_COMPRESSED)
-        for i in np.flatnonzero(self._l1 & np.uint64(OFFSET_MASK)):
-            t = np.frombuffer(_pread_padded(self._fd, self._cs, int(self._l1[i]) & OFFSET_MASK), dtype=">u8")
-            hit = np.flatnonzero(t & flag)
-            if hit.size:
-                voff = ((int(i) << self._l2_bits) + int(hit[0])) << self._cb
-                raise Qcow2Error(errno.ENOTSUP, f"cannot open {path!r}: it has compressed clusters "
-                                 f"(the first at virtual offset {voff:#x}), which are not supported; "
-                                 f"decompress it with 'qemu-img convert -O qcow2 {path} OUT.qcow2'")
-
-    def _check_in_file(self, what: str, clusters: np.ndarray) -> None:
-        if clusters.size and int(clusters.max()) >= self._end:
-            c = int(clusters.max())
-            raise _corrupt(f"{what} points at {c << self._cb:#x}, beyond the end of the "
-                           f"file; the image is truncated")
-
-    def _rt_range(self) -> tuple[int, int]:
-        first = self._rt_off >> self._cb
-        return first, first + len(self._rt) * 8 // self._cs
+            # a writer that does not understand autoclear bits must clear them
+            fileio.pwrite_all(fd, bytes(8), HEADER_AUTOCLEAR)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -354,7 +215,11 @@ class Qcow2Image:
         self.close()
 
     def flush(self) -> None:
-        """Make all written data and metadata durable (fsync)."""
+        """Make all written data and metadata durable (fsync).
+
+        Until then the kernel may write back the file in any order, so after a power
+        loss only what was written before the last flush is safe, data and metadata.
+        """
         with self._lock:
             self._check_open()
             os.fsync(self._fd)
@@ -373,178 +238,6 @@ class Qcow2Image:
     def _check_writable(self) -> None:
         if self._readonly:
             raise Qcow2Error(errno.EROFS, f"image {self._path!r} is opened read-only")
-
-    def _is_meta(self, c: int) -> bool:
-        if c == 0 or self._l1_range[0] <= c < self._l1_range[1]:
-            return True
-        lo, hi = self._rt_range()
-        if lo <= c < hi or c in self._meta_new:
-            return True
-        m = self._meta_sorted
-        i = int(np.searchsorted(m, c))
-        return i < m.size and int(m[i]) == c
-
-    def _data_cluster(self, host: int, voff: int) -> int:
-        """Validate a data cluster offset taken from an L2 entry, return its index."""
-        c = host >> self._cb
-        if host & (self._cs - 1):
-            raise _corrupt(f"L2 entry for virtual offset {voff:#x} points at unaligned host "
-                           f"offset {host:#x}")
-        if c >= self._end:
-            raise _corrupt(f"L2 entry for virtual offset {voff:#x} points at {host:#x}, "
-                           "beyond the end of the file")
-        return c
-
-    # ---------------------------------------------------------------- table caches
-    def _get_l2(self, off: int) -> np.ndarray:
-        t = self._l2_cache.get(off)
-        if t is None:
-            t = np.frombuffer(_pread_padded(self._fd, self._cs, off), dtype=">u8").copy()
-            self._l2_cache[off] = t
-            if len(self._l2_cache) > self._l2_cache_max:
-                self._l2_cache.popitem(last=False)
-        else:
-            self._l2_cache.move_to_end(off)
-        return t
-
-    def _get_rb(self, idx: int) -> np.ndarray | None:
-        """Refcount block ``idx`` (None if not allocated)."""
-        if idx >= len(self._rt):
-            return None
-        off = int(self._rt[idx])
-        if off == 0:
-            return None
-        b = self._rb_cache.get(off)
-        if b is None:
-            b = np.frombuffer(_pread_padded(self._fd, self._cs, off), dtype=">u2").copy()
-            self._rb_cache[off] = b
-            if len(self._rb_cache) > self._rb_cache_max:
-                self._rb_cache.popitem(last=False)
-        else:
-            self._rb_cache.move_to_end(off)
-        return b
-
-    def _refcount(self, c: int) -> int:
-        b = self._get_rb(c >> self._rb_bits)
-        return 0 if b is None else int(b[c & self._rb_mask])
-
-    def _set_refcount(self, c: int, value: int) -> None:
-        """Set the refcount of an existing cluster (its refcount block must exist)."""
-        idx = c >> self._rb_bits
-        b = self._get_rb(idx)
-        if b is None:
-            raise _corrupt(f"cluster {c << self._cb:#x} is in use but has no refcount block")
-        i = c & self._rb_mask
-        b[i] = value
-        _pwrite_all(self._fd, b[i:i + 1].tobytes(), int(self._rt[idx]) + 2 * i)
-
-    # ---------------------------------------------------------------- allocation
-    def _alloc_cluster(self) -> int:
-        """Return a cluster whose refcount is now 1 (on disk) and whose contents are free."""
-        if self._freed:
-            c = self._freed.pop()
-            self._set_refcount(c, 1)
-            return c
-        while True:
-            c = self._end
-            idx = c >> self._rb_bits
-            if idx >= len(self._rt):
-                self._grow_reftable(idx)
-            elif int(self._rt[idx]) == 0:
-                self._new_refblock(idx)
-            else:
-                break
-        if self._refcount(c) != 0:
-            raise _corrupt(f"refcount of unused cluster {c << self._cb:#x} past the end of "
-                           "the file is not zero")
-        self._end = c + 1
-        self._set_refcount(c, 1)
-        return c
-
-    def _new_refblock(self, idx: int) -> None:
-        """Write a refcount block for index ``idx`` at the end of the file, covering itself."""
-        b = self._end
-        assert b >> self._rb_bits == idx
-        blk = np.zeros(self._cs // 2, dtype=">u2")
-        blk[b & self._rb_mask] = 1
-        _pwrite_all(self._fd, blk.tobytes(), b << self._cb)
-        self._end = b + 1
-        self._meta_new.add(b)
-        self._rt[idx] = b << self._cb
-        _pwrite_all(self._fd, self._rt[idx:idx + 1].tobytes(), self._rt_off + 8 * idx)
-
-    def _grow_reftable(self, need_idx: int) -> None:
-        """Move the refcount table to a larger one at the end of the file."""
-        cs, cb, rbb = self._cs, self._cb, self._rb_bits
-        per_cluster = cs // 8
-        old = self._rt
-        entries = max(need_idx + 1, 2 * len(old))
-        start = self._end
-        nb = 0
-        while True:
-            rtc = -(-entries // per_cluster)
-            if rtc * cs > MAX_REFTABLE_BYTES:
-                raise Qcow2Error(errno.EFBIG, "qcow2 refcount table would exceed "
-                                 f"{MAX_REFTABLE_BYTES} bytes; the host file is too large")
-            stop = start + rtc + nb
-            first, last = start >> rbb, (stop - 1) >> rbb
-            missing = [i for i in range(first, last + 1) if i >= len(old) or int(old[i]) == 0]
-            if len(missing) != nb:
-                nb = len(missing)
-                continue
-            if last >= rtc * per_cluster:
-                entries = last + 1
-                continue
-            break
-        table = np.zeros(rtc * per_cluster, dtype=">u8")
-        table[:len(old)] = old
-        blocks_first = start + rtc
-        for k, idx in enumerate(missing):
-            bc = blocks_first + k
-            blk = np.zeros(cs // 2, dtype=">u2")
-            lo, hi = max(start, idx << rbb), min(stop, (idx + 1) << rbb)
-            blk[lo - (idx << rbb):hi - (idx << rbb)] = 1
-            _pwrite_all(self._fd, blk.tobytes(), bc << cb)
-            table[idx] = bc << cb
-            self._meta_new.add(bc)
-        _pwrite_all(self._fd, table.tobytes(), start << cb)
-        # clusters of the new area whose refcount block already existed
-        for c in range(start, stop):
-            idx = c >> rbb
-            if idx not in missing:
-                self._set_refcount(c, 1)
-        old_range = self._rt_range()
-        _pwrite_all(self._fd, struct.pack(">QI", start << cb, rtc), 48)
-        self._rt, self._rt_off, self._end = table, start << cb, stop
-        for c in range(*old_range):
-            self._set_refcount(c, 0)
-            self._freed.append(c)
-
-    # ---------------------------------------------------------------- lookup
-    def _lookup(self, vc: int) -> tuple[int, int]:
-        """Map virtual cluster ``vc`` to (_DATA, host) / (_ZERO, 0) / (_UNALLOC, 0)."""
-        l1e = int(self._l1[vc >> self._l2_bits])
-        l2off = l1e & OFFSET_MASK
-        if l2off == 0:
-            return _UNALLOC, 0
-        e = int(self._get_l2(l2off)[vc & self._l2_mask])
-        return self._decode(e, vc)
-
-    def _decode(self, e: int, vc: int) -> tuple[int, int]:
-        if e & OFLAG_COMPRESSED:
-            raise Qcow2Error(errno.ENOTSUP, "unsupported qcow2 feature: compressed cluster "
-                             f"at virtual offset {vc << self._cb:#x}; decompress with "
-                             "'qemu-img convert -O qcow2'")
-        if e & L2_RESERVED_MASK or (e & OFLAG_ZERO and self._h.version < 3):
-            raise _corrupt(f"L2 entry {e:#x} for virtual offset {vc << self._cb:#x} has "
-                           "reserved bits set")
-        if e & OFLAG_ZERO:
-            return _ZERO, e & OFFSET_MASK
-        host = e & OFFSET_MASK
-        if host == 0:
-            return _UNALLOC, 0
-        self._data_cluster(host, vc << self._cb)
-        return _DATA, host
 
     # ---------------------------------------------------------------- reading
     def readinto(self, offset: int, buf: Any) -> None:
@@ -567,14 +260,11 @@ class Qcow2Image:
 
     def _read_clipped(self, offset: int, mv: memoryview) -> None:
         """Backing-file read: bytes beyond the virtual size read as zeros."""
-        avail = max(0, min(len(mv), self._size - offset))
+        avail = _zero_past(self._size, offset, mv)
         with self._lock:
             self._check_open()
             if avail:
                 self._read(offset, mv[:avail])
-        if avail < len(mv):
-            mv[avail:] = bytes(len(mv) - avail)
-
 
     def _read(self, offset: int, mv: memoryview) -> None:
         cb, cs = self._cb, self._cs
@@ -583,11 +273,11 @@ class Qcow2Image:
         while pos < end:
             vc, o = pos >> cb, pos & (cs - 1)
             n = min(cs - o, end - pos)
-            kind, host = self._lookup(vc)
-            if kind == _UNALLOC and self._backing is None:
-                kind = _ZERO
-            host = host + o if kind == _DATA else pos
-            if run_len and kind == run_kind and (kind == _ZERO or host == run_host + run_len):
+            kind, host = self._map.lookup(vc)
+            if kind == UNALLOC and self._backing is None:
+                kind = ZERO
+            host = host + o if kind == DATA else pos
+            if run_len and kind == run_kind and (kind == ZERO or host == run_host + run_len):
                 run_len += n
             else:
                 self._flush_run(run_kind, run_host, mv[run_out:run_out + run_len])
@@ -599,9 +289,9 @@ class Qcow2Image:
     def _flush_run(self, kind: int, where: int, mv: memoryview) -> None:
         if not len(mv):
             return
-        if kind == _DATA:
-            _pread_into(self._fd, mv, where)
-        elif kind == _ZERO:
+        if kind == DATA:
+            fileio.pread_into(self._fd, mv, where)
+        elif kind == ZERO:
             mv[:] = bytes(len(mv))
         else:
             self._backing._read_clipped(where, mv)
@@ -622,72 +312,34 @@ class Qcow2Image:
                 pos += n
                 done += n
 
-    def _l2_for_write(self, l1i: int) -> tuple[int, np.ndarray]:
-        """L2 table (offset, array) for L1 index ``l1i``, allocating it if needed."""
-        e = int(self._l1[l1i])
-        off = e & OFFSET_MASK
-        if off == 0:
-            c = self._alloc_cluster()
-            off = c << self._cb
-            _pwrite_all(self._fd, self._zeros, off)
-            self._meta_new.add(c)
-            t = np.zeros(self._cs // 8, dtype=">u8")
-            self._l2_cache[off] = t
-            if len(self._l2_cache) > self._l2_cache_max:
-                self._l2_cache.popitem(last=False)
-            self._set_l1(l1i, off | OFLAG_COPIED)
-            return off, t
-        if not e & OFLAG_COPIED:
-            if self._refcount(off >> self._cb) != 1:
-                raise _corrupt(f"L2 table at {off:#x} is shared (refcount != 1)")
-            self._set_l1(l1i, off | OFLAG_COPIED)
-        return off, self._get_l2(off)
-
-    def _set_l1(self, i: int, value: int) -> None:
-        self._l1[i] = value
-        _pwrite_all(self._fd, self._l1[i:i + 1].tobytes(), self._l1_off + 8 * i)
-
-    def _set_l2(self, off: int, t: np.ndarray, i: int, value: int) -> None:
-        t[i] = value
-        _pwrite_all(self._fd, t[i:i + 1].tobytes(), off + 8 * i)
-
-    def _writable_host(self, host: int, vc: int, e: int) -> int:
-        """Validate an allocated data cluster before writing into it in place."""
-        c = self._data_cluster(host, vc << self._cb)
-        if self._is_meta(c):
-            raise _corrupt(f"L2 entry for virtual offset {vc << self._cb:#x} points at "
-                           f"metadata cluster {host:#x}")
-        if not e & OFLAG_COPIED and self._refcount(c) != 1:
-            raise _corrupt(f"data cluster {host:#x} has refcount {self._refcount(c)}, "
-                           "expected 1")
-        return c
-
     def _write_cluster(self, vc: int, o: int, data: memoryview) -> None:
         cs, n = self._cs, len(data)
-        l2off, t = self._l2_for_write(vc >> self._l2_bits)
-        i = vc & self._l2_mask
+        l2off, t, i = self._map.slot(vc)
         e = int(t[i])
-        kind, host = self._decode(e, vc)
-        if kind == _DATA:
-            self._writable_host(host, vc, e)
-            _pwrite_all(self._fd, data, host + o)
+        kind, host = self._map.decode(e, vc)
+        if kind == DATA:
+            self._map.writable(host, vc, e)
+            fileio.pwrite_all(self._fd, data, host + o)
             if not e & OFLAG_COPIED:
-                self._set_l2(l2off, t, i, host | OFLAG_COPIED)
+                self._map.set_entry(l2off, t, i, host | OFLAG_COPIED)
             return
         if n == cs:
             buf: Any = data
         else:  # build the whole cluster: zeros or backing data, then the new bytes
             ba = bytearray(cs)
-            if kind == _UNALLOC and self._backing is not None:
+            if kind == UNALLOC and self._backing is not None:
                 self._backing._read_clipped(vc << self._cb, memoryview(ba))
             ba[o:o + n] = data
             buf = ba
         if host:  # zero cluster with a preallocated host cluster: reuse it
-            self._writable_host(host, vc, e)
+            self._map.writable(host, vc, e)
         else:
-            host = self._alloc_cluster() << self._cb
-        _pwrite_all(self._fd, buf, host)
-        self._set_l2(l2off, t, i, host | OFLAG_COPIED)
+            host = self._refs.alloc() << self._cb
+        # The whole cluster (with any copy-on-write data) is on disk before the L2 entry
+        # points at it: a crash in between keeps the old mapping, never one to a cluster
+        # holding stale or no contents.
+        fileio.pwrite_all(self._fd, buf, host)
+        self._map.set_entry(l2off, t, i, host | OFLAG_COPIED)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros (zero flag for whole clusters)."""
@@ -710,36 +362,29 @@ class Qcow2Image:
                 if n == cs:
                     self._zero_cluster(vc, discard)
                 else:
-                    kind, _ = self._lookup(vc)
-                    if kind == _DATA or (kind == _UNALLOC and self._backing is not None):
+                    kind, _ = self._map.lookup(vc)
+                    if kind == DATA or (kind == UNALLOC and self._backing is not None):
                         self._write_cluster(vc, o, self._zeros[:n])
                 pos += n
 
     def _zero_cluster(self, vc: int, discard: bool) -> None:
-        l1i = vc >> self._l2_bits
-        if int(self._l1[l1i]) & OFFSET_MASK == 0 and self._backing is None:
+        if not self._map.has_table(vc) and self._backing is None:
             return  # no L2 table and no backing file: already reads as zeros
         target = 0 if discard and self._backing is None else OFLAG_ZERO
-        l2off, t = self._l2_for_write(l1i)
-        i = vc & self._l2_mask
+        l2off, t, i = self._map.slot(vc)
         e = int(t[i])
-        kind, host = self._decode(e, vc)
-        if e == target or (kind == _ZERO and not discard and not host):
+        kind, host = self._map.decode(e, vc)
+        if e == target or (kind == ZERO and not discard and not host):
             return
-        if kind == _UNALLOC and self._backing is None and target == 0:
+        if kind == UNALLOC and self._backing is None and target == 0:
             return
-        c = self._writable_host(host, vc, e) if host else 0
-        self._set_l2(l2off, t, i, target)
+        c = self._map.writable(host, vc, e) if host else 0
+        # the L2 entry lets go of the cluster before its refcount drops (see release)
+        self._map.set_entry(l2off, t, i, target)
         if c:
-            rc = self._refcount(c)
-            if rc == 0:
-                raise _corrupt(f"data cluster {host:#x} in use but its refcount is 0")
-            self._set_refcount(c, rc - 1)
-            if rc == 1:
-                self._freed.append(c)
+            self._refs.release(c)
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else ("ro" if self._readonly else "rw")
         return (f"<Qcow2Image {self._path!r} size={self._size} cluster_size={self._cs} "
                 f"{state}>")
-

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from backends.qcow2 import Qcow2Error, Qcow2Image
+from pyublk_fast.backends.qcow2 import Qcow2Error, Qcow2Image
 
 SEED = 20240611
 MUTANTS = 5000

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from backends.qcow2 import Qcow2Error, Qcow2Image
+from pyublk_fast.backends.qcow2 import Qcow2Error, Qcow2Image
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -422,15 +422,15 @@ def test_truncated_image(tmp_path):
 
 def _record_pwrites(monkeypatch) -> list:
     """Log every (offset, bytes) the engine pwrites, in order, and still perform it."""
-    import backends.qcow2.image as image_mod
+    from pyublk_fast.backends.qcow2 import fileio
     log: list = []
-    real = image_mod._pwrite_all
+    real = fileio.pwrite_all
 
     def recording(fd, data, offset):
         log.append((offset, bytes(memoryview(data).cast("B"))))
         real(fd, data, offset)
 
-    monkeypatch.setattr(image_mod, "_pwrite_all", recording)
+    monkeypatch.setattr(fileio, "pwrite_all", recording)
     return log
 
 

@@ -1,0 +1,45 @@
+"""Positional reads and writes of the image file.
+
+Every write the engine makes goes through ``pwrite_all``; the other modules call it
+as ``fileio.pwrite_all`` so that a crash test can record each write by replacing it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["pread_into", "pread_padded", "pwrite_all", "store_entry"]
+
+
+def pread_into(fd: int, mv: memoryview, offset: int) -> None:
+    """Fill ``mv`` from ``offset``; bytes past the end of the file read as zeros."""
+    done, n = 0, len(mv)
+    while done < n:
+        got = os.preadv(fd, [mv[done:]], offset + done)
+        if got <= 0:
+            mv[done:] = bytes(n - done)
+            return
+        done += got
+
+
+def pread_padded(fd: int, n: int, offset: int) -> bytearray:
+    buf = bytearray(n)
+    pread_into(fd, memoryview(buf), offset)
+    return buf
+
+
+def pwrite_all(fd: int, data: Any, offset: int) -> None:
+    mv = memoryview(data).cast("B")
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+
+def store_entry(fd: int, table: np.ndarray, i: int, value: int, table_offset: int) -> None:
+    """Set entry ``i`` of the big-endian ``table`` held in memory and write just that
+    entry to the copy of the table at ``table_offset`` in the file."""
+    table[i] = value
+    pwrite_all(fd, table[i:i + 1].tobytes(), table_offset + table.itemsize * i)

@@ -1,0 +1,158 @@
+"""ClusterMap: virtual cluster -> host cluster, through the L1 table (held in memory)
+and the L2 tables (in a TableCache)."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from . import fileio
+from .cache import TableCache
+from .format import (
+    L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO, Header, Qcow2Error, check_entries, check_in_file, corrupt,
+)
+from .refcount import Refcounts
+
+__all__ = ["ClusterMap", "load_l1", "l1_range", "DATA", "ZERO", "UNALLOC"]
+
+_L2_CACHE_BYTES = 32 << 20
+
+# what a virtual cluster maps to (ClusterMap.lookup, ClusterMap.decode)
+DATA, ZERO, UNALLOC = 0, 1, 2
+
+
+def l1_range(h: Header) -> tuple[int, int]:
+    """First cluster of the L1 table and the cluster after it."""
+    if h.l1_size == 0:
+        return 0, 0
+    return (h.l1_table_offset >> h.cluster_bits,
+            (h.l1_table_offset + h.l1_size * 8 + h.cluster_size - 1) >> h.cluster_bits)
+
+
+def load_l1(fd: int, h: Header, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check the L1 table of an image whose file has ``end`` clusters;
+    return it and the clusters of its L2 tables."""
+    cb, cs = h.cluster_bits, h.cluster_size
+    l1 = np.frombuffer(fileio.pread_padded(fd, h.l1_size * 8, h.l1_table_offset),
+                       dtype=">u8").copy()
+    check_entries("L1 entry", l1, L1_RESERVED_MASK | (cs - 1) & OFFSET_MASK)
+    tables = (l1 & np.uint64(OFFSET_MASK)) >> np.uint64(cb)
+    tables = tables[tables != 0]
+    check_in_file("L1 entry (L2 table)", tables, end, cb)
+    return l1, tables
+
+
+class ClusterMap:
+    """Looks up and updates the L1/L2 entries of an open image (write-through)."""
+
+    def __init__(self, fd: int, h: Header, l1: np.ndarray, refs: Refcounts) -> None:
+        self._fd = fd
+        self._refs = refs
+        self._version = h.version
+        self._cb = h.cluster_bits
+        self._cs = h.cluster_size
+        self._l2_bits = self._cb - 3
+        self._l2_mask = (1 << self._l2_bits) - 1
+        self._l1 = l1
+        self._l1_off = h.l1_table_offset
+        self._tables = TableCache(fd, self._cs, ">u8", _L2_CACHE_BYTES)
+
+    def refuse_compressed(self, path: str) -> None:
+        """Compression is not supported: refuse the image at open rather than fail reads
+        later, reading each L2 table once (qemu-img check reads them all too)."""
+        flag = np.uint64(OFLAG_COMPRESSED)
+        for i in np.flatnonzero(self._l1 & np.uint64(OFFSET_MASK)):
+            off = int(self._l1[i]) & OFFSET_MASK
+            t = np.frombuffer(fileio.pread_padded(self._fd, self._cs, off), dtype=">u8")
+            hit = np.flatnonzero(t & flag)
+            if hit.size:
+                voff = ((int(i) << self._l2_bits) + int(hit[0])) << self._cb
+                raise Qcow2Error(errno.ENOTSUP, f"cannot open {path!r}: it has compressed "
+                                 f"clusters (the first at virtual offset {voff:#x}), which are "
+                                 "not supported; decompress it with 'qemu-img convert -O qcow2 "
+                                 f"{path} OUT.qcow2'")
+
+    # ---------------------------------------------------------------- lookup
+    def has_table(self, vc: int) -> bool:
+        """True if the L1 entry covering virtual cluster ``vc`` points at an L2 table."""
+        return int(self._l1[vc >> self._l2_bits]) & OFFSET_MASK != 0
+
+    def lookup(self, vc: int) -> tuple[int, int]:
+        """Map virtual cluster ``vc`` to (DATA, host) / (ZERO, host or 0) / (UNALLOC, 0)."""
+        l2off = int(self._l1[vc >> self._l2_bits]) & OFFSET_MASK
+        if l2off == 0:
+            return UNALLOC, 0
+        e = int(self._tables.get(l2off)[vc & self._l2_mask])
+        return self.decode(e, vc)
+
+    def decode(self, e: int, vc: int) -> tuple[int, int]:
+        """Decode L2 entry ``e`` of virtual cluster ``vc`` like ``lookup``."""
+        if e & OFLAG_COMPRESSED:
+            raise Qcow2Error(errno.ENOTSUP, "unsupported qcow2 feature: compressed cluster "
+                             f"at virtual offset {vc << self._cb:#x}; decompress with "
+                             "'qemu-img convert -O qcow2'")
+        if e & L2_RESERVED_MASK or (e & OFLAG_ZERO and self._version < 3):
+            raise corrupt(f"L2 entry {e:#x} for virtual offset {vc << self._cb:#x} has "
+                          "reserved bits set")
+        if e & OFLAG_ZERO:
+            return ZERO, e & OFFSET_MASK
+        host = e & OFFSET_MASK
+        if host == 0:
+            return UNALLOC, 0
+        self._host_cluster(host, vc << self._cb)
+        return DATA, host
+
+    def _host_cluster(self, host: int, voff: int) -> int:
+        """Validate a data cluster offset taken from an L2 entry, return its index."""
+        c = host >> self._cb
+        if host & (self._cs - 1):
+            raise corrupt(f"L2 entry for virtual offset {voff:#x} points at unaligned host "
+                          f"offset {host:#x}")
+        if c >= self._refs.end:
+            raise corrupt(f"L2 entry for virtual offset {voff:#x} points at {host:#x}, "
+                          "beyond the end of the file")
+        return c
+
+    def writable(self, host: int, vc: int, e: int) -> int:
+        """Validate the host cluster of L2 entry ``e`` (of virtual cluster ``vc``) before
+        writing into it in place; return its index."""
+        c = self._host_cluster(host, vc << self._cb)
+        if self._refs.is_meta(c):
+            raise corrupt(f"L2 entry for virtual offset {vc << self._cb:#x} points at "
+                          f"metadata cluster {host:#x}")
+        if not e & OFLAG_COPIED and self._refs.get(c) != 1:
+            raise corrupt(f"data cluster {host:#x} has refcount {self._refs.get(c)}, "
+                          "expected 1")
+        return c
+
+    # ---------------------------------------------------------------- update
+    def slot(self, vc: int) -> tuple[int, np.ndarray, int]:
+        """(L2 table offset, L2 table, index) of the entry of virtual cluster ``vc``,
+        for writing: allocates the L2 table if there is none."""
+        l1i = vc >> self._l2_bits
+        e = int(self._l1[l1i])
+        off = e & OFFSET_MASK
+        if off == 0:
+            c = self._refs.alloc()
+            off = c << self._cb
+            # the zeroed table is on disk before the L1 entry points at it
+            fileio.pwrite_all(self._fd, bytes(self._cs), off)
+            self._refs.mark_meta(c)
+            t = np.zeros(self._cs // 8, dtype=">u8")
+            self._tables.put(off, t)
+            self._set_l1(l1i, off | OFLAG_COPIED)
+            return off, t, vc & self._l2_mask
+        if not e & OFLAG_COPIED:
+            if self._refs.get(off >> self._cb) != 1:
+                raise corrupt(f"L2 table at {off:#x} is shared (refcount != 1)")
+            self._set_l1(l1i, off | OFLAG_COPIED)
+        return off, self._tables.get(off), vc & self._l2_mask
+
+    def set_entry(self, off: int, t: np.ndarray, i: int, value: int) -> None:
+        """Set entry ``i`` of the L2 table ``t`` at file offset ``off``."""
+        fileio.store_entry(self._fd, t, i, value, off)
+
+    def _set_l1(self, i: int, value: int) -> None:
+        fileio.store_entry(self._fd, self._l1, i, value, self._l1_off)

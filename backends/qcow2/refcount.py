@@ -1,0 +1,233 @@
+"""Refcounts and cluster allocation.
+
+The refcount table is held in memory, the 16-bit refcount blocks in a TableCache;
+both are write-through. Clusters freed in a session are reused first, otherwise new
+clusters are appended at the end of the file, growing the refcount structures when
+the new cluster has no refcount block yet.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import fileio
+from .cache import TableCache
+from .format import (
+    HEADER_REFTABLE_FIELDS, MAX_REFTABLE_BYTES, REFTABLE_RESERVED_MASK, Header, Qcow2Error,
+    check_entries, check_in_file, corrupt,
+)
+
+__all__ = ["Area", "Refcounts", "load_reftable", "plan_area", "write_area"]
+
+_RB_CACHE_BYTES = 8 << 20
+
+
+def load_reftable(fd: int, h: Header, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check the refcount table of an image whose file has ``end`` clusters;
+    return it and the clusters of its refcount blocks."""
+    cb, cs = h.cluster_bits, h.cluster_size
+    table = np.frombuffer(
+        fileio.pread_padded(fd, h.refcount_table_clusters * cs, h.refcount_table_offset),
+        dtype=">u8").copy()
+    check_entries("refcount table entry", table, REFTABLE_RESERVED_MASK | (cs - 1))
+    blocks = table >> np.uint64(cb)
+    blocks = blocks[blocks != 0]
+    check_in_file("refcount table entry (refcount block)", blocks, end, cb)
+    return table, blocks
+
+
+def _block_bytes(cluster_bits: int, idx: int, lo: int, hi: int) -> bytes:
+    """Refcount block ``idx`` in which clusters ``lo``..``hi`` - 1 have refcount 1."""
+    first = idx << (cluster_bits - 1)
+    blk = np.zeros(1 << (cluster_bits - 1), dtype=">u2")
+    blk[lo - first:hi - first] = 1
+    return blk.tobytes()
+
+
+@dataclass
+class Area:
+    """A refcount table at cluster ``start`` and, right after it up to ``stop``, the
+    refcount blocks it lacks; they count every cluster from ``covered`` to ``stop``."""
+
+    start: int
+    covered: int
+    table_clusters: int
+    missing: list[int]  # refcount table indexes that get a new block, in file order
+    stop: int
+
+
+def plan_area(cluster_bits: int, start: int, covered: int, entries: int,
+              old: np.ndarray) -> Area:
+    """Size a refcount table of at least ``entries`` entries (more if its own area
+    needs them) placed at ``start``, which keeps the blocks of the table ``old``."""
+    cs, rbb = 1 << cluster_bits, cluster_bits - 1
+    per_cluster = cs // 8
+    nb = 0
+    while True:  # the new blocks need refcounts too: grow until they count themselves
+        rtc = -(-entries // per_cluster)
+        if rtc * cs > MAX_REFTABLE_BYTES:
+            raise Qcow2Error(errno.EFBIG, "qcow2 refcount table would exceed "
+                             f"{MAX_REFTABLE_BYTES} bytes; the host file is too large")
+        stop = start + rtc + nb
+        first, last = covered >> rbb, (stop - 1) >> rbb
+        missing = [i for i in range(first, last + 1) if i >= len(old) or int(old[i]) == 0]
+        if len(missing) != nb:
+            nb = len(missing)
+            continue
+        if last >= rtc * per_cluster:
+            entries = last + 1
+            continue
+        return Area(start, covered, rtc, missing, stop)
+
+
+def write_area(fd: int, cluster_bits: int, area: Area, old: np.ndarray) -> np.ndarray:
+    """Write the new refcount blocks of ``area``, then the table pointing at them and
+    at the blocks of ``old``; return the new table."""
+    cb, rbb = cluster_bits, cluster_bits - 1
+    table = np.zeros(area.table_clusters * (1 << cb) // 8, dtype=">u8")
+    table[:len(old)] = old
+    for bc, idx in enumerate(area.missing, area.start + area.table_clusters):
+        lo, hi = max(area.covered, idx << rbb), min(area.stop, (idx + 1) << rbb)
+        fileio.pwrite_all(fd, _block_bytes(cb, idx, lo, hi), bc << cb)
+        table[idx] = bc << cb
+    fileio.pwrite_all(fd, table.tobytes(), area.start << cb)
+    return table
+
+
+class Refcounts:
+    """The refcounts of an open image and the allocation of its clusters.
+
+    ``end`` is the length of the file in clusters: the next appended cluster.
+    ``meta`` (sorted) lists the clusters that held metadata at open besides the
+    refcount table: the header, the L1 table, L2 tables and refcount blocks.
+    """
+
+    def __init__(self, fd: int, cluster_bits: int, table: np.ndarray, table_offset: int,
+                 end: int, meta: np.ndarray) -> None:
+        self._fd = fd
+        self._cb = cluster_bits
+        self._cs = 1 << cluster_bits
+        self._rb_bits = cluster_bits - 1  # cluster_bits + 3 - refcount_order (4)
+        self._rb_mask = (1 << self._rb_bits) - 1
+        self._table = table
+        self._table_off = table_offset
+        self._blocks = TableCache(fd, self._cs, ">u2", _RB_CACHE_BYTES)
+        self._meta = meta
+        self._meta_new: set[int] = set()
+        self._freed: list[int] = []
+        self.end = end
+
+    def table_range(self) -> tuple[int, int]:
+        """First cluster of the refcount table and the cluster after it."""
+        first = self._table_off >> self._cb
+        return first, first + len(self._table) * 8 // self._cs
+
+    def is_meta(self, c: int) -> bool:
+        """True if cluster ``c`` holds metadata (which data must never overwrite)."""
+        lo, hi = self.table_range()
+        if lo <= c < hi or c in self._meta_new:
+            return True
+        m = self._meta
+        i = int(np.searchsorted(m, c))
+        return i < m.size and int(m[i]) == c
+
+    def mark_meta(self, c: int) -> None:
+        """Record that the newly allocated cluster ``c`` now holds an L2 table."""
+        self._meta_new.add(c)
+
+    def _block(self, idx: int) -> np.ndarray | None:
+        """Refcount block ``idx`` (None if not allocated)."""
+        if idx >= len(self._table):
+            return None
+        off = int(self._table[idx])
+        if off == 0:
+            return None
+        return self._blocks.get(off)
+
+    def get(self, c: int) -> int:
+        """The refcount of cluster ``c``."""
+        b = self._block(c >> self._rb_bits)
+        return 0 if b is None else int(b[c & self._rb_mask])
+
+    def set(self, c: int, value: int) -> None:
+        """Set the refcount of an existing cluster (its refcount block must exist)."""
+        idx = c >> self._rb_bits
+        b = self._block(idx)
+        if b is None:
+            raise corrupt(f"cluster {c << self._cb:#x} is in use but has no refcount block")
+        fileio.store_entry(self._fd, b, c & self._rb_mask, value, int(self._table[idx]))
+
+    def alloc(self) -> int:
+        """Return a cluster whose refcount is now 1 (on disk) and whose contents are free.
+
+        The refcount is written before the caller writes the cluster or points an entry
+        at it, so a crash in between leaks the cluster but never hands out a cluster
+        that something else also uses.
+        """
+        if self._freed:
+            c = self._freed.pop()
+            self.set(c, 1)
+            return c
+        while True:
+            c = self.end
+            idx = c >> self._rb_bits
+            if idx >= len(self._table):
+                self._grow_table(idx)
+            elif int(self._table[idx]) == 0:
+                self._new_block(idx)
+            else:
+                break
+        if self.get(c) != 0:
+            raise corrupt(f"refcount of unused cluster {c << self._cb:#x} past the end of "
+                          "the file is not zero")
+        self.end = c + 1
+        self.set(c, 1)
+        return c
+
+    def release(self, c: int) -> None:
+        """Drop one reference to cluster ``c``; once none is left, reuse it.
+
+        Callers clear the entry that pointed at ``c`` first: a crash in between leaks
+        the cluster rather than leaving an entry to a cluster that may be reused.
+        """
+        rc = self.get(c)
+        if rc == 0:
+            raise corrupt(f"data cluster {c << self._cb:#x} in use but its refcount is 0")
+        self.set(c, rc - 1)
+        if rc == 1:
+            self._freed.append(c)
+
+    def _new_block(self, idx: int) -> None:
+        """Write a refcount block for index ``idx`` at the end of the file, covering itself."""
+        b = self.end
+        assert b >> self._rb_bits == idx
+        # the block is written before the table entry that makes it count
+        fileio.pwrite_all(self._fd, _block_bytes(self._cb, idx, b, b + 1), b << self._cb)
+        self.end = b + 1
+        self._meta_new.add(b)
+        fileio.store_entry(self._fd, self._table, idx, b << self._cb, self._table_off)
+
+    def _grow_table(self, need_idx: int) -> None:
+        """Move the refcount table to a larger one at the end of the file."""
+        cb, rbb = self._cb, self._rb_bits
+        old = self._table
+        area = plan_area(cb, self.end, self.end, max(need_idx + 1, 2 * len(old)), old)
+        table = write_area(self._fd, cb, area, old)
+        self._meta_new.update(range(area.start + area.table_clusters, area.stop))
+        # clusters of the new area whose refcount block already existed
+        for c in range(area.start, area.stop):
+            if c >> rbb not in area.missing:
+                self.set(c, 1)
+        # The new table and blocks are complete before the header switches to them, and
+        # the old table is freed only after: a crash leaves one whole table in force.
+        old_range = self.table_range()
+        fileio.pwrite_all(self._fd, struct.pack(">QI", area.start << cb, area.table_clusters),
+                          HEADER_REFTABLE_FIELDS)
+        self._table, self._table_off, self.end = table, area.start << cb, area.stop
+        for c in range(*old_range):
+            self.set(c, 0)
+            self._freed.append(c)
