@@ -6,7 +6,7 @@ import os
 import stat
 import struct
 
-from pyublk_fast.backend import Backend, register
+from pyublk_fast.backend import FileBackend, register
 
 BLKSSZGET = 0x1268      # <linux/fs.h>: a block device's logical block size
 
@@ -32,7 +32,9 @@ def _direct_block_size(fd: int) -> int:
 
 
 @register("loop")
-class LoopBackend(Backend):
+class LoopBackend(FileBackend):
+    """A raw file or block device, served by io_uring from C (no Python per I/O)."""
+
     can_discard = True
     can_write_zeroes = True
     data_paths = ("user_copy", "zero_copy", "splice_zc")

@@ -1,13 +1,16 @@
 """memory: a RAM disk in pure Python, the README's example backend."""
-from pyublk_fast.backend import Backend, register
+from pyublk_fast.backend import SizedBackend, register
 
 
 @register("memory")
-class MemoryBackend(Backend):
+class MemoryBackend(SizedBackend):
+    """A RAM disk in pure Python (one Python call per request)."""
+
     can_discard = True
     can_write_zeroes = True
+    DEFAULT_SIZE = 64 << 20
 
-    def __init__(self, size: int = 64 << 20):
+    def __init__(self, size: int = DEFAULT_SIZE):
         self.size = size
         self.data = bytearray(size)
 

@@ -1,14 +1,17 @@
 """null: every request completes at once without touching data (like kublk's null)."""
-from pyublk_fast.backend import Backend, register
+from pyublk_fast.backend import SizedBackend, register
 
 
 @register("null")
-class NullBackend(Backend):
+class NullBackend(SizedBackend):
+    """Every request completes at once, data untouched; native target (no Python per I/O)."""
+
     can_discard = True
     can_write_zeroes = True
     data_paths = ("user_copy", "zero_copy", "splice_zc")
+    DEFAULT_SIZE = 250 << 30
 
-    def __init__(self, size: int = 250 << 30, block_size: int = 512):
+    def __init__(self, size: int = DEFAULT_SIZE, block_size: int = 512):
         self.size = size
         self.block_size = block_size
 

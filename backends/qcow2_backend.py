@@ -1,13 +1,17 @@
 """qcow2: a qcow2 (v3) image served through the qcow2-lite engine."""
-from pyublk_fast.backend import Backend, register
+from pyublk_fast.backend import FileBackend, register
 
 from .qcow2 import Qcow2Image
 
 
 @register("qcow2")
-class Qcow2Backend(Backend):
+class Qcow2Backend(FileBackend):
+    """A qcow2 (v3) image, served by the qcow2-lite engine's Python handlers."""
+
     can_discard = True
     can_write_zeroes = True
+    file_format = "qcow2"
+    CREATE_HINT = "qemu-img create -f qcow2 {file} 1G"
 
     def __init__(self, path: str, *, read_only: bool = False):
         self.image = Qcow2Image.open(path, readonly=read_only)

@@ -7,7 +7,10 @@ when the device starts.
 """
 from __future__ import annotations
 
+import argparse
 import errno
+import os
+from importlib import metadata
 from typing import NamedTuple
 
 from .errors import BackendError
@@ -38,6 +41,30 @@ class Backend:
     #: Data paths its native target can serve besides the buffered ones (copy, need_get_data,
     #: user_copy, which every backend gets): "zero_copy", "splice_zc".
     data_paths: tuple[str, ...] = ()
+    #: The format of the file its ``-f/--file`` option names, if it takes one: "raw" (any
+    #: file or block device) or "qcow2". Tools that make scratch devices (the bench) create
+    #: a file of that format and pass it as ``--file``.
+    file_format: str | None = None
+
+    # -- the command line (``python -m pyublk_fast add -t NAME ...``) ---------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this backend's own options to parser (the CLI's common options are taken:
+        -n -q -d -z -u -g ...). Default: none."""
+
+    @classmethod
+    def summary(cls) -> str:
+        """One line on the backend for listings (``add --help``, the bench): the first line
+        of its docstring."""
+        return (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "Backend":
+        """Build the backend from the options add_arguments declared (ns holds exactly
+        those). Raise ValueError with a one-line message for a value it cannot use."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from command-line options: "
+                                  "it defines no from_args() classmethod")
 
     def read(self, offset: int, buf: memoryview) -> None:
         """Fill buf (len(buf) bytes) with the device's contents at offset."""
@@ -80,20 +107,112 @@ class Backend:
                              f"block_size={self.block_size}")
 
 
+#: Installed distributions add backends through entry points of this group: the name is the
+#: backend's, the object a Backend subclass or a module whose import registers it.
+ENTRY_POINT_GROUP = "pyublk_fast.backends"
 _REGISTRY: dict[str, type] = {}
 
 
 def register(name: str):
-    """Class decorator: make a backend available by name (CLI, bench)."""
+    """Class decorator: make a backend available by name (CLI ``add -t NAME``, bench)."""
     def deco(cls):
         _REGISTRY[name] = cls
         return cls
     return deco
 
 
-def backend_class(name: str) -> type:
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def backend_names() -> list[str]:
+    """Every backend by name, sorted: registered ones and those entry points declare."""
     from . import backends  # noqa: F401  (registers the shipped ones)
+    return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def backend_class(name: str) -> type:
+    """The backend registered as name, loading its entry point the first time it is asked."""
+    from . import backends  # noqa: F401  (registers the shipped ones)
+    if name not in _REGISTRY:
+        ep = _entry_points().get(name)
+        if ep is not None:
+            _load(ep)
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backend {name!r}: choose one of {sorted(_REGISTRY)}") from None
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(backend_names())}") from None
+
+
+def _load(ep: metadata.EntryPoint) -> None:
+    where = f"backend {ep.name!r} (entry point {ep.value} in group {ENTRY_POINT_GROUP})"
+    try:
+        obj = ep.load()
+    except Exception as exc:   # an installed plugin's bug: name it, never a traceback
+        raise ValueError(f"{where}: cannot load it: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, type) and issubclass(obj, Backend) and ep.name not in _REGISTRY:
+        register(ep.name)(obj)
+    if ep.name not in _REGISTRY:
+        raise ValueError(f"{where}: loading it registered no backend of that name (point it at "
+                         "a Backend subclass, or at a module that uses @register)")
+
+
+_UNITS = {"t": 1 << 40, "g": 1 << 30, "m": 1 << 20, "k": 1 << 10}
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '2KiB', '1.5k', '4096' -> bytes (units k, m, g, t: powers of 1024).
+
+    Raises argparse.ArgumentTypeError (argparse prints its message as is)."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        if t and t[-1] in _UNITS:
+            return int(float(t[:-1]) * _UNITS[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 64M, 1G, 4096") from None
+
+
+def format_size(n: int) -> str:
+    """The inverse of parse_size in the largest exact unit: 4096 -> '4k', 250 << 30 -> '250g'."""
+    for unit, mult in _UNITS.items():
+        if n and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+class SizedBackend(Backend):
+    """A backend whose one option is its size: ``-s/--size``, default DEFAULT_SIZE (the
+    backend's own), built as cls(size)."""
+
+    DEFAULT_SIZE: int = 0
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument("-s", "--size", type=parse_size, default=cls.DEFAULT_SIZE, metavar="SIZE",
+                            help=f"device size, e.g. 1G (default {format_size(cls.DEFAULT_SIZE)})")
+
+    @classmethod
+    def from_args(cls, ns):
+        return cls(ns.size)
+
+
+class FileBackend(Backend):
+    """A backend serving one file: the required ``-f/--file`` (made absolute: a daemon serves
+    from /), built as cls(path) once the file exists; else the error says how to make one
+    (CREATE_HINT, a command with {file} in it)."""
+
+    file_format = "raw"
+    CREATE_HINT = "truncate -s 1G {file}"
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument("-f", "--file", required=True, type=os.path.abspath, metavar="FILE",
+                            help=f"backing file, {cls.file_format} (required)")
+
+    @classmethod
+    def from_args(cls, ns):
+        if not os.path.exists(ns.file):
+            raise ValueError(f"{ns.file}: no such file (create it, e.g. "
+                             f"`{cls.CREATE_HINT.format(file=ns.file)}`)")
+        return cls(ns.file)
