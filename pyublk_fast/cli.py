@@ -6,315 +6,239 @@
     python -m pyublk_fast recover -n N                 # after the server died (needs --recovery)
     python -m pyublk_fast features
 
-``add`` daemonizes (double fork); the server reports the device id or its
-failure through a pipe, so ``add`` returns only once /dev/ublkbN serves I/O.
-Each server keeps a JSON record under the state directory (/run/pyublk_fast,
-or $PYUBLK_FAST_RUN_DIR) for ``list`` and ``recover``.
+Backends declare themselves (pyublk_fast.backend: ``@register``, ``add_arguments``,
+``from_args``): ``add -t NAME`` takes the common options and NAME's own, and ``add --help``
+lists every target with its options, as kublk's help does. Installed packages add
+backends through entry points (group ``pyublk_fast.backends``); ``--module MOD`` imports
+a module that registers some. Device options default to Device's own defaults and are
+checked by Device, before anything is opened. The server runs in pyublk_fast.daemon; its
+records (for ``list`` and ``recover``) are pyublk_fast.records.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import importlib
+import inspect
 import json
 import logging
 import os
 import signal
 import sys
-import threading
 import time
 from typing import Any, Sequence
 
-from .transport.kernel import pid_alive
+from . import uapi
+from .backend import backend_class, backend_names, format_size, parse_size
+from .daemon import daemonize, describe, serve
+from .device import _PATH_FLAGS, DEFAULT_POLL_US, Device
+from .records import drop_record, read_record, state_dir
+from .transport.kernel import UNPRIVILEGED_REFUSES, KernelTransport, pid_alive
 
-TARGETS = ("null", "loop", "qcow2", "memory")
-RECOVERY_MODES = ("fail", "reissue", "fail_io")
+PROG = "python -m pyublk_fast"
 log = logging.getLogger("pyublk_fast.cli")
 
 
-class CliError(Exception):
+class CliError(ValueError):
     """A user-facing error: printed as `pyublk_fast: <message>`, exit status 1."""
 
 
-# ---- state records ---------------------------------------------------------------------------
-def state_dir() -> str:
-    """Where per-device JSON records live."""
-    env = os.environ.get("PYUBLK_FAST_RUN_DIR")
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return "/run/pyublk_fast"
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/pyublk_fast-{os.geteuid()}"
-    return os.path.join(base, "pyublk_fast")
-
-
-def _record_path(dev_id: int) -> str:
-    return os.path.join(state_dir(), f"{dev_id}.json")
-
-
-def read_record(dev_id: int) -> dict[str, Any] | None:
-    """The JSON record of device dev_id, or None."""
-    try:
-        with open(_record_path(dev_id)) as fh:
-            return json.load(fh)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def write_record(dev_id: int, rec: dict[str, Any]) -> None:
-    os.makedirs(state_dir(), exist_ok=True)
-    tmp = _record_path(dev_id) + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(rec, fh, indent=1)
-    os.replace(tmp, _record_path(dev_id))
-
-
-def drop_record(dev_id: int, pid: int | None = None) -> None:
-    """Remove the record (only if it still names ``pid``, when given)."""
-    rec = read_record(dev_id)
-    if rec is not None and pid is not None and rec.get("pid") != pid:
-        return
-    try:
-        os.unlink(_record_path(dev_id))
-    except FileNotFoundError:
-        pass
-
-
-# ---- building the server -----------------------------------------------------------------------
-def parse_size(text: str) -> int:
-    """'64M', '1G', '4096' -> bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().rstrip("b").rstrip("i")
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 64M, 1G, 4096") from None
-
-
-def make_backend(target: str, file: str | None, size: int | None):
-    """The backend for ``-t target [-f file] [--size]``."""
-    import pyublk_fast.backends  # noqa: F401  (registers the shipped backends)
-    from pyublk_fast.backend import backend_class
-    if target in ("loop", "qcow2"):
-        if not file:
-            raise CliError(f"-t {target} needs a backing file: -f FILE")
-        if not os.path.exists(file):
-            raise CliError(f"{file}: no such file (create it, e.g. `truncate -s 1G {file}`"
-                           + (" or `qemu-img create -f qcow2 FILE 1G`" if target == "qcow2" else "")
-                           + ")")
-        return backend_class(target)(file)
-    if file:
-        raise CliError(f"-t {target} takes no backing file (-f is for loop and qcow2)")
-    if target == "null":
-        return backend_class("null")(size or 250 << 30)
-    return backend_class("memory")(size or 256 << 20)
-
-
-def data_path_of(opts: dict[str, Any]) -> str:
-    if opts.get("zero_copy"):
-        return "zero_copy"
-    if opts.get("user_copy"):
-        return "user_copy"
-    return "copy"
-
-
-def build_device(opts: dict[str, Any], transport, recover_info: dict[str, Any] | None = None):
-    """A Device for the record/options ``opts`` (shape fixed by the kernel when recovering)."""
-    from pyublk_fast.device import Device
-    backend = make_backend(opts["target"], opts.get("file"), opts.get("size"))
-    queues, depth = opts["queues"], opts["depth"]
-    max_io = opts.get("max_io_bytes", 512 << 10)
-    if recover_info is not None:
-        queues, depth = recover_info.nr_hw_queues, recover_info.queue_depth
-        max_io = recover_info.max_io_buf_bytes
-    return Device(backend, transport, queues=queues, depth=depth, max_io_bytes=max_io,
-                  data_path=data_path_of(opts), recovery=opts.get("recovery"),
-                  dev_id=opts.get("dev_id", -1), native=not opts.get("python", False),
-                  poll_us=opts.get("poll_us"), submit_chunk=opts.get("submit_chunk", 4))
-
-
-def _transport(opts: dict[str, Any]):
-    from pyublk_fast.transport.kernel import KernelTransport
-    return KernelTransport(unprivileged=bool(opts.get("unprivileged")))
-
-
-# ---- the server process ----------------------------------------------------------------------------
-def serve(opts: dict[str, Any], report, recover: bool = False) -> int:
-    """Start (or recover) the device, call report(message dict), serve until SIGTERM/SIGINT
-    or until the device is stopped from outside; then stop and delete it cleanly."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    transport = dev = None
-    try:
-        transport = _transport(opts)
-        if recover:
-            info = transport.dev_info(opts["dev_id"])
-            dev = build_device(opts, transport, info)
-            dev.recover()
-        else:
-            dev = build_device(opts, transport)
-            dev.start()
-    except BaseException as exc:   # noqa: BLE001 - reported to the parent
-        if dev is not None and not recover:
-            try:
-                dev.stop()
-            except Exception:
-                pass
-        if transport is not None:
-            transport.close()
-        report({"ok": False, "error": _describe(exc)})
-        return 1
-    rec = dict(opts, dev_id=dev.dev_id, pid=os.getpid(), block=transport.block_path(dev.dev_id),
-               data_path=dev.data_path, flags=dev.flags, started=time.time())
-    write_record(dev.dev_id, rec)
-    report({"ok": True, "dev_id": dev.dev_id, "path": rec["block"], "pid": os.getpid(),
-            "data_path": dev.data_path})
-    while not stop.wait(0.2):
-        if not dev.serving:
-            log.info("device %d was stopped from outside; exiting", dev.dev_id)
-            break
-    try:
-        dev.stop()
-    except OSError as exc:
-        if exc.errno != errno.ENODEV:
-            log.error("stopping device %d: %s", dev.dev_id, exc)
-    finally:
-        drop_record(dev.dev_id, os.getpid())
-        transport.close()
-    return 0
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for the user: the OSError's own message, else the exception text."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    if isinstance(exc, (CliError, ValueError, OSError)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def daemonize_and_serve(opts: dict[str, Any], recover: bool = False) -> dict[str, Any]:
-    """Double-fork a server; returns what it reported (ok + dev_id/path, or error)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                       # intermediate
+# ---- backends ----------------------------------------------------------------------------------
+def _import_modules(modules: Sequence[str]) -> None:
+    """--module MOD: import modules whose import registers backends."""
+    for mod in modules:
         try:
-            os.close(r)
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)
-            _become_daemon(opts)
-            out = os.fdopen(w, "w")
-
-            def report(msg: dict[str, Any]) -> None:
-                out.write(json.dumps(msg) + "\n")
-                out.flush()
-                out.close()
-            code = serve(opts, report, recover=recover)
-        except BaseException as exc:                   # noqa: BLE001
-            try:
-                os.write(w, (json.dumps({"ok": False, "error": _describe(exc)}) + "\n").encode())
-            except OSError:
-                pass
-            code = 1
-        os._exit(code)
-    os.close(w)
-    os.waitpid(pid, 0)
-    with os.fdopen(r) as fh:
-        line = fh.readline()
-    if not line:
-        return {"ok": False, "error": "the server exited without reporting (see its log in "
-                f"{state_dir()})"}
-    return json.loads(line)
+            importlib.import_module(mod)
+        except Exception as exc:   # the user's module: one line, never a traceback
+            raise CliError(f"--module {mod}: cannot import it: {type(exc).__name__}: {exc}") from exc
 
 
-def _become_daemon(opts: dict[str, Any]) -> None:
-    os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    os.makedirs(state_dir(), exist_ok=True)
-    logf = os.open(os.path.join(state_dir(), f"server-{os.getpid()}.log"),
-                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(logf, 1)
-    os.dup2(logf, 2)
-    os.close(null)
-    os.close(logf)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        force=True)
+def backend_parser(name: str, command: str, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The parser of backend NAME's own options (``COMMAND -t NAME ...``). ``common`` is the
+    command's parser: an option of the backend that the command already has is refused."""
+    cls = backend_class(name)
+    p = argparse.ArgumentParser(prog=f"{PROG} {command} -t {name}", add_help=False,
+                                allow_abbrev=False)
+    cls.add_arguments(p.add_argument_group(f"-t {name}", cls.summary()))
+    try:
+        argparse.ArgumentParser(add_help=False, parents=[common, p])
+    except argparse.ArgumentError as exc:
+        raise CliError(f"backend {name!r} declares an option `{command}` already has: {exc}") from None
+    return p
 
 
-# ---- commands ----------------------------------------------------------------------------------
-def _opts_from_args(a: argparse.Namespace) -> dict[str, Any]:
-    file = os.path.abspath(a.file) if getattr(a, "file", None) else None
-    return dict(target=a.type, file=file, size=a.size, dev_id=a.number, queues=a.queues,
-                depth=a.depth, zero_copy=a.zero_copy, user_copy=a.user_copy,
-                unprivileged=a.unprivileged, recovery=a.recovery, python=a.python,
-                max_io_bytes=a.max_io, poll_us=a.poll_us, submit_chunk=a.submit_chunk)
+def targets_help(command: str, common: argparse.ArgumentParser) -> str:
+    """Every target with its own options (kublk's help prints each target's usage)."""
+    parts = ["targets (-t NAME, then its own options):"]
+    for name in backend_names():
+        try:
+            p = backend_parser(name, command, common)
+            p.usage = argparse.SUPPRESS
+            parts.append(p.format_help().strip("\n"))
+        except (ValueError, NotImplementedError) as exc:
+            parts.append(f"-t {name}: unavailable: {describe(exc)}")
+    return "\n\n".join(parts)
 
 
-def cmd_add(a: argparse.Namespace) -> int:
-    if a.zero_copy and a.user_copy:
-        raise CliError("-z (zero copy) and -u (user copy) exclude each other")
-    if a.unprivileged and (a.zero_copy or a.user_copy):
-        raise CliError("--unprivileged devices cannot use -z or -u (the kernel refuses them): "
-                       "with USER_COPY or zero copy the server reads and writes request pages "
-                       "through /dev/ublkcN, which the kernel trusts only a privileged server "
-                       "with; drop -z/-u to use the copy data path")
-    if a.unprivileged and a.recovery:
-        raise CliError("--unprivileged devices cannot use --recovery: the kernel drops "
-                       "USER_RECOVERY for them (an untrusted server could stall error handling)")
-    opts = _opts_from_args(a)
-    make_backend(opts["target"], opts["file"], opts["size"]).close()   # early, clear errors
-    if a.foreground:
-        def report(msg: dict[str, Any]) -> None:
-            if msg["ok"]:
-                print(msg["path"], flush=True)
-            else:
-                print(f"pyublk_fast: {msg['error']}", file=sys.stderr, flush=True)
-        return serve(opts, report)
-    msg = daemonize_and_serve(opts)
+class _TargetsHelp(argparse.Action):
+    """-h/--help of add and recover: the usual help, then every target's options."""
+
+    def __init__(self, option_strings, dest):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0,
+                         help="show this help with every target's options, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        print("\n" + targets_help(parser.prog.split()[-1], parser))
+        parser.exit()
+
+
+def backend_args(name: str, command: str, common: argparse.ArgumentParser,
+                 argv: list[str]) -> dict[str, Any]:
+    """Backend NAME's options parsed from argv (what the command did not take)."""
+    ns, rest = backend_parser(name, command, common).parse_known_args(argv)
+    if rest:
+        raise CliError(f"-t {name} takes no {' '.join(rest)} (`{command} --help` shows each "
+                       "target's options)")
+    return vars(ns)
+
+
+def make_backend(opts: dict[str, Any]):
+    """The backend of a server's options (its record): the registry builds it."""
+    return backend_class(opts["target"]).from_args(argparse.Namespace(**opts["backend_args"]))
+
+
+# ---- devices ------------------------------------------------------------------------------------
+def device_defaults() -> dict[str, Any]:
+    """Device's keyword defaults: the CLI's defaults are Device's (its signature)."""
+    return {k: p.default for k, p in inspect.signature(Device).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+class _KernelToBe:
+    """The kernel transport as Device sees it while the CLI checks options, before the server
+    opens /dev/ublk-control: it claims every mainline feature, so Device judges the options
+    alone (the server checks the running kernel's features when it adds the device)."""
+
+    name = "kernel"
+
+    def features(self) -> int:
+        return uapi.MAINLINE_FEATURE_MASK
+
+
+def check_options(opts: dict[str, Any]) -> None:
+    """Build the backend and the Device now: bad options fail in the command, in one line,
+    before a server is started. The rules are the backend's, Device's and the kernel
+    transport's own (UNPRIVILEGED_REFUSES)."""
+    try:
+        json.dumps(opts)
+    except TypeError as exc:
+        raise CliError(f"-t {opts['target']}: its options must be JSON values so that "
+                       f"`recover` can rebuild the backend ({exc})") from None
+    backend = make_backend(opts)
+    try:
+        flags = Device(backend, _KernelToBe(), **opts["device"])._flags()
+    finally:
+        backend.close()
+    refused = [why for flag, why in UNPRIVILEGED_REFUSES.items() if flags & flag]
+    if opts["unprivileged"] and refused:
+        raise CliError("--unprivileged devices cannot use -z or -u, nor --recovery: "
+                       + "; ".join(refused))
+
+
+def data_path_of(flags: int) -> str:
+    """The data path a device was added with, from its UBLK_F_* flags (by Device's table)."""
+    return next((path for path, flag in _PATH_FLAGS.items() if flag and flags & flag), "copy")
+
+
+def start_server(opts: dict[str, Any], recover: bool = False):
+    """(transport, device) started, or recovered with the shape the kernel kept."""
+    transport = KernelTransport(unprivileged=opts["unprivileged"])
+    backend = None
+    try:
+        kw = dict(opts["device"])
+        if recover:
+            info = transport.dev_info(kw["dev_id"])
+            kw.update(queues=info.nr_hw_queues, depth=info.queue_depth,
+                      max_io_bytes=info.max_io_buf_bytes)
+        backend = make_backend(opts)
+        dev = Device(backend, transport, **kw)
+        dev.recover() if recover else dev.start()
+    except BaseException:
+        if backend is not None:
+            backend.close()
+        transport.close()
+        raise
+    return transport, dev
+
+
+def run_server(opts: dict[str, Any], foreground: bool, recover: bool = False) -> int:
+    """Serve in the foreground, or start a daemon and print what it reported."""
+    if foreground:
+        return serve(lambda: start_server(opts, recover), _print_report, opts)
+    msg = daemonize(lambda report: serve(lambda: start_server(opts, recover), report, opts))
     if not msg["ok"]:
         raise CliError(msg["error"])
     print(msg["path"])
     return 0
 
 
-def cmd_recover(a: argparse.Namespace) -> int:
+def _print_report(msg: dict[str, Any]) -> None:
+    if msg["ok"]:
+        print(msg["path"], flush=True)
+    else:
+        print(f"pyublk_fast: {msg['error']}", file=sys.stderr, flush=True)
+
+
+# ---- commands ----------------------------------------------------------------------------------
+def add_options(a: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    """A server's options (its record) from `add`'s arguments: the backend's and Device's."""
+    args = backend_args(a.type, "add", a.parser, extra)
+    paths = sorted(set(a.data_paths or ()))
+    if len(paths) > 1:
+        raise CliError("-z (zero copy), -u (user copy) and -g (need get data) exclude each "
+                       "other: each picks the data path")
+    defaults = device_defaults()
+    device = {k: v for k, v in vars(a).items() if k in defaults}
+    device["data_path"] = paths[0] if paths else defaults["data_path"]
+    return dict(target=a.type, backend_args=args, modules=a.module or [],
+                unprivileged=a.unprivileged, device=device)
+
+
+def cmd_add(a: argparse.Namespace, extra: list[str]) -> int:
+    opts = add_options(a, extra)
+    check_options(opts)
+    return run_server(opts, a.foreground)
+
+
+def cmd_recover(a: argparse.Namespace, extra: list[str]) -> int:
     rec = read_record(a.number) or {}
-    opts = dict(rec)
-    if a.type:
-        opts["target"] = a.type
-    if a.file:
-        opts["file"] = os.path.abspath(a.file)
-    if "target" not in opts:
+    _import_modules(rec.get("modules", []))
+    target = a.type or (rec.get("target") if "backend_args" in rec else None)
+    if target is None:
         raise CliError(f"no record of device {a.number} in {state_dir()}: say what serves it "
-                       "with -t TYPE [-f FILE]")
-    opts["dev_id"] = a.number
+                       "with -t TYPE and its options")
+    if a.type or extra:
+        args = backend_args(target, "recover", a.parser, extra)
+    else:
+        args = rec["backend_args"]
     old = rec.get("pid")
     if old and pid_alive(old):
         raise CliError(f"device {a.number}'s server (pid {old}) is still running: nothing to "
                        "recover")
-    with _transport(opts) as t:
+    unprivileged = bool(rec.get("unprivileged"))
+    with KernelTransport(unprivileged=unprivileged) as t:
         info = t.dev_info(a.number)
-    from pyublk_fast import uapi
     if not info.flags & uapi.UBLK_F_USER_RECOVERY:
         raise CliError(f"device {a.number} was added without --recovery: it cannot be "
-                       "recovered (delete it with `del -n {a.number}`)")
-    opts["recovery"] = opts.get("recovery") or "reissue"
-    opts["zero_copy"] = bool(info.flags & uapi.UBLK_F_SUPPORT_ZERO_COPY)
-    opts["user_copy"] = bool(info.flags & uapi.UBLK_F_USER_COPY)
-    opts.setdefault("queues", info.nr_hw_queues)
-    opts.setdefault("depth", info.queue_depth)
-    if a.foreground:
-        return serve(opts, lambda m: print(m.get("path") or m.get("error"), flush=True),
-                     recover=True)
-    msg = daemonize_and_serve(opts, recover=True)
-    if not msg["ok"]:
-        raise CliError(msg["error"])
-    print(msg["path"])
-    return 0
+                       f"recovered (delete it with `del -n {a.number}`)")
+    device = dict(rec.get("device") or {})
+    device.update(dev_id=a.number, data_path=data_path_of(info.flags),
+                  recovery=device.get("recovery") or "reissue")
+    opts = dict(target=target, backend_args=args,
+                modules=sorted(set(rec.get("modules", [])) | set(a.module or [])),
+                unprivileged=unprivileged, device=device)
+    return run_server(opts, a.foreground, recover=True)
 
 
 def delete_device(t, dev_id: int, timeout: float) -> None:
@@ -336,10 +260,10 @@ def delete_device(t, dev_id: int, timeout: float) -> None:
     drop_record(dev_id)
 
 
-def cmd_del(a: argparse.Namespace) -> int:
+def cmd_del(a: argparse.Namespace, extra: list[str]) -> int:
     if a.all == (a.number is not None):
         raise CliError("say which device: del -n ID, or del -a for all")
-    with _transport({}) as t:
+    with KernelTransport() as t:
         ids = t.list_devs() if a.all else [a.number]
         if not a.all and a.number not in ids:
             drop_record(a.number)
@@ -349,17 +273,19 @@ def cmd_del(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list(a: argparse.Namespace) -> int:
+def cmd_list(a: argparse.Namespace, extra: list[str]) -> int:
     rows = []
-    with _transport({}) as t:
+    with KernelTransport() as t:
         for dev_id in t.list_devs():
             try:
                 info = t.dev_info(dev_id).as_dict()
             except OSError as exc:
                 info = {"dev_id": dev_id, "error": str(exc)}
             rec = read_record(dev_id) or {}
-            info.update({k: rec.get(k) for k in ("target", "file", "data_path")})
-            info["server_pid"] = rec.get("pid")
+            args = rec.get("backend_args") or {}
+            # "file": the backing file of a target that takes -f, which scripts look for
+            info.update(target=rec.get("target"), backend_args=args, file=args.get("file"),
+                        data_path=rec.get("data_path"), server_pid=rec.get("pid"))
             rows.append(info)
     if a.json:
         print(json.dumps(rows, indent=1, default=str))
@@ -370,16 +296,15 @@ def cmd_list(a: argparse.Namespace) -> int:
         if "error" in r:
             print(f"dev {r['dev_id']}: {r['error']}")
             continue
+        args = " ".join(f"{k}={v}" for k, v in r["backend_args"].items())
         print(f"dev {r['dev_id']}: {r['block_path']} {r['state_name']} queues {r['nr_hw_queues']} "
               f"depth {r['queue_depth']} size {r['size'] >> 20} MiB pid {r['pid']} "
-              f"target {r.get('target') or '?'} {r.get('file') or ''}".rstrip())
+              f"target {r['target'] or '?'} {args}".rstrip())
         print(f"    flags {r['flags']:#x} {' '.join(r['features'])}")
     return 0
 
 
-def cmd_features(a: argparse.Namespace) -> int:
-    from pyublk_fast import uapi
-    from pyublk_fast.transport.kernel import KernelTransport
+def cmd_features(a: argparse.Namespace, extra: list[str]) -> int:
     with KernelTransport() as t:
         feats = t.features()
     if a.json:
@@ -394,31 +319,40 @@ def cmd_features(a: argparse.Namespace) -> int:
 
 # ---- argument parsing ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pyublk_fast",
-                                description="Serve real ublk block devices (/dev/ublkbN) from Python.")
+    names = backend_names()
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Serve real ublk block devices (/dev/ublkbN) from Python.",
+        epilog=f"Targets for add -t: {', '.join(names)} (`add --help` shows their options). "
+        "Installed packages add more through entry points in the group pyublk_fast.backends; "
+        "add/recover --module MOD imports a module that registers some.")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     add = sub.add_parser("add", help="add and serve a device; prints /dev/ublkbN once live",
+                         add_help=False, allow_abbrev=False,
                          description="Add a ublk device served by a backend and print its block "
                          "device path once it serves I/O. The server runs as a daemon unless "
-                         "--foreground.")
-    add.add_argument("-t", "--type", required=True, choices=TARGETS, help="backend")
-    add.add_argument("-f", "--file", help="backing file (loop, qcow2)")
-    add.add_argument("-s", "--size", type=parse_size, help="size for null/memory (e.g. 1G)")
-    _shape_args(add)
-    add.set_defaults(func=cmd_add)
+                         "--foreground. -t NAME also takes NAME's own options (listed below).")
+    add.add_argument("-h", "--help", action=_TargetsHelp)
+    add.add_argument("-t", "--type", required=True, choices=names, metavar="NAME",
+                     help=f"the backend: {', '.join(names)}")
+    _module_arg(add)
+    _device_args(add)
+    add.set_defaults(func=cmd_add, parser=add)
 
     rec = sub.add_parser("recover", help="serve a device again after its server died",
+                         add_help=False, allow_abbrev=False,
                          description="Start a new server for a device whose server died (the "
-                         "device must have been added with --recovery). Backend from the "
-                         "device's record unless -t/-f are given.")
+                         "device must have been added with --recovery), with the backend of the "
+                         "device's record; -t NAME and NAME's own options replace it.")
+    rec.add_argument("-h", "--help", action=_TargetsHelp)
     rec.add_argument("-n", "--number", type=int, required=True, help="device id")
-    rec.add_argument("-t", "--type", choices=TARGETS, help="backend (default: as recorded)")
-    rec.add_argument("-f", "--file", help="backing file (default: as recorded)")
+    rec.add_argument("-t", "--type", choices=names, metavar="NAME",
+                     help="the backend (default: as recorded)")
+    _module_arg(rec)
     rec.add_argument("--foreground", action="store_true", help="serve in the foreground")
-    rec.set_defaults(func=cmd_recover)
+    rec.set_defaults(func=cmd_recover, parser=rec)
 
     d = sub.add_parser("del", help="stop and delete devices",
                        description="Stop a device's server (SIGTERM) and delete the device.")
@@ -438,52 +372,69 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _shape_args(p: argparse.ArgumentParser) -> None:
-    from pyublk_fast.device import DEFAULT_POLL_US
-    p.add_argument("-n", "--number", type=int, default=-1, help="device id (default: next free)")
-    p.add_argument("-q", "--queues", type=int, default=1, help="hardware queues (default 1)")
-    p.add_argument("-d", "--depth", type=int, default=128, help="queue depth (default 128)")
-    p.add_argument("--max-io", type=parse_size, default=512 << 10,
-                   help="largest request in bytes (default 512K)")
-    p.add_argument("-z", "--zero-copy", action="store_true",
-                   help="zero copy (Linux 6.15+; AUTO_BUF_REG on 6.16+; native backends: null, loop)")
-    p.add_argument("-u", "--user-copy", action="store_true", help="USER_COPY data path (6.5+)")
+def _module_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--module", action="append", metavar="MOD",
+                   help="import MOD first: the backends it registers can be named with -t "
+                   "(repeatable)")
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    """The common options of add: each dest is a Device keyword, defaulting to Device's."""
+    d = device_defaults()
+    p.add_argument("-n", "--number", dest="dev_id", type=int, default=d["dev_id"], metavar="ID",
+                   help="device id (default: next free)")
+    p.add_argument("-q", "--queues", type=int, default=d["queues"],
+                   help="hardware queues (default %(default)s)")
+    p.add_argument("-d", "--depth", type=int, default=d["depth"],
+                   help="queue depth (default %(default)s)")
+    p.add_argument("--max-io", dest="max_io_bytes", type=parse_size, default=d["max_io_bytes"],
+                   metavar="SIZE", help=f"largest request (default {format_size(d['max_io_bytes'])})")
+    for flags, path, what in (
+            (("-z", "--zero-copy"), "zero_copy",
+             "zero copy (Linux 6.15+; AUTO_BUF_REG on 6.16+; native backends that declare it)"),
+            (("-u", "--user-copy"), "user_copy", "USER_COPY data path (6.5+)"),
+            (("-g", "--need-get-data"), "need_get_data",
+             "NEED_GET_DATA data path: the server asks for WRITE data in a second step")):
+        p.add_argument(*flags, dest="data_paths", action="append_const", const=path, help=what)
     p.add_argument("--unprivileged", action="store_true",
                    help="UNPRIVILEGED_DEV: a normal user's device, owned by it (needs udev "
                    "rules: /dev/ublk-control open to users, /dev/ublkcN and /dev/ublkbN "
                    "chowned to the owner; no -z, -u or --recovery; as root the kernel makes "
                    "a privileged device)")
-    p.add_argument("--recovery", nargs="?", const="reissue", choices=RECOVERY_MODES,
-                   help="allow `recover` after the server dies (default mode: reissue)")
-    p.add_argument("--python", action="store_true",
+    p.add_argument("--recovery", nargs="?", const="reissue", default=d["recovery"], metavar="MODE",
+                   help="allow `recover` after the server dies; MODE: Device's recovery= "
+                   "(what I/O does while no server runs; default reissue)")
+    p.add_argument("--python", dest="native", action="store_false", default=d["native"],
                    help="serve with the Python handlers even if the backend is native")
-    p.add_argument("--poll-us", type=float, default=DEFAULT_POLL_US,
+    p.add_argument("--poll-us", type=float, default=d["poll_us"], metavar="US",
                    help="poll each queue's ring up to this many microseconds before sleeping "
                    "(adaptive: an idle queue stops polling; it yields to other runnable "
                    f"threads; 0 always sleeps; default {DEFAULT_POLL_US:g})")
-    p.add_argument("--submit-chunk", type=int, default=4,
-                   help="submit queued I/O every N requests while handling a batch (default 4; "
-                   "larger: fewer syscalls, smaller: the backing disk starts sooner)")
+    p.add_argument("--submit-chunk", type=int, default=d["submit_chunk"], metavar="N",
+                   help="submit queued I/O every N requests while handling a batch (default "
+                   "%(default)s; larger: fewer syscalls, smaller: the backing disk starts sooner)")
     p.add_argument("--foreground", action="store_true",
                    help="serve in the foreground until SIGINT/SIGTERM")
 
 
+def _modules_in(argv: Sequence[str]) -> list[str]:
+    """The --module values, read before the parser is built (its -t choices need them)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--module", action="append", default=[])
+    return pre.parse_known_args(argv)[0].module
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING,
-                        format="pyublk_fast: %(message)s")
-    for name in ("queues", "depth", "submit_chunk"):
-        v = getattr(a, name, None)
-        if v is not None and v < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1 (got {v})")
-    if (getattr(a, "poll_us", None) or 0) < 0:
-        parser.error(f"--poll-us must be >= 0 (got {a.poll_us})")
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return a.func(a)
-    except CliError as exc:
-        print(f"pyublk_fast: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError, TimeoutError) as exc:
-        print(f"pyublk_fast: {_describe(exc)}", file=sys.stderr)
+        _import_modules(_modules_in(argv))
+        parser = build_parser()
+        a, extra = parser.parse_known_args(argv)
+        if extra and a.command not in ("add", "recover"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING,
+                            format="pyublk_fast: %(message)s")
+        return a.func(a, extra)
+    except (OSError, ValueError, NotImplementedError) as exc:
+        print(f"pyublk_fast: {describe(exc)}", file=sys.stderr)
         return 1

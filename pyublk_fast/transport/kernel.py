@@ -38,8 +38,8 @@ UNPRIVILEGED_REFUSES = {
     "pwrite on /dev/ublkcN, which the kernel does not trust an unprivileged server with "
     "(ADD_DEV fails with EINVAL); use the default copy data path",
     uapi.UBLK_F_SUPPORT_ZERO_COPY: "zero copy (-z): the server would get the kernel's request "
-    "pages, which the kernel does not trust an unprivileged server with (ADD_DEV fails with "
-    "EINVAL); use the default copy data path",
+    "pages through /dev/ublkcN, which the kernel does not trust an unprivileged server with "
+    "(ADD_DEV fails with EINVAL); use the default copy data path",
     uapi.UBLK_F_USER_RECOVERY: "recovery (--recovery): the kernel drops USER_RECOVERY for "
     "unprivileged devices (an untrusted server could stall error handling)",
 }
