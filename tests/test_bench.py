@@ -12,10 +12,13 @@ import sys
 import numpy
 import pytest
 
+from pyublk_fast import backend as backend_mod
+from pyublk_fast.backend import backend_names, register
+from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.bench import report
 from pyublk_fast.bench.__main__ import DEFAULT_RUNTIME, QUICK_RUNTIME, main, parse_args
 from pyublk_fast.bench.runner import ROW_KEYS, Progress, combine_rounds, make_row
-from pyublk_fast.bench.scenarios import BACKENDS, PATHS, matrix, parse_size, select
+from pyublk_fast.bench.scenarios import PATHS, backend_axis, matrix, parse_bs, select
 
 NULL_QD32 = "sim/null/randread-4k-qd32/copy/q1"
 LOOP_QD32 = "sim/loop/randread-4k-qd32/copy/q1"
@@ -35,9 +38,9 @@ def test_defaults_and_quick_runtime():
 
 @pytest.mark.parametrize("argv, words", [
     (["--bs", "3000"], "multiple of 512"),
-    (["--bs", "4x"], "block size"),
+    (["--bs", "4x"], "argument --bs: bad size '4x'"),
     (["--qd", "0"], "must be >= 1"),
-    (["--backend", "nosuch"], "choose from null"),
+    (["--backend", "nosuch"], "choose from loop, loop-py, memory, null, null-py, qcow2"),
     (["--path", "dma"], "choose from copy"),
     (["--queues", "3"], "choose from 1, 2"),
     (["--runtime", "0"], "--runtime"),
@@ -50,10 +53,16 @@ def test_bad_arguments_name_the_problem(argv, words, capsys):
     assert words in capsys.readouterr().err
 
 
-def test_parse_size():
-    assert [parse_size(s) for s in ("4k", "128K", "512k", "4096", "64KiB")] == [4096, 131072, 1 << 19, 4096, 65536]
+def test_parse_bs():
+    assert [parse_bs(s) for s in ("4k", "128K", "512k", "4096", "64KiB")] == [4096, 131072, 1 << 19, 4096, 65536]
     with pytest.raises(ValueError, match="between 512 and 512k"):
-        parse_size("1m")
+        parse_bs("1m")
+
+
+def test_backend_axis_is_the_registry():
+    """Every registered backend; a native one also as NAME-py."""
+    assert backend_names() == ["loop", "memory", "null", "qcow2"]
+    assert backend_axis() == ["loop", "loop-py", "memory", "null", "null-py", "qcow2"]
 
 
 # -- selection -------------------------------------------------------------------------------
@@ -61,11 +70,11 @@ def test_parse_size():
 def test_default_set_covers_the_brief_and_quick_is_a_subset():
     full = matrix()
     names = [s.name for s in full]
-    assert len(names) == len(set(names)) == len(BACKENDS) * 8 * len(PATHS) * 2
+    assert len(names) == len(set(names)) == len(backend_axis()) * 8 * len(PATHS) * 2
     default = select()
     quick = select(quick=True)
     assert set(quick) < set(default) and 10 <= len(quick) < len(default) <= 60
-    assert {s.backend for s in quick} == set(BACKENDS)
+    assert {s.backend for s in quick} == set(backend_axis())
     got = {(s.backend, s.rw, s.bs, s.qd, s.path, s.queues) for s in default}
     for qd in (1, 32, 128):
         assert ("null", "randread", 4096, qd, "copy", 1) in got
@@ -75,7 +84,7 @@ def test_default_set_covers_the_brief_and_quick_is_a_subset():
             assert (be, "read", 131072, 32, path, 1) in got and (be, "write", 131072, 32, path, 1) in got
     assert ("null", "randread", 4096, 128, "copy", 2) in got
     # the default set never asks for a pair Device refuses
-    assert not [s for s in default if not s.kind.native and s.path in ("zero_copy", "splice_zc")]
+    assert not [s for s in default if not s.native and s.path in ("zero_copy", "splice_zc")]
 
 
 def test_patterns_and_filters():
@@ -102,7 +111,7 @@ def test_list_marks_and_skip_reasons(capsys):
     assert lines["sim/null-py/randread-4k-qd32/user_copy/q1"].startswith("* ")  # default only
     for path in ("zero_copy", "splice_zc"):
         line = lines[f"sim/null-py/randread-4k-qd32/{path}/q1"]
-        assert f"[skipped: data_path='{path}' is not available" in line and "PyNull does not declare it" in line
+        assert f"[skipped: data_path='{path}' is not available" in line and "it needs a native backend" in line
     assert "skipped" not in lines["sim/null-py/randread-4k-qd32/copy/q1"]
 
 
@@ -168,7 +177,7 @@ def test_short_run_json_schema(short_run):
     rc, _, doc = short_run
     assert rc == 0
     assert doc["schema"] == report.SCHEMA and doc["interrupted"] is False and doc["duration_s"] > 0
-    assert doc["settings"]["runtime"] == 0.2 and doc["settings"]["selected"] == [NULL_QD32, PY_ZC, LOOP_QD32]
+    assert doc["settings"]["runtime"] == 0.2 and doc["settings"]["selected"] == [LOOP_QD32, NULL_QD32, PY_ZC]
     assert doc["machine"]["kernel"] == platform.release() and doc["machine"]["cpus"] == os.cpu_count()
     v = doc["versions"]
     assert v["python"] == platform.python_version() and v["numpy"] == numpy.__version__
@@ -177,7 +186,7 @@ def test_short_run_json_schema(short_run):
         assert set(row) == set(ROW_KEYS)
     names = [r["name"] for r in doc["rows"]]
     # each reference is measured right before the first scenario that needs it; none for a refused pair
-    assert names == ["ref/nop/qd32", NULL_QD32, PY_ZC, "ref/fio-file/randread-4k-qd32", LOOP_QD32]
+    assert names == ["ref/fio-file/randread-4k-qd32", LOOP_QD32, "ref/nop/qd32", NULL_QD32, PY_ZC]
 
 
 def test_short_run_figures_are_sane(short_run):
@@ -317,3 +326,28 @@ def test_ctrl_c_keeps_what_finished(tmp_path):
     doc = json.loads(out.read_text())
     server = [r for r in doc["rows"] if r["kind"] == "server"]
     assert doc["interrupted"] is True and 1 <= len(server) < 3 and all(r["status"] == "ok" for r in server)
+
+
+def test_any_registered_backend_is_benchmarked(monkeypatch, tmp_path):
+    """The bench has no table of its own: a backend registered anywhere is on its axis and
+    is built from its own options (a Python-only one has no -py twin); one the bench cannot
+    build is skipped with the reason."""
+    monkeypatch.setattr(backend_mod, "_REGISTRY", dict(backend_mod._REGISTRY))
+
+    class Picky(MemoryBackend):
+        @classmethod
+        def add_arguments(cls, parser):
+            parser.add_argument("--colour", required=True)
+
+    register("ram")(MemoryBackend)
+    register("picky")(Picky)
+    assert backend_axis() == ["loop", "loop-py", "memory", "null", "null-py", "picky", "qcow2", "ram"]
+    out = tmp_path / "r.json"
+    ram, picky = "sim/ram/randread-4k-qd1/copy/q1", "sim/picky/randread-4k-qd1/copy/q1"
+    assert main(["--runtime", "0.1", "--scenario", ram, "--scenario", picky, "--json", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    row = rows[ram]
+    assert row["status"] == "ok" and row["native"] is False and row["errors"] == 0 and row["iops"] > 0
+    assert row["reference"] == "ref/nop/qd1" and rows["ref/nop/qd1"]["status"] == "ok"
+    assert rows[picky]["status"] == "skipped"
+    assert rows[picky]["reason"] == "the following arguments are required: --colour"

@@ -11,7 +11,6 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
 import time
 
 from . import report, scenarios as sc_mod
@@ -55,9 +54,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--all", action="store_true", help="start from the full matrix instead of the default set")
     ap.add_argument("--scenario", action="append", metavar="PATTERN", help="fnmatch pattern on the name (repeatable)")
     ap.add_argument("--backend", type=_csv(str), action="extend",
-                    help=f"backends (patterns, comma separated): {', '.join(sc_mod.BACKENDS)}")
+                    help=f"backends (patterns, comma separated): {', '.join(sc_mod.backend_axis())}")
     ap.add_argument("--rw", type=_csv(str), action="extend", help=f"workloads: {', '.join(sc_mod.RWS)}")
-    ap.add_argument("--bs", type=_csv(sc_mod.parse_size), action="extend", help="block sizes, e.g. 4k,64k,128k")
+    ap.add_argument("--bs", type=_csv(sc_mod.parse_bs), action="extend", help="block sizes, e.g. 4k,64k,128k")
     ap.add_argument("--qd", type=_csv(_positive_int), action="extend", help="queue depths, e.g. 1,32")
     ap.add_argument("--path", type=_csv(str), action="extend", help=f"data paths: {', '.join(sc_mod.PATHS)}")
     ap.add_argument("--queues", type=_csv(_positive_int), action="extend", help="queue counts: 1,2")
@@ -104,15 +103,17 @@ def skip_reasons(selected: list) -> dict[str, str]:
         except TransportUnavailable as e:
             transports[t] = e
     try:
-        with tempfile.TemporaryDirectory(prefix="pyublk-bench-list-", dir="/var/tmp" if os.path.isdir("/var/tmp")
-                                         else None) as wd:
-            files = sc_mod.probe_files(wd)
+        with Workdir(1 << 20) as wd:      # tiny backing files, enough to build every backend
             for s in selected:
                 tr = transports[s.transport]
                 if isinstance(tr, Exception):
                     reasons[s.name] = str(tr)
                     continue
-                backend = s.kind.make(files.get(s.kind.needs), 1 << 20)
+                try:
+                    backend = sc_mod.make_backend(s.backend, wd.file)
+                except ValueError as e:
+                    reasons[s.name] = str(e)
+                    continue
                 try:
                     why = sc_mod.unsupported(s, backend, tr)
                 finally:

@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from . import refs
-from .scenarios import Scenario
+from .scenarios import Scenario, make_backend
 
 ROW_KEYS = ("name", "kind", "transport", "backend", "native", "rw", "bs", "qd", "data_path", "queues",
             "status", "reason", "iops", "mbps", "lat_p50_us", "lat_p99_us", "lat_p999_us", "cpu_us_per_io",
@@ -79,7 +79,7 @@ def combine_rounds(rows: list[dict]) -> list[dict]:
 
 
 def scenario_fields(sc: Scenario) -> dict:
-    return dict(transport=sc.transport, backend=sc.backend, native=sc.kind.native, rw=sc.rw, bs=sc.bs,
+    return dict(transport=sc.transport, backend=sc.backend, native=sc.native, rw=sc.rw, bs=sc.bs,
                 qd=sc.qd, data_path=sc.path, queues=sc.queues)
 
 
@@ -196,7 +196,7 @@ class Runner:
     def reference(self, sc: Scenario) -> dict:
         """The reference row for a scenario, measured the first time it is needed."""
         rt = self.runtime
-        if sc.kind.needs:
+        if sc.file_format:
             name = f"ref/fio-file/{sc.workload}"
             fields = dict(transport="host", backend="fio", rw=sc.rw, bs=sc.bs, qd=sc.qd)
             measure = lambda: refs.fio(self.wd.file("raw"), sc.rw, sc.bs, sc.qd, rt)  # noqa: E731
@@ -222,14 +222,16 @@ class Runner:
     # -- servers -------------------------------------------------------------------------
 
     def _device(self, sc: Scenario, transport):
-        """A Device for the scenario (not started), or the reason Device refuses the pair (a str)."""
+        """A Device for the scenario (not started), or why not (a str): the backend cannot be
+        built from the bench's options, or Device refuses the pair."""
         from ..device import Device
-        kind = sc.kind
-        path = self.wd.file(kind.needs) if kind.needs else None
-        backend = kind.make(path, self.wd.size if not path else 0)
+        try:
+            backend = make_backend(sc.backend, self.wd.file)
+        except ValueError as e:
+            return str(e)
         try:
             return Device(backend, transport, queues=sc.queues, depth=max(128, sc.qd), data_path=sc.path,
-                          native=kind.native)
+                          native=sc.native)
         except (ValueError, OSError) as e:
             backend.close()
             return str(e)

@@ -8,12 +8,12 @@ matrix: Device refuses them (ValueError/OSError) and the row is skipped with its
 """
 from __future__ import annotations
 
+import argparse
 import fnmatch
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ..backend import Backend
+from ..backend import Backend, backend_class, backend_names, format_size, parse_size
 
 TRANSPORTS = ("sim", "kernel")
 PATHS = ("copy", "user_copy", "zero_copy", "splice_zc")
@@ -24,73 +24,48 @@ RAND_BS, SEQ_BS = (4096,), (131072,)
 RAND_QD, SEQ_QD = (1, 32, 128), (32,)
 
 
-class PyNull(Backend):
-    """A pure-Python null backend: the cost of one Python call per request."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def read(self, offset, buf):
-        pass
-
-    def write(self, offset, data):
-        pass
+#: A native backend served by its Python handlers instead (Device(native=False)) is on the
+#: backend axis as NAME-py: the cost of one Python call per request.
+PY = "-py"
 
 
-@dataclass(frozen=True)
-class BackendKind:
-    """How the bench builds one backend: its factory, native flag and backing file."""
-
-    name: str
-    native: bool
-    needs: str                  # "" | "raw" | "qcow2": the backing file it serves
-    about: str
-    make: Callable[[str | None, int], Backend] = field(compare=False, repr=False)
+def backend_axis() -> list[str]:
+    """The backend axis: every registered backend (pyublk_fast.backend), each native one
+    followed by its NAME-py variant."""
+    out = []
+    for name in backend_names():
+        out += [name, name + PY] if _has_native(name) else [name]
+    return out
 
 
-def _null(path, size):
-    from ..backends.null import NullBackend
-    return NullBackend(size)
-
-
-def _loop(path, size):
-    from ..backends.loop import LoopBackend
-    return LoopBackend(path)
-
-
-def _qcow2(path, size):
-    from ..backends.qcow2_backend import Qcow2Backend
-    return Qcow2Backend(path)
-
-
-BACKENDS: dict[str, BackendKind] = {k.name: k for k in (
-    BackendKind("null", True, "", "null, native target (no Python per I/O)", _null),
-    BackendKind("null-py", False, "", "pure-Python null backend (one Python call per request)",
-                lambda path, size: PyNull(size)),
-    BackendKind("loop", True, "raw", "loop on a raw file, native io_uring target", _loop),
-    BackendKind("loop-py", False, "raw", "loop on a raw file, Python handlers (native=False)", _loop),
-    BackendKind("qcow2", False, "qcow2", "qcow2-lite image, Python handlers", _qcow2),
-)}
-
-
-def size_label(bs: int) -> str:
-    """4096 -> '4k', 131072 -> '128k', 1048576 -> '1m'."""
-    if bs % (1 << 20) == 0:
-        return f"{bs >> 20}m"
-    if bs % 1024 == 0:
-        return f"{bs >> 10}k"
-    return str(bs)
-
-
-def parse_size(text: str) -> int:
-    """'4k' / '128K' / '1m' / '4096' -> bytes; ValueError naming the problem otherwise."""
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
-    num = t[:-1] if mult > 1 else t
+def _has_native(name: str) -> bool:
+    """Whether backend NAME has a native target (not one that fails to load: its rows say why)."""
     try:
-        n = int(num) * mult
+        return backend_class(name).native_target is not Backend.native_target
     except ValueError:
-        raise ValueError(f"block size {text!r}: write a number of bytes or e.g. 4k, 128k, 1m") from None
+        return False
+
+
+class _BenchArgs(argparse.ArgumentParser):
+    """A backend's own option parser, raising instead of exiting: a backend the bench cannot
+    build is a skipped row with the reason."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def make_backend(name: str, file: Callable[[str], str]) -> Backend:
+    """Build a backend of the axis as `add -t NAME` does, from its own options: none but
+    --file, a scratch file of its file_format from file(format), when it serves one."""
+    cls = backend_class(name.removesuffix(PY))
+    parser = _BenchArgs(prog=f"-t {name}", add_help=False)
+    cls.add_arguments(parser)
+    return cls.from_args(parser.parse_args(["--file", file(cls.file_format)] if cls.file_format else []))
+
+
+def parse_bs(text: str) -> int:
+    """A block size: parse_size's units, a multiple of 512 up to the devices' max I/O."""
+    n = parse_size(text)
     if n < 512 or n % 512 or n > 512 * 1024:
         raise ValueError(f"block size {text!r}: must be a multiple of 512 between 512 and 512k "
                          f"(the devices' max I/O)")
@@ -113,15 +88,21 @@ class Scenario:
 
     @property
     def workload(self) -> str:
-        return f"{self.rw}-{size_label(self.bs)}-qd{self.qd}"
+        return f"{self.rw}-{format_size(self.bs)}-qd{self.qd}"
 
     @property
     def name(self) -> str:
         return f"{self.transport}/{self.backend}/{self.workload}/{self.path}/q{self.queues}"
 
     @property
-    def kind(self) -> BackendKind:
-        return BACKENDS[self.backend]
+    def native(self) -> bool:
+        """Served by its native target: not a NAME-py variant nor a backend without one."""
+        return not self.backend.endswith(PY) and _has_native(self.backend)
+
+    @property
+    def file_format(self) -> str | None:
+        """The format of the backend's backing file, if it serves one."""
+        return backend_class(self.backend.removesuffix(PY)).file_format
 
 
 def _default_marks() -> dict[tuple, str]:
@@ -156,6 +137,8 @@ def _default_marks() -> dict[tuple, str]:
     add("qcow2", "randread", k4, 32, quick=True)
     add("qcow2", "randwrite", k4, 32)
     add("qcow2", "read", k128, 32)
+    add("memory", "randread", k4, 32, quick=True)
+    add("memory", "randwrite", k4, 32)
     return marks
 
 
@@ -166,8 +149,9 @@ def matrix(transports: Iterable[str] = ("sim",), bs: Iterable[int] | None = None
            qd: Iterable[int] | None = None) -> list[Scenario]:
     """Every scenario; bs/qd replace the default axes (for both random and sequential I/O)."""
     out = []
+    axis = backend_axis()
     for tr in transports:
-        for be in BACKENDS:
+        for be in axis:
             for rw in RWS:
                 rand = rw.startswith("rand")
                 for b in (tuple(bs) if bs else RAND_BS if rand else SEQ_BS):
@@ -192,7 +176,7 @@ def select(*, transports=("sim",), patterns=None, backends=None, rws=None, bs=No
     bs/qd (which set those axes). Otherwise the default set (quick: its quick subset).
     backends/rws/paths are fnmatch patterns too; queues a list of ints.
     """
-    for name, allowed in (("backend", BACKENDS), ("rw", RWS), ("path", PATHS)):
+    for name, allowed in (("backend", backend_axis()), ("rw", RWS), ("path", PATHS)):
         pats = {"backend": backends, "rw": rws, "path": paths}[name]
         for p in pats or ():
             if not any(fnmatch.fnmatchcase(a, p) for a in allowed):
@@ -236,7 +220,7 @@ def unsupported(sc: Scenario, backend: Backend, transport) -> str | None:
     from ..device import Device
     try:
         Device(backend, transport, queues=sc.queues, depth=max(128, sc.qd), data_path=sc.path,
-               native=sc.kind.native)
+               native=sc.native)
     except (ValueError, OSError) as e:
         return str(e)
     return None
@@ -250,16 +234,16 @@ def describe(scenarios: list[Scenario], reasons: dict[str, str]) -> list[str]:
         mark = "q" if s.quick else "*" if s.default else " "
         why = reasons.get(s.name)
         lines.append(f"{mark} {s.name}" + (f"   [skipped: {why}]" if why else ""))
-    lines.append("backends: " + "; ".join(f"{k.name} = {k.about}" for k in BACKENDS.values()))
+    lines.append("backends: " + "; ".join(f"{name} = {about(name)}" for name in backend_axis()))
     return lines
 
 
-def probe_files(workdir: str) -> dict[str, str]:
-    """Tiny backing files, enough to build every backend for the support check."""
-    from ..backends.qcow2 import Qcow2Image
-    raw = os.path.join(workdir, "probe.img")
-    with open(raw, "wb") as f:
-        f.truncate(1 << 20)
-    q = os.path.join(workdir, "probe.qcow2")
-    Qcow2Image.create(q, 1 << 20).close()
-    return {"raw": raw, "qcow2": q}
+def about(name: str) -> str:
+    """One line on a backend of the axis: its class's summary (NAME-py: its Python handlers)."""
+    if name.endswith(PY):
+        return f"{name.removesuffix(PY)} served by its Python handlers (native=False)"
+    try:
+        return backend_class(name).summary().rstrip(".")
+    except ValueError as e:
+        return str(e)
+
