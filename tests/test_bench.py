@@ -12,6 +12,8 @@ import sys
 import numpy
 import pytest
 
+from rich.console import Console
+
 from pyublk_fast import backend as backend_mod
 from pyublk_fast.backend import backend_names, register
 from pyublk_fast.backends.memory import MemoryBackend
@@ -128,16 +130,32 @@ def test_kernel_rows_skipped_with_reason_without_driver(tmp_path, capsys):
 
 # -- formats ---------------------------------------------------------------------------------
 
+def rendered(row: dict) -> str:
+    """A row as the bench prints it when stdout is not a terminal."""
+    out = report.console(io.StringIO())
+    out.print(report.table([row], header=False))
+    return out.file.getvalue()
+
+
 def test_text_and_markdown_formats():
     ok = make_row("sim/x/randread-4k-qd1/copy/q1", "server", figures=dict(
         iops=1234.5, mbps=5.06, lat_p50_us=10.0, lat_p99_us=20.0, lat_p999_us=30.0, ios=2469, errors=0,
         seconds=2.0, cpu_s=0.02469), reference="ref/nop/qd1", reference_iops=2469.0, ratio=0.5)
-    skipped = make_row("sim/y/read-128k-qd32/zero_copy/q1", "server", status="skipped", reason="no | way")
+    reason = "no | way [bold]not markup[/bold]" + " and long" * 30
+    skipped = make_row("sim/y/read-128k-qd32/zero_copy/q1", "server", status="skipped", reason=reason)
     assert set(ok) == set(ROW_KEYS) and ok["cpu_us_per_io"] == pytest.approx(10.0)
-    line = report.text_line(ok)
-    for cell in ("1,234", "5.1", "10.0", "20.0", "30.0", "10.00", "0.500", "vs ref/nop/qd1"):
-        assert cell in line
-    assert report.text_line(skipped).endswith("skipped: no | way")
+    line = rendered(ok)
+    assert line.split() == ["sim/x/randread-4k-qd1/copy/q1", "1,234", "5.1", "10.0", "20.0", "30.0", "10.00",
+                            "0.500", "vs", "ref/nop/qd1"]
+    # one line however long, nothing taken for markup, no escape codes: fit for logs and pipes
+    assert rendered(skipped) == f"{skipped['name']:{report.NAME_W}}{' ' * (sum(report.WIDTHS) + 8)}" \
+        f"skipped: {reason}\n"
+    header = report.console(io.StringIO())
+    header.print(report.table([]))
+    head, rule = header.file.getvalue().splitlines()
+    assert head.split()[:3] == ["scenario", "IOPS", "MB/s"] and head.endswith("reference / note")
+    assert head.index("IOPS") + 4 == line.index("1,234") + 5 == report.NAME_W + 1 + report.WIDTHS[0]
+    assert set(rule) == {"\u2500"} and len(rule) == len(head)
     md = report.markdown([ok, skipped]).splitlines()
     assert len(md) == 4 and md[0].startswith("| scenario | IOPS |") and md[1].startswith("| --- | ---: |")
     assert all(ln.count(" | ") == md[0].count(" | ") for ln in md[2:])   # the escaped | keeps columns
@@ -150,11 +168,13 @@ def test_progress_only_on_a_terminal():
             return True
     quiet, tty = io.StringIO(), Tty()
     for stream in (quiet, tty):
-        p = Progress(3, stream)
-        p("sim/null/randread-4k-qd1/copy/q1")
-        p.clear()
+        with Progress(3, Console(file=stream, width=100)) as p:
+            p.row_done(make_row("sim/null/randread-4k-qd1/copy/q1", "server"))
+            p.row_done(make_row("ref/nop/qd32", "reference"))        # references are not counted
+            p("sim/null/randread-4k-qd32/copy/q1")
     assert quiet.getvalue() == ""
-    assert "[1/3" in tty.getvalue() and "sim/null/randread-4k-qd1/copy/q1" in tty.getvalue()
+    assert "1/3" in tty.getvalue() and "sim/null/randread-4k-qd32/copy/q1 ..." in tty.getvalue()
+    assert "2/3" not in tty.getvalue()
 
 
 # -- a very short real run --------------------------------------------------------------------
@@ -254,7 +274,7 @@ def test_combine_rounds_takes_medians_and_paired_ratio_range():
     assert row["ios"] == 290 and row["seconds"] == 3.0 and row["errors"] == 0
     assert row["hist"]["counts"] == [90]                                # the median-IOPS round's
     assert row["reason"] == "1 of 4 rounds failed: boom"
-    assert "median of 3 rounds, ratio 0.450..1.200" in report.text_line(row)
+    assert "median of 3 rounds, ratio 0.450..1.200" in rendered(row)
     (gone,) = combine_rounds([server(0, 0, 0, "skipped"), server(1, 0, 0, "skipped")])
     assert gone["status"] == "skipped" and gone["rounds"] == 0 and gone["iops"] is None
 

@@ -148,36 +148,33 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr)
         return 2
     u = platform.uname()
-    print(f"pyublk_fast bench: {len(selected)} scenarios on {'+'.join(args.transports)}, {args.runtime:g} s each, "
-          f"{args.size} MiB backing files ({u.node}, Linux {u.release}, {os.cpu_count()} cpus)")
-    print("CPU us/IO: whole-process CPU (+ fio's usr+sys for fio rows) per I/O; ratio: IOPS / reference IOPS\n")
-    print(report.header(), flush=True)
-    progress = Progress(len(selected) * args.repeat)
-
-    def on_row(row: dict) -> None:
-        progress.row_done(row)
-        progress.clear()
-        print(report.text_line(row), flush=True)
-
+    out = report.console()
+    out.print(f"pyublk_fast bench: {len(selected)} scenarios on {'+'.join(args.transports)}, {args.runtime:g} s "
+              f"each, {args.size} MiB backing files ({u.node}, Linux {u.release}, {os.cpu_count()} cpus)")
+    out.print("CPU us/IO: whole-process CPU (+ fio's usr+sys for fio rows) per I/O; ratio: IOPS / reference IOPS\n")
+    out.print(report.table([]))
     started = time.time()
-    with Workdir(args.size << 20) as wd:
+    with Workdir(args.size << 20) as wd, Progress(len(selected) * args.repeat, out) as progress:
+        def on_row(row: dict) -> None:
+            progress.row_done(row)
+            out.print(report.table([row], header=False))
+
         runner = Runner(wd, args.runtime, on_row, progress)
         for number in range(args.repeat):
             if args.repeat > 1:
-                progress.clear()
-                print(f"-- round {number + 1} of {args.repeat}", flush=True)
+                out.print(f"-- round {number + 1} of {args.repeat}")
             runner.start_round(number)
             finished = runner.run(selected)
             if not finished:
                 break
-    progress.clear()
     raw = runner.rows
     rows = combine_rounds(raw) if args.repeat > 1 else raw
     if args.repeat > 1:
-        print(f"\nmedians over {args.repeat} rounds:\n{report.header()}")
+        out.print(f"\nmedians over {args.repeat} rounds:")
+        out.print(report.table([]))
         for row in rows:
-            print(report.text_line(row))
-    print(f"\n{report.summary(rows)} in {time.time() - started:.0f} s")
+            out.print(report.table([row], header=False))
+    out.print(f"\n{report.summary(rows)} in {time.time() - started:.0f} s")
     if not finished:
         print(f"interrupted (Ctrl-C): the {sum(r['kind'] == 'server' for r in rows)} finished scenarios are above",
               file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Output: the terminal table, the Markdown table and the JSON document (figures + machine)."""
+"""Output: the terminal table (rich), the Markdown table and the JSON document (figures + machine)."""
 from __future__ import annotations
 
 import datetime
@@ -10,9 +10,26 @@ import statistics
 import subprocess
 from importlib import metadata
 
+from rich import box
+from rich.console import Console
+from rich.table import Column, Table
+from rich.text import Text
+
 SCHEMA = 1
 NAME_W = 44
 COLUMNS = ("IOPS", "MB/s", "p50 us", "p99 us", "p99.9 us", "CPU us/IO", "ratio")
+WIDTHS = (11, 8, 8, 8, 9, 9, 6)
+#: Output that is not a terminal (a pipe, a CI log) is as wide as a row needs: one line each.
+UNWRAPPED = 1 << 20
+
+
+def console(file=None) -> Console:
+    """Where the bench prints: on a terminal, rich at the terminal's width (wrapping long
+    notes) under a progress bar; elsewhere plain lines, no colours, no bar."""
+    c = Console(file=file, highlight=False, markup=False, emoji=False)
+    if not c.is_terminal:
+        c.width = UNWRAPPED
+    return c
 
 
 def _num(v, fmt: str) -> str:
@@ -44,22 +61,18 @@ def _note(row: dict) -> str:
     return "; ".join(parts)
 
 
-WIDTHS = (11, 8, 8, 8, 9, 9, 6)
-
-
-def header() -> str:
-    cols = "".join(f" {c:>{w}}" for c, w in zip(COLUMNS, WIDTHS))
-    line = f"{'scenario':{NAME_W}}{cols}  reference / note"
-    return line + "\n" + "-" * len(line)
-
-
-def text_line(row: dict) -> str:
-    """One row of the terminal table; skipped rows carry their reason instead of figures."""
-    name = row["name"] if len(row["name"]) <= NAME_W else row["name"][:NAME_W - 1] + "~"
-    if row["status"] != "ok":
-        return f"{name:{NAME_W}} {_note(row)}"
-    cells = "".join(f" {c:>{w}}" for c, w in zip(_cells(row), WIDTHS))
-    return f"{name:{NAME_W}}{cells}  {_note(row)}"
+def table(rows: list[dict], header: bool = True) -> Table:
+    """The terminal table; skipped rows carry their reason instead of figures. Every column
+    but the note has a fixed width, so tables of one row each line up under one header
+    (the rows are printed as they finish)."""
+    t = Table(Column("scenario", width=NAME_W, no_wrap=True, overflow="ellipsis"),
+              *(Column(c, justify="right", width=w, no_wrap=True) for c, w in zip(COLUMNS, WIDTHS)),
+              Column("reference / note", overflow="fold"),
+              box=box.SIMPLE_HEAD, show_header=header, show_edge=False, pad_edge=False, padding=0)
+    for r in rows:
+        cells = _cells(r) if r["status"] == "ok" else [""] * len(COLUMNS)
+        t.add_row(Text(r["name"]), *cells, Text(_note(r)))
+    return t
 
 
 def markdown(rows: list[dict]) -> str:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from typing import Callable
+
+import rich.progress
+from rich.console import Console
 
 from . import refs
 from .scenarios import Scenario, make_backend
@@ -316,26 +318,27 @@ class Runner:
 
 
 class Progress:
-    """One self-overwriting status line on stderr when it is a terminal; silent otherwise."""
+    """A progress bar (rich) below the rows while the console is a terminal; nothing when it
+    is not (a pipe, a CI log), so that gets the rows alone. Rows printed on the same console
+    while it runs appear above it. Call it with what is being measured."""
 
-    def __init__(self, total: int, stream=None):
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty()
-        self.total = total
-        self.done = 0
-        self.t0 = time.monotonic()
+    def __init__(self, total: int, console: Console):
+        self._bar = rich.progress.Progress(
+            rich.progress.MofNCompleteColumn(), rich.progress.BarColumn(bar_width=20),
+            rich.progress.TimeElapsedColumn(), rich.progress.TextColumn("{task.description}", markup=False),
+            console=console, transient=True, disable=not console.is_terminal)
+        self._task = self._bar.add_task("", total=total)
+
+    def __enter__(self) -> "Progress":
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.stop()
 
     def row_done(self, row: dict) -> None:
         if row["kind"] == "server":
-            self.done += 1
+            self._bar.advance(self._task)
 
     def __call__(self, what: str) -> None:
-        if self.enabled:
-            el = time.monotonic() - self.t0
-            self.stream.write(f"\r\033[K[{self.done + 1}/{self.total} {el:4.0f}s] {what} ...")
-            self.stream.flush()
-
-    def clear(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+        self._bar.update(self._task, description=f"{what} ...", refresh=True)
