@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from . import uapi
 from .backend import backend_class, backend_names, format_size, parse_size
 from .daemon import daemonize, describe, serve
-from .device import _PATH_FLAGS, DEFAULT_POLL_US, Device
+from .device import PATH_FLAGS, DEFAULT_POLL_US, RECOVERY_MODES, Device
 from .records import drop_record, read_record, state_dir
 from .transport.kernel import UNPRIVILEGED_REFUSES, KernelTransport, pid_alive
 
@@ -115,17 +115,6 @@ def device_defaults() -> dict[str, Any]:
             if p.default is not inspect.Parameter.empty}
 
 
-class _KernelToBe:
-    """The kernel transport as Device sees it while the CLI checks options, before the server
-    opens /dev/ublk-control: it claims every mainline feature, so Device judges the options
-    alone (the server checks the running kernel's features when it adds the device)."""
-
-    name = "kernel"
-
-    def features(self) -> int:
-        return uapi.MAINLINE_FEATURE_MASK
-
-
 def check_options(opts: dict[str, Any]) -> None:
     """Build the backend and the Device now: bad options fail in the command, in one line,
     before a server is started. The rules are the backend's, Device's and the kernel
@@ -137,7 +126,7 @@ def check_options(opts: dict[str, Any]) -> None:
                        f"`recover` can rebuild the backend ({exc})") from None
     backend = make_backend(opts)
     try:
-        flags = Device(backend, _KernelToBe(), **opts["device"])._flags()
+        flags = Device(backend, None, **opts["device"]).wanted_flags()
     finally:
         backend.close()
     refused = [why for flag, why in UNPRIVILEGED_REFUSES.items() if flags & flag]
@@ -148,7 +137,7 @@ def check_options(opts: dict[str, Any]) -> None:
 
 def data_path_of(flags: int) -> str:
     """The data path a device was added with, from its UBLK_F_* flags (by Device's table)."""
-    return next((path for path, flag in _PATH_FLAGS.items() if flag and flags & flag), "copy")
+    return next((path for path, flag in PATH_FLAGS.items() if flag and flags & flag), "copy")
 
 
 def start_server(opts: dict[str, Any], recover: bool = False):
@@ -156,13 +145,8 @@ def start_server(opts: dict[str, Any], recover: bool = False):
     transport = KernelTransport(unprivileged=opts["unprivileged"])
     backend = None
     try:
-        kw = dict(opts["device"])
-        if recover:
-            info = transport.dev_info(kw["dev_id"])
-            kw.update(queues=info.nr_hw_queues, depth=info.queue_depth,
-                      max_io_bytes=info.max_io_buf_bytes)
         backend = make_backend(opts)
-        dev = Device(backend, transport, **kw)
+        dev = Device(backend, transport, **opts["device"])     # recover() takes the kept shape
         dev.recover() if recover else dev.start()
     except BaseException:
         if backend is not None:
@@ -401,9 +385,10 @@ def _device_args(p: argparse.ArgumentParser) -> None:
                    "rules: /dev/ublk-control open to users, /dev/ublkcN and /dev/ublkbN "
                    "chowned to the owner; no -z, -u or --recovery; as root the kernel makes "
                    "a privileged device)")
-    p.add_argument("--recovery", nargs="?", const="reissue", default=d["recovery"], metavar="MODE",
-                   help="allow `recover` after the server dies; MODE: Device's recovery= "
-                   "(what I/O does while no server runs; default reissue)")
+    p.add_argument("--recovery", nargs="?", const="reissue", default=d["recovery"],
+                   metavar="MODE",
+                   help="allow `recover` after the server dies; MODE: what in-flight I/O does "
+                   f"while no server runs: {', '.join(RECOVERY_MODES)} (default reissue)")
     p.add_argument("--python", dest="native", action="store_false", default=d["native"],
                    help="serve with the Python handlers even if the backend is native")
     p.add_argument("--poll-us", type=float, default=d["poll_us"], metavar="US",

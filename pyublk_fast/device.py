@@ -24,14 +24,21 @@ from .transport.base import DevInfo
 
 log = logging.getLogger("pyublk_fast.device")
 
-_PATH_FLAGS = {
+#: UBLK_F_* flag that asks the driver for each data path (our own bit for the seed's splice).
+PATH_FLAGS = {
     "copy": 0,
     "need_get_data": uapi.UBLK_F_NEED_GET_DATA,
     "user_copy": uapi.UBLK_F_USER_COPY,
     "zero_copy": uapi.UBLK_F_SUPPORT_ZERO_COPY,
     "splice_zc": uapi.SIM_F_SPLICE_ZC,
 }
-DATA_PATHS = tuple(_PATH_FLAGS)
+DATA_PATHS = tuple(PATH_FLAGS)
+#: Recovery modes: what happens to I/O when the server dies, until a new one recovers it.
+RECOVERY_MODES = {
+    "fail": uapi.UBLK_F_USER_RECOVERY,                                          # in-flight I/O fails
+    "reissue": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE,  # served again
+    "fail_io": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_FAIL_IO,  # all I/O fails meanwhile
+}
 #: Queue rings: owned by their thread; completions run when the thread enters the kernel
 #: anyway (no IPI per completion). Same-run A/B on the sim, 2 cores: null QD128 1.76M ->
 #: 2.25M IOPS, loop randread vs fio 0.73-0.77x -> 0.80-0.84x.
@@ -49,6 +56,10 @@ DEFAULT_POLL_US = 500.0
 class Device:
     """A ublk device served by a backend. Not started until start() (or `with`).
 
+    ``transport`` None makes a Device that only checks its options (the CLI does so
+    before it starts a server): every argument is validated, ``wanted_flags()`` tells
+    what ADD_DEV would ask for, and start()/recover() refuse.
+
     Tuning: ``poll_us`` (None: DEFAULT_POLL_US) lets each queue thread poll its ring
     up to that long before sleeping; the budget adapts (it doubles while work arrives
     within it, halves when not, so an idle queue sleeps; 0 always sleeps), and the poll
@@ -64,8 +75,8 @@ class Device:
         backend.check()
         if data_path != "auto" and data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: choose auto or one of {DATA_PATHS}")
-        if recovery not in (None, "fail", "reissue", "fail_io"):
-            raise ValueError(f"recovery={recovery!r}: choose None, 'fail', 'reissue' or 'fail_io'")
+        if recovery is not None and recovery not in RECOVERY_MODES:
+            raise ValueError(f"recovery={recovery!r}: choose None or one of {', '.join(RECOVERY_MODES)}")
         if not 1 <= depth <= uapi.UBLK_MAX_QUEUE_DEPTH:
             raise ValueError(f"depth={depth} out of range 1..{uapi.UBLK_MAX_QUEUE_DEPTH}")
         if queues < 1:
@@ -105,7 +116,7 @@ class Device:
             why = ("it needs a native backend (Python handlers never see request pages)"
                    if wanted in self.backend.data_paths else f"{type(self.backend).__name__} does not declare it")
             raise ValueError(f"data_path={wanted!r} is not available: {why}; available: {', '.join(offered)}")
-        missing = _PATH_FLAGS[wanted] & ~self.transport.features()
+        missing = PATH_FLAGS[wanted] & ~self.transport.features() if self.transport is not None else 0
         if missing:
             names = ", ".join(uapi.feature_names(missing & ~uapi.SIM_FEATURE_MASK)
                               + (["SPLICE_ZC"] if missing & uapi.SIM_FEATURE_MASK else []))
@@ -115,12 +126,10 @@ class Device:
             raise OSError(95, f"data_path={wanted!r}: the {self.transport.name} driver lacks {names}: {where}")
         return wanted
 
-    def _flags(self) -> int:
-        flags = _PATH_FLAGS[self.data_path]
-        flags |= {None: 0, "fail": uapi.UBLK_F_USER_RECOVERY,
-                  "reissue": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE,
-                  "fail_io": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_FAIL_IO}[self.recovery]
-        if self.recovery and self.transport.features() & uapi.UBLK_F_QUIESCE:
+    def wanted_flags(self) -> int:
+        """The UBLK_F_* flags ADD_DEV will ask for (data path and recovery mode)."""
+        flags = PATH_FLAGS[self.data_path] | RECOVERY_MODES.get(self.recovery, 0)
+        if self.recovery and self.transport is not None and self.transport.features() & uapi.UBLK_F_QUIESCE:
             flags |= uapi.UBLK_F_QUIESCE      # lets quiesce() hand the device to a new server
         return flags
 
@@ -132,7 +141,7 @@ class Device:
             raise RuntimeError("device already started")
         self._check_open()
         t = self.transport
-        want = self._flags()
+        want = self.wanted_flags()
         self.dev_id, self.flags = t.add_dev(self.dev_id, self.nr_queues, self.depth, self.max_io_bytes, want)
         missing = want & ~self.flags
         if missing:
@@ -165,6 +174,8 @@ class Device:
             self.nr_queues, self.depth, self.max_io_bytes = shape
 
     def _check_open(self):
+        if self.transport is None:
+            raise RuntimeError("this Device has no transport: it only checked its options")
         if self._closed:
             raise RuntimeError(f"device {self.dev_id} was stopped and its backend closed: "
                                "make a new Device (with a new backend) to serve again")

@@ -95,9 +95,6 @@ def skip_reasons(selected: list) -> dict[str, str]:
     reasons: dict[str, str] = {}
     transports = {}
     for t in {s.transport for s in selected}:
-        if t == "sim":
-            transports[t] = sc_mod.sim_features()
-            continue
         try:
             transports[t] = open_transport(t)
         except TransportUnavailable as e:

@@ -199,22 +199,6 @@ def select(*, transports=("sim",), patterns=None, backends=None, rws=None, bs=No
             and (not queues or s.queues in queues)]
 
 
-class _FeaturesOnly:
-    """Enough of a transport for Device's data-path check, without starting a driver."""
-
-    def __init__(self, name: str, features: int):
-        self.name = name
-        self._features = features
-
-    def features(self) -> int:
-        return self._features
-
-
-def sim_features() -> _FeaturesOnly:
-    from ..transport.sim.driver import SIM_FEATURES
-    return _FeaturesOnly("sim", SIM_FEATURES)
-
-
 def unsupported(sc: Scenario, backend: Backend, transport) -> str | None:
     """Why Device refuses this backend/path/transport combination, or None if it accepts it."""
     from ..device import Device
