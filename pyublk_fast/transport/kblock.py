@@ -17,9 +17,8 @@ from typing import Iterable
 
 import numpy as np
 
+from .. import uapi
 from .._core.ring import Ring
-
-OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES = 0, 1, 2, 3, 5
 BLKSSZGET = 0x1268                 # _IO(0x12, 104)
 BLKGETSIZE64 = 0x80081272          # _IOR(0x12, 114, size_t)
 BLKDISCARD = 0x1277                # _IO(0x12, 119)
@@ -166,9 +165,9 @@ class KernelBlockDevice:
                 out[ud] = res
 
         for i, (op, offset, length, buf) in enumerate(reqs):
-            if op in (OP_READ, OP_WRITE):
+            if op in (uapi.UBLK_IO_OP_READ, uapi.UBLK_IO_OP_WRITE):
                 try:
-                    self._check(offset, length, "read" if op == OP_READ else "write")
+                    self._check(offset, length, "read" if op == uapi.UBLK_IO_OP_READ else "write")
                 except OSError as exc:
                     out[i] = -exc.errno
                     continue
@@ -179,7 +178,7 @@ class KernelBlockDevice:
                 bounce = _aligned(length)
                 while len(inflight) >= SUBMIT_DEPTH:
                     reap()
-                if op == OP_WRITE:
+                if op == uapi.UBLK_IO_OP_WRITE:
                     bounce[:] = np.frombuffer(mv, np.uint8)
                     ring.prep_write(self.fd, bounce, offset, i)
                     inflight[i] = (None, bounce)
@@ -190,11 +189,11 @@ class KernelBlockDevice:
             while inflight:
                 reap()
             try:
-                if op == OP_FLUSH:
+                if op == uapi.UBLK_IO_OP_FLUSH:
                     self.flush()
-                elif op == OP_DISCARD:
+                elif op == uapi.UBLK_IO_OP_DISCARD:
                     self.discard(offset, length)
-                elif op == OP_WRITE_ZEROES:
+                elif op == uapi.UBLK_IO_OP_WRITE_ZEROES:
                     self.write_zeroes(offset, length)
                 else:
                     out[i] = -errno.EOPNOTSUPP

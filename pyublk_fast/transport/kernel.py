@@ -25,7 +25,7 @@ import numpy as np
 from .. import uapi
 from .control import CONTROL_PATH, DevInfo, UblkControl, UblkCommandError
 
-IOD_SIZE = 24
+IOD_SIZE = uapi.IO_DESC_DTYPE.itemsize
 PAGE = mmap.PAGESIZE
 #: Bytes between two queues' descriptor arrays in /dev/ublkcN (the max depth, not the device's).
 QUEUE_STRIDE = -(-uapi.UBLK_MAX_QUEUE_DEPTH * IOD_SIZE // PAGE) * PAGE
@@ -210,15 +210,15 @@ class KernelTransport:
         b["physical_bs_shift"] = max(shift, 12)
         b["io_opt_shift"] = 12
         b["io_min_shift"] = shift
-        b["max_sectors"] = max_sectors or dev.max_io_buf_bytes >> 9
-        b["dev_sectors"] = size >> 9
+        b["max_sectors"] = max_sectors or dev.max_io_buf_bytes >> uapi.SECTOR_SHIFT
+        b["dev_sectors"] = size >> uapi.SECTOR_SHIFT
         p["basic"] = b
         if discard:
             p["types"] |= uapi.UBLK_PARAM_TYPE_DISCARD
             d = p["discard"]
             d["discard_granularity"] = max(block_size, 4096)
-            d["max_discard_sectors"] = (1 << 30) >> 9
-            d["max_write_zeroes_sectors"] = (1 << 30) >> 9
+            d["max_discard_sectors"] = (1 << 30) >> uapi.SECTOR_SHIFT
+            d["max_write_zeroes_sectors"] = (1 << 30) >> uapi.SECTOR_SHIFT
             d["max_discard_segments"] = 1
             p["discard"] = d
         self.ctrl.set_params(dev_id, p)

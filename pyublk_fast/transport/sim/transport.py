@@ -17,7 +17,6 @@ from ... import uapi
 from ..._core.ring import Ring
 from .driver import SimDriver, SIM_FEATURES, data_path_ops, front_msg, hist_bucket_lower_ns
 
-OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES = 0, 1, 2, 3, 5
 FRONT_SLOTS = 8192          # request slots for fronts; the load generator uses the rest
 
 
@@ -259,7 +258,7 @@ class SimBlockDevice:
                         if arr.__array_interface__["data"][0] % 4096:
                             # page-aligned bounce buffer, like the page cache in front of a real disk
                             bounce = _aligned(length)
-                            if op == OP_WRITE:
+                            if op == uapi.UBLK_IO_OP_WRITE:
                                 bounce[:] = arr[:length]
                             else:
                                 copy_back.append((arr, bounce))
@@ -296,13 +295,13 @@ class SimBlockDevice:
     def pread(self, length: int, offset: int) -> bytes:
         out = bytearray(length)
         mv = memoryview(out)
-        reqs = [(OP_READ, off, n, mv[off - offset:off - offset + n]) for off, n in self._chunks(offset, length)]
+        reqs = [(uapi.UBLK_IO_OP_READ, off, n, mv[off - offset:off - offset + n]) for off, n in self._chunks(offset, length)]
         self._check(self.submit(reqs), reqs, "read")
         return bytes(out)
 
     def pwrite(self, data, offset: int) -> int:
         mv = memoryview(data).cast("B")
-        reqs = [(OP_WRITE, off, n, mv[off - offset:off - offset + n]) for off, n in self._chunks(offset, len(mv))]
+        reqs = [(uapi.UBLK_IO_OP_WRITE, off, n, mv[off - offset:off - offset + n]) for off, n in self._chunks(offset, len(mv))]
         self._check(self.submit(reqs), reqs, "write")
         return len(mv)
 
@@ -313,10 +312,10 @@ class SimBlockDevice:
                                     f"{os.strerror(-res)}")
 
     def flush(self) -> None:
-        self._one(OP_FLUSH, 0, 0, None, "flush")
+        self._one(uapi.UBLK_IO_OP_FLUSH, 0, 0, None, "flush")
 
     def discard(self, offset: int, length: int) -> None:
-        self._one(OP_DISCARD, offset, length, None, "discard")
+        self._one(uapi.UBLK_IO_OP_DISCARD, offset, length, None, "discard")
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self._one(OP_WRITE_ZEROES, offset, length, None, "write_zeroes")
+        self._one(uapi.UBLK_IO_OP_WRITE_ZEROES, offset, length, None, "write_zeroes")
