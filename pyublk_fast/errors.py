@@ -1,4 +1,14 @@
-"""BackendError: what a backend raises to fail one request with a chosen errno."""
+"""Errors: BackendError for backends, and the one way an errno becomes an OSError.
+
+Hot code speaks bytes-or-``-errno``; at the edge :func:`os_error` turns an errno into
+Python's OSError subclass for it (``PermissionError``, ``FileNotFoundError``, ...) whose
+message says what failed, the strerror and, where there is one, a hint that names the
+fix. Callers raise what it returns (``raise os_error(...) from None`` when the message
+already says everything the caught exception did).
+"""
+from __future__ import annotations
+
+import numbers
 import os
 
 
@@ -15,3 +25,23 @@ class BackendError(Exception):
         errno = abs(errno)
         super().__init__(errno, message or os.strerror(errno))
         self.errno = errno
+
+
+def errno_message(err: int, what: str, hint: str | None = None) -> str:
+    """``"<what>: <strerror>"``, then ``" (<hint>)"`` when there is a hint."""
+    text = f"{what}: {os.strerror(abs(err))}"
+    return f"{text} ({hint})" if hint else text
+
+
+def os_error(err: int, what: str, hint: str | None = None,
+             filename: str | None = None) -> OSError:
+    """The OSError for errno ``err`` (positive, or the kernel's negative form).
+
+    ``what`` names what failed (a command, "read at offset 0, 4096 bytes on /dev/ublkb0");
+    ``hint`` what to do about it. Python picks the subclass from the errno (EACCES:
+    PermissionError, ENOENT: FileNotFoundError, ETIMEDOUT: TimeoutError, ...)."""
+    if isinstance(err, bool) or not isinstance(err, numbers.Integral) or err == 0:
+        raise ValueError(f"os_error({err!r}): give a nonzero errno number")
+    err = abs(int(err))
+    msg = errno_message(err, what, hint)
+    return OSError(err, msg) if filename is None else OSError(err, msg, filename)

@@ -19,6 +19,8 @@ import numpy as np
 
 from .. import uapi
 from .._core.ring import Ring
+from ..errors import os_error
+
 BLKSSZGET = 0x1268                 # _IO(0x12, 104)
 BLKGETSIZE64 = 0x80081272          # _IOR(0x12, 114, size_t)
 BLKDISCARD = 0x1277                # _IO(0x12, 119)
@@ -36,8 +38,8 @@ class KernelBlockDevice:
         try:
             self.fd = os.open(path, flags)
         except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, f"{path} does not exist: the device is not "
-                                    "started (or was stopped)", path) from None
+            raise os_error(errno.ENOENT, f"open {path}", "the device is not started (or was "
+                           "stopped)", path) from None
         self.path = path
         m = re.search(r"(\d+)$", path)
         self.dev_id = int(m.group(1)) if m else -1
@@ -71,15 +73,14 @@ class KernelBlockDevice:
             raise ValueError("block device is closed")
         bs = self.block_size
         if offset < 0 or length < 0 or offset % bs or length % bs:
-            raise OSError(errno.EINVAL, f"{what} on {self.path}: offset {offset} and length "
-                          f"{length} must be multiples of the block size {bs}")
+            raise os_error(errno.EINVAL, f"{what} on {self.path}", f"offset {offset} and "
+                           f"length {length} must be multiples of the block size {bs}")
         if offset + length > self.size:
-            raise OSError(errno.EINVAL, f"{what} on {self.path}: offset {offset} + length "
-                          f"{length} is beyond the device size {self.size}")
+            raise os_error(errno.EINVAL, f"{what} on {self.path}", f"offset {offset} + "
+                           f"length {length} is beyond the device size {self.size}")
 
     def _err(self, exc: OSError, what: str, offset: int, length: int) -> OSError:
-        return OSError(exc.errno, f"{what} at offset {offset}, {length} bytes on {self.path}: "
-                       f"{os.strerror(exc.errno)}")
+        return os_error(exc.errno, f"{what} at offset {offset}, {length} bytes on {self.path}")
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read length bytes at offset (block aligned)."""
@@ -93,8 +94,8 @@ class KernelBlockDevice:
             except OSError as exc:
                 raise self._err(exc, "read", offset + done, n) from None
             if got <= 0:
-                raise OSError(errno.EIO, f"read at offset {offset + done} on {self.path}: "
-                              "unexpected end of device")
+                raise os_error(errno.EIO, f"read at offset {offset + done} on {self.path}",
+                               "unexpected end of device")
             out[done:done + got] = self._bounce[:got]
             done += got
         return bytes(out)
@@ -112,8 +113,8 @@ class KernelBlockDevice:
             except OSError as exc:
                 raise self._err(exc, "write", offset + done, n) from None
             if put <= 0:
-                raise OSError(errno.EIO, f"write at offset {offset + done} on {self.path}: "
-                              "no progress")
+                raise os_error(errno.EIO, f"write at offset {offset + done} on {self.path}",
+                               "no progress")
             done += put
         return len(mv)
 

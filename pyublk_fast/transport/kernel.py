@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .. import uapi
+from ..errors import os_error
 from .control import CONTROL_PATH, DevInfo, UblkControl, UblkCommandError
 
 IOD_SIZE = uapi.IO_DESC_DTYPE.itemsize
@@ -138,8 +139,8 @@ class KernelTransport:
         them and the kernel version that has them, before anything is added.
         """
         if flags & uapi.SIM_FEATURE_MASK:
-            raise OSError(errno.EOPNOTSUPP, missing_features_message(
-                flags & uapi.SIM_FEATURE_MASK, "ADD_DEV"))
+            raise os_error(errno.EOPNOTSUPP, "ADD_DEV",
+                           missing_features_message(flags & uapi.SIM_FEATURE_MASK))
         if self.unprivileged:
             for flag, why in UNPRIVILEGED_REFUSES.items():
                 if flags & flag:
@@ -150,7 +151,7 @@ class KernelTransport:
             flags |= uapi.UBLK_F_AUTO_BUF_REG
         missing = flags & ~self.features()
         if missing:
-            raise OSError(errno.EOPNOTSUPP, missing_features_message(missing, "ADD_DEV"))
+            raise os_error(errno.EOPNOTSUPP, "ADD_DEV", missing_features_message(missing))
         flags |= uapi.UBLK_F_CMD_IOCTL_ENCODE
         if self.unprivileged:
             flags |= uapi.UBLK_F_UNPRIVILEGED_DEV
@@ -180,9 +181,9 @@ class KernelTransport:
                 except OSError:
                     gone = f"it stays until root deletes it (`python -m pyublk_fast del -n {dev_id}`)"
                 self.release(dev_id)
-                raise PermissionError(
+                raise os_error(
                     errno.EACCES, f"unprivileged device {dev_id} added, but {path} did not "
-                    f"become read-writable for uid {os.geteuid()} within {self.node_timeout} s; "
+                    f"become read-writable for uid {os.geteuid()} within {self.node_timeout} s",
                     "a udev rule must give the device's owner its /dev/ublkcN and /dev/ublkbN "
                     f"(chown to the owner_uid of GET_DEV_INFO2); {gone}", path)
             time.sleep(0.01)
@@ -347,13 +348,12 @@ class KernelTransport:
                 try:
                     dev.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
                 except PermissionError as exc:
-                    raise PermissionError(exc.errno, f"cannot open {path}: run as root, or for "
-                                          "an unprivileged device as its owner (udev rules)",
-                                          path) from None
+                    raise os_error(exc.errno, f"open {path}", "run as root, or for an "
+                                   "unprivileged device as its owner (udev rules)", path) from None
                 except OSError as exc:
                     if exc.errno == errno.EBUSY:
-                        raise OSError(errno.EBUSY, f"{path} is busy: another server still "
-                                      "holds it (kill it, or recover after it exited)") from None
+                        raise os_error(errno.EBUSY, f"open {path}", "another server still "
+                                       "holds it: kill it, or recover after it exited") from None
                     raise
             if q_id not in dev.maps:
                 length = -(-dev.depth * IOD_SIZE // PAGE) * PAGE
@@ -361,8 +361,8 @@ class KernelTransport:
                     dev.maps[q_id] = mmap.mmap(dev.fd, length, mmap.MAP_SHARED, mmap.PROT_READ,
                                                offset=q_id * QUEUE_STRIDE)
                 except OSError as exc:
-                    raise OSError(exc.errno, f"mmap of queue {q_id}'s descriptors on /dev/ublkc"
-                                  f"{dev_id}: {os.strerror(exc.errno)}") from None
+                    raise os_error(exc.errno, f"mmap of queue {q_id}'s descriptors on "
+                                   f"/dev/ublkc{dev_id}") from None
             # the array keeps the mapping alive (and un-closable) while a queue uses it
             iods = np.frombuffer(dev.maps[q_id], np.uint8)
             return dict(sim=False, cmd_fd=dev.fd, iods=iods,
@@ -398,6 +398,6 @@ def _wait_path(path: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if time.monotonic() > deadline:
-            raise TimeoutError(errno.ETIMEDOUT, f"{path} did not appear within {timeout} s "
-                               "(is devtmpfs mounted on /dev?)")
+            raise os_error(errno.ETIMEDOUT, f"wait for {path}", f"it did not appear within "
+                           f"{timeout} s: is devtmpfs mounted on /dev?")
         time.sleep(0.005)

@@ -7,7 +7,6 @@ the kernel's errnos.
 from __future__ import annotations
 
 import errno
-import os
 import threading
 import time
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from ... import uapi
 from ..._core.ring import Ring
+from ...errors import os_error
 from .driver import SimDriver, SIM_FEATURES, data_path_ops, front_msg, hist_bucket_lower_ns
 
 FRONT_SLOTS = 8192          # request slots for fronts; the load generator uses the rest
@@ -65,7 +65,8 @@ class SimTransport:
                 return self.driver.call(fn, dev_id)
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{what}: the server did not fetch every tag within {timeout} s") from None
+                    raise os_error(errno.ETIMEDOUT, what,
+                                   f"the server did not fetch every tag within {timeout} s") from None
                 time.sleep(0.001)
 
     def start_dev(self, dev_id: int, timeout: float = 10.0):
@@ -127,15 +128,16 @@ class SimTransport:
         except OSError as e:
             if e.errno != errno.ENODEV:
                 raise
-            raise FileNotFoundError(errno.ENOENT, f"/dev/ublkb{dev_id} does not exist: no such device") from None
+            raise os_error(errno.ENOENT, f"open /dev/ublkb{dev_id}", "no such device") from None
         if not info["started"]:
-            raise FileNotFoundError(errno.ENOENT, f"/dev/ublkb{dev_id} does not exist: the device is not started")
+            raise os_error(errno.ENOENT, f"open /dev/ublkb{dev_id}", "the device is not started")
         return SimBlockDevice(self, dev_id, info)
 
     def _take_slots(self, n: int) -> list[int]:
         with self._slot_lock:
             if len(self._slots) < n:
-                raise OSError(errno.EBUSY, "too many requests in flight on the simulated devices")
+                raise os_error(errno.EBUSY, f"reserve {n} request slots",
+                               "too many requests in flight on the simulated devices")
             out = self._slots[-n:]
             del self._slots[-n:]
             return out
@@ -170,7 +172,7 @@ class SimTransport:
             d.call(d.lg_start, dev_id, first, qd, bs, 0, False, True, reg, reg // bs, 0.0, seed)
             pre = d.lg_wait(timeout)
             if pre["errors"]:
-                raise OSError(errno.EIO, f"verify prefill: {pre['errors']} write errors")
+                raise os_error(errno.EIO, "verify prefill", f"{pre['errors']} write errors")
         d.call(d.lg_start, dev_id, first, qd, bs, pct, rnd, verify, region, count, runtime, seed)
         out = d.lg_wait(timeout)
         return summarize(out, bs)
@@ -276,7 +278,7 @@ class SimBlockDevice:
                         results[inflight.pop(ud)] = res
                         free.append(ud)
                     elif res < 0:
-                        raise OSError(-res, "simulated block device: could not reach the driver")
+                        raise os_error(res, "simulated block device", "could not reach the driver")
         for dst, bounce in copy_back:
             dst[:bounce.nbytes] = bounce
         return results
@@ -308,8 +310,7 @@ class SimBlockDevice:
     def _check(self, results, reqs, what):
         for (op, off, n, _), res in zip(reqs, results):
             if res < 0:
-                raise OSError(-res, f"{what} at offset {off}, {n} bytes on /dev/ublkb{self.dev_id}: "
-                                    f"{os.strerror(-res)}")
+                raise os_error(res, f"{what} at offset {off}, {n} bytes on /dev/ublkb{self.dev_id}")
 
     def flush(self) -> None:
         self._one(uapi.UBLK_IO_OP_FLUSH, 0, 0, None, "flush")
