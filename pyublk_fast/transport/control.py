@@ -29,6 +29,7 @@ import numpy as np
 from pyublk_fast import uapi
 from pyublk_fast._core.ring import SETUP_SQE128, Ring
 from pyublk_fast.errors import errno_message, os_error
+from pyublk_fast.util import kernel_release
 
 CONTROL_PATH = "/dev/ublk-control"
 DEFAULT_MAX_IO_BUF_BYTES = 1 << 20
@@ -72,10 +73,6 @@ def command_error(err: int, command: str, hint: str = "") -> UblkCommandError:
         cls = _ERROR_CLASSES.get(builtin) or _ERROR_CLASSES.setdefault(
             builtin, type(f"Ublk{builtin.__name__}", (UblkCommandError, builtin), {}))
     return cls(err, command, hint)
-
-
-def _kernel_release() -> str:
-    return os.uname().release
 
 
 def _ublks_max() -> str:
@@ -124,7 +121,7 @@ def hint_for(command: str, err: int, dev_id: int | None = None,
              args: dict[str, Any] | None = None) -> str:
     """A one-line explanation of ``err`` from ``command`` and what to do about it."""
     if err in (errno.EOPNOTSUPP, ENOTSUPP):
-        return (f"kernel {_kernel_release()} does not support {command}: needs "
+        return (f"kernel {kernel_release()} does not support {command}: needs "
                 f"{_needs(command)} (kernels before 6.4 also refuse ioctl-encoded commands)")
     if err == errno.ENODEV and dev_id is not None:
         return f"there is no ublk device {dev_id} (see /sys/class/ublk-char/)"

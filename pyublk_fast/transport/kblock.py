@@ -20,6 +20,7 @@ import numpy as np
 from .. import uapi
 from .._core.ring import Ring
 from ..errors import os_error
+from ..util import aligned_array
 
 BLKSSZGET = 0x1268                 # _IO(0x12, 104)
 BLKGETSIZE64 = 0x80081272          # _IOR(0x12, 114, size_t)
@@ -176,7 +177,7 @@ class KernelBlockDevice:
                 if len(mv) < length:
                     raise ValueError(f"request {i}: buffer of {len(mv)} bytes < length {length}")
                 mv = mv[:length]
-                bounce = _aligned(length)
+                bounce = aligned_array(length)
                 while len(inflight) >= SUBMIT_DEPTH:
                     reap()
                 if op == uapi.UBLK_IO_OP_WRITE:
@@ -203,10 +204,3 @@ class KernelBlockDevice:
         while inflight:
             reap()
         return out
-
-
-def _aligned(n: int) -> np.ndarray:
-    """A page-aligned uint8 array of n bytes (O_DIRECT needs aligned memory)."""
-    raw = np.empty(n + mmap.PAGESIZE, np.uint8)
-    start = (-raw.__array_interface__["data"][0]) % mmap.PAGESIZE
-    return raw[start:start + n]

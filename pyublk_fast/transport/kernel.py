@@ -24,10 +24,10 @@ import numpy as np
 
 from .. import uapi
 from ..errors import os_error
+from ..util import PAGE_SIZE as PAGE, kernel_release, wait_for_path, wait_until
 from .control import CONTROL_PATH, DevInfo, UblkControl, UblkCommandError
 
 IOD_SIZE = uapi.IO_DESC_DTYPE.itemsize
-PAGE = mmap.PAGESIZE
 #: Bytes between two queues' descriptor arrays in /dev/ublkcN (the max depth, not the device's).
 QUEUE_STRIDE = -(-uapi.UBLK_MAX_QUEUE_DEPTH * IOD_SIZE // PAGE) * PAGE
 RECOVERY_FLAGS = (uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
@@ -45,11 +45,6 @@ UNPRIVILEGED_REFUSES = {
 }
 
 
-def kernel_version() -> str:
-    """The running kernel's release (uname -r)."""
-    return os.uname().release
-
-
 def missing_features_message(missing: int, what: str = "") -> str:
     """'kernel X lacks UBLK_F_A (Linux 6.16+), ...' for the bits in ``missing``."""
     parts = []
@@ -65,7 +60,7 @@ def missing_features_message(missing: int, what: str = "") -> str:
             ver = uapi.KERNEL_VERSION_OF_FEATURE.get(flag, "?")
             parts.append(f"UBLK_F_{uapi.feature_names(flag)[0]} (Linux {ver}+)")
     head = f"{what}: " if what else ""
-    return f"{head}kernel {kernel_version()} lacks " + ", ".join(parts)
+    return f"{head}kernel {kernel_release()} lacks " + ", ".join(parts)
 
 
 @dataclass
@@ -172,21 +167,19 @@ class KernelTransport:
         """Wait until udev gave the caller read-write access to /dev/ublkcN (a new node is
         root's, mode 0600); without it no command on the device is possible."""
         path = f"/dev/ublkc{dev_id}"
-        deadline = time.monotonic() + self.node_timeout
-        while not os.access(path, os.R_OK | os.W_OK):
-            if time.monotonic() > deadline:
-                try:
-                    self.ctrl.del_dev(dev_id, unprivileged=True)
-                    gone = "it was deleted again"
-                except OSError:
-                    gone = f"it stays until root deletes it (`python -m pyublk_fast del -n {dev_id}`)"
-                self.release(dev_id)
-                raise os_error(
-                    errno.EACCES, f"unprivileged device {dev_id} added, but {path} did not "
-                    f"become read-writable for uid {os.geteuid()} within {self.node_timeout} s",
-                    "a udev rule must give the device's owner its /dev/ublkcN and /dev/ublkbN "
-                    f"(chown to the owner_uid of GET_DEV_INFO2); {gone}", path)
-            time.sleep(0.01)
+        if wait_until(lambda: os.access(path, os.R_OK | os.W_OK), self.node_timeout, 0.01):
+            return
+        try:
+            self.ctrl.del_dev(dev_id, unprivileged=True)
+            gone = "it was deleted again"
+        except OSError:
+            gone = f"it stays until root deletes it (`python -m pyublk_fast del -n {dev_id}`)"
+        self.release(dev_id)
+        raise os_error(
+            errno.EACCES, f"unprivileged device {dev_id} added, but {path} did not become "
+            f"read-writable for uid {os.geteuid()} within {self.node_timeout} s",
+            "a udev rule must give the device's owner its /dev/ublkcN and /dev/ublkbN "
+            f"(chown to the owner_uid of GET_DEV_INFO2); {gone}", path)
 
     def _form(self, dev_id: int) -> bool | None:
         """The command form for a device this transport holds (None: let UblkControl find out)."""
@@ -310,7 +303,7 @@ class KernelTransport:
         return dict(dev_id=dev_id, nr_hw_queues=info.nr_hw_queues, queue_depth=info.queue_depth,
                     state=int(state), state_name=getattr(state, "name", str(state)),
                     max_io_buf_bytes=info.max_io_buf_bytes, flags=info.flags,
-                    features=info.feature_names, size=int(basic["dev_sectors"]) << 9,
+                    features=info.feature_names, size=int(basic["dev_sectors"]) << uapi.SECTOR_SHIFT,
                     logical_block_size=1 << int(basic["logical_bs_shift"]),
                     attrs=int(basic["attrs"]), started=state == uapi.DevState.LIVE,
                     server_alive=info.ublksrv_pid > 0 and pid_alive(info.ublksrv_pid),
@@ -395,9 +388,6 @@ def pid_alive(pid: int) -> bool:
 
 
 def _wait_path(path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise os_error(errno.ETIMEDOUT, f"wait for {path}", f"it did not appear within "
-                           f"{timeout} s: is devtmpfs mounted on /dev?")
-        time.sleep(0.005)
+    if not wait_for_path(path, True, timeout):
+        raise os_error(errno.ETIMEDOUT, f"wait for {path}", f"it did not appear within "
+                       f"{timeout} s: is devtmpfs mounted on /dev?")

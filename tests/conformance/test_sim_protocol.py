@@ -19,6 +19,7 @@ from pyublk_fast import uapi
 from pyublk_fast.backend import Backend
 from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.device import Device
+from pyublk_fast.util import wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 PATHS = ["copy", "need_get_data"]
@@ -271,10 +272,8 @@ def _kill(dev):
 
 
 def _wait_served(backend, n, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while backend.served < n:
-        assert time.monotonic() < deadline, "backend never reached the kill point"
-        time.sleep(0.001)
+    assert wait_until(lambda: backend.served >= n, timeout, 0.001), \
+        "backend never reached the kill point"
 
 
 @pytest.mark.parametrize("path", PATHS)

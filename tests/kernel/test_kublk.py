@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from pyublk_fast import uapi
-from ublk_ktest import wait_for_path
+from pyublk_fast.util import wait_for_path
 
 FIO_TIMEOUT = 180
 

@@ -15,6 +15,7 @@ import numpy as np
 from ... import uapi
 from ..._core.ring import Ring
 from ...errors import os_error
+from ...util import PAGE_SIZE, aligned_array
 from .driver import SimDriver, SIM_FEATURES, data_path_ops, front_msg, hist_bucket_lower_ns
 
 FRONT_SLOTS = 8192          # request slots for fronts; the load generator uses the rest
@@ -178,12 +179,6 @@ class SimTransport:
         return summarize(out, bs)
 
 
-def _aligned(n: int) -> np.ndarray:
-    raw = np.empty(n + 4096, np.uint8)
-    start = (-raw.__array_interface__["data"][0]) % 4096
-    return raw[start:start + n]
-
-
 def summarize(out: dict, bs: int) -> dict:
     hist = out.pop("hist")
     secs = out["seconds"] or 1e-9
@@ -257,9 +252,9 @@ class SimBlockDevice:
                         arr = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
                         if arr.nbytes < length:
                             raise ValueError(f"request {nxt}: buffer of {arr.nbytes} bytes < length {length}")
-                        if arr.__array_interface__["data"][0] % 4096:
+                        if arr.__array_interface__["data"][0] % PAGE_SIZE:
                             # page-aligned bounce buffer, like the page cache in front of a real disk
-                            bounce = _aligned(length)
+                            bounce = aligned_array(length)
                             if op == uapi.UBLK_IO_OP_WRITE:
                                 bounce[:] = arr[:length]
                             else:
