@@ -39,8 +39,8 @@ class KernelBlockDevice:
         try:
             self.fd = os.open(path, flags)
         except FileNotFoundError:
-            raise os_error(errno.ENOENT, f"open {path}", "the device is not started (or was "
-                           "stopped)", path) from None
+            raise os_error(errno.ENOENT, f"open {path}", "the device is not started, or was "
+                           "stopped", path) from None
         self.path = path
         m = re.search(r"(\d+)$", path)
         self.dev_id = int(m.group(1)) if m else -1
@@ -83,40 +83,39 @@ class KernelBlockDevice:
     def _err(self, exc: OSError, what: str, offset: int, length: int) -> OSError:
         return os_error(exc.errno, f"{what} at offset {offset}, {length} bytes on {self.path}")
 
+    def _transfer(self, what: str, mv: memoryview, offset: int) -> None:
+        """Read into ``mv`` (what="read") or write it (what="write") at offset, MAX_CHUNK at a
+        time through the page-aligned bounce buffer that O_DIRECT needs."""
+        write = what == "write"
+        done = 0
+        while done < len(mv):
+            n = min(MAX_CHUNK, len(mv) - done)
+            with memoryview(self._bounce)[:n] as bounce:
+                if write:
+                    bounce[:] = mv[done:done + n]
+                try:
+                    moved = (os.pwritev if write else os.preadv)(self.fd, [bounce], offset + done)
+                except OSError as exc:
+                    raise self._err(exc, what, offset + done, n) from None
+                if moved <= 0:
+                    raise os_error(errno.EIO, f"{what} at offset {offset + done} on {self.path}",
+                                   "no progress" if write else "unexpected end of device")
+                if not write:
+                    mv[done:done + moved] = bounce[:moved]
+            done += moved
+
     def pread(self, length: int, offset: int) -> bytes:
         """Read length bytes at offset (block aligned)."""
         self._check(offset, length, "read")
         out = bytearray(length)
-        done = 0
-        while done < length:
-            n = min(MAX_CHUNK, length - done)
-            try:
-                got = os.preadv(self.fd, [memoryview(self._bounce)[:n]], offset + done)
-            except OSError as exc:
-                raise self._err(exc, "read", offset + done, n) from None
-            if got <= 0:
-                raise os_error(errno.EIO, f"read at offset {offset + done} on {self.path}",
-                               "unexpected end of device")
-            out[done:done + got] = self._bounce[:got]
-            done += got
+        self._transfer("read", memoryview(out), offset)
         return bytes(out)
 
     def pwrite(self, data, offset: int) -> int:
         """Write data (bytes-like, block-size multiple) at offset; returns its length."""
         mv = memoryview(data).cast("B")
         self._check(offset, len(mv), "write")
-        done = 0
-        while done < len(mv):
-            n = min(MAX_CHUNK, len(mv) - done)
-            self._bounce[:n] = mv[done:done + n]
-            try:
-                put = os.pwritev(self.fd, [memoryview(self._bounce)[:n]], offset + done)
-            except OSError as exc:
-                raise self._err(exc, "write", offset + done, n) from None
-            if put <= 0:
-                raise os_error(errno.EIO, f"write at offset {offset + done} on {self.path}",
-                               "no progress")
-            done += put
+        self._transfer("write", mv, offset)
         return len(mv)
 
     def flush(self) -> None:

@@ -173,13 +173,13 @@ class KernelTransport:
             self.ctrl.del_dev(dev_id, unprivileged=True)
             gone = "it was deleted again"
         except OSError:
-            gone = f"it stays until root deletes it (`python -m pyublk_fast del -n {dev_id}`)"
+            gone = f"it stays until root deletes it: `python -m pyublk_fast del -n {dev_id}`"
         self.release(dev_id)
         raise os_error(
             errno.EACCES, f"unprivileged device {dev_id} added, but {path} did not become "
             f"read-writable for uid {os.geteuid()} within {self.node_timeout} s",
-            "a udev rule must give the device's owner its /dev/ublkcN and /dev/ublkbN "
-            f"(chown to the owner_uid of GET_DEV_INFO2); {gone}", path)
+            "a udev rule must give the device's owner its /dev/ublkcN and /dev/ublkbN, "
+            f"chowned to the owner_uid of GET_DEV_INFO2; {gone}", path)
 
     def _form(self, dev_id: int) -> bool | None:
         """The command form for a device this transport holds (None: let UblkControl find out)."""
