@@ -60,6 +60,15 @@ def serve(sim, flags, probe):
     return dev_id, th
 
 
+@pytest.fixture
+def pipe():
+    """(read end, write end) of a pipe, closed after the test."""
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
 def stop(sim, dev_id, th):
     sim.stop_dev(dev_id)
     th.join(10)
@@ -67,10 +76,10 @@ def stop(sim, dev_id, th):
     sim.del_dev(dev_id)
 
 
-def test_splice_write_checks_in_rfc_order_and_moves_the_bytes(sim):
+def test_splice_write_checks_in_rfc_order_and_moves_the_bytes(sim, pipe):
     payload = os.urandom(8192)
     got = {}
-    r, w = os.pipe()
+    r, w = pipe
 
     def probe(dev_id, tag, iod):
         d = sim.driver
@@ -115,12 +124,10 @@ def test_splice_write_checks_in_rfc_order_and_moves_the_bytes(sim):
         assert moved["data"] == payload
     finally:
         stop(sim, dev_id, th)
-        os.close(r)
-        os.close(w)
 
 
-def test_splice_read_to_read_fills_the_request(sim):
-    r, w = os.pipe()
+def test_splice_read_to_read_fills_the_request(sim, pipe):
+    r, w = pipe
     want = os.urandom(4096)
     out = {}
 
@@ -145,12 +152,10 @@ def test_splice_read_to_read_fills_the_request(sim):
         assert out == dict(no_r2r=-errno.EINVAL, r2r=4096, over=-errno.EACCES)
     finally:
         stop(sim, dev_id, th)
-        os.close(r)
-        os.close(w)
 
 
-def test_splice_needs_the_feature_and_data(sim):
-    r, w = os.pipe()
+def test_splice_needs_the_feature_and_data(sim, pipe):
+    r, w = pipe
     out = {}
 
     def probe(dev_id, tag, iod):
@@ -164,8 +169,6 @@ def test_splice_needs_the_feature_and_data(sim):
         assert out["res"] == [-errno.EINVAL]
     finally:
         stop(sim, dev_id, th)
-        os.close(r)
-        os.close(w)
 
 
 def test_user_copy_rules_and_data(sim):

@@ -276,15 +276,22 @@ def _wait_served(backend, n, timeout=10.0):
         "backend never reached the kill point"
 
 
+def _writes_in_flight(dev, backend, pats):
+    """Open dev and write pats (spaced) from a thread; return (blk, thread, out) once the
+    backend has served 16 of them, the rest still in flight or queued."""
+    blk = dev.open()
+    th, out = _submit_in_thread(blk, _spaced_writes(pats))
+    _wait_served(backend, 16)
+    return blk, th, out
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_kill_without_recovery_fails_in_flight(transport, path):
     backend = Slow()
     pats = _patterns(64, seed=5)
     dev = Device(backend, transport, depth=8, data_path=path).start()
     try:
-        blk = dev.open()
-        th, out = _submit_in_thread(blk, _spaced_writes(pats))
-        _wait_served(backend, 16)
+        blk, th, out = _writes_in_flight(dev, backend, pats)
         _kill(dev)
         th.join(15)
         assert not th.is_alive(), "in-flight I/O hung after the server died"
@@ -310,9 +317,7 @@ def test_kill_with_reissue_completes_everything_after_recover(transport, path):
     backend = Slow()
     pats = _patterns(64, seed=6)
     with Device(backend, transport, depth=8, data_path=path, recovery="reissue") as dev:
-        blk = dev.open()
-        th, out = _submit_in_thread(blk, _spaced_writes(pats))
-        _wait_served(backend, 16)
+        blk, th, out = _writes_in_flight(dev, backend, pats)
         _kill(dev)
         time.sleep(0.05)
         assert th.is_alive(), "requests should wait for the new server, not fail"
@@ -332,9 +337,7 @@ def test_kill_with_recovery_fail_new_io_waits_for_recover(transport, path):
     backend = Slow()
     pats = _patterns(64, seed=7)
     with Device(backend, transport, depth=8, data_path=path, recovery="fail") as dev:
-        blk = dev.open()
-        th, out = _submit_in_thread(blk, _spaced_writes(pats))
-        _wait_served(backend, 16)
+        blk, th, out = _writes_in_flight(dev, backend, pats)
         _kill(dev)
         # requests the dead server held fail; queued ones and new I/O wait for the new server
         blk2 = dev.open()
@@ -377,9 +380,7 @@ def test_stop_with_io_in_flight_never_hangs(transport, path):
     pats = _patterns(64, seed=8)
     before = set(transport.list_devs())
     dev = Device(backend, transport, depth=8, data_path=path).start()
-    blk = dev.open()
-    th, out = _submit_in_thread(blk, _spaced_writes(pats))
-    _wait_served(backend, 16)
+    blk, th, out = _writes_in_flight(dev, backend, pats)
     t0 = time.monotonic()
     dev.stop()
     th.join(15)
