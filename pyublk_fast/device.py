@@ -20,6 +20,7 @@ from . import uapi
 from ._core.queue import Queue
 from ._core.ring import SETUP_COOP_TASKRUN, SETUP_SINGLE_ISSUER, Ring
 from .dispatch import PythonDispatch
+from .errors import missing_features_message, os_error
 from .transport.base import DevInfo
 
 log = logging.getLogger("pyublk_fast.device")
@@ -118,12 +119,8 @@ class Device:
             raise ValueError(f"data_path={wanted!r} is not available: {why}; available: {', '.join(offered)}")
         missing = PATH_FLAGS[wanted] & ~self.transport.features() if self.transport is not None else 0
         if missing:
-            names = ", ".join(uapi.feature_names(missing & ~uapi.SIM_FEATURE_MASK)
-                              + (["SPLICE_ZC"] if missing & uapi.SIM_FEATURE_MASK else []))
-            versions = [uapi.KERNEL_VERSION_OF_FEATURE.get(1 << b, "?") for b in range(64) if missing >> b & 1]
-            where = ("only the simulated driver has it (the RFC was never merged)" if missing & uapi.SIM_FEATURE_MASK
-                     else f"it needs Linux {max(versions)}+")
-            raise OSError(95, f"data_path={wanted!r}: the {self.transport.name} driver lacks {names}: {where}")
+            raise os_error(errno.EOPNOTSUPP, f"data_path={wanted!r}",
+                           missing_features_message(missing, driver=self.transport.name))
         return wanted
 
     def wanted_flags(self) -> int:
@@ -146,7 +143,8 @@ class Device:
         missing = want & ~self.flags
         if missing:
             t.del_dev(self.dev_id)
-            raise OSError(95, f"the driver refused {uapi.feature_names(missing)}")
+            raise os_error(errno.EOPNOTSUPP, "ADD_DEV", f"the driver did not grant "
+                           f"{', '.join(uapi.feature_names(missing))}")
         try:
             self._take_shape(t.dev_info(self.dev_id))
             b = self.backend
@@ -288,9 +286,9 @@ class Device:
         if not self._started:
             raise RuntimeError("device is not started")
         if not self.flags & uapi.UBLK_F_QUIESCE:
-            raise OSError(errno.EOPNOTSUPP, f"device {self.dev_id} cannot be quiesced: it needs a "
-                          "recovery mode (recovery='reissue' or 'fail_io') on a driver with "
-                          "UBLK_F_QUIESCE (Linux 6.16+)")
+            raise os_error(errno.EOPNOTSUPP, f"quiesce device {self.dev_id}", "it needs a recovery "
+                           "mode (recovery='reissue' or 'fail_io') on a driver with UBLK_F_QUIESCE "
+                           "(Linux 6.16+)")
         self.transport.quiesce_dev(self.dev_id)
         for th in self._threads:
             th.join(10)

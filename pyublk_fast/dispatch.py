@@ -10,15 +10,12 @@ import errno
 import inspect
 import logging
 
-import numpy as np
-
 from .backend import Backend, Request
 from .errors import BackendError
+from .uapi import (IO_DESC_DTYPE, SECTOR_SHIFT, UBLK_IO_F_FUA, UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH,
+                   UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES)
 
 log = logging.getLogger("pyublk_fast.dispatch")
-
-OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_SAME, OP_WRITE_ZEROES = range(6)
-F_FUA = 1 << 13
 
 
 async def _gather(coros):
@@ -31,9 +28,13 @@ class PythonDispatch:
     def __init__(self, backend, queue):
         self.backend = backend
         self.tags = queue.py_tag_array
-        self._raw = raw = memoryview(queue.descriptors().view(np.uint8)).cast("B")
-        self.u32 = raw.cast("I")
-        self.u64 = raw.cast("Q")
+        # the descriptor array (a kernel's is a page-rounded mapping) as ublksrv_io_desc
+        # records; each field a memoryview indexed by tag, which gives a Python int at the
+        # cost of one subscript (a numpy record per request would cost ten times more)
+        iods = queue.descriptors()[:queue.depth * IO_DESC_DTYPE.itemsize].view(IO_DESC_DTYPE)
+        self.op_flags = memoryview(iods["op_flags"])
+        self.nr_sectors = memoryview(iods["nr_sectors"])
+        self.start_sector = memoryview(iods["start_sector"])
         self.bufs = [memoryview(b) for b in queue.buffers()]
         self.loop: asyncio.AbstractEventLoop | None = None    # made when a handler first returns an awaitable
         self.batched = type(backend).handle_batch is not Backend.handle_batch
@@ -42,28 +43,27 @@ class PythonDispatch:
         """Release the views of the queue's descriptors and buffers, and the event loop."""
         if self.loop is not None:
             self.loop.close()
-        for view in (self.u32, self.u64, self._raw, *self.bufs):
+        for view in (self.op_flags, self.nr_sectors, self.start_sector, *self.bufs):
             view.release()
         self.bufs = []
 
     def _call(self, tag: int):
-        u32 = self.u32
-        op_flags = u32[tag * 6]
-        nbytes = u32[tag * 6 + 1] << 9
-        offset = self.u64[tag * 3 + 1] << 9
-        op = op_flags & 0xff
+        op_flags = self.op_flags[tag]
+        nbytes = self.nr_sectors[tag] << SECTOR_SHIFT
+        offset = self.start_sector[tag] << SECTOR_SHIFT
+        op = op_flags & 0xff                  # uapi.op_of, without its per-call checks
         b = self.backend
-        if op == OP_READ:
+        if op == UBLK_IO_OP_READ:
             return b.read(offset, self.bufs[tag][:nbytes]), nbytes
-        if op == OP_WRITE:
-            if op_flags & F_FUA:          # write() has no FUA flag: make it durable with flush()
+        if op == UBLK_IO_OP_WRITE:
+            if op_flags & UBLK_IO_F_FUA:      # write() has no FUA flag: make it durable with flush()
                 return self._write_fua(offset, self.bufs[tag][:nbytes]), nbytes
             return b.write(offset, self.bufs[tag][:nbytes]), nbytes
-        if op == OP_FLUSH:
+        if op == UBLK_IO_OP_FLUSH:
             return b.flush(), 0
-        if op == OP_DISCARD:
+        if op == UBLK_IO_OP_DISCARD:
             return b.discard(offset, nbytes), 0
-        if op == OP_WRITE_ZEROES:
+        if op == UBLK_IO_OP_WRITE_ZEROES:
             return b.write_zeroes(offset, nbytes), 0
         raise BackendError(errno.EOPNOTSUPP)
 
@@ -90,11 +90,12 @@ class PythonDispatch:
         return -errno.EIO
 
     def _request(self, tag: int) -> Request:
-        op_flags = self.u32[tag * 6]
+        op_flags = self.op_flags[tag]
         op = op_flags & 0xff
-        nbytes = self.u32[tag * 6 + 1] << 9
-        buf = self.bufs[tag][:nbytes] if op in (OP_READ, OP_WRITE) else None
-        return Request(op, self.u64[tag * 3 + 1] << 9, nbytes, buf, bool(op_flags & F_FUA))
+        nbytes = self.nr_sectors[tag] << SECTOR_SHIFT
+        buf = self.bufs[tag][:nbytes] if op in (UBLK_IO_OP_READ, UBLK_IO_OP_WRITE) else None
+        return Request(op, self.start_sector[tag] << SECTOR_SHIFT, nbytes, buf,
+                       bool(op_flags & UBLK_IO_F_FUA))
 
     def _handle_batched(self, tags: list[int]) -> list[int]:
         reqs = [self._request(tag) for tag in tags]

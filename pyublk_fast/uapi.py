@@ -103,6 +103,10 @@ UBLK_IO_RES_OK = 0
 UBLK_IO_RES_NEED_GET_DATA = 1
 UBLK_IO_RES_ABORT = -errno.ENODEV
 
+# Descriptor sectors (nr_sectors, start_sector) are 512 bytes whatever the logical block
+# size: bytes = sectors << SECTOR_SHIFT (the block layer's SECTOR_SHIFT, not ublk_cmd.h's).
+SECTOR_SHIFT = 9
+
 # --------------------------------------------------------------------------
 # mmap / USER_COPY pread-pwrite offsets
 # --------------------------------------------------------------------------
@@ -578,6 +582,16 @@ def legacy_op(cmd_op: int) -> int:
             f"cmd_op {value:#x} (nr {nr:#x}) has no legacy encoding; it needs an "
             "ioctl-encoding kernel (6.4+, UBLK_F_CMD_IOCTL_ENCODE)")
     return nr
+
+
+def io_cmd_op(nr: int) -> int:
+    """The ioctl-encoded I/O command for command number ``nr`` (``UBLK_IO_*``, or any number
+    a test wants to send): ``_IOWR('u', nr, struct ublksrv_io_cmd)``, like ``UBLK_U_IO_*``."""
+    if not isinstance(nr, (int, np.integer)) or isinstance(nr, bool):
+        raise TypeError(f"nr must be an int, got {type(nr).__name__}")
+    if not 0 <= nr <= 0xFF:
+        raise ValueError(f"nr {nr:#x} is not a command number (0 .. 0xff)")
+    return _IOWR(_U, int(nr), _SIZEOF_IO_CMD)
 
 
 def op_of(op_flags: int) -> int:

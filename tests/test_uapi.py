@@ -456,6 +456,14 @@ def test_accessors():
         uapi.legacy_op(0xC0207404)
     with pytest.raises(ValueError, match="u32"):
         uapi.ioc_nr(-1)
+    for nr, cmd_op in ((uapi.UBLK_IO_FETCH_REQ, uapi.UBLK_U_IO_FETCH_REQ),
+                       (uapi.UBLK_IO_COMMIT_AND_FETCH_REQ, uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ),
+                       (uapi.UBLK_IO_NEED_GET_DATA, uapi.UBLK_U_IO_NEED_GET_DATA),
+                       (0x25, uapi.UBLK_U_IO_PREP_IO_CMDS)):
+        assert uapi.io_cmd_op(nr) == cmd_op == 0xC0107500 | nr
+    with pytest.raises(ValueError, match="command number"):
+        uapi.io_cmd_op(0x100)
+    assert 1 << uapi.SECTOR_SHIFT == 512
     op_flags = uapi.UBLK_IO_OP_WRITE | uapi.UBLK_IO_F_FUA | uapi.UBLK_IO_F_SHMEM_ZC
     assert uapi.op_of(op_flags) == uapi.Op.WRITE
     assert uapi.flags_of(op_flags) & uapi.UBLK_IO_F_FUA

@@ -22,11 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "kernel"))
-from ublk_ktest import kublk_path, wait_for_path  # noqa: E402
+from pyublk_fast.bench.report import emit_paired, paired_ratio
+from pyublk_fast.util import kernel_release, kublk_path, wait_for_path
 
-from pyublk_fast.bench.report import emit_paired, paired_ratio  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 RAM = "/dev/ram0"
 
@@ -137,7 +136,7 @@ def main() -> int:
                 finally:
                     remove()
                 time.sleep(0.2)
-    lines = [f"kernel {os.uname().release}, qemu TCG, {os.cpu_count()} vCPUs, 4k randread, "
+    lines = [f"kernel {kernel_release()}, qemu TCG, {os.cpu_count()} vCPUs, 4k randread, "
              f"{a.runtime:g} s per point, queues {q}, {a.rounds} rounds (order alternating); "
              "medians, ratios paired per round (min..max)", "",
              "| target | server | QD32 IOPS | vs kublk | QD1 mean lat (us) | vs kublk |",

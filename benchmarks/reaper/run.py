@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 from pyublk_fast._core import codec  # noqa: E402
 from pyublk_fast._core.bench_reap import nop_reap  # noqa: E402
 from pyublk_fast._core.ring import Ring  # noqa: E402
+from pyublk_fast.util import kernel_release  # noqa: E402
 
 BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 ENTRIES = 4096
@@ -108,7 +109,7 @@ def main() -> None:
     if args.runs < 1 or args.ops < 1:
         ap.error("--runs and --ops must be >= 1")
 
-    print(f"kernel {platform.release()}, python {platform.python_version()}, "
+    print(f"kernel {kernel_release()}, python {platform.python_version()}, "
           f"{os.cpu_count()} cpus, ring {ENTRIES} entries, best of {args.runs}")
     with tempfile.TemporaryDirectory(prefix="pyublk-reaper-") as tmp:
         exe = build_c(Path(tmp))
@@ -126,7 +127,7 @@ def main() -> None:
     worst = min(r["ratio"] for r in rows)
     print(f"\nworst Cython/C throughput ratio: {worst:.3f} (target >= 0.95)")
     if args.json:
-        args.json.write_text(json.dumps({"kernel": platform.release(), "runs": args.runs,
+        args.json.write_text(json.dumps({"kernel": kernel_release(), "runs": args.runs,
                                          "reaper": rows, "codec": codec_res}, indent=2) + "\n")
 
 

@@ -3,17 +3,11 @@
 
 Used by benchmarks/reaper/run.py only; not part of the public API.
 """
-from libc.stdint cimport uint64_t
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from libc.stdint cimport int64_t, uint64_t
 
-from .liburing cimport io_uring, io_uring_sqe, io_uring_get_sqe, io_uring_prep_nop, io_uring_submit_and_wait
+from .liburing cimport (io_uring, io_uring_sqe, io_uring_get_sqe, io_uring_prep_nop,
+                        io_uring_submit_and_wait, pyu_now_ns)
 from .ring cimport Ring, reap_cq
-
-
-cdef inline uint64_t _now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
 
 
 cdef uint64_t _loop(Ring ring, unsigned batch, uint64_t ops) noexcept nogil:
@@ -53,12 +47,13 @@ def nop_reap(Ring ring not None, unsigned batch, uint64_t ops) -> tuple:
         raise ValueError("ops must be > 0")
     if ring.sq_space_left() != ring.sq_entries or ring.cq_ready():
         raise ValueError("the ring must be idle (no prepared SQEs, no unreaped CQEs)")
-    cdef uint64_t t0, t1, total
+    cdef int64_t t0, t1
+    cdef uint64_t total
     with nogil:
         _loop(ring, batch, ops // 10 + batch)  # warm up
-        t0 = _now_ns()
+        t0 = pyu_now_ns()
         total = _loop(ring, batch, ops)
-        t1 = _now_ns()
+        t1 = pyu_now_ns()
     if total == <uint64_t>-1:
         raise OSError("io_uring_submit_and_wait failed in the benchmark loop")
     return (t1 - t0) / <double>ops, total

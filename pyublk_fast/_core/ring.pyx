@@ -5,7 +5,6 @@ The Python methods validate and pin buffers; other Cython modules cimport Ring
 and use ``ring.ring`` with the inline helpers in ring.pxd / liburing.pxd.
 """
 import errno as _errno
-import os
 
 import numpy as np
 cimport numpy as cnp
@@ -16,6 +15,8 @@ from libc.errno cimport EINTR, ETIME
 from libc.stdlib cimport malloc, free
 
 from .liburing cimport *
+
+from pyublk_fast.errors import os_error
 
 cnp.import_array()
 
@@ -54,13 +55,6 @@ class RingFullError(RuntimeError):
     """The submission queue has no free entry: submit() or wait() first."""
 
 
-def _oserror(int err, str what, str hint=""):
-    msg = f"{what}: {os.strerror(err)}"
-    if hint:
-        msg += f" ({hint})"
-    return OSError(err, msg)
-
-
 cdef class Ring:
     """One io_uring instance. Not thread-safe: one thread owns a ring."""
 
@@ -88,7 +82,7 @@ cdef class Ring:
             p.cq_entries = cq_entries
         cdef int ret = io_uring_queue_init_params(entries, &self.ring, &p)
         if ret < 0:
-            raise _oserror(-ret, f"io_uring setup (entries={entries}, flags={flags:#x})",
+            raise os_error(-ret, f"io_uring setup (entries={entries}, flags={flags:#x})",
                            _SETUP_HINTS.get(-ret, ""))
         self.live = True
         self.setup_flags = p.flags
@@ -180,7 +174,7 @@ cdef class Ring:
         cdef int ret = io_uring_register_files(&self.ring, arr, len(fd_list))
         free(arr)
         if ret < 0:
-            raise _oserror(-ret, "io_uring register_files", "is every fd open?")
+            raise os_error(-ret, "io_uring register_files", "is every fd open?")
 
     def register_buffers(self, buffers) -> None:
         """Register writable buffers as fixed buffers 0..n-1 (kept alive by the ring)."""
@@ -202,7 +196,7 @@ cdef class Ring:
         finally:
             free(iov)
         if ret < 0:
-            raise _oserror(-ret, "io_uring register_buffers",
+            raise os_error(-ret, "io_uring register_buffers",
                            "RLIMIT_MEMLOCK may be too small for non-root users" if -ret == _errno.ENOMEM else "")
         self._registered = bufs
 
@@ -211,13 +205,13 @@ cdef class Ring:
         self.check_open()
         cdef int ret = io_uring_register_buffers_sparse(&self.ring, nr)
         if ret < 0:
-            raise _oserror(-ret, f"io_uring register_buffers_sparse({nr})", "needs Linux 5.19+")
+            raise os_error(-ret, f"io_uring register_buffers_sparse({nr})", "needs Linux 5.19+")
 
     def unregister_buffers(self) -> None:
         self.check_open()
         cdef int ret = io_uring_unregister_buffers(&self.ring)
         if ret < 0:
-            raise _oserror(-ret, "io_uring unregister_buffers")
+            raise os_error(-ret, "io_uring unregister_buffers")
         self._registered = []
 
     # -- preparation (Python-facing; buffers are pinned until their CQE is reaped) -----
@@ -321,7 +315,7 @@ cdef class Ring:
         with nogil:
             ret = io_uring_submit(&self.ring)
         if ret < 0:
-            raise _oserror(-ret, "io_uring submit", _ENTER_HINTS.get(-ret, ""))
+            raise os_error(-ret, "io_uring submit", _ENTER_HINTS.get(-ret, ""))
         return ret
 
     def wait(self, unsigned min_complete=1, timeout=None) -> int:
@@ -359,7 +353,7 @@ cdef class Ring:
             if ret == -_errno.ETIME:
                 raise TimeoutError(f"io_uring wait: no completion within {timeout} s "
                                    f"(wanted {min_complete})")
-            raise _oserror(-ret, "io_uring submit_and_wait", _ENTER_HINTS.get(-ret, ""))
+            raise os_error(-ret, "io_uring submit_and_wait", _ENTER_HINTS.get(-ret, ""))
         self._unpin(n)
         return n
 

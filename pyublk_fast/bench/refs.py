@@ -10,8 +10,9 @@ import os
 import resource
 import shutil
 import subprocess
-import time
 from pathlib import Path
+
+from ..util import kublk_path, wait_for_path
 
 NOP_SOURCE = Path(__file__).with_name("nop_qd.c")
 
@@ -113,27 +114,6 @@ class NopLoop:
                     cpu_s=cpu, ios=r["ops"], errors=0, seconds=secs)
 
 
-def kublk_path() -> str | None:
-    """The kernel selftests' kublk: $KUBLK, PATH, or what tools/vm/build-kublk cached."""
-    env = os.environ.get("KUBLK")
-    if env:
-        return env if os.access(env, os.X_OK) else None
-    found = shutil.which("kublk")
-    if found:
-        return found
-    cand = Path(os.environ.get("UBLK_VM_CACHE") or "/var/cache/pyublk-vm") / "kublk" / os.uname().release / "kublk"
-    return str(cand) if os.access(cand, os.X_OK) else None
-
-
-def _wait_path(path: str, present: bool, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while os.path.exists(path) != present:
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def kublk_fio(target_args: list[str], rw: str, bs: int, qd: int, runtime: float, queues: int = 1) -> dict:
     """fio against a kublk device (`kublk add -t null ...`), deleted afterwards."""
     exe = kublk_path()
@@ -147,7 +127,7 @@ def kublk_fio(target_args: list[str], rw: str, bs: int, qd: int, runtime: float,
         raise RefUnavailable(f"kublk add failed: {(add.stderr or add.stdout).strip()[-200:]}")
     try:
         path = f"/dev/ublkb{dev_id}"
-        if not _wait_path(path, True):
+        if not wait_for_path(path, True, timeout=10.0, interval=0.02):
             raise RefUnavailable(f"kublk: {path} did not appear")
         r = fio(path, rw, bs, qd, runtime)
     finally:

@@ -28,6 +28,8 @@ import numpy as np
 
 from pyublk_fast import uapi
 from pyublk_fast._core.ring import SETUP_SQE128, Ring
+from pyublk_fast.errors import errno_message, os_error
+from pyublk_fast.util import kernel_release
 
 CONTROL_PATH = "/dev/ublk-control"
 DEFAULT_MAX_IO_BUF_BYTES = 1 << 20
@@ -55,10 +57,7 @@ class UblkCommandError(OSError):
     """A control command failed in the kernel: ``errno``, ``command`` and ``hint``."""
 
     def __init__(self, err: int, command: str, hint: str = "") -> None:
-        text = f"{command}: {os.strerror(err)}"
-        if hint:
-            text += f" ({hint})"
-        super().__init__(err, text)
+        super().__init__(err, errno_message(err, command, hint))
         self.command = command
         self.hint = hint
 
@@ -68,16 +67,12 @@ _ERROR_CLASSES: dict[type, type] = {}
 
 def command_error(err: int, command: str, hint: str = "") -> UblkCommandError:
     """A :class:`UblkCommandError` that is also Python's OSError subclass for ``err``."""
-    builtin = type(OSError(err, ""))
+    builtin = type(os_error(err, command))
     cls: type = UblkCommandError
     if builtin is not OSError:
         cls = _ERROR_CLASSES.get(builtin) or _ERROR_CLASSES.setdefault(
             builtin, type(f"Ublk{builtin.__name__}", (UblkCommandError, builtin), {}))
     return cls(err, command, hint)
-
-
-def _kernel_release() -> str:
-    return os.uname().release
 
 
 def _ublks_max() -> str:
@@ -126,7 +121,7 @@ def hint_for(command: str, err: int, dev_id: int | None = None,
              args: dict[str, Any] | None = None) -> str:
     """A one-line explanation of ``err`` from ``command`` and what to do about it."""
     if err in (errno.EOPNOTSUPP, ENOTSUPP):
-        return (f"kernel {_kernel_release()} does not support {command}: needs "
+        return (f"kernel {kernel_release()} does not support {command}: needs "
                 f"{_needs(command)} (kernels before 6.4 also refuse ioctl-encoded commands)")
     if err == errno.ENODEV and dev_id is not None:
         return f"there is no ublk device {dev_id} (see /sys/class/ublk-char/)"
@@ -274,14 +269,13 @@ class UblkControl:
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise FileNotFoundError(
-                errno.ENOENT, f"{path} missing: ublk driver not loaded: run `modprobe "
-                "ublk_drv` (needs CONFIG_BLK_DEV_UBLK)", path) from None
+            raise os_error(errno.ENOENT, f"open {path}", "ublk driver not loaded: run "
+                           "`modprobe ublk_drv`, which needs CONFIG_BLK_DEV_UBLK", path) from None
         except PermissionError as exc:
-            raise PermissionError(
-                exc.errno, f"no permission to open {path} (uid {os.geteuid()}): run as root, "
-                "or use UNPRIVILEGED_DEV (--unprivileged) and add a udev rule that opens it to "
-                'users, e.g. KERNEL=="ublk-control", MODE="0666"', path) from None
+            raise os_error(exc.errno, f"no permission to open {path} (uid {os.geteuid()})",
+                           "run as root, or use UNPRIVILEGED_DEV (--unprivileged) and add a "
+                           'udev rule that opens it to users, e.g. KERNEL=="ublk-control", '
+                           'MODE="0666"', path) from None
         try:
             self._ring = Ring(8, SETUP_SQE128)
         except BaseException:
@@ -378,10 +372,9 @@ class UblkControl:
             try:
                 n = ring.wait(1, self.timeout)
             except TimeoutError:
-                raise TimeoutError(
-                    errno.ETIMEDOUT, f"{command}: no answer from the kernel within "
-                    f"{self.timeout} s (DEL_DEV waits until /dev/ublkbN is closed; "
-                    "START_DEV until every queue has fetched)") from None
+                raise os_error(errno.ETIMEDOUT, command, f"no answer from the kernel within "
+                               f"{self.timeout} s: DEL_DEV waits until /dev/ublkbN is closed, "
+                               "START_DEV until every queue has fetched") from None
             found = None
             for i in range(n):
                 done = int(ring.cqe_user_data[i])

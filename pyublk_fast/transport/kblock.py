@@ -17,9 +17,11 @@ from typing import Iterable
 
 import numpy as np
 
+from .. import uapi
 from .._core.ring import Ring
+from ..errors import os_error
+from ..util import aligned_array
 
-OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES = 0, 1, 2, 3, 5
 BLKSSZGET = 0x1268                 # _IO(0x12, 104)
 BLKGETSIZE64 = 0x80081272          # _IOR(0x12, 114, size_t)
 BLKDISCARD = 0x1277                # _IO(0x12, 119)
@@ -37,8 +39,8 @@ class KernelBlockDevice:
         try:
             self.fd = os.open(path, flags)
         except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, f"{path} does not exist: the device is not "
-                                    "started (or was stopped)", path) from None
+            raise os_error(errno.ENOENT, f"open {path}", "the device is not started, or was "
+                           "stopped", path) from None
         self.path = path
         m = re.search(r"(\d+)$", path)
         self.dev_id = int(m.group(1)) if m else -1
@@ -72,50 +74,48 @@ class KernelBlockDevice:
             raise ValueError("block device is closed")
         bs = self.block_size
         if offset < 0 or length < 0 or offset % bs or length % bs:
-            raise OSError(errno.EINVAL, f"{what} on {self.path}: offset {offset} and length "
-                          f"{length} must be multiples of the block size {bs}")
+            raise os_error(errno.EINVAL, f"{what} on {self.path}", f"offset {offset} and "
+                           f"length {length} must be multiples of the block size {bs}")
         if offset + length > self.size:
-            raise OSError(errno.EINVAL, f"{what} on {self.path}: offset {offset} + length "
-                          f"{length} is beyond the device size {self.size}")
+            raise os_error(errno.EINVAL, f"{what} on {self.path}", f"offset {offset} + "
+                           f"length {length} is beyond the device size {self.size}")
 
     def _err(self, exc: OSError, what: str, offset: int, length: int) -> OSError:
-        return OSError(exc.errno, f"{what} at offset {offset}, {length} bytes on {self.path}: "
-                       f"{os.strerror(exc.errno)}")
+        return os_error(exc.errno, f"{what} at offset {offset}, {length} bytes on {self.path}")
+
+    def _transfer(self, what: str, mv: memoryview, offset: int) -> None:
+        """Read into ``mv`` (what="read") or write it (what="write") at offset, MAX_CHUNK at a
+        time through the page-aligned bounce buffer that O_DIRECT needs."""
+        write = what == "write"
+        done = 0
+        while done < len(mv):
+            n = min(MAX_CHUNK, len(mv) - done)
+            with memoryview(self._bounce)[:n] as bounce:
+                if write:
+                    bounce[:] = mv[done:done + n]
+                try:
+                    moved = (os.pwritev if write else os.preadv)(self.fd, [bounce], offset + done)
+                except OSError as exc:
+                    raise self._err(exc, what, offset + done, n) from None
+                if moved <= 0:
+                    raise os_error(errno.EIO, f"{what} at offset {offset + done} on {self.path}",
+                                   "no progress" if write else "unexpected end of device")
+                if not write:
+                    mv[done:done + moved] = bounce[:moved]
+            done += moved
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read length bytes at offset (block aligned)."""
         self._check(offset, length, "read")
         out = bytearray(length)
-        done = 0
-        while done < length:
-            n = min(MAX_CHUNK, length - done)
-            try:
-                got = os.preadv(self.fd, [memoryview(self._bounce)[:n]], offset + done)
-            except OSError as exc:
-                raise self._err(exc, "read", offset + done, n) from None
-            if got <= 0:
-                raise OSError(errno.EIO, f"read at offset {offset + done} on {self.path}: "
-                              "unexpected end of device")
-            out[done:done + got] = self._bounce[:got]
-            done += got
+        self._transfer("read", memoryview(out), offset)
         return bytes(out)
 
     def pwrite(self, data, offset: int) -> int:
         """Write data (bytes-like, block-size multiple) at offset; returns its length."""
         mv = memoryview(data).cast("B")
         self._check(offset, len(mv), "write")
-        done = 0
-        while done < len(mv):
-            n = min(MAX_CHUNK, len(mv) - done)
-            self._bounce[:n] = mv[done:done + n]
-            try:
-                put = os.pwritev(self.fd, [memoryview(self._bounce)[:n]], offset + done)
-            except OSError as exc:
-                raise self._err(exc, "write", offset + done, n) from None
-            if put <= 0:
-                raise OSError(errno.EIO, f"write at offset {offset + done} on {self.path}: "
-                              "no progress")
-            done += put
+        self._transfer("write", mv, offset)
         return len(mv)
 
     def flush(self) -> None:
@@ -166,9 +166,9 @@ class KernelBlockDevice:
                 out[ud] = res
 
         for i, (op, offset, length, buf) in enumerate(reqs):
-            if op in (OP_READ, OP_WRITE):
+            if op in (uapi.UBLK_IO_OP_READ, uapi.UBLK_IO_OP_WRITE):
                 try:
-                    self._check(offset, length, "read" if op == OP_READ else "write")
+                    self._check(offset, length, "read" if op == uapi.UBLK_IO_OP_READ else "write")
                 except OSError as exc:
                     out[i] = -exc.errno
                     continue
@@ -176,10 +176,10 @@ class KernelBlockDevice:
                 if len(mv) < length:
                     raise ValueError(f"request {i}: buffer of {len(mv)} bytes < length {length}")
                 mv = mv[:length]
-                bounce = _aligned(length)
+                bounce = aligned_array(length)
                 while len(inflight) >= SUBMIT_DEPTH:
                     reap()
-                if op == OP_WRITE:
+                if op == uapi.UBLK_IO_OP_WRITE:
                     bounce[:] = np.frombuffer(mv, np.uint8)
                     ring.prep_write(self.fd, bounce, offset, i)
                     inflight[i] = (None, bounce)
@@ -190,11 +190,11 @@ class KernelBlockDevice:
             while inflight:
                 reap()
             try:
-                if op == OP_FLUSH:
+                if op == uapi.UBLK_IO_OP_FLUSH:
                     self.flush()
-                elif op == OP_DISCARD:
+                elif op == uapi.UBLK_IO_OP_DISCARD:
                     self.discard(offset, length)
-                elif op == OP_WRITE_ZEROES:
+                elif op == uapi.UBLK_IO_OP_WRITE_ZEROES:
                     self.write_zeroes(offset, length)
                 else:
                     out[i] = -errno.EOPNOTSUPP
@@ -203,10 +203,3 @@ class KernelBlockDevice:
         while inflight:
             reap()
         return out
-
-
-def _aligned(n: int) -> np.ndarray:
-    """A page-aligned uint8 array of n bytes (O_DIRECT needs aligned memory)."""
-    raw = np.empty(n + mmap.PAGESIZE, np.uint8)
-    start = (-raw.__array_interface__["data"][0]) % mmap.PAGESIZE
-    return raw[start:start + n]

@@ -23,11 +23,12 @@ import numpy as np
 
 from .. import uapi
 from .._core.kchannel import KernelChannel
+from ..errors import missing_features_message, os_error
+from ..util import PAGE_SIZE as PAGE, kernel_release, wait_for_path, wait_until
 from .base import DevInfo, QueueEndpoint, Transport
 from .control import CONTROL_PATH, CtrlDevInfo, UblkControl, UblkCommandError
 
-IOD_SIZE = 24
-PAGE = mmap.PAGESIZE
+IOD_SIZE = uapi.IO_DESC_DTYPE.itemsize
 #: Bytes between two queues' descriptor arrays in /dev/ublkcN (the max depth, not the device's).
 QUEUE_STRIDE = -(-uapi.UBLK_MAX_QUEUE_DEPTH * IOD_SIZE // PAGE) * PAGE
 RECOVERY_FLAGS = (uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
@@ -43,29 +44,6 @@ UNPRIVILEGED_REFUSES = {
     uapi.UBLK_F_USER_RECOVERY: "recovery (--recovery): the kernel drops USER_RECOVERY for "
     "unprivileged devices (an untrusted server could stall error handling)",
 }
-
-
-def kernel_version() -> str:
-    """The running kernel's release (uname -r)."""
-    return os.uname().release
-
-
-def missing_features_message(missing: int, what: str = "") -> str:
-    """'kernel X lacks UBLK_F_A (Linux 6.16+), ...' for the bits in ``missing``."""
-    parts = []
-    for bit in range(64):
-        flag = 1 << bit
-        if not missing & flag:
-            continue
-        if flag & uapi.SIM_FEATURE_MASK:
-            parts.append("SPLICE_ZC (the seed's splice zero copy exists only "
-                         "on the simulated driver: the RFC was never merged; use zero_copy "
-                         "or user_copy)")
-        else:
-            ver = uapi.KERNEL_VERSION_OF_FEATURE.get(flag, "?")
-            parts.append(f"UBLK_F_{uapi.feature_names(flag)[0]} (Linux {ver}+)")
-    head = f"{what}: " if what else ""
-    return f"{head}kernel {kernel_version()} lacks " + ", ".join(parts)
 
 
 @dataclass
@@ -133,8 +111,8 @@ class KernelTransport(Transport):
         them and the kernel version that has them, before anything is added.
         """
         if flags & uapi.SIM_FEATURE_MASK:
-            raise OSError(errno.EOPNOTSUPP, missing_features_message(
-                flags & uapi.SIM_FEATURE_MASK, "ADD_DEV"))
+            raise os_error(errno.EOPNOTSUPP, "ADD_DEV",
+                           missing_features_message(flags & uapi.SIM_FEATURE_MASK))
         if self.unprivileged:
             for flag, why in UNPRIVILEGED_REFUSES.items():
                 if flags & flag:
@@ -145,7 +123,7 @@ class KernelTransport(Transport):
             flags |= uapi.UBLK_F_AUTO_BUF_REG
         missing = flags & ~self.features()
         if missing:
-            raise OSError(errno.EOPNOTSUPP, missing_features_message(missing, "ADD_DEV"))
+            raise os_error(errno.EOPNOTSUPP, "ADD_DEV", missing_features_message(missing))
         flags |= uapi.UBLK_F_CMD_IOCTL_ENCODE
         if self.unprivileged:
             flags |= uapi.UBLK_F_UNPRIVILEGED_DEV
@@ -163,21 +141,19 @@ class KernelTransport(Transport):
         """Wait until udev gave the caller read-write access to /dev/ublkcN (a new node is
         root's, mode 0600); without it no command on the device is possible."""
         path = f"/dev/ublkc{dev_id}"
-        deadline = time.monotonic() + self.node_timeout
-        while not os.access(path, os.R_OK | os.W_OK):
-            if time.monotonic() > deadline:
-                try:
-                    self.ctrl.del_dev(dev_id, unprivileged=True)
-                    gone = "it was deleted again"
-                except OSError:
-                    gone = f"it stays until root deletes it (`python -m pyublk_fast del -n {dev_id}`)"
-                self.release(dev_id)
-                raise PermissionError(
-                    errno.EACCES, f"unprivileged device {dev_id} added, but {path} did not "
-                    f"become read-writable for uid {os.geteuid()} within {self.node_timeout} s; "
-                    "a udev rule must give the device's owner its /dev/ublkcN and /dev/ublkbN "
-                    f"(chown to the owner_uid of GET_DEV_INFO2); {gone}", path)
-            time.sleep(0.01)
+        if wait_until(lambda: os.access(path, os.R_OK | os.W_OK), self.node_timeout, 0.01):
+            return
+        try:
+            self.ctrl.del_dev(dev_id, unprivileged=True)
+            gone = "it was deleted again"
+        except OSError:
+            gone = f"it stays until root deletes it: `python -m pyublk_fast del -n {dev_id}`"
+        self.release(dev_id)
+        raise os_error(
+            errno.EACCES, f"unprivileged device {dev_id} added, but {path} did not become "
+            f"read-writable for uid {os.geteuid()} within {self.node_timeout} s",
+            "a udev rule must give the device's owner its /dev/ublkcN and /dev/ublkbN, "
+            f"chowned to the owner_uid of GET_DEV_INFO2; {gone}", path)
 
     def _form(self, dev_id: int) -> bool | None:
         """The command form for a device this transport holds (None: let UblkControl find out)."""
@@ -202,15 +178,15 @@ class KernelTransport(Transport):
         b["physical_bs_shift"] = max(shift, 12)
         b["io_opt_shift"] = 12
         b["io_min_shift"] = shift
-        b["max_sectors"] = max_sectors or dev.max_io_buf_bytes >> 9
-        b["dev_sectors"] = size >> 9
+        b["max_sectors"] = max_sectors or dev.max_io_buf_bytes >> uapi.SECTOR_SHIFT
+        b["dev_sectors"] = size >> uapi.SECTOR_SHIFT
         p["basic"] = b
         if discard:
             p["types"] |= uapi.UBLK_PARAM_TYPE_DISCARD
             d = p["discard"]
             d["discard_granularity"] = max(block_size, 4096)
-            d["max_discard_sectors"] = (1 << 30) >> 9
-            d["max_write_zeroes_sectors"] = (1 << 30) >> 9
+            d["max_discard_sectors"] = (1 << 30) >> uapi.SECTOR_SHIFT
+            d["max_write_zeroes_sectors"] = (1 << 30) >> uapi.SECTOR_SHIFT
             d["max_discard_segments"] = 1
             p["discard"] = d
         self.ctrl.set_params(dev_id, p)
@@ -297,7 +273,7 @@ class KernelTransport(Transport):
         It waits in the kernel for the queues to give their commands back, hence a ring
         of its own with a timeout."""
         if not self.features() & uapi.UBLK_F_QUIESCE:
-            raise OSError(errno.EOPNOTSUPP, missing_features_message(uapi.UBLK_F_QUIESCE, "QUIESCE_DEV"))
+            raise os_error(errno.EOPNOTSUPP, "QUIESCE_DEV", missing_features_message(uapi.UBLK_F_QUIESCE))
         with self._oneshot(timeout) as c:
             # data[0]: how long the kernel may wait for the queues, in ms (0 would be forever)
             c._execute("QUIESCE_DEV", dev_id, data0=max(1, int(timeout * 1000)),
@@ -309,7 +285,7 @@ class KernelTransport(Transport):
         basic = self.ctrl.get_params(dev_id)["basic"]
         return DevInfo(dev_id=dev_id, nr_hw_queues=info.nr_hw_queues, queue_depth=info.queue_depth,
                        state=int(info.state), max_io_buf_bytes=info.max_io_buf_bytes,
-                       flags=info.flags, size=int(basic["dev_sectors"]) << 9,
+                       flags=info.flags, size=int(basic["dev_sectors"]) << uapi.SECTOR_SHIFT,
                        logical_block_size=1 << int(basic["logical_bs_shift"]),
                        attrs=int(basic["attrs"]), started=info.state == uapi.DevState.LIVE,
                        server_alive=info.ublksrv_pid > 0 and pid_alive(info.ublksrv_pid),
@@ -347,13 +323,12 @@ class KernelTransport(Transport):
                 try:
                     dev.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
                 except PermissionError as exc:
-                    raise PermissionError(exc.errno, f"cannot open {path}: run as root, or for "
-                                          "an unprivileged device as its owner (udev rules)",
-                                          path) from None
+                    raise os_error(exc.errno, f"open {path}", "run as root, or for an "
+                                   "unprivileged device as its owner (udev rules)", path) from None
                 except OSError as exc:
                     if exc.errno == errno.EBUSY:
-                        raise OSError(errno.EBUSY, f"{path} is busy: another server still "
-                                      "holds it (kill it, or recover after it exited)") from None
+                        raise os_error(errno.EBUSY, f"open {path}", "another server still "
+                                       "holds it: kill it, or recover after it exited") from None
                     raise
             if q_id not in dev.maps:
                 length = -(-dev.depth * IOD_SIZE // PAGE) * PAGE
@@ -361,8 +336,8 @@ class KernelTransport(Transport):
                     dev.maps[q_id] = mmap.mmap(dev.fd, length, mmap.MAP_SHARED, mmap.PROT_READ,
                                                offset=q_id * QUEUE_STRIDE)
                 except OSError as exc:
-                    raise OSError(exc.errno, f"mmap of queue {q_id}'s descriptors on /dev/ublkc"
-                                  f"{dev_id}: {os.strerror(exc.errno)}") from None
+                    raise os_error(exc.errno, f"mmap of queue {q_id}'s descriptors on "
+                                   f"/dev/ublkc{dev_id}") from None
             # the array keeps the mapping alive (and un-closable) while a queue uses it
             iods = np.frombuffer(dev.maps[q_id], np.uint8)
             return QueueEndpoint(q_id, iods, KernelChannel(
@@ -395,9 +370,6 @@ def pid_alive(pid: int) -> bool:
 
 
 def _wait_path(path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(errno.ETIMEDOUT, f"{path} did not appear within {timeout} s "
-                               "(is devtmpfs mounted on /dev?)")
-        time.sleep(0.005)
+    if not wait_for_path(path, True, timeout):
+        raise os_error(errno.ETIMEDOUT, f"wait for {path}", f"it did not appear within "
+                       f"{timeout} s: is devtmpfs mounted on /dev?")

@@ -23,6 +23,11 @@ R2R = uapi.SPLICE_F_READ_TO_READ
 DEPTH = 4
 
 
+def nbytes_of(iod) -> int:
+    """A request's length in bytes, from its descriptor."""
+    return int(iod["nr_sectors"]) << uapi.SECTOR_SHIFT
+
+
 def serve(sim, flags, probe):
     """Add a device with `flags`, serve it with a raw Queue whose handler calls probe(q, tag, iod)."""
     dev_id, granted = sim.add_dev(-1, 1, DEPTH, 64 * 1024, flags)
@@ -55,6 +60,15 @@ def serve(sim, flags, probe):
     return dev_id, th
 
 
+@pytest.fixture
+def pipe():
+    """(read end, write end) of a pipe, closed after the test."""
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
 def stop(sim, dev_id, th):
     sim.stop_dev(dev_id)
     th.join(10)
@@ -62,15 +76,15 @@ def stop(sim, dev_id, th):
     sim.del_dev(dev_id)
 
 
-def test_splice_write_checks_in_rfc_order_and_moves_the_bytes(sim):
+def test_splice_write_checks_in_rfc_order_and_moves_the_bytes(sim, pipe):
     payload = os.urandom(8192)
     got = {}
-    r, w = os.pipe()
+    r, w = pipe
 
     def probe(dev_id, tag, iod):
         d = sim.driver
         pos = splice_pos(0, tag, 0)
-        nbytes = int(iod["nr_sectors"]) << 9
+        nbytes = nbytes_of(iod)
         got["no_direct"] = splice_probe(d, dev_id, pos, w, 512, 0)
         got["drained_r2r"] = splice_probe(d, dev_id, pos, r, 512, DIRECT | R2R)
         got["bad_tag"] = splice_probe(d, dev_id, splice_pos(0, DEPTH, 0), w, 512, DIRECT)
@@ -94,7 +108,7 @@ def test_splice_write_checks_in_rfc_order_and_moves_the_bytes(sim):
 
         def good(dev_id, tag, iod):
             d = sim.driver
-            nbytes = int(iod["nr_sectors"]) << 9
+            nbytes = nbytes_of(iod)
             moved["r2r_on_write"] = splice_probe(d, dev_id, splice_pos(0, tag, 0), w, 512, DIRECT | R2R)
             moved["first"] = splice_probe(d, dev_id, splice_pos(0, tag, 0), w, 4096, DIRECT)
             moved["second"] = splice_probe(d, dev_id, splice_pos(0, tag, 4096), w, nbytes - 4096, DIRECT)
@@ -110,18 +124,16 @@ def test_splice_write_checks_in_rfc_order_and_moves_the_bytes(sim):
         assert moved["data"] == payload
     finally:
         stop(sim, dev_id, th)
-        os.close(r)
-        os.close(w)
 
 
-def test_splice_read_to_read_fills_the_request(sim):
-    r, w = os.pipe()
+def test_splice_read_to_read_fills_the_request(sim, pipe):
+    r, w = pipe
     want = os.urandom(4096)
     out = {}
 
     def probe(dev_id, tag, iod):
         d = sim.driver
-        op = int(iod["op_flags"]) & 0xff
+        op = uapi.op_of(int(iod["op_flags"]))
         if op != uapi.UBLK_IO_OP_READ:
             return -errno.EOPNOTSUPP
         out["no_r2r"] = splice_probe(d, dev_id, splice_pos(0, tag, 0), w, 512, DIRECT)   # counts 512
@@ -140,17 +152,15 @@ def test_splice_read_to_read_fills_the_request(sim):
         assert out == dict(no_r2r=-errno.EINVAL, r2r=4096, over=-errno.EACCES)
     finally:
         stop(sim, dev_id, th)
-        os.close(r)
-        os.close(w)
 
 
-def test_splice_needs_the_feature_and_data(sim):
-    r, w = os.pipe()
+def test_splice_needs_the_feature_and_data(sim, pipe):
+    r, w = pipe
     out = {}
 
     def probe(dev_id, tag, iod):
         out.setdefault("res", []).append(splice_probe(sim.driver, dev_id, splice_pos(0, tag, 0), w, 512, DIRECT))
-        return int(iod["nr_sectors"]) << 9
+        return nbytes_of(iod)
 
     dev_id, th = serve(sim, 0, probe)          # a device without SPLICE_ZC
     try:
@@ -159,8 +169,6 @@ def test_splice_needs_the_feature_and_data(sim):
         assert out["res"] == [-errno.EINVAL]
     finally:
         stop(sim, dev_id, th)
-        os.close(r)
-        os.close(w)
 
 
 def test_user_copy_rules_and_data(sim):
@@ -169,8 +177,8 @@ def test_user_copy_rules_and_data(sim):
 
     def probe(dev_id, tag, iod):
         d = sim.driver
-        op = int(iod["op_flags"]) & 0xff
-        nbytes = int(iod["nr_sectors"]) << 9
+        op = uapi.op_of(int(iod["op_flags"]))
+        nbytes = nbytes_of(iod)
         buf = np.zeros(nbytes, np.uint8)
         if op == uapi.UBLK_IO_OP_WRITE:
             out["wrong_dir"] = user_copy_probe(d, dev_id, user_copy_pos(0, tag, 0), buf, True)
@@ -207,7 +215,7 @@ def test_user_copy_refused_without_the_feature(sim):
     def probe(dev_id, tag, iod):
         buf = np.zeros(512, np.uint8)
         out["res"] = user_copy_probe(sim.driver, dev_id, user_copy_pos(0, tag, 0), buf, False)
-        return int(iod["nr_sectors"]) << 9
+        return nbytes_of(iod)
 
     dev_id, th = serve(sim, 0, probe)
     try:

@@ -15,12 +15,13 @@ import time
 
 import pytest
 
+from pyublk_fast import uapi
 from pyublk_fast.backend import Backend
 from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.device import Device
+from pyublk_fast.util import wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
-OP_READ, OP_WRITE = 0, 1
 PATHS = ["copy", "need_get_data"]
 #: What new I/O fails with while a recovery="fail_io" device has no server: BLK_STS_TARGET.
 FAIL_IO_ERRNO = {"sim": errno.EREMOTEIO, "kernel": errno.EREMOTEIO}
@@ -57,7 +58,7 @@ def run_load(transport, dev_id: int, *, rw: str, bs: int = 4096, qd: int, count:
         if verify:
             for first in range(0, nblocks, qd):
                 pats = {b: rng.randbytes(bs) for b in range(first, min(first + qd, nblocks))}
-                res = blk.submit([(OP_WRITE, b * bs, bs, p) for b, p in pats.items()])
+                res = blk.submit([(uapi.UBLK_IO_OP_WRITE, b * bs, bs, p) for b, p in pats.items()])
                 if any(r != bs for r in res):
                     raise OSError(errno.EIO, f"verify prefill: write results {set(res)}")
                 model.update(pats)
@@ -70,16 +71,16 @@ def run_load(transport, dev_id: int, *, rw: str, bs: int = 4096, qd: int, count:
                 reqs = []
                 for b in blocks:
                     if rng.randrange(100) < read_pct:
-                        reqs.append((OP_READ, b * bs, bs, bytearray(bs)))
+                        reqs.append((uapi.UBLK_IO_OP_READ, b * bs, bs, bytearray(bs)))
                     else:
-                        reqs.append((OP_WRITE, b * bs, bs, rng.randbytes(bs)))
+                        reqs.append((uapi.UBLK_IO_OP_WRITE, b * bs, bs, rng.randbytes(bs)))
                 res = blk.submit(reqs)
                 out["completed"] += len(reqs)
                 out["errors"] += sum(r != bs for r in res)
                 for (op, off, _, buf), r in zip(reqs, res):
                     if r != bs:
                         continue
-                    if op == OP_WRITE:
+                    if op == uapi.UBLK_IO_OP_WRITE:
                         model[off // bs] = buf
                     elif verify and bytes(buf) != model[off // bs]:
                         out["verify_errors"] += 1
@@ -111,9 +112,9 @@ def test_many_in_flight_more_than_tags(transport, backing_file, path, native):
     pats = _patterns(200)
     with Device(LoopBackend(backing_file), transport, depth=8, data_path=path, native=native) as dev, \
             dev.open() as blk:
-        assert blk.submit([(OP_WRITE, i * 8192, 4096, p) for i, p in enumerate(pats)]) == [4096] * 200
+        assert blk.submit([(uapi.UBLK_IO_OP_WRITE, i * 8192, 4096, p) for i, p in enumerate(pats)]) == [4096] * 200
         bufs = [bytearray(4096) for _ in pats]
-        assert blk.submit([(OP_READ, i * 8192, 4096, b) for i, b in enumerate(bufs)]) == [4096] * 200
+        assert blk.submit([(uapi.UBLK_IO_OP_READ, i * 8192, 4096, b) for i, b in enumerate(bufs)]) == [4096] * 200
         assert [bytes(b) for b in bufs] == pats
         assert blk.pread(4096, 4096) == bytes(4096)          # the gaps stayed zero
 
@@ -134,7 +135,7 @@ def test_two_queues(transport, backing_file, native):
     with Device(LoopBackend(backing_file), transport, queues=2, depth=8, native=native) as dev:
         assert dev.info().nr_hw_queues == 2
         with dev.open() as blk:
-            assert blk.submit([(OP_WRITE, i * 4096, 4096, p) for i, p in enumerate(pats)]) == [4096] * 64
+            assert blk.submit([(uapi.UBLK_IO_OP_WRITE, i * 4096, 4096, p) for i, p in enumerate(pats)]) == [4096] * 64
             assert blk.pread(64 * 4096, 0) == b"".join(pats)
         r = run_load(transport, dev.dev_id, rw="randrw", bs=4096, qd=32, count=3000, verify=True, region=MiB)
         assert (r["errors"], r["verify_errors"]) == (0, 0)
@@ -242,7 +243,7 @@ def _at(i: int) -> int:
 
 
 def _spaced_writes(pats: list[bytes]) -> list[tuple]:
-    return [(OP_WRITE, _at(i), 4096, p) for i, p in enumerate(pats)]
+    return [(uapi.UBLK_IO_OP_WRITE, _at(i), 4096, p) for i, p in enumerate(pats)]
 
 
 def _submit_in_thread(blk, reqs):
@@ -271,10 +272,17 @@ def _kill(dev):
 
 
 def _wait_served(backend, n, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while backend.served < n:
-        assert time.monotonic() < deadline, "backend never reached the kill point"
-        time.sleep(0.001)
+    assert wait_until(lambda: backend.served >= n, timeout, 0.001), \
+        "backend never reached the kill point"
+
+
+def _writes_in_flight(dev, backend, pats):
+    """Open dev and write pats (spaced) from a thread; return (blk, thread, out) once the
+    backend has served 16 of them, the rest still in flight or queued."""
+    blk = dev.open()
+    th, out = _submit_in_thread(blk, _spaced_writes(pats))
+    _wait_served(backend, 16)
+    return blk, th, out
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -283,9 +291,7 @@ def test_kill_without_recovery_fails_in_flight(transport, path):
     pats = _patterns(64, seed=5)
     dev = Device(backend, transport, depth=8, data_path=path).start()
     try:
-        blk = dev.open()
-        th, out = _submit_in_thread(blk, _spaced_writes(pats))
-        _wait_served(backend, 16)
+        blk, th, out = _writes_in_flight(dev, backend, pats)
         _kill(dev)
         th.join(15)
         assert not th.is_alive(), "in-flight I/O hung after the server died"
@@ -311,9 +317,7 @@ def test_kill_with_reissue_completes_everything_after_recover(transport, path):
     backend = Slow()
     pats = _patterns(64, seed=6)
     with Device(backend, transport, depth=8, data_path=path, recovery="reissue") as dev:
-        blk = dev.open()
-        th, out = _submit_in_thread(blk, _spaced_writes(pats))
-        _wait_served(backend, 16)
+        blk, th, out = _writes_in_flight(dev, backend, pats)
         _kill(dev)
         time.sleep(0.05)
         assert th.is_alive(), "requests should wait for the new server, not fail"
@@ -333,13 +337,11 @@ def test_kill_with_recovery_fail_new_io_waits_for_recover(transport, path):
     backend = Slow()
     pats = _patterns(64, seed=7)
     with Device(backend, transport, depth=8, data_path=path, recovery="fail") as dev:
-        blk = dev.open()
-        th, out = _submit_in_thread(blk, _spaced_writes(pats))
-        _wait_served(backend, 16)
+        blk, th, out = _writes_in_flight(dev, backend, pats)
         _kill(dev)
         # requests the dead server held fail; queued ones and new I/O wait for the new server
         blk2 = dev.open()
-        th2, out2 = _submit_in_thread(blk2, [(OP_WRITE, 512 * KiB, 4096, pats[0])])
+        th2, out2 = _submit_in_thread(blk2, [(uapi.UBLK_IO_OP_WRITE, 512 * KiB, 4096, pats[0])])
         time.sleep(0.05)
         assert th2.is_alive(), "new I/O must wait for the new server"
         assert dev.info().state == 2                      # QUIESCED
@@ -378,9 +380,7 @@ def test_stop_with_io_in_flight_never_hangs(transport, path):
     pats = _patterns(64, seed=8)
     before = set(transport.list_devs())
     dev = Device(backend, transport, depth=8, data_path=path).start()
-    blk = dev.open()
-    th, out = _submit_in_thread(blk, _spaced_writes(pats))
-    _wait_served(backend, 16)
+    blk, th, out = _writes_in_flight(dev, backend, pats)
     t0 = time.monotonic()
     dev.stop()
     th.join(15)

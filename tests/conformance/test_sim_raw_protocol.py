@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pyublk_fast import uapi
+from pyublk_fast._core.codec import decode_user_data, encode_user_data
 from pyublk_fast._core.ring import Ring, SQE_CQE_SKIP_SUCCESS
 
 SIM_CMD = np.dtype([("cmd_op", "<u4"), ("result", "<i4"), ("addr", "<u8"), ("user_data", "<u8"),
@@ -32,7 +33,8 @@ class RawServer:
         sim.set_params(self.dev_id, size, 512)
         ep = sim.queue_endpoint(self.dev_id, 0)
         ch = ep.channel
-        self.iods, self.qi, self.fd = ep.iods, ch.queue_index, ch.driver_ring_fd
+        self.channel = ch
+        self.iods, self.fd = ep.iods, ch.driver_ring_fd
         self.cmds = ch.cmd_slots.view(SIM_CMD)
         self.ring = Ring(64)
         self.bufs = np.zeros((depth, BUF), np.uint8)
@@ -43,9 +45,10 @@ class RawServer:
         return self.bufs[tag].__array_interface__["data"][0]
 
     def send(self, tag, op_nr, result=0, addr=None, user_data=None):
-        self.cmds[tag] = (0xc0107500 | op_nr, result, self.addr(tag) if addr is None else addr,
-                          (op_nr << 16 | tag) if user_data is None else user_data, self.ring.fd, 0)
-        self.ring.prep_msg_ring(self.fd, 0, (1 << 60) | (self.qi << 16) | tag, sqe_flags=SQE_CQE_SKIP_SUCCESS)
+        self.cmds[tag] = (uapi.io_cmd_op(op_nr), result, self.addr(tag) if addr is None else addr,
+                          encode_user_data(tag, op_nr) if user_data is None else user_data,
+                          self.ring.fd, 0)
+        self.ring.prep_msg_ring(self.fd, 0, self.channel.server_message(tag), sqe_flags=SQE_CQE_SKIP_SUCCESS)
         self.ring.submit()
 
     def cqes(self, n=1, timeout=5.0):
@@ -72,7 +75,7 @@ class RawServer:
     def request(self):
         """Wait for the next request: (tag, op, start_sector, nr_sectors, res)."""
         (ud, res), = self.cqes(1)
-        tag = ud & 0xffff
+        tag = decode_user_data(ud)[0]
         iod = self.iods[tag]
         return tag, int(iod["op_flags"]) & 0xff, int(iod["start_sector"]), int(iod["nr_sectors"]), res
 
@@ -109,7 +112,7 @@ def test_start_needs_every_fetch_and_params(raw, sim):
     s.send(DEPTH - 1, uapi.UBLK_IO_FETCH_REQ)
     sim.start_dev(s.dev_id)
     assert sim.dev_info(s.dev_id).state == uapi.UBLK_S_DEV_LIVE
-    assert sim.get_params(s.dev_id)["dev_sectors"] == (1 << 20) >> 9
+    assert sim.get_params(s.dev_id)["dev_sectors"] == (1 << 20) >> uapi.SECTOR_SHIFT
 
 
 def test_write_delivers_descriptor_and_bytes_then_commit_completes(raw):
@@ -209,7 +212,7 @@ def test_need_get_data_flow(raw):
     assert (op, res) == (uapi.UBLK_IO_OP_WRITE, uapi.UBLK_IO_RES_NEED_GET_DATA)
     s.send(tag, uapi.UBLK_IO_NEED_GET_DATA)
     (ud, res), = s.cqes(1)
-    assert (ud & 0xffff, res) == (tag, uapi.UBLK_IO_RES_OK)
+    assert (decode_user_data(ud)[0], res) == (tag, uapi.UBLK_IO_RES_OK)
     assert s.bufs[tag][:4096].tobytes() == payload
     s.send(tag, uapi.UBLK_IO_COMMIT_AND_FETCH_REQ, result=4096)
     assert fut.result(5) == 4096
@@ -221,7 +224,7 @@ def test_stop_aborts_outstanding_fetches(raw, sim):
     s.blk.close()
     sim.stop_dev(s.dev_id)
     got = s.cqes(DEPTH)
-    assert sorted(ud & 0xffff for ud, _ in got) == list(range(DEPTH))
+    assert sorted(decode_user_data(ud)[0] for ud, _ in got) == list(range(DEPTH))
     assert {res for _, res in got} == {uapi.UBLK_IO_RES_ABORT}
     with pytest.raises(FileNotFoundError):
         sim.open(s.dev_id)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ublk_ktest import kernel_series, kublk_path
+from pyublk_fast.util import kernel_release, kublk_path
+from ublk_ktest import kernel_series
 
 CONTROL = "/dev/ublk-control"
 HERE = Path(__file__).resolve().parent
@@ -99,7 +100,7 @@ def kublk() -> str:
     """Path of kublk, or skip with how to build it."""
     path = kublk_path()
     if path is None and kernel_series() < (6, 15):
-        pytest.skip(f"kernel {os.uname().release} predates kublk (tools/testing/selftests/"
+        pytest.skip(f"kernel {kernel_release()} predates kublk (tools/testing/selftests/"
                     "ublk, Linux 6.15+)")
     if path is None:
         pytest.skip(KUBLK_HINT)

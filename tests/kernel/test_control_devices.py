@@ -9,7 +9,8 @@ import pytest
 
 from pyublk_fast import uapi
 from pyublk_fast.transport.control import UblkCommandError
-from ublk_ktest import kernel_series, wait_for_path
+from pyublk_fast.util import kernel_release, wait_for_path
+from ublk_ktest import kernel_series
 
 
 def test_add_info_delete_round_trip(ctrl):
@@ -76,7 +77,7 @@ def test_unknown_flag_is_reported_as_refused(ctrl):
 ])
 def test_bad_add_dev_arguments_fail_with_einval_and_a_reason(ctrl, kwargs, words, since):
     if kernel_series() < since:
-        pytest.skip(f"kernel {os.uname().release} does not check this (since {since})")
+        pytest.skip(f"kernel {kernel_release()} does not check this (since {since})")
     with pytest.raises(UblkCommandError) as exc:
         ctrl.add_dev(**kwargs)
     assert exc.value.errno == errno.EINVAL and exc.value.command == "ADD_DEV"

@@ -10,6 +10,7 @@ import pytest
 
 from pyublk_fast import uapi
 from pyublk_fast._core.ring import SETUP_SQE128, Ring
+from pyublk_fast.util import kernel_release
 from ublk_ktest import kernel_series
 
 
@@ -56,7 +57,7 @@ def test_get_features_via_sqe128_uring_cmd_matches_kernel_version():
     names = set(uapi.feature_names(flags))
     series = kernel_series()
     want = expected_features(series)
-    assert names == want, (f"kernel {os.uname().release}: got {flags:#x} {sorted(names)}; "
+    assert names == want, (f"kernel {kernel_release()}: got {flags:#x} {sorted(names)}; "
                            f"missing {sorted(want - names)}, unexpected {sorted(names - want)}")
     if series >= (7, 2):
         assert flags == uapi.MAINLINE_FEATURE_MASK == 0xFFFFF

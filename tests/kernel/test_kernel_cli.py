@@ -12,7 +12,7 @@ import pytest
 
 from kernel_fixtures import MiB, cli, fio, kt, make_backend  # noqa: F401
 from pyublk_fast.device import Device
-from ublk_ktest import wait_for_path
+from pyublk_fast.util import kernel_release, wait_for_path
 
 
 @pytest.fixture
@@ -95,9 +95,7 @@ def test_kill9_during_fio_then_recover(env, tmp_path, extra):
         time.sleep(1.0)
         assert f.poll() is None, "fio finished before the kill: make the job longer"
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_path(f"/proc/{pid}", present=False, timeout=10, interval=0.05)
         res = cli("list", "--json", env=env)
         state = {r["dev_id"]: r for r in json.loads(res.stdout)}[dev_id]["state_name"]
         assert state in ("QUIESCED", "FAIL_IO"), state
@@ -176,7 +174,7 @@ def test_feature_the_kernel_lacks_is_named(kt):
     with pytest.raises(OSError) as ei:
         kt.add_dev(-1, 1, 8, 1 << 20, lacking)
     assert ei.value.errno == errno.EOPNOTSUPP
-    assert os.uname().release in str(ei.value) and "lacks" in str(ei.value)
+    assert kernel_release() in str(ei.value) and "lacks" in str(ei.value)
 
 
 def test_device_limit_reached(kt):
@@ -194,7 +192,7 @@ def test_device_limit_reached(kt):
             assert "limit" in str(exc) and "ublks_max" in str(exc), str(exc)
         else:
             kt.del_dev(dev_id)
-            pytest.skip(f"kernel {os.uname().release}: ublks_max does not limit devices added "
+            pytest.skip(f"kernel {kernel_release()}: ublks_max does not limit devices added "
                         "by root (only unprivileged ones)")
     finally:
         with open(param, "w") as fh:

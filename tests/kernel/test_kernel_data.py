@@ -11,6 +11,7 @@ import pytest
 from kernel_fixtures import DEV_SIZE, MiB, fio, fio_verify_args, kt, make_backend  # noqa: F401
 from pyublk_fast import uapi
 from pyublk_fast.device import Device
+from pyublk_fast.util import kernel_release
 
 STORING = [("memory", "copy"), ("memory", "user_copy"), ("loop", "copy"), ("loop", "user_copy"),
            ("loop", "zero_copy"), ("loop", "need_get_data"), ("loop-python", "copy"),
@@ -21,7 +22,7 @@ def _skip_unless_kernel_has(kt, data_path: str) -> None:
     need = {"user_copy": uapi.UBLK_F_USER_COPY,
             "zero_copy": uapi.UBLK_F_SUPPORT_ZERO_COPY | uapi.UBLK_F_AUTO_BUF_REG}.get(data_path, 0)
     if need & ~kt.features():
-        pytest.skip(f"kernel {os.uname().release} lacks {uapi.feature_names(need & ~kt.features())}")
+        pytest.skip(f"kernel {kernel_release()} lacks {uapi.feature_names(need & ~kt.features())}")
 
 
 @pytest.mark.parametrize("kind,data_path", STORING, ids=[f"{k}-{p}" for k, p in STORING])
@@ -96,7 +97,7 @@ def test_ext4_mount_copy_remount(kt, tmp_path, kind, data_path):
     subprocess.run(["modprobe", "-q", "ext4"], capture_output=True, check=False)
     with open("/proc/filesystems") as fh:
         if "ext4" not in fh.read():
-            pytest.skip(f"kernel {os.uname().release} has no ext4 (modprobe ext4 failed)")
+            pytest.skip(f"kernel {kernel_release()} has no ext4 (modprobe ext4 failed)")
     backend, native = make_backend(kind, tmp_path, 64 * MiB)
     src = tmp_path / "src"
     src.mkdir()

@@ -31,7 +31,7 @@ from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.device import Device
 from pyublk_fast.transport.control import UblkControl
 from pyublk_fast.transport.kernel import KernelTransport
-from ublk_ktest import wait_for_path
+from pyublk_fast.util import wait_for_path
 
 USER, OTHER = 65534, 65533
 CONTROL = "/dev/ublk-control"
@@ -169,7 +169,7 @@ def _user_info(dev_id: int):
         info = c.get_dev_info(dev_id)          # GET_DEV_INFO2 with the path form
         params = c.get_params(dev_id)
     return (info.owner_uid, info.owner_gid, info.flags, int(info.state),
-            int(params["basic"]["dev_sectors"]) << 9)
+            int(params["basic"]["dev_sectors"]) << uapi.SECTOR_SHIFT)
 
 
 @pytest.mark.parametrize("target", ["memory", "loop", "null"])

@@ -9,6 +9,7 @@ from kernel_fixtures import DEV_SIZE, MiB, fio, fio_verify_args, make_backend  #
 from pyublk_fast import uapi
 from pyublk_fast.device import Device
 from pyublk_fast.transport.kernel import KernelTransport
+from pyublk_fast.util import kernel_release
 
 
 @pytest.fixture
@@ -16,7 +17,7 @@ def kt_register():
     t = KernelTransport(zero_copy="register")
     if not t.features() & uapi.UBLK_F_SUPPORT_ZERO_COPY:
         t.close()
-        pytest.skip(f"kernel {os.uname().release} lacks SUPPORT_ZERO_COPY (6.15+)")
+        pytest.skip(f"kernel {kernel_release()} lacks SUPPORT_ZERO_COPY (6.15+)")
     yield t
     t.close()
 

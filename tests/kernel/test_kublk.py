@@ -5,15 +5,15 @@ control plane agrees with the reference server.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 
 import pytest
 
+from kernel_fixtures import fio
 from pyublk_fast import uapi
-from ublk_ktest import wait_for_path
+from pyublk_fast.util import wait_for_path
 
 FIO_TIMEOUT = 180
 
@@ -48,16 +48,6 @@ def kublk_dev(kublk):
         assert wait_for_path(f"/dev/ublkc{dev_id}", False, timeout=10)
 
 
-def fio(*args: str) -> dict:
-    res = subprocess.run(["fio", "--output-format=json", *args], capture_output=True,
-                         text=True, timeout=FIO_TIMEOUT)
-    assert res.returncode == 0, f"fio {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
-    out = json.loads(res.stdout[res.stdout.index("{"):])
-    job = out["jobs"][0]
-    assert job["error"] == 0, job
-    return job
-
-
 def test_kublk_features_agree_with_ours(kublk, ctrl):
     res = run([kublk, "features"])
     assert res.returncode == 0, res.stderr
@@ -75,7 +65,7 @@ def test_null_target_randread(kublk_dev, ctrl):
     assert os.path.exists(f"/proc/{info.ublksrv_pid}"), "kublk's server process is gone"
     job = fio("--name=null", f"--filename={path}", "--rw=randread", "--bs=4k",
               "--iodepth=32", "--ioengine=io_uring", "--direct=1", "--time_based",
-              "--runtime=2")
+              "--runtime=2", timeout=FIO_TIMEOUT)["jobs"][0]
     assert job["read"]["io_bytes"] > 0 and job["read"]["iops"] > 0
     print(f"kublk null randread 4k qd32: {job['read']['iops']:.0f} IOPS (TCG)")
 
@@ -87,7 +77,7 @@ def test_loop_target_fio_crc32c_verify(kublk_dev, tmp_path):
     path = kublk_dev("-t", "loop", "-q", "1", str(backing))
     job = fio("--name=verify", f"--filename={path}", "--rw=randwrite", "--bs=4k",
               "--size=8M", "--iodepth=16", "--ioengine=io_uring", "--direct=1",
-              "--verify=crc32c", "--do_verify=1", "--verify_fatal=1")
+              "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", timeout=FIO_TIMEOUT)["jobs"][0]
     assert job["write"]["io_bytes"] == 8 << 20
     assert job["read"]["io_bytes"] == 8 << 20          # the verify pass read it all back
     # Our own bytes through the block device land at the same offset of the file.

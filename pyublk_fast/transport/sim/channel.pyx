@@ -61,6 +61,10 @@ cdef class SimChannel(Channel):
     def queue_index(self) -> int:
         return self.qi
 
+    def server_message(self, int tag) -> int:
+        """The MSG_RING word that tells the driver tag's command slot is filled."""
+        return sim_msg(SIM_MSG_SERVER, (self.qi << 16) | tag)
+
     cdef DataPath make_path(self, Queue q, int kind):
         cdef DataPath dp
         if kind == DP_ZERO_COPY:

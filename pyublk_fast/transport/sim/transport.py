@@ -7,7 +7,6 @@ the kernel's errnos.
 from __future__ import annotations
 
 import errno
-import os
 import threading
 import time
 
@@ -15,11 +14,12 @@ import numpy as np
 
 from ... import uapi
 from ..._core.ring import Ring
+from ...errors import os_error
+from ...util import PAGE_SIZE, aligned_array
 from ..base import DevInfo, QueueEndpoint, Transport
 from .channel import SimChannel
 from .driver import SimDriver, SIM_FEATURES, front_msg, hist_bucket_lower_ns
 
-OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES = 0, 1, 2, 3, 5
 FRONT_SLOTS = 8192          # request slots for fronts; the load generator uses the rest
 
 
@@ -62,7 +62,8 @@ class SimTransport(Transport):
                 return self.driver.call(fn, dev_id)
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{what}: the server did not fetch every tag within {timeout} s") from None
+                    raise os_error(errno.ETIMEDOUT, what,
+                                   f"the server did not fetch every tag within {timeout} s") from None
                 time.sleep(0.001)
 
     def start_dev(self, dev_id: int, timeout: float = 10.0):
@@ -128,15 +129,16 @@ class SimTransport(Transport):
         except OSError as e:
             if e.errno != errno.ENODEV:
                 raise
-            raise FileNotFoundError(errno.ENOENT, f"/dev/ublkb{dev_id} does not exist: no such device") from None
+            raise os_error(errno.ENOENT, f"open /dev/ublkb{dev_id}", "no such device") from None
         if not info.started:
-            raise FileNotFoundError(errno.ENOENT, f"/dev/ublkb{dev_id} does not exist: the device is not started")
+            raise os_error(errno.ENOENT, f"open /dev/ublkb{dev_id}", "the device is not started")
         return SimBlockDevice(self, dev_id, info)
 
     def _take_slots(self, n: int) -> list[int]:
         with self._slot_lock:
             if len(self._slots) < n:
-                raise OSError(errno.EBUSY, "too many requests in flight on the simulated devices")
+                raise os_error(errno.EBUSY, f"reserve {n} request slots",
+                               "too many requests in flight on the simulated devices")
             out = self._slots[-n:]
             del self._slots[-n:]
             return out
@@ -171,16 +173,10 @@ class SimTransport(Transport):
             d.call(d.lg_start, dev_id, first, qd, bs, 0, False, True, reg, reg // bs, 0.0, seed)
             pre = d.lg_wait(timeout)
             if pre["errors"]:
-                raise OSError(errno.EIO, f"verify prefill: {pre['errors']} write errors")
+                raise os_error(errno.EIO, "verify prefill", f"{pre['errors']} write errors")
         d.call(d.lg_start, dev_id, first, qd, bs, pct, rnd, verify, region, count, runtime, seed)
         out = d.lg_wait(timeout)
         return summarize(out, bs)
-
-
-def _aligned(n: int) -> np.ndarray:
-    raw = np.empty(n + 4096, np.uint8)
-    start = (-raw.__array_interface__["data"][0]) % 4096
-    return raw[start:start + n]
 
 
 def summarize(out: dict, bs: int) -> dict:
@@ -256,10 +252,10 @@ class SimBlockDevice:
                         arr = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
                         if arr.nbytes < length:
                             raise ValueError(f"request {nxt}: buffer of {arr.nbytes} bytes < length {length}")
-                        if arr.__array_interface__["data"][0] % 4096:
+                        if arr.__array_interface__["data"][0] % PAGE_SIZE:
                             # page-aligned bounce buffer, like the page cache in front of a real disk
-                            bounce = _aligned(length)
-                            if op == OP_WRITE:
+                            bounce = aligned_array(length)
+                            if op == uapi.UBLK_IO_OP_WRITE:
                                 bounce[:] = arr[:length]
                             else:
                                 copy_back.append((arr, bounce))
@@ -277,7 +273,7 @@ class SimBlockDevice:
                         results[inflight.pop(ud)] = res
                         free.append(ud)
                     elif res < 0:
-                        raise OSError(-res, "simulated block device: could not reach the driver")
+                        raise os_error(res, "simulated block device", "could not reach the driver")
         for dst, bounce in copy_back:
             dst[:bounce.nbytes] = bounce
         return results
@@ -296,27 +292,26 @@ class SimBlockDevice:
     def pread(self, length: int, offset: int) -> bytes:
         out = bytearray(length)
         mv = memoryview(out)
-        reqs = [(OP_READ, off, n, mv[off - offset:off - offset + n]) for off, n in self._chunks(offset, length)]
+        reqs = [(uapi.UBLK_IO_OP_READ, off, n, mv[off - offset:off - offset + n]) for off, n in self._chunks(offset, length)]
         self._check(self.submit(reqs), reqs, "read")
         return bytes(out)
 
     def pwrite(self, data, offset: int) -> int:
         mv = memoryview(data).cast("B")
-        reqs = [(OP_WRITE, off, n, mv[off - offset:off - offset + n]) for off, n in self._chunks(offset, len(mv))]
+        reqs = [(uapi.UBLK_IO_OP_WRITE, off, n, mv[off - offset:off - offset + n]) for off, n in self._chunks(offset, len(mv))]
         self._check(self.submit(reqs), reqs, "write")
         return len(mv)
 
     def _check(self, results, reqs, what):
         for (op, off, n, _), res in zip(reqs, results):
             if res < 0:
-                raise OSError(-res, f"{what} at offset {off}, {n} bytes on /dev/ublkb{self.dev_id}: "
-                                    f"{os.strerror(-res)}")
+                raise os_error(res, f"{what} at offset {off}, {n} bytes on /dev/ublkb{self.dev_id}")
 
     def flush(self) -> None:
-        self._one(OP_FLUSH, 0, 0, None, "flush")
+        self._one(uapi.UBLK_IO_OP_FLUSH, 0, 0, None, "flush")
 
     def discard(self, offset: int, length: int) -> None:
-        self._one(OP_DISCARD, offset, length, None, "discard")
+        self._one(uapi.UBLK_IO_OP_DISCARD, offset, length, None, "discard")
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self._one(OP_WRITE_ZEROES, offset, length, None, "write_zeroes")
+        self._one(uapi.UBLK_IO_OP_WRITE_ZEROES, offset, length, None, "write_zeroes")
