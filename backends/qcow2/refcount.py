@@ -209,7 +209,7 @@ class Refcounts:
     def _new_block(self, idx: int) -> None:
         """Write a refcount block for index ``idx`` at the end of the file, covering itself."""
         b = self.end
-        assert b >> self._rb_bits == idx
+        assert b >> self._rb_bits == idx, f"refcount block {idx} placed at cluster {b}"
         # the block is written before the table entry that makes it count
         fileio.pwrite_all(self._fd, _block_bytes(self._cb, idx, b, b + 1), b << self._cb)
         self.end = b + 1

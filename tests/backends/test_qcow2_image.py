@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -313,6 +314,53 @@ def test_missing_backing_file(tmp_path):
     base.unlink()
     with pytest.raises(Qcow2Error, match="backing file"):
         Qcow2Image.open(top)
+
+
+def test_failed_requests_say_what_failed(tmp_path, monkeypatch):
+    """A failed request keeps its errno and its message names the problem (the server
+    logs it): the failed call, length and file offset, or which backing file."""
+    def fail(err: int):
+        def call(*args):
+            raise OSError(err, os.strerror(err))
+        return call
+
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(b"r" * 8192)
+    top = str(tmp_path / "top.qcow2")
+    with Qcow2Image.create(top, MiB, cluster_bits=12, backing_file=str(raw)) as img:
+        img.write(0, b"t" * 4096)
+        for name, err, call, words in [
+                ("pwrite", errno.ENOSPC, lambda: img.write(MiB // 2, b"x" * 4096),
+                 r"^cannot write \d+ bytes at file offset 0x[0-9a-f]+: No space left on "),
+                ("fsync", errno.EIO, img.flush,
+                 r"^fsync of the image file failed: Input/output error; writes since"),
+                ("preadv", errno.EIO, lambda: img.read(4096, 4096),
+                 rf"^backing file {re.escape(repr(str(raw)))}: cannot read 4096 bytes at "
+                 "file offset 0x1000: Input/output error$")]:
+            with monkeypatch.context() as m:
+                m.setattr(os, name, fail(err))
+                with pytest.raises(OSError) as ei:
+                    call()
+            assert ei.value.errno == err and re.search(words, ei.value.strerror), ei.value
+        assert img.read(0, 8192) == b"t" * 4096 + b"r" * 4096  # nothing else broke
+
+    base = str(tmp_path / "base.qcow2")
+    with Qcow2Image.create(base, MiB, cluster_bits=12) as b:
+        b.write(0, b"b" * 4096)
+    with open(base, "r+b") as f:  # set a reserved bit in the L2 entry of cluster 0
+        (l1_off,) = struct.unpack(">Q", f.read(48)[40:48])
+        f.seek(l1_off)
+        f.seek(struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00)
+        (entry,) = struct.unpack(">Q", f.read(8))
+        f.seek(-8, os.SEEK_CUR)
+        f.write(struct.pack(">Q", entry | 2))
+    Qcow2Image.create(top, MiB, cluster_bits=12, backing_file=base).close()
+    with Qcow2Image.open(top) as img:
+        with pytest.raises(Qcow2Error) as ei:
+            img.read(0, 512)
+    assert ei.value.errno == errno.EIO
+    assert re.search(rf"^backing file {re.escape(repr(base))}: corrupt qcow2 image: L2 "
+                     "entry .* reserved bits", ei.value.strerror), ei.value
 
 
 # ------------------------------------------------------------------ refused features
