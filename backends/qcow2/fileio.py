@@ -2,6 +2,8 @@
 
 Every write the engine makes goes through ``pwrite_all``; the other modules call it
 as ``fileio.pwrite_all`` so that a crash test can record each write by replacing it.
+A failed read or write raises OSError with its errno and a message naming the
+operation, its length and its file offset.
 """
 
 from __future__ import annotations
@@ -14,15 +16,23 @@ import numpy as np
 __all__ = ["pread_into", "pread_padded", "pwrite_all", "store_entry"]
 
 
+def _failed(e: OSError, what: str, n: int, offset: int) -> OSError:
+    return OSError(e.errno, f"cannot {what} {n} bytes at file offset {offset:#x}: "
+                            f"{e.strerror}")
+
+
 def pread_into(fd: int, mv: memoryview, offset: int) -> None:
     """Fill ``mv`` from ``offset``; bytes past the end of the file read as zeros."""
     done, n = 0, len(mv)
-    while done < n:
-        got = os.preadv(fd, [mv[done:]], offset + done)
-        if got <= 0:
-            mv[done:] = bytes(n - done)
-            return
-        done += got
+    try:
+        while done < n:
+            got = os.preadv(fd, [mv[done:]], offset + done)
+            if got <= 0:
+                mv[done:] = bytes(n - done)
+                return
+            done += got
+    except OSError as e:
+        raise _failed(e, "read", n, offset) from e
 
 
 def pread_padded(fd: int, n: int, offset: int) -> bytearray:
@@ -34,8 +44,11 @@ def pread_padded(fd: int, n: int, offset: int) -> bytearray:
 def pwrite_all(fd: int, data: Any, offset: int) -> None:
     mv = memoryview(data).cast("B")
     done = 0
-    while done < len(mv):
-        done += os.pwrite(fd, mv[done:], offset + done)
+    try:
+        while done < len(mv):
+            done += os.pwrite(fd, mv[done:], offset + done)
+    except OSError as e:
+        raise _failed(e, "write", len(mv), offset) from e
 
 
 def store_entry(fd: int, table: np.ndarray, i: int, value: int, table_offset: int) -> None:

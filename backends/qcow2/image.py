@@ -46,17 +46,27 @@ def _zero_past(size: int, offset: int, mv: memoryview) -> int:
     return avail
 
 
+def _in_backing(path: str, e: OSError) -> Qcow2Error:
+    """``e``, raised while reading the backing file ``path``, naming that file (the
+    image's own errors do not: a chain has several files)."""
+    return Qcow2Error(e.errno or errno.EIO, f"backing file {path!r}: {e.strerror or e}")
+
+
 class _RawBacking:
     """Read-only raw backing file; reads past its end return zeros."""
 
     def __init__(self, path: str) -> None:
+        self._path = path
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = os.fstat(self._fd).st_size
 
     def _read_clipped(self, offset: int, mv: memoryview) -> None:
         avail = _zero_past(self.size, offset, mv)
         if avail:
-            fileio.pread_into(self._fd, mv[:avail], offset)
+            try:
+                fileio.pread_into(self._fd, mv[:avail], offset)
+            except OSError as e:
+                raise _in_backing(self._path, e) from e
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -222,7 +232,11 @@ class Qcow2Image:
         """
         with self._lock:
             self._check_open()
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise OSError(e.errno, f"fsync of the image file failed: {e.strerror}; "
+                                       "writes since the last flush may not be on disk") from e
 
     # ---------------------------------------------------------------- checks
     def _check_open(self) -> None:
@@ -264,7 +278,10 @@ class Qcow2Image:
         with self._lock:
             self._check_open()
             if avail:
-                self._read(offset, mv[:avail])
+                try:
+                    self._read(offset, mv[:avail])
+                except OSError as e:
+                    raise _in_backing(self._path, e) from e
 
     def _read(self, offset: int, mv: memoryview) -> None:
         cb, cs = self._cb, self._cs
