@@ -95,6 +95,13 @@ cdef class Queue:
     cdef int64_t spin_ns
     cdef unsigned submit_chunk
     cdef readonly uint64_t cmd_errors
+    cdef readonly uint64_t failed  # requests committed with -errno
+    cdef uint64_t unlogged         # of those, not yet in a log line
+    cdef int64_t last_log_ns
+    cdef int32_t first_err         # the first unlogged failure: errno, op, offset, length
+    cdef uint32_t first_op
+    cdef uint64_t first_off
+    cdef uint32_t first_len
     cdef readonly object py_tag_array
     cdef object _keep
 
@@ -102,6 +109,8 @@ cdef class Queue:
     cdef void drain_backend_io(self, int64_t timeout_ns) noexcept nogil
     cdef void submit_cmd(self, uint32_t nr, int tag, int32_t result) noexcept nogil
     cdef void commit(self, int tag, int32_t res) noexcept nogil
+    cdef void note_failure(self, int tag, int32_t res) noexcept nogil
+    cdef void log_failures(self) noexcept nogil
     cdef void register_buf(self, int tag) noexcept nogil
     cdef uint64_t target_ud(self, int tag, uint32_t tgt_data) noexcept nogil
     cdef uint8_t *tag_buf(self, int tag) noexcept nogil

@@ -32,6 +32,9 @@ cdef enum:
     REAP_BATCH = 512
 
 RESUBMITTED = -0x7fffffff
+cdef int64_t FAIL_LOG_INTERVAL_NS = 1000000000
+OP_NAMES = {UBLK_IO_OP_READ: "READ", UBLK_IO_OP_WRITE: "WRITE", UBLK_IO_OP_FLUSH: "FLUSH",
+            UBLK_IO_OP_DISCARD: "DISCARD", UBLK_IO_OP_WRITE_ZEROES: "WRITE_ZEROES"}
 #: The C constants this module was compiled with (uapi.pxd), for tests against pyublk_fast.uapi.
 COMPILED_UAPI = dict(
     UBLK_IO_OP_READ=UBLK_IO_OP_READ, UBLK_IO_OP_WRITE=UBLK_IO_OP_WRITE, UBLK_IO_OP_FLUSH=UBLK_IO_OP_FLUSH,
@@ -289,7 +292,36 @@ cdef class Queue:
     cdef void commit(self, int tag, int32_t res) noexcept nogil:
         """Complete the request of tag with res (bytes or -errno) and fetch the next."""
         res = self.dp.end(self, tag, &self.iods[tag], res)
+        if res < 0:
+            self.note_failure(tag, res)
         self.submit_cmd(UBLK_IO_COMMIT_AND_FETCH_REQ, tag, res)
+
+    cdef void note_failure(self, int tag, int32_t res) noexcept nogil:
+        """Count a failed request; the first of each log interval is kept for the log line
+        (an application that sees EIO can then find why in the server's log)."""
+        cdef const ublksrv_io_desc *iod = &self.iods[tag]
+        self.failed += 1
+        if self.unlogged == 0:
+            self.first_err = -res
+            self.first_op = iod.op_flags & 0xff
+            self.first_off = iod.start_sector << SECTOR_SHIFT
+            self.first_len = iod.nr_sectors << SECTOR_SHIFT
+        self.unlogged += 1
+
+    cdef void log_failures(self) noexcept nogil:
+        """One log line for the failures since the last one: at most one a second, so a
+        failing disk cannot flood the log, and the first failure shows at once."""
+        cdef int64_t now = pyu_now_ns()
+        if self.unlogged == 0 or now - self.last_log_ns < FAIL_LOG_INTERVAL_NS:
+            return
+        with gil:
+            more = (f" (and {self.unlogged - 1} more failed requests in the last "
+                    f"{(now - self.last_log_ns) / 1e9:.1f} s)") if self.unlogged > 1 else ""
+            log.warning("queue %d: %s of %d bytes at offset %d failed: %s%s", self.q_id,
+                        OP_NAMES.get(self.first_op, f"op {self.first_op}"), self.first_len,
+                        self.first_off, _errno.errorcode.get(self.first_err, self.first_err), more)
+        self.unlogged = 0
+        self.last_log_ns = now
 
     cdef uint64_t target_ud(self, int tag, uint32_t tgt_data) noexcept nogil:
         return ud_encode(tag, 0, tgt_data, 1)
@@ -360,7 +392,11 @@ cdef class Queue:
                     self.on_request(tag)
             if self.n_py:
                 self.run_python()
+            if self.unlogged:
+                self.log_failures()
         io_uring_submit(self.r)
+        self.last_log_ns = 0
+        self.log_failures()
 
     cdef void on_request(self, int tag) noexcept nogil:
         cdef const ublksrv_io_desc *iod = &self.iods[tag]

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import random
+import re
+import time
 
 import pytest
 
@@ -483,3 +486,28 @@ def test_loop_file_on_a_4k_sector_filesystem_declares_4k_blocks(sim, loop_dev_4k
             assert f.read()[4096:4096 + len(data)] == data
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def _failure_lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.queue" and "failed:" in r.getMessage()]
+
+
+def test_failed_requests_are_logged_with_the_reason(sim, caplog):
+    """An application that sees an errno finds the request and the reason in the log, and a
+    burst of failures is counted in rate-limited lines instead of one line each."""
+    caplog.set_level(logging.WARNING, logger="pyublk_fast.queue")
+    with Device(Failing(1 << 20), sim, depth=32) as dev, dev.open() as blk:
+        with pytest.raises(OSError):
+            blk.pwrite(b"x" * 512, 4096)
+        deadline = time.monotonic() + 10
+        while not _failure_lines(caplog) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _failure_lines(caplog)[0] == "queue 0: WRITE of 512 bytes at offset 4096 failed: ENOSPC"
+        res = blk.submit([(1, 4096, 512, b"y" * 512)] * 20)
+        assert res == [-errno.ENOSPC] * 20
+    lines = _failure_lines(caplog)        # stop() logged what was still counted
+    counted = 0
+    for line in lines:
+        more = re.search(r"\(and (\d+) more failed requests", line)
+        counted += 1 + (int(more.group(1)) if more else 0)
+    assert counted == 21 and len(lines) <= 3, lines
