@@ -3,6 +3,12 @@ from pyublk_fast._core.ring cimport Ring
 from pyublk_fast._core.uapi cimport ublksrv_io_desc
 from .wire cimport SimCmd
 
+cdef enum:
+    TAG_IDLE = 0
+    TAG_READY = 1
+    TAG_SERVER = 2
+    TAG_GETDATA = 3
+
 cdef struct Req:                  # one block request (the front's bio)
     uint8_t op
     uint8_t origin                # ORIGIN_FRONT / ORIGIN_LOADGEN
@@ -134,12 +140,3 @@ cdef class SimDriver:
     cdef void fail_pending(self, SimQueue *q, int32_t res) noexcept nogil
     cdef void lg_issue(self) noexcept nogil
     cdef void lg_done(self, int ri, int32_t res) noexcept nogil
-
-
-# Data-path entry points, called by a server thread on a request it owns (the kernel's
-# read_iter/write_iter, REGISTER_IO_BUF and the seed's splice_read on /dev/ublkcN).
-# They return bytes (or 0) or -errno like the syscalls.
-from pyublk_fast._core.liburing cimport iovec
-cdef int64_t sim_user_copy(SimDev *d, uint64_t pos, void *buf, uint64_t length, int to_request) noexcept nogil
-cdef int sim_reg_buf(SimDev *d, int q_id, int tag, iovec *iov) noexcept nogil
-cdef int64_t sim_splice(SimDev *d, uint64_t pos, int pipe_fd, uint64_t length, unsigned flags) noexcept nogil
