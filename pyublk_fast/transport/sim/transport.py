@@ -17,7 +17,8 @@ from ... import uapi
 from ..._core.ring import Ring
 from ..base import DevInfo, QueueEndpoint, Transport
 from .channel import SimChannel
-from .driver import SimDriver, SIM_FEATURES, front_msg, hist_bucket_lower_ns
+from .driver import SimDriver, SIM_FEATURES, front_msg
+from .loadgen import LoadGen, summarize
 
 OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES = 0, 1, 2, 3, 5
 FRONT_SLOTS = 8192          # request slots for fronts; the load generator uses the rest
@@ -36,6 +37,7 @@ class SimTransport(Transport):
         self.driver.start()
         self._slots = list(range(FRONT_SLOTS - 1, -1, -1))
         self._slot_lock = threading.Lock()
+        self.loadgen = LoadGen(self.driver, FRONT_SLOTS)
 
     def close(self) -> None:
         self.driver.shutdown()
@@ -163,17 +165,16 @@ class SimTransport(Transport):
         pct, rnd = kinds[rw]
         if read_pct is not None:
             pct = read_pct
-        first = FRONT_SLOTS
-        d = self.driver
+        d, lg = self.driver, self.loadgen
         if verify:
             info = self.dev_info(dev_id)
             reg = region or info.size
-            d.call(d.lg_start, dev_id, first, qd, bs, 0, False, True, reg, reg // bs, 0.0, seed)
-            pre = d.lg_wait(timeout)
+            d.call(lg.start, dev_id, qd, bs, 0, False, True, reg, reg // bs, 0.0, seed)
+            pre = lg.wait(timeout)
             if pre["errors"]:
                 raise OSError(errno.EIO, f"verify prefill: {pre['errors']} write errors")
-        d.call(d.lg_start, dev_id, first, qd, bs, pct, rnd, verify, region, count, runtime, seed)
-        out = d.lg_wait(timeout)
+        d.call(lg.start, dev_id, qd, bs, pct, rnd, verify, region, count, runtime, seed)
+        out = lg.wait(timeout)
         return summarize(out, bs)
 
 
@@ -181,23 +182,6 @@ def _aligned(n: int) -> np.ndarray:
     raw = np.empty(n + 4096, np.uint8)
     start = (-raw.__array_interface__["data"][0]) % 4096
     return raw[start:start + n]
-
-
-def summarize(out: dict, bs: int) -> dict:
-    hist = out.pop("hist")
-    secs = out["seconds"] or 1e-9
-    lower = hist_bucket_lower_ns()
-    total = hist.sum()
-    pct = {}
-    if total:
-        cum = np.cumsum(hist)
-        for p in (50, 99, 99.9):
-            idx = int(np.searchsorted(cum, total * p / 100.0))
-            pct[p] = lower[min(idx, len(lower) - 1)] / 1000.0
-    out.update(iops=out["completed"] / secs, mbps=out["bytes"] / secs / 1e6,
-               lat_p50_us=pct.get(50, 0.0), lat_p99_us=pct.get(99, 0.0), lat_p999_us=pct.get(99.9, 0.0),
-               bs=bs, hist=hist)
-    return out
 
 
 class SimBlockDevice:
