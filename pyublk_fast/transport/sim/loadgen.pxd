@@ -8,7 +8,6 @@ cdef struct LoadGenState:         # what the driver thread reads and writes duri
     int origin                    # the driver's Req.origin for our requests
     int active
     int dev
-    int qd
     uint32_t bs
     int read_pct
     int random

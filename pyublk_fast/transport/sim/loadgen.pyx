@@ -203,7 +203,6 @@ cdef class LoadGen:
             lg.free_slots[i] = qd - 1 - i
         lg.nfree_slots = qd
         lg.dev = d
-        lg.qd = qd
         lg.bs = bs
         lg.read_pct = read_pct
         lg.random = random
