@@ -87,7 +87,7 @@ def scenario_fields(sc: Scenario) -> dict:
 
 def compact_hist(hist) -> dict | None:
     """The simulated driver's latency histogram, nonzero buckets only: lower bounds (ns) and counts."""
-    from ..transport.sim.driver import hist_bucket_lower_ns
+    from ..transport.sim.loadgen import hist_bucket_lower_ns
     lower = hist_bucket_lower_ns()
     nz = [i for i, c in enumerate(hist.tolist()) if c]
     if not nz:

@@ -16,7 +16,7 @@ import pytest
 from pyublk_fast import uapi
 from pyublk_fast._core.codec import splice_pos, user_copy_pos
 from pyublk_fast._core.queue import Queue
-from pyublk_fast.transport.sim.driver import splice_probe, user_copy_probe
+from pyublk_fast.transport.sim.chardev import splice_probe, user_copy_probe
 
 DIRECT = uapi.SPLICE_F_DIRECT
 R2R = uapi.SPLICE_F_READ_TO_READ

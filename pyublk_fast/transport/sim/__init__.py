@@ -1,4 +1,5 @@
 """The simulated ublk driver as a transport, with a block-device front and a load generator."""
-from .transport import SimTransport, SimBlockDevice
+from .front import SimBlockDevice
+from .transport import SimTransport
 
 __all__ = ["SimTransport", "SimBlockDevice"]

@@ -21,7 +21,8 @@ from pyublk_fast._core.queue cimport Channel, DataPath, NoBufferPath, Queue, DP_
 from pyublk_fast._core.uapi cimport *
 from pyublk_fast._core.codec cimport uc_pos, sp_pos
 from pyublk_fast import uapi
-from .driver cimport SimDriver, SimDev, sim_user_copy, sim_reg_buf, sim_splice
+from .driver cimport SimDriver, SimDev
+from .chardev cimport sim_user_copy, sim_reg_buf, sim_splice
 from .wire cimport SimCmd, sim_msg, SIM_MSG_SERVER
 
 cdef extern from "<fcntl.h>" nogil:

@@ -3,9 +3,17 @@ from pyublk_fast._core.ring cimport Ring
 from pyublk_fast._core.uapi cimport ublksrv_io_desc
 from .wire cimport SimCmd
 
+cdef enum:
+    TAG_IDLE = 0
+    TAG_READY = 1
+    TAG_SERVER = 2
+    TAG_GETDATA = 3
+    ORIGIN_FRONT = 0              # Req.origin of a front's request; origins 1.. are in the table
+    MAX_ORIGINS = 4               # the fronts' 0 and three registered origins
+
 cdef struct Req:                  # one block request (the front's bio)
     uint8_t op
-    uint8_t origin                # ORIGIN_FRONT / ORIGIN_LOADGEN
+    uint8_t origin                # who issued it: ORIGIN_FRONT or an index in the origin table
     uint16_t dev
     uint32_t flags
     uint64_t offset               # bytes
@@ -14,7 +22,7 @@ cdef struct Req:                  # one block request (the front's bio)
     uint8_t *buf
     int32_t reply_fd              # front ring to post the completion to
     int32_t queue                 # global queue index while queued, -1 otherwise
-    int64_t t_start
+    int64_t t_start               # when its origin issued it (for the origin's latency figures)
 
 cdef struct SimTag:
     uint8_t state                 # TAG_IDLE / TAG_READY / TAG_SERVER / TAG_GETDATA
@@ -57,34 +65,33 @@ cdef struct SimDev:
     SimQueue *qbase               # this device's queues (for the user-copy / splice entry points)
     Req *reqs
 
-cdef struct LoadGen:
-    int active
-    int dev
-    int qd
-    uint32_t bs
-    int read_pct
-    int random
-    int verify
-    uint64_t region
-    uint64_t count                # stop after this many (0: duration only)
-    int64_t deadline_ns
-    uint64_t issued
-    uint64_t completed
-    uint64_t errors
-    uint64_t verify_errors
-    uint64_t bytes
-    uint64_t seq_off
-    uint64_t rng
-    uint64_t seed
-    int inflight
-    int first_req
-    int stop
-    int *free_slots
-    int nfree_slots
-    uint8_t *bufs
-    uint64_t *hist                # latency histogram, log-linear buckets
-    int64_t t0
-    int64_t t_end
+
+# Request origins issue block requests from inside the driver thread, as fio does from
+# blk-mq's context (the load generator is one; fronts send theirs by MSG_RING instead).
+# An origin registers a ctx and two functions with add_origin:
+# - tick(drv, ctx), called while the origin is awake, before, during and after each
+#   batch of messages: it fills request slots of its own (Req.origin = its index) and
+#   passes them to drv.queue_rq; returning False puts it to sleep until wake_origin.
+# - done(drv, ctx, ri, res), once for each of its requests, with the result (bytes or -errno).
+cdef class SimDriver
+ctypedef bint (*origin_tick_fn)(SimDriver drv, void *ctx) noexcept nogil
+ctypedef void (*origin_done_fn)(SimDriver drv, void *ctx, int ri, int32_t res) noexcept nogil
+
+cdef struct Origin:
+    void *ctx
+    origin_tick_fn tick
+    origin_done_fn done
+    bint awake
+
+
+cdef inline uint64_t xorshift64s(uint64_t *s) noexcept nogil:
+    """xorshift64*: the next pseudo-random number of state s (never 0)."""
+    cdef uint64_t x = s[0]
+    x ^= x >> 12
+    x ^= x << 25
+    x ^= x >> 27
+    s[0] = x
+    return x * 0x2545F4914F6CDD1DULL
 
 
 cdef class SimDriver:
@@ -97,8 +104,10 @@ cdef class SimDriver:
     cdef SimDev *devs
     cdef SimQueue *queues
     cdef Req *reqs
-    cdef int nqueues_used
-    cdef LoadGen lg
+    cdef Origin origins[MAX_ORIGINS]
+    cdef int norigins              # table entries in use, from 1 (0 stands for the fronts)
+    cdef int nawake                # origins being ticked
+    cdef object _origin_owners     # the objects behind the origins' ctx (kept alive)
     cdef object _iod_arrays        # numpy arrays backing descriptor arrays (kept alive)
     cdef object _cmd_arrays
     cdef object _ctl               # deque of control callables
@@ -106,7 +115,6 @@ cdef class SimDriver:
     cdef object _nudge_lock
     cdef object _thread
     cdef object _ready
-    cdef object _lg_done
     cdef uint64_t msg_failures
     cdef uint64_t rng_state
     cdef bint random_tags
@@ -132,14 +140,5 @@ cdef class SimDriver:
     cdef int take_tag(self, SimQueue *q) noexcept nogil
     cdef void abort_ready(self, SimQueue *q) noexcept nogil
     cdef void fail_pending(self, SimQueue *q, int32_t res) noexcept nogil
-    cdef void lg_issue(self) noexcept nogil
-    cdef void lg_done(self, int ri, int32_t res) noexcept nogil
-
-
-# Data-path entry points, called by a server thread on a request it owns (the kernel's
-# read_iter/write_iter, REGISTER_IO_BUF and the seed's splice_read on /dev/ublkcN).
-# They return bytes (or 0) or -errno like the syscalls.
-from pyublk_fast._core.liburing cimport iovec
-cdef int64_t sim_user_copy(SimDev *d, uint64_t pos, void *buf, uint64_t length, int to_request) noexcept nogil
-cdef int sim_reg_buf(SimDev *d, int q_id, int tag, iovec *iov) noexcept nogil
-cdef int64_t sim_splice(SimDev *d, uint64_t pos, int pipe_fd, uint64_t length, unsigned flags) noexcept nogil
+    cdef int add_origin(self, object owner, void *ctx, origin_tick_fn tick, origin_done_fn done) except -1
+    cdef void wake_origin(self, int origin) noexcept nogil

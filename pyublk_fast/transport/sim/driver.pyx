@@ -5,14 +5,14 @@ The driver thread owns an io_uring. Servers "submit" I/O commands by writing the
 command (the SQE's cmd area on a kernel) to a shared SimCmd slot and posting a
 MSG_RING to this ring; the driver completes a server's FETCH by posting a
 MSG_RING CQE carrying the server's own user_data, as the kernel completes the
-uring_cmd. Block requests arrive the same way from front rings, or are generated
-in this thread by the load generator (like fio submitting in blk-mq's context).
+uring_cmd. Block requests arrive the same way from front rings, or are issued in
+this thread by a request origin such as the load generator (like fio submitting in
+blk-mq's context), which plugs in through the origin table (see driver.pxd).
 
 Control commands are run in this thread too (with the GIL, rarely), so all
 driver state has one owner and needs no locks.
 """
 import collections
-import errno as _errno
 import os
 import threading
 
@@ -20,38 +20,24 @@ import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset
-from libc.stdlib cimport calloc, free, malloc
-from libc.errno cimport (EINVAL, EIO, ENODEV, EBUSY, EAGAIN, EPERM, EACCES, EOPNOTSUPP, ENOSPC, EEXIST,
-                         ETIMEDOUT, ENOLINK, ENODATA, EILSEQ, ENOMEM, ENOENT, EEXIST, EROFS,
-                         EREMOTEIO, EBADE)
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
-from posix.unistd cimport read as c_read
-from posix.ioctl cimport ioctl
-cdef extern from "<stdlib.h>" nogil:
-    int posix_memalign(void **memptr, size_t alignment, size_t size)
+from libc.stdlib cimport calloc, free
+from libc.errno cimport (EINVAL, EIO, ENODEV, EBUSY, EAGAIN, EACCES, EOPNOTSUPP, ENOSPC, EEXIST,
+                         ETIMEDOUT, ENOLINK, ENODATA, EILSEQ, ENOMEM, EROFS, EREMOTEIO, EBADE)
 
-from pyublk_fast._core.liburing cimport (iovec, io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit,
-                                         io_uring_sq_ready, io_uring_submit_and_wait, io_uring_prep_msg_ring,
+from pyublk_fast._core.liburing cimport (io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit,
+                                         io_uring_sq_ready, io_uring_prep_msg_ring,
                                          IOSQE_CQE_SKIP_SUCCESS, pyu_submit_and_wait_adaptive)
 from pyublk_fast._core.ring cimport Ring, reap_cq
 from pyublk_fast._core.uapi cimport *
 from .wire cimport *
-from pyublk_fast._core.codec cimport UC_BASE, uc_qid, uc_tag, uc_off, sp_qid, sp_tag, sp_off
 
 from pyublk_fast import uapi
 
 cnp.import_array()
 
 cdef enum:
-    TAG_IDLE = 0
-    TAG_READY = 1
-    TAG_SERVER = 2
-    TAG_GETDATA = 3
-    ORIGIN_FRONT = 0
-    ORIGIN_LOADGEN = 1
     REAP_BATCH = 256
     SUBMIT_CHUNK = 4                # submit after this many queued SQEs while handling a batch
-    HIST_BUCKETS = 512              # log-linear: 64 powers of two x 8 steps
     S_DEAD = 0
     S_LIVE = 1
     S_QUIESCED = 2
@@ -75,49 +61,9 @@ SIM_FEATURES = (uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_NEED_GET_DATA
                 | uapi.UBLK_F_CMD_IOCTL_ENCODE | uapi.UBLK_F_USER_COPY
                 | uapi.UBLK_F_USER_RECOVERY_FAIL_IO | uapi.UBLK_F_UPDATE_SIZE
                 | uapi.UBLK_F_SUPPORT_ZERO_COPY | uapi.UBLK_F_QUIESCE | uapi.SIM_F_SPLICE_ZC)
-# Flags ADD_DEV always sets on 7.x (DESIGN.md: `| 0x26042` on 7.2), limited to what we model.
+# Flags a 7.x kernel's ADD_DEV grants even when not asked for (on 7.2: 0x26042, i.e. COMP_IN_TASK,
+# CMD_IOCTL_ENCODE, PER_IO_DAEMON, BUF_REG_OFF_DAEMON, SAFE_STOP_DEV), limited to what we model.
 SIM_ALWAYS_SET = uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_CMD_IOCTL_ENCODE
-
-
-cdef extern from "<sys/uio.h>" nogil:
-    ssize_t vmsplice(int fd, const iovec *iov, size_t nr_segs, unsigned int flags)
-
-cdef extern from "<sys/ioctl.h>" nogil:
-    enum:
-        FIONREAD
-
-cdef unsigned SPLICE_F_DIRECT = uapi.SPLICE_F_DIRECT
-cdef unsigned SPLICE_F_READ_TO_READ = uapi.SPLICE_F_READ_TO_READ
-
-
-cdef inline int64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-
-
-cdef inline int hist_bucket(int64_t ns) noexcept nogil:
-    if ns < 8:
-        return <int>(ns if ns > 0 else 0)
-    cdef int msb = 63 - __builtin_clzll(<unsigned long long>ns)
-    cdef int b = msb * 8 + <int>((ns >> (msb - 3)) & 7)
-    return b if b < HIST_BUCKETS else HIST_BUCKETS - 1
-
-
-cdef extern from *:
-    int __builtin_clzll(unsigned long long) nogil
-
-
-def hist_bucket_lower_ns():
-    """Lower bound (ns) of each latency histogram bucket."""
-    out = np.zeros(HIST_BUCKETS, np.float64)
-    for b in range(HIST_BUCKETS):
-        if b < 8:
-            out[b] = b
-        else:
-            msb, step = divmod(b, 8)
-            out[b] = (1 << msb) + step * (1 << msb) / 8 if msb >= 3 else b
-    return out
 
 
 cdef inline bint is_copy_path(const SimDev *d) noexcept nogil:
@@ -135,30 +81,15 @@ cdef inline int32_t blk_status_errno(int32_t res) noexcept nogil:
     return -EIO
 
 
-cdef inline uint64_t lg_next(uint64_t *s) noexcept nogil:
-    # xorshift64*
-    cdef uint64_t x = s[0]
-    x ^= x >> 12
-    x ^= x << 25
-    x ^= x >> 27
-    s[0] = x
-    return x * 0x2545F4914F6CDD1DULL
-
-
-cdef inline void pattern_fill(uint8_t *buf, uint64_t off, uint32_t n, uint64_t seed) noexcept nogil:
-    cdef uint64_t *w = <uint64_t *>buf
-    cdef uint32_t i
-    for i in range(n >> 3):
-        w[i] = (off + (i << 3)) ^ seed
-
-
-cdef inline int pattern_check(const uint8_t *buf, uint64_t off, uint32_t n, uint64_t seed) noexcept nogil:
-    cdef const uint64_t *w = <const uint64_t *>buf
-    cdef uint32_t i
-    for i in range(n >> 3):
-        if w[i] != ((off + (i << 3)) ^ seed):
-            return 0
-    return 1
+cdef inline void tick_origins(SimDriver drv) noexcept nogil:
+    """Let every awake origin issue requests; one that has finished goes to sleep."""
+    cdef Origin *o
+    cdef int k
+    for k in range(1, drv.norigins):
+        o = &drv.origins[k]
+        if o.awake and not o.tick(drv, o.ctx):
+            o.awake = 0
+            drv.nawake -= 1
 
 
 cdef class SimDriver:
@@ -184,7 +115,8 @@ cdef class SimDriver:
         self._ctl = collections.deque()
         self._nudge_lock = threading.Lock()
         self._ready = threading.Event()
-        self._lg_done = threading.Event()
+        self._origin_owners = []
+        self.norigins = 1
         self.ring_fd = -1
 
     def __dealloc__(self):
@@ -197,8 +129,6 @@ cdef class SimDriver:
         free(self.devs)
         free(self.queues)
         free(self.reqs)
-        free(self.lg.bufs)
-        free(self.lg.hist)
 
     # -- thread lifecycle -------------------------------------------------------------
 
@@ -297,8 +227,8 @@ cdef class SimDriver:
         cdef io_uring *ring = &self.ring.ring
         cdef int64_t budget = self.spin_ns       # adaptive poll budget (ns)
         while not self.stopping:
-            if self.lg.active:
-                self.lg_issue()
+            if self.nawake:
+                tick_origins(self)
             pyu_submit_and_wait_adaptive(ring, self.spin_ns, &budget)
             while True:
                 n = reap_cq(ring, ud, res, fl, REAP_BATCH)
@@ -309,8 +239,8 @@ cdef class SimDriver:
                     # every SUBMIT_CHUNK messages rather than after the whole batch
                     if io_uring_sq_ready(ring) >= SUBMIT_CHUNK:
                         io_uring_submit(ring)
-                    if self.lg.active and i % SUBMIT_CHUNK == SUBMIT_CHUNK - 1:
-                        self.lg_issue()
+                    if self.nawake and i % SUBMIT_CHUNK == SUBMIT_CHUNK - 1:
+                        tick_origins(self)
                     kind = ud[i] >> SIM_MSG_SHIFT
                     low = ud[i] & ((1ULL << SIM_MSG_SHIFT) - 1)
                     if kind == SIM_MSG_SERVER:
@@ -322,8 +252,8 @@ cdef class SimDriver:
                             self._run_control()
                     else:
                         self.msg_failures += 1
-                if self.lg.active:
-                    self.lg_issue()
+                if self.nawake:
+                    tick_origins(self)
 
     cdef void post(self, int fd, int32_t res, uint64_t user_data) noexcept nogil:
         """Post CQE (user_data, res) on ring fd: how the driver completes a uring_cmd."""
@@ -430,7 +360,7 @@ cdef class SimDriver:
         cdef int j
         cdef uint16_t t
         if self.random_tags and q.nfree > 1:
-            j = <int>(lg_next(&self.rng_state) % <uint64_t>q.nfree)
+            j = <int>(xorshift64s(&self.rng_state) % <uint64_t>q.nfree)
             t = q.free_tags[j]
             q.free_tags[j] = q.free_tags[q.nfree - 1]
             q.free_tags[q.nfree - 1] = t
@@ -516,7 +446,6 @@ cdef class SimDriver:
             self.complete_unqueued(ri, -EIO)
             return
         d.inflight += 1
-        r.t_start = now_ns() if r.origin == ORIGIN_FRONT else r.t_start
         self.requeue(ri)
 
     cdef void requeue(self, int ri) noexcept nogil:
@@ -533,11 +462,14 @@ cdef class SimDriver:
             q.pend_count += 1
 
     cdef void complete_unqueued(self, int ri, int32_t res) noexcept nogil:
-        self.reqs[ri].queue = -1
-        if self.reqs[ri].origin == ORIGIN_FRONT:
-            self.post(self.reqs[ri].reply_fd, res, ri)
+        cdef Req *r = &self.reqs[ri]
+        cdef Origin *o
+        r.queue = -1
+        if r.origin == ORIGIN_FRONT:
+            self.post(r.reply_fd, res, ri)
         else:
-            self.lg_done(ri, res)
+            o = &self.origins[r.origin]
+            o.done(self, o.ctx, ri, res)
 
     cdef void complete(self, int ri, int32_t res) noexcept nogil:
         self.devs[self.reqs[ri].dev].inflight -= 1
@@ -560,66 +492,30 @@ cdef class SimDriver:
                 self.post(q.tags[tag].ring_fd, -ENODEV, q.tags[tag].ud)
         q.nfree = 0
 
-    # -- load generator ----------------------------------------------------------------
+    # -- request origins ---------------------------------------------------------------
 
-    cdef void lg_issue(self) noexcept nogil:
-        cdef LoadGen *lg = &self.lg
-        cdef int slot, ri
-        cdef Req *r
-        cdef uint64_t x
-        cdef int64_t t
-        while lg.nfree_slots and not lg.stop:
-            if lg.count and lg.issued >= lg.count:
-                break
-            t = now_ns()
-            if lg.deadline_ns and t >= lg.deadline_ns:
-                lg.stop = 1
-                break
-            lg.nfree_slots -= 1
-            slot = lg.free_slots[lg.nfree_slots]
-            ri = lg.first_req + slot
-            r = &self.reqs[ri]
-            r.origin = ORIGIN_LOADGEN
-            r.dev = lg.dev
-            r.flags = 0
-            r.len = lg.bs
-            r.buf = lg.bufs + <size_t>slot * lg.bs
-            x = lg_next(&lg.rng)
-            r.op = UBLK_IO_OP_READ if <int>(x % 100) < lg.read_pct else UBLK_IO_OP_WRITE
-            if lg.random:
-                r.offset = ((x >> 8) % (lg.region / lg.bs)) * lg.bs
-            else:
-                r.offset = lg.seq_off
-                lg.seq_off += lg.bs
-                if lg.seq_off >= lg.region:
-                    lg.seq_off = 0
-            if lg.verify and r.op == UBLK_IO_OP_WRITE:
-                pattern_fill(r.buf, r.offset, lg.bs, lg.seed)
-            r.t_start = t
-            lg.issued += 1
-            lg.inflight += 1
-            self.queue_rq(ri)
-        if lg.inflight == 0 and lg.active and (lg.stop or (lg.count and lg.issued >= lg.count)):
-            lg.active = 0
-            lg.t_end = now_ns()
-            with gil:
-                self._lg_done.set()
+    cdef int add_origin(self, object owner, void *ctx, origin_tick_fn tick, origin_done_fn done) except -1:
+        """Register an origin (in the driver thread: via call()); returns its Req.origin value.
 
-    cdef void lg_done(self, int ri, int32_t res) noexcept nogil:
-        cdef LoadGen *lg = &self.lg
-        cdef Req *r = &self.reqs[ri]
-        lg.hist[hist_bucket(now_ns() - r.t_start)] += 1
-        lg.inflight -= 1
-        lg.completed += 1
-        if res < 0:
-            lg.errors += 1
-            lg.stop = 1
-        else:
-            lg.bytes += r.len
-            if lg.verify and r.op == UBLK_IO_OP_READ and not pattern_check(r.buf, r.offset, r.len, lg.seed):
-                lg.verify_errors += 1
-        lg.free_slots[lg.nfree_slots] = ri - lg.first_req
-        lg.nfree_slots += 1
+        ctx is handed back to its functions; owner, the object behind ctx, is kept alive
+        as long as the driver.
+        """
+        if self.norigins == MAX_ORIGINS:
+            raise RuntimeError(f"the simulated driver takes at most {MAX_ORIGINS - 1} request origins")
+        cdef Origin *o = &self.origins[self.norigins]
+        o.ctx = ctx
+        o.tick = tick
+        o.done = done
+        o.awake = 0
+        self._origin_owners.append(owner)
+        self.norigins += 1
+        return self.norigins - 1
+
+    cdef void wake_origin(self, int origin) noexcept nogil:
+        """Tick the origin from now on, until its tick returns False (in the driver thread)."""
+        if not self.origins[origin].awake:
+            self.origins[origin].awake = 1
+            self.nawake += 1
 
     # -- control commands (run in the driver thread via call()) -------------------------
 
@@ -895,193 +791,8 @@ cdef class SimDriver:
         r.done = 0
         r.buf = <uint8_t *>buf
         r.queue = -1
-        r.t_start = now_ns()
-
-    # -- load generator control ----------------------------------------------------------
-
-    def lg_start(self, int d, int first_req, int qd, uint32_t bs, int read_pct, bint random,
-                 bint verify, uint64_t region, uint64_t count, double duration, uint64_t seed):
-        """Start the in-driver load generator (call via call()); wait with lg_wait()."""
-        dev = self._dev(d, "loadgen")
-        if self.lg.active:
-            raise RuntimeError("a load generator run is already active")
-        if bs == 0 or bs & ((1 << dev.lbs_shift) - 1) or bs > dev.max_io_bytes:
-            raise ValueError(f"bs={bs} must be a multiple of the logical block size "
-                             f"({1 << dev.lbs_shift}) and <= max_io_buf_bytes ({dev.max_io_bytes})")
-        if region == 0 or region > dev.size:
-            region = dev.size
-        region -= region % bs
-        if region < bs:
-            raise ValueError(f"device of {dev.size} bytes is smaller than one block of {bs}")
-        if not 1 <= qd <= 4096 or first_req + qd > self.nreq:
-            raise ValueError(f"qd={qd} out of range 1..4096")
-        free(self.lg.bufs)
-        free(self.lg.free_slots)
-        if self.lg.hist == NULL:
-            self.lg.hist = <uint64_t *>calloc(HIST_BUCKETS, sizeof(uint64_t))
-        memset(self.lg.hist, 0, HIST_BUCKETS * sizeof(uint64_t))
-        cdef void *bufs = NULL
-        if posix_memalign(&bufs, 4096, <size_t>qd * bs) == 0:   # page aligned, like page-cache pages
-            memset(bufs, 0, <size_t>qd * bs)
-        self.lg.bufs = <uint8_t *>bufs
-        self.lg.free_slots = <int *>malloc(qd * sizeof(int))
-        if self.lg.bufs == NULL or self.lg.free_slots == NULL:
-            raise MemoryError("loadgen buffers")
-        for i in range(qd):
-            self.lg.free_slots[i] = qd - 1 - i
-        self.lg.nfree_slots = qd
-        self.lg.dev = d
-        self.lg.qd = qd
-        self.lg.bs = bs
-        self.lg.read_pct = read_pct
-        self.lg.random = random
-        self.lg.verify = verify
-        self.lg.region = region
-        self.lg.count = count
-        self.lg.issued = self.lg.completed = self.lg.errors = self.lg.verify_errors = self.lg.bytes = 0
-        self.lg.seq_off = 0
-        self.lg.rng = seed | 1
-        self.lg.seed = seed
-        self.lg.inflight = 0
-        self.lg.first_req = first_req
-        self.lg.stop = 0
-        self.lg.t0 = now_ns()
-        self.lg.deadline_ns = self.lg.t0 + <int64_t>(duration * 1e9) if duration > 0 else 0
-        self._lg_done.clear()
-        self.lg.active = 1
-
-    def lg_wait(self, timeout=None):
-        """Wait for the load generator to finish; returns its counters and histogram."""
-        if not self._lg_done.wait(timeout):
-            raise TimeoutError("load generator did not finish in time")
-        hist = np.empty(HIST_BUCKETS, np.uint64)
-        for i in range(HIST_BUCKETS):
-            hist[i] = self.lg.hist[i]
-        return dict(issued=self.lg.issued, completed=self.lg.completed, errors=self.lg.errors,
-                    verify_errors=self.lg.verify_errors, bytes=self.lg.bytes,
-                    seconds=(self.lg.t_end - self.lg.t0) / 1e9, hist=hist)
-
-    def lg_stop(self):
-        self.lg.stop = 1
 
 
 def front_msg(int ri) -> int:
     """MSG_RING user_data a front sends to submit request slot ri."""
     return sim_msg(SIM_MSG_FRONT, ri)
-
-
-# -- data-path entry points, called by a server thread on a request it owns ------------------
-# (the kernel's read_iter/write_iter, splice_read and REGISTER_IO_BUF on /dev/ublkcN)
-
-cdef SimTag *_owned_tag(SimDev *d, uint32_t q_id, uint32_t tag) noexcept nogil:
-    if not d.present or q_id >= <uint32_t>d.nr_queues or tag >= <uint32_t>d.qbase[q_id].depth:
-        return NULL
-    cdef SimTag *t = &d.qbase[q_id].tags[tag]
-    return t if t.state == TAG_SERVER else NULL
-
-
-cdef int64_t sim_user_copy(SimDev *d, uint64_t pos, void *buf, uint64_t length, int to_request) noexcept nogil:
-    """pread (to_request=0) / pwrite (to_request=1) on /dev/ublkcN at a USER_COPY pos."""
-    if not d.flags & F_USER_COPY:
-        return -EACCES
-    if pos < UC_BASE:
-        return -EINVAL
-    cdef SimTag *t = _owned_tag(d, uc_qid(pos), uc_tag(pos))
-    if t == NULL:
-        return -EINVAL
-    cdef Req *r = &d.reqs[t.req]
-    cdef uint64_t off = uc_off(pos)
-    cdef uint64_t remaining = r.len - r.done
-    if r.op == UBLK_IO_OP_READ:
-        if not to_request:
-            return -EACCES
-    elif r.op == UBLK_IO_OP_WRITE:
-        if to_request:
-            return -EACCES
-    else:
-        return -EINVAL
-    if off > remaining:
-        return -EINVAL
-    if length > remaining - off:
-        length = remaining - off
-    if to_request:
-        memcpy(r.buf + r.done + off, buf, length)
-    else:
-        memcpy(buf, r.buf + r.done + off, length)
-    return <int64_t>length
-
-
-cdef int sim_reg_buf(SimDev *d, int q_id, int tag, iovec *iov) noexcept nogil:
-    """REGISTER_IO_BUF: the request's pages, for the server to install in its buffer table."""
-    if not d.flags & F_ZERO_COPY:
-        return -EINVAL
-    cdef SimTag *t = _owned_tag(d, q_id, tag)
-    if t == NULL:
-        return -EINVAL
-    cdef Req *r = &d.reqs[t.req]
-    if r.op != UBLK_IO_OP_READ and r.op != UBLK_IO_OP_WRITE:
-        return -EINVAL
-    iov.iov_base = r.buf + r.done
-    iov.iov_len = r.len - r.done
-    return 0
-
-
-cdef int64_t sim_splice(SimDev *d, uint64_t pos, int pipe_fd, uint64_t length, unsigned flags) noexcept nogil:
-    """The seed RFC's ublk_splice_read: move request pages into (WRITE) or out of (READ) a pipe.
-
-    Checks in the RFC's order: SPLICE_F_DIRECT (EPERM); a READ_TO_READ on a drained pipe
-    (EINVAL); q_id/tag/feature/started (EINVAL); running total or len 0 (EACCES, counted
-    even when a later check fails); no data (EINVAL); past the request (EINVAL);
-    READ_TO_READ iff READ (EINVAL).
-    """
-    cdef int avail = 0
-    if not flags & SPLICE_F_DIRECT:
-        return -EPERM
-    if flags & SPLICE_F_READ_TO_READ:
-        if ioctl(pipe_fd, FIONREAD, &avail) < 0 or <uint64_t>avail < length:
-            return -EINVAL
-    if not d.flags & F_SPLICE_ZC:
-        return -EINVAL
-    cdef SimTag *t = _owned_tag(d, sp_qid(pos), sp_tag(pos))
-    if t == NULL:
-        return -EINVAL
-    cdef Req *r = &d.reqs[t.req]
-    cdef uint64_t remaining = r.len - r.done
-    cdef uint64_t off = sp_off(pos)
-    t.spliced += <uint32_t>length
-    if length == 0 or t.spliced > remaining:
-        return -EACCES
-    if r.op != UBLK_IO_OP_READ and r.op != UBLK_IO_OP_WRITE:
-        return -EINVAL
-    if off + length > remaining:
-        return -EINVAL
-    if (r.op == UBLK_IO_OP_READ) != ((flags & SPLICE_F_READ_TO_READ) != 0):
-        return -EINVAL
-    cdef iovec iov
-    cdef ssize_t n
-    cdef uint64_t done = 0
-    cdef uint8_t *p = r.buf + r.done + off
-    while done < length:
-        if r.op == UBLK_IO_OP_WRITE:
-            iov.iov_base = p + done
-            iov.iov_len = length - done
-            n = vmsplice(pipe_fd, &iov, 1, 0)
-        else:
-            n = c_read(pipe_fd, p + done, length - done)
-        if n <= 0:
-            return -EIO if done == 0 else <int64_t>done
-        done += n
-    return <int64_t>done
-
-
-def splice_probe(SimDriver drv, int d, uint64_t pos, int pipe_fd, uint64_t length, unsigned flags) -> int:
-    """Call the simulated splice entry point from Python (protocol tests): bytes or -errno."""
-    drv._dev(d, "splice")
-    return sim_splice(&drv.devs[d], pos, pipe_fd, length, flags)
-
-
-def user_copy_probe(SimDriver drv, int d, uint64_t pos, buf, bint to_request) -> int:
-    """Call the simulated USER_COPY entry point from Python (protocol tests): bytes or -errno."""
-    drv._dev(d, "user copy")
-    cdef unsigned char[::1] b = buf
-    return sim_user_copy(&drv.devs[d], pos, &b[0], b.shape[0], to_request)

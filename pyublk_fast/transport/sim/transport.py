@@ -7,18 +7,14 @@ the kernel's errnos.
 from __future__ import annotations
 
 import errno
-import threading
 import time
 
-import numpy as np
-
-from ... import uapi
-from ..._core.ring import Ring
 from ...errors import os_error
-from ...util import PAGE_SIZE, aligned_array
 from ..base import DevInfo, QueueEndpoint, Transport
 from .channel import SimChannel
-from .driver import SimDriver, SIM_FEATURES, front_msg, hist_bucket_lower_ns
+from .driver import SimDriver, SIM_FEATURES
+from .front import FrontSlots, SimBlockDevice
+from .loadgen import LoadGen, summarize
 
 FRONT_SLOTS = 8192          # request slots for fronts; the load generator uses the rest
 
@@ -34,8 +30,8 @@ class SimTransport(Transport):
         self.driver = SimDriver(max_devs=max_devs, nreq=FRONT_SLOTS + 4096, random_tags=random_tags,
                                 spin_us=spin_us)
         self.driver.start()
-        self._slots = list(range(FRONT_SLOTS - 1, -1, -1))
-        self._slot_lock = threading.Lock()
+        self.front_slots = FrontSlots(FRONT_SLOTS)
+        self.loadgen = LoadGen(self.driver, FRONT_SLOTS)
 
     def close(self) -> None:
         self.driver.shutdown()
@@ -122,7 +118,7 @@ class SimTransport(Transport):
     def block_path(self, dev_id: int) -> str:
         return f"sim:ublkb{dev_id}"
 
-    def open(self, dev_id: int) -> "SimBlockDevice":
+    def open(self, dev_id: int) -> SimBlockDevice:
         """Open the simulated /dev/ublkb<dev_id>."""
         try:
             info = self.dev_info(dev_id)
@@ -133,19 +129,6 @@ class SimTransport(Transport):
         if not info.started:
             raise os_error(errno.ENOENT, f"open /dev/ublkb{dev_id}", "the device is not started")
         return SimBlockDevice(self, dev_id, info)
-
-    def _take_slots(self, n: int) -> list[int]:
-        with self._slot_lock:
-            if len(self._slots) < n:
-                raise os_error(errno.EBUSY, f"reserve {n} request slots",
-                               "too many requests in flight on the simulated devices")
-            out = self._slots[-n:]
-            del self._slots[-n:]
-            return out
-
-    def _give_slots(self, slots: list[int]):
-        with self._slot_lock:
-            self._slots.extend(slots)
 
     def run_load(self, dev_id: int, *, rw: str = "randread", bs: int = 4096, qd: int = 32,
                  runtime: float = 0.0, count: int = 0, read_pct: int | None = None,
@@ -165,153 +148,14 @@ class SimTransport(Transport):
         pct, rnd = kinds[rw]
         if read_pct is not None:
             pct = read_pct
-        first = FRONT_SLOTS
-        d = self.driver
+        d, lg = self.driver, self.loadgen
         if verify:
             info = self.dev_info(dev_id)
             reg = region or info.size
-            d.call(d.lg_start, dev_id, first, qd, bs, 0, False, True, reg, reg // bs, 0.0, seed)
-            pre = d.lg_wait(timeout)
+            d.call(lg.start, dev_id, qd, bs, 0, False, True, reg, reg // bs, 0.0, seed)
+            pre = lg.wait(timeout)
             if pre["errors"]:
                 raise os_error(errno.EIO, "verify prefill", f"{pre['errors']} write errors")
-        d.call(d.lg_start, dev_id, first, qd, bs, pct, rnd, verify, region, count, runtime, seed)
-        out = d.lg_wait(timeout)
+        d.call(lg.start, dev_id, qd, bs, pct, rnd, verify, region, count, runtime, seed)
+        out = lg.wait(timeout)
         return summarize(out, bs)
-
-
-def summarize(out: dict, bs: int) -> dict:
-    hist = out.pop("hist")
-    secs = out["seconds"] or 1e-9
-    lower = hist_bucket_lower_ns()
-    total = hist.sum()
-    pct = {}
-    if total:
-        cum = np.cumsum(hist)
-        for p in (50, 99, 99.9):
-            idx = int(np.searchsorted(cum, total * p / 100.0))
-            pct[p] = lower[min(idx, len(lower) - 1)] / 1000.0
-    out.update(iops=out["completed"] / secs, mbps=out["bytes"] / secs / 1e6,
-               lat_p50_us=pct.get(50, 0.0), lat_p99_us=pct.get(99, 0.0), lat_p999_us=pct.get(99.9, 0.0),
-               bs=bs, hist=hist)
-    return out
-
-
-class SimBlockDevice:
-    """The simulated /dev/ublkbN: read/write/flush/discard/write_zeroes, one or many in flight.
-
-    Errors surface as OSError(errno), as from a real block device. One thread at a time.
-    """
-
-    def __init__(self, transport: SimTransport, dev_id: int, info: DevInfo, slots: int = 256):
-        self.transport = transport
-        self.dev_id = dev_id
-        self.size = info.size
-        self.block_size = info.logical_block_size
-        self.max_io = info.max_io_buf_bytes
-        self._slots = transport._take_slots(slots)
-        self._ring = Ring(512, cq_entries=1024)
-        self._lock = threading.Lock()
-
-    def close(self):
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
-            self.transport._give_slots(self._slots)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def submit(self, requests, timeout: float = 30.0) -> list[int]:
-        """Run many requests at once: [(op, offset, length, buffer|None[, flags])] -> bytes or -errno each.
-
-        flags are UBLK_IO_F_* request flags (e.g. UBLK_IO_F_FUA).
-
-        Up to len(slots) are in flight together; a buffer is bytes-like for writes and a
-        writable buffer for reads.
-        """
-        if self._ring is None:
-            raise ValueError("block device is closed")
-        reqs = list(requests)
-        results = [0] * len(reqs)
-        d = self.transport.driver
-        keep = {}
-        copy_back = []
-        with self._lock:
-            free = list(self._slots)
-            inflight = {}
-            nxt = 0
-            while nxt < len(reqs) or inflight:
-                while nxt < len(reqs) and free:
-                    op, offset, length, buf, *rest = reqs[nxt]
-                    flags = rest[0] if rest else 0
-                    addr = 0
-                    if buf is not None:
-                        arr = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
-                        if arr.nbytes < length:
-                            raise ValueError(f"request {nxt}: buffer of {arr.nbytes} bytes < length {length}")
-                        if arr.__array_interface__["data"][0] % PAGE_SIZE:
-                            # page-aligned bounce buffer, like the page cache in front of a real disk
-                            bounce = aligned_array(length)
-                            if op == uapi.UBLK_IO_OP_WRITE:
-                                bounce[:] = arr[:length]
-                            else:
-                                copy_back.append((arr, bounce))
-                            arr = bounce
-                        addr = arr.__array_interface__["data"][0]
-                        keep[nxt] = arr
-                    slot = free.pop()
-                    d.fill_req(slot, self.dev_id, op, flags, offset, length, addr)
-                    self._ring.prep_msg_ring(d.fd, self._ring.fd, front_msg(slot))
-                    inflight[slot] = nxt
-                    nxt += 1
-                n = self._ring.wait(1, timeout)
-                for ud, res in zip(self._ring.cqe_user_data[:n].tolist(), self._ring.cqe_res[:n].tolist()):
-                    if ud in inflight:
-                        results[inflight.pop(ud)] = res
-                        free.append(ud)
-                    elif res < 0:
-                        raise os_error(res, "simulated block device", "could not reach the driver")
-        for dst, bounce in copy_back:
-            dst[:bounce.nbytes] = bounce
-        return results
-
-    def _one(self, op, offset, length, buf, what):
-        reqs = [(op, offset, length, buf)]
-        res = self.submit(reqs)
-        self._check(res, reqs, what)
-        return res[0]
-
-    def _chunks(self, offset, length):
-        step = self.max_io
-        for off in range(offset, offset + length, step):
-            yield off, min(step, offset + length - off)
-
-    def pread(self, length: int, offset: int) -> bytes:
-        out = bytearray(length)
-        mv = memoryview(out)
-        reqs = [(uapi.UBLK_IO_OP_READ, off, n, mv[off - offset:off - offset + n]) for off, n in self._chunks(offset, length)]
-        self._check(self.submit(reqs), reqs, "read")
-        return bytes(out)
-
-    def pwrite(self, data, offset: int) -> int:
-        mv = memoryview(data).cast("B")
-        reqs = [(uapi.UBLK_IO_OP_WRITE, off, n, mv[off - offset:off - offset + n]) for off, n in self._chunks(offset, len(mv))]
-        self._check(self.submit(reqs), reqs, "write")
-        return len(mv)
-
-    def _check(self, results, reqs, what):
-        for (op, off, n, _), res in zip(reqs, results):
-            if res < 0:
-                raise os_error(res, f"{what} at offset {off}, {n} bytes on /dev/ublkb{self.dev_id}")
-
-    def flush(self) -> None:
-        self._one(uapi.UBLK_IO_OP_FLUSH, 0, 0, None, "flush")
-
-    def discard(self, offset: int, length: int) -> None:
-        self._one(uapi.UBLK_IO_OP_DISCARD, offset, length, None, "discard")
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        self._one(uapi.UBLK_IO_OP_WRITE_ZEROES, offset, length, None, "write_zeroes")
