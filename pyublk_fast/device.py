@@ -40,17 +40,16 @@ RECOVERY_MODES = {
     "reissue": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE,  # served again
     "fail_io": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_FAIL_IO,  # all I/O fails meanwhile
 }
-#: Queue rings: owned by their thread; completions run when the thread enters the kernel
-#: anyway (no IPI per completion). Same-run A/B on the sim, 2 cores: null QD128 1.76M ->
-#: 2.25M IOPS, loop randread vs fio 0.73-0.77x -> 0.80-0.84x.
+#: Queue rings: owned by their thread (the kernel can skip locking), and completions run
+#: when the thread enters the kernel anyway instead of interrupting it for each one.
 SERVER_RING_FLAGS = SETUP_SINGLE_ISSUER | SETUP_COOP_TASKRUN
 #: Data paths every backend can use: the server holds a buffer per tag.
 BUFFERED_PATHS = ("copy", "need_get_data", "user_copy")
 
 
-#: Long enough to see a fast disk's completion without sleeping. Same-run A/B on the sim,
-#: loop vs fio 4k QD32 randread/randwrite: 0.89x/0.92x vs 0.80x/0.80x at 50 us (8 rounds),
-#: 0.83x/0.79x vs 0.79x/0.79x (16 rounds); null IOPS the same at 50 and 500 us.
+#: Long enough to see a fast disk's completion without sleeping (a wake-up costs tens of
+#: microseconds); the budget adapts, so an idle queue still sleeps. The README has the
+#: measured effect and `benchmarks/sim/loop_vs_fio.py` measures it again.
 DEFAULT_POLL_US = 500.0
 
 
