@@ -275,7 +275,7 @@ class Device:
         deadline = time.monotonic() + timeout
         while self.transport.dev_info(self.dev_id).state == uapi.UBLK_S_DEV_LIVE:
             if time.monotonic() > deadline:
-                log.warning("device %d: still LIVE %.0f s after its server was killed", self.dev_id, timeout)
+                log.warning("device %d: still LIVE %.0f s after its server left", self.dev_id, timeout)
                 return
             time.sleep(0.002)
 
@@ -293,6 +293,9 @@ class Device:
             th.join(10)
         self._started = False
         self.transport.release(self.dev_id)
+        # the kernel makes the device QUIESCED when the char device is finally released,
+        # after the queue rings are torn down: return once a new server can recover it
+        self._wait_not_live()
 
     def recover(self) -> "Device":
         """Take over a device whose server died (needs recovery=...): re-serve it with this backend."""

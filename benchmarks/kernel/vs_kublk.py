@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 RAM = "/dev/ram0"
 
 
-def sh(*cmd: str, timeout: float = 120) -> str:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def sh(*cmd: str, timeout: float = 120, cwd: str | None = None) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if res.returncode:
         raise RuntimeError(f"{' '.join(cmd)}: {res.stdout}{res.stderr}")
     return res.stdout
@@ -59,11 +59,13 @@ def kublk_add(kublk: str, args: list[str]) -> tuple[str, callable]:
 
 
 def ours_add(args: list[str], python: str = sys.executable) -> tuple[str, callable]:
-    """Our CLI server, run by `python` (another checkout's interpreter with --other)."""
-    out = sh(python, "-m", "pyublk_fast", "add", *args, timeout=60)
+    """Our CLI server, run by `python` (another checkout's interpreter with --other, run
+    outside this checkout so that it imports its own)."""
+    cwd = None if python == sys.executable else "/"
+    out = sh(python, "-m", "pyublk_fast", "add", *args, timeout=60, cwd=cwd)
     path = out.strip().splitlines()[-1]
     n = path[len("/dev/ublkb"):]
-    return path, lambda: sh(python, "-m", "pyublk_fast", "del", "-n", n)
+    return path, lambda: sh(python, "-m", "pyublk_fast", "del", "-n", n, cwd=cwd)
 
 
 def main() -> int:
