@@ -410,3 +410,37 @@ def test_job_script_marks_the_start_first():
     lines = job_script({}, "/work", ["true"], ["ublk_drv"]).splitlines()
     assert lines[2].startswith(f": > {GUEST_JOB_DIR}/started")
     assert lines[-1] == "exec true"
+
+
+def test_each_boot_attempt_gets_its_own_run_dir(tmp_path, monkeypatch, capsys):
+    """A qemu that dies at once (e.g. UBLK_VM_ACCEL=kvm where KVM is unusable) is booted
+    again; every attempt, all within one second, needs a fresh run dir of its own."""
+    import re
+    import time
+    from ublkvm.kernel import Kernel
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    calls = tmp_path / "calls"
+    qemu = fake_bin / "qemu-system-x86_64"
+    qemu.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
+                    'echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69"\nexit 1\n')
+    qemu.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    monkeypatch.setenv("UBLK_VM_CACHE", str(tmp_path / "cache"))
+    kernel = Kernel("7.2.13+deb14-amd64", tmp_path, tmp_path / "vmlinuz", tmp_path / "mod",
+                    "sid", "7.2")
+    monkeypatch.setattr(ublk_vm, "prepare", lambda s, log: (kernel, tmp_path / "initrd.gz"))
+    monkeypatch.setattr(ublk_vm, "install_handlers", lambda: None)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *t: "20260101-000000")   # one second
+    assert ublk_vm.main(["run", "-t", "60", "--", "true"]) == EXIT_GUEST_FAILURE
+    jobdirs = [re.search(r"path=([^,]+),mount_tag=job", line).group(1)
+               for line in calls.read_text().splitlines()]
+    assert len(jobdirs) == ublk_vm.BOOT_ATTEMPTS == len(set(jobdirs))
+    runs = sorted((tmp_path / "cache" / "runs").iterdir())     # failed runs are kept
+    assert sorted(str(r / "job") for r in runs) == sorted(jobdirs)
+    for run in runs:
+        assert "failed to set MSR" in (run / "console.log").read_text()
+        assert (run / "job" / "job.sh").read_text().endswith("exec true\n")
+    err = capsys.readouterr().err
+    assert f"booting again ({ublk_vm.BOOT_ATTEMPTS}/{ublk_vm.BOOT_ATTEMPTS})" in err
+    assert "exit status 125" in err

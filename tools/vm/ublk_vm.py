@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -144,8 +145,10 @@ def new_run_dir(s: Settings) -> Path:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError:
             pass
-    d = runs / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    (d / "job").mkdir(parents=True)
+    # mkdtemp: a boot retried within the same second must not reuse the dead boot's dir
+    d = Path(tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-",
+                              dir=runs))
+    (d / "job").mkdir()
     return d
 
 
