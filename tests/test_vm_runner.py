@@ -325,6 +325,14 @@ def test_console_lines_tail_and_trouble():
     ("Oops: general protection fault, probably for non-canonical address", "oops"),
     ("Kernel panic - not syncing: Fatal exception", "panic"),
     ("INFO: task kworker/0:1:12 blocked for more than 120 seconds.", "hung task"),
+    # the formats of the 7.2 guest
+    ("WARNING: drivers/block/ublk_drv.c:2071 at ublk_ch_release+0x1f/0x80 [ublk_drv], "
+     "CPU#0: kublk/310", "warning"),
+    ("WARNING: at ublk_ch_release+0x1f/0x80 [ublk_drv], CPU#0: kublk/310", "warning"),
+    ("INFO: task fio:230 blocked in I/O wait for more than 122 seconds.", "hung task"),
+    ("WARNING: suspicious RCU usage", "lockdep"),
+    ("WARNING: kublk/203 still has locks held!", "lockdep"),
+    ("WARNING: possible circular locking dependency detected", "lockdep"),
     ("mtrr: your CPUs had inconsistent fixed MTRR settings", ""),
     ("ublk_drv: loaded", ""),
 ])
