@@ -43,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ublkvm import (EXIT_GUEST_FAILURE, EXIT_KERNEL_WARNING,  # noqa: E402
                     EXIT_LANE_UNAVAILABLE, EXIT_TIMEOUT, LaneError)
+from ublkvm import allowlist  # noqa: E402
 from ublkvm.config import Settings, parse_timeout  # noqa: E402
-from ublkvm.console import hang_report, summarize, trouble_context  # noqa: E402
+from ublkvm.console import hang_report, kernel_message, summarize, trouble_context  # noqa: E402
 from ublkvm.prepare import prepare, private_apt  # noqa: E402
 from ublkvm.qemu import RunResult, install_handlers, resolve_shim, run_guest  # noqa: E402
 
@@ -92,7 +93,10 @@ def _timeout_arg(text: str) -> float:
 
 
 def decide_exit(res: RunResult, timeout: float, fail_on_warning: bool) -> tuple[int, str]:
-    """(exit status, one-line verdict) for a finished run; verdict '' means all fine."""
+    """(exit status, one-line verdict) for a finished run; verdict '' means all fine.
+
+    ``res.trouble`` holds only the reports that are not known upstream ones.
+    """
     if res.interrupted:
         return 128 + res.interrupted, f"interrupted by signal {res.interrupted}"
     if res.timed_out:
@@ -106,21 +110,29 @@ def decide_exit(res: RunResult, timeout: float, fail_on_warning: bool) -> tuple[
         return EXIT_GUEST_FAILURE, (f"guest failure: ended without CMD's exit status "
                                     f"(qemu status {res.qemu_rc}); {why}")
     if res.trouble:
-        verdict = f"kernel trouble during the run: {summarize(res.trouble)}"
+        first = res.trouble[0][1]
+        verdict = (f"kernel trouble during the run: {summarize(res.trouble)}, first "
+                   f"\"{kernel_message(first) or first}\"")
         if fail_on_warning and res.status == 0:
-            return EXIT_KERNEL_WARNING, verdict + " (--fail-on-warning)"
+            return EXIT_KERNEL_WARNING, (f"{verdict}: not a known upstream report in "
+                                         f"{allowlist.shown()} (--fail-on-warning)")
         return res.status, verdict
     return res.status, ""
 
 
-def report(res: RunResult, verdict: str, code: int, run_dir: Path) -> None:
-    """Print the summary, the kernel log around trouble and the console tail."""
+def report(res: RunResult, verdict: str, code: int, run_dir: Path,
+           new_reports: list[str]) -> None:
+    """Print the summary, the new kernel reports, the log around them and the console tail."""
     if not verdict:
         return
     log(verdict)
     if res.trouble:
-        log("--- kernel log around the trouble ---")
-        for line in trouble_context(res.dmesg or "\n".join(res.tail)):
+        log(f"--- kernel reports not in {allowlist.shown()} ---")
+        for line in new_reports:
+            print(f"  {line}", file=sys.stderr)
+        log("--- kernel log around them ---")
+        for line in trouble_context(res.dmesg or "\n".join(res.tail),
+                                    only={line for _, line in res.trouble}):
             print(f"  {line}", file=sys.stderr)
     if res.timed_out and res.hang_dmesg:
         log("--- blocked tasks and CPU backtraces (sysrq w, l) before the timeout ---")
@@ -164,6 +176,7 @@ def boot_died(res: RunResult, jobdir: Path) -> bool:
 def cmd_run(ns: argparse.Namespace, s: Settings) -> int:
     """Boot the guest, run CMD, report; returns the exit status."""
     timeout = ns.timeout or s.timeout
+    known_reports = allowlist.load()      # a broken list fails now, not after the run
     install_handlers()
     t0 = time.monotonic()
     kernel, initrd = prepare(s, log)
@@ -184,12 +197,17 @@ def cmd_run(ns: argparse.Namespace, s: Settings) -> int:
         # TCG occasionally oopses while the kernel patches its own text at boot; CMD never ran
         log(f"the guest died before CMD started (console: {run_dir / 'console.log'}); "
             f"booting again ({attempt + 1}/{BOOT_ATTEMPTS})")
+    res.trouble, known = allowlist.triage(res.trouble, known_reports, kernel.kver)
+    if known:
+        log(f"known upstream kernel reports, allowed by {allowlist.shown()}: "
+            f"{allowlist.known_summary(known)}")
     code, verdict = decide_exit(res, timeout, ns.fail_on_warning)
     if outdir:
         shutil.copy(run_dir / "console.log", Path(outdir) / "ublk-vm-console.log")
         if res.dmesg:
             (Path(outdir) / "ublk-vm-dmesg.txt").write_text(res.dmesg)
-    report(res, verdict, code, run_dir)
+    report(res, verdict, code, run_dir,
+           allowlist.describe_new(res.trouble, known_reports, kernel.kver))
     log(f"guest ran {res.elapsed:.1f}s (total {time.monotonic() - t0:.1f}s), "
         f"CMD status {res.status if res.status is not None else 'none'}")
     if not verdict:
