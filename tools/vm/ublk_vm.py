@@ -20,7 +20,8 @@ guest at the same path (everything else the guest writes is lost).
 
 Exit status: CMD's own; 124 timeout (hang); 125 guest failure (panic, oops,
 boot failure, modprobe failed); 126 lane unavailable (no kernel, no qemu);
-123 kernel warning with --fail-on-warning; 128+N on signal N; 2 usage.
+123 kernel warning with --fail-on-warning, unless it is a known upstream report
+listed in tools/vm/known-kernel-reports.toml; 128+N on signal N; 2 usage.
 
 Environment: UBLK_VM_CACHE (/var/cache/pyublk-vm), UBLK_VM_SUITE (sid, then
 trixie, bookworm-backports), UBLK_VM_KVER, UBLK_VM_REFRESH=1, UBLK_VM_MIRROR
@@ -69,7 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds (or 15m, 1h) before the guest is killed; default 900")
     r.add_argument("-o", "--outdir", default="", help="host dir shared read-write")
     r.add_argument("--fail-on-warning", action="store_true",
-                   help="exit 123 when CMD passed but the kernel warned")
+                   help="exit 123 when CMD passed but the kernel warned (known upstream "
+                        "reports in known-kernel-reports.toml excepted)")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     a = sub.add_parser("apt", help="apt-get/apt-cache against the private config")
     a.add_argument("suite")
