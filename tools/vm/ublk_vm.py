@@ -134,7 +134,7 @@ def report(res: RunResult, verdict: str, code: int, run_dir: Path,
             print(f"  {line}", file=sys.stderr)
         log("--- kernel log around them ---")
         for line in trouble_context(res.dmesg or "\n".join(res.tail),
-                                    only={line for _, line in res.trouble}):
+                                    {line for _, line in res.trouble}):
             print(f"  {line}", file=sys.stderr)
     if res.timed_out and res.hang_dmesg:
         log("--- blocked tasks and CPU backtraces (sysrq w, l) before the timeout ---")

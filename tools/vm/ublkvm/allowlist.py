@@ -20,13 +20,13 @@ from .console import FATAL_KINDS, classify, kernel_message
 KNOWN_REPORTS = Path(__file__).resolve().parents[1] / "known-kernel-reports.toml"
 REQUIRED = ("report", "kernels", "code", "why")
 OPTIONAL = ("seen",)
-SOURCE_LINE_RE = re.compile(r"[\w.-]+(/[\w.-]+)*\.[chS]:\d+")
+SOURCE_LINE_RE = re.compile(r"[\w.-]+(/[\w.-]+)*\.(c|h|S|rs):\d+")
 KERNEL_VERSION_RE = re.compile(r"\d+\.\d+(\.\d+)?")
 VOLATILE = [
     # Debian builds in /build/reproducible-path/linux-X.Y.Z/: keep the tree-relative path
     (re.compile(r"(/[^\s/]+)*/linux-[^\s/]+/"), ""),
     # WARN headers: "CPU: 1 PID: 130 at f.c:1 fn+0x1/0x2" (older kernels) and
-    # "f.c:1 at fn+0x1/0x2, CPU#1: comm/130" (7.x)
+    # "f.c:1 at fn+0x1/0x2, CPU#1: comm/130" (7.2)
     (re.compile(r"CPU: \d+ PID: \d+ "), ""),
     (re.compile(r", CPU#\d+: \S+$"), ""),
     (re.compile(r"\+0x[0-9a-f]+/0x[0-9a-f]+"), ""),

@@ -93,12 +93,11 @@ def scan_log(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def trouble_context(text: str, before: int = 2, after: int = 30, limit: int = 3,
-                    only: Collection[str] | None = None) -> list[str]:
-    """Excerpts of a kernel log around its first ``limit`` trouble lines (those in ``only``)."""
+def trouble_context(text: str, trouble_lines: Collection[str], before: int = 2, after: int = 30,
+                    limit: int = 3) -> list[str]:
+    """Excerpts of a kernel log around the first ``limit`` of its ``trouble_lines``."""
     lines = text.splitlines()
-    hits = [i for i, line in enumerate(lines)
-            if (line in only if only is not None else classify(kernel_message(line) or line))]
+    hits = [i for i, line in enumerate(lines) if line in trouble_lines]
     out: list[str] = []
     last_end = -1
     for i in hits[:limit]:
