@@ -325,6 +325,14 @@ def test_console_lines_tail_and_trouble():
     ("Oops: general protection fault, probably for non-canonical address", "oops"),
     ("Kernel panic - not syncing: Fatal exception", "panic"),
     ("INFO: task kworker/0:1:12 blocked for more than 120 seconds.", "hung task"),
+    # the formats of the 7.2 guest
+    ("WARNING: drivers/block/ublk_drv.c:2071 at ublk_ch_release+0x1f/0x80 [ublk_drv], "
+     "CPU#0: kublk/310", "warning"),
+    ("WARNING: at ublk_ch_release+0x1f/0x80 [ublk_drv], CPU#0: kublk/310", "warning"),
+    ("INFO: task fio:230 blocked in I/O wait for more than 122 seconds.", "hung task"),
+    ("WARNING: suspicious RCU usage", "lockdep"),
+    ("WARNING: kublk/203 still has locks held!", "lockdep"),
+    ("WARNING: possible circular locking dependency detected", "lockdep"),
     ("mtrr: your CPUs had inconsistent fixed MTRR settings", ""),
     ("ublk_drv: loaded", ""),
 ])
@@ -337,7 +345,7 @@ def test_trouble_context_and_hang_report():
                     ["[ 10.0] ------------[ cut here ]------------",
                      "[ 10.1] WARNING: CPU: 0 PID: 1 at a.c:1 f+0x0/0x1", "[ 10.2] Call Trace:"])
     assert scan_log(log) == [("warning", "[ 10.1] WARNING: CPU: 0 PID: 1 at a.c:1 f+0x0/0x1")]
-    ctx = trouble_context(log, before=1, after=1)
+    ctx = trouble_context(log, {line for _, line in scan_log(log)}, before=1, after=1)
     assert ctx == log.splitlines()[-3:]
     assert summarize([("warning", ""), ("ubsan", ""), ("warning", "")]) == "2 warning, 1 ubsan"
     hang = "[ 1.0] boot\n[ 15.0] sysrq: Show Blocked State\n[ 15.1] task:fio state:D\n"
@@ -410,3 +418,227 @@ def test_job_script_marks_the_start_first():
     lines = job_script({}, "/work", ["true"], ["ublk_drv"]).splitlines()
     assert lines[2].startswith(f": > {GUEST_JOB_DIR}/started")
     assert lines[-1] == "exec true"
+
+
+
+# ---- whole runs with a stand-in qemu ------------------------------------------------------
+FAKE_QEMU = r"""#!/bin/sh
+# stand-in qemu: dies at once like an unusable accelerator, or with FAKE_GUEST_DMESG set
+# plays a guest whose CMD started, printed that kernel log and exited FAKE_GUEST_STATUS
+echo "$*" >> "$FAKE_QEMU_CALLS"
+[ -n "$FAKE_GUEST_DMESG" ] || { echo "qemu-system-x86_64: error: failed to set MSR 0x10a"; exit 1; }
+job=$(echo "$*" | sed -n 's/.*path=\([^,]*\),mount_tag=job.*/\1/p')
+: > "$job/started"
+cat "$FAKE_GUEST_DMESG"
+cp "$FAKE_GUEST_DMESG" "$job/dmesg.txt"
+echo "${FAKE_GUEST_STATUS:-0}" > "$job/status"
+"""
+
+
+@pytest.fixture
+def fake_vm(tmp_path, monkeypatch):
+    """``boot(args, dmesg=None, kver=...)`` runs ublk_vm.main against FAKE_QEMU (no
+    kernel needed) and returns its exit status; the qemu command lines land in ``calls``."""
+    from ublkvm.kernel import Kernel
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "qemu-system-x86_64").write_text(FAKE_QEMU)
+    (fake_bin / "qemu-system-x86_64").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    monkeypatch.setenv("UBLK_VM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FAKE_QEMU_CALLS", str(tmp_path / "calls"))
+    monkeypatch.delenv("FAKE_GUEST_DMESG", raising=False)
+    monkeypatch.setattr(ublk_vm, "install_handlers", lambda: None)
+
+    def boot(args, dmesg=None, kver="7.2.13+deb14-amd64"):
+        kernel = Kernel(kver, tmp_path, tmp_path / "vmlinuz", tmp_path / "mod", "sid", "7.2")
+        monkeypatch.setattr(ublk_vm, "prepare", lambda s, log: (kernel, tmp_path / "initrd"))
+        if dmesg is not None:
+            (tmp_path / "dmesg.txt").write_text(dmesg)
+            monkeypatch.setenv("FAKE_GUEST_DMESG", str(tmp_path / "dmesg.txt"))
+        return ublk_vm.main(["run", *args, "--", "true"])
+
+    boot.calls = tmp_path / "calls"
+    boot.runs = tmp_path / "cache" / "runs"
+    return boot
+
+
+def test_each_boot_attempt_gets_its_own_run_dir(fake_vm, monkeypatch, capsys):
+    """A qemu that dies at once (e.g. UBLK_VM_ACCEL=kvm where KVM is unusable) is booted
+    again; every attempt, all within one second, needs a fresh run dir of its own."""
+    import re
+    import time
+    monkeypatch.setattr(time, "strftime", lambda fmt, *t: "20260101-000000")   # one second
+    assert fake_vm(["-t", "60"]) == EXIT_GUEST_FAILURE
+    jobdirs = [re.search(r"path=([^,]+),mount_tag=job", line).group(1)
+               for line in fake_vm.calls.read_text().splitlines()]
+    assert len(jobdirs) == ublk_vm.BOOT_ATTEMPTS == len(set(jobdirs))
+    runs = sorted(fake_vm.runs.iterdir())                      # failed runs are kept
+    assert sorted(str(r / "job") for r in runs) == sorted(jobdirs)
+    for run in runs:
+        assert "failed to set MSR" in (run / "console.log").read_text()
+        assert (run / "job" / "job.sh").read_text().endswith("exec true\n")
+    err = capsys.readouterr().err
+    assert f"booting again ({ublk_vm.BOOT_ATTEMPTS}/{ublk_vm.BOOT_ATTEMPTS})" in err
+    assert "exit status 125" in err
+
+
+# ---- known upstream kernel reports (strict lane) ------------------------------------------
+from ublkvm import allowlist  # noqa: E402
+
+BOOT_LOG = """\
+[    0.000000] Linux version 7.2.13+deb14-amd64 (debian-kernel@lists.debian.org)
+[    2.101000] ublk_drv: loaded
+"""
+KNOWN_UBSAN = """\
+[  135.467620] ------------[ cut here ]------------
+[  135.467823] UBSAN: array-index-out-of-bounds in /build/reproducible-path/linux-7.2.13/io_uring/rsrc.c:1070:12
+[  135.467991] index 0 is out of range for type 'bio_vec [*]'
+[  135.468426] CPU: 1 UID: 0 PID: 202 Comm: python3.11 Not tainted 7.2.13+deb14-amd64 #1 PREEMPT(lazy)  Debian 7.2.13-1
+[  135.468750] Call Trace:
+[  135.469229]  <TASK>
+[  135.469537]  ubsan_epilogue+0x5/0x2b
+[  135.469569]  io_buffer_register_bvec+0x269/0x2e0
+[  135.469605]  ublk_dispatch_req+0x161/0x230 [ublk_drv]
+[  135.470674]  </TASK>
+[  135.474711] ---[ end trace ]---
+"""
+"""The report a 7.2.13 guest printed during a zero-copy test (trimmed)."""
+NEW_WARN = """\
+[  140.100000] ------------[ cut here ]------------
+[  140.100100] WARNING: drivers/block/ublk_drv.c:2071 at ublk_ch_release+0x1f/0x80 [ublk_drv], CPU#0: kublk/310
+[  140.100200] Modules linked in: ublk_drv
+[  140.100300] Call Trace:
+[  140.100400]  ublk_ch_release+0x1f/0x80 [ublk_drv]
+[  140.100500] ---[ end trace 0000000000000000 ]---
+"""
+RSRC = "UBSAN: array-index-out-of-bounds in io_uring/rsrc.c:1070:12"
+
+
+def test_the_shipped_list_loads_and_knows_the_rsrc_report():
+    entries = allowlist.load()
+    assert entries and all(e.kernels and e.code and e.why for e in entries)
+    new, known = allowlist.triage(scan_log(BOOT_LOG + KNOWN_UBSAN), entries, "7.2.13+deb14-amd64")
+    assert new == [] and [e.report for e, _ in known] == [RSRC]
+    assert allowlist.known_summary(known) == f"1x {RSRC}"
+
+
+@pytest.mark.parametrize("message", [
+    "UBSAN: array-index-out-of-bounds in io_uring/rsrc.c:1071:12",      # another line
+    "UBSAN: array-index-out-of-bounds in io_uring/rsrc.c:107:12",       # a prefix of it
+    "UBSAN: array-index-out-of-bounds in io_uring/rsrc.c:1070:123",
+    "UBSAN: array-index-out-of-bounds in io_uring/rsrc.c:1070:5",       # another column
+    "UBSAN: shift-out-of-bounds in io_uring/rsrc.c:1070:12",            # another check
+    "UBSAN: array-index-out-of-bounds in io_uring/rsrc2.c:1070:12",
+    "UBSAN: array-index-out-of-bounds in drivers/block/ublk_drv.c:1070:12",
+    "WARNING: io_uring/rsrc.c:1070 at io_buffer_register_bvec+0x269/0x2e0, CPU#1: python3/202",
+    "BUG: KASAN: slab-out-of-bounds in io_buffer_register_bvec+0x813/0xb80",
+])
+def test_an_entry_hides_no_other_report_from_its_file(message):
+    line = f"[  135.467823] {message}"
+    new, known = allowlist.triage(scan_log(line), allowlist.load(), "7.2.13+deb14-amd64")
+    assert known == [] and [kind for kind, _ in new] == [classify(message)] != [""]
+
+
+@pytest.mark.parametrize("kver, covered", [
+    ("7.2.13+deb14-amd64", True), ("7.2.13", True), ("7.2.13-1-amd64", True),
+    ("7.2.14+deb14-amd64", False), ("7.2.130+deb14-amd64", False), ("7.2.1+deb14-amd64", False),
+    ("6.12.117+deb13-amd64", False),
+])
+def test_entries_cover_only_the_kernel_versions_they_name(kver, covered):
+    entry = allowlist.KnownReport(RSRC, ("7.2.13",), "code", "why")
+    assert entry.covers(kver) is covered
+    assert allowlist.KnownReport(RSRC, ("7.2",), "c", "w").covers(kver) is kver.startswith("7.2.")
+
+
+def test_signatures_drop_only_what_changes_between_runs():
+    a = allowlist.signature("[ 12.1] WARNING: drivers/block/ublk_drv.c:2071 at "
+                            "ublk_ch_release+0x1f/0x80 [ublk_drv], CPU#0: kublk/310")
+    b = allowlist.signature("[ 99.9] WARNING: drivers/block/ublk_drv.c:2071 at "
+                            "ublk_ch_release+0x2f/0x90 [ublk_drv], CPU#1: fio/77")
+    assert a == b == "WARNING: drivers/block/ublk_drv.c:2071 at ublk_ch_release [ublk_drv]"
+    old_format = "[ 1.0] WARNING: CPU: 1 PID: 130 at drivers/block/ublk_drv.c:123 ublk_foo+0x1/0x2"
+    assert allowlist.signature(old_format) == "WARNING: at drivers/block/ublk_drv.c:123 ublk_foo"
+    assert allowlist.signature(KNOWN_UBSAN.splitlines()[1]) == RSRC
+
+
+def test_a_crash_is_never_a_known_report():
+    entry = allowlist.KnownReport(RSRC, ("7.2.13",), "code", "why")
+    new, known = allowlist.triage([("oops", f"[ 1.0] {RSRC}")], [entry], "7.2.13")
+    assert known == [] and len(new) == 1
+
+
+GOOD_ENTRY = f'report = "{RSRC}"\nkernels = ["7.2.13"]\ncode = "x[i] = y;"\nwhy = "upstream"\n'
+
+
+@pytest.mark.parametrize("body, error", [
+    ("[[known]]\n" + GOOD_ENTRY.replace('why = "upstream"\n', ""), r"missing \['why'\]"),
+    ("[[known]]\n" + GOOD_ENTRY + 'reason = "typo"\n', r"unknown \['reason'\]"),
+    ("[[known]]\n" + GOOD_ENTRY.replace(":1070:12", ""), "names no source line"),
+    ("[[known]]\n" + GOOD_ENTRY.replace("io_uring/", "/build/x/linux-7.2.13/io_uring/"),
+     "without run-specific parts"),
+    ("[[known]]\n" + GOOD_ENTRY.replace(RSRC, "Oops: general protection fault in a.c:1"),
+     "not a kernel warning header"),
+    ("[[known]]\n" + GOOD_ENTRY.replace(RSRC, "ublk_drv: loaded from a.c:1"),
+     "not a kernel warning header"),
+    ("[[known]]\n" + GOOD_ENTRY.replace('["7.2.13"]', "[]"), "kernels must be"),
+    ("[[known]]\n" + GOOD_ENTRY.replace('["7.2.13"]', '["latest"]'), "kernels must be"),
+    ("[[known]]\n" + GOOD_ENTRY.replace('"x[i] = y;"', '""'), "code must be a non-empty"),
+    ("[[known]]\n" + GOOD_ENTRY + "[[known]]\n" + GOOD_ENTRY, "listed twice"),
+    ("[[known]]\nreport = \n", "cannot read"),
+    ("[[known]]\n" + GOOD_ENTRY + "[other]\nx = 1\n", "only \\[\\[known\\]\\] entries"),
+])
+def test_a_bad_list_is_refused_in_one_line(tmp_path, body, error):
+    path = tmp_path / "known.toml"
+    path.write_text(body)
+    with pytest.raises(LaneError, match=error) as exc:
+        allowlist.load(path)
+    assert "\n" not in str(exc.value) and str(path) in str(exc.value)
+    path.write_text("# nothing known\n")
+    assert allowlist.load(path) == []
+    path.write_text("[[known]]\n" + GOOD_ENTRY)
+    assert allowlist.load(path)[0].kernels == ("7.2.13",)
+
+
+def test_strict_run_passes_with_only_known_reports(fake_vm, capsys):
+    assert fake_vm(["--fail-on-warning"], BOOT_LOG + KNOWN_UBSAN) == 0
+    err = capsys.readouterr().err
+    assert "known upstream kernel reports, allowed by " in err and f"1x {RSRC}" in err
+    assert "kernel trouble" not in err
+    assert list(fake_vm.runs.iterdir()) == []              # a clean run leaves nothing
+
+
+def test_strict_run_fails_on_a_new_warning_and_quotes_it(fake_vm, capsys):
+    warn = NEW_WARN.splitlines()[1]
+    assert fake_vm(["--fail-on-warning"], BOOT_LOG + KNOWN_UBSAN + NEW_WARN) == \
+        EXIT_KERNEL_WARNING
+    err = capsys.readouterr().err
+    verdict = next(line for line in err.splitlines() if "kernel trouble" in line)
+    assert f'1 warning, first "{warn.split("] ", 1)[1]}": not a known upstream report' in verdict
+    assert f"  {warn}\n" in err and f"1x {RSRC}" in err
+    assert 'as report = "WARNING: drivers/block/ublk_drv.c:2071 at ublk_ch_release ' \
+           '[ublk_drv]"' in err
+    around = err[err.index("kernel log around them"):err.index("guest console tail")]
+    assert "Modules linked in: ublk_drv" in around and "index 0 is out of range" not in around
+    assert len(list(fake_vm.runs.iterdir())) == 1          # kept for a look
+
+
+def test_without_strict_mode_a_new_warning_is_reported_but_passes(fake_vm, capsys):
+    assert fake_vm([], BOOT_LOG + NEW_WARN) == 0
+    assert "kernel trouble during the run: 1 warning" in capsys.readouterr().err
+
+
+def test_a_known_report_on_another_kernel_fails_with_a_hint(fake_vm, capsys):
+    assert fake_vm(["--fail-on-warning"], BOOT_LOG + KNOWN_UBSAN,
+                   kver="7.2.14+deb14-amd64") == EXIT_KERNEL_WARNING
+    err = capsys.readouterr().err
+    assert "for kernels 7.2.13, not 7.2.14+deb14-amd64" in err and "allowed by" not in err
+
+
+def test_a_broken_list_stops_the_run_before_booting(fake_vm, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[known]]\nreport = 'UBSAN: x'\n")
+    monkeypatch.setattr(allowlist, "KNOWN_REPORTS", bad)
+    assert fake_vm([], BOOT_LOG) == 126
+    assert f"error: {bad}: entry 1: missing" in capsys.readouterr().err
+    assert not fake_vm.calls.exists()

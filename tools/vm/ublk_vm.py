@@ -20,7 +20,8 @@ guest at the same path (everything else the guest writes is lost).
 
 Exit status: CMD's own; 124 timeout (hang); 125 guest failure (panic, oops,
 boot failure, modprobe failed); 126 lane unavailable (no kernel, no qemu);
-123 kernel warning with --fail-on-warning; 128+N on signal N; 2 usage.
+123 kernel warning with --fail-on-warning, unless it is a known upstream report
+listed in tools/vm/known-kernel-reports.toml; 128+N on signal N; 2 usage.
 
 Environment: UBLK_VM_CACHE (/var/cache/pyublk-vm), UBLK_VM_SUITE (sid, then
 trixie, bookworm-backports), UBLK_VM_KVER, UBLK_VM_REFRESH=1, UBLK_VM_MIRROR
@@ -35,6 +36,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ublkvm import (EXIT_GUEST_FAILURE, EXIT_KERNEL_WARNING,  # noqa: E402
                     EXIT_LANE_UNAVAILABLE, EXIT_TIMEOUT, LaneError)
+from ublkvm import allowlist  # noqa: E402
 from ublkvm.config import Settings, parse_timeout  # noqa: E402
-from ublkvm.console import hang_report, summarize, trouble_context  # noqa: E402
+from ublkvm.console import hang_report, kernel_message, summarize, trouble_context  # noqa: E402
 from ublkvm.prepare import prepare, private_apt  # noqa: E402
 from ublkvm.qemu import RunResult, install_handlers, resolve_shim, run_guest  # noqa: E402
 
@@ -67,7 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds (or 15m, 1h) before the guest is killed; default 900")
     r.add_argument("-o", "--outdir", default="", help="host dir shared read-write")
     r.add_argument("--fail-on-warning", action="store_true",
-                   help="exit 123 when CMD passed but the kernel warned")
+                   help="exit 123 when CMD passed but the kernel warned (known upstream "
+                        "reports in known-kernel-reports.toml excepted)")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     a = sub.add_parser("apt", help="apt-get/apt-cache against the private config")
     a.add_argument("suite")
@@ -91,7 +95,10 @@ def _timeout_arg(text: str) -> float:
 
 
 def decide_exit(res: RunResult, timeout: float, fail_on_warning: bool) -> tuple[int, str]:
-    """(exit status, one-line verdict) for a finished run; verdict '' means all fine."""
+    """(exit status, one-line verdict) for a finished run; verdict '' means all fine.
+
+    ``res.trouble`` holds only the reports that are not known upstream ones.
+    """
     if res.interrupted:
         return 128 + res.interrupted, f"interrupted by signal {res.interrupted}"
     if res.timed_out:
@@ -105,21 +112,29 @@ def decide_exit(res: RunResult, timeout: float, fail_on_warning: bool) -> tuple[
         return EXIT_GUEST_FAILURE, (f"guest failure: ended without CMD's exit status "
                                     f"(qemu status {res.qemu_rc}); {why}")
     if res.trouble:
-        verdict = f"kernel trouble during the run: {summarize(res.trouble)}"
+        first = res.trouble[0][1]
+        verdict = (f"kernel trouble during the run: {summarize(res.trouble)}, first "
+                   f"\"{kernel_message(first) or first}\"")
         if fail_on_warning and res.status == 0:
-            return EXIT_KERNEL_WARNING, verdict + " (--fail-on-warning)"
+            return EXIT_KERNEL_WARNING, (f"{verdict}: not a known upstream report in "
+                                         f"{allowlist.shown()} (--fail-on-warning)")
         return res.status, verdict
     return res.status, ""
 
 
-def report(res: RunResult, verdict: str, code: int, run_dir: Path) -> None:
-    """Print the summary, the kernel log around trouble and the console tail."""
+def report(res: RunResult, verdict: str, code: int, run_dir: Path,
+           new_reports: list[str]) -> None:
+    """Print the summary, the new kernel reports, the log around them and the console tail."""
     if not verdict:
         return
     log(verdict)
     if res.trouble:
-        log("--- kernel log around the trouble ---")
-        for line in trouble_context(res.dmesg or "\n".join(res.tail)):
+        log(f"--- kernel reports not in {allowlist.shown()} ---")
+        for line in new_reports:
+            print(f"  {line}", file=sys.stderr)
+        log("--- kernel log around them ---")
+        for line in trouble_context(res.dmesg or "\n".join(res.tail),
+                                    {line for _, line in res.trouble}):
             print(f"  {line}", file=sys.stderr)
     if res.timed_out and res.hang_dmesg:
         log("--- blocked tasks and CPU backtraces (sysrq w, l) before the timeout ---")
@@ -144,8 +159,10 @@ def new_run_dir(s: Settings) -> Path:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError:
             pass
-    d = runs / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    (d / "job").mkdir(parents=True)
+    # mkdtemp: a boot retried within the same second must not reuse the dead boot's dir
+    d = Path(tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-",
+                              dir=runs))
+    (d / "job").mkdir()
     return d
 
 
@@ -161,6 +178,7 @@ def boot_died(res: RunResult, jobdir: Path) -> bool:
 def cmd_run(ns: argparse.Namespace, s: Settings) -> int:
     """Boot the guest, run CMD, report; returns the exit status."""
     timeout = ns.timeout or s.timeout
+    known_reports = allowlist.load()      # a broken list fails now, not after the run
     install_handlers()
     t0 = time.monotonic()
     kernel, initrd = prepare(s, log)
@@ -181,12 +199,17 @@ def cmd_run(ns: argparse.Namespace, s: Settings) -> int:
         # TCG occasionally oopses while the kernel patches its own text at boot; CMD never ran
         log(f"the guest died before CMD started (console: {run_dir / 'console.log'}); "
             f"booting again ({attempt + 1}/{BOOT_ATTEMPTS})")
+    res.trouble, known = allowlist.triage(res.trouble, known_reports, kernel.kver)
+    if known:
+        log(f"known upstream kernel reports, allowed by {allowlist.shown()}: "
+            f"{allowlist.known_summary(known)}")
     code, verdict = decide_exit(res, timeout, ns.fail_on_warning)
     if outdir:
         shutil.copy(run_dir / "console.log", Path(outdir) / "ublk-vm-console.log")
         if res.dmesg:
             (Path(outdir) / "ublk-vm-dmesg.txt").write_text(res.dmesg)
-    report(res, verdict, code, run_dir)
+    report(res, verdict, code, run_dir,
+           allowlist.describe_new(res.trouble, known_reports, kernel.kver))
     log(f"guest ran {res.elapsed:.1f}s (total {time.monotonic() - t0:.1f}s), "
         f"CMD status {res.status if res.status is not None else 'none'}")
     if not verdict:

@@ -3,7 +3,8 @@
 One module per job: ``config`` (settings from the environment), ``apt`` (private
 apt for Debian sid/trixie), ``kernel`` (fetch + extract + depmod), ``initramfs``
 (cpio writer, module closure, guest /init), ``console`` (warning detection, tail),
-``qemu`` (boot a guest, stream its console, clean up).  Python stdlib only.
+``allowlist`` (known upstream kernel reports), ``qemu`` (boot a guest, stream its
+console, clean up).  Python stdlib only.
 """
 
 EXIT_TIMEOUT = 124

@@ -8,18 +8,25 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Collection
 
 KERNEL_LINE_RE = re.compile(r"^\[\s*\d+\.\d+\]\s?(.*)$")
 TROUBLE_RES = [
-    ("warning", re.compile(r"WARNING: (CPU: \d+ PID: \d+|at )")),
+    # older kernels: "CPU: 1 PID: 2 at f.c:3 fn"; 7.2: "f.c:3 at fn, CPU#1: comm/2" ("at fn, ...")
+    ("warning", re.compile(r"WARNING: (CPU: \d+ PID: \d+|at |\S+:\d+ at )")),
     ("bug", re.compile(r"\bBUG: |kernel BUG at ")),
     ("ubsan", re.compile(r"\bUBSAN: ")),
     ("kasan", re.compile(r"\bKASAN: |\bKFENCE: ")),
     ("oops", re.compile(r"\bOops\b|general protection fault|Unable to handle kernel")),
     ("panic", re.compile(r"Kernel panic - not syncing")),
-    ("hung task", re.compile(r"INFO: task .* blocked for more than|rcu: INFO: .*detected stall")),
-    ("lockdep", re.compile(r"WARNING: possible (circular|recursive) locking|"
-                           r"inconsistent lock state")),
+    # 7.2 says "blocked in I/O wait for more than" for a task in D state on I/O
+    ("hung task", re.compile(r"INFO: task .* blocked( in I/O wait)? for more than|"
+                             r"rcu: INFO: .*detected stall")),
+    ("lockdep", re.compile(r"WARNING: (possible (circular|recursive|irq lock inversion)|"
+                           r"inconsistent lock state|suspicious RCU usage|bad unlock balance|"
+                           r"bad contention|held lock freed|lock held when returning|"
+                           r"Nested lock was not taken|chain_key collision|"
+                           r"\S+-safe -> \S+-unsafe lock order|\S+/\d+ still has locks held)")),
 ]
 """(kind, pattern) pairs that mark kernel trouble in a kernel log message."""
 FATAL_KINDS = frozenset({"oops", "panic"})
@@ -86,11 +93,11 @@ def scan_log(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def trouble_context(text: str, before: int = 2, after: int = 30, limit: int = 3) -> list[str]:
-    """Excerpts of a kernel log around its first ``limit`` trouble lines."""
+def trouble_context(text: str, trouble_lines: Collection[str], before: int = 2, after: int = 30,
+                    limit: int = 3) -> list[str]:
+    """Excerpts of a kernel log around the first ``limit`` of its ``trouble_lines``."""
     lines = text.splitlines()
-    hits = [i for i, line in enumerate(lines)
-            if classify(kernel_message(line) or line)]
+    hits = [i for i, line in enumerate(lines) if line in trouble_lines]
     out: list[str] = []
     last_end = -1
     for i in hits[:limit]:
