@@ -203,6 +203,8 @@ def cmd_run(ns: argparse.Namespace, s: Settings) -> int:
     if known:
         log(f"known upstream kernel reports, allowed by {allowlist.shown()}: "
             f"{allowlist.known_summary(known)}")
+        for note in allowlist.unverified(known, kernel.kver):
+            log(f"note: {note}")
     code, verdict = decide_exit(res, timeout, ns.fail_on_warning)
     if outdir:
         shutil.copy(run_dir / "console.log", Path(outdir) / "ublk-vm-console.log")
