@@ -424,6 +424,38 @@ def test_dirty_and_corrupt_bits_allow_readonly_only(tmp_path):
             assert img.read(0, 4) == b"keep"
 
 
+@pytest.mark.parametrize("points_at,words", [
+    ("cluster 0's data", r"virtual offset 0x0 points at host cluster 0x\w+, also mapped at "
+                         r"virtual offset 0x1000"),
+    ("the L1 table", r"virtual offset 0x1000 points at host cluster 0x1000, which holds metadata"),
+    ("past the end", r"virtual offset 0x1000 points at host cluster 0x\w+, beyond the end"),
+], ids=["cross-linked", "into-metadata", "past-the-end"])
+def test_entry_whose_cluster_is_not_its_own_allows_readonly_only(tmp_path, points_at, words):
+    """A write through such an L2 entry would change another cluster (cross-linked data,
+    metadata) or, once the file grows, a cluster allocated for someone else."""
+    path = str(tmp_path / "x.qcow2")
+    with Qcow2Image.create(path, MiB, cluster_bits=12) as img:
+        img.write(0, b"a" * 4096 + b"b" * 4096)
+    with open(path, "rb") as f:
+        raw = f.read()
+    (l1_off,) = struct.unpack_from(">Q", raw, 40)
+    l2_off = struct.unpack_from(">Q", raw, l1_off)[0] & 0x00FFFFFFFFFFFE00
+    e0, e1 = struct.unpack_from(">QQ", raw, l2_off)
+    host = {"cluster 0's data": e0 & 0x00FFFFFFFFFFFE00, "the L1 table": l1_off,
+            "past the end": len(raw) + 5 * 4096}[points_at]
+    _patch(path, l2_off + 8, ">Q", 1 << 63 | host)
+    with pytest.raises(Qcow2Error, match=words) as ei:
+        Qcow2Image.open(path)
+    assert ei.value.errno == errno.EIO and "open it read-only" in str(ei.value)
+    with Qcow2Image.open(path, readonly=True) as img:
+        assert img.read(0, 4096) == b"a" * 4096       # the rest of the image still reads
+        if points_at == "cluster 0's data":
+            assert img.read(4096, 4096) == b"a" * 4096
+    _patch(path, l2_off + 8, ">Q", e1)                 # repaired: read-write again
+    with Qcow2Image.open(path) as img:
+        assert img.read(0, 8192) == b"a" * 4096 + b"b" * 4096
+
+
 @needs_qemu
 def test_version2_snapshots_and_compressed_clusters(tmp_path):
     v2 = str(tmp_path / "v2.qcow2")
