@@ -7,16 +7,15 @@ import pytest
 
 from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.device import DEFAULT_POLL_US, Device
+from pyublk_fast.util import wait_until
 
 
 def test_serve_forever_returns_after_stop_from_another_thread(sim):
     dev = Device(MemoryBackend(1 << 20), sim, depth=4)
     served = threading.Thread(target=dev.serve_forever, kwargs={"poll": 0.05})
     served.start()
-    for _ in range(200):
-        if dev.dev_id >= 0 and dev.info().started:
-            break
-        threading.Event().wait(0.01)
+    assert wait_until(lambda: dev.dev_id >= 0 and dev.info().started, 10), \
+        "serve_forever did not start the device"
     with dev.open() as blk:
         blk.pwrite(b"s" * 512, 512)
         assert blk.pread(512, 512) == b"s" * 512

@@ -5,7 +5,9 @@ sizes 512 B..2 MiB, zero clusters, discard, raw or qcow2 backing files (read-onl
 copy-on-write). Refused with Qcow2Error(ENOTSUP): encryption, compressed clusters
 (found at open), external data files, extended L2 entries, non-zlib compression types,
 unknown incompatible features, refcount widths other than 16 bits; images with
-internal snapshots or the dirty/corrupt bit open read-only only.
+internal snapshots or the dirty/corrupt bit, and images with an L2 entry whose host
+cluster is not its own (past the end of the file, holding metadata, or mapped twice),
+open read-only only.
 
 Modules, each importing only those below it:
 

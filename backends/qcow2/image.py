@@ -185,7 +185,7 @@ class Qcow2Image:
             c = int(uniq[np.flatnonzero(counts > 1)[0]])
             raise corrupt(f"metadata structures overlap at host offset {c << cb:#x}")
         self._map = ClusterMap(fd, h, l1, self._refs)
-        self._map.refuse_compressed(path)
+        self._map.check_tables(path, end, uniq, not readonly)
         if h.backing_file is not None:
             self._backing = _open_backing(path, h.backing_file, h.backing_format, depth)
         if not readonly and h.autoclear:

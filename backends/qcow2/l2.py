@@ -59,11 +59,16 @@ class ClusterMap:
         self._l1_off = h.l1_table_offset
         self._tables = TableCache(fd, self._cs, ">u8", _L2_CACHE_BYTES)
 
-    def refuse_compressed(self, path: str) -> None:
-        """Compression is not supported: refuse the image at open rather than fail reads
-        later, reading each L2 table once (qemu-img check reads them all too)."""
-        flag = np.uint64(OFLAG_COMPRESSED)
-        for i in np.flatnonzero(self._l1 & np.uint64(OFFSET_MASK)):
+    def check_tables(self, path: str, end: int, meta: np.ndarray, writable: bool) -> None:
+        """Read each L2 table once at open (qemu-img check reads them all too) and refuse
+        what this engine cannot serve: compressed clusters (not supported) and, to an
+        image opened for writing, entries whose host cluster is not theirs alone: past
+        ``end``, the file's length in clusters (a cluster appended later would be theirs
+        too), one of the metadata clusters ``meta``, or mapped by another entry. A write
+        through such an entry would change another cluster's data."""
+        flag, om = np.uint64(OFLAG_COMPRESSED), np.uint64(OFFSET_MASK)
+        hosts, vcs = [], []
+        for i in np.flatnonzero(self._l1 & om):
             off = int(self._l1[i]) & OFFSET_MASK
             t = np.frombuffer(fileio.pread_padded(self._fd, self._cs, off), dtype=">u8")
             hit = np.flatnonzero(t & flag)
@@ -73,6 +78,31 @@ class ClusterMap:
                                  f"clusters (the first at virtual offset {voff:#x}), which are "
                                  "not supported; decompress it with 'qemu-img convert -O qcow2 "
                                  f"{path} OUT.qcow2'")
+            if writable:
+                used = np.flatnonzero(t & om)
+                hosts.append((t[used] & om) >> np.uint64(self._cb))
+                vcs.append(used + (int(i) << self._l2_bits))
+        if not hosts:
+            return
+        host, vc = np.concatenate(hosts), np.concatenate(vcs)
+        why = None
+        if (bad := np.flatnonzero(host >= end)).size:
+            why = "beyond the end of the file"
+        elif (bad := np.flatnonzero(np.isin(host, meta))).size:
+            why = "which holds metadata"
+        else:
+            uniq, first, counts = np.unique(host, return_index=True, return_counts=True)
+            if (twice := np.flatnonzero(counts > 1)).size:
+                c = uniq[twice[0]]
+                why = (f"also mapped at virtual offset "
+                       f"{int(vc[np.flatnonzero(host == c)[1]]) << self._cb:#x}")
+                bad = first[twice[:1]]
+        if why:
+            k = int(bad[0])
+            raise corrupt(f"L2 entry for virtual offset {int(vc[k]) << self._cb:#x} points at "
+                          f"host cluster {int(host[k]) << self._cb:#x}, {why}; writing the "
+                          f"image could change other data: repair {path!r} with 'qemu-img "
+                          "check -r all', or open it read-only")
 
     # ---------------------------------------------------------------- lookup
     def has_table(self, vc: int) -> bool:

@@ -55,7 +55,7 @@ def serve(sim, flags, probe):
 
     th = threading.Thread(target=run, daemon=True)
     th.start()
-    ready.wait(5)
+    assert ready.wait(5), "the queue thread did not fetch its tags"
     sim.start_dev(dev_id)
     return dev_id, th
 

@@ -80,10 +80,8 @@ class RawServer:
         return tag, int(iod["op_flags"]) & 0xff, int(iod["start_sector"]), int(iod["nr_sectors"]), res
 
     def close(self):
-        try:
+        if hasattr(self, "blk"):             # opened by start()
             self.blk.close()
-        except AttributeError:
-            pass
         self.sim.stop_dev(self.dev_id)
         self.sim.del_dev(self.dev_id)
         self.pool.shutdown()

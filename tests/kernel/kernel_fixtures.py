@@ -1,6 +1,7 @@
 """Helpers for the test_kernel_* tests: a KernelTransport, backends, fio."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -44,23 +45,35 @@ def make_backend(kind: str, tmp_path: Path, size: int = DEV_SIZE):
     return build_backend(kind, tmp_path, size)
 
 
-@pytest.fixture
-def kt():
-    """A KernelTransport; devices still present at the end are stopped and deleted."""
-    from pyublk_fast.transport.kernel import KernelTransport
-    t = KernelTransport()
-    before = set(t.list_devs())
-    yield t
-    for dev_id in set(t.list_devs()) - before:
+def delete_devices_left(t, before: set[int]) -> None:
+    """Stop and delete the devices added since ``before``. Stopping is best effort (the
+    device may be stopped already; DEL_DEV stops a live one too), but a device that
+    cannot be deleted fails the teardown: it would stay for every test after it."""
+    errors = []
+    for dev_id in sorted(set(t.list_devs()) - before):
         try:
             t.stop_dev(dev_id)
         except OSError:
             pass
         try:
             t.del_dev(dev_id)
-        except OSError:
-            pass
-    t.close()
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:       # gone meanwhile: its CLI server deleted it
+                errors.append(f"device {dev_id}: {exc}")
+    assert not errors, f"devices left behind could not be deleted: {errors}"
+
+
+@pytest.fixture
+def kt():
+    """A KernelTransport; devices still present at the end are stopped and deleted."""
+    from pyublk_fast.transport.kernel import KernelTransport
+    t = KernelTransport()
+    before = set(t.list_devs())
+    try:
+        yield t
+        delete_devices_left(t, before)
+    finally:
+        t.close()
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

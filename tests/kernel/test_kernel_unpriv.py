@@ -25,7 +25,7 @@ import pyublk_fast.backends  # noqa: F401  (the CLI imports these lazily: load b
 import pyublk_fast.backends.loop  # noqa: F401
 import pyublk_fast.backends.null  # noqa: F401
 from asuser import as_user
-from kernel_fixtures import MiB, fio, fio_verify_args
+from kernel_fixtures import MiB, delete_devices_left, fio, fio_verify_args
 from pyublk_fast import cli, uapi
 from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.device import Device
@@ -125,12 +125,7 @@ def udev():
         stand_in.close()
         os.chmod(CONTROL, old_mode)
         with KernelTransport() as t:
-            for dev_id in set(t.list_devs()) - before:
-                for step in (t.stop_dev, t.del_dev):
-                    try:
-                        step(dev_id)
-                    except OSError:
-                        pass
+            delete_devices_left(t, before)
 
 
 @pytest.fixture
