@@ -18,7 +18,6 @@ from pyublk_fast.backends.loop import LoopBackend
 from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.device import Device
 from pyublk_fast.transport.base import DevInfo, QueueEndpoint, Transport
-from pyublk_fast.util import wait_until
 
 MiB = 1 << 20
 
@@ -103,10 +102,7 @@ def check_quiesce_hands_over(t, directory) -> None:
         with old.open() as blk:
             blk.pwrite(payload, 2 * MiB)
         old.quiesce()
-        # the kernel parks the device once the old server's char device is released, which
-        # can come after quiesce() returns (io_uring tears its rings down asynchronously)
-        assert wait_until(lambda: t.dev_info(old.dev_id).state == uapi.UBLK_S_DEV_QUIESCED,
-                          10), t.dev_info(old.dev_id).state_name
+        assert t.dev_info(old.dev_id).state == uapi.UBLK_S_DEV_QUIESCED
         got = {}
         reader_done = threading.Event()
 
