@@ -124,8 +124,6 @@ def _drivers() -> int:
     return sum(isinstance(o, SimDriver) for o in gc.get_objects())
 
 
-@pytest.mark.xfail(strict=True, reason="known leak until the cycle collector runs: SimDriver."
-                   "_origin_owners keeps the transport's LoadGen, whose .drv is the driver")
 def test_a_closed_transport_is_freed_without_the_cycle_collector():
     """A closed driver (its C tables: ~1.6 MB of address space) goes when its transport
     does; garbage cycles are freed only by a collection, which counts Python objects,

@@ -159,6 +159,10 @@ cdef class SimDriver:
         self._thread = None
         if self._nudge is not None:
             self._nudge.close()
+        # no origin runs any more: let go of their owners, which hold this driver (the
+        # load generator), so a closed transport is freed at once, not by the cycle collector
+        self.norigins = 1
+        self._origin_owners = []
 
     def _set_stopping(self):
         self.stopping = True
