@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 from typing import Any, Callable
 
@@ -38,9 +37,11 @@ def serve(start: Callable[[], tuple[Any, Any]], report: Report, record: dict[str
     recovered (cleaning up after itself if it fails). report(message) is told once: ok with
     dev_id/path/pid/data_path, or not ok with the error. The device's record is ``record``
     plus what the server knows (dev_id, pid, block path, data path, flags)."""
-    stop = threading.Event()
+    stop: list[int] = []              # the signals received
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        # only note it: a handler that takes a lock (threading.Event.set) deadlocks when the
+        # signal lands while this thread holds that same lock (inside Event.wait)
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
     try:
         transport, dev = start()
     except BaseException as exc:   # noqa: BLE001 - reported to whoever started the server
@@ -51,10 +52,11 @@ def serve(start: Callable[[], tuple[Any, Any]], report: Report, record: dict[str
                                   data_path=dev.data_path, flags=dev.flags, started=time.time()))
     report({"ok": True, "dev_id": dev.dev_id, "path": block, "pid": os.getpid(),
             "data_path": dev.data_path})
-    while not stop.wait(0.2):
+    while not stop:
         if not dev.serving:
             log.info("device %d was stopped from outside; exiting", dev.dev_id)
             break
+        time.sleep(0.2)
     try:
         dev.stop()
     except OSError as exc:
