@@ -32,6 +32,7 @@ import itertools
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -56,7 +57,7 @@ THINK_US = 8000           # ... then it pauses: a run lasts a second or two, als
                           # its writes fail at once (a rate limit, or thinktime counted in
                           # completed blocks, would count only successful ones)
 KILL_AT = 8 * BURST       # completed writes of the killed run before the kill
-KILL_IN_FLIGHT = 8        # ... and the kill lands while at least these are in flight
+KILL_IN_FLIGHT = 8        # ... just after seeing at least these in flight
 MIN_FAILED = BURST        # fail_io: writes that must fail before fio is held
 TIMEOUT = 60
 LIVE = uapi.UBLK_S_DEV_LIVE
@@ -270,6 +271,7 @@ def test_kills_during_and_right_after_recovery(cli_env, kt, tmp_path):
 
     after, out = cli_foreground(cli_env, "recover", "-n", str(dev_id))
     try:
+        assert select.select([out], [], [], TIMEOUT)[0], "no word from the third server"
         assert out.readline().strip() == path
         assert _state(kt, dev_id) == LIVE
     finally:
