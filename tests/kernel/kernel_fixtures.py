@@ -1,16 +1,23 @@
-"""Helpers for the test_kernel_* tests: a KernelTransport, backends, fio."""
+"""Helpers for the test_kernel_* tests: a KernelTransport, backends, fio, CLI servers."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from typing import IO, Callable
 
 import pytest
 
+from asuser import as_user
 from backend_kinds import build_backend
+from pyublk_fast import cli as cli_module, uapi
+from pyublk_fast.util import kernel_release
 
 MiB = 1 << 20
 DEV_SIZE = 16 * MiB
@@ -20,13 +27,37 @@ REPO = Path(__file__).resolve().parents[2]
 
 def fio(*args: str, timeout: float = FIO_TIMEOUT) -> dict:
     """Run fio (JSON output); fail the test with its output unless every job passed."""
-    res = subprocess.run(["fio", "--output-format=json", *args], capture_output=True,
-                         text=True, timeout=timeout)
-    assert res.returncode == 0, f"fio {' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    out = json.loads(res.stdout[res.stdout.index("{"):])
-    for job in out["jobs"]:
-        assert job["error"] == 0, job
-    return out
+    return fio_result(fio_start(*args), timeout)
+
+
+def fio_start(*args: str) -> subprocess.Popen:
+    """Start fio in the background (JSON output); fio_result() waits for it."""
+    return subprocess.Popen(["fio", "--output-format=json", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def fio_result(proc: subprocess.Popen, timeout: float = FIO_TIMEOUT) -> dict:
+    """fio's JSON output once it ends; fail the test with its output unless every job passed."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    try:
+        res = json.loads(out[out.index("{"):])
+    except ValueError:
+        res = None
+    if proc.returncode != 0:
+        jobs = out[-3000:] if res is None else [
+            {k: j.get(k) for k in ("jobname", "error", "total_err", "first_error")}
+            | {f"{d}_bytes": j[d]["io_bytes"] for d in ("read", "write")} for j in res["jobs"]]
+        pytest.fail(f"{' '.join(proc.args)} failed (exit {proc.returncode}):\n{jobs}\n{err[-3000:]}")
+    for job in res["jobs"]:
+        # a job run with --continue_on_error reports its last tolerated error here (and
+        # counts them in total_err); a fatal one fails fio's exit status above
+        assert job["error"] == 0 or "total_err" in job, job
+    return res
 
 
 def fio_verify_args(path: str, size: int = 12 * MiB) -> list[str]:
@@ -80,3 +111,97 @@ def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.
     """python -m pyublk_fast ARGS (from the repo root)."""
     return subprocess.run([sys.executable, "-m", "pyublk_fast", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def skip_unless_kernel_has(kt, flags: int, what: str) -> None:
+    """Skip, naming the missing UBLK_F_* features, unless the driver has all of ``flags``."""
+    missing = flags & ~kt.features()
+    if missing:
+        pytest.skip(f"{what}: kernel {kernel_release()} lacks {uapi.feature_names(missing)}")
+
+
+def _cli_main(env: dict, args: list[str],
+              before: Callable[[], None] | None) -> subprocess.CompletedProcess:
+    os.environ.update(env)
+    if before is not None:
+        before()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_module.main(args)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def cli_in_fork(env: dict, *args: str, before: Callable[[], None] | None = None,
+                timeout: float = 60) -> subprocess.CompletedProcess:
+    """What cli() does, run by the CLI's main() in a fork of this process: the same
+    commands, daemons and servers without a new interpreter's start, which costs seconds
+    under TCG (importing numpy and the package over 9p), where a kill test needs two.
+    ``before()`` runs first in the fork (a fault to inject into the server it starts)."""
+    return as_user(os.geteuid(), _cli_main, env, list(args), before, timeout=timeout,
+                   cwd=str(REPO))
+
+
+def cli_foreground(env: dict, *args: str,
+                   before: Callable[[], None] | None = None) -> tuple[int, IO[str]]:
+    """``ARGS --foreground`` (add or recover) served by a forked child of this process, as
+    cli_in_fork() does: (its pid, its stdout and stderr). Reap it with os.waitpid."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            os.chdir(REPO)
+            os.environ.update(env)
+            sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+            if before is not None:
+                before()
+            code = cli_module.main([*args, "--foreground"])
+        except BaseException:                             # noqa: BLE001 - for the reader
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, os.fdopen(r)
+
+
+@pytest.fixture
+def cli_env(tmp_path):
+    """Environment for CLI servers with a private state directory (their records and
+    logs); every device whose record is left at the end is deleted. The servers' logs
+    are printed: pytest shows them with a failed test."""
+    run = tmp_path / "run"
+    env = dict(os.environ, PYUBLK_FAST_RUN_DIR=str(run))
+    yield env
+    for rec in run.glob("*.json"):
+        cli_in_fork(env, "del", "-n", rec.stem)
+    print(server_logs(env))
+
+
+def cli_add(env: dict, *args: str, before: Callable[[], None] | None = None) -> tuple[int, str]:
+    """``add ARGS`` (by cli_in_fork): (dev_id, /dev/ublkbN) once the server serves I/O."""
+    res = cli_in_fork(env, "add", *args, before=before)
+    assert res.returncode == 0, res.stdout + res.stderr
+    path = res.stdout.strip().splitlines()[-1]
+    assert path.startswith("/dev/ublkb") and os.path.exists(path), res.stdout
+    return int(path[len("/dev/ublkb"):]), path
+
+
+def server_logs(env: dict) -> str:
+    """Every CLI server's log in the state directory, for failure messages."""
+    run = Path(env["PYUBLK_FAST_RUN_DIR"])
+    return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(run.glob("server-*.log")))
+
+
+def writes_completed(dev_id: int) -> int:
+    """Write requests /dev/ublkbN has completed (failed ones too): /sys/block/.../stat."""
+    with open(f"/sys/block/ublkb{dev_id}/stat") as fh:
+        return int(fh.read().split()[4])
+
+
+def writes_in_flight(dev_id: int) -> int:
+    """Write requests /dev/ublkbN has started and not completed: /sys/block/.../inflight."""
+    with open(f"/sys/block/ublkb{dev_id}/inflight") as fh:
+        return int(fh.read().split()[1])
