@@ -65,5 +65,50 @@ def kt():
 
 def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """python -m pyublk_fast ARGS (from the repo root)."""
-    return subprocess.run([sys.executable, "-m", "pyublk_fast", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO, env=env)
+    return cli_wait(cli_start(*args, env=env), timeout)
+
+
+def cli_start(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """Start python -m pyublk_fast ARGS (from the repo root); cli_wait() collects it."""
+    return subprocess.Popen([sys.executable, "-m", "pyublk_fast", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+
+
+def cli_wait(proc: subprocess.Popen, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Wait for a command cli_start() started (killed after timeout seconds)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture
+def cli_env(tmp_path):
+    """The CLI's environment with a private state directory; devices whose records are
+    left there are deleted after the test."""
+    env = dict(os.environ, PYUBLK_FAST_RUN_DIR=str(tmp_path / "run"))
+    yield env
+    for rec in (tmp_path / "run").glob("*.json"):
+        cli("del", "-n", rec.stem, env=env)
+
+
+def cli_add(env: dict, *args: str) -> tuple[int, str]:
+    """`add ARGS`: (dev_id, /dev/ublkbN) once the server serves it."""
+    return added(cli("add", *args, env=env))
+
+
+def added(res: subprocess.CompletedProcess) -> tuple[int, str]:
+    """(dev_id, /dev/ublkbN) from a successful `add`."""
+    assert res.returncode == 0, res.stdout + res.stderr
+    path = res.stdout.strip().splitlines()[-1]
+    assert path.startswith("/dev/ublkb") and os.path.exists(path), res.stdout
+    return int(path[len("/dev/ublkb"):]), path
+
+
+def server_pid(env: dict, dev_id: int) -> int:
+    """The pid of device dev_id's server, from its record."""
+    with open(os.path.join(env["PYUBLK_FAST_RUN_DIR"], f"{dev_id}.json")) as fh:
+        return json.load(fh)["pid"]
