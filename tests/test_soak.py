@@ -39,7 +39,8 @@ DEPTH = 4
 #: touches IO), is 64 KiB a cycle: 11 MiB; a kept memory backend is 180 MiB.
 RSS_SLACK_KIB = 4 * 1024
 #: Allowed growth in live Python objects (after a collection) from the warm-up to the
-#: end: measured within +-3; anything kept per cycle is at least one object a cycle.
+#: end: measured within +-3. Whatever a cycle keeps that holds other objects (a Device,
+#: a queue, a backend) is at least one such object a cycle, 180 in all.
 OBJECT_SLACK = 50
 #: How long an exiting thread may take to vanish from /proc/self/task: join() returns
 #: before the kernel has reaped the thread, and io_uring's io-wq workers exit after

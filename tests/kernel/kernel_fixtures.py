@@ -167,6 +167,23 @@ def cli_foreground(env: dict, *args: str,
     return pid, os.fdopen(r)
 
 
+def cli_start(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """Start python -m pyublk_fast ARGS (from the repo root); cli_wait() collects it."""
+    return subprocess.Popen([sys.executable, "-m", "pyublk_fast", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+
+
+def cli_wait(proc: subprocess.Popen, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Wait for a command cli_start() started (killed after timeout seconds)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @pytest.fixture
 def cli_env(tmp_path):
     """Environment for CLI servers with a private state directory (their records and
@@ -182,7 +199,11 @@ def cli_env(tmp_path):
 
 def cli_add(env: dict, *args: str, before: Callable[[], None] | None = None) -> tuple[int, str]:
     """``add ARGS`` (by cli_in_fork): (dev_id, /dev/ublkbN) once the server serves I/O."""
-    res = cli_in_fork(env, "add", *args, before=before)
+    return added(cli_in_fork(env, "add", *args, before=before))
+
+
+def added(res: subprocess.CompletedProcess) -> tuple[int, str]:
+    """(dev_id, /dev/ublkbN) from a successful `add`."""
     assert res.returncode == 0, res.stdout + res.stderr
     path = res.stdout.strip().splitlines()[-1]
     assert path.startswith("/dev/ublkb") and os.path.exists(path), res.stdout
@@ -205,3 +226,9 @@ def writes_in_flight(dev_id: int) -> int:
     """Write requests /dev/ublkbN has started and not completed: /sys/block/.../inflight."""
     with open(f"/sys/block/ublkb{dev_id}/inflight") as fh:
         return int(fh.read().split()[1])
+
+
+def server_pid(env: dict, dev_id: int) -> int:
+    """The pid of device dev_id's server, from its record."""
+    with open(os.path.join(env["PYUBLK_FAST_RUN_DIR"], f"{dev_id}.json")) as fh:
+        return json.load(fh)["pid"]
