@@ -53,12 +53,16 @@ def kernel_release() -> str:
 def kublk_path() -> str | None:
     """The kernel selftests' reference server kublk, if present: ``$KUBLK`` (only that,
     when set), else ``kublk`` on PATH, else what tools/vm/build-kublk cached for the
-    running kernel (``<UBLK_VM_CACHE>/kublk/<release>/kublk``)."""
+    running kernel (``<UBLK_VM_CACHE>/kublk/<release>/kublk``), else, on the host that
+    starts the VM, the one built last (``.../kublk/current/kublk``, the VM's kernel)."""
     env = os.environ.get("KUBLK")
     if env:
         return env if os.access(env, os.X_OK) else None
     found = shutil.which("kublk")
     if found:
         return found
-    cand = Path(os.environ.get("UBLK_VM_CACHE") or VM_CACHE) / "kublk" / kernel_release() / "kublk"
-    return str(cand) if os.access(cand, os.X_OK) else None
+    cache = Path(os.environ.get("UBLK_VM_CACHE") or VM_CACHE) / "kublk"
+    for cand in (cache / kernel_release() / "kublk", cache / "current" / "kublk"):
+        if os.access(cand, os.X_OK):
+            return str(cand)
+    return None

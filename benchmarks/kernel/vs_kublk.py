@@ -87,6 +87,9 @@ def main() -> int:
                     help="with the loop target, also run fio on the RAM disk itself (no ublk): "
                     "what any ublk server costs, C or ours")
     a = ap.parse_args()
+    if not os.path.exists("/dev/ublk-control"):
+        sys.exit("no ublk driver here (/dev/ublk-control): run this in the VM, as the "
+                 "docstring shows (tools/vm/run ... -- python3 benchmarks/kernel/vs_kublk.py)")
     kublk = kublk_path()
     if kublk is None:
         sys.exit("kublk not built: run tools/vm/build-kublk on the host first")
