@@ -1,4 +1,5 @@
-"""loop: a backing file or block device, served by io_uring from C (no Python per I/O)."""
+"""loop: a backing file or block device, served by io_uring from C (no Python per I/O),
+or, with --python, by the same ring I/O asked for from Python handlers."""
 import errno
 import fcntl
 import mmap
@@ -6,6 +7,7 @@ import os
 import stat
 import struct
 
+from pyublk_fast import aio
 from pyublk_fast.backend import FileBackend, register
 
 BLKSSZGET = 0x1268      # <linux/fs.h>: a block device's logical block size
@@ -69,31 +71,32 @@ class LoopBackend(FileBackend):
             raise
         self.size = size
 
+    # The Python path (`--python`): the same I/O, asked for in Python per request and
+    # moved by the queue's ring, by whatever data path the device has (a reference for
+    # backends of your own: see pyublk_fast.aio). A plain function returning the
+    # operation saves a coroutine per request; the async ones show the general form.
+
     def read(self, offset, buf):
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self.fd, [buf[done:]], offset + done)
-            if n == 0:                       # past the end of the file: zeros
-                buf[done:] = bytes(len(buf) - done)
-                return
-            done += n
+        return aio.current().pread_request(self.fd, offset)
 
     def write(self, offset, data):
-        done = 0
-        while done < len(data):
-            done += os.pwritev(self.fd, [data[done:]], offset + done)
+        return aio.current().pwrite_request(self.fd, offset)
 
     def flush(self):
-        os.fdatasync(self.fd)
+        return aio.current().fdatasync(self.fd)
 
     def discard(self, offset, length):
-        # The native target punches holes; the Python path writes zeros (same contents).
-        self.write_zeroes(offset, length)
+        return aio.current().fallocate(self.fd, aio.PUNCH_HOLE | aio.KEEP_SIZE, offset, length)
 
-    def write_zeroes(self, offset, length):
-        zeros = _zeros(min(length, 1 << 20))
-        for off in range(offset, offset + length, len(zeros)):
-            self.write(off, zeros[:min(len(zeros), offset + length - off)])
+    async def write_zeroes(self, offset, length):
+        io = aio.current()
+        try:
+            await io.fallocate(self.fd, aio.ZERO_RANGE | aio.KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            # no ZERO_RANGE here (tmpfs): a punched hole reads back as zeros too
+            await io.fallocate(self.fd, aio.PUNCH_HOLE | aio.KEEP_SIZE, offset, length)
 
     def native_target(self):
         from ._native_loop import LoopTarget

@@ -1,9 +1,9 @@
 """The Backend base class users subclass to make a block device.
 
 Override what you support; the rest fails with EOPNOTSUPP. Each handler may be a
-plain function or an ``async def`` (the awaitables of one batch run concurrently on
-the queue thread's own event loop). Capabilities are class attributes read once
-when the device starts.
+plain function or an ``async def``: each request then runs as its own task on its
+queue's ring, awaiting ring I/O (``pyublk_fast.aio``) while the queue serves the
+others. Capabilities are class attributes read once when the device starts.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ class Request(NamedTuple):
     length: int                #: bytes
     buf: memoryview | None     #: the request's data (fill it for READ); None for FLUSH/DISCARD/WRITE_ZEROES
     fua: bool                  #: the write must be durable when it completes
+    tag: int = -1              #: its tag on its queue (which request slot: logs, debugging)
 
 
 class Backend:
@@ -38,8 +39,10 @@ class Backend:
     can_discard: bool = False
     can_write_zeroes: bool = False
     can_fua: bool = False
-    #: Data paths its native target can serve besides the buffered ones (copy, need_get_data,
-    #: user_copy, which every backend gets): "zero_copy", "splice_zc".
+    #: Data paths it serves besides the buffered ones (copy, need_get_data, user_copy, which
+    #: every backend gets): "zero_copy", "splice_zc". A Python backend that declares them
+    #: moves request data only with aio's pread_request/pwrite_request (its handlers get
+    #: buf=None: the request's pages are not mapped into the server).
     data_paths: tuple[str, ...] = ()
     #: The format of the file its ``-f/--file`` option names, if it takes one: "raw" (any
     #: file or block device) or "qcow2". Tools that make scratch devices (the bench) create

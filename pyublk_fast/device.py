@@ -17,9 +17,11 @@ import threading
 import time
 
 from . import uapi
+from concurrent.futures import ThreadPoolExecutor
+
+from ._core.pytask import PyTarget
 from ._core.queue import Queue
 from ._core.ring import SETUP_COOP_TASKRUN, SETUP_SINGLE_ISSUER, Ring
-from .dispatch import PythonDispatch
 from .errors import missing_features_message, os_error
 from .transport.base import DevInfo
 
@@ -46,6 +48,9 @@ SERVER_RING_FLAGS = SETUP_SINGLE_ISSUER | SETUP_COOP_TASKRUN
 #: Data paths every backend can use: the server holds a buffer per tag.
 BUFFERED_PATHS = ("copy", "need_get_data", "user_copy")
 
+
+#: Threads of a device's pool for run_in_thread (made when a handler first uses it).
+THREAD_POOL_SIZE = 4
 
 #: Long enough to see a fast disk's completion without sleeping (a wake-up costs tens of
 #: microseconds); the budget adapts, so an idle queue still sleeps. The README has the
@@ -106,16 +111,17 @@ class Device:
         self._started = False
         self._closed = False       # stop() closed the backend: this Device cannot serve again
         self._done = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def _choose_path(self, wanted: str) -> str:
         """The data path: what the user forced, else copy; checked against backend and driver."""
         if wanted == "auto":
             return "copy"
-        offered = BUFFERED_PATHS + (tuple(self.backend.data_paths) if self.native is not None else ())
+        offered = BUFFERED_PATHS + tuple(self.backend.data_paths)
         if wanted not in offered:
-            why = ("it needs a native backend (Python handlers never see request pages)"
-                   if wanted in self.backend.data_paths else f"{type(self.backend).__name__} does not declare it")
-            raise ValueError(f"data_path={wanted!r} is not available: {why}; available: {', '.join(offered)}")
+            raise ValueError(f"data_path={wanted!r} is not available: {type(self.backend).__name__} "
+                             f"does not declare it; available: {', '.join(offered)}")
         missing = PATH_FLAGS[wanted] & ~self.transport.features() if self.transport is not None else 0
         if missing:
             raise os_error(errno.EOPNOTSUPP, f"data_path={wanted!r}",
@@ -191,17 +197,30 @@ class Device:
         if self._errors:
             raise self._errors[0]
 
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        """The pool run_in_thread uses, shared by the queues; made on first use."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(THREAD_POOL_SIZE, thread_name_prefix=f"ublk{self.dev_id}-io")
+            return self._pool
+
+    def _close_pool(self) -> None:
+        """After the queues exit: workers still running finish alone; their results are
+        dropped (the queues cancelled what awaited them)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
     def _serve_queue(self, q_id: int, ready: threading.Event):
-        dispatch = None
         q = None
         try:
             ep = self.transport.queue_endpoint(self.dev_id, q_id)
-            q = Queue(self.depth, self.max_io_bytes, ep.channel, ep.iods, native=self.native,
-                      py_handler=None if self.native is not None else (lambda n: dispatch.handle_batch(n)),
+            # a Python backend gets a target per queue: its tasks and ring I/O are the queue's
+            target = self.native if self.native is not None else PyTarget(self.backend, self._thread_pool)
+            q = Queue(self.depth, self.max_io_bytes, ep.channel, ep.iods, native=target,
                       data_path=self.data_path, poll_us=self.poll_us, submit_chunk=self.submit_chunk,
                       ring_flags=self.ring_flags)
-            if self.native is None:
-                dispatch = PythonDispatch(self.backend, q)
             self._queues[q_id] = q
             q.fetch_all()
         except BaseException as e:  # reported by start()
@@ -214,8 +233,6 @@ class Device:
             if errors:
                 log.warning("queue %d of device %d: %d commands refused by the driver", q_id, self.dev_id, errors)
         finally:
-            if dispatch is not None:
-                dispatch.close()
             q.close()
 
     def _wake_queues(self):
@@ -241,6 +258,7 @@ class Device:
             self._wake_queues()
             for th in self._threads:
                 th.join(10)
+        self._close_pool()
         if delete:
             t.del_dev(self.dev_id)
 
@@ -266,6 +284,7 @@ class Device:
         self._wake_queues()
         for th in self._threads:
             th.join(10)
+        self._close_pool()
         self.transport.release(self.dev_id)
         self._wait_not_live()
 
@@ -291,6 +310,7 @@ class Device:
         self.transport.quiesce_dev(self.dev_id)
         for th in self._threads:
             th.join(10)
+        self._close_pool()
         self._started = False
         self.transport.release(self.dev_id)
         # the kernel makes the device QUIESCED when the char device is finally released,

@@ -24,7 +24,7 @@ from pyublk_fast.bench.scenarios import PATHS, backend_axis, matrix, parse_bs, s
 
 NULL_QD32 = "sim/null/randread-4k-qd32/copy/q1"
 LOOP_QD32 = "sim/loop/randread-4k-qd32/copy/q1"
-PY_ZC = "sim/null-py/randread-4k-qd32/zero_copy/q1"   # a pair Device refuses
+PY_ZC = "sim/memory/randread-4k-qd32/zero_copy/q1"   # a pair Device refuses
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -105,16 +105,15 @@ def test_bs_and_qd_set_the_axes():
 
 
 def test_list_marks_and_skip_reasons(capsys):
-    assert main(["--list", "--all", "--backend", "null-py", "--rw", "randread", "--qd", "32", "--queues", "1"]) == 0
+    assert main(["--list", "--all", "--backend", "memory", "--rw", "randread", "--qd", "32", "--queues", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("4 scenarios")
     lines = {ln.split()[-1] if "[" not in ln else ln.split("   [")[0].split()[-1]: ln for ln in out[1:5]}
-    assert lines["sim/null-py/randread-4k-qd32/copy/q1"].startswith("q ")       # in --quick
-    assert lines["sim/null-py/randread-4k-qd32/user_copy/q1"].startswith("* ")  # default only
+    assert lines["sim/memory/randread-4k-qd32/copy/q1"].startswith("q ")       # in --quick
     for path in ("zero_copy", "splice_zc"):
-        line = lines[f"sim/null-py/randread-4k-qd32/{path}/q1"]
-        assert f"[skipped: data_path='{path}' is not available" in line and "it needs a native backend" in line
-    assert "skipped" not in lines["sim/null-py/randread-4k-qd32/copy/q1"]
+        line = lines[f"sim/memory/randread-4k-qd32/{path}/q1"]
+        assert f"[skipped: data_path='{path}' is not available" in line and "does not declare it" in line
+    assert "skipped" not in lines["sim/memory/randread-4k-qd32/copy/q1"]
 
 
 @pytest.mark.skipif(os.path.exists("/dev/ublk-control"), reason="the ublk driver is loaded here")
@@ -197,7 +196,7 @@ def test_short_run_json_schema(short_run):
     rc, _, doc = short_run
     assert rc == 0
     assert doc["schema"] == report.SCHEMA and doc["interrupted"] is False and doc["duration_s"] > 0
-    assert doc["settings"]["runtime"] == 0.2 and doc["settings"]["selected"] == [LOOP_QD32, NULL_QD32, PY_ZC]
+    assert doc["settings"]["runtime"] == 0.2 and doc["settings"]["selected"] == [LOOP_QD32, PY_ZC, NULL_QD32]
     assert doc["machine"]["kernel"] == platform.release() and doc["machine"]["cpus"] == os.cpu_count()
     v = doc["versions"]
     assert v["python"] == platform.python_version() and v["numpy"] == numpy.__version__
@@ -206,7 +205,7 @@ def test_short_run_json_schema(short_run):
         assert set(row) == set(ROW_KEYS)
     names = [r["name"] for r in doc["rows"]]
     # each reference is measured right before the first scenario that needs it; none for a refused pair
-    assert names == ["ref/fio-file/randread-4k-qd32", LOOP_QD32, "ref/nop/qd32", NULL_QD32, PY_ZC]
+    assert names == ["ref/fio-file/randread-4k-qd32", LOOP_QD32, PY_ZC, "ref/nop/qd32", NULL_QD32]
 
 
 def test_short_run_figures_are_sane(short_run):

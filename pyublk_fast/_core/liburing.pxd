@@ -105,6 +105,8 @@ cdef extern from "<liburing.h>" nogil:
 
     int io_uring_register_files(io_uring *ring, const int *files, unsigned nr_files)
     int io_uring_unregister_files(io_uring *ring)
+    int io_uring_register_files_sparse(io_uring *ring, unsigned nr)
+    int io_uring_register_files_update(io_uring *ring, unsigned off, const int *files, unsigned nr_files)
     int io_uring_register_buffers(io_uring *ring, const iovec *iovecs, unsigned nr_iovecs)
     int io_uring_register_buffers_sparse(io_uring *ring, unsigned nr)
     int io_uring_register_buffers_update_tag(io_uring *ring, unsigned off, const iovec *iovecs,
@@ -120,7 +122,13 @@ cdef extern from "<liburing.h>" nogil:
                                   uint64_t offset, int buf_index)
     void io_uring_prep_write_fixed(io_uring_sqe *sqe, int fd, const void *buf, unsigned nbytes,
                                    uint64_t offset, int buf_index)
+    void io_uring_prep_readv(io_uring_sqe *sqe, int fd, const iovec *iovecs, unsigned nr_vecs,
+                             uint64_t offset)
+    void io_uring_prep_writev(io_uring_sqe *sqe, int fd, const iovec *iovecs, unsigned nr_vecs,
+                              uint64_t offset)
     void io_uring_prep_fsync(io_uring_sqe *sqe, int fd, unsigned fsync_flags)
+    void io_uring_prep_timeout(io_uring_sqe *sqe, __kernel_timespec *ts, unsigned count, unsigned flags)
+    void io_uring_prep_cancel64(io_uring_sqe *sqe, uint64_t user_data, int flags)
     void io_uring_prep_fallocate(io_uring_sqe *sqe, int fd, int mode, off_t offset, off_t len)
     void io_uring_prep_splice(io_uring_sqe *sqe, int fd_in, int64_t off_in, int fd_out,
                               int64_t off_out, unsigned nbytes, unsigned splice_flags)

@@ -4,6 +4,9 @@ from .ring cimport Ring
 from .uapi cimport ublksrv_io_desc
 
 cdef enum:
+    REAP_BATCH = 512     # CQEs reaped at once: a target sees at most this many per batch_end()
+
+cdef enum:
     # The data path's kind, fixed when a queue is set up (a native target picks its
     # per-request functions from it once, in setup()).
     DP_COPY = 0          # copy and need_get_data: the driver copies to/from the tag buffer
@@ -60,17 +63,25 @@ cdef struct TagIO:
 
 
 cdef class NativeTarget:
-    """A backend whose per-request work runs in C, in the queue thread, without the GIL.
+    """A backend's per-request work, run by the queue thread.
 
     setup() runs once per queue (pick data-path functions from q.data_path there).
-    queue_io() either completes the request now (q.commit(tag, res), return 0) or
-    prepares N backend SQEs tagged with q.target_ud(tag, tgt_data) and returns N.
+    queue_io() either completes the request now (q.commit(tag, res), return 0),
+    prepares N backend SQEs tagged with q.target_ud(tag, tgt_data) and returns N, or
+    returns 0 and keeps the request to commit later itself (then it keeps
+    q.tags[tag].pending equal to its SQEs in flight, which close() waits for).
     io_done() gets each backend CQE; it returns the bytes/-errno of that operation,
-    or RESUBMITTED when it prepared a follow-up SQE (short I/O, EAGAIN).
+    or RESUBMITTED when it prepared a follow-up SQE (short I/O, EAGAIN) or accounts
+    for the CQE itself. batch_end() runs after each reaped batch; shutdown() once
+    the queue stops serving, before close() waits for the SQEs still in flight.
+    Native (C) targets run all of it without the GIL; the Python backends' target
+    (pytask.pyx) takes it once per batch_end().
     """
     cdef int setup(self, Queue q) except -1
     cdef int queue_io(self, Queue q, int tag, const ublksrv_io_desc *iod) noexcept nogil
     cdef int32_t io_done(self, Queue q, int tag, uint32_t tgt_data, int32_t res) noexcept nogil
+    cdef void batch_end(self, Queue q) noexcept nogil
+    cdef int shutdown(self, Queue q) except -1
 
 
 cdef class Queue:
@@ -85,10 +96,7 @@ cdef class Queue:
     cdef uint8_t *bufs
     cdef readonly uint32_t buf_size
     cdef TagIO *tags
-    cdef NativeTarget native
-    cdef object py_handler         # handle_batch(n) for Python backends
-    cdef uint16_t *py_tags
-    cdef int n_py
+    cdef readonly NativeTarget native
     cdef int nr_live               # tags not yet aborted
     cdef uint64_t *zc_addr         # DP_ZERO_COPY: address of the request's buffer at fixed index tag
     cdef readonly uint64_t requests
@@ -102,7 +110,6 @@ cdef class Queue:
     cdef uint32_t first_op
     cdef uint64_t first_off
     cdef uint32_t first_len
-    cdef readonly object py_tag_array
     cdef object _keep
 
     cdef io_uring_sqe *get_sqe(self) noexcept nogil
@@ -112,9 +119,11 @@ cdef class Queue:
     cdef void note_failure(self, int tag, int32_t res) noexcept nogil
     cdef void log_failures(self) noexcept nogil
     cdef void register_buf(self, int tag) noexcept nogil
+    cdef int32_t prep_request_rw(self, int tag, int fd, bint read, uint32_t at, uint32_t n,
+                                 uint64_t off, uint32_t rw_flags, bint fill, uint64_t ud) noexcept nogil
+    cdef int32_t request_rw_done(self, int tag, bint read, uint32_t at, int32_t res) noexcept nogil
     cdef uint64_t target_ud(self, int tag, uint32_t tgt_data) noexcept nogil
     cdef uint8_t *tag_buf(self, int tag) noexcept nogil
     cdef void on_request(self, int tag) noexcept nogil
     cdef void on_target(self, int tag, uint32_t tgt_data, int32_t res) noexcept nogil
     cdef void loop(self) noexcept nogil
-    cdef void run_python(self) noexcept nogil

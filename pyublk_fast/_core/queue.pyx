@@ -3,7 +3,8 @@
 
 FETCH every tag, then loop: wait, reap a batch nogil, decode tags, hand each
 request to the backend (native: C calls, no GIL; Python: one GIL round per
-batch), commit results with COMMIT_AND_FETCH. The driver is reached through a
+batch of requests and completions, in Python's case), commit results with
+COMMIT_AND_FETCH. The driver is reached through a
 Channel and request data moves by a DataPath, both fixed at setup: the loop
 itself never tests which driver or data path it serves.
 """
@@ -29,7 +30,6 @@ cdef enum:
     TAG_BUSY = 1          # the request is being served
     TAG_GONE = 2          # the driver aborted this tag's command
     OP_WAKE = 0xfd        # user_data op of a wake-up posted to this ring (stop / die)
-    REAP_BATCH = 512
 
 RESUBMITTED = -0x7fffffff
 cdef int64_t FAIL_LOG_INTERVAL_NS = 1000000000
@@ -151,18 +151,23 @@ cdef class NativeTarget:
     cdef int32_t io_done(self, Queue q, int tag, uint32_t tgt_data, int32_t res) noexcept nogil:
         return res
 
+    cdef void batch_end(self, Queue q) noexcept nogil:
+        pass
+
+    cdef int shutdown(self, Queue q) except -1:
+        return 0
+
 
 cdef class Queue:
     """Serve one queue of a device. Construct in the thread that will run it.
 
-    channel: the transport's Channel for this queue; iods: its descriptor array.
+    channel: the transport's Channel for this queue; iods: its descriptor array;
+    native: the backend's target (a C one, or pytask.PyTarget for a Python backend).
     """
 
     def __init__(self, int depth, uint32_t buf_size, Channel channel not None, iods, *,
-                 NativeTarget native=None, py_handler=None, str data_path="copy",
+                 NativeTarget native not None, str data_path="copy",
                  unsigned ring_flags=0, double poll_us=0.0, unsigned submit_chunk=4):
-        if native is None and py_handler is None:
-            raise ValueError("Queue needs a native target or a Python handler")
         # depth, submit_chunk and the rest were validated by Device and the driver
         if data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: one of {sorted(DATA_PATHS)}")
@@ -172,11 +177,7 @@ cdef class Queue:
         self.spin_ns = <int64_t>(poll_us * 1000)    # poll the CQ this long before sleeping
         self.submit_chunk = submit_chunk
         self.data_path = DATA_PATHS[data_path]
-        if self.data_path in (DP_ZERO_COPY, DP_SPLICE) and native is None:
-            raise ValueError(f"data path {data_path} needs a native (C) backend: a Python backend "
-                             "cannot reach request pages it never sees; use copy or user_copy")
         self.native = native
-        self.py_handler = py_handler
         iod_arr = np.asarray(iods)
         if iod_arr.nbytes < depth * sizeof(ublksrv_io_desc):
             raise ValueError("descriptor array smaller than depth * 24 bytes")
@@ -187,10 +188,8 @@ cdef class Queue:
         bufs = raw[start:start + <size_t>depth * buf_size]
         self.bufs = <uint8_t *><uintptr_t>bufs.__array_interface__["data"][0]
         self.tags = <TagIO *>calloc(depth, sizeof(TagIO))
-        self.py_tags = <uint16_t *>calloc(depth, sizeof(uint16_t))
-        if self.tags == NULL or self.py_tags == NULL:
+        if self.tags == NULL:
             raise MemoryError("Queue: cannot allocate tag state")
-        self.py_tag_array = np.zeros(depth, np.uint16)
         self._keep = (iod_arr, raw, bufs)
         entries = 1
         while entries < 2 * depth:
@@ -205,12 +204,10 @@ cdef class Queue:
         channel.bind(self)
         self.dp = channel.make_path(self, self.data_path)
         self.dp.setup(self)
-        if native is not None:
-            native.setup(self)
+        native.setup(self)
 
     def __dealloc__(self):
         free(self.tags)
-        free(self.py_tags)
         free(self.zc_addr)
 
     @property
@@ -232,6 +229,7 @@ cdef class Queue:
         """Close the ring and drop the descriptor array and buffers (after run() returned): a
         kernel transport can then unmap /dev/ublkcN's descriptors and the server is gone."""
         if not self.ring.closed:
+            self.native.shutdown(self)
             with nogil:
                 self.drain_backend_io(1000000000)
         self.ring.close()
@@ -239,6 +237,7 @@ cdef class Queue:
         self.iods = NULL
         self.bufs = NULL
         self.dp = None
+        self.native = None          # a Python backend's target refers back to this queue
 
     cdef void drain_backend_io(self, int64_t timeout_ns) noexcept nogil:
         """Wait, at most timeout_ns, for backend SQEs still in flight (only after a forced
@@ -288,6 +287,58 @@ cdef class Queue:
         """For targets, before their first SQE on the request's pages: whatever the data
         path needs to make them a fixed buffer (a linked REGISTER_IO_BUF on 6.15)."""
         self.dp.register_buf(self, tag)
+
+    cdef int32_t prep_request_rw(self, int tag, int fd, bint read, uint32_t at, uint32_t n,
+                                 uint64_t off, uint32_t rw_flags, bint fill, uint64_t ud) noexcept nogil:
+        """One SQE moving bytes [at, at+n) of tag's request between the request and fd at
+        off (read: fd -> request), by whatever data path the queue has: the tag buffer,
+        the request's pages as fixed buffer `tag` (zero copy), or a splice through the
+        tag's pipe. For a splice write, fill=1 first moves those request bytes into the
+        pipe (a continuation after a short write finds the rest still there); a splice
+        read needs request_rw_done() to move what arrived on into the request. A splice
+        has no rw_flags (RWF_DSYNC): the caller syncs after it. 0, or -errno when no
+        SQE was prepared."""
+        cdef io_uring_sqe *sqe
+        cdef int64_t moved
+        cdef uint8_t *buf
+        if self.data_path == DP_SPLICE:
+            if not read and fill:
+                moved = self.dp.splice(self, tag, at, 1, n)
+                if moved != <int64_t>n:
+                    return <int32_t>moved if moved < 0 else -EIO
+            sqe = self.get_sqe()
+            if read:
+                io_uring_prep_splice(sqe, fd, off, self.dp.pipe_fd(tag, 1), -1, n, 0)
+            else:
+                io_uring_prep_splice(sqe, self.dp.pipe_fd(tag, 0), -1, fd, off, n, 0)
+        elif self.data_path == DP_ZERO_COPY:
+            buf = <uint8_t *><uintptr_t>self.zc_addr[tag] + at
+            self.register_buf(tag)       # 6.15: a REGISTER_IO_BUF linked before the first SQE
+            sqe = self.get_sqe()
+            if read:
+                io_uring_prep_read_fixed(sqe, fd, buf, n, off, tag)
+            else:
+                io_uring_prep_write_fixed(sqe, fd, buf, n, off, tag)
+            sqe.rw_flags = rw_flags
+        else:
+            sqe = self.get_sqe()
+            if read:
+                io_uring_prep_read(sqe, fd, self.tag_buf(tag) + at, n, off)
+            else:
+                io_uring_prep_write(sqe, fd, self.tag_buf(tag) + at, n, off)
+            sqe.rw_flags = rw_flags
+        sqe.user_data = ud
+        return 0
+
+    cdef int32_t request_rw_done(self, int tag, bint read, uint32_t at, int32_t res) noexcept nogil:
+        """After a prep_request_rw() SQE completed with res: a splice read's bytes go from
+        the pipe into the request at `at`. res, or -errno."""
+        cdef int64_t moved
+        if self.data_path == DP_SPLICE and read and res > 0:
+            moved = self.dp.splice(self, tag, at, 0, <uint32_t>res)
+            if moved != res:
+                return <int32_t>moved if moved < 0 else -EIO
+        return res
 
     cdef void commit(self, int tag, int32_t res) noexcept nogil:
         """Complete the request of tag with res (bytes or -errno) and fetch the next."""
@@ -390,8 +441,7 @@ cdef class Queue:
                     self.submit_cmd(UBLK_IO_NEED_GET_DATA, tag, 0)
                 else:
                     self.on_request(tag)
-            if self.n_py:
-                self.run_python()
+            self.native.batch_end(self)
             if self.unlogged:
                 self.log_failures()
         io_uring_submit(self.r)
@@ -408,13 +458,9 @@ cdef class Queue:
         if err < 0:
             self.commit(tag, err)
             return
-        if self.native is not None:
-            self.tags[tag].result = 0
-            n = self.native.queue_io(self, tag, iod)
-            self.tags[tag].pending = n if n > 0 else 0
-        else:
-            self.py_tags[self.n_py] = tag
-            self.n_py += 1
+        self.tags[tag].result = 0
+        n = self.native.queue_io(self, tag, iod)
+        self.tags[tag].pending = n if n > 0 else 0
 
     cdef void on_target(self, int tag, uint32_t tgt_data, int32_t res) noexcept nogil:
         cdef TagIO *t = &self.tags[tag]
@@ -429,28 +475,3 @@ cdef class Queue:
         t.pending -= 1
         if t.pending == 0:
             self.commit(tag, t.result)
-
-    cdef void run_python(self) noexcept nogil:
-        cdef int i, n = self.n_py
-        cdef uint16_t[::1] arr
-        with gil:
-            arr = self.py_tag_array
-            for i in range(n):
-                arr[i] = self.py_tags[i]
-            try:
-                results = self.py_handler(n)
-                if len(results) != n:
-                    raise ValueError(f"handler returned {len(results)} results for {n} requests")
-            except BaseException:
-                log.exception("queue %d: Python dispatch failed; failing %d requests with EIO", self.q_id, n)
-                results = [-EIO] * n
-            for i in range(n):
-                try:
-                    res = int(results[i])
-                    if not -4095 <= res <= <int64_t>self.iods[self.py_tags[i]].nr_sectors << SECTOR_SHIFT:
-                        raise ValueError(f"result {res} is neither bytes done (at most the request's) nor -errno")
-                except Exception:
-                    log.exception("queue %d: bad result for tag %d; failing it with EIO", self.q_id, self.py_tags[i])
-                    res = -EIO
-                self.commit(self.py_tags[i], res)
-        self.n_py = 0

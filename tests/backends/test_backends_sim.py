@@ -21,10 +21,12 @@ KiB = 1 << 10
 DATA_KINDS = [k for k, (stores, _) in BACKEND_KINDS.items() if stores]
 PATHS = ["copy", "need_get_data"]
 BUFFERED = ["copy", "need_get_data", "user_copy"]
-NATIVE_ONLY = ["zero_copy", "splice_zc"]
-NATIVE_KINDS = {"loop-native", "null-native"}
+#: paths with no server buffer: for backends that declare them (request-directed I/O only)
+UNBUFFERED = ["zero_copy", "splice_zc"]
+UNBUFFERED_KINDS = {"loop-native", "null-native", "loop-python"}
+LOOP_KINDS = ["loop-native", "loop-python"]
 #: every (backend kind, data path) pair the framework offers
-COMBOS = [(k, p) for k in DATA_KINDS for p in BUFFERED + (NATIVE_ONLY if k in NATIVE_KINDS else [])]
+COMBOS = [(k, p) for k in DATA_KINDS for p in BUFFERED + (UNBUFFERED if k in UNBUFFERED_KINDS else [])]
 
 
 def _rand_extent(rng: random.Random, max_len: int = 192 * KiB) -> tuple[int, int]:
@@ -80,7 +82,7 @@ def test_discard_and_write_zeroes_read_back_zeros(sim, make_backend, kind):
     assert got == bytes(want)
 
 
-@pytest.mark.parametrize("path", BUFFERED + NATIVE_ONLY)
+@pytest.mark.parametrize("path", BUFFERED + UNBUFFERED)
 def test_null_native_completes_everything(sim, make_backend, path):
     backend, native = make_backend("null-native")
     with Device(backend, sim, depth=8, data_path=path, native=native) as dev:
@@ -333,18 +335,19 @@ def test_backend_size_not_multiple_of_block_size(sim):
         Device(BadBlock(), sim)
 
 
-@pytest.mark.parametrize("kind", sorted(set(DATA_KINDS) - NATIVE_KINDS))
-@pytest.mark.parametrize("path", NATIVE_ONLY)
-def test_native_only_paths_refused_for_python_backends(sim, make_backend, kind, path):
+@pytest.mark.parametrize("kind", sorted(set(DATA_KINDS) - UNBUFFERED_KINDS))
+@pytest.mark.parametrize("path", UNBUFFERED)
+def test_unbuffered_paths_refused_for_backends_that_do_not_declare_them(sim, make_backend, kind, path):
     backend, native = make_backend(kind)
-    with pytest.raises(ValueError, match="native backend|does not declare"):
+    with pytest.raises(ValueError, match="does not declare"):
         Device(backend, sim, depth=4, data_path=path, native=native)
     backend.close()
 
 
-@pytest.mark.parametrize("path", BUFFERED + NATIVE_ONLY)
-def test_loadgen_verify_on_every_loop_path(sim, make_backend, path):
-    backend, native = make_backend("loop-native")
+@pytest.mark.parametrize("kind", LOOP_KINDS)
+@pytest.mark.parametrize("path", BUFFERED + UNBUFFERED)
+def test_loadgen_verify_on_every_loop_path(sim, make_backend, kind, path):
+    backend, native = make_backend(kind)
     with Device(backend, sim, depth=16, data_path=path, native=native) as dev:
         for bs in (4096, 65536):
             r = sim.run_load(dev.dev_id, rw="randrw", bs=bs, qd=32, count=1500, verify=True)
@@ -352,11 +355,12 @@ def test_loadgen_verify_on_every_loop_path(sim, make_backend, path):
             assert r["completed"] == 1500
 
 
-@pytest.mark.parametrize("path", BUFFERED + NATIVE_ONLY)
-def test_fua_writes_on_every_loop_path(sim, make_backend, path):
+@pytest.mark.parametrize("kind", LOOP_KINDS)
+@pytest.mark.parametrize("path", BUFFERED + UNBUFFERED)
+def test_fua_writes_on_every_loop_path(sim, make_backend, kind, path):
     """FUA writes (RWF_DSYNC, or a datasync after a splice) complete and land in the file."""
     from pyublk_fast import uapi
-    backend, native = make_backend("loop-native")
+    backend, native = make_backend(kind)
     blocks = [bytes([i + 1]) * 8192 for i in range(16)]
     with Device(backend, sim, depth=8, data_path=path, native=native) as dev, dev.open() as blk:
         reqs = [(uapi.UBLK_IO_OP_WRITE, i * 8192, 8192, b, uapi.UBLK_IO_F_FUA) for i, b in enumerate(blocks)]

@@ -1,6 +1,6 @@
 """The simulated driver's data-path entry points, probed from inside a live request.
 
-A raw Queue with a Python handler holds each request while the test calls the
+A raw Queue with a Python backend holds each request while the test calls the
 driver's USER_COPY and (seed RFC) splice entry points on it, checking every rule
 and its errno in the RFC's order, with data checked.
 """
@@ -15,7 +15,9 @@ import pytest
 
 from pyublk_fast import uapi
 from pyublk_fast._core.codec import splice_pos, user_copy_pos
+from pyublk_fast._core.pytask import PyTarget
 from pyublk_fast._core.queue import Queue
+from pyublk_fast.backend import Backend
 from pyublk_fast.transport.sim.chardev import splice_probe, user_copy_probe
 
 DIRECT = uapi.SPLICE_F_DIRECT
@@ -34,20 +36,19 @@ def serve(sim, flags, probe):
     assert granted & flags == flags
     sim.set_params(dev_id, 1 << 20, 512)
     ep = sim.queue_endpoint(dev_id, 0)
-    holder = {}
+    q = None
     ready = threading.Event()
 
-    def handler(n):
-        q = holder["q"]
-        iods = q.descriptors()
-        out = []
-        for tag in q.py_tag_array[:n].tolist():
-            out.append(probe(dev_id, tag, iods[tag]))
-        return out
+    class Probe(Backend):
+        size = 1 << 20
+
+        def handle_batch(self, requests):
+            iods = q.descriptors()
+            return [probe(dev_id, r.tag, iods[r.tag]) for r in requests]
 
     def run():
-        q = Queue(DEPTH, 64 * 1024, ep.channel, ep.iods, py_handler=handler)
-        holder["q"] = q
+        nonlocal q
+        q = Queue(DEPTH, 64 * 1024, ep.channel, ep.iods, native=PyTarget(Probe(), None))
         q.fetch_all()
         ready.set()
         q.run()
