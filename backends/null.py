@@ -1,5 +1,6 @@
 """null: every request completes at once without touching data (like kublk's null)."""
-from pyublk_fast.backend import SizedBackend, register
+from pyublk_fast import aio
+from pyublk_fast.backend import Backend, SizedBackend, register
 
 
 @register("null")
@@ -30,3 +31,19 @@ class NullBackend(SizedBackend):
     def native_target(self):
         from ._native_null import NullTarget
         return NullTarget()
+
+
+@register("null-aio")
+class AsyncNullBackend(NullBackend):
+    """null whose every request is a coroutine awaiting one ring operation: the cost floor
+    of an async Python backend."""
+
+    data_paths = ("user_copy", "zero_copy", "splice_zc")
+
+    async def read(self, offset, buf):
+        await aio.current().nop()
+
+    async def write(self, offset, data):
+        await aio.current().nop()
+
+    native_target = Backend.native_target         # none: the point is the Python path

@@ -42,7 +42,7 @@ def test_defaults_and_quick_runtime():
     (["--bs", "3000"], "multiple of 512"),
     (["--bs", "4x"], "argument --bs: bad size '4x'"),
     (["--qd", "0"], "must be >= 1"),
-    (["--backend", "nosuch"], "choose from loop, loop-py, memory, null, null-py, qcow2"),
+    (["--backend", "nosuch"], "choose from loop, loop-py, memory, null, null-py, null-aio, qcow2"),
     (["--path", "dma"], "choose from copy"),
     (["--queues", "3"], "choose from 1, 2"),
     (["--runtime", "0"], "--runtime"),
@@ -63,8 +63,8 @@ def test_parse_bs():
 
 def test_backend_axis_is_the_registry():
     """Every registered backend; a native one also as NAME-py."""
-    assert backend_names() == ["loop", "memory", "null", "qcow2"]
-    assert backend_axis() == ["loop", "loop-py", "memory", "null", "null-py", "qcow2"]
+    assert backend_names() == ["loop", "memory", "null", "null-aio", "qcow2"]
+    assert backend_axis() == ["loop", "loop-py", "memory", "null", "null-py", "null-aio", "qcow2"]
 
 
 # -- selection -------------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def test_any_registered_backend_is_benchmarked(monkeypatch, tmp_path):
 
     register("ram")(MemoryBackend)
     register("picky")(Picky)
-    assert backend_axis() == ["loop", "loop-py", "memory", "null", "null-py", "picky", "qcow2", "ram"]
+    assert backend_axis() == ["loop", "loop-py", "memory", "null", "null-py", "null-aio", "picky", "qcow2", "ram"]
     out = tmp_path / "r.json"
     ram, picky = "sim/ram/randread-4k-qd1/copy/q1", "sim/picky/randread-4k-qd1/copy/q1"
     assert main(["--runtime", "0.1", "--scenario", ram, "--scenario", picky, "--json", str(out)]) == 0

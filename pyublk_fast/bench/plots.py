@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-COLORS = {"null": "#1f77b4", "null-py": "#aec7e8", "loop": "#2ca02c", "loop-py": "#98df8a", "qcow2": "#d62728",
+COLORS = {"null": "#1f77b4", "null-py": "#aec7e8", "null-aio": "#c5b0d5", "loop": "#2ca02c", "loop-py": "#98df8a", "qcow2": "#d62728",
           "nop": "#7f7f7f", "fio": "#9e9e9e", "kublk-null": "#bdbdbd"}
 PATH_COLORS = {"copy": "#4c72b0", "user_copy": "#8172b2", "zero_copy": "#55a868", "splice_zc": "#c44e52"}
 

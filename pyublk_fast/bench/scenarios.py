@@ -130,6 +130,7 @@ def _default_marks() -> dict[tuple, str]:
         add("null-py", "randread", k4, qd, quick=qd == 32)
     add("null-py", "randwrite", k4, 32)
     add("null-py", "randread", k4, 32, "user_copy")
+    add("null-aio", "randread", k4, 32, quick=True)
     add("loop-py", "randread", k4, 32, quick=True)
     add("loop-py", "randwrite", k4, 32)
     add("loop-py", "read", k128, 32)
