@@ -113,7 +113,7 @@ cdef class Queue:
     cdef object _keep
 
     cdef io_uring_sqe *get_sqe(self) noexcept nogil
-    cdef void drain_backend_io(self, int64_t timeout_ns) noexcept nogil
+    cdef int drain_backend_io(self, int64_t timeout_ns) noexcept nogil
     cdef void submit_cmd(self, uint32_t nr, int tag, int32_t result) noexcept nogil
     cdef void commit(self, int tag, int32_t res) noexcept nogil
     cdef void note_failure(self, int tag, int32_t res) noexcept nogil

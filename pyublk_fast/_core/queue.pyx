@@ -56,6 +56,8 @@ DATA_PATHS = {"copy": DP_COPY, "need_get_data": DP_COPY, "user_copy": DP_USER_CO
 DP_NAMES = {DP_COPY: "copy", DP_USER_COPY: "user_copy", DP_ZERO_COPY: "zero_copy", DP_SPLICE: "splice_zc"}
 
 cdef int32_t C_RESUBMITTED = -0x7fffffff
+#: What queues closed with backend I/O still in flight left behind (see Queue.close).
+_ABANDONED = []
 
 
 
@@ -228,10 +230,17 @@ cdef class Queue:
     def close(self):
         """Close the ring and drop the descriptor array and buffers (after run() returned): a
         kernel transport can then unmap /dev/ublkcN's descriptors and the server is gone."""
+        cdef int left = 0
         if not self.ring.closed:
             self.native.shutdown(self)
             with nogil:
-                self.drain_backend_io(1000000000)
+                left = self.drain_backend_io(1000000000)
+        if left:
+            # the kernel may still write into these buffers: keep them (and the target's
+            # own) for the life of the process rather than hand their memory back
+            log.warning("queue %d: %d backend operations still in flight 1 s after the queue "
+                        "stopped; keeping their buffers", self.q_id, left)
+            _ABANDONED.append((self._keep, self.native))
         self.ring.close()
         self._keep = None
         self.iods = NULL
@@ -239,10 +248,11 @@ cdef class Queue:
         self.dp = None
         self.native = None          # a Python backend's target refers back to this queue
 
-    cdef void drain_backend_io(self, int64_t timeout_ns) noexcept nogil:
+    cdef int drain_backend_io(self, int64_t timeout_ns) noexcept nogil:
         """Wait, at most timeout_ns, for backend SQEs still in flight (only after a forced
         exit: die(), a kill): close() frees the buffers they read into or write from.
-        Their results are dropped; the requests are the driver's to fail."""
+        Their results are dropped; the requests are the driver's to fail. Returns how
+        many are still in flight."""
         cdef uint64_t ud[REAP_BATCH]
         cdef int32_t res[REAP_BATCH]
         cdef uint32_t fl[REAP_BATCH]
@@ -264,6 +274,7 @@ cdef class Queue:
                 if ud_is_target(ud[i]) and tag < self.depth and self.tags[tag].pending:
                     self.tags[tag].pending -= 1
                     left -= 1
+        return left
 
     # -- commands to the driver -------------------------------------------------------
 
