@@ -55,6 +55,7 @@ cdef enum:
     K_REQUEST = 1        # request-directed read/write: continued in C until done
     K_THREAD = 2         # run_in_thread: no SQE, a worker posts the completion
     K_TIMEOUT = 3        # sleep: -ETIME is its success
+    K_VOID = 4           # one SQE whose success is None (fsync, fallocate, nop)
     FIXED_FILES = 64     # the registered-file table's size (register_file)
 
 #: Whether the calling thread serves a queue of a Python backend, and which.
@@ -119,7 +120,7 @@ cdef class Op:
             raise StopIteration(self.value)
         if self.res < 0:
             raise OSError(-self.res, os.strerror(-self.res))
-        raise StopIteration(self.res if self.kind != K_TIMEOUT else None)
+        raise StopIteration(self.res if self.kind == K_SQE or self.kind == K_REQUEST else None)
 
 
 cdef class Task:
@@ -248,7 +249,7 @@ cdef class RingIO:
 
     def fsync(self, fd):
         """fsync(fd) on the ring."""
-        cdef Op op = self.new_op(K_SQE, 0)
+        cdef Op op = self.new_op(K_VOID, 0)
         cdef io_uring_sqe *sqe = self.sqe_for(op, fd)
         io_uring_prep_fsync(sqe, self.fd_of(fd), 0)
         self.fixed(sqe, fd)
@@ -256,7 +257,7 @@ cdef class RingIO:
 
     def fdatasync(self, fd):
         """fdatasync(fd) on the ring."""
-        cdef Op op = self.new_op(K_SQE, 0)
+        cdef Op op = self.new_op(K_VOID, 0)
         cdef io_uring_sqe *sqe = self.sqe_for(op, fd)
         io_uring_prep_fsync(sqe, self.fd_of(fd), IORING_FSYNC_DATASYNC)
         self.fixed(sqe, fd)
@@ -265,7 +266,7 @@ cdef class RingIO:
     def fallocate(self, fd, int mode, uint64_t offset, uint64_t length):
         """fallocate(2): mode 0 allocates; aio.PUNCH_HOLE / aio.ZERO_RANGE (each with
         aio.KEEP_SIZE) free or zero the range."""
-        cdef Op op = self.new_op(K_SQE, 0)
+        cdef Op op = self.new_op(K_VOID, 0)
         cdef io_uring_sqe *sqe = self.sqe_for(op, fd)
         io_uring_prep_fallocate(sqe, self.fd_of(fd), mode, offset, length)
         self.fixed(sqe, fd)
@@ -273,7 +274,7 @@ cdef class RingIO:
 
     def nop(self):
         """An operation that completes at once: one trip through the ring."""
-        cdef Op op = self.new_op(K_SQE, 0)
+        cdef Op op = self.new_op(K_VOID, 0)
         io_uring_prep_nop(self.sqe_for(op, None))
         return op
 
