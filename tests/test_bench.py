@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import platform
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from pyublk_fast.backend import backend_names, register
 from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.bench import report
 from pyublk_fast.bench.__main__ import DEFAULT_RUNTIME, QUICK_RUNTIME, main, parse_args
-from pyublk_fast.bench.runner import ROW_KEYS, Progress, combine_rounds, make_row
+from pyublk_fast.bench.runner import ROW_KEYS, Progress, Workdir, combine_rounds, make_row
 from pyublk_fast.bench.scenarios import PATHS, backend_axis, matrix, parse_bs, select
 
 NULL_QD32 = "sim/null/randread-4k-qd32/copy/q1"
@@ -247,6 +248,28 @@ def test_short_run_plots(short_run):
     for name in ("iops.png", "latency.png"):
         data = (d / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+# -- backing files ------------------------------------------------------------------------------
+
+needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
+                                    reason="qemu-img not installed (tools/dev.sh installs qemu-utils)")
+
+
+@needs_qemu_img
+def test_qcow2_image_is_fully_allocated_with_the_raw_files_data():
+    with Workdir(4 << 20) as wd:
+        raw, img = wd.file("raw"), wd.file("qcow2")
+        extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", img],
+                                            capture_output=True, text=True, check=True).stdout)
+        assert sum(e["length"] for e in extents) == 4 << 20
+        assert all(e["data"] and not e["zero"] and "offset" in e for e in extents)
+        same = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, img],
+                              capture_output=True, text=True)
+        assert same.returncode == 0, same.stdout + same.stderr
+        with open(raw, "rb") as f:
+            data = f.read()
+        assert len(set(data[i:i + 4096] for i in range(0, 1 << 20, 4096))) == 256   # data, not a fill
 
 
 # -- several rounds ----------------------------------------------------------------------------

@@ -96,13 +96,19 @@ def compact_hist(hist) -> dict | None:
 
 
 class Workdir:
-    """Backing files in a temp dir under /var/tmp (ext4 there, so O_DIRECT works); removed on exit."""
+    """Backing files in a temp dir under /var/tmp (ext4 there, so O_DIRECT works); removed on exit.
+
+    The raw file and the qcow2 image hold the same bytes, every cluster of the image
+    allocated and written (written through qcow2-lite: no tool needed, as fast as writing
+    the raw file): reads hit data, not holes, and writes overwrite in place in both.
+    """
 
     def __init__(self, size: int, base: str = "/var/tmp"):
         self.size = size
         self.base = base if os.path.isdir(base) else None
         self.path: str | None = None
         self._files: dict[str, str] = {}
+        self._data = os.urandom(1 << 20)
 
     def __enter__(self) -> "Workdir":
         self.path = tempfile.mkdtemp(prefix="pyublk-bench-", dir=self.base)
@@ -113,34 +119,40 @@ class Workdir:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path = None
 
+    def _chunks(self):
+        """(offset, bytes) covering the whole size, the same bytes for every file."""
+        for off in range(0, self.size, len(self._data)):
+            yield off, self._data[:min(len(self._data), self.size - off)]
+
     def file(self, kind: str) -> str:
-        """The raw or qcow2 backing file, created on first use and filled with data (no holes)."""
+        """The raw or qcow2 backing file, created on first use and filled with data (no holes);
+        on every call, on disk and out of the page cache, so each scenario starts alike."""
         if kind not in self._files:
-            chunk = os.urandom(1 << 20)
             if kind == "raw":
                 path = os.path.join(self.path, "backing.img")
                 with open(path, "wb") as f:
-                    for off in range(0, self.size, len(chunk)):
-                        f.write(chunk[:min(len(chunk), self.size - off)])
-                    f.flush()
-                    os.fsync(f.fileno())    # no dirty pages left for O_DIRECT I/O to wait on
+                    for _, chunk in self._chunks():
+                        f.write(chunk)
             elif kind == "qcow2":
                 from ..backends.qcow2 import Qcow2Image
                 path = os.path.join(self.path, "backing.qcow2")
                 img = Qcow2Image.create(path, self.size)
                 try:
-                    for off in range(0, self.size, len(chunk)):
-                        img.write(off, chunk[:min(len(chunk), self.size - off)])
+                    for off, chunk in self._chunks():
+                        img.write(off, chunk)
                 finally:
                     img.close()
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
             else:
                 raise ValueError(f"backing file kind {kind!r}: choose raw or qcow2")
             self._files[kind] = path
+        # no dirty pages for O_DIRECT I/O to wait on, and no head start from pages an earlier
+        # scenario left cached for a server that reads through the cache
+        fd = os.open(self._files[kind], os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
         return self._files[kind]
 
 
