@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import shutil
 import platform
 import signal
 import subprocess
@@ -17,14 +19,16 @@ from rich.console import Console
 from pyublk_fast import backend as backend_mod
 from pyublk_fast.backend import backend_names, register
 from pyublk_fast.backends.memory import MemoryBackend
-from pyublk_fast.bench import report
+from pyublk_fast.bench import refs, report
 from pyublk_fast.bench.__main__ import DEFAULT_RUNTIME, QUICK_RUNTIME, main, parse_args
-from pyublk_fast.bench.runner import ROW_KEYS, Progress, combine_rounds, make_row
+from pyublk_fast.bench.runner import ROW_KEYS, Progress, Workdir, combine_rounds, make_row
 from pyublk_fast.bench.scenarios import PATHS, backend_axis, matrix, parse_bs, select
 
 NULL_QD32 = "sim/null/randread-4k-qd32/copy/q1"
 LOOP_QD32 = "sim/loop/randread-4k-qd32/copy/q1"
 PY_ZC = "sim/memory/randread-4k-qd32/zero_copy/q1"   # a pair Device refuses
+QCOW2_RR = "sim/qcow2/randread-4k-qd32/copy/q1"
+QCOW2_RW = "sim/qcow2/randwrite-4k-qd32/copy/q1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -145,9 +149,9 @@ def test_text_and_markdown_formats():
     assert set(ok) == set(ROW_KEYS) and ok["cpu_us_per_io"] == pytest.approx(10.0)
     line = rendered(ok)
     assert line.split() == ["sim/x/randread-4k-qd1/copy/q1", "1,234", "5.1", "10.0", "20.0", "30.0", "10.00",
-                            "0.500", "vs", "ref/nop/qd1"]
+                            "0.500", "-", "ratio", "vs", "ref/nop/qd1"]
     # one line however long, nothing taken for markup, no escape codes: fit for logs and pipes
-    assert rendered(skipped) == f"{skipped['name']:{report.NAME_W}}{' ' * (sum(report.WIDTHS) + 8)}" \
+    assert rendered(skipped) == f"{skipped['name']:{report.NAME_W}}{' ' * (sum(report.WIDTHS) + len(report.WIDTHS) + 1)}" \
         f"skipped: {reason}\n"
     header = report.console(io.StringIO())
     header.print(report.table([]))
@@ -159,6 +163,25 @@ def test_text_and_markdown_formats():
     assert len(md) == 4 and md[0].startswith("| scenario | IOPS |") and md[1].startswith("| --- | ---: |")
     assert all(ln.count(" | ") == md[0].count(" | ") for ln in md[2:])   # the escaped | keeps columns
     assert "skipped: no \\| way" in md[3]
+
+
+def test_two_references_each_ratio_names_its_own():
+    fig = dict(iops=500.0, mbps=2.0, lat_p50_us=1.0, lat_p99_us=2.0, lat_p999_us=3.0, ios=500, errors=0,
+               seconds=1.0, cpu_s=0.005)
+    row = make_row("sim/qcow2/randread-4k-qd32/copy/q1", "server", figures=fig,
+                   reference="ref/fio-file/randread-4k-qd32", reference_iops=1000.0, ratio=0.5,
+                   reference2="ref/qemu-img/randread-4k-qd32", reference2_iops=400.0, ratio2=1.25)
+    cells = rendered(row).split()
+    assert cells[7:] == ["0.500", "1.250", "ratio", "vs", "ref/fio-file/randread-4k-qd32;", "ratio2", "vs",
+                         "ref/qemu-img/randread-4k-qd32"]
+    row.update(ratio2=None, reference2_iops=None)        # the second reference was skipped
+    assert rendered(row).split()[8:] == ["-", "ratio", "vs", "ref/fio-file/randread-4k-qd32;", "ratio2", "vs",
+                                         "ref/qemu-img/randread-4k-qd32", "(not", "measured)"]
+    ref = make_row("ref/qemu-img/randread-4k-qd32", "reference", figures=dict(fig, note="strided, not random"))
+    assert rendered(ref).rstrip().endswith("- reference; strided, not random")
+    (md_row,) = report.markdown([row]).splitlines()[2:]
+    assert md_row.split(" | ")[7:10] == ["0.500", "-", "ratio vs ref/fio-file/randread-4k-qd32; ratio2 vs "
+                                         "ref/qemu-img/randread-4k-qd32 (not measured) |"]
 
 
 def test_progress_only_on_a_terminal():
@@ -249,6 +272,127 @@ def test_short_run_plots(short_run):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+# -- qcow2: fio on the raw file, qemu-img bench on the image ---------------------------------------
+
+needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
+                                    reason="qemu-img not installed (tools/dev.sh installs qemu-utils)")
+
+
+@needs_qemu_img
+def test_qcow2_image_is_fully_allocated_with_the_raw_files_data():
+    with Workdir(4 << 20) as wd:
+        raw, img = wd.file("raw"), wd.file("qcow2")
+        extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", img],
+                                            capture_output=True, text=True, check=True).stdout)
+        assert sum(e["length"] for e in extents) == 4 << 20
+        assert all(e["data"] and not e["zero"] and "offset" in e for e in extents)
+        same = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, img],
+                              capture_output=True, text=True)
+        assert same.returncode == 0, same.stdout + same.stderr
+        with open(raw, "rb") as f:
+            data = f.read()
+        assert len(set(data[i:i + 4096] for i in range(0, 1 << 20, 4096))) == 256   # data, not a fill
+
+
+@pytest.mark.parametrize("blocks", [2, 3, 4, 255, 256, 1000, 4096, 65536, 65537])
+def test_stride_visits_every_block_under_both_wrap_rules(blocks):
+    """qemu-img wraps the offset modulo the image size (or, in later qemu, the size less one
+    request): either way a pass of `blocks` requests must visit every block once."""
+    k = refs.stride_blocks(blocks)
+    assert 1 <= k < blocks and math.gcd(k, blocks) == 1 and math.gcd(k, blocks - 1) == 1
+    assert sorted(i * k % blocks for i in range(blocks)) == list(range(blocks))
+    assert sorted(i * k % (blocks - 1) for i in range(blocks - 1)) == list(range(blocks - 1))
+    if blocks >= 256:
+        assert blocks // 4 < k < blocks // 2      # consecutive requests far apart
+
+
+def test_qemu_img_bench_args():
+    rr = refs.qemu_img_bench_args("i.qcow2", "qcow2", "randwrite", 4096, 32, 1000, 256 << 20, "io_uring")
+    assert rr == ["qemu-img", "bench", "-f", "qcow2", "-t", "none", "-i", "io_uring", "-d", "32", "-s", "4096",
+                  "-c", "1000", "-S", str(refs.stride_blocks(65536) * 4096), "-w", "i.qcow2"]
+    seq = refs.qemu_img_bench_args("i.qcow2", "qcow2", "read", 131072, 32, 10, 256 << 20, "native")
+    assert seq == ["qemu-img", "bench", "-f", "qcow2", "-t", "none", "-i", "native", "-d", "32", "-s", "131072",
+                   "-c", "10", "i.qcow2"]
+
+
+def _stub_qemu_img(tmp_path, monkeypatch, refuse: str) -> None:
+    """A qemu-img first on PATH that fails `bench` runs whose arguments match the shell
+    pattern `refuse`, and runs the real one otherwise."""
+    real = shutil.which("qemu-img")
+    stub = tmp_path / "bin" / "qemu-img"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\ncase " $* " in {refuse}) echo "qemu-img: stub refuses: $*" >&2; exit 1;; esac\n'
+                    f'exec {real} "$@"\n')
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub.parent}:{os.environ['PATH']}")
+
+
+@needs_qemu_img
+def test_qemu_img_bench_falls_back_to_native_aio_and_says_why(tmp_path, monkeypatch):
+    _stub_qemu_img(tmp_path, monkeypatch, '*" -i io_uring "*')
+    with Workdir(4 << 20) as wd:
+        img = wd.file("qcow2")
+        r = refs.qemu_img_bench(img, "qcow2", "randread", 4096, 8, 0.1, wd.size)
+    assert r["iops"] == pytest.approx(r["ios"] / r["seconds"]) and r["ios"] >= refs.FIRST_COUNT
+    assert r["note"].startswith("qemu-img bench -t none -i native; strided, not random: a step of "
+                                f"{refs.stride_blocks(1024)} of 1024 blocks")
+    assert r["note"].endswith("; -i io_uring failed: qemu-img: stub refuses: bench -f qcow2 -t none -i io_uring "
+                              f"-d 8 -s 4096 -c {refs.FIRST_COUNT} -S {refs.stride_blocks(1024) * 4096} "
+                              f"{img}")
+
+
+@needs_qemu_img
+def test_qemu_img_bench_unavailable_says_why(tmp_path, monkeypatch):
+    with Workdir(4 << 20) as wd:
+        img = wd.file("qcow2")
+        with pytest.raises(refs.RefUnavailable, match=r"image size \(4194304\) must be a multiple of the block "
+                                                      r"size \(3072\)"):
+            refs.qemu_img_bench(img, "qcow2", "read", 3072, 8, 0.1, wd.size)
+        _stub_qemu_img(tmp_path, monkeypatch, "*bench*")
+        with pytest.raises(refs.RefUnavailable) as e:
+            refs.qemu_img_bench(img, "qcow2", "read", 4096, 8, 0.1, wd.size)
+        assert str(e.value).startswith("qemu-img bench: -i io_uring failed: qemu-img: stub refuses: ")
+        assert "; -i native failed: qemu-img: stub refuses: bench -f qcow2 -t none -i native" in str(e.value)
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+        with pytest.raises(refs.RefUnavailable, match=r"qemu-img not installed \(apt-get install qemu-utils\)"):
+            refs.qemu_img_bench(img, "qcow2", "read", 4096, 8, 0.1, wd.size)
+
+
+@needs_qemu_img
+def test_qcow2_rows_have_fio_and_qemu_img_references(tmp_path, monkeypatch, capsys):
+    """fio on the raw file stays the reference; qemu-img bench on the same image is the
+    second, run while no server has the image open."""
+    real, open_at_bench = refs.qemu_img_bench, []
+
+    def spy(image, *args):
+        fds = os.listdir("/proc/self/fd")
+        open_at_bench.append(any(os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(image)
+                                 for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")))
+        return real(image, *args)
+
+    monkeypatch.setattr(refs, "qemu_img_bench", spy)
+    out = tmp_path / "r.json"
+    assert main(["--runtime", "0.2", "--size", "16", "--scenario", QCOW2_RR, "--scenario", QCOW2_RW,
+                 "--json", str(out)]) == 0
+    assert open_at_bench == [False, False]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["ref/fio-file/randread-4k-qd32", "ref/qemu-img/randread-4k-qd32", QCOW2_RR,
+                                         "ref/fio-file/randwrite-4k-qd32", "ref/qemu-img/randwrite-4k-qd32", QCOW2_RW]
+    by = {r["name"]: r for r in rows}
+    text = capsys.readouterr().out
+    for rw, name in (("randread", QCOW2_RR), ("randwrite", QCOW2_RW)):
+        fio, qi, row = by[f"ref/fio-file/{rw}-4k-qd32"], by[f"ref/qemu-img/{rw}-4k-qd32"], by[name]
+        assert fio["status"] == qi["status"] == row["status"] == "ok" and row["errors"] == 0
+        assert (qi["backend"], qi["rw"], qi["bs"], qi["qd"]) == ("qemu-img", rw, 4096, 32)
+        assert qi["iops"] == pytest.approx(qi["ios"] / qi["seconds"]) and qi["cpu_us_per_io"] > 0
+        assert qi["mbps"] == pytest.approx(qi["iops"] * 4096 / 1e6) and qi["lat_p50_us"] is None
+        assert "qemu-img bench -t none -i io_uring; strided, not random: a step of" in qi["note"]
+        assert row["reference"] == fio["name"] and row["ratio"] == pytest.approx(row["iops"] / fio["iops"])
+        assert row["reference2"] == qi["name"] and row["reference2_iops"] == qi["iops"]
+        assert row["ratio2"] == pytest.approx(row["iops"] / qi["iops"])
+        assert f"ratio vs {fio['name']}; ratio2 vs {qi['name']}" in text
+
+
 # -- several rounds ----------------------------------------------------------------------------
 
 def test_combine_rounds_takes_medians_and_paired_ratio_range():
@@ -260,8 +404,9 @@ def test_combine_rounds_takes_medians_and_paired_ratio_range():
         fig = dict(iops=iops, mbps=iops * 4096 / 1e6, lat_p50_us=1e6 / iops, lat_p99_us=2e6 / iops,
                    lat_p999_us=3e6 / iops, ios=iops, errors=0, seconds=1.0, cpu_s=iops * 1e-6,
                    hist={"lower_ns": [0.0], "counts": [iops]})
-        row = make_row("s", "server", figures=fig, reference="r")
-        row.update(reference_iops=ref_iops, ratio=iops / ref_iops)
+        row = make_row("s", "server", figures=fig, reference="r", reference2="r2")
+        row.update(reference_iops=ref_iops, ratio=iops / ref_iops, reference2_iops=ref_iops * 2,
+                   ratio2=iops / ref_iops / 2)
         row["round"] = rnd
         return row
 
@@ -270,10 +415,11 @@ def test_combine_rounds_takes_medians_and_paired_ratio_range():
     assert row["rounds"] == 3 and row["round"] is None and row["status"] == "ok"
     assert row["iops"] == 90 and row["reference_iops"] == 100          # medians, each on its own
     assert (row["ratio_min"], row["ratio"], row["ratio_max"]) == (0.45, 0.8, 1.2)
+    assert row["reference2_iops"] == 200 and (row["ratio2_min"], row["ratio2"], row["ratio2_max"]) == (0.225, 0.4, 0.6)
     assert row["ios"] == 290 and row["seconds"] == 3.0 and row["errors"] == 0
     assert row["hist"]["counts"] == [90]                                # the median-IOPS round's
     assert row["reason"] == "1 of 4 rounds failed: boom"
-    assert "median of 3 rounds, ratio 0.450..1.200" in rendered(row)
+    assert "median of 3 rounds, ratio 0.450..1.200, ratio2 0.225..0.600" in rendered(row)
     (gone,) = combine_rounds([server(0, 0, 0, "skipped"), server(1, 0, 0, "skipped")])
     assert gone["status"] == "skipped" and gone["rounds"] == 0 and gone["iops"] is None
 

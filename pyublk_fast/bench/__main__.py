@@ -2,8 +2,9 @@
 
 Runs servers (null, loop, qcow2, pure-Python) on the simulated driver (and the kernel's, with
 --transport kernel|all) next to references measured in the same run: fio with io_uring and
-O_DIRECT on the same backing file, the C io_uring NOP loop (the ring's ceiling) and, on real
-kernels, kublk. Every server row carries its ratio to its reference.
+O_DIRECT on a raw file of the same data, the C io_uring NOP loop (the ring's ceiling), on real
+kernels kublk, and for qcow2 also qemu-img bench (O_DIRECT) on the same image. Every server
+row carries its ratio to its reference (qcow2: ratio to fio, ratio2 to qemu-img).
 """
 from __future__ import annotations
 
@@ -148,7 +149,8 @@ def main(argv=None) -> int:
     out = report.console()
     out.print(f"pyublk_fast bench: {len(selected)} scenarios on {'+'.join(args.transports)}, {args.runtime:g} s "
               f"each, {args.size} MiB backing files ({u.node}, Linux {u.release}, {os.cpu_count()} cpus)")
-    out.print("CPU us/IO: whole-process CPU (+ fio's usr+sys for fio rows) per I/O; ratio: IOPS / reference IOPS\n")
+    out.print("CPU us/IO: whole-process CPU (+ the tool's usr+sys for fio and qemu-img rows) per I/O; "
+              "ratio, ratio2: IOPS / the IOPS of the reference the note names\n")
     out.print(report.table([]))
     started = time.time()
     with Workdir(args.size << 20) as wd, Progress(len(selected) * args.repeat, out) as progress:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 COLORS = {"null": "#1f77b4", "null-py": "#aec7e8", "null-aio": "#c5b0d5", "loop": "#2ca02c", "loop-py": "#98df8a", "qcow2": "#d62728",
-          "nop": "#7f7f7f", "fio": "#9e9e9e", "kublk-null": "#bdbdbd"}
+          "nop": "#7f7f7f", "fio": "#9e9e9e", "kublk-null": "#bdbdbd", "qemu-img": "#d9d9d9"}
 PATH_COLORS = {"copy": "#4c72b0", "user_copy": "#8172b2", "zero_copy": "#55a868", "splice_zc": "#c44e52"}
 
 
@@ -40,7 +40,8 @@ def plot_iops(doc: dict, path: str) -> str:
     ax.set_xscale("log")
     ax.set_xlabel("IOPS (log scale)")
     for yi, r in zip(y, rows):
-        label = f"{r['iops']:,.0f}" + (f"  ({r['ratio']:.2f}x ref)" if r["ratio"] is not None else "")
+        label = f"{r['iops']:,.0f}" + "".join(f"  ({r[k]:.2f}x {tag})" for k, tag in (("ratio", "ref"), ("ratio2", "ref2"))
+                                              if r[k] is not None)
         ax.text(r["iops"] * 1.05, yi, label, va="center", fontsize=6.5)
     lo = min(r["iops"] for r in rows)
     hi = max(r["iops"] for r in rows)

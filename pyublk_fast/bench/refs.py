@@ -1,12 +1,16 @@
-"""Reference programs measured in the same run: fio (io_uring, O_DIRECT), the C NOP loop, kublk.
+"""Reference programs measured in the same run: fio (io_uring, O_DIRECT), the C NOP loop, kublk,
+and qemu-img bench (qemu's own qcow2 driver, O_DIRECT).
 
 Each returns a figures dict (iops, mbps, lat_p50/p99/p999_us, cpu_us_per_io, ios, errors,
-seconds) or raises RefUnavailable with the reason (missing tool, failed run).
+seconds; optionally a note on how it was measured) or raises RefUnavailable with the reason
+(missing tool, failed run).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -133,3 +137,83 @@ def kublk_fio(target_args: list[str], rw: str, bs: int, qd: int, runtime: float,
     finally:
         subprocess.run([exe, "del", "-n", str(dev_id)], capture_output=True, timeout=30, check=False)
     return r  # kublk daemonizes, so only fio's own CPU is counted
+
+
+def stride_blocks(blocks: int) -> int:
+    """qemu-img bench's step, in blocks, standing in for random I/O: it has no random mode,
+    only a fixed step from one request to the next, wrapping at the image end (modulo the
+    image size, or in later qemu modulo the size less one request). A step coprime with
+    both block counts visits every block once per pass under either rule, and one near the
+    golden section of the image puts consecutive requests far apart."""
+    k = max(1, round(blocks * 0.382))
+    while math.gcd(k, blocks) != 1 or math.gcd(k, blocks - 1) != 1:
+        k -= 1          # ends at 1 at the latest, which is coprime with everything
+    return k
+
+
+def qemu_img_bench_args(image: str, fmt: str, rw: str, bs: int, qd: int, count: int, size: int,
+                        aio: str) -> list[str]:
+    """qemu-img bench's command line: O_DIRECT (-t none), AIO engine aio, COUNT requests of
+    bs at depth qd; rand* workloads stride through the image (see stride_blocks)."""
+    args = ["qemu-img", "bench", "-f", fmt, "-t", "none", "-i", aio, "-d", str(qd), "-s", str(bs),
+            "-c", str(count)]
+    if rw.startswith("rand"):
+        args += ["-S", str(stride_blocks(size // bs) * bs)]
+    if rw.endswith("write"):
+        args.append("-w")
+    return [*args, image]
+
+
+_ELAPSED = re.compile(r"Run completed in ([0-9.]+) seconds")
+#: qemu-img bench takes a request count, not a time: runs start at this count and grow, each
+#: sized from the rate seen so far, until one lasts at least half the runtime.
+FIRST_COUNT = 1024
+COUNT_MAX = (1 << 31) - 1
+
+
+def _qemu_img_run(args: list[str], timeout: float) -> tuple[float, float]:
+    """One qemu-img bench run: its elapsed seconds and its usr+sys, or RuntimeError with its
+    last words."""
+    cpu0 = _children_cpu()
+    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    cpu = _children_cpu() - cpu0
+    m = _ELAPSED.search(p.stdout)
+    if p.returncode or not m:
+        msg = (p.stderr or p.stdout).strip().splitlines()
+        raise RuntimeError(msg[-1] if msg else f"exit {p.returncode}")
+    return max(float(m.group(1)), 1e-6), cpu
+
+
+def qemu_img_bench(image: str, fmt: str, rw: str, bs: int, qd: int, runtime: float, size: int) -> dict:
+    """qemu-img bench on an image of virtual size `size` that nothing else has open, for
+    about `runtime` seconds: io_uring AIO, native AIO where io_uring fails. IOPS is requests
+    / qemu-img's own elapsed time (the I/O loop alone, as fio's runtime); cpu_s its usr+sys
+    (opening the image included). No latency figures: qemu-img bench reports none."""
+    if shutil.which("qemu-img") is None:
+        raise RefUnavailable("qemu-img not installed (apt-get install qemu-utils)")
+    if size % bs:
+        raise RefUnavailable(f"qemu-img bench wraps at the image end: the image size ({size}) must be "
+                             f"a multiple of the block size ({bs})")
+    failed: list[str] = []
+    for aio in ("io_uring", "native"):
+        count = FIRST_COUNT
+        try:
+            while True:
+                secs, cpu = _qemu_img_run(qemu_img_bench_args(image, fmt, rw, bs, qd, count, size, aio),
+                                          timeout=runtime * 5 + 60)
+                if secs >= runtime / 2 or count == COUNT_MAX:
+                    break
+                count = min(COUNT_MAX, round(count * min(runtime / secs, 64)))
+        except RuntimeError as e:
+            failed.append(f"-i {aio} failed: {e}")
+            continue
+        if rw.startswith("rand"):
+            blocks = size // bs
+            how = f"strided, not random: a step of {stride_blocks(blocks)} of {blocks} blocks, wrapping at the end"
+        else:
+            how = "sequential, wrapping at the end"
+        note = "; ".join([f"qemu-img bench -t none -i {aio}", how, *failed])
+        iops = count / secs
+        return dict(iops=iops, mbps=iops * bs / 1e6, lat_p50_us=None, lat_p99_us=None, lat_p999_us=None,
+                    cpu_s=cpu, ios=count, errors=0, seconds=secs, note=note)
+    raise RefUnavailable("qemu-img bench: " + "; ".join(failed))

@@ -15,10 +15,12 @@ from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
 
-SCHEMA = 1
+#: 2: a second reference per row (reference2, reference2_iops, ratio2, ratio2_min/max) and a
+#: note on how a row was measured.
+SCHEMA = 2
 NAME_W = 44
-COLUMNS = ("IOPS", "MB/s", "p50 us", "p99 us", "p99.9 us", "CPU us/IO", "ratio")
-WIDTHS = (11, 8, 8, 8, 9, 9, 6)
+COLUMNS = ("IOPS", "MB/s", "p50 us", "p99 us", "p99.9 us", "CPU us/IO", "ratio", "ratio2")
+WIDTHS = (11, 8, 8, 8, 9, 9, 6, 6)
 #: Output that is not a terminal (a pipe, a CI log) is as wide as a row needs: one line each.
 UNWRAPPED = 1 << 20
 
@@ -39,7 +41,7 @@ def _num(v, fmt: str) -> str:
 def _cells(row: dict) -> list[str]:
     return [_num(row["iops"], ",.0f"), _num(row["mbps"], ".1f"), _num(row["lat_p50_us"], ".1f"),
             _num(row["lat_p99_us"], ".1f"), _num(row["lat_p999_us"], ".1f"), _num(row["cpu_us_per_io"], ".2f"),
-            _num(row["ratio"], ".3f")]
+            _num(row["ratio"], ".3f"), _num(row["ratio2"], ".3f")]
 
 
 def _note(row: dict) -> str:
@@ -48,11 +50,15 @@ def _note(row: dict) -> str:
     parts = []
     if row["kind"] == "reference":
         parts.append("reference")
-    elif row["reference"]:
-        parts.append(f"vs {row['reference']}" + ("" if row["ratio"] is not None else " (not measured)"))
+    else:
+        for ratio, ref in (("ratio", "reference"), ("ratio2", "reference2")):
+            if row[ref]:
+                parts.append(f"{ratio} vs {row[ref]}" + ("" if row[ratio] is not None else " (not measured)"))
+    if row["note"]:
+        parts.append(row["note"])
     if row.get("rounds") and row["rounds"] > 1:
-        spread = (f", ratio {row['ratio_min']:.3f}..{row['ratio_max']:.3f}"
-                  if row.get("ratio_min") is not None else "")
+        spread = "".join(f", {key} {row[key + '_min']:.3f}..{row[key + '_max']:.3f}"
+                         for key in ("ratio", "ratio2") if row.get(key + "_min") is not None)
         parts.append(f"median of {row['rounds']} rounds{spread}")
     if row.get("rounds") is not None and row["reason"]:
         parts.append(row["reason"])
@@ -101,10 +107,12 @@ def markdown_document(doc: dict) -> str:
              f"python {v['python']}, numpy {v['numpy']}, cython {v['cython']}, liburing {v['liburing']}, "
              f"{v['fio']}, pyublk_fast {v['pyublk_fast']} ({(v['git_commit'] or '?')[:12]}).",
              "",
-             "Latency in microseconds; CPU us/IO is the whole process's CPU time (plus fio's usr+sys for fio "
-             "rows) per I/O; ratio is IOPS / the reference's IOPS, measured in the same run "
-             "(ref/nop: the C io_uring NOP loop at that depth; ref/fio-file: fio, io_uring, O_DIRECT "
-             "on the same raw backing file).", "", markdown(doc["rows"])]
+             "Latency in microseconds; CPU us/IO is the whole process's CPU time (plus the tool's usr+sys "
+             "for fio and qemu-img rows) per I/O; ratio and ratio2 are IOPS / the IOPS of the reference each "
+             "row's note names, measured in the same run (ref/nop: the C io_uring NOP loop at that depth; "
+             "ref/fio-file: fio, io_uring, O_DIRECT on a raw backing file holding the same data; "
+             "ref/qemu-img: qemu-img bench, O_DIRECT, on the same qcow2 image, strided rather than random "
+             "for rand* workloads).", "", markdown(doc["rows"])]
     return "\n".join(lines)
 
 

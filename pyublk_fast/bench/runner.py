@@ -6,6 +6,10 @@ time.process_time() delta over the measurement (driver, load generator and serve
 on sim), plus fio's own usr+sys where fio drives the load. References are measured once
 per round, the first time a scenario needs them, and appear as rows of their own; with
 several rounds, combine_rounds() folds each name's rows into medians.
+
+A server row has a ratio to its reference (reference, reference_iops, ratio) and, for a
+qcow2 image, a second one (reference2, reference2_iops, ratio2) to qemu-img bench on the
+same image, measured once the server has closed it.
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ from .scenarios import Scenario, make_backend
 
 ROW_KEYS = ("name", "kind", "transport", "backend", "native", "rw", "bs", "qd", "data_path", "queues",
             "status", "reason", "iops", "mbps", "lat_p50_us", "lat_p99_us", "lat_p999_us", "cpu_us_per_io",
-            "ios", "errors", "seconds", "reference", "reference_iops", "ratio", "hist",
-            "round", "rounds", "ratio_min", "ratio_max")
+            "ios", "errors", "seconds", "reference", "reference_iops", "ratio",
+            "reference2", "reference2_iops", "ratio2", "note", "hist",
+            "round", "rounds", "ratio_min", "ratio_max", "ratio2_min", "ratio2_max")
 FIGURES = ("iops", "mbps", "lat_p50_us", "lat_p99_us", "lat_p999_us", "cpu_us_per_io", "ios", "errors", "seconds")
 
 
@@ -43,16 +48,19 @@ def make_row(name: str, kind: str, *, status: str = "ok", reason: str | None = N
         if cpu_s is not None and ios:
             row["cpu_us_per_io"] = cpu_s / ios * 1e6
         row["hist"] = figures.get("hist")
+        row["note"] = figures.get("note")
     return row
 
 
-MEDIAN_FIGURES = ("iops", "mbps", "lat_p50_us", "lat_p99_us", "lat_p999_us", "cpu_us_per_io", "reference_iops")
+MEDIAN_FIGURES = ("iops", "mbps", "lat_p50_us", "lat_p99_us", "lat_p999_us", "cpu_us_per_io", "reference_iops",
+                  "reference2_iops")
+RATIOS = ("ratio", "ratio2")
 SUMMED_FIGURES = ("ios", "errors", "seconds")
 
 
 def combine_rounds(rows: list[dict]) -> list[dict]:
     """One row per name from several rounds: the median of each figure over the rounds that
-    measured it, and the ratio as the median of the per-round ratios (each against that
+    measured it, and each ratio as the median of the per-round ratios (each against that
     round's own reference) with its range; the latency histogram of the median-IOPS round."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
@@ -69,9 +77,10 @@ def combine_rounds(rows: list[dict]) -> list[dict]:
             row[k] = statistics.median(vals) if vals else None
         for k in SUMMED_FIGURES:
             row[k] = sum(r[k] or 0 for r in ok)
-        ratios = [r["ratio"] for r in ok if r["ratio"] is not None]
-        if ratios:
-            row.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+        for key in RATIOS:
+            ratios = [r[key] for r in ok if r[key] is not None]
+            if ratios:
+                row.update({key: statistics.median(ratios), f"{key}_min": min(ratios), f"{key}_max": max(ratios)})
         row["hist"] = sorted(ok, key=lambda r: r["iops"] or 0)[len(ok) // 2]["hist"]
         if len(ok) < len(runs):
             bad = next(r for r in runs if r["status"] != "ok")
@@ -96,13 +105,19 @@ def compact_hist(hist) -> dict | None:
 
 
 class Workdir:
-    """Backing files in a temp dir under /var/tmp (ext4 there, so O_DIRECT works); removed on exit."""
+    """Backing files in a temp dir under /var/tmp (ext4 there, so O_DIRECT works); removed on exit.
+
+    The raw file and the qcow2 image hold the same bytes, every cluster of the image
+    allocated and written (written through qcow2-lite: no tool needed, as fast as writing
+    the raw file): reads hit data, not holes, and writes overwrite in place in both.
+    """
 
     def __init__(self, size: int, base: str = "/var/tmp"):
         self.size = size
         self.base = base if os.path.isdir(base) else None
         self.path: str | None = None
         self._files: dict[str, str] = {}
+        self._data = os.urandom(1 << 20)
 
     def __enter__(self) -> "Workdir":
         self.path = tempfile.mkdtemp(prefix="pyublk-bench-", dir=self.base)
@@ -113,34 +128,40 @@ class Workdir:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path = None
 
+    def _chunks(self):
+        """(offset, bytes) covering the whole size, the same bytes for every file."""
+        for off in range(0, self.size, len(self._data)):
+            yield off, self._data[:min(len(self._data), self.size - off)]
+
     def file(self, kind: str) -> str:
-        """The raw or qcow2 backing file, created on first use and filled with data (no holes)."""
+        """The raw or qcow2 backing file, created on first use and filled with data (no holes);
+        on every call, on disk and out of the page cache, so each scenario starts alike."""
         if kind not in self._files:
-            chunk = os.urandom(1 << 20)
             if kind == "raw":
                 path = os.path.join(self.path, "backing.img")
                 with open(path, "wb") as f:
-                    for off in range(0, self.size, len(chunk)):
-                        f.write(chunk[:min(len(chunk), self.size - off)])
-                    f.flush()
-                    os.fsync(f.fileno())    # no dirty pages left for O_DIRECT I/O to wait on
+                    for _, chunk in self._chunks():
+                        f.write(chunk)
             elif kind == "qcow2":
                 from ..backends.qcow2 import Qcow2Image
                 path = os.path.join(self.path, "backing.qcow2")
                 img = Qcow2Image.create(path, self.size)
                 try:
-                    for off in range(0, self.size, len(chunk)):
-                        img.write(off, chunk[:min(len(chunk), self.size - off)])
+                    for off, chunk in self._chunks():
+                        img.write(off, chunk)
                 finally:
                     img.close()
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
             else:
                 raise ValueError(f"backing file kind {kind!r}: choose raw or qcow2")
             self._files[kind] = path
+        # no dirty pages for O_DIRECT I/O to wait on, and no head start from pages an earlier
+        # scenario left cached for a server that reads through the cache
+        fd = os.open(self._files[kind], os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
         return self._files[kind]
 
 
@@ -210,6 +231,19 @@ class Runner:
             name = f"ref/nop/qd{sc.qd}"
             fields = dict(transport="host", backend="nop", rw="nop", bs=0, qd=sc.qd)
             measure = lambda: self._nop.run(sc.qd, rt)  # noqa: E731
+        return self._reference(name, fields, measure)
+
+    def reference2(self, sc: Scenario) -> dict | None:
+        """The second reference row of a qcow2 scenario (None for others): qemu-img bench,
+        qemu's own qcow2 driver, on the same image. Call it only while no server has the
+        image open."""
+        if sc.file_format != "qcow2":
+            return None
+        fields = dict(transport="host", backend="qemu-img", rw=sc.rw, bs=sc.bs, qd=sc.qd)
+        return self._reference(f"ref/qemu-img/{sc.workload}", fields, lambda: refs.qemu_img_bench(
+            self.wd.file("qcow2"), "qcow2", sc.rw, sc.bs, sc.qd, self.runtime, self.wd.size))
+
+    def _reference(self, name: str, fields: dict, measure: Callable[[], dict]) -> dict:
         if name not in self._refs:
             self.progress(name)
             try:
@@ -282,15 +316,20 @@ class Runner:
                 raise
             self.progress(sc.name)
             fig = self._measure(sc, transport, dev)
+            ref2 = self.reference2(sc)      # the server has closed the image by now
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:
             return self._emit(make_row(sc.name, "server", status="failed", reason=f"{type(e).__name__}: {e}",
                                        **fields))
-        row = make_row(sc.name, "server", figures=fig, reference=ref["name"], **fields)
-        if ref["status"] == "ok" and ref["iops"]:
-            row["reference_iops"] = ref["iops"]
-            row["ratio"] = row["iops"] / ref["iops"]
+        row = make_row(sc.name, "server", figures=fig, **fields)
+        for suffix, r in (("", ref), ("2", ref2)):
+            if r is None:
+                continue
+            row[f"reference{suffix}"] = r["name"]
+            if r["status"] == "ok" and r["iops"]:
+                row[f"reference{suffix}_iops"] = r["iops"]
+                row[f"ratio{suffix}"] = row["iops"] / r["iops"]
         return self._emit(row)
 
     def run(self, scenarios: list[Scenario]) -> bool:
