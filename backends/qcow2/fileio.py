@@ -1,9 +1,10 @@
-"""Positional reads and writes of the image file.
+"""Positional reads and writes of the image file, and its fsync.
 
-Every write the engine makes goes through ``pwrite_all``; the other modules call it
-as ``fileio.pwrite_all`` so that a crash test can record each write by replacing it.
-A failed read or write raises OSError with its errno and a message naming the
-operation, its length and its file offset.
+Every write the engine makes goes through ``pwrite_all`` and every fsync through
+``sync``; the other modules call them as ``fileio.pwrite_all`` and ``fileio.sync`` so
+that a test can record or fail each one by replacing it. A failed read or write
+raises OSError with its errno and a message naming the operation, its length and its
+file offset.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["pread_into", "pread_padded", "pwrite_all", "store_entry"]
+__all__ = ["pread_into", "pread_padded", "pwrite_all", "store_entry", "sync"]
 
 
 def _failed(e: OSError, what: str, n: int, offset: int) -> OSError:
@@ -49,6 +50,14 @@ def pwrite_all(fd: int, data: Any, offset: int) -> None:
             done += os.pwrite(fd, mv[done:], offset + done)
     except OSError as e:
         raise _failed(e, "write", len(mv), offset) from e
+
+
+def sync(fd: int) -> None:
+    """fsync the image file: every write made so far is durable when this returns."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise OSError(e.errno, f"fsync of the image file failed: {e.strerror}") from e
 
 
 def store_entry(fd: int, table: np.ndarray, i: int, value: int, table_offset: int) -> None:

@@ -233,10 +233,10 @@ class Qcow2Image:
         with self._lock:
             self._check_open()
             try:
-                os.fsync(self._fd)
+                fileio.sync(self._fd)
             except OSError as e:
-                raise OSError(e.errno, f"fsync of the image file failed: {e.strerror}; "
-                                       "writes since the last flush may not be on disk") from e
+                raise OSError(e.errno, f"{e.strerror}; writes since the last flush may "
+                                       "not be on disk") from e
 
     # ---------------------------------------------------------------- checks
     def _check_open(self) -> None:
@@ -307,11 +307,20 @@ class Qcow2Image:
         if not len(mv):
             return
         if kind == DATA:
-            fileio.pread_into(self._fd, mv, where)
+            self._read_data(where, mv)
         elif kind == ZERO:
             mv[:] = bytes(len(mv))
         else:
             self._backing._read_clipped(where, mv)
+
+    # ---------------------------------------------------------------- guest data I/O
+    # The only two calls that move guest data to or from the image file (a raw backing
+    # file has its own read); metadata goes through fileio directly.
+    def _read_data(self, host: int, mv: memoryview) -> None:
+        fileio.pread_into(self._fd, mv, host)
+
+    def _write_data(self, host: int, data: Any) -> None:
+        fileio.pwrite_all(self._fd, data, host)
 
     # ---------------------------------------------------------------- writing
     def write(self, offset: int, data: Any) -> None:
@@ -336,7 +345,7 @@ class Qcow2Image:
         kind, host = self._map.decode(e, vc)
         if kind == DATA:
             self._map.writable(host, vc, e)
-            fileio.pwrite_all(self._fd, data, host + o)
+            self._write_data(host + o, data)
             if not e & OFLAG_COPIED:
                 self._map.set_entry(l2off, t, i, host | OFLAG_COPIED)
             return
@@ -355,7 +364,7 @@ class Qcow2Image:
         # The whole cluster (with any copy-on-write data) is on disk before the L2 entry
         # points at it: a crash in between keeps the old mapping, never one to a cluster
         # holding stale or no contents.
-        fileio.pwrite_all(self._fd, buf, host)
+        self._write_data(host, buf)
         self._map.set_entry(l2off, t, i, host | OFLAG_COPIED)
 
     def write_zeroes(self, offset: int, length: int) -> None:
