@@ -16,18 +16,10 @@ import numpy as np
 import pytest
 
 from pyublk_fast.backends.qcow2 import Qcow2Error, Qcow2Image
-
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
-needs_qemu = pytest.mark.skipif(not (QEMU_IMG and QEMU_IO),
-                                reason="qemu-img/qemu-io not installed (apt install qemu-utils)")
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-
-
-def qemu_img(*args: str) -> str:
-    r = subprocess.run([QEMU_IMG, *args], capture_output=True, text=True)
-    assert r.returncode == 0, f"qemu-img {' '.join(args)} failed: {r.stdout}{r.stderr}"
-    return r.stdout
+from qcow2_tools import (
+    GiB, KiB, MiB, QEMU_IMG, QEMU_IO, assert_check_clean, needs_qemu, qemu_check, qemu_img,
+    record_io,
+)
 
 
 def qemu_io(path: str, *cmds: str, fmt: str = "qcow2") -> None:
@@ -36,20 +28,6 @@ def qemu_io(path: str, *cmds: str, fmt: str = "qcow2") -> None:
         argv += ["-c", c]
     r = subprocess.run(argv + [path], capture_output=True, text=True)
     assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
-
-
-def assert_check_clean(path: str) -> None:
-    """qemu-img check: no errors and no leaked clusters. Without qemu-img the test
-    skips here, after its own checks, rather than pass without this one."""
-    if QEMU_IMG is None:
-        pytest.skip("qemu-img not installed (apt install qemu-utils; tools/dev.sh does): "
-                    "the image was not checked by qemu-img")
-    r = subprocess.run([QEMU_IMG, "check", "--output=json", path], capture_output=True,
-                       text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    info = json.loads(r.stdout)
-    for key in ("corruptions", "leaks", "check-errors"):
-        assert info.get(key, 0) == 0, info
 
 
 def assert_same_as_raw(path: str, raw: str) -> None:
@@ -502,30 +480,7 @@ def test_truncated_image(tmp_path):
 
 # ------------------------------------------------------------------ crash consistency
 
-def _record_pwrites(monkeypatch) -> list:
-    """Log every (offset, bytes) the engine pwrites, in order, and still perform it."""
-    from pyublk_fast.backends.qcow2 import fileio
-    log: list = []
-    real = fileio.pwrite_all
-
-    def recording(fd, data, offset):
-        log.append((offset, bytes(memoryview(data).cast("B"))))
-        real(fd, data, offset)
-
-    monkeypatch.setattr(fileio, "pwrite_all", recording)
-    return log
-
-
 TAIL = 64 * KiB  # the end of the virtual disk: no write before a crash touches it
-
-
-def _assert_no_corruption(path: str, where: str) -> None:
-    """qemu-img check: no corruptions and no check errors (leaked clusters are fine)."""
-    r = subprocess.run([QEMU_IMG, "check", "--output=json", path], capture_output=True,
-                       text=True)
-    info = json.loads(r.stdout)
-    for key in ("corruptions", "check-errors"):
-        assert info.get(key, 0) == 0, f"{where}: {info}"
 
 
 def _serve_after_crash(path: str, expect: bytearray, where: str,
@@ -557,7 +512,7 @@ def _serve_after_crash(path: str, expect: bytearray, where: str,
             assert img.read(off, ln) == data, f"{where}: {op} at {off:#x} reads back wrong"
             expect[off:off + ln] = data
         img.flush()
-    _assert_no_corruption(path, f"{where}, then written again")
+    qemu_check(path, f"{where}, then written again")
     with Qcow2Image.open(path, readonly=True) as img:
         assert img.read(0, size) == expect, f"{where}, then written again: data differs"
 
@@ -586,7 +541,7 @@ def _replay_and_check(tmp_path, start: bytes, log: list, bounds: list, states: l
                 os.pwrite(fd, data, offset)
             done = cut
             where = f"crash after write {cut} of {len(log)}"
-            _assert_no_corruption(crash, where)
+            qemu_check(crash, where)
             with Qcow2Image.open(crash, readonly=True) as img:
                 got = img.read(0, img.size)
             k = bisect.bisect_right(bounds, cut) - 1  # operations completed
@@ -613,7 +568,7 @@ def test_crash_at_any_write_leaves_no_corruption(tmp_path, monkeypatch):
     Qcow2Image.create(path, size, cluster_bits=9).close()
     with open(path, "rb") as f:
         start = f.read()
-    log = _record_pwrites(monkeypatch)
+    log, _ = record_io(monkeypatch)
     rng = random.Random(21)
     model = bytearray(size)
     bounds, states = [0], [bytes(model)]
@@ -649,7 +604,7 @@ def test_crash_during_refcount_table_growth(tmp_path, monkeypatch):
     Qcow2Image.create(path, size, cluster_bits=9).close()
     with open(path, "rb") as f:
         start = f.read()
-    log = _record_pwrites(monkeypatch)
+    log, _ = record_io(monkeypatch)
     data = random.Random(8).randbytes(9 * MiB)  # > 8 MiB of host clusters: table grows
     with Qcow2Image.open(path) as img:
         img.write(0, data)
