@@ -10,6 +10,10 @@ unwritten or unallocated data (each step says so where it happens). The kernel m
 reorder writeback, so against power loss the image is only as safe as the last
 ``flush()``, like a disk with a volatile write cache.
 
+Opening an image for writing uncounts the clusters a crash leaked (as 'qemu-img
+check -r leaks' does); this costs a read of the refcount blocks besides that of every
+L2 table, which open makes anyway.
+
 Clusters freed by discard/write_zeroes are reused by later allocations of the same
 session; otherwise new clusters are appended at the end of the file.
 All public methods take one internal lock, so an image may be shared by threads.
@@ -18,6 +22,7 @@ All public methods take one internal lock, so an image may be shared by threads.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from typing import Any
@@ -32,6 +37,8 @@ from .l2 import DATA, UNALLOC, ZERO, ClusterMap, l1_range, load_l1
 from .refcount import Refcounts, load_reftable
 
 __all__ = ["Qcow2Image"]
+
+log = logging.getLogger("pyublk_fast.backends.qcow2")
 
 _MAX_BACKING_DEPTH = 16
 _QCOW2_MAGIC = b"QFI\xfb"
@@ -185,12 +192,21 @@ class Qcow2Image:
             c = int(uniq[np.flatnonzero(counts > 1)[0]])
             raise corrupt(f"metadata structures overlap at host offset {c << cb:#x}")
         self._map = ClusterMap(fd, h, l1, self._refs)
-        self._map.check_tables(path, end, uniq, not readonly)
+        hosts = self._map.check_tables(path, end, uniq, not readonly)
         if h.backing_file is not None:
             self._backing = _open_backing(path, h.backing_file, h.backing_format, depth)
         if not readonly and h.autoclear:
             # a writer that does not understand autoclear bits must clear them
             fileio.pwrite_all(fd, bytes(8), HEADER_AUTOCLEAR)
+        if not readonly:
+            # Every open for writing looks for leaks: the image does not say whether it
+            # was closed cleanly (the dirty bit would cost a header write and an fsync at
+            # each open and close, and qemu takes it to mean lazy refcounts), and the L2
+            # tables, the costly part of the scan, were all read just above.
+            leaked = self._refs.reclaim_leaks(np.union1d(uniq.astype(np.int64), hosts))
+            if leaked:
+                log.info("qcow2 image %r: %d leaked cluster(s) reclaimed (left by a crash or "
+                         "a failed write)", path, leaked)
 
     # ---------------------------------------------------------------- properties
     @property

@@ -59,13 +59,16 @@ class ClusterMap:
         self._l1_off = h.l1_table_offset
         self._tables = TableCache(fd, self._cs, ">u8", _L2_CACHE_BYTES)
 
-    def check_tables(self, path: str, end: int, meta: np.ndarray, writable: bool) -> None:
+    def check_tables(self, path: str, end: int, meta: np.ndarray,
+                     writable: bool) -> np.ndarray:
         """Read each L2 table once at open (qemu-img check reads them all too) and refuse
         what this engine cannot serve: compressed clusters (not supported) and, to an
         image opened for writing, entries whose host cluster is not theirs alone: past
         ``end``, the file's length in clusters (a cluster appended later would be theirs
         too), one of the metadata clusters ``meta``, or mapped by another entry. A write
-        through such an entry would change another cluster's data."""
+        through such an entry would change another cluster's data.
+
+        Returns the host clusters of the L2 entries (sorted; empty if not ``writable``)."""
         flag, om = np.uint64(OFLAG_COMPRESSED), np.uint64(OFFSET_MASK)
         hosts, vcs = [], []
         for i in np.flatnonzero(self._l1 & om):
@@ -83,7 +86,7 @@ class ClusterMap:
                 hosts.append((t[used] & om) >> np.uint64(self._cb))
                 vcs.append(used + (int(i) << self._l2_bits))
         if not hosts:
-            return
+            return np.zeros(0, np.int64)
         host, vc = np.concatenate(hosts), np.concatenate(vcs)
         why = None
         if (bad := np.flatnonzero(host >= end)).size:
@@ -103,6 +106,7 @@ class ClusterMap:
                           f"host cluster {int(host[k]) << self._cb:#x}, {why}; writing the "
                           f"image could change other data: repair {path!r} with 'qemu-img "
                           "check -r all', or open it read-only")
+        return np.sort(host.astype(np.int64))
 
     # ---------------------------------------------------------------- lookup
     def has_table(self, vc: int) -> bool:

@@ -2,9 +2,10 @@
 
 The refcount table is held in memory, the 16-bit refcount blocks in a TableCache;
 both are write-through. Clusters freed in a session are reused first, otherwise new
-clusters are appended at the end of the file (past any cluster there whose refcount
-is already set), growing the refcount structures when the new cluster has no
-refcount block yet.
+clusters are appended at the end of the file, growing the refcount structures when
+the new cluster has no refcount block yet. Clusters that a crash leaked (counted, but
+used by nothing) are uncounted when the image is opened for writing
+(``reclaim_leaks``).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class Refcounts:
         self._blocks = TableCache(fd, self._cs, ">u2", _RB_CACHE_BYTES)
         self._meta = meta
         self._meta_new: set[int] = set()
-        self._freed: list[int] = []
+        self._freed: list[int] = []    # free, and no entry in the file points at them
         self.end = end
 
     def table_range(self) -> tuple[int, int]:
@@ -167,8 +168,9 @@ class Refcounts:
 
         The refcount is written before the caller writes the cluster or points an entry
         at it, so a crash in between leaks the cluster (past the end of the file if it
-        was to be appended; the loop below skips it) but never hands out a cluster that
-        something else also uses.
+        was to be appended), which ``reclaim_leaks`` repairs at the next open, but never
+        hands out a cluster that something else also uses. Clusters at or past ``end``
+        are free: a count left there by a crash is reclaimed at open.
         """
         if self._freed:
             c = self._freed.pop()
@@ -181,12 +183,6 @@ class Refcounts:
                 self._grow_table(idx)
             elif int(self._table[idx]) == 0:
                 self._new_block(idx)
-            elif self.get(c) != 0:
-                # Counted but past the end of the file: a crash came between setting its
-                # refcount and the write that extends the file (a power loss may keep
-                # one without the other too). Like qemu, which allocates by refcount,
-                # take it as in use, a leak that 'qemu-img check -r leaks' repairs.
-                self.end = c + 1
             else:
                 break
         self.end = c + 1
@@ -205,6 +201,35 @@ class Refcounts:
         self.set(c, rc - 1)
         if rc == 1:
             self._freed.append(c)
+
+    def reclaim_leaks(self, used: np.ndarray) -> int:
+        """Uncount every counted cluster that is not in ``used`` (sorted: every cluster
+        the image's structures and L2 entries use), as 'qemu-img check -r leaks' does;
+        return how many there were.
+
+        A crash leaks clusters: a refcount is set before the entry that uses the
+        cluster, and an entry is cleared before its cluster's refcount drops. The writes
+        of the process that crashed may still be in the page cache only, so they are
+        made durable first: otherwise a power loss could keep an uncounting and lose the
+        clearing that made the cluster a leak, leaving an entry to an uncounted cluster.
+        Once they are durable no entry on disk points at a leaked cluster, so it is free
+        for the next allocation at once.
+        """
+        span = 1 << self._rb_bits
+        leaked: list[int] = []
+        for idx in np.flatnonzero(self._table):
+            first = int(idx) << self._rb_bits
+            counted = self._blocks.get(int(self._table[idx])) != 0
+            lo, hi = np.searchsorted(used, [first, first + span])
+            counted[used[lo:hi] - first] = False
+            leaked += (np.flatnonzero(counted) + first).tolist()
+        if leaked:
+            fileio.sync(self._fd)
+            for c in leaked:
+                self.set(c, 0)
+                if c < self.end:  # those past the end are where appending goes anyway
+                    self._freed.append(c)
+        return len(leaked)
 
     def _new_block(self, idx: int) -> None:
         """Write a refcount block for index ``idx`` at the end of the file, covering itself."""
