@@ -61,7 +61,13 @@ def sync(fd: int) -> None:
 
 
 def store_entry(fd: int, table: np.ndarray, i: int, value: int, table_offset: int) -> None:
-    """Set entry ``i`` of the big-endian ``table`` held in memory and write just that
-    entry to the copy of the table at ``table_offset`` in the file."""
+    """Write ``value`` as entry ``i`` of the copy of the big-endian ``table`` at
+    ``table_offset`` in the file, then set it in ``table``, held in memory.
+
+    The file first: if the write fails (EIO, ENOSPC) the table in memory keeps the
+    value the file has, so no later read follows, and no later allocation builds on,
+    an entry that is not in the file.
+    """
+    entry = np.array([value], dtype=table.dtype)
+    pwrite_all(fd, entry.tobytes(), table_offset + table.itemsize * i)
     table[i] = value
-    pwrite_all(fd, table[i:i + 1].tobytes(), table_offset + table.itemsize * i)

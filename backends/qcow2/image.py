@@ -10,9 +10,12 @@ unwritten or unallocated data (each step says so where it happens). The kernel m
 reorder writeback, so against power loss the image is only as safe as the last
 ``flush()``, like a disk with a volatile write cache.
 
-Opening an image for writing uncounts the clusters a crash leaked (as 'qemu-img
-check -r leaks' does); this costs a read of the refcount blocks besides that of every
-L2 table, which open makes anyway.
+Failures: a table entry changes in memory only once its write is in the file, so a
+failed pwrite (EIO, ENOSPC) fails its request and leaves the engine's tables as the
+file has them (a cluster taken for the request is given back, or leaked if that
+fails too). Opening an image for writing uncounts the clusters a crash or a failed
+request leaked (as 'qemu-img check -r leaks' does); this costs a read of the refcount
+blocks besides that of every L2 table, which open makes anyway.
 
 Clusters freed by discard/write_zeroes are reused by later allocations of the same
 session; otherwise new clusters are appended at the end of the file.
@@ -373,15 +376,21 @@ class Qcow2Image:
                 self._backing._read_clipped(vc << self._cb, memoryview(ba))
             ba[o:o + n] = data
             buf = ba
+        taken = not host
         if host:  # zero cluster with a preallocated host cluster: reuse it
             self._map.writable(host, vc, e)
         else:
             host = self._refs.alloc() << self._cb
-        # The whole cluster (with any copy-on-write data) is on disk before the L2 entry
-        # points at it: a crash in between keeps the old mapping, never one to a cluster
-        # holding stale or no contents.
-        self._write_data(host, buf)
-        self._map.set_entry(l2off, t, i, host | OFLAG_COPIED)
+        try:
+            # The whole cluster (with any copy-on-write data) is on disk before the L2
+            # entry points at it: a crash in between keeps the old mapping, never one to
+            # a cluster holding stale or no contents.
+            self._write_data(host, buf)
+            self._map.set_entry(l2off, t, i, host | OFLAG_COPIED)
+        except OSError:
+            if taken:
+                self._refs.abandon(host >> self._cb)  # no entry points at it
+            raise
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros (zero flag for whole clusters)."""
@@ -421,7 +430,8 @@ class Qcow2Image:
         if kind == UNALLOC and self._backing is None and target == 0:
             return
         c = self._map.writable(host, vc, e) if host else 0
-        # the L2 entry lets go of the cluster before its refcount drops (see release)
+        # The L2 entry lets go of the cluster before its refcount drops (see release):
+        # if the uncounting fails, the cluster is leaked, not reused under the entry.
         self._map.set_entry(l2off, t, i, target)
         if c:
             self._refs.release(c)

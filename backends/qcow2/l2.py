@@ -1,5 +1,6 @@
 """ClusterMap: virtual cluster -> host cluster, through the L1 table (held in memory)
-and the L2 tables (in a TableCache)."""
+and the L2 tables (in a TableCache); both write-through, the file written before
+memory (``fileio.store_entry``)."""
 
 from __future__ import annotations
 
@@ -171,12 +172,16 @@ class ClusterMap:
         if off == 0:
             c = self._refs.alloc()
             off = c << self._cb
-            # the zeroed table is on disk before the L1 entry points at it
-            fileio.pwrite_all(self._fd, bytes(self._cs), off)
+            try:
+                # the zeroed table is on disk before the L1 entry points at it
+                fileio.pwrite_all(self._fd, bytes(self._cs), off)
+                self._set_l1(l1i, off | OFLAG_COPIED)
+            except OSError:
+                self._refs.abandon(c)  # no L1 entry points at it
+                raise
             self._refs.mark_meta(c)
             t = np.zeros(self._cs // 8, dtype=">u8")
             self._tables.put(off, t)
-            self._set_l1(l1i, off | OFLAG_COPIED)
             return off, t, vc & self._l2_mask
         if not e & OFLAG_COPIED:
             if self._refs.get(off >> self._cb) != 1:

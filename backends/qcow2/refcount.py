@@ -1,11 +1,11 @@
 """Refcounts and cluster allocation.
 
 The refcount table is held in memory, the 16-bit refcount blocks in a TableCache;
-both are write-through. Clusters freed in a session are reused first, otherwise new
-clusters are appended at the end of the file, growing the refcount structures when
-the new cluster has no refcount block yet. Clusters that a crash leaked (counted, but
-used by nothing) are uncounted when the image is opened for writing
-(``reclaim_leaks``).
+both are write-through, the file written before memory (``fileio.store_entry``).
+Clusters freed in a session are reused first, otherwise new clusters are appended at
+the end of the file, growing the refcount structures when the new cluster has no
+refcount block yet. Clusters that a crash leaked (counted, but used by nothing) are
+uncounted when the image is opened for writing (``reclaim_leaks``).
 """
 
 from __future__ import annotations
@@ -173,8 +173,9 @@ class Refcounts:
         are free: a count left there by a crash is reclaimed at open.
         """
         if self._freed:
-            c = self._freed.pop()
+            c = self._freed[-1]
             self.set(c, 1)
+            self._freed.pop()
             return c
         while True:
             c = self.end
@@ -185,9 +186,26 @@ class Refcounts:
                 self._new_block(idx)
             else:
                 break
-        self.end = c + 1
         self.set(c, 1)
+        self.end = c + 1
         return c
+
+    def abandon(self, c: int) -> None:
+        """Give back cluster ``c``, just returned by ``alloc``, that nothing points at
+        yet: the step that was to use it failed.
+
+        Since no entry in the file ever pointed at ``c``, the next allocation may take
+        it at once. If uncounting it fails too, it stays counted (memory keeps what the
+        file has): a leak, which ``reclaim_leaks`` repairs when the image is next opened.
+        """
+        try:
+            self.set(c, 0)
+        except OSError:
+            return
+        if c == self.end - 1:
+            self.end = c
+        else:
+            self._freed.append(c)
 
     def release(self, c: int) -> None:
         """Drop one reference to cluster ``c``; once none is left, reuse it.
@@ -235,29 +253,29 @@ class Refcounts:
         """Write a refcount block for index ``idx`` at the end of the file, covering itself."""
         b = self.end
         assert b >> self._rb_bits == idx, f"refcount block {idx} placed at cluster {b}"
-        # the block is written before the table entry that makes it count
+        # the block is written before the table entry that makes it count, and the
+        # block taken (end, meta) only once that entry is in the file
         fileio.pwrite_all(self._fd, _block_bytes(self._cb, idx, b, b + 1), b << self._cb)
+        fileio.store_entry(self._fd, self._table, idx, b << self._cb, self._table_off)
         self.end = b + 1
         self._meta_new.add(b)
-        fileio.store_entry(self._fd, self._table, idx, b << self._cb, self._table_off)
 
     def _grow_table(self, need_idx: int) -> None:
         """Move the refcount table to a larger one at the end of the file."""
-        cb, rbb = self._cb, self._rb_bits
+        cb = self._cb
         old = self._table
+        # the new area lies past every block of the old table: its own blocks count it
+        assert self.end >> self._rb_bits >= len(old), "refcount table moved too early"
         area = plan_area(cb, self.end, self.end, max(need_idx + 1, 2 * len(old)), old)
         table = write_area(self._fd, cb, area, old)
-        self._meta_new.update(range(area.start + area.table_clusters, area.stop))
-        # clusters of the new area whose refcount block already existed
-        for c in range(area.start, area.stop):
-            if c >> rbb not in area.missing:
-                self.set(c, 1)
         # The new table and blocks are complete before the header switches to them, and
-        # the old table is freed only after: a crash leaves one whole table in force.
-        old_range = self.table_range()
+        # the old table is freed only after: a crash, or a failed write, leaves one whole
+        # table in force.
         fileio.pwrite_all(self._fd, struct.pack(">QI", area.start << cb, area.table_clusters),
                           HEADER_REFTABLE_FIELDS)
+        old_range = self.table_range()
         self._table, self._table_off, self.end = table, area.start << cb, area.stop
+        self._meta_new.update(range(area.start + area.table_clusters, area.stop))
         for c in range(*old_range):
             self.set(c, 0)
             self._freed.append(c)
