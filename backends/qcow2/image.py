@@ -13,9 +13,11 @@ reorder writeback, so against power loss the image is only as safe as the last
 Failures: a table entry changes in memory only once its write is in the file, so a
 failed pwrite (EIO, ENOSPC) fails its request and leaves the engine's tables as the
 file has them (a cluster taken for the request is given back, or leaked if that
-fails too). Opening an image for writing uncounts the clusters a crash or a failed
-request leaked (as 'qemu-img check -r leaks' does); this costs a read of the refcount
-blocks besides that of every L2 table, which open makes anyway.
+fails too). A failed fsync is final: every later flush and write fails with EIO until
+the image is reopened (see ``flush``). Opening an image for writing uncounts the
+clusters a crash or a failed request leaked (as 'qemu-img check -r leaks' does); this
+costs a read of the refcount blocks besides that of every L2 table, which open
+makes anyway.
 
 Clusters freed by discard/write_zeroes are reused by later allocations of the same
 session; otherwise new clusters are appended at the end of the file.
@@ -156,6 +158,7 @@ class Qcow2Image:
         self._path = path
         self._readonly = readonly
         self._lock = threading.RLock()
+        self._flush_failed: str | None = None  # why the image takes no more writes
         fd = self._fd
         file_size = os.fstat(fd).st_size
         h: Header = read_header(fd, file_size)
@@ -248,12 +251,24 @@ class Qcow2Image:
 
         Until then the kernel may write back the file in any order, so after a power
         loss only what was written before the last flush is safe, data and metadata.
+
+        A failed flush is final for this open image: the kernel may have dropped the
+        pages it could not write (and marked them clean), so a later fsync that works
+        would not mean they are on disk, and later writes would build on metadata that
+        may not be there. Every later flush and write (discard, write zeroes too) fails
+        with EIO saying so, and the failure is logged once; reads still work. Reopening
+        the image (which checks it again) lets it take writes again.
         """
         with self._lock:
             self._check_open()
+            self._check_flush_ok()
             try:
                 fileio.sync(self._fd)
             except OSError as e:
+                self._flush_failed = e.strerror
+                log.error("qcow2 image %r: %s; writes since the last good flush may be "
+                          "lost: every later write and flush fails with EIO until the image "
+                          "is reopened", self._path, e.strerror)
                 raise OSError(e.errno, f"{e.strerror}; writes since the last flush may "
                                        "not be on disk") from e
 
@@ -271,6 +286,13 @@ class Qcow2Image:
     def _check_writable(self) -> None:
         if self._readonly:
             raise Qcow2Error(errno.EROFS, f"image {self._path!r} is opened read-only")
+        self._check_flush_ok()
+
+    def _check_flush_ok(self) -> None:
+        if self._flush_failed is not None:
+            raise Qcow2Error(errno.EIO, f"an earlier flush of the image failed "
+                             f"({self._flush_failed}), so writes before it may be lost; "
+                             f"reopen {self._path!r} to write to it again")
 
     # ---------------------------------------------------------------- reading
     def readinto(self, offset: int, buf: Any) -> None:

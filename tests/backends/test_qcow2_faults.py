@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import os
 import random
 import struct
@@ -205,3 +206,40 @@ def test_a_failed_pwrite_fails_its_request_and_nothing_else(tmp_path, monkeypatc
     assert n > 30, n
     for k in range(n):
         _fail_one_pwrite(start, path, k, (errno.ENOSPC, errno.EIO)[k % 2], monkeypatch)
+
+
+def test_a_failed_flush_fails_every_later_flush_and_write(tmp_path, monkeypatch, caplog):
+    """After a failed fsync the kernel may have dropped the pages it could not write, so
+    a later fsync that works proves nothing about them: every later flush and write
+    fails with EIO (saying why, logged once) until the image is reopened. Reads still
+    work."""
+    path = str(tmp_path / "s.qcow2")
+    a, b, c = (random.Random(i).randbytes(8 * KiB) for i in range(3))
+
+    def fsync_fails(fd):
+        raise OSError(errno.EIO, "fsync of the image file failed: Input/output error")
+
+    with Qcow2Image.create(path, MiB, cluster_bits=12) as img:
+        img.write(0, a)
+        img.flush()
+        img.write(MiB // 2, b)
+        with caplog.at_level(logging.ERROR, "pyublk_fast.backends.qcow2"):
+            with monkeypatch.context() as m:
+                m.setattr(fileio, "sync", fsync_fails)
+                with pytest.raises(OSError) as first:
+                    img.flush()
+            assert first.value.errno == errno.EIO
+            for call in (img.flush, lambda: img.write(0, c), lambda: img.discard(0, 4096),
+                         lambda: img.write_zeroes(0, 4096)):
+                with pytest.raises(OSError) as later:
+                    call()
+                assert later.value.errno == errno.EIO, later.value
+                assert "an earlier flush of the image failed" in str(later.value), later.value
+                assert "reopen" in str(later.value), later.value
+        logged = [r for r in caplog.records if r.name == "pyublk_fast.backends.qcow2"]
+        assert len(logged) == 1 and path in logged[0].getMessage(), caplog.records
+        assert img.read(0, 8 * KiB) + img.read(MiB // 2, 8 * KiB) == a + b
+    with Qcow2Image.open(path) as img:
+        img.write(0, c)
+        img.flush()
+        assert img.read(0, 8 * KiB) + img.read(MiB // 2, 8 * KiB) == c + b
