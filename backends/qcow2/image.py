@@ -8,7 +8,10 @@ Metadata is write-through: every change is pwritten at once, in an order that le
 crash of this process leak clusters but never leave an L1/L2 entry pointing at
 unwritten or unallocated data (each step says so where it happens). The kernel may
 reorder writeback, so against power loss the image is only as safe as the last
-``flush()``, like a disk with a volatile write cache.
+``flush()``, like a disk with a volatile write cache; but a cluster that an entry
+pointed at when the last flush completed takes no other data before the next flush
+has made that entry's clearing durable (freed clusters wait for it), so a power loss
+never shows one virtual cluster another one's data.
 
 Failures: a table entry changes in memory only once its write is in the file, so a
 failed pwrite (EIO, ENOSPC) fails its request and leaves the engine's tables as the
@@ -20,8 +23,9 @@ costs a read of the refcount blocks besides that of every L2 table, which open
 makes anyway.
 
 Clusters freed by discard/write_zeroes are reused by later allocations of the same
-session; otherwise new clusters are appended at the end of the file.
-All public methods take one internal lock, so an image may be shared by threads.
+session once a flush made their freeing durable; otherwise new clusters are appended
+at the end of the file. All public methods take one internal lock, so an image may be
+shared by threads.
 """
 
 from __future__ import annotations
@@ -271,6 +275,8 @@ class Qcow2Image:
                           "is reopened", self._path, e.strerror)
                 raise OSError(e.errno, f"{e.strerror}; writes since the last flush may "
                                        "not be on disk") from e
+            # what was freed before this fsync began is free for good now
+            self._refs.flushed()
 
     # ---------------------------------------------------------------- checks
     def _check_open(self) -> None:

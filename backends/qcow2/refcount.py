@@ -2,10 +2,11 @@
 
 The refcount table is held in memory, the 16-bit refcount blocks in a TableCache;
 both are write-through, the file written before memory (``fileio.store_entry``).
-Clusters freed in a session are reused first, otherwise new clusters are appended at
-the end of the file, growing the refcount structures when the new cluster has no
-refcount block yet. Clusters that a crash leaked (counted, but used by nothing) are
-uncounted when the image is opened for writing (``reclaim_leaks``).
+Clusters freed in a session are reused first, once a flush has made their freeing
+durable; otherwise new clusters are appended at the end of the file, growing the
+refcount structures when the new cluster has no refcount block yet. Clusters that a
+crash leaked (counted, but used by nothing) are uncounted when the image is opened for
+writing (``reclaim_leaks``).
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class Refcounts:
         self._meta = meta
         self._meta_new: set[int] = set()
         self._freed: list[int] = []    # free, and no entry in the file points at them
+        self._pending: list[int] = []  # freed since the last flush (see release)
         self.end = end
 
     def table_range(self) -> tuple[int, int]:
@@ -218,7 +220,16 @@ class Refcounts:
             raise corrupt(f"data cluster {c << self._cb:#x} in use but its refcount is 0")
         self.set(c, rc - 1)
         if rc == 1:
-            self._freed.append(c)
+            # The entry that pointed at c may be durable while its clearing is not: until
+            # a flush, a power loss can bring it back. Were c to take other data before
+            # then, that entry would read it: c waits for the next flush.
+            self._pending.append(c)
+
+    def flushed(self) -> None:
+        """A flush made every write so far durable, so the entries that pointed at the
+        clusters freed before it are gone for good: those clusters may be taken again."""
+        self._freed += self._pending
+        self._pending.clear()
 
     def reclaim_leaks(self, used: np.ndarray) -> int:
         """Uncount every counted cluster that is not in ``used`` (sorted: every cluster
@@ -278,4 +289,5 @@ class Refcounts:
         self._meta_new.update(range(area.start + area.table_clusters, area.stop))
         for c in range(*old_range):
             self.set(c, 0)
-            self._freed.append(c)
+            # the header on disk may point at the old table until the next flush
+            self._pending.append(c)

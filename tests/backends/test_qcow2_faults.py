@@ -243,3 +243,83 @@ def test_a_failed_flush_fails_every_later_flush_and_write(tmp_path, monkeypatch,
         img.write(0, c)
         img.flush()
         assert img.read(0, 8 * KiB) + img.read(MiB // 2, 8 * KiB) == c + b
+
+
+def _apply_writes(path: str, start: bytes, writes: list) -> None:
+    with open(path, "wb") as f:
+        f.write(start)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for offset, data in writes:
+            os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def test_a_cluster_freed_since_the_last_flush_is_not_reused(tmp_path, monkeypatch):
+    """A discard frees a cluster whose L2 entry the last flush made durable. Until the
+    next flush a power loss may keep that entry and lose its clearing, so the cluster
+    must not take other data: for every subset of the writes made since the flush (what
+    a power loss may keep of them), the discarded cluster reads as before the discard
+    or as zeros, never as another cluster's data. After the next flush the freed
+    cluster is taken again: the file does not grow."""
+    path = str(tmp_path / "f.qcow2")
+    cs = 4096
+    x, y, z = (random.Random(i).randbytes(cs) for i in range(3))
+    Qcow2Image.create(path, MiB, cluster_bits=12).close()
+    with open(path, "rb") as f:
+        start = f.read()
+    log, syncs = record_io(monkeypatch)
+    with Qcow2Image.open(path) as img:
+        img.write(0, x)
+        img.flush()
+        img.discard(0, cs)
+        img.write(cs, y)  # allocates a cluster
+        grown = os.path.getsize(path)
+        img.flush()
+        img.write(2 * cs, z)  # takes the one the discard freed
+        assert os.path.getsize(path) == grown
+        assert img.read(0, 3 * cs) == bytes(cs) + y + z
+    monkeypatch.undo()
+    durable, since = log[:syncs[0]], log[syncs[0]:syncs[1]]
+    assert 4 <= len(since) <= 10, since
+    lost = str(tmp_path / "lost.qcow2")
+    for keep in itertools.product((False, True), repeat=len(since)):
+        _apply_writes(lost, start, durable + list(itertools.compress(since, keep)))
+        with Qcow2Image.open(lost, readonly=True) as img:
+            got = img.read(0, cs)
+        assert got in (x, bytes(cs)), f"writes kept {keep}: the discarded cluster reads " \
+                                      f"{'the data of the next write' if got == y else 'garbage'}"
+
+
+@needs_qemu
+def test_the_old_refcount_table_is_not_reused_before_a_flush(tmp_path, monkeypatch,
+                                                             near_table_end):
+    """Moving the refcount table frees the old one, but until a flush the header on
+    disk may still point at it: no write lands in it before the next fsync. After it,
+    its clusters are taken again."""
+    start = near_table_end
+    path = str(tmp_path / "t.qcow2")
+    with open(path, "wb") as f:
+        f.write(start.file)
+    old_off, old_clusters = start.reftable
+    old = range(old_off, old_off + old_clusters * CS)
+    log, syncs = record_io(monkeypatch)
+    rng = random.Random(3)
+    with Qcow2Image.open(path) as img:
+        top = start.size - 40 * CS
+        data = rng.randbytes(20 * CS)
+        img.write(top, data)  # the table moves
+        moved = [i for i, (off, _) in enumerate(log) if off == 48]
+        assert len(moved) == 1, "the refcount table did not move"
+        img.flush()
+        more = rng.randbytes(8 * CS)
+        img.write(top + 20 * CS, more)
+        assert img.read(top, 28 * CS) == data + more
+    monkeypatch.undo()
+    into_old = [i for i, (off, d) in enumerate(log) if off < old.stop and off + len(d) > old.start]
+    assert all(i < moved[0] or i >= syncs[0] for i in into_old), (
+        f"write {next(i for i in into_old if moved[0] < i < syncs[0])} lands in the old "
+        f"refcount table before the flush")
+    assert any(i >= syncs[0] for i in into_old), "the old table's clusters were not reused"
+    qemu_check(path)

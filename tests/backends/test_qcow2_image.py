@@ -188,6 +188,7 @@ def test_zero_flag_and_discard_free_clusters(tmp_path):
         img.discard(2 * cs, cs + 100)       # whole cluster unmapped + partial zeroed
         assert img.read(0, 4 * cs) == (b"\x11" * cs + bytes(2 * cs + 100)
                                        + b"\x11" * (cs - 100))
+        img.flush()                         # the frees are durable: clusters reusable
         img.write(MiB, b"\x22" * (2 * cs))  # reuses the two freed clusters
         assert os.path.getsize(path) == grown
     mapping = json.loads(qemu_img("map", "--output=json", path))
@@ -489,7 +490,8 @@ def _serve_after_crash(path: str, expect: bytearray, where: str,
 
     ``expect`` holds what the crashed image reads. The writes allocate (data clusters
     and the L2 tables of the untouched TAIL, partial clusters, a cluster freed by a
-    discard and taken again) and overwrite in place; each reads back at once. After flush and close, qemu-img check finds no corruption and no leak (opening
+    discard and taken again after a flush) and overwrite in place; each reads back at
+    once. After flush and close, qemu-img check finds no corruption and no leak (opening
     the image reclaimed what the crash leaked) and the whole image reads as before the
     crash with these writes on top.
     """
@@ -499,13 +501,19 @@ def _serve_after_crash(path: str, expect: bytearray, where: str,
              ("write", tail + TAIL // 2 - 300, 600),  # into a second new L2 table
              ("write", rng.randrange(tail - 1500), 1500),  # where the crash left data or not
              ("write", size - 512, 512),
-             ("discard", tail + 1024, 2048),          # frees clusters that
+             ("discard", tail + 1024, 2048),          # frees clusters that, after
+             ("flush", 0, 0),                         # the flush made that durable,
              ("write", tail + TAIL // 2 + 4096, 1024)]  # this write takes again
     with Qcow2Image.open(path) as img:
         for op, off, ln in steps:
             data = rng.randbytes(ln) if op == "write" else bytes(ln)
             try:
-                img.write(off, data) if op == "write" else img.discard(off, ln)
+                if op == "write":
+                    img.write(off, data)
+                elif op == "discard":
+                    img.discard(off, ln)
+                else:
+                    img.flush()
             except Qcow2Error as e:
                 raise AssertionError(f"{where}: {op} of {ln} bytes at {off:#x} after the "
                                      f"crash failed: {e}") from None
