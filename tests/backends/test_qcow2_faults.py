@@ -1,5 +1,6 @@
 """qcow2-lite when the file I/O fails or the power goes: a failed pwrite, a failed
-fsync, a cluster freed and taken again before a flush, clusters leaked by a crash.
+fsync, a cluster freed and taken again before a flush. (The crash-point tests, and the
+leaks a crash leaves, are in test_qcow2_image.py.)
 
 Faults are injected through the engine's file I/O seam (``fileio.pwrite_all``,
 ``fileio.sync``); ``qcow2_tools.record_io`` records the writes and fsyncs a power loss
@@ -30,7 +31,7 @@ TABLE_SPAN = (CS // 8) * BLOCK_SPAN  # clusters a one-cluster refcount table cou
 
 def _prefilled(path: str, size: int, host_clusters: int) -> bytes:
     """A new image of ``size`` bytes whose file is written up to ``host_clusters``
-    clusters (clusters 9) with random data from virtual offset 0; returns the data."""
+    clusters (cluster_bits 9) with random data from virtual offset 0; returns the data."""
     rng = random.Random(host_clusters)
     data = bytearray()
     with Qcow2Image.create(path, size, cluster_bits=9) as img:
