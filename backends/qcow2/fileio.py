@@ -1,9 +1,10 @@
-"""Positional reads and writes of the image file.
+"""Positional reads and writes of the image file, and its fsync.
 
-Every write the engine makes goes through ``pwrite_all``; the other modules call it
-as ``fileio.pwrite_all`` so that a crash test can record each write by replacing it.
-A failed read or write raises OSError with its errno and a message naming the
-operation, its length and its file offset.
+Every write the engine makes goes through ``pwrite_all`` and every fsync through
+``sync``; the other modules call them as ``fileio.pwrite_all`` and ``fileio.sync`` so
+that a test can record or fail each one by replacing it. A failed read or write
+raises OSError with its errno and a message naming the operation, its length and its
+file offset.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["pread_into", "pread_padded", "pwrite_all", "store_entry"]
+__all__ = ["pread_into", "pread_padded", "pwrite_all", "store_entry", "sync"]
 
 
 def _failed(e: OSError, what: str, n: int, offset: int) -> OSError:
@@ -51,8 +52,22 @@ def pwrite_all(fd: int, data: Any, offset: int) -> None:
         raise _failed(e, "write", len(mv), offset) from e
 
 
+def sync(fd: int) -> None:
+    """fsync the image file: every write made so far is durable when this returns."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise OSError(e.errno, f"fsync of the image file failed: {e.strerror}") from e
+
+
 def store_entry(fd: int, table: np.ndarray, i: int, value: int, table_offset: int) -> None:
-    """Set entry ``i`` of the big-endian ``table`` held in memory and write just that
-    entry to the copy of the table at ``table_offset`` in the file."""
+    """Write ``value`` as entry ``i`` of the copy of the big-endian ``table`` at
+    ``table_offset`` in the file, then set it in ``table``, held in memory.
+
+    The file first: if the write fails (EIO, ENOSPC) the table in memory keeps the
+    value the file has, so no later read follows, and no later allocation builds on,
+    an entry that is not in the file.
+    """
+    entry = np.array([value], dtype=table.dtype)
+    pwrite_all(fd, entry.tobytes(), table_offset + table.itemsize * i)
     table[i] = value
-    pwrite_all(fd, table[i:i + 1].tobytes(), table_offset + table.itemsize * i)

@@ -8,16 +8,30 @@ Metadata is write-through: every change is pwritten at once, in an order that le
 crash of this process leak clusters but never leave an L1/L2 entry pointing at
 unwritten or unallocated data (each step says so where it happens). The kernel may
 reorder writeback, so against power loss the image is only as safe as the last
-``flush()``, like a disk with a volatile write cache.
+``flush()``, like a disk with a volatile write cache; but a cluster that an entry
+pointed at when the last flush completed takes no other data before the next flush
+has made that entry's clearing durable (freed clusters wait for it), so a power loss
+never shows one virtual cluster another one's data.
+
+Failures: a table entry changes in memory only once its write is in the file, so a
+failed pwrite (EIO, ENOSPC) fails its request and leaves the engine's tables as the
+file has them (a cluster taken for the request is given back, or leaked if that
+fails too). A failed fsync is final: every later flush and write fails with EIO until
+the image is reopened (see ``flush``). Opening an image for writing uncounts the
+clusters a crash or a failed request leaked (as 'qemu-img check -r leaks' does); this
+costs a read of the refcount blocks besides that of every L2 table, which open
+makes anyway.
 
 Clusters freed by discard/write_zeroes are reused by later allocations of the same
-session; otherwise new clusters are appended at the end of the file.
-All public methods take one internal lock, so an image may be shared by threads.
+session once a flush made their freeing durable; otherwise new clusters are appended
+at the end of the file. All public methods take one internal lock, so an image may be
+shared by threads.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from typing import Any
@@ -32,6 +46,8 @@ from .l2 import DATA, UNALLOC, ZERO, ClusterMap, l1_range, load_l1
 from .refcount import Refcounts, load_reftable
 
 __all__ = ["Qcow2Image"]
+
+log = logging.getLogger("pyublk_fast.backends.qcow2")
 
 _MAX_BACKING_DEPTH = 16
 _QCOW2_MAGIC = b"QFI\xfb"
@@ -146,6 +162,7 @@ class Qcow2Image:
         self._path = path
         self._readonly = readonly
         self._lock = threading.RLock()
+        self._flush_failed: str | None = None  # why the image takes no more writes
         fd = self._fd
         file_size = os.fstat(fd).st_size
         h: Header = read_header(fd, file_size)
@@ -185,12 +202,21 @@ class Qcow2Image:
             c = int(uniq[np.flatnonzero(counts > 1)[0]])
             raise corrupt(f"metadata structures overlap at host offset {c << cb:#x}")
         self._map = ClusterMap(fd, h, l1, self._refs)
-        self._map.check_tables(path, end, uniq, not readonly)
+        hosts = self._map.check_tables(path, end, uniq, not readonly)
         if h.backing_file is not None:
             self._backing = _open_backing(path, h.backing_file, h.backing_format, depth)
         if not readonly and h.autoclear:
             # a writer that does not understand autoclear bits must clear them
             fileio.pwrite_all(fd, bytes(8), HEADER_AUTOCLEAR)
+        if not readonly:
+            # Every open for writing looks for leaks: the image does not say whether it
+            # was closed cleanly (the dirty bit would cost a header write and an fsync at
+            # each open and close, and qemu takes it to mean lazy refcounts), and the L2
+            # tables, the costly part of the scan, were all read just above.
+            leaked = self._refs.reclaim_leaks(np.union1d(uniq.astype(np.int64), hosts))
+            if leaked:
+                log.info("qcow2 image %r: %d leaked cluster(s) reclaimed (left by a crash or "
+                         "a failed write)", path, leaked)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -229,14 +255,28 @@ class Qcow2Image:
 
         Until then the kernel may write back the file in any order, so after a power
         loss only what was written before the last flush is safe, data and metadata.
+
+        A failed flush is final for this open image: the kernel may have dropped the
+        pages it could not write (and marked them clean), so a later fsync that works
+        would not mean they are on disk, and later writes would build on metadata that
+        may not be there. Every later flush and write (discard, write zeroes too) fails
+        with EIO saying so, and the failure is logged once; reads still work. Reopening
+        the image (which checks it again) lets it take writes again.
         """
         with self._lock:
             self._check_open()
+            self._check_flush_ok()
             try:
-                os.fsync(self._fd)
+                fileio.sync(self._fd)
             except OSError as e:
-                raise OSError(e.errno, f"fsync of the image file failed: {e.strerror}; "
-                                       "writes since the last flush may not be on disk") from e
+                self._flush_failed = e.strerror
+                log.error("qcow2 image %r: %s; writes since the last good flush may be "
+                          "lost: every later write and flush fails with EIO until the image "
+                          "is reopened", self._path, e.strerror)
+                raise OSError(e.errno, f"{e.strerror}; writes since the last flush may "
+                                       "not be on disk") from e
+            # what was freed before this fsync began is free for good now
+            self._refs.flushed()
 
     # ---------------------------------------------------------------- checks
     def _check_open(self) -> None:
@@ -252,6 +292,13 @@ class Qcow2Image:
     def _check_writable(self) -> None:
         if self._readonly:
             raise Qcow2Error(errno.EROFS, f"image {self._path!r} is opened read-only")
+        self._check_flush_ok()
+
+    def _check_flush_ok(self) -> None:
+        if self._flush_failed is not None:
+            raise Qcow2Error(errno.EIO, f"an earlier flush of the image failed "
+                             f"({self._flush_failed}), so writes before it may be lost; "
+                             f"reopen {self._path!r} to write to it again")
 
     # ---------------------------------------------------------------- reading
     def readinto(self, offset: int, buf: Any) -> None:
@@ -307,11 +354,20 @@ class Qcow2Image:
         if not len(mv):
             return
         if kind == DATA:
-            fileio.pread_into(self._fd, mv, where)
+            self._read_data(where, mv)
         elif kind == ZERO:
             mv[:] = bytes(len(mv))
         else:
             self._backing._read_clipped(where, mv)
+
+    # ---------------------------------------------------------------- guest data I/O
+    # The only two calls that move guest data to or from the image file (a raw backing
+    # file has its own read); metadata goes through fileio directly.
+    def _read_data(self, host: int, mv: memoryview) -> None:
+        fileio.pread_into(self._fd, mv, host)
+
+    def _write_data(self, host: int, data: Any) -> None:
+        fileio.pwrite_all(self._fd, data, host)
 
     # ---------------------------------------------------------------- writing
     def write(self, offset: int, data: Any) -> None:
@@ -336,7 +392,7 @@ class Qcow2Image:
         kind, host = self._map.decode(e, vc)
         if kind == DATA:
             self._map.writable(host, vc, e)
-            fileio.pwrite_all(self._fd, data, host + o)
+            self._write_data(host + o, data)
             if not e & OFLAG_COPIED:
                 self._map.set_entry(l2off, t, i, host | OFLAG_COPIED)
             return
@@ -348,15 +404,21 @@ class Qcow2Image:
                 self._backing._read_clipped(vc << self._cb, memoryview(ba))
             ba[o:o + n] = data
             buf = ba
+        taken = not host
         if host:  # zero cluster with a preallocated host cluster: reuse it
             self._map.writable(host, vc, e)
         else:
             host = self._refs.alloc() << self._cb
-        # The whole cluster (with any copy-on-write data) is on disk before the L2 entry
-        # points at it: a crash in between keeps the old mapping, never one to a cluster
-        # holding stale or no contents.
-        fileio.pwrite_all(self._fd, buf, host)
-        self._map.set_entry(l2off, t, i, host | OFLAG_COPIED)
+        try:
+            # The whole cluster (with any copy-on-write data) is on disk before the L2
+            # entry points at it: a crash in between keeps the old mapping, never one to
+            # a cluster holding stale or no contents.
+            self._write_data(host, buf)
+            self._map.set_entry(l2off, t, i, host | OFLAG_COPIED)
+        except OSError:
+            if taken:
+                self._refs.abandon(host >> self._cb)  # no entry points at it
+            raise
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros (zero flag for whole clusters)."""
@@ -396,7 +458,8 @@ class Qcow2Image:
         if kind == UNALLOC and self._backing is None and target == 0:
             return
         c = self._map.writable(host, vc, e) if host else 0
-        # the L2 entry lets go of the cluster before its refcount drops (see release)
+        # The L2 entry lets go of the cluster before its refcount drops (see release):
+        # if the uncounting fails, the cluster is leaked, not reused under the entry.
         self._map.set_entry(l2off, t, i, target)
         if c:
             self._refs.release(c)

@@ -1,5 +1,6 @@
 """ClusterMap: virtual cluster -> host cluster, through the L1 table (held in memory)
-and the L2 tables (in a TableCache)."""
+and the L2 tables (in a TableCache); both write-through, the file written before
+memory (``fileio.store_entry``)."""
 
 from __future__ import annotations
 
@@ -59,13 +60,16 @@ class ClusterMap:
         self._l1_off = h.l1_table_offset
         self._tables = TableCache(fd, self._cs, ">u8", _L2_CACHE_BYTES)
 
-    def check_tables(self, path: str, end: int, meta: np.ndarray, writable: bool) -> None:
+    def check_tables(self, path: str, end: int, meta: np.ndarray,
+                     writable: bool) -> np.ndarray:
         """Read each L2 table once at open (qemu-img check reads them all too) and refuse
         what this engine cannot serve: compressed clusters (not supported) and, to an
         image opened for writing, entries whose host cluster is not theirs alone: past
         ``end``, the file's length in clusters (a cluster appended later would be theirs
         too), one of the metadata clusters ``meta``, or mapped by another entry. A write
-        through such an entry would change another cluster's data."""
+        through such an entry would change another cluster's data.
+
+        Returns the host clusters of the L2 entries (sorted; empty if not ``writable``)."""
         flag, om = np.uint64(OFLAG_COMPRESSED), np.uint64(OFFSET_MASK)
         hosts, vcs = [], []
         for i in np.flatnonzero(self._l1 & om):
@@ -83,7 +87,7 @@ class ClusterMap:
                 hosts.append((t[used] & om) >> np.uint64(self._cb))
                 vcs.append(used + (int(i) << self._l2_bits))
         if not hosts:
-            return
+            return np.zeros(0, np.int64)
         host, vc = np.concatenate(hosts), np.concatenate(vcs)
         why = None
         if (bad := np.flatnonzero(host >= end)).size:
@@ -103,6 +107,7 @@ class ClusterMap:
                           f"host cluster {int(host[k]) << self._cb:#x}, {why}; writing the "
                           f"image could change other data: repair {path!r} with 'qemu-img "
                           "check -r all', or open it read-only")
+        return np.sort(host.astype(np.int64))
 
     # ---------------------------------------------------------------- lookup
     def has_table(self, vc: int) -> bool:
@@ -167,12 +172,16 @@ class ClusterMap:
         if off == 0:
             c = self._refs.alloc()
             off = c << self._cb
-            # the zeroed table is on disk before the L1 entry points at it
-            fileio.pwrite_all(self._fd, bytes(self._cs), off)
+            try:
+                # the zeroed table is on disk before the L1 entry points at it
+                fileio.pwrite_all(self._fd, bytes(self._cs), off)
+                self._set_l1(l1i, off | OFLAG_COPIED)
+            except OSError:
+                self._refs.abandon(c)  # no L1 entry points at it
+                raise
             self._refs.mark_meta(c)
             t = np.zeros(self._cs // 8, dtype=">u8")
             self._tables.put(off, t)
-            self._set_l1(l1i, off | OFLAG_COPIED)
             return off, t, vc & self._l2_mask
         if not e & OFLAG_COPIED:
             if self._refs.get(off >> self._cb) != 1:

@@ -52,6 +52,6 @@ def write_new_image(path: str, size: int, cluster_bits: int, l1_size: int,
         # the header, written last, is what makes the file a qcow2 image
         write_area(fd, cluster_bits, area, none)
         fileio.pwrite_all(fd, header, 0)
-        os.fsync(fd)
+        fileio.sync(fd)
     finally:
         os.close(fd)

@@ -1,10 +1,12 @@
 """Refcounts and cluster allocation.
 
 The refcount table is held in memory, the 16-bit refcount blocks in a TableCache;
-both are write-through. Clusters freed in a session are reused first, otherwise new
-clusters are appended at the end of the file (past any cluster there whose refcount
-is already set), growing the refcount structures when the new cluster has no
-refcount block yet.
+both are write-through, the file written before memory (``fileio.store_entry``).
+Clusters freed in a session are reused first, once a flush has made their freeing
+durable; otherwise new clusters are appended at the end of the file, growing the
+refcount structures when the new cluster has no refcount block yet. Clusters that a
+crash leaked (counted, but used by nothing) are uncounted when the image is opened for
+writing (``reclaim_leaks``).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ class Refcounts:
         self._blocks = TableCache(fd, self._cs, ">u2", _RB_CACHE_BYTES)
         self._meta = meta
         self._meta_new: set[int] = set()
-        self._freed: list[int] = []
+        self._freed: list[int] = []    # free, and no entry in the file points at them
+        self._pending: list[int] = []  # freed since the last flush (see release)
         self.end = end
 
     def table_range(self) -> tuple[int, int]:
@@ -167,12 +170,14 @@ class Refcounts:
 
         The refcount is written before the caller writes the cluster or points an entry
         at it, so a crash in between leaks the cluster (past the end of the file if it
-        was to be appended; the loop below skips it) but never hands out a cluster that
-        something else also uses.
+        was to be appended), which ``reclaim_leaks`` repairs at the next open, but never
+        hands out a cluster that something else also uses. Clusters at or past ``end``
+        are free: a count left there by a crash is reclaimed at open.
         """
         if self._freed:
-            c = self._freed.pop()
+            c = self._freed[-1]
             self.set(c, 1)
+            self._freed.pop()
             return c
         while True:
             c = self.end
@@ -181,17 +186,28 @@ class Refcounts:
                 self._grow_table(idx)
             elif int(self._table[idx]) == 0:
                 self._new_block(idx)
-            elif self.get(c) != 0:
-                # Counted but past the end of the file: a crash came between setting its
-                # refcount and the write that extends the file (a power loss may keep
-                # one without the other too). Like qemu, which allocates by refcount,
-                # take it as in use, a leak that 'qemu-img check -r leaks' repairs.
-                self.end = c + 1
             else:
                 break
-        self.end = c + 1
         self.set(c, 1)
+        self.end = c + 1
         return c
+
+    def abandon(self, c: int) -> None:
+        """Give back cluster ``c``, just returned by ``alloc``, that nothing points at
+        yet: the step that was to use it failed.
+
+        Since no entry in the file ever pointed at ``c``, the next allocation may take
+        it at once. If uncounting it fails too, it stays counted (memory keeps what the
+        file has): a leak, which ``reclaim_leaks`` repairs when the image is next opened.
+        """
+        try:
+            self.set(c, 0)
+        except OSError:
+            return
+        if c == self.end - 1:
+            self.end = c
+        else:
+            self._freed.append(c)
 
     def release(self, c: int) -> None:
         """Drop one reference to cluster ``c``; once none is left, reuse it.
@@ -204,35 +220,74 @@ class Refcounts:
             raise corrupt(f"data cluster {c << self._cb:#x} in use but its refcount is 0")
         self.set(c, rc - 1)
         if rc == 1:
-            self._freed.append(c)
+            # The entry that pointed at c may be durable while its clearing is not: until
+            # a flush, a power loss can bring it back. Were c to take other data before
+            # then, that entry would read it: c waits for the next flush.
+            self._pending.append(c)
+
+    def flushed(self) -> None:
+        """A flush made every write so far durable, so the entries that pointed at the
+        clusters freed before it are gone for good: those clusters may be taken again."""
+        self._freed += self._pending
+        self._pending.clear()
+
+    def reclaim_leaks(self, used: np.ndarray) -> int:
+        """Uncount every counted cluster that is not in ``used`` (sorted: every cluster
+        the image's structures and L2 entries use), as 'qemu-img check -r leaks' does;
+        return how many there were.
+
+        A crash leaks clusters: a refcount is set before the entry that uses the
+        cluster, and an entry is cleared before its cluster's refcount drops. The writes
+        of the process that crashed may still be in the page cache only, so they are
+        made durable first: otherwise a power loss could keep an uncounting and lose the
+        clearing that made the cluster a leak, leaving an entry to an uncounted cluster.
+        Once they are durable no entry on disk points at a leaked cluster, so it is free
+        for the next allocation at once.
+        """
+        span = 1 << self._rb_bits
+        leaked: list[int] = []
+        for idx in np.flatnonzero(self._table):
+            first = int(idx) << self._rb_bits
+            counted = self._blocks.get(int(self._table[idx])) != 0
+            lo, hi = np.searchsorted(used, [first, first + span])
+            counted[used[lo:hi] - first] = False
+            leaked += (np.flatnonzero(counted) + first).tolist()
+        if leaked:
+            fileio.sync(self._fd)
+            for c in leaked:
+                self.set(c, 0)
+                if c < self.end:  # those past the end are where appending goes anyway
+                    self._freed.append(c)
+        return len(leaked)
 
     def _new_block(self, idx: int) -> None:
         """Write a refcount block for index ``idx`` at the end of the file, covering itself."""
         b = self.end
         assert b >> self._rb_bits == idx, f"refcount block {idx} placed at cluster {b}"
-        # the block is written before the table entry that makes it count
+        # the block is written before the table entry that makes it count, and the
+        # block taken (end, meta) only once that entry is in the file
         fileio.pwrite_all(self._fd, _block_bytes(self._cb, idx, b, b + 1), b << self._cb)
+        fileio.store_entry(self._fd, self._table, idx, b << self._cb, self._table_off)
         self.end = b + 1
         self._meta_new.add(b)
-        fileio.store_entry(self._fd, self._table, idx, b << self._cb, self._table_off)
 
     def _grow_table(self, need_idx: int) -> None:
         """Move the refcount table to a larger one at the end of the file."""
-        cb, rbb = self._cb, self._rb_bits
+        cb = self._cb
         old = self._table
+        # the new area lies past every block of the old table: its own blocks count it
+        assert self.end >> self._rb_bits >= len(old), "refcount table moved too early"
         area = plan_area(cb, self.end, self.end, max(need_idx + 1, 2 * len(old)), old)
         table = write_area(self._fd, cb, area, old)
-        self._meta_new.update(range(area.start + area.table_clusters, area.stop))
-        # clusters of the new area whose refcount block already existed
-        for c in range(area.start, area.stop):
-            if c >> rbb not in area.missing:
-                self.set(c, 1)
         # The new table and blocks are complete before the header switches to them, and
-        # the old table is freed only after: a crash leaves one whole table in force.
-        old_range = self.table_range()
+        # the old table is freed only after: a crash, or a failed write, leaves one whole
+        # table in force.
         fileio.pwrite_all(self._fd, struct.pack(">QI", area.start << cb, area.table_clusters),
                           HEADER_REFTABLE_FIELDS)
+        old_range = self.table_range()
         self._table, self._table_off, self.end = table, area.start << cb, area.stop
+        self._meta_new.update(range(area.start + area.table_clusters, area.stop))
         for c in range(*old_range):
             self.set(c, 0)
-            self._freed.append(c)
+            # the header on disk may point at the old table until the next flush
+            self._pending.append(c)
