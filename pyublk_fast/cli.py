@@ -300,7 +300,16 @@ def cmd_stats(a: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps(dict(summary, dev_id=a.number)) if a.json
               else stats.format_summary(a.number, summary), flush=True)
 
+    def export(snap):
+        if a.prometheus:
+            try:
+                stats.write_prometheus(a.prometheus, a.number, snap)
+            except ImportError:
+                raise CliError("--prometheus needs the prometheus_client package "
+                               "(pip install prometheus_client)") from None
+
     prev = read()
+    export(prev)
     show(prev.summary())
     try:
         while True:
@@ -309,6 +318,7 @@ def cmd_stats(a: argparse.Namespace, extra: list[str]) -> int:
             if cur.time <= prev.time:
                 raise CliError(f"device {a.number}: its server published nothing for "
                                f"{a.watch or a.interval} s (stopped, or stuck)")
+            export(cur)
             show(cur.summary(since=prev))
             if not a.watch:
                 return 0
@@ -392,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--interval", type=float, default=1.0, metavar="S",
                     help="seconds the rates are measured over (default 1)")
     st.add_argument("--watch", type=float, metavar="S", help="print the rates every S seconds until ^C")
+    st.add_argument("--prometheus", metavar="FILE", help="also write the counters to FILE in "
+                    "Prometheus' text format (for the node exporter's textfile collector), "
+                    "again at every --watch")
     st.set_defaults(func=cmd_stats)
     return p
 

@@ -165,3 +165,40 @@ def format_summary(dev_id: int, s: dict) -> str:
     if s["failed"]:
         lines.append(f"    failed {s['failed']:,}: " + ", ".join(f"{k} {v:,}" for k, v in s["errors"].items()))
     return "\n".join(lines)
+
+
+def write_prometheus(path: str, dev_id: int, snap: Snapshot) -> None:
+    """The counters in Prometheus' text format, written atomically to path (for the node
+    exporter's textfile collector), by prometheus_client. Latency buckets are the log2
+    ones (le = their upper bound in seconds); no _sum: the queues do not keep one."""
+    from prometheus_client import CollectorRegistry, write_to_textfile
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    c = snap.counters.sum(axis=0, dtype=np.uint64)
+    dev = str(dev_id)
+
+    class Collector:
+        def collect(self):
+            reqs = CounterMetricFamily("ublk_requests", "Requests committed", labels=["dev", "op"])
+            nbytes = CounterMetricFamily("ublk_bytes", "Bytes moved", labels=["dev", "op"])
+            for i, op in enumerate(OPS):
+                reqs.add_metric([dev, op], int(c[L["reqs"] + i]))
+                nbytes.add_metric([dev, op], int(c[L["bytes"] + i]))
+            failed = CounterMetricFamily("ublk_failed_requests", "Requests failed, by errno",
+                                         labels=["dev", "errno"])
+            for e in range(L["nerrno"]):
+                if c[L["errno"] + e]:
+                    failed.add_metric([dev, _errname(e, L["nerrno"])], int(c[L["errno"] + e]))
+            inflight = GaugeMetricFamily("ublk_in_flight", "Requests in flight", labels=["dev"])
+            inflight.add_metric([dev], int(c[L["started"]]) - int(c[L["done"]]))
+            hist = HistogramMetricFamily("ublk_request_latency_seconds",
+                                         "Fetch-to-commit time (log2 buckets, per loop turn)",
+                                         labels=["dev"])
+            cum = np.cumsum(c[L["hist"]:L["hist"] + L["nhist"]])
+            buckets = [(repr((1 << (b + 1)) / 1e9), int(n)) for b, n in enumerate(cum[:-1])]
+            hist.add_metric([dev], buckets + [("+Inf", int(cum[-1]))], None)
+            yield from (reqs, nbytes, failed, inflight, hist)
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    write_to_textfile(path, registry)

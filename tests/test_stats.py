@@ -107,13 +107,18 @@ def test_published_file_round_trip_and_cli(tmp_path, monkeypatch, capsys):
         assert wait_until(lambda: stats.read_published(7).counters[0, 0] > 0, 10)
         got = stats.read_published(7)
         assert got.counters.shape == (2, fields)
-        assert cli.main(["stats", "-n", "7", "--json", "--interval", "0.2"]) == 0
+        prom = tmp_path / "ublk.prom"
+        assert cli.main(["stats", "-n", "7", "--json", "--interval", "0.2", "--prometheus", str(prom)]) == 0
     finally:
         stop.set()
         th.join()
     first, second = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert first["dev_id"] == 7 and first["requests"]["read"] > 0 and "iops" not in first
     assert second["iops"] > 0 and second["mb_per_s"] > 0 and second["seconds"] >= 0.2
+    text = prom.read_text()
+    reads = second["requests"]["read"] + first["requests"]["read"]
+    assert f'ublk_requests_total{{dev="7",op="read"}} {float(reads)}' in text
+    assert 'ublk_in_flight{dev="7"} 0.0' in text
     pub.remove()
     assert cli.main(["stats", "-n", "7"]) == 1
     assert "device 7 has no statistics" in capsys.readouterr().err
