@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from . import uapi
+from . import stats, uapi
 from .backend import backend_class, backend_names, format_size, parse_size
 from .daemon import daemonize, describe, serve
 from .device import PATH_FLAGS, DEFAULT_POLL_US, RECOVERY_MODES, Device
@@ -288,6 +288,45 @@ def cmd_list(a: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_stats(a: argparse.Namespace, extra: list[str]) -> int:
+    """Totals, then every --watch seconds (once, over --interval, without it) the rates."""
+    def read():
+        try:
+            return stats.read_published(a.number)
+        except OSError as exc:
+            raise CliError(exc.strerror or str(exc)) from None
+
+    def show(summary):
+        print(json.dumps(dict(summary, dev_id=a.number)) if a.json
+              else stats.format_summary(a.number, summary), flush=True)
+
+    def export(snap):
+        if a.prometheus:
+            try:
+                stats.write_prometheus(a.prometheus, a.number, snap)
+            except ImportError:
+                raise CliError("--prometheus needs the prometheus_client package "
+                               "(pip install prometheus_client)") from None
+
+    prev = read()
+    export(prev)
+    show(prev.summary())
+    try:
+        while True:
+            time.sleep(a.watch or a.interval)
+            cur = read()
+            if cur.time <= prev.time:
+                raise CliError(f"device {a.number}: its server published nothing for "
+                               f"{a.watch or a.interval} s (stopped, or stuck)")
+            export(cur)
+            show(cur.summary(since=prev))
+            if not a.watch:
+                return 0
+            prev = cur
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_features(a: argparse.Namespace, extra: list[str]) -> int:
     with KernelTransport() as t:
         feats = t.features()
@@ -353,6 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the ublk driver's feature flags (GET_FEATURES).")
     f.add_argument("--json", action="store_true", help="machine-readable output")
     f.set_defaults(func=cmd_features)
+
+    st = sub.add_parser("stats", help="a device's live statistics (requests, bytes, errors, latency)",
+                        description="Print the statistics a CLI server publishes for its device: "
+                        "totals since it started, then the rates (IOPS, MB/s, latency percentiles) "
+                        "over an interval. Read from the state directory; the server is not asked.")
+    st.add_argument("-n", "--number", type=int, required=True, metavar="ID", help="device id")
+    st.add_argument("--json", action="store_true", help="one JSON object per line")
+    st.add_argument("--interval", type=float, default=1.0, metavar="S",
+                    help="seconds the rates are measured over (default 1)")
+    st.add_argument("--watch", type=float, metavar="S", help="print the rates every S seconds until ^C")
+    st.add_argument("--prometheus", metavar="FILE", help="also write the counters to FILE in "
+                    "Prometheus' text format (for the node exporter's textfile collector), "
+                    "again at every --watch")
+    st.set_defaults(func=cmd_stats)
     return p
 
 

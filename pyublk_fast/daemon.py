@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable
 
 from .records import drop_record, state_dir, write_record
+from .stats import StatsFile, stats_path
 
 log = logging.getLogger("pyublk_fast.daemon")
 Report = Callable[[dict[str, Any]], None]
@@ -52,11 +53,14 @@ def serve(start: Callable[[], tuple[Any, Any]], report: Report, record: dict[str
                                   data_path=dev.data_path, flags=dev.flags, started=time.time()))
     report({"ok": True, "dev_id": dev.dev_id, "path": block, "pid": os.getpid(),
             "data_path": dev.data_path})
+    published = StatsFile(stats_path(dev.dev_id), dev.nr_queues)
     while not stop:
+        published.publish(dev.stats())
         if not dev.serving:
             log.info("device %d was stopped from outside; exiting", dev.dev_id)
             break
         time.sleep(0.2)
+    published.remove()
     try:
         dev.stop()
     except OSError as exc:

@@ -23,6 +23,7 @@ from ._core.pytask import PyTarget
 from ._core.queue import Queue
 from ._core.ring import SETUP_COOP_TASKRUN, SETUP_SINGLE_ISSUER, Ring
 from .errors import missing_features_message, os_error
+from .stats import Snapshot, snapshot
 from .transport.base import DevInfo
 
 log = logging.getLogger("pyublk_fast.device")
@@ -365,6 +366,11 @@ class Device:
     def serving(self) -> bool:
         """True while a queue thread is serving (False once STOP_DEV, from anywhere, ended them)."""
         return any(th.is_alive() for th in self._threads)
+
+    def stats(self) -> "Snapshot":
+        """The queues' counters now (pyublk_fast.stats.Snapshot): ``.summary()`` gives
+        totals, ``later.summary(since=earlier)`` an interval's rates and latencies."""
+        return snapshot([q for q in self._queues if q is not None])
 
     @property
     def requests_served(self) -> int:

@@ -125,4 +125,10 @@ static inline void pyu_submit_and_wait_adaptive(struct io_uring *ring, int64_t m
         *budget = 1000;
 }
 
+/* floor(log2(v)) for v >= 1 (0 for 0): the latency histogram's bucket */
+static inline int pyu_log2(uint64_t v)
+{
+    return 63 - __builtin_clzll(v | 1);
+}
+
 #endif

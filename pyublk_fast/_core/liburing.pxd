@@ -143,4 +143,5 @@ cdef extern from "compat.h" nogil:
                             const void *cmd, unsigned cmd_len, uint64_t user_data)
     void *pyu_sqe_cmd(io_uring_sqe *sqe)
     int64_t pyu_now_ns()
+    int pyu_log2(uint64_t v)
     void pyu_submit_and_wait_adaptive(io_uring *ring, int64_t max_ns, int64_t *budget)

@@ -14,6 +14,22 @@ cdef enum:
     DP_ZERO_COPY = 2
     DP_SPLICE = 3
 
+cdef enum:
+    # A queue's counters: one uint64 array (Queue.stats), laid out as below and read by
+    # pyublk_fast/stats.py through STATS_LAYOUT. Op slots: READ WRITE FLUSH DISCARD
+    # WRITE_ZEROES other.
+    ST_OPS = 6
+    ST_REQS = 0                  # [ST_OPS] requests committed, by op
+    ST_BYTES = 6                 # [ST_OPS] bytes moved, by op
+    ST_STARTED = 12              # requests fetched (ST_STARTED - ST_DONE are in flight)
+    ST_DONE = 13                 # requests committed
+    ST_FAILED = 14               # of those, with -errno
+    ST_ERRNO = 16                # [ST_NERRNO] failed requests by errno (the last: any above)
+    ST_NERRNO = 136
+    ST_HIST = 152                # [ST_NHIST] fetch-to-commit latency, bucket floor(log2(ns))
+    ST_NHIST = 48
+    ST_FIELDS = 200
+
 cdef class Queue
 
 
@@ -56,6 +72,7 @@ cdef class NoBufferPath(DataPath):
 
 
 cdef struct TagIO:
+    int64_t start_ns             # when the queue took the request (its loop turn's time)
     int32_t result               # first error, else bytes so far
     uint16_t pending             # backend operations outstanding
     uint8_t state                # TAG_WAIT / TAG_BUSY / TAG_GONE
@@ -99,11 +116,12 @@ cdef class Queue:
     cdef readonly NativeTarget native
     cdef int nr_live               # tags not yet aborted
     cdef uint64_t *zc_addr         # DP_ZERO_COPY: address of the request's buffer at fixed index tag
-    cdef readonly uint64_t requests
+    cdef uint64_t *st              # counters (ST_*), in _stats
+    cdef object _stats
+    cdef int64_t now_ns            # time of the current loop turn (after its wait)
     cdef int64_t spin_ns
     cdef unsigned submit_chunk
     cdef readonly uint64_t cmd_errors
-    cdef readonly uint64_t failed  # requests committed with -errno
     cdef uint64_t unlogged         # of those, not yet in a log line
     cdef int64_t last_log_ns
     cdef int32_t first_err         # the first unlogged failure: errno, op, offset, length

@@ -53,6 +53,10 @@ COMPILED_UAPI = dict(
 )
 DATA_PATHS = {"copy": DP_COPY, "need_get_data": DP_COPY, "user_copy": DP_USER_COPY,
               "zero_copy": DP_ZERO_COPY, "splice_zc": DP_SPLICE}
+#: Where each counter lives in Queue.stats (queue.pxd's ST_*), for pyublk_fast.stats.
+STATS_LAYOUT = dict(ops=ST_OPS, reqs=ST_REQS, bytes=ST_BYTES, started=ST_STARTED, done=ST_DONE,
+                    failed=ST_FAILED, errno=ST_ERRNO, nerrno=ST_NERRNO, hist=ST_HIST,
+                    nhist=ST_NHIST, fields=ST_FIELDS)
 DP_NAMES = {DP_COPY: "copy", DP_USER_COPY: "user_copy", DP_ZERO_COPY: "zero_copy", DP_SPLICE: "splice_zc"}
 
 cdef int32_t C_RESUBMITTED = -0x7fffffff
@@ -190,6 +194,8 @@ cdef class Queue:
         bufs = raw[start:start + <size_t>depth * buf_size]
         self.bufs = <uint8_t *><uintptr_t>bufs.__array_interface__["data"][0]
         self.tags = <TagIO *>calloc(depth, sizeof(TagIO))
+        self._stats = np.zeros(ST_FIELDS, np.uint64)
+        self.st = <uint64_t *><uintptr_t>self._stats.__array_interface__["data"][0]
         if self.tags == NULL:
             raise MemoryError("Queue: cannot allocate tag state")
         self._keep = (iod_arr, raw, bufs)
@@ -211,6 +217,22 @@ cdef class Queue:
     def __dealloc__(self):
         free(self.tags)
         free(self.zc_addr)
+
+    @property
+    def stats(self):
+        """This queue's counters (a uint64 array laid out as STATS_LAYOUT says), live: read
+        them from any thread; pyublk_fast.stats makes sense of them."""
+        return self._stats
+
+    @property
+    def requests(self) -> int:
+        """Requests this queue has taken."""
+        return self.st[ST_STARTED]
+
+    @property
+    def failed(self) -> int:
+        """Requests it committed with -errno."""
+        return self.st[ST_FAILED]
 
     @property
     def ring_fd(self) -> int:
@@ -353,16 +375,26 @@ cdef class Queue:
 
     cdef void commit(self, int tag, int32_t res) noexcept nogil:
         """Complete the request of tag with res (bytes or -errno) and fetch the next."""
+        cdef uint32_t op = self.iods[tag].op_flags & 0xff
+        cdef int i = op if op < 4 else (4 if op == UBLK_IO_OP_WRITE_ZEROES else 5)
+        cdef uint64_t *st = self.st
         res = self.dp.end(self, tag, &self.iods[tag], res)
-        if res < 0:
+        st[ST_REQS + i] += 1
+        if res > 0:
+            st[ST_BYTES + i] += res
+        elif res < 0:
             self.note_failure(tag, res)
+            st[ST_ERRNO + (-res if -res < ST_NERRNO else ST_NERRNO - 1)] += 1
+        i = pyu_log2(<uint64_t>(self.now_ns - self.tags[tag].start_ns))
+        st[ST_HIST + (i if i < ST_NHIST else ST_NHIST - 1)] += 1
+        st[ST_DONE] += 1
         self.submit_cmd(UBLK_IO_COMMIT_AND_FETCH_REQ, tag, res)
 
     cdef void note_failure(self, int tag, int32_t res) noexcept nogil:
         """Count a failed request; the first of each log interval is kept for the log line
         (an application that sees EIO can then find why in the server's log)."""
         cdef const ublksrv_io_desc *iod = &self.iods[tag]
-        self.failed += 1
+        self.st[ST_FAILED] += 1
         if self.unlogged == 0:
             self.first_err = -res
             self.first_op = iod.op_flags & 0xff
@@ -420,6 +452,7 @@ cdef class Queue:
         cdef int64_t budget = self.spin_ns       # adaptive poll budget (ns)
         while self.nr_live > 0:
             pyu_submit_and_wait_adaptive(self.r, self.spin_ns, &budget)
+            self.now_ns = pyu_now_ns()
             n = reap_cq(self.r, ud, res, fl, REAP_BATCH)
             for i in range(n):
                 # hand work on in small chunks while going through a batch: the disk
@@ -463,7 +496,8 @@ cdef class Queue:
         cdef const ublksrv_io_desc *iod = &self.iods[tag]
         cdef int32_t err
         cdef int n
-        self.requests += 1
+        self.st[ST_STARTED] += 1
+        self.tags[tag].start_ns = self.now_ns
         self.tags[tag].state = TAG_BUSY
         err = self.dp.begin(self, tag, iod)
         if err < 0:
