@@ -19,6 +19,7 @@ themselves, in C, without waking Python for each piece.
 """
 import errno as _errno
 import logging
+from operator import index as _index
 import os
 import threading
 from asyncio import CancelledError
@@ -144,7 +145,8 @@ cdef class RingIO:
     `pyublk_fast.aio.current()` inside a handler). Every call posts its operation at
     once and returns an Op to await: start several, then await them, and they run
     together. Results: bytes moved (read/write), None (the rest); errors raise OSError
-    with the errno."""
+    with the errno. Arguments are checked before anything is posted: a call that raises
+    leaves nothing in flight."""
     cdef PyTarget t
     cdef Queue q
     cdef int nfixed
@@ -162,24 +164,30 @@ cdef class RingIO:
         cdef Op op = Op.__new__(Op)
         op.kind = kind
         op.tag = tag
-        op.slot = t.take_slot(op)
-        memset(&t.state[op.slot], 0, sizeof(OpState))
-        t.state[op.slot].kind = kind
+        op.slot = -1
         if nviews:
             op.views = <Py_buffer *>calloc(nviews, sizeof(Py_buffer))
             if op.views == NULL:
-                t.drop_slot(op)
                 raise MemoryError()
         return op
+
+    cdef int track(self, Op op) except -1:
+        """Give op its slot, once nothing can fail before it is posted: its completion
+        finds it there."""
+        op.slot = self.t.take_slot(op)
+        memset(&self.t.state[op.slot], 0, sizeof(OpState))
+        self.t.state[op.slot].kind = op.kind
+        return 0
 
     cdef void hold(self, Op op, obj, bint writable) except *:
         """Keep obj's buffer (and so its memory) until op's CQE."""
         PyObject_GetBuffer(obj, &op.views[op.nviews], PyBUF_WRITABLE if writable else PyBUF_SIMPLE)
         op.nviews += 1
 
-    cdef io_uring_sqe *sqe_for(self, Op op, fd) except NULL:
-        """An SQE for op on fd (an int or a FixedFile), its user_data set and counted
-        as in flight for its request."""
+    cdef io_uring_sqe *sqe_for(self, Op op) except NULL:
+        """An SQE for op, its user_data set and counted as in flight for its request.
+        The caller prepares it at once: an SQE taken is submitted as it is."""
+        self.track(op)
         cdef io_uring_sqe *sqe = self.q.get_sqe()
         sqe.user_data = self.q.target_ud(op.tag, op.slot)
         self.q.tags[op.tag].pending += 1
@@ -198,25 +206,28 @@ cdef class RingIO:
 
     def read(self, fd, buf, uint64_t offset):
         """Read into buf (any writable buffer) from fd at offset: bytes read (short at EOF)."""
+        cdef int f = self.fd_of(fd)
         cdef Op op = self.new_op(K_SQE, 1)
         self.hold(op, buf, True)
-        cdef io_uring_sqe *sqe = self.sqe_for(op, fd)
-        io_uring_prep_read(sqe, self.fd_of(fd), op.views[0].buf, <unsigned>op.views[0].len, offset)
+        cdef io_uring_sqe *sqe = self.sqe_for(op)
+        io_uring_prep_read(sqe, f, op.views[0].buf, <unsigned>op.views[0].len, offset)
         self.fixed(sqe, fd)
         return op
 
     def write(self, fd, data, uint64_t offset, *, bint dsync=False):
         """Write data (any buffer) to fd at offset: bytes written. dsync: durable when done."""
+        cdef int f = self.fd_of(fd)
         cdef Op op = self.new_op(K_SQE, 1)
         self.hold(op, data, False)
-        cdef io_uring_sqe *sqe = self.sqe_for(op, fd)
-        io_uring_prep_write(sqe, self.fd_of(fd), op.views[0].buf, <unsigned>op.views[0].len, offset)
+        cdef io_uring_sqe *sqe = self.sqe_for(op)
+        io_uring_prep_write(sqe, f, op.views[0].buf, <unsigned>op.views[0].len, offset)
         if dsync:
             sqe.rw_flags = RWF_DSYNC
         self.fixed(sqe, fd)
         return op
 
     cdef Op vector(self, fd, bufs, uint64_t offset, bint read, bint dsync):
+        cdef int f = self.fd_of(fd)
         bufs = list(bufs)
         cdef int i, n = len(bufs)
         if n == 0:
@@ -229,11 +240,11 @@ cdef class RingIO:
             self.hold(op, bufs[i], read)
             op.iov[i].iov_base = op.views[i].buf
             op.iov[i].iov_len = op.views[i].len
-        cdef io_uring_sqe *sqe = self.sqe_for(op, fd)
+        cdef io_uring_sqe *sqe = self.sqe_for(op)
         if read:
-            io_uring_prep_readv(sqe, self.fd_of(fd), op.iov, n, offset)
+            io_uring_prep_readv(sqe, f, op.iov, n, offset)
         else:
-            io_uring_prep_writev(sqe, self.fd_of(fd), op.iov, n, offset)
+            io_uring_prep_writev(sqe, f, op.iov, n, offset)
             if dsync:
                 sqe.rw_flags = RWF_DSYNC
         self.fixed(sqe, fd)
@@ -249,33 +260,36 @@ cdef class RingIO:
 
     def fsync(self, fd):
         """fsync(fd) on the ring."""
+        cdef int f = self.fd_of(fd)
         cdef Op op = self.new_op(K_VOID, 0)
-        cdef io_uring_sqe *sqe = self.sqe_for(op, fd)
-        io_uring_prep_fsync(sqe, self.fd_of(fd), 0)
+        cdef io_uring_sqe *sqe = self.sqe_for(op)
+        io_uring_prep_fsync(sqe, f, 0)
         self.fixed(sqe, fd)
         return op
 
     def fdatasync(self, fd):
         """fdatasync(fd) on the ring."""
+        cdef int f = self.fd_of(fd)
         cdef Op op = self.new_op(K_VOID, 0)
-        cdef io_uring_sqe *sqe = self.sqe_for(op, fd)
-        io_uring_prep_fsync(sqe, self.fd_of(fd), IORING_FSYNC_DATASYNC)
+        cdef io_uring_sqe *sqe = self.sqe_for(op)
+        io_uring_prep_fsync(sqe, f, IORING_FSYNC_DATASYNC)
         self.fixed(sqe, fd)
         return op
 
     def fallocate(self, fd, int mode, uint64_t offset, uint64_t length):
         """fallocate(2): mode 0 allocates; aio.PUNCH_HOLE / aio.ZERO_RANGE (each with
         aio.KEEP_SIZE) free or zero the range."""
+        cdef int f = self.fd_of(fd)
         cdef Op op = self.new_op(K_VOID, 0)
-        cdef io_uring_sqe *sqe = self.sqe_for(op, fd)
-        io_uring_prep_fallocate(sqe, self.fd_of(fd), mode, offset, length)
+        cdef io_uring_sqe *sqe = self.sqe_for(op)
+        io_uring_prep_fallocate(sqe, f, mode, offset, length)
         self.fixed(sqe, fd)
         return op
 
     def nop(self):
         """An operation that completes at once: one trip through the ring."""
         cdef Op op = self.new_op(K_VOID, 0)
-        io_uring_prep_nop(self.sqe_for(op, None))
+        io_uring_prep_nop(self.sqe_for(op))
         return op
 
     def sleep(self, double seconds):
@@ -285,7 +299,7 @@ cdef class RingIO:
         cdef Op op = self.new_op(K_TIMEOUT, 0)
         op.ts.tv_sec = <int64_t>seconds
         op.ts.tv_nsec = <long long>((seconds - op.ts.tv_sec) * 1e9)
-        io_uring_prep_timeout(self.sqe_for(op, None), &op.ts, 0, 0)
+        io_uring_prep_timeout(self.sqe_for(op), &op.ts, 0, 0)
         return op
 
     def register_file(self, int fd):
@@ -312,29 +326,28 @@ cdef class RingIO:
 
     # -- the request's own data ----------------------------------------------------
 
-    cdef Op request_rw(self, fd, uint64_t offset, uint32_t at, length, bint read, bint dsync):
-        cdef int tag = self.t.cur_tag if self.t is not None else -1
-        if tag < 0:
-            self.new_op(K_REQUEST, 0)            # raises the error for calls outside a request
+    cdef Op request_rw(self, fd, uint64_t offset, at, length, bint read, bint dsync):
+        cdef Op op = self.new_op(K_REQUEST, 0)
+        cdef int tag = op.tag
         cdef const ublksrv_io_desc *iod = &self.q.iods[tag]
         size = iod.nr_sectors << SECTOR_SHIFT
-        if length is None:
-            length = size - at
-        if not (0 < length and at + length <= size):
+        at = _index(at)
+        length = size - at if length is None else _index(length)
+        if not (0 <= at and 0 < length and at + length <= size):
             raise ValueError(f"request bytes [{at}, {at}+{length}) are not within its {size} bytes")
         cdef uint32_t n = length
-        if type(fd) is FixedFile:
-            fd = (<FixedFile>fd).fd              # a splice takes the plain fd
-        cdef Op op = self.new_op(K_REQUEST, 0)
+        # a splice takes the plain fd
+        cdef int f = (<FixedFile>fd).fd if type(fd) is FixedFile else fd
+        self.track(op)
         cdef OpState *st = &self.t.state[op.slot]
         st.read = read
-        st.fd = fd
+        st.fd = f
         st.at = at
         st.total = n
         st.off = offset
         st.rw_flags = RWF_DSYNC if dsync else 0
         st.zero_fill = self.q.data_path == DP_COPY or self.q.data_path == DP_USER_COPY
-        cdef int32_t err = self.q.prep_request_rw(tag, fd, read, at, n, offset, st.rw_flags, 1,
+        cdef int32_t err = self.q.prep_request_rw(tag, f, read, at, n, offset, st.rw_flags, 1,
                                                   self.q.target_ud(tag, op.slot))
         if err < 0:
             self.t.drop_slot(op)
@@ -342,7 +355,7 @@ cdef class RingIO:
         self.q.tags[tag].pending += 1
         return op
 
-    def pread_request(self, fd, uint64_t offset, uint32_t at=0, length=None):
+    def pread_request(self, fd, uint64_t offset, at=0, length=None):
         """Read length bytes (default: the rest of the request) from fd at offset into this
         request's data at byte `at`, by the device's data path (its buffer, its pages as a
         fixed buffer for zero copy, a splice): the request needs no `buf`. Finishes the
@@ -350,7 +363,7 @@ cdef class RingIO:
         buffered paths, EIO on the others); returns the bytes moved."""
         return self.request_rw(fd, offset, at, length, True, False)
 
-    def pwrite_request(self, fd, uint64_t offset, uint32_t at=0, length=None, *, bint dsync=False):
+    def pwrite_request(self, fd, uint64_t offset, at=0, length=None, *, bint dsync=False):
         """Write length bytes (default: the rest) of this request's data from byte `at`
         to fd at offset, by the device's data path; dsync: durable when done (on the
         splice path, the caller syncs: no RWF_DSYNC there). Finishes the whole span."""
@@ -362,8 +375,13 @@ cdef class RingIO:
         """Run fn(*args) on the device's small thread pool; await it for its return value
         (or its exception). The queue keeps serving meanwhile."""
         cdef Op op = self.new_op(K_THREAD, 0)
-        self.t.pool().submit(_thread_job, op, self.t.post_lock, self.q.ring_fd,
-                             self.q.target_ud(op.tag, op.slot), fn, args)
+        self.track(op)
+        try:
+            self.t.pool().submit(_thread_job, op, self.t.post_lock, self.q.ring_fd,
+                                 self.q.target_ud(op.tag, op.slot), fn, args)
+        except BaseException:
+            self.t.drop_slot(op)
+            raise
         return op
 
 
