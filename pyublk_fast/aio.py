@@ -17,7 +17,8 @@ on the queue's own ring and return an ``Op`` to await:
 
 Operations start when called: start several, then await each, and they run together.
 Await every operation you start before the handler returns (a request whose handler
-returned is committed only once its operations completed). Errors raise OSError with
+returned or raised is committed only once its operations, thread jobs included,
+completed: until then they may use its buffer). Errors raise OSError with
 the errno; an OSError or BackendError leaving the handler fails the request with its
 errno, anything else with EIO (logged). A coroutine may await these operations, other
 coroutines and ``asyncio.sleep(0)``; nothing else (no asyncio loop runs here: wrap

@@ -86,6 +86,7 @@ cdef class Op:
     cdef object exc                # run_in_thread: what it raised
     cdef Task waiter
     cdef bint cancelled            # run_in_thread: the queue stopped; post nothing
+    cdef bint posted               # run_in_thread: its completion is on the queue's ring
     cdef int nviews
     cdef Py_buffer *views          # buffers the kernel reads/writes until the CQE
     cdef iovec *iov
@@ -382,6 +383,7 @@ cdef class RingIO:
         except BaseException:
             self.t.drop_slot(op)
             raise
+        self.q.tags[op.tag].pending += 1          # its request waits for it like for an SQE
         return op
 
 
@@ -406,6 +408,7 @@ def _thread_job(Op op, lock, int ring_fd, uint64_t ud, fn, args):
             return
         ring.prep_msg_ring(ring_fd, 0, ud, IOSQE_CQE_SKIP_SUCCESS)
         ring.submit()
+        op.posted = True
     ring.reap()                                  # a failed post's CQE (the queue is gone)
 
 
@@ -523,8 +526,7 @@ cdef class PyTarget(NativeTarget):
                 return res
         elif st.kind == K_TIMEOUT and res == -ETIME:
             res = 0
-        if st.kind != K_THREAD:
-            q.tags[tag].pending -= 1
+        q.tags[tag].pending -= 1
         self.done_slot[self.n_done] = slot
         self.done_res[self.n_done] = res
         self.n_done += 1
@@ -619,14 +621,14 @@ cdef class PyTarget(NativeTarget):
             else:
                 raise BackendError(EOPNOTSUPP)
         except BaseException as exc:              # noqa: BLE001 - fails only this request
-            self.q.commit(tag, failure(tag, exc))
+            self.finish(tag, failure(tag, exc))
             return
         if r is None:
-            self.q.commit(tag, nbytes)
+            self.finish(tag, nbytes)
             return
         if type(r) is not Op and not hasattr(type(r), "send"):
             if not hasattr(r, "__await__"):
-                self.q.commit(tag, nbytes)        # a plain function's return value
+                self.finish(tag, nbytes)          # a plain function's return value
                 return
             r = r.__await__()                     # any other awaitable: its iterator
         # a coroutine, or an Op a plain function returned (awaited for it: no coroutine)
@@ -651,7 +653,7 @@ cdef class PyTarget(NativeTarget):
         try:
             how = PyIter_Send(t.coro, None, &out)
         except BaseException as exc:              # noqa: BLE001 - fails only this request
-            self.q.commit(t.tag, failure(t.tag, exc))
+            self.finish(t.tag, failure(t.tag, exc))
             return
         y = <object>out
         Py_XDECREF(out)
@@ -687,7 +689,7 @@ cdef class PyTarget(NativeTarget):
                   "operations, coroutines and asyncio.sleep(0) can be awaited here "
                   "(run other asyncio code with run_in_thread); the request gets EIO",
                   self.q.q_id, t.tag, y)
-        self.q.commit(t.tag, -EIO)
+        self.finish(t.tag, -EIO)
 
     cdef run_handle_batch(self, int n):
         from ..backend import Request
@@ -730,8 +732,9 @@ cdef class PyTarget(NativeTarget):
         cdef int tag
         with self.post_lock:
             for op in self.slots:
-                if op is not None and op.kind == K_THREAD:
+                if op is not None and op.kind == K_THREAD and not op.posted:
                     op.cancelled = True
+                    q.tags[op.tag].pending -= 1   # it will not complete on this ring
         for op in [o for o in self.slots if o is not None]:
             if op.kind != K_THREAD:
                 sqe = q.get_sqe()
