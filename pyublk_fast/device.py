@@ -53,6 +53,10 @@ BUFFERED_PATHS = ("copy", "need_get_data", "user_copy")
 #: Threads of a device's pool for run_in_thread (made when a handler first uses it).
 THREAD_POOL_SIZE = 4
 
+#: How long stop() lets the requests in flight finish (seconds) before it forces the
+#: queues out: their handlers' tasks are cancelled and the driver fails the requests.
+STOP_TIMEOUT = 10.0
+
 #: Long enough to see a fast disk's completion without sleeping (a wake-up costs tens of
 #: microseconds); the budget adapts, so an idle queue still sleeps. The README has the
 #: measured effect and `benchmarks/sim/loop_vs_fio.py` measures it again.
@@ -252,13 +256,17 @@ class Device:
             t.stop_dev(self.dev_id)
         except OSError:
             pass
+        deadline = time.monotonic() + STOP_TIMEOUT
         for th in self._threads:
-            th.join(10)
+            th.join(max(0.0, deadline - time.monotonic()))
         if any(th.is_alive() for th in self._threads):
             log.error("device %d: queue threads did not stop after STOP_DEV; forcing them out", self.dev_id)
             self._wake_queues()
             for th in self._threads:
                 th.join(10)
+            # what they held is the driver's to fail now (as when a server dies): only then
+            # can the device be deleted
+            t.release(self.dev_id)
         self._close_pool()
         if delete:
             t.del_dev(self.dev_id)
