@@ -22,8 +22,8 @@ Each case also asserts that no server failed a request (the queues log every fai
 and for qcow2 that ``qemu-img check`` finds no corruption and no leak after the final
 stop (a write killed between its refcount update and its data leaks a cluster, which the
 recovering server reclaims when it opens the image).
-Further tests kill a recovering server, kill qcow2 at its most fragile point, and kill
-under a mounted ext4.
+Further tests kill a recovering server, kill qcow2 at its most fragile point, kill a
+Python backend with coroutines in flight, and kill under a mounted ext4.
 """
 from __future__ import annotations
 
@@ -220,6 +220,18 @@ def test_kill9_recover(cli_env, kt, tmp_path, target, opts, data_path, mode):
     _stop(cli_env, kt, dev_id)
     if target == "qcow2":
         _qemu_img_check(img)
+
+
+def test_kill9_with_aio_tasks_in_flight(cli_env, kt, tmp_path):
+    """A Python backend whose requests each sleep 50 ms on the ring first (slow_aio_backend:
+    the server dies with coroutines awaiting), recovery reissue: killed under fio and
+    recovered, fio sees no error and every block it wrote reads back."""
+    skip_unless_kernel_has(kt, RECOVERY_MODES["reissue"], "recovery reissue")
+    img = _image(tmp_path, "loop")
+    dev_id, path = cli_add(cli_env, "--module", "slow_aio_backend", "-t", "slow-aio-loop",
+                           "-f", img, "--recovery", "reissue")
+    _kill_reissue(cli_env, kt, dev_id, path)
+    _stop(cli_env, kt, dev_id)
 
 
 def _proc_state(pid: int) -> str:
