@@ -3,9 +3,7 @@
 run under a real udevd in the VM lane (tests/kernel/test_kernel_unpriv.py)."""
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import os
 import re
 import sys
@@ -24,18 +22,26 @@ SHIPPED = udev.RULES_PATH.read_text()
 SHIPPED_HELPER = 'IMPORT{program}="/usr/bin/python3 -m pyublk_fast udev-owner %n"'
 
 
+def rules_lines(text: str) -> list[str]:
+    """The rules of a rules file, without comments and blank lines."""
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
 def info(flags: int, uid: int, gid: int, dev_id: int = 7) -> CtrlDevInfo:
     return CtrlDevInfo(dev_id, 1, 128, uapi.DevState.LIVE, 1 << 20, 1234, flags, 0, uid, gid)
 
 
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+@pytest.fixture
+def run_cli(capsys):
+    """python -m pyublk_fast ARGS in this process: (exit status, stdout, stderr)."""
+    def run(*args: str) -> tuple[int, str, str]:
         try:
             code = cli.main(list(args))
-        except SystemExit as exc:
+        except SystemExit as exc:               # argparse's errors
             code = exc.code
-    return code, out.getvalue(), err.getvalue()
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
 
 
 class FakeControl:
@@ -65,7 +71,7 @@ class FakeControl:
 @pytest.mark.parametrize("flags,unprivileged", [
     (uapi.UBLK_F_UNPRIVILEGED_DEV | uapi.UBLK_F_CMD_IOCTL_ENCODE, 1),
     (uapi.UBLK_F_CMD_IOCTL_ENCODE | uapi.UBLK_F_USER_RECOVERY, 0)])
-def test_udev_owner_prints_import_lines(monkeypatch, flags, unprivileged):
+def test_udev_owner_prints_import_lines(monkeypatch, flags, unprivileged, run_cli):
     fake = FakeControl(info(flags, 1000, 1001))
     monkeypatch.setattr(udev, "UblkControl", fake)
     code, out, err = run_cli("udev-owner", "7")
@@ -75,7 +81,7 @@ def test_udev_owner_prints_import_lines(monkeypatch, flags, unprivileged):
     assert fake.asked == [7]
 
 
-def test_udev_owner_of_a_device_that_is_gone(monkeypatch):
+def test_udev_owner_of_a_device_that_is_gone(monkeypatch, run_cli):
     gone = command_error(errno.ENODEV, "GET_DEV_INFO", hint_for("GET_DEV_INFO", errno.ENODEV, 7))
     monkeypatch.setattr(udev, "UblkControl", FakeControl(gone))
     code, out, err = run_cli("udev-owner", "7")
@@ -83,7 +89,7 @@ def test_udev_owner_of_a_device_that_is_gone(monkeypatch):
     assert err.count("\n") == 1 and "there is no ublk device 7" in err, err
 
 
-def test_udev_owner_without_the_driver(monkeypatch):
+def test_udev_owner_without_the_driver(monkeypatch, run_cli):
     def no_driver():
         raise FileNotFoundError(errno.ENOENT, "open /dev/ublk-control: No such file or "
                                 "directory (ublk driver not loaded: run `modprobe ublk_drv`)")
@@ -94,7 +100,7 @@ def test_udev_owner_without_the_driver(monkeypatch):
 
 @pytest.mark.parametrize("args,needle", [(["udev-owner"], "required: N"),
                                          (["udev-owner", "x"], "invalid int value: 'x'")])
-def test_udev_owner_argument_errors(args, needle):
+def test_udev_owner_argument_errors(args, needle, run_cli):
     code, out, err = run_cli(*args)
     assert code == 2 and needle in err, err
 
@@ -108,10 +114,6 @@ def test_rules_read_what_the_helper_prints():
 
 
 # ---- udev-rules --------------------------------------------------------------------------------
-def rules_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line and not line.startswith("#")]
-
-
 def test_shipped_rules_file():
     assert SHIPPED.count(SHIPPED_HELPER) == 1
     rules = rules_lines(SHIPPED)
@@ -125,7 +127,7 @@ def test_shipped_rules_file():
 
 @pytest.mark.parametrize("found,prefix", [(True, ""),
                                           (False, f"/usr/bin/env PYTHONPATH={udev.PACKAGE_ROOT} ")])
-def test_udev_rules_for_this_interpreter(monkeypatch, found, prefix):
+def test_udev_rules_for_this_interpreter(monkeypatch, found, prefix, run_cli):
     """The shipped rules with the helper started by the interpreter that prints them; with
     PYTHONPATH when that interpreter would not find this package by itself."""
     monkeypatch.setattr(udev, "imports_this_package", lambda python: found)
