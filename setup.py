@@ -49,7 +49,8 @@ packages += ["pyublk_fast.backends"] + [
 setup(
     packages=packages,
     package_dir={"pyublk_fast.backends": "backends"},
-    package_data={"pyublk_fast._core": ["*.pxd", "*.h"], "pyublk_fast.backends": ["*.pxd"],
+    package_data={"pyublk_fast": ["data/*.rules"], "pyublk_fast._core": ["*.pxd", "*.h"],
+                  "pyublk_fast.backends": ["*.pxd"],
                   "pyublk_fast.bench": ["*.c"]},
     ext_modules=cythonize(
         [ext(m) for m in modules()],

@@ -5,6 +5,7 @@
     python -m pyublk_fast del -n N | -a
     python -m pyublk_fast recover -n N                 # after the server died (needs --recovery)
     python -m pyublk_fast features
+    python -m pyublk_fast udev-rules                   # udev rules for --unprivileged devices
 
 Backends declare themselves (pyublk_fast.backend: ``@register``, ``add_arguments``,
 ``from_args``): ``add -t NAME`` takes the common options and NAME's own, and ``add --help``
@@ -28,7 +29,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from . import stats, uapi
+from . import stats, uapi, udev
 from .backend import backend_class, backend_names, format_size, parse_size
 from .daemon import daemonize, describe, serve
 from .device import PATH_FLAGS, DEFAULT_POLL_US, RECOVERY_MODES, Device
@@ -340,6 +341,16 @@ def cmd_features(a: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_udev_owner(a: argparse.Namespace, extra: list[str]) -> int:
+    print(udev.owner_of(a.dev_id), end="")
+    return 0
+
+
+def cmd_udev_rules(a: argparse.Namespace, extra: list[str]) -> int:
+    print(udev.rules_text(), end="")
+    return 0
+
+
 # ---- argument parsing ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     names = backend_names()
@@ -406,6 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "Prometheus' text format (for the node exporter's textfile collector), "
                     "again at every --watch")
     st.set_defaults(func=cmd_stats)
+
+    r = sub.add_parser("udev-rules", help="print udev rules for --unprivileged devices",
+                       description="Print the udev rules that let users add unprivileged "
+                       "devices and give each device's nodes to its owner, with the helper "
+                       f"started by this interpreter. Install: `{PROG} udev-rules | sudo tee "
+                       f"/etc/udev/rules.d/{udev.RULES_NAME}`, then `sudo udevadm control "
+                       "--reload`.")
+    r.set_defaults(func=cmd_udev_rules)
+
+    o = sub.add_parser("udev-owner", help="(run by the udev rules) print a device's owner",
+                       description="Print UBLK_UNPRIVILEGED, UBLK_OWNER_UID and UBLK_OWNER_GID "
+                       "of device N as KEY=value lines, for udev's IMPORT{program}.")
+    o.add_argument("dev_id", type=int, metavar="N", help="device id (udev's %%n)")
+    o.set_defaults(func=cmd_udev_owner)
     return p
 
 

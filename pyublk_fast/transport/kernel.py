@@ -44,6 +44,12 @@ UNPRIVILEGED_REFUSES = {
     uapi.UBLK_F_USER_RECOVERY: "recovery (--recovery): the kernel drops USER_RECOVERY for "
     "unprivileged devices (an untrusted server could stall error handling)",
 }
+UDEV_QUEUE = "/run/udev/queue"
+"""Exists while udevd has events to handle (what `udevadm settle` waits for)."""
+UDEV_BUSY_WAIT = 120.0
+"""How long, past node_timeout, a node may wait for a udev that is still at work."""
+NODE_HINT = ("a udev rule must give an unprivileged device's /dev/ublkcN and /dev/ublkbN to "
+             "its owner (`python -m pyublk_fast udev-rules` prints ours)")
 
 
 @dataclass
@@ -69,7 +75,8 @@ class KernelTransport(Transport):
                  unprivileged: bool = False, node_timeout: float = 5.0,
                  zero_copy: str = "auto") -> None:
         """``unprivileged``: add devices with UBLK_F_UNPRIVILEGED_DEV, owned by the caller;
-        ``node_timeout``: how long ADD_DEV then waits for udev to hand /dev/ublkcN over;
+        ``node_timeout``: how long ADD_DEV then waits for udev to hand /dev/ublkcN over
+        (and START_DEV /dev/ublkbN), longer while udev still has events to handle;
         ``zero_copy``: how request pages reach the ring's buffer table: "auto_buf_reg" (the
         driver installs them, 6.16+), "register" (REGISTER_IO_BUF per request, 6.15+) or
         "auto" (AUTO_BUF_REG where the kernel has it)."""
@@ -137,11 +144,22 @@ class KernelTransport(Transport):
             self._wait_for_node(info.dev_id)
         return info.dev_id, info.flags
 
+    def _udev_granted(self, path: str) -> bool:
+        """Wait until the caller may read and write ``path``, a node udev hands over (a new
+        one is root's). Past node_timeout, wait on while udev is still at work: a rule that
+        runs a helper per node takes seconds on a loaded machine."""
+        def granted() -> bool:
+            return os.access(path, os.R_OK | os.W_OK)
+        if wait_until(granted, self.node_timeout, 0.01):
+            return True
+        wait_until(lambda: granted() or not os.path.exists(UDEV_QUEUE), UDEV_BUSY_WAIT, 0.01)
+        return granted()
+
     def _wait_for_node(self, dev_id: int) -> None:
         """Wait until udev gave the caller read-write access to /dev/ublkcN (a new node is
         root's, mode 0600); without it no command on the device is possible."""
         path = f"/dev/ublkc{dev_id}"
-        if wait_until(lambda: os.access(path, os.R_OK | os.W_OK), self.node_timeout, 0.01):
+        if self._udev_granted(path):
             return
         try:
             self.ctrl.del_dev(dev_id, unprivileged=True)
@@ -152,8 +170,7 @@ class KernelTransport(Transport):
         raise os_error(
             errno.EACCES, f"unprivileged device {dev_id} added, but {path} did not become "
             f"read-writable for uid {os.geteuid()} within {self.node_timeout} s",
-            "a udev rule must give the device's owner its /dev/ublkcN and /dev/ublkbN, "
-            f"chowned to the owner_uid of GET_DEV_INFO2; {gone}", path)
+            f"{NODE_HINT}; {gone}", path)
 
     def _form(self, dev_id: int) -> bool | None:
         """The command form for a device this transport holds (None: let UblkControl find out)."""
@@ -192,10 +209,18 @@ class KernelTransport(Transport):
         self.ctrl.set_params(dev_id, p)
 
     def start_dev(self, dev_id: int, timeout: float = 10.0) -> None:
-        """START_DEV (blocks until every tag has a FETCH); waits for /dev/ublkbN to appear."""
+        """START_DEV (blocks until every tag has a FETCH); waits for /dev/ublkbN to appear
+        (for an unprivileged device, until the caller may read and write it)."""
+        form = self._form(dev_id)
         with self._oneshot(timeout) as c:
-            c.start_dev(dev_id, unprivileged=self._form(dev_id))
-        _wait_path(self.block_path(dev_id), timeout)
+            c.start_dev(dev_id, unprivileged=form)
+        path = self.block_path(dev_id)
+        _wait_path(path, timeout)
+        # the owner of an unprivileged device gets the block device once udev handed it over
+        if form and not self._udev_granted(path):
+            raise os_error(errno.EACCES, f"unprivileged device {dev_id} started, but {path} "
+                           f"did not become read-writable for uid {os.geteuid()}", NODE_HINT,
+                           path)
 
     def stop_dev(self, dev_id: int) -> None:
         """STOP_DEV: /dev/ublkbN goes away, the queues' commands are aborted."""

@@ -2,9 +2,10 @@
 
 The user's side runs in a forked child that dropped to uid/gid 65534 (everything is
 imported before the fork, so the child needs no access to this checkout or Python).
-Root's side does what udev rules do on a real system: /dev/ublk-control is made
-world read-writable, and a watcher chowns /dev/ublkcN and /dev/ublkbN of unprivileged
-devices to their owner_uid (from GET_DEV_INFO2) as soon as they appear.
+Root's side is what a real system has: systemd-udevd runs with the shipped rules
+(`python -m pyublk_fast udev-rules`, installed in the guest's /etc/udev/rules.d), which
+open /dev/ublk-control to users and give /dev/ublkcN and /dev/ublkbN of unprivileged
+devices to their owner. Another user (65533) gets nowhere with someone else's device.
 """
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import contextlib
 import errno
 import io
 import json
+import mmap
 import os
+import shutil
 import stat
 import subprocess
 import tempfile
-import threading
-import time
+from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import pytest
 
 import pyublk_fast.backends  # noqa: F401  (the CLI imports these lazily: load before forking)
@@ -29,13 +33,18 @@ from kernel_fixtures import MiB, delete_devices_left, fio, fio_verify_args
 from pyublk_fast import cli, uapi
 from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.device import Device
+from pyublk_fast.transport import control
 from pyublk_fast.transport.control import UblkControl
-from pyublk_fast.transport.kernel import KernelTransport
+from pyublk_fast.transport.kernel import KernelTransport, pid_alive
+from pyublk_fast.udev import RULES_NAME, rules_text
 from pyublk_fast.util import wait_for_path
 
 USER, OTHER = 65534, 65533
 CONTROL = "/dev/ublk-control"
 UBLKS_MAX = "/sys/module/ublk_drv/parameters/ublks_max"
+RULES = Path("/etc/udev/rules.d") / RULES_NAME
+UDEVD = ("/lib/systemd/systemd-udevd", "/usr/lib/systemd/systemd-udevd")
+FRESH_ID = 4242      # no other test adds a device with this id
 
 
 # ---- running code as another user ---------------------------------------------------------
@@ -56,76 +65,122 @@ def _dev_id_of(path: str) -> int:
     return int(path[len("/dev/ublkb"):])
 
 
-# ---- root's side: what udev does ------------------------------------------------------------
-def _root_owned(path: str) -> bool:
-    """Whether the node exists and still belongs to root (it may vanish at any moment)."""
-    try:
-        return os.stat(path).st_uid == 0
-    except FileNotFoundError:
-        return False
+# ---- root's side: udev with the shipped rules -------------------------------------------------
+# The VM's job runs in a chroot, where udevadm refuses to talk to udevd unless told that
+# the chroot is the system.
+UDEVADM_ENV = dict(os.environ, SYSTEMD_IGNORE_CHROOT="1")
 
 
-class UdevStandIn:
-    """Chowns the nodes of unprivileged devices to their owner, like ublksrv's udev rule."""
+def udevadm(*args: str) -> str:
+    """udevadm ARGS (its output; a failure fails the test)."""
+    res = subprocess.run(["udevadm", *args], capture_output=True, text=True, timeout=180,
+                         env=UDEVADM_ENV)
+    assert res.returncode == 0, f"udevadm {' '.join(args)}: {res.stdout}{res.stderr}"
+    return res.stdout + res.stderr
 
-    def __init__(self) -> None:
-        self.ctrl = UblkControl()
-        self.stop = threading.Event()
-        self.chowned: list[str] = []
-        self.thread = threading.Thread(target=self._run, name="udev-stand-in", daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
-        while not self.stop.wait(0.005):
-            try:
-                names = os.listdir("/sys/class/ublk-char")
-            except FileNotFoundError:
-                continue
-            for name in names:
-                if name.startswith("ublkc") and name[5:].isdigit():
-                    self._handle(int(name[5:]))
+def udevadm_test(*runs: str) -> dict[str, str]:
+    """`udevadm test ARGS` for each ARGS ("[--action=A] SYS_PATH": what the rules do with
+    the device, rule by rule), run at once: each runs the rules' helper, which takes
+    seconds under TCG."""
+    procs = {p: subprocess.Popen(["udevadm", "test", *p.split()], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, env=UDEVADM_ENV)
+             for p in runs}
+    outs = {p: proc.communicate(timeout=180)[0] for p, proc in procs.items()}
+    for p, proc in procs.items():
+        assert proc.returncode == 0, f"udevadm test {p}: {outs[p][-3000:]}"
+    return outs
 
-    def _handle(self, dev_id: int) -> None:
-        """chown a new device's nodes to its owner, as a udev rule would."""
-        nodes = [f"/dev/ublkc{dev_id}", f"/dev/ublkb{dev_id}"]
-        todo = [p for p in nodes if _root_owned(p)]
-        if not todo:
-            return
+
+class Udevd:
+    """systemd-udevd with the shipped rules, started for this module (the other kernel
+    tests run without udev, as the VM boots)."""
+
+    def __init__(self, daemon: str, log: Path) -> None:
+        self.rules = rules_text()         # what `python -m pyublk_fast udev-rules` prints
+        RULES.parent.mkdir(parents=True, exist_ok=True)
+        RULES.write_text(self.rules)
+        self.log = log
+        with open(log, "w") as fh:
+            self.proc = subprocess.Popen([daemon], stdout=fh, stderr=subprocess.STDOUT)
+        if not wait_for_path("/run/udev/control", True, 60):
+            self.close()
+            pytest.fail(f"{daemon} did not start: {self.log_text()}")
+        # /dev/ublk-control is older than udevd: have the rules applied to it now
+        udevadm("trigger", "--action=add", "--sysname-match=ublk-control")
+        self.settle()
+
+    def settle(self) -> None:
+        """Wait until udev has handled every event (its helper takes seconds under TCG)."""
+        udevadm("settle", "--timeout=150")
+
+    def log_text(self) -> str:
+        return self.log.read_text()[-3000:]
+
+    def rules_line(self, needle: str) -> str:
+        """"<rules file>:<line>" of the installed rule that contains needle (udevadm test
+        names the rule that set each thing this way)."""
+        line = next(i for i, text in enumerate(self.rules.splitlines(), 1) if needle in text)
+        return f"{RULES}:{line}"
+
+    @contextlib.contextmanager
+    def rules_removed(self):
+        """udevd without our rules: nothing hands a new device's nodes over. Add the
+        device as FRESH_ID: the rules' helper, run late for a deleted device's event, asks
+        the driver about whichever device has that id by then, and hands it over."""
+        RULES.unlink()
+        udevadm("control", "--reload")
         try:
-            info = self.ctrl.get_dev_info2(dev_id)
-        except OSError:
-            return                       # being deleted, or not ready
-        if not info.flags & uapi.UBLK_F_UNPRIVILEGED_DEV:
-            return
-        for p in todo:
-            try:
-                os.chown(p, info.owner_uid, info.owner_gid)
-                self.chowned.append(p)
-            except FileNotFoundError:
-                pass
+            yield
+        finally:
+            RULES.write_text(self.rules)
+            udevadm("control", "--reload")
 
     def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.ctrl.close()
+        self.proc.terminate()
+        self.proc.wait(60)
+        RULES.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def udevd(tmp_path_factory):
+    if os.environ.get("UBLK_VM") != "1":
+        pytest.skip("starts systemd-udevd and installs udev rules: only inside the VM lane")
+    daemon = next((p for p in UDEVD if os.path.exists(p)), None)
+    if daemon is None or shutil.which("udevadm") is None:
+        pytest.fail("systemd-udevd or udevadm missing: install the Debian package udev "
+                    "(`python3 tools/vm/ublk_vm.py prepare` does)")
+    assert not os.path.exists("/run/udev/control"), "a udevd runs already"
+    old_mode = stat.S_IMODE(os.stat(CONTROL).st_mode)
+    d = Udevd(daemon, tmp_path_factory.mktemp("udevd") / "udevd.log")
+    try:
+        yield d
+    finally:
+        d.settle()
+        d.close()
+        os.chmod(CONTROL, old_mode)
 
 
 @pytest.fixture
-def udev():
-    """/dev/ublk-control open to users and device nodes handed to their owners; devices
-    added during the test are deleted by root afterwards."""
-    old_mode = stat.S_IMODE(os.stat(CONTROL).st_mode)
-    os.chmod(CONTROL, 0o666)
-    stand_in = UdevStandIn()
+def udev(udevd):
+    """udevd with the rules; /dev/ublk-control as the rules left it and devices added
+    during the test deleted by root afterwards."""
+    mode = stat.S_IMODE(os.stat(CONTROL).st_mode)
     with KernelTransport() as t:
         before = set(t.list_devs())
     try:
-        yield stand_in
+        yield udevd
     finally:
-        stand_in.close()
-        os.chmod(CONTROL, old_mode)
+        os.chmod(CONTROL, mode)
         with KernelTransport() as t:
             delete_devices_left(t, before)
+
+
+def node(path: str) -> tuple[str, int, int, int]:
+    """(type, uid, gid, permission bits) of a device node."""
+    st = os.stat(path)
+    kind = "chr" if stat.S_ISCHR(st.st_mode) else "blk" if stat.S_ISBLK(st.st_mode) else "?"
+    return kind, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
 
 
 @pytest.fixture
@@ -139,9 +194,19 @@ def run_dir():
 
 
 # ---- the user's side ------------------------------------------------------------------------
+def _read_direct(path: str, offset: int, size: int) -> bytes:
+    """size bytes at offset with O_DIRECT (past the page cache, so from the server)."""
+    buf = mmap.mmap(-1, size)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], offset) == size
+    finally:
+        os.close(fd)
+    return bytes(buf)
+
+
 def _write_read_back(path: str, offset: int, size: int) -> tuple[bytes, bytes]:
-    """Write random bytes through the block device, fsync, read them back with O_DIRECT
-    (past the page cache, so from the server)."""
+    """Write random bytes through the block device, fsync, read them back with O_DIRECT."""
     data = os.urandom(size)
     fd = os.open(path, os.O_RDWR)
     try:
@@ -149,14 +214,7 @@ def _write_read_back(path: str, offset: int, size: int) -> tuple[bytes, bytes]:
         os.fsync(fd)
     finally:
         os.close(fd)
-    import mmap
-    buf = mmap.mmap(-1, size)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        assert os.preadv(fd, [buf], offset) == size
-    finally:
-        os.close(fd)
-    return data, bytes(buf)
+    return data, _read_direct(path, offset, size)
 
 
 def _user_info(dev_id: int):
@@ -182,8 +240,9 @@ def test_cli_add_verify_list_del(udev, run_dir, target):
     assert code == 0, out + err
     path = out.strip().splitlines()[-1]
     dev_id = _dev_id_of(path)
-    st = os.stat(path)
-    assert (st.st_uid, st.st_gid) == (USER, USER), "the udev stand-in did not chown the node"
+    # `add` returns once udev handed both nodes to the owner
+    assert node(path) == ("blk", USER, USER, 0o600), udev.log_text()
+    assert node(f"/dev/ublkc{dev_id}") == ("chr", USER, USER, 0o600), udev.log_text()
 
     # GET_DEV_INFO2 as the owner: the kernel recorded who added it
     owner_uid, owner_gid, flags, state, size = as_user(USER, _user_info, dev_id)
@@ -208,19 +267,6 @@ def test_cli_add_verify_list_del(udev, run_dir, target):
     assert row["owner_uid"] == USER and row["state_name"] == "LIVE", row
     assert "UNPRIVILEGED_DEV" in row["features"] and row["target"] == target, row
 
-    # another user can neither delete nor stop it
-    with pytest.raises(PermissionError) as ei:
-        as_user(OTHER, lambda: UblkControl().del_dev(dev_id))
-    assert ei.value.errno == errno.EACCES and f"/dev/ublkc{dev_id}" in str(ei.value)
-    other_dir = tempfile.mkdtemp(prefix="pyublk-other-")
-    os.chown(other_dir, OTHER, OTHER)
-    try:
-        code, out, err = as_user(OTHER, user_cli, other_dir, "del", "-n", str(dev_id))
-    finally:
-        subprocess.run(["rm", "-rf", other_dir], check=False)
-    assert code == 1 and "Permission denied" in err, out + err
-    assert as_user(USER, _user_info, dev_id)[3] == uapi.DevState.LIVE
-
     # the owner deletes it
     code, out, err = as_user(USER, user_cli, run_dir, "del", "-n", str(dev_id))
     assert code == 0, out + err
@@ -231,48 +277,187 @@ def test_cli_add_verify_list_del(udev, run_dir, target):
             assert fh.read(len(data)) == data
 
 
-def _in_process_memory_device() -> tuple[int, bool, int, int]:
-    """Device(MemoryBackend) over KernelTransport(unprivileged=True), in this process."""
-    backend = MemoryBackend(8 * MiB)
-    with KernelTransport(unprivileged=True) as t:
-        dev = Device(backend, t).start()
+# ---- another user ------------------------------------------------------------------------------
+def _params(size: int) -> np.ndarray:
+    p = np.zeros(1, uapi.PARAMS_DTYPE)
+    p["types"] = uapi.UBLK_PARAM_TYPE_BASIC
+    p["basic"]["logical_bs_shift"] = p["basic"]["physical_bs_shift"] = 9
+    p["basic"]["max_sectors"] = (1 << 20) >> uapi.SECTOR_SHIFT
+    p["basic"]["dev_sectors"] = size >> uapi.SECTOR_SHIFT
+    return p
+
+
+def _set_params_and_delete(dev_id: int) -> int:
+    """As the owner: SET_PARAMS on the unstarted device, GET_PARAMS back its size, DEL_DEV."""
+    with UblkControl() as c:
+        c.set_params(dev_id, _params(4 * MiB))
+        size = int(c.get_params(dev_id)["basic"]["dev_sectors"]) << uapi.SECTOR_SHIFT
+        c.del_dev(dev_id)
+    return size
+
+
+def _every_way_in(dev_id: int, unstarted: int, privileged: int) -> dict[str, int]:
+    """Everything another user might try on someone's devices: what -> the errno it got
+    (0: it worked)."""
+    got: dict[str, int] = {}
+
+    def attempt(what, fn):
         try:
-            data, back = _write_read_back(t.block_path(dev.dev_id), 1 * MiB, 256 * 1024)
-            in_backend = bytes(backend.data[1 * MiB:1 * MiB + len(data)]) == data
-            info = t.dev_info(dev.dev_id)
-        finally:
-            dev.stop()
-        gone = wait_for_path(f"/dev/ublkc{dev.dev_id}", False, 10)
-    return dev.dev_id, back == data and in_backend and gone, info.owner_uid, info.flags
+            fn()
+            got[what] = 0
+        except OSError as exc:
+            got[what] = exc.errno
+
+    for path in (f"/dev/ublkb{dev_id}", f"/dev/ublkc{dev_id}"):
+        for how, flag in (("r", os.O_RDONLY), ("rw", os.O_RDWR)):
+            attempt(f"open {path} {how}", lambda: os.close(os.open(path, flag)))
+    with UblkControl() as c:                   # /dev/ublk-control is open to every user
+        for dev in (dev_id, unstarted):
+            # the path form, as the owner sends it: the kernel checks access to /dev/ublkcN
+            attempt(f"GET_DEV_INFO2 {dev}", lambda: c.get_dev_info2(dev))
+            attempt(f"GET_PARAMS {dev}", lambda: c.get_params(dev, unprivileged=True))
+            attempt(f"GET_QUEUE_AFFINITY {dev}",
+                    lambda: c.get_queue_affinity(dev, 0, unprivileged=True))
+            attempt(f"STOP_DEV {dev}", lambda: c.stop_dev(dev, unprivileged=True))
+            attempt(f"DEL_DEV {dev}", lambda: c.del_dev(dev, unprivileged=True))
+            attempt(f"DEL_DEV_ASYNC {dev}", lambda: c.del_dev_async(dev, unprivileged=True))
+        # only settable before START_DEV: refused to the other user while the owner may
+        attempt(f"SET_PARAMS {unstarted}",
+                lambda: c.set_params(unstarted, _params(4 * MiB), unprivileged=True))
+        attempt(f"START_DEV {unstarted}", lambda: c.start_dev(unstarted, unprivileged=True))
+        # the plain form, as for a privileged device: an unprivileged one must be named
+        attempt(f"DEL_DEV {dev_id} plain", lambda: c.del_dev(dev_id, unprivileged=False))
+        # naming a char device the user may open: the kernel checks it is this device's
+        with mock.patch.object(control, "char_dev_path", lambda _: b"/dev/null\0"):
+            attempt(f"DEL_DEV {dev_id} as /dev/null", lambda: c.del_dev(dev_id, unprivileged=True))
+        # a privileged device: CAP_SYS_ADMIN only
+        attempt(f"GET_DEV_INFO {privileged}", lambda: c.get_dev_info(privileged))
+        attempt(f"DEL_DEV {privileged}", lambda: c.del_dev(privileged))
+    with KernelTransport() as t:               # recovery, as `recover` drives it
+        attempt(f"START_USER_RECOVERY {dev_id}", lambda: t.start_user_recovery(dev_id))
+        attempt(f"END_USER_RECOVERY {dev_id}", lambda: t.end_user_recovery(dev_id))
+    return got
 
 
-def test_in_process_device(udev):
-    dev_id, ok, owner, flags = as_user(USER, _in_process_memory_device)
-    assert ok, "bytes read back (or found in the backend) differ, or the device stayed"
-    assert owner == USER and flags & uapi.UBLK_F_UNPRIVILEGED_DEV
-    assert f"/dev/ublkc{dev_id}" in udev.chowned and f"/dev/ublkb{dev_id}" in udev.chowned
-
-
-def test_root_reads_and_deletes_a_users_device(udev, run_dir):
-    """Root needs the path form too for an unprivileged device; UblkControl finds out."""
-    code, out, err = as_user(USER, user_cli, run_dir, "add", "-t", "null", "--unprivileged")
+def test_other_user_is_shut_out(udev, run_dir):
+    """Another user can open neither node of someone's unprivileged device, and the kernel
+    refuses it every control command (it checks access to /dev/ublkcN, which the rules
+    give the owner alone); the device stays LIVE with its data. Devices: USER's served
+    one, USER's only added one (SET_PARAMS and START_DEV are only possible before
+    START_DEV), and root's (privileged: the rules leave its node to root)."""
+    code, out, err = as_user(USER, user_cli, run_dir, "add", "-t", "memory", "-s", "16M",
+                             "--unprivileged")
     assert code == 0, out + err
     dev_id = _dev_id_of(out.strip().splitlines()[-1])
+    blk, chr_ = f"/dev/ublkb{dev_id}", f"/dev/ublkc{dev_id}"
+    unstarted = as_user(USER, _raw_add, uapi.UBLK_F_UNPRIVILEGED_DEV).dev_id   # state DEAD
+    privileged = _raw_add(uapi.UBLK_F_UNPRIVILEGED_DEV).dev_id   # root asking: privileged
+    data, back = as_user(USER, _write_read_back, blk, 5 * MiB, 512 * 1024)
+    assert back == data
+    udev.settle()
+
+    # the nodes as udevd made them with the rules
+    expect = {blk: ("blk", USER, USER, 0o600), chr_: ("chr", USER, USER, 0o600),
+              f"/dev/ublkc{unstarted}": ("chr", USER, USER, 0o600),
+              f"/dev/ublkc{privileged}": ("chr", 0, 0, 0o600),
+              CONTROL: ("chr", 0, 0, 0o666)}
+    assert {p: node(p) for p in expect} == expect, udev.log_text()
+    # what udev makes of each node, rule by rule (each run starts the helper: at once). A
+    # "change" event re-applies node permissions: the rules hand the node over again.
+    owner_rule = udev.rules_line("OWNER=")
+    handed = [f"{owner_rule} OWNER {USER}({USER})", f"{owner_rule} GROUP {USER}({USER})",
+              f"{owner_rule} MODE 0600", "UBLK_UNPRIVILEGED=1", f"UBLK_OWNER_UID={USER}",
+              f"UBLK_OWNER_GID={USER}"]
+    cases = {f"/sys/class/ublk-char/ublkc{dev_id}": (handed + ["ACTION=add"], []),
+             f"--action=change /sys/class/block/ublkb{dev_id}": (handed + ["ACTION=change"], []),
+             f"/sys/class/ublk-char/ublkc{privileged}": (["UBLK_UNPRIVILEGED=0"], [owner_rule])}
+    for args, out in udevadm_test(*cases).items():
+        wanted, unwanted = cases[args]
+        assert all(w in out for w in wanted) and not any(w in out for w in unwanted), \
+            f"udevadm test {args}: wanted {wanted}, not {unwanted}; it said:\n{out[-3000:]}"
+
+    got = as_user(OTHER, _every_way_in, dev_id, unstarted, privileged)
+    assert got == {**{what: errno.EACCES for what in got},
+                   # the kernel's permission check does not know DEL_DEV_ASYNC: it refuses
+                   # it for every unprivileged device, to the owner too
+                   f"DEL_DEV_ASYNC {dev_id}": errno.EINVAL,
+                   f"DEL_DEV_ASYNC {unstarted}": errno.EINVAL,
+                   f"DEL_DEV {dev_id} plain": errno.EINVAL,
+                   f"DEL_DEV {dev_id} as /dev/null": errno.EPERM,
+                   f"GET_DEV_INFO {privileged}": errno.EPERM,
+                   f"DEL_DEV {privileged}": errno.EPERM}, got
+
+    # the owner may hand its disk to everyone; the kernel still lets only the owner open it
+    as_user(USER, os.chmod, blk, 0o666)
+    with pytest.raises(PermissionError) as ei:
+        as_user(OTHER, lambda: os.close(os.open(blk, os.O_RDONLY)))
+    assert ei.value.errno == errno.EPERM
+    as_user(USER, os.chmod, blk, 0o600)
+
+    # the CLI tells the other user in one line, naming the device
+    other_dir = tempfile.mkdtemp(prefix="pyublk-other-")
+    os.chown(other_dir, OTHER, OTHER)
+    try:
+        for args in (["del", "-n", str(dev_id)],
+                     ["recover", "-n", str(dev_id), "-t", "memory", "-s", "16M"]):
+            code, out, err = as_user(OTHER, user_cli, other_dir, *args)
+            assert code == 1 and out == "", (args, out, err)
+            assert err.count("\n") == 1 and "Permission denied" in err and chr_ in err, err
+    finally:
+        subprocess.run(["rm", "-rf", other_dir], check=False)
+
+    # nothing happened to the devices: the served one is LIVE, its server alive, its data
+    # the owner's; the other is still there for its owner. Root needs the path form too
+    # for a user's device: UblkControl finds out.
     with UblkControl() as c:
         info = c.get_dev_info(dev_id)         # plain GET_DEV_INFO refused, then GET_DEV_INFO2
+        assert info.state == uapi.DevState.LIVE and pid_alive(info.ublksrv_pid), info
         assert info.owner_uid == USER and info.flags & uapi.UBLK_F_UNPRIVILEGED_DEV
         assert c.uses_path_form(dev_id)
         with pytest.raises(OSError) as ei:
             c.get_dev_info(dev_id, unprivileged=False)
         assert ei.value.errno == errno.EINVAL  # what the kernel says to the plain form
-    root_env = dict(os.environ, PYUBLK_FAST_RUN_DIR=os.path.join(run_dir, "root-view"))
-    from kernel_fixtures import cli as root_cli
-    res = root_cli("del", "-n", str(dev_id), env=root_env)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert wait_for_path(f"/dev/ublkc{dev_id}", False, 10)
+        assert c.get_dev_info(unstarted).state == uapi.DevState.DEAD
+        c.del_dev(privileged)
+    assert as_user(USER, _read_direct, blk, 5 * MiB, len(data)) == data
+    assert as_user(USER, _set_params_and_delete, unstarted) == 4 * MiB
+    # root deletes the user's device through the CLI
+    code, out, err = as_user(0, user_cli, os.path.join(run_dir, "root-view"), "del", "-n",
+                             str(dev_id))
+    assert code == 0, out + err
+    assert wait_for_path(chr_, False, 10)
+
+    # the helper, asked about a device that is gone (DEL_DEV returned once its id was free)
+    code, out, err = as_user(0, user_cli, run_dir, "udev-owner", str(unstarted))
+    assert code == 1 and out == "" and f"there is no ublk device {unstarted}" in err, err
+
+
+def _in_process_memory_device() -> tuple[int, bool, int, int, list]:
+    """Device(MemoryBackend) over KernelTransport(unprivileged=True), in this process."""
+    backend = MemoryBackend(8 * MiB)
+    with KernelTransport(unprivileged=True) as t:
+        dev = Device(backend, t).start()
+        try:
+            # start() returned once the owner may use /dev/ublkbN
+            data, back = _write_read_back(t.block_path(dev.dev_id), 1 * MiB, 256 * 1024)
+            in_backend = bytes(backend.data[1 * MiB:1 * MiB + len(data)]) == data
+            info = t.dev_info(dev.dev_id)
+            nodes = [node(f"/dev/ublk{c}{dev.dev_id}") for c in "cb"]
+        finally:
+            dev.stop()
+        gone = wait_for_path(f"/dev/ublkc{dev.dev_id}", False, 10)
+    return dev.dev_id, back == data and in_backend and gone, info.owner_uid, info.flags, nodes
+
+
+def test_in_process_device(udev):
+    dev_id, ok, owner, flags, nodes = as_user(USER, _in_process_memory_device)
+    assert ok, "bytes read back (or found in the backend) differ, or the device stayed"
+    assert owner == USER and flags & uapi.UBLK_F_UNPRIVILEGED_DEV
+    assert nodes == [("chr", USER, USER, 0o600), ("blk", USER, USER, 0o600)], udev.log_text()
 
 
 def _raw_add(flags: int):
+    """ADD_DEV only, as the current user."""
     with UblkControl() as c:
         return c.add_dev(-1, 1, 8, 1 << 20, flags | uapi.UBLK_F_CMD_IOCTL_ENCODE)
 
@@ -344,25 +529,19 @@ def test_unprivileged_limit_reached(udev, run_dir):
     assert "unprivileged device limit reached" in err and "ublks_max=0" in err, err
 
 
-def test_no_udev_rule_means_a_clear_error(run_dir):
-    """Without the udev stand-in /dev/ublkcN stays root's: ADD_DEV works, nothing else."""
-    old_mode = stat.S_IMODE(os.stat(CONTROL).st_mode)
-    os.chmod(CONTROL, 0o666)
+def test_no_udev_rule_means_a_clear_error(udev):
+    """Without the rules /dev/ublkcN stays root's: ADD_DEV works, nothing else."""
     with KernelTransport() as t:
         before = set(t.list_devs())
 
     def add():
         with KernelTransport(unprivileged=True, node_timeout=0.5) as t:
-            t.add_dev(-1, 1, 8, 1 << 20, 0)
-    try:
-        with pytest.raises(PermissionError) as ei:
-            as_user(USER, add)
-    finally:
-        os.chmod(CONTROL, old_mode)
-        with KernelTransport() as t:
-            left = set(t.list_devs()) - before
-            for dev_id in left:
-                t.del_dev(dev_id)
+            t.add_dev(FRESH_ID, 1, 8, 1 << 20, 0)
+    with udev.rules_removed(), pytest.raises(PermissionError) as ei:
+        as_user(USER, add)
+    with KernelTransport() as t:
+        left = set(t.list_devs()) - before
+    assert left == {FRESH_ID}
     msg = str(ei.value)
     assert "did not become read-writable for uid 65534" in msg and "udev rule" in msg, msg
-    assert "stays until root deletes it" in msg and len(left) == 1, msg
+    assert "udev-rules" in msg and "stays until root deletes it" in msg, msg

@@ -6,9 +6,10 @@ import subprocess
 
 from . import LaneError
 
-HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod", "fio", "zstd")
+HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod", "fio", "zstd", "udev")
 """qemu (TCG guest), static busybox (initramfs), kmod (depmod on the host, modprobe
-in the guest), fio (kernel tests), zstd (for .ko.zst modules)."""
+in the guest), fio (kernel tests), zstd (for .ko.zst modules), udev (systemd-udevd and
+udevadm: the unprivileged-device tests run them in the guest with the shipped rules)."""
 BUILD_PACKAGES = ("gcc", "libc6-dev")
 """Needed by build-kublk only."""
 
