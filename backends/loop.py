@@ -1,36 +1,12 @@
 """loop: a backing file or block device, served by io_uring from C (no Python per I/O),
 or, with --python, by the same ring I/O asked for from Python handlers."""
 import errno
-import fcntl
-import mmap
 import os
-import stat
-import struct
 
 from pyublk_fast import aio
 from pyublk_fast.backend import FileBackend, register
 
-BLKSSZGET = 0x1268      # <linux/fs.h>: a block device's logical block size
-
-
-def _zeros(n: int) -> memoryview:
-    # page-aligned, so O_DIRECT accepts it
-    buf = mmap.mmap(-1, max(n, 4096))
-    return memoryview(buf)[:n]
-
-
-def _direct_block_size(fd: int) -> int:
-    """The smallest block O_DIRECT I/O on fd accepts: a block device's logical block size;
-    for a file, 512 if a 512-byte direct read is accepted, else 4096."""
-    if stat.S_ISBLK(os.fstat(fd).st_mode):
-        return struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
-    try:
-        os.preadv(fd, [_zeros(512)], 512)
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-        return 4096
-    return 512
+from .direct_io import direct_block_size
 
 
 @register("loop")
@@ -58,7 +34,7 @@ class LoopBackend(FileBackend):
         if not self.direct:
             self.fd = os.open(path, flags)
         try:
-            self.block_size = _direct_block_size(self.fd) if self.direct else 512
+            self.block_size = direct_block_size(self.fd) if self.direct else 512
             size = os.lseek(self.fd, 0, os.SEEK_END)
             if self.block_size > 4096:
                 raise ValueError(f"{path}: O_DIRECT needs {self.block_size}-byte blocks, more than "

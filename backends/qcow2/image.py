@@ -34,7 +34,7 @@ import errno
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -68,6 +68,19 @@ def _in_backing(path: str, e: OSError) -> Qcow2Error:
     return Qcow2Error(e.errno or errno.EIO, f"backing file {path!r}: {e.strerror or e}")
 
 
+def _add_run(runs: list, fd: int, where: int, at: int, n: int) -> None:
+    """Append the run (fd, where, at, n) to ``runs`` (see ``Qcow2Image.map_data``), or
+    extend the last one if it continues it."""
+    if n <= 0:
+        return
+    if runs:
+        lfd, lwhere, lat, ln = runs[-1]
+        if lfd == fd and lat + ln == at and (fd < 0 or lwhere + ln == where):
+            runs[-1] = (fd, lwhere, lat, ln + n)
+            return
+    runs.append((fd, where, at, n))
+
+
 class _RawBacking:
     """Read-only raw backing file; reads past its end return zeros."""
 
@@ -83,6 +96,11 @@ class _RawBacking:
                 fileio.pread_into(self._fd, mv[:avail], offset)
             except OSError as e:
                 raise _in_backing(self._path, e) from e
+
+    def _map_clipped(self, offset: int, length: int, at: int, runs: list) -> None:
+        avail = max(0, min(length, self.size - offset))
+        _add_run(runs, self._fd, offset, at, avail)
+        _add_run(runs, -1, 0, at + avail, length - avail)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -264,19 +282,37 @@ class Qcow2Image:
         the image (which checks it again) lets it take writes again.
         """
         with self._lock:
-            self._check_open()
-            self._check_flush_ok()
+            token = self.flush_begin()
+            err = None
             try:
                 fileio.sync(self._fd)
             except OSError as e:
-                self._flush_failed = e.strerror
-                log.error("qcow2 image %r: %s; writes since the last good flush may be "
-                          "lost: every later write and flush fails with EIO until the image "
-                          "is reopened", self._path, e.strerror)
-                raise OSError(e.errno, f"{e.strerror}; writes since the last flush may "
-                                       "not be on disk") from e
-            # what was freed before this fsync began is free for good now
-            self._refs.flushed()
+                err = e
+            self.flush_done(err, token)
+
+    def flush_begin(self) -> int:
+        """Start a flush: this one's fsync, or a sync of the file made elsewhere (an
+        fdatasync on an io_uring ring). Checks the image may still be flushed; returns
+        the token flush_done() takes (how many freed clusters the flush covers: those
+        freed before it began). Call with the lock held."""
+        self._check_open()
+        self._check_flush_ok()
+        return self._refs.pending()
+
+    def flush_done(self, err: OSError | None, token: int) -> None:
+        """The end of a flush begun by flush_begin(), ``err`` its failure or None. A
+        failure is final: the kernel may have dropped the pages it could not write, so
+        every later write and flush fails until the image is reopened. Raises it. Call
+        with the lock held."""
+        if err is not None:
+            self._flush_failed = err.strerror
+            log.error("qcow2 image %r: %s; writes since the last good flush may be "
+                      "lost: every later write and flush fails with EIO until the image "
+                      "is reopened", self._path, err.strerror)
+            raise OSError(err.errno, f"{err.strerror}; writes since the last flush may "
+                                     "not be on disk") from err
+        # what was freed before this flush began is free for good now
+        self._refs.flushed(token)
 
     # ---------------------------------------------------------------- checks
     def _check_open(self) -> None:
@@ -331,8 +367,16 @@ class Qcow2Image:
                     raise _in_backing(self._path, e) from e
 
     def _read(self, offset: int, mv: memoryview) -> None:
+        for kind, where, out, n in self._runs(offset, len(mv)):
+            self._flush_run(kind, where, mv[out:out + n])
+
+    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """The bytes [offset, offset + length) in runs (kind, where, out, n), each as long
+        as the mapping allows: DATA at host offset ``where``, ZERO, or UNALLOC (from the
+        backing file at virtual offset ``where``); ``out`` is where the run starts in
+        the range."""
         cb, cs = self._cb, self._cs
-        pos, end, out = offset, offset + len(mv), 0
+        pos, end, out = offset, offset + length, 0
         run_kind, run_host, run_out, run_len = -1, 0, 0, 0  # merged pending run
         while pos < end:
             vc, o = pos >> cb, pos & (cs - 1)
@@ -344,11 +388,45 @@ class Qcow2Image:
             if run_len and kind == run_kind and (kind == ZERO or host == run_host + run_len):
                 run_len += n
             else:
-                self._flush_run(run_kind, run_host, mv[run_out:run_out + run_len])
+                if run_len:
+                    yield run_kind, run_host, run_out, run_len
                 run_kind, run_host, run_out, run_len = kind, host, out, n
             pos += n
             out += n
-        self._flush_run(run_kind, run_host, mv[run_out:run_out + run_len])
+        if run_len:
+            yield run_kind, run_host, run_out, run_len
+
+    # ---------------------------------------------------------------- mapping for ring I/O
+    def map_data(self, offset: int, length: int, data_fd: int) -> list[tuple[int, int, int, int]]:
+        """Where the bytes [offset, offset + length) are, for I/O made elsewhere (on an
+        io_uring ring): runs (fd, file offset, at, n) covering the range in order, ``at``
+        counted from ``offset``. fd is ``data_fd`` (a descriptor of this image file) for
+        this image's data, a backing file's for data it shows through, -1 for zeros."""
+        runs: list = []
+        with self._lock:
+            self._check_range(offset, length)
+            self._map_into(offset, length, 0, runs, data_fd)
+        return runs
+
+    def _map_into(self, offset: int, length: int, at: int, runs: list, data_fd: int) -> None:
+        for kind, where, out, n in self._runs(offset, length):
+            if kind == DATA:
+                _add_run(runs, data_fd, where, at + out, n)
+            elif kind == ZERO:
+                _add_run(runs, -1, 0, at + out, n)
+            else:
+                self._backing._map_clipped(where, n, at + out, runs)
+
+    def _map_clipped(self, offset: int, length: int, at: int, runs: list) -> None:
+        """``map_data`` for an overlay: past the virtual size, zeros."""
+        avail = max(0, min(length, self._size - offset))
+        with self._lock:
+            self._check_open()
+            try:
+                self._map_into(offset, avail, at, runs, self._fd)
+            except OSError as e:
+                raise _in_backing(self._path, e) from e
+        _add_run(runs, -1, 0, at + avail, length - avail)
 
     def _flush_run(self, kind: int, where: int, mv: memoryview) -> None:
         if not len(mv):

@@ -122,6 +122,11 @@ class ClusterMap:
         e = int(self._tables.get(l2off)[vc & self._l2_mask])
         return self.decode(e, vc)
 
+    def entry(self, vc: int) -> int:
+        """The L2 entry of virtual cluster ``vc`` as stored (0 if it has no L2 table)."""
+        l2off = int(self._l1[vc >> self._l2_bits]) & OFFSET_MASK
+        return int(self._tables.get(l2off)[vc & self._l2_mask]) if l2off else 0
+
     def decode(self, e: int, vc: int) -> tuple[int, int]:
         """Decode L2 entry ``e`` of virtual cluster ``vc`` like ``lookup``."""
         if e & OFLAG_COMPRESSED:

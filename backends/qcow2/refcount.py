@@ -225,11 +225,16 @@ class Refcounts:
             # then, that entry would read it: c waits for the next flush.
             self._pending.append(c)
 
-    def flushed(self) -> None:
-        """A flush made every write so far durable, so the entries that pointed at the
-        clusters freed before it are gone for good: those clusters may be taken again."""
-        self._freed += self._pending
-        self._pending.clear()
+    def pending(self) -> int:
+        """How many freed clusters wait for a flush (a flush_begin token)."""
+        return len(self._pending)
+
+    def flushed(self, n: int) -> None:
+        """A flush made every write before it durable, so the entries that pointed at the
+        first ``n`` clusters freed (those freed before it began) are gone for good: those
+        clusters may be taken again."""
+        self._freed += self._pending[:n]
+        del self._pending[:n]
 
     def reclaim_leaks(self, used: np.ndarray) -> int:
         """Uncount every counted cluster that is not in ``used`` (sorted: every cluster

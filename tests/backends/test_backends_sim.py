@@ -23,7 +23,7 @@ PATHS = ["copy", "need_get_data"]
 BUFFERED = ["copy", "need_get_data", "user_copy"]
 #: paths with no server buffer: for backends that declare them (request-directed I/O only)
 UNBUFFERED = ["zero_copy", "splice_zc"]
-UNBUFFERED_KINDS = {"loop-native", "null-native", "loop-python"}
+UNBUFFERED_KINDS = {"loop-native", "null-native", "loop-python", "qcow2"}
 LOOP_KINDS = ["loop-native", "loop-python"]
 #: every (backend kind, data path) pair the framework offers
 COMBOS = [(k, p) for k in DATA_KINDS for p in BUFFERED + (UNBUFFERED if k in UNBUFFERED_KINDS else [])]

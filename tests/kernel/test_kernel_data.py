@@ -15,7 +15,7 @@ from pyublk_fast.util import kernel_release
 
 STORING = [("memory", "copy"), ("memory", "user_copy"), ("loop", "copy"), ("loop", "user_copy"),
            ("loop", "zero_copy"), ("loop", "need_get_data"), ("loop-python", "copy"),
-           ("qcow2", "copy"), ("qcow2", "user_copy")]
+           ("qcow2", "copy"), ("qcow2", "user_copy"), ("qcow2", "zero_copy")]
 
 
 def _skip_unless_kernel_has(kt, data_path: str) -> None:
