@@ -33,5 +33,9 @@ class Qcow2Backend(FileBackend):
     def write_zeroes(self, offset, length):
         self.image.write_zeroes(offset, length)
 
+    def resize(self, new_size):
+        self.image.resize(new_size)
+        self.size = new_size
+
     def close(self):
         self.image.close()

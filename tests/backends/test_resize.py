@@ -1,16 +1,63 @@
-"""Growing the qcow2 engine's virtual size, checked by qemu-img."""
+"""Growing backends (Device.resize on the simulated driver): the loop backend's file, the
+qcow2 engine's virtual size (checked by qemu-img), what each refuses."""
 from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 
 import pytest
 
+from pyublk_fast.backends.loop import LoopBackend
 from pyublk_fast.backends.qcow2 import Qcow2Image
+from pyublk_fast.backends.qcow2_backend import Qcow2Backend
+from pyublk_fast.device import Device
 
 MiB = 1 << 20
 GiB = 1 << 30
+
+
+def _file(path, size: int) -> str:
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return str(path)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_loop_grows_its_file(sim, tmp_path, native):
+    path = _file(tmp_path / "d.img", 4 * MiB)
+    head, new = os.urandom(128 * 1024), os.urandom(128 * 1024)
+    with Device(LoopBackend(path), sim, depth=16, native=native) as dev:
+        with dev.open() as blk:
+            blk.pwrite(head, 4 * MiB - len(head))
+        dev.resize(10 * MiB)
+        assert os.path.getsize(path) == 10 * MiB == sim.dev_info(dev.dev_id).size
+        with dev.open() as blk:
+            blk.pwrite(new, 9 * MiB)
+            assert blk.pread(len(head), 4 * MiB - len(head)) == head
+            assert blk.pread(MiB, 5 * MiB) == bytes(MiB)
+    with open(path, "rb") as fh:
+        fh.seek(9 * MiB)
+        assert fh.read(len(new)) == new
+
+
+def test_loop_takes_a_file_grown_by_the_user(sim, tmp_path):
+    """A file already larger than asked is left as it is (the user grew it first)."""
+    path = _file(tmp_path / "d.img", 4 * MiB)
+    with Device(LoopBackend(path), sim, depth=8) as dev:
+        os.truncate(path, 16 * MiB)
+        dev.resize(8 * MiB)
+        assert os.path.getsize(path) == 16 * MiB and sim.dev_info(dev.dev_id).size == 8 * MiB
+
+
+def test_loop_read_only_file_must_be_grown_first(sim, tmp_path):
+    path = _file(tmp_path / "d.img", 4 * MiB)
+    with Device(LoopBackend(path, read_only=True), sim, depth=8) as dev:
+        with pytest.raises(OSError) as e:
+            dev.resize(8 * MiB)
+        assert e.value.errno == errno.ENOSPC and "read-only file of 4194304 bytes" in str(e.value)
+        assert os.path.getsize(path) == 4 * MiB and sim.dev_info(dev.dev_id).size == 4 * MiB
 
 
 def _qemu_img(*args: str) -> subprocess.CompletedProcess:
@@ -25,6 +72,27 @@ def _check_clean(path: str, size: int) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     found = json.loads(res.stdout)
     assert not any(found.get(k) for k in ("corruptions", "leaks", "check-errors")), found
+
+
+def test_qcow2_device_grows_its_virtual_size(sim, tmp_path):
+    path = str(tmp_path / "d.qcow2")
+    Qcow2Image.create(path, 4 * MiB).close()
+    model = bytearray(20 * MiB)
+    with Device(Qcow2Backend(path), sim, depth=16) as dev:
+        with dev.open() as blk:
+            model[3 * MiB:4 * MiB] = os.urandom(MiB)
+            blk.pwrite(model[3 * MiB:4 * MiB], 3 * MiB)
+        dev.resize(20 * MiB)
+        assert sim.dev_info(dev.dev_id).size == 20 * MiB
+        with dev.open() as blk:
+            model[19 * MiB:] = os.urandom(MiB)
+            blk.pwrite(model[19 * MiB:], 19 * MiB)
+            assert blk.pread(20 * MiB, 0) == model
+    _check_clean(path, 20 * MiB)
+    raw = str(tmp_path / "d.raw")
+    assert _qemu_img("convert", "-O", "raw", path, raw).returncode == 0
+    with open(raw, "rb") as fh:
+        assert fh.read() == model
 
 
 def _qemu_io_reads(path: str, *reads: tuple[int, int, int]) -> None:
