@@ -5,6 +5,7 @@ import os
 
 from pyublk_fast import aio
 from pyublk_fast.backend import FileBackend, register
+from pyublk_fast.errors import BackendError
 
 from .direct_io import direct_block_size
 
@@ -73,6 +74,20 @@ class LoopBackend(FileBackend):
                 raise
             # no ZERO_RANGE here (tmpfs): a punched hole reads back as zeros too
             await io.fallocate(self.fd, aio.PUNCH_HOLE | aio.KEEP_SIZE, offset, length)
+
+    def resize(self, new_size):
+        """Grow the backing file to new_size (a hole: it reads as zeros). A file the user
+        already made that large is taken as it is; so must be a block device (grow it
+        first) and a read-only file."""
+        have = os.lseek(self.fd, 0, os.SEEK_END)
+        if have < new_size:
+            blk = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+            if blk or self.read_only:
+                what = "block device" if blk else "read-only file"
+                raise BackendError(errno.ENOSPC, f"{self.path} is a {what} of {have} bytes: "
+                                   f"grow it to {new_size} first")
+            os.ftruncate(self.fd, new_size)
+        self.size = new_size
 
     def native_target(self):
         from ._native_loop import LoopTarget

@@ -24,3 +24,9 @@ class MemoryBackend(SizedBackend):
         self.data[offset:offset + length] = bytes(length)
 
     write_zeroes = discard
+
+    def resize(self, new_size):
+        # one extend in place, a single C call under the GIL: a handler on a queue thread
+        # sees the old bytes or the grown buffer, and no write is lost to a copy
+        self.data.extend(bytes(new_size - len(self.data)))
+        self.size = new_size

@@ -43,6 +43,10 @@ class Qcow2Backend(FileBackend):
     def write_zeroes(self, offset, length):
         return self.data.write_zeroes(offset, length)
 
+    def resize(self, new_size):
+        self.image.resize(new_size)
+        self.size = new_size
+
     def close(self):
         self.data.close()
         self.image.close()

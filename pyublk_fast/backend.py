@@ -94,6 +94,14 @@ class Backend:
         """
         raise NotImplementedError
 
+    def resize(self, new_size: int) -> None:
+        """Grow to ``new_size`` bytes (a larger multiple of block_size) and set ``size``:
+        ``Device.resize`` calls it, then tells the driver. It runs while the queues serve
+        requests, so it must be safe against the handlers running meanwhile. Default: the
+        backend cannot change its size."""
+        raise BackendError(errno.EOPNOTSUPP, f"{type(self).__name__} cannot change its size "
+                           "(it defines no resize())")
+
     def native_target(self):
         """A NativeTarget serving this backend in C without the GIL, or None."""
         return None

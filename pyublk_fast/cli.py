@@ -2,8 +2,11 @@
 
     python -m pyublk_fast add -t loop -f disk.img      # prints /dev/ublkbN once it is live
     python -m pyublk_fast list [--json]
-    python -m pyublk_fast del -n N | -a
+    python -m pyublk_fast del -n N | -a [--force]      # refused while open or mounted, unless --force
     python -m pyublk_fast recover -n N                 # after the server died (needs --recovery)
+    python -m pyublk_fast quiesce -n N                 # the server hands the device over and exits
+    python -m pyublk_fast upgrade -n N                 # a new server (this code) takes over, no I/O lost
+    python -m pyublk_fast resize -n N -s SIZE          # grow a live device
     python -m pyublk_fast features
     python -m pyublk_fast udev-rules                   # udev rules for --unprivileged devices
 
@@ -13,7 +16,8 @@ lists every target with its options, as kublk's help does. Installed packages ad
 backends through entry points (group ``pyublk_fast.backends``); ``--module MOD`` imports
 a module that registers some. Device options default to Device's own defaults and are
 checked by Device, before anything is opened. The server runs in pyublk_fast.daemon; its
-records (for ``list`` and ``recover``) are pyublk_fast.records.
+records (for ``list`` and ``recover``) are pyublk_fast.records. ``quiesce``, ``upgrade``
+and ``resize`` ask the server on its control socket (pyublk_fast.daemon.ask_server).
 """
 from __future__ import annotations
 
@@ -31,10 +35,11 @@ from typing import Any, Sequence
 
 from . import stats, uapi, udev
 from .backend import backend_class, backend_names, format_size, parse_size
-from .daemon import daemonize, describe, serve
+from .daemon import ask_server, daemonize, describe, serve
 from .device import PATH_FLAGS, DEFAULT_POLL_US, RECOVERY_MODES, Device
 from .records import drop_record, read_record, state_dir
 from .transport.kernel import UNPRIVILEGED_REFUSES, KernelTransport, pid_alive
+from .util import wait_until
 
 PROG = "python -m pyublk_fast"
 log = logging.getLogger("pyublk_fast.cli")
@@ -196,38 +201,166 @@ def cmd_add(a: argparse.Namespace, extra: list[str]) -> int:
     return run_server(opts, a.foreground)
 
 
-def cmd_recover(a: argparse.Namespace, extra: list[str]) -> int:
-    rec = read_record(a.number) or {}
+def recover_options(dev_id: int, rec: dict[str, Any], a: argparse.Namespace | None = None,
+                    extra: Sequence[str] = ()) -> dict[str, Any]:
+    """The options of a server recovering device dev_id: its record's, or what `recover`'s
+    arguments ``a`` (-t TYPE, its options ``extra``, --module) say instead."""
     _import_modules(rec.get("modules", []))
-    target = a.type or (rec.get("target") if "backend_args" in rec else None)
+    forced = a.type if a is not None else None
+    target = forced or (rec.get("target") if "backend_args" in rec else None)
     if target is None:
-        raise CliError(f"no record of device {a.number} in {state_dir()}: say what serves it "
+        raise CliError(f"no record of device {dev_id} in {state_dir()}: say what serves it "
                        "with -t TYPE and its options")
-    if a.type or extra:
-        args = backend_args(target, "recover", a.parser, extra)
+    if forced or extra:
+        args = backend_args(target, "recover", a.parser, list(extra))
     else:
         args = rec["backend_args"]
+    unprivileged = bool(rec.get("unprivileged"))
+    with KernelTransport(unprivileged=unprivileged) as t:
+        info = t.dev_info(dev_id)
+    if not info.flags & uapi.UBLK_F_USER_RECOVERY:
+        raise CliError(f"device {dev_id} was added without --recovery: it cannot be "
+                       f"recovered (delete it with `del -n {dev_id}`)")
+    device = dict(rec.get("device") or {})
+    device.update(dev_id=dev_id, data_path=data_path_of(info.flags),
+                  recovery=device.get("recovery") or "reissue")
+    modules = set(rec.get("modules", [])) | set((a.module if a is not None else None) or [])
+    return dict(target=target, backend_args=args, modules=sorted(modules),
+                unprivileged=unprivileged, device=device)
+
+
+def cmd_recover(a: argparse.Namespace, extra: list[str]) -> int:
+    rec = read_record(a.number) or {}
     old = rec.get("pid")
     if old and pid_alive(old):
         raise CliError(f"device {a.number}'s server (pid {old}) is still running: nothing to "
                        "recover")
-    unprivileged = bool(rec.get("unprivileged"))
-    with KernelTransport(unprivileged=unprivileged) as t:
-        info = t.dev_info(a.number)
-    if not info.flags & uapi.UBLK_F_USER_RECOVERY:
-        raise CliError(f"device {a.number} was added without --recovery: it cannot be "
-                       f"recovered (delete it with `del -n {a.number}`)")
-    device = dict(rec.get("device") or {})
-    device.update(dev_id=a.number, data_path=data_path_of(info.flags),
-                  recovery=device.get("recovery") or "reissue")
-    opts = dict(target=target, backend_args=args,
-                modules=sorted(set(rec.get("modules", [])) | set(a.module or [])),
-                unprivileged=unprivileged, device=device)
-    return run_server(opts, a.foreground, recover=True)
+    return run_server(recover_options(a.number, rec, a, extra), a.foreground, recover=True)
 
 
-def delete_device(t, dev_id: int, timeout: float) -> None:
-    """Ask the server to stop (SIGTERM) and wait; else stop and delete via the control device."""
+# ---- live operations: the running server is asked on its control socket ------------------------
+def _server_of(dev_id: int) -> tuple[dict[str, Any], int]:
+    """(record, pid) of device dev_id's running server, else a CliError saying so."""
+    rec = read_record(dev_id)
+    pid = (rec or {}).get("pid")
+    if not pid or not pid_alive(pid):
+        raise CliError(f"device {dev_id} has no running server in {state_dir()} (see `list`; "
+                       f"a device whose server died is served again by `recover -n {dev_id}`)")
+    return rec, pid
+
+
+def _ask(dev_id: int, pid: int, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The server's successful reply to ``request``, else a CliError with its error."""
+    try:
+        reply = ask_server(dev_id, request, timeout)
+    except (ConnectionRefusedError, FileNotFoundError):
+        raise CliError(f"device {dev_id}'s server (pid {pid}) has no control socket (it may "
+                       "predate quiesce/upgrade/resize, or could not make one: see its log in "
+                       f"{state_dir()})") from None
+    except TimeoutError:
+        raise CliError(f"device {dev_id}'s server (pid {pid}) did not answer within "
+                       f"{timeout:g} s (see its log in {state_dir()})") from None
+    if not reply.get("ok"):
+        raise CliError(f"device {dev_id}: {reply.get('error')}")
+    return reply
+
+
+def _quiesce(dev_id: int, pid: int, timeout: float) -> None:
+    """Have the server quiesce the device and exit (Device.quiesce refuses what cannot be)."""
+    _ask(dev_id, pid, {"op": "quiesce"}, timeout)
+    if not wait_until(lambda: not pid_alive(pid), timeout, 0.01):
+        raise CliError(f"device {dev_id} is quiesced but its server (pid {pid}) did not exit "
+                       f"within {timeout:g} s")
+
+
+def cmd_quiesce(a: argparse.Namespace, extra: list[str]) -> int:
+    _rec, pid = _server_of(a.number)
+    _quiesce(a.number, pid, a.timeout)
+    print(f"device {a.number} quiesced: its I/O waits until `recover -n {a.number}`")
+    return 0
+
+
+def cmd_upgrade(a: argparse.Namespace, extra: list[str]) -> int:
+    rec, pid = _server_of(a.number)
+    if (rec.get("device") or {}).get("recovery") == "fail_io":
+        raise CliError(f"device {a.number} recovers in fail_io mode: its I/O would fail while "
+                       "the servers change (use quiesce and recover if that is acceptable)")
+    opts = recover_options(a.number, rec)      # before the old server goes: errors stop here
+    backend_class(opts["target"])
+    _quiesce(a.number, pid, a.timeout)
+    try:
+        return run_server(opts, foreground=False, recover=True)
+    except CliError as exc:
+        raise CliError(f"{exc}; device {a.number} is quiesced: serve it with "
+                       f"`recover -n {a.number}` once that is fixed") from None
+
+
+def cmd_resize(a: argparse.Namespace, extra: list[str]) -> int:
+    rec, pid = _server_of(a.number)
+    reply = _ask(a.number, pid, {"op": "resize", "size": a.size}, a.timeout)
+    print(f"{rec.get('block', f'device {a.number}')}: {format_size(reply['size'])}")
+    return 0
+
+
+def _mounts_of(dev_id: int) -> list[str]:
+    """Where /dev/ublkbN is mounted (by its device number, in /proc/self/mountinfo)."""
+    try:
+        with open(f"/sys/block/ublkb{dev_id}/dev") as fh:
+            devno = fh.read().strip()
+        with open("/proc/self/mountinfo") as fh:
+            return [f.split()[4] for f in fh if f.split()[2] == devno]
+    except OSError:
+        return []
+
+
+def _held_exclusively(path: str) -> bool:
+    """Whether something holds the block device exclusively (a mount, device mapper, md):
+    an O_EXCL open is then refused with EBUSY. Plain openers are not seen."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    return False
+
+
+#: How long `del` retries while the device is open: udev probes a block device briefly
+#: after a writer (a file system being unmounted) closes it.
+BUSY_GRACE = 1.0
+
+
+def stop_unless_open(t, dev_id: int) -> None:
+    """STOP_DEV the device unless its block device is open or mounted (TRY_STOP_DEV, Linux
+    7.0+; before, only a mount or another exclusive holder is seen): else a CliError."""
+    path = t.block_path(dev_id)
+    deadline = time.monotonic() + BUSY_GRACE
+    while True:
+        try:
+            t.try_stop_dev(dev_id)
+            return
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:        # no block device: nobody can hold it
+                return
+            if exc.errno == errno.EOPNOTSUPP:
+                busy = _held_exclusively(path)
+            elif exc.errno == errno.EBUSY:
+                busy = True
+            else:
+                raise
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            mounts = _mounts_of(dev_id)
+            where = f"mounted on {', '.join(mounts)}" if mounts else "open"
+            raise CliError(f"device {dev_id} ({path}) is {where}: unmount or close it first, "
+                           f"or delete it anyway with `del -n {dev_id} --force`")
+        time.sleep(0.05)
+
+
+def delete_device(t, dev_id: int, timeout: float, force: bool = False) -> None:
+    """Stop the device (unless open or mounted, without ``force``), ask the server to stop
+    (SIGTERM) and wait; else stop and delete via the control device."""
+    if not force:
+        stop_unless_open(t, dev_id)
     rec = read_record(dev_id) or {}
     pid = rec.get("pid")
     if pid and pid_alive(pid):
@@ -248,13 +381,19 @@ def delete_device(t, dev_id: int, timeout: float) -> None:
 def cmd_del(a: argparse.Namespace, extra: list[str]) -> int:
     if a.all == (a.number is not None):
         raise CliError("say which device: del -n ID, or del -a for all")
+    busy = []
     with KernelTransport() as t:
         ids = t.list_devs() if a.all else [a.number]
         if not a.all and a.number not in ids:
             drop_record(a.number)
             raise CliError(f"there is no ublk device {a.number} (see `list`)")
         for dev_id in ids:
-            delete_device(t, dev_id, a.timeout)
+            try:
+                delete_device(t, dev_id, a.timeout, a.force)
+            except CliError as exc:      # del -a: the others are deleted all the same
+                busy.append(str(exc))
+    if busy:
+        raise CliError("; ".join(busy))
     return 0
 
 
@@ -389,11 +528,17 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=cmd_recover, parser=rec)
 
     d = sub.add_parser("del", help="stop and delete devices",
-                       description="Stop a device's server (SIGTERM) and delete the device.")
+                       description="Stop a device's server (SIGTERM) and delete the device. A "
+                       "device whose block device is open or mounted is left alone unless "
+                       "--force (Linux 7.0+ sees every opener; before, only mounts and other "
+                       "exclusive holders).")
     d.add_argument("-n", "--number", type=int, help="device id")
     d.add_argument("-a", "--all", action="store_true", help="every ublk device")
+    d.add_argument("--force", action="store_true",
+                   help="delete it even while open or mounted (its users get I/O errors)")
     d.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
     d.set_defaults(func=cmd_del)
+    _live_commands(sub)
 
     ls = sub.add_parser("list", help="list ublk devices", description="List ublk devices.")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -432,6 +577,33 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("dev_id", type=int, metavar="N", help="device id (udev's %%n)")
     o.set_defaults(func=cmd_udev_owner)
     return p
+
+
+def _live_commands(sub) -> None:
+    """quiesce, upgrade and resize: requests to a running server."""
+    q = sub.add_parser("quiesce", help="hand a device over: its server quiesces it and exits",
+                       description="Ask the device's server to quiesce it (UBLK_F_QUIESCE, "
+                       "Linux 6.16+; the device needs --recovery) and exit: new I/O waits "
+                       "until `recover -n ID` starts a new server.")
+    u = sub.add_parser("upgrade", help="replace a device's server by a new one, I/O waiting",
+                       description="Quiesce the device (as `quiesce`) and recover it onto a "
+                       "new server of the pyublk_fast this command runs, with the backend and "
+                       "options of the device's record: I/O waits meanwhile and none is lost "
+                       "(not in fail_io recovery mode, whose I/O would fail).")
+    r = sub.add_parser("resize", help="grow a live device",
+                       description="Grow a device while it serves (UBLK_F_UPDATE_SIZE, Linux "
+                       "6.16+): its server grows the backend (loop: the file, unless already "
+                       "that large; qcow2: the image's virtual size; memory), then the block "
+                       "device. A file system on it can grow after (resize2fs). Shrinking is "
+                       "refused.")
+    for p, func in ((q, cmd_quiesce), (u, cmd_upgrade), (r, cmd_resize)):
+        p.add_argument("-n", "--number", type=int, required=True, help="device id")
+        if p is r:
+            p.add_argument("-s", "--size", type=parse_size, required=True, metavar="SIZE",
+                           help="the new size, e.g. 2G")
+        p.add_argument("--timeout", type=float, default=30.0,
+                       help="seconds to wait for the server (default 30)")
+        p.set_defaults(func=func)
 
 
 def _module_arg(p: argparse.ArgumentParser) -> None:

@@ -5,14 +5,24 @@ SIGTERM/SIGINT or until the device is stopped from outside; then it stops and de
 device. ``daemonize`` runs a server in a double-forked daemon and returns what the server
 reported through a pipe: its device once it serves I/O, or why it could not start, so the
 command that started it exits only then, with the right status.
+
+While it serves, a server answers requests on its control socket (``ask_server``): a
+Unix socket in the abstract namespace named after the state directory and the device,
+one JSON line each way, from root or the server's own user only. ``quiesce`` hands the
+device over (the server quiesces it, closes the backend, answers and exits, leaving the
+device QUIESCED and its record for ``recover``); ``resize`` grows it.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
+import select
 import signal
+import socket
+import struct
 import time
 from typing import Any, Callable
 
@@ -49,18 +59,30 @@ def serve(start: Callable[[], tuple[Any, Any]], report: Report, record: dict[str
         report({"ok": False, "error": describe(exc)})
         return 1
     block = transport.block_path(dev.dev_id)
-    write_record(dev.dev_id, dict(record, dev_id=dev.dev_id, pid=os.getpid(), block=block,
-                                  data_path=dev.data_path, flags=dev.flags, started=time.time()))
+    rec = dict(record, dev_id=dev.dev_id, pid=os.getpid(), block=block,
+               data_path=dev.data_path, flags=dev.flags, started=time.time())
+    write_record(dev.dev_id, rec)
+    control = _listen(dev.dev_id)
     report({"ok": True, "dev_id": dev.dev_id, "path": block, "pid": os.getpid(),
             "data_path": dev.data_path})
     published = StatsFile(stats_path(dev.dev_id), dev.nr_queues)
-    while not stop:
-        published.publish(dev.stats())
-        if not dev.serving:
-            log.info("device %d was stopped from outside; exiting", dev.dev_id)
-            break
-        time.sleep(0.2)
-    published.remove()
+    quiesced = False
+    try:
+        while not stop and not quiesced:
+            published.publish(dev.stats())
+            if not dev.serving:
+                log.info("device %d was stopped from outside; exiting", dev.dev_id)
+                break
+            if select.select([control] if control else [], [], [], 0.2)[0]:
+                quiesced = _answer(control, dev, rec)
+    finally:
+        published.remove()
+        if control is not None:
+            control.close()
+    if quiesced:             # the device waits for `recover`, which needs its record
+        log.info("device %d quiesced: exiting for a new server to recover it", dev.dev_id)
+        transport.close()
+        return 0
     try:
         dev.stop()
     except OSError as exc:
@@ -70,6 +92,106 @@ def serve(start: Callable[[], tuple[Any, Any]], report: Report, record: dict[str
         drop_record(dev.dev_id, os.getpid())
         transport.close()
     return 0
+
+
+# ---- the control socket ---------------------------------------------------------------
+#: Longest request or reply line.
+_MAX_LINE = 1 << 16
+
+
+def control_address(dev_id: int) -> str:
+    """The abstract socket name of device dev_id's server: one per state directory, so a
+    command with another PYUBLK_FAST_RUN_DIR never reaches it (nothing on disk to clean up
+    after a kill -9)."""
+    tag = hashlib.sha256(os.path.realpath(state_dir()).encode()).hexdigest()[:16]
+    return f"\0pyublk_fast-{tag}-{dev_id}"
+
+
+def _listen(dev_id: int) -> socket.socket | None:
+    """The server's control socket, or None (logged) if it cannot have one."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(control_address(dev_id))
+        sock.listen(4)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        log.error("device %d: no control socket (%s): quiesce, upgrade and resize cannot "
+                  "reach this server", dev_id, exc)
+        return None
+    return sock
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = conn.recv(4096)
+        if not chunk or len(buf) + len(chunk) > _MAX_LINE:
+            raise ValueError("no complete request line")
+        buf += chunk
+    return buf
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+    return uid
+
+
+def _answer(control: socket.socket, dev, rec: dict[str, Any]) -> bool:
+    """Answer one request on the control socket; True once the device is quiesced (the
+    server then exits without deleting it)."""
+    try:
+        conn, _ = control.accept()
+    except BlockingIOError:
+        return False
+    quiesced = False
+    with conn:
+        conn.settimeout(5.0)
+        try:
+            line = _read_line(conn)
+            if _peer_uid(conn) not in (0, os.geteuid()):
+                reply = {"ok": False, "error": "only root or the server's own user may ask"}
+            else:
+                reply, quiesced = _run_request(json.loads(line), dev, rec)
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+        except (OSError, ValueError) as exc:    # the asker went away or sent nonsense
+            log.warning("device %d: control request: %s", dev.dev_id, describe(exc))
+    return quiesced
+
+
+def _run_request(req: dict[str, Any], dev, rec: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """(reply, quiesced) for one request."""
+    op = req.get("op") if isinstance(req, dict) else None
+    log.info("device %d: control request %s", dev.dev_id, req)
+    try:
+        if op == "quiesce":
+            dev.quiesce()
+            dev.backend.close()
+            return {"ok": True}, True
+        if op == "resize":
+            dev.resize(req.get("size"))
+            size = dev.info().size
+            # a backend whose size is an option is rebuilt by `recover` with the new one
+            if "size" in rec.get("backend_args", {}):
+                rec["backend_args"]["size"] = size
+                write_record(dev.dev_id, rec)
+            return {"ok": True, "size": size}, False
+    except Exception as exc:                     # noqa: BLE001 - told to the asker
+        log.error("device %d: %s failed: %s", dev.dev_id, op, describe(exc))
+        return {"ok": False, "error": describe(exc)}, False
+    return {"ok": False, "error": f"unknown request {op!r} (this server knows quiesce and "
+                                  "resize)"}, False
+
+
+def ask_server(dev_id: int, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Send ``request`` to device dev_id's server and return its reply ({"ok": ...}).
+    OSError (ConnectionRefusedError: no server listens) or TimeoutError if it cannot."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        sock.connect(control_address(dev_id))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        return json.loads(_read_line(sock))
 
 
 def daemonize(run: Callable[[Report], int]) -> dict[str, Any]:

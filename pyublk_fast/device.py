@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ._core.pytask import PyTarget
 from ._core.queue import Queue
 from ._core.ring import SETUP_COOP_TASKRUN, SETUP_SINGLE_ISSUER, Ring
-from .errors import missing_features_message, os_error
+from .errors import BackendError, missing_features_message, os_error
 from .stats import Snapshot, snapshot
 from .transport.base import DevInfo
 
@@ -127,11 +127,17 @@ class Device:
         if wanted not in offered:
             raise ValueError(f"data_path={wanted!r} is not available: {type(self.backend).__name__} "
                              f"does not declare it; available: {', '.join(offered)}")
-        missing = PATH_FLAGS[wanted] & ~self.transport.features() if self.transport is not None else 0
-        if missing:
-            raise os_error(errno.EOPNOTSUPP, f"data_path={wanted!r}",
-                           missing_features_message(missing, driver=self.transport.name))
+        if self.transport is not None:
+            self._require(PATH_FLAGS[wanted], f"data_path={wanted!r}")
         return wanted
+
+    def _require(self, flags: int, what: str) -> None:
+        """Refuse ``what`` up front where the driver lacks any of ``flags`` (UBLK_F_*),
+        naming the kernel version that brings them."""
+        missing = flags & ~self.transport.features()
+        if missing:
+            raise os_error(errno.EOPNOTSUPP, what,
+                           missing_features_message(missing, driver=self.transport.name))
 
     def wanted_flags(self) -> int:
         """The UBLK_F_* flags ADD_DEV will ask for (data path and recovery mode)."""
@@ -271,11 +277,16 @@ class Device:
         if delete:
             t.del_dev(self.dev_id)
 
-    def stop(self) -> None:
-        """Stop and delete the device. In-flight requests complete first; never hangs."""
+    def stop(self, safe: bool = False) -> None:
+        """Stop and delete the device. In-flight requests complete first; never hangs.
+
+        ``safe``: only if the block device is not open (nor mounted): otherwise OSError
+        EBUSY, and the device serves on (TRY_STOP_DEV, Linux 7.0+)."""
         if not self._started:
             self._done.set()       # a serve_forever() still starting up stops right away
             return
+        if safe:
+            self.transport.try_stop_dev(self.dev_id)
         self._started = False
         try:
             self._teardown(delete=True)
@@ -312,10 +323,11 @@ class Device:
         finish what they hold and exit, and the char device is released; recover() resumes."""
         if not self._started:
             raise RuntimeError("device is not started")
+        what = f"quiesce device {self.dev_id}"
+        self._require(uapi.UBLK_F_QUIESCE, what)
         if not self.flags & uapi.UBLK_F_QUIESCE:
-            raise os_error(errno.EOPNOTSUPP, f"quiesce device {self.dev_id}", "it needs a recovery "
-                           "mode (recovery='reissue' or 'fail_io') on a driver with UBLK_F_QUIESCE "
-                           "(Linux 6.16+)")
+            raise os_error(errno.EOPNOTSUPP, what, "it was added without a recovery mode "
+                           "(recovery='reissue' or 'fail_io'; the CLI's --recovery)")
         self.transport.quiesce_dev(self.dev_id)
         for th in self._threads:
             th.join(10)
@@ -326,12 +338,39 @@ class Device:
         # after the queue rings are torn down: return once a new server can recover it
         self._wait_not_live()
 
+    def resize(self, size: int) -> None:
+        """Grow the device to ``size`` bytes while it serves (UPDATE_SIZE, Linux 6.16+): the
+        backend grows first (``Backend.resize``), then the block device; a file system on it
+        can grow after (``resize2fs``). Shrinking is refused: the kernel would take it, but
+        a file system or partition on the device would lose what lies past the new end."""
+        if not self._started:
+            raise RuntimeError("device is not started")
+        b = self.backend
+        what = f"resize device {self.dev_id} to {size} bytes"
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % b.block_size:
+            raise ValueError(f"{what}: the size must be a positive multiple of the block size "
+                             f"{b.block_size}")
+        if size < b.size:
+            raise ValueError(f"{what}: shrinking is refused (it is {b.size} bytes): a file "
+                             "system or partition on it would lose what lies past the new end")
+        self._require(uapi.UBLK_F_UPDATE_SIZE, what)
+        if size > b.size:
+            try:
+                b.resize(size)
+            except BackendError as exc:
+                raise os_error(exc.errno, what, exc.args[1]) from None
+            except OSError as exc:
+                raise os_error(exc.errno or errno.EIO, what, exc.strerror) from None
+        self.transport.update_size(self.dev_id, size >> uapi.SECTOR_SHIFT)
+
     def recover(self) -> "Device":
         """Take over a device whose server died (needs recovery=...): re-serve it with this backend."""
         self._check_open()
         t = self.transport
         t.start_user_recovery(self.dev_id)
-        self._take_shape(t.dev_info(self.dev_id))
+        info = t.dev_info(self.dev_id)
+        self.flags = info.flags        # what it was added with: quiesce() needs to know
+        self._take_shape(info)
         self._errors = []
         self._spawn_queues()
         t.end_user_recovery(self.dev_id)

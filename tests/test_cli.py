@@ -28,7 +28,8 @@ def run(*args: str, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=60, cwd=REPO, env=env)
 
 
-@pytest.mark.parametrize("sub", [[], ["add"], ["list"], ["del"], ["recover"], ["features"]])
+@pytest.mark.parametrize("sub", [[], ["add"], ["list"], ["del"], ["recover"], ["features"],
+                                 ["quiesce"], ["upgrade"], ["resize"]])
 def test_help_everywhere(sub):
     res = run(*sub, "--help")
     assert res.returncode == 0, res.stderr
@@ -65,6 +66,10 @@ def test_help_lists_each_targets_options(sub):
     (["add", "-t", "memory", "--max-io", "big"], "bad size 'big'"),
     (["list", "--nope"], "unrecognized arguments: --nope"),
     (["recover"], "required: -n/--number"),
+    (["quiesce"], "required: -n/--number"),
+    (["upgrade", "-n", "1", "-t", "loop"], "unrecognized arguments: -t loop"),
+    (["resize", "-n", "1"], "required: -s/--size"),
+    (["resize", "-n", "1", "-s", "huge"], "bad size 'huge'"),
 ])
 def test_argument_errors(args, needle):
     res = run(*args)

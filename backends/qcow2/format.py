@@ -17,6 +17,7 @@ import numpy as np
 __all__ = [
     "Qcow2Error", "Header", "parse_header", "read_header", "build_header", "corrupt",
     "check_entries", "check_in_file", "HEADER_REFTABLE_FIELDS", "HEADER_AUTOCLEAR",
+    "HEADER_SIZE_FIELD", "HEADER_L1_FIELDS",
     "MAGIC", "OFFSET_MASK", "L1_RESERVED_MASK", "L2_RESERVED_MASK", "OFLAG_COPIED",
     "OFLAG_COMPRESSED", "OFLAG_ZERO", "MAX_L1_BYTES", "MAX_REFTABLE_BYTES",
     "MIN_CLUSTER_BITS", "MAX_CLUSTER_BITS", "REFCOUNT_ORDER", "HEADER_V3_LENGTH",
@@ -55,6 +56,8 @@ MAX_REFTABLE_BYTES = 8 << 20
 MAX_BACKING_NAME = 1023
 
 # header fields rewritten in place (byte offsets)
+HEADER_SIZE_FIELD = 24  # size (u64)
+HEADER_L1_FIELDS = 36  # l1_size (u32), l1_table_offset (u64)
 HEADER_REFTABLE_FIELDS = 48  # refcount_table_offset (u64), refcount_table_clusters (u32)
 HEADER_AUTOCLEAR = 88  # autoclear_features (u64)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 import threading
 from typing import Any, Iterator
 
@@ -40,7 +41,7 @@ import numpy as np
 
 from . import fileio, layout
 from .format import (
-    HEADER_AUTOCLEAR, OFLAG_COPIED, OFLAG_ZERO, Header, Qcow2Error, corrupt, read_header,
+    HEADER_AUTOCLEAR, HEADER_SIZE_FIELD, OFLAG_COPIED, OFLAG_ZERO, Header, Qcow2Error, corrupt, read_header,
 )
 from .l2 import DATA, UNALLOC, ZERO, ClusterMap, l1_range, load_l1
 from .refcount import Refcounts, load_reftable
@@ -541,6 +542,23 @@ class Qcow2Image:
         self._map.set_entry(l2off, t, i, target)
         if c:
             self._refs.release(c)
+
+    # ---------------------------------------------------------------- resizing
+    def resize(self, size: int) -> None:
+        """Grow the virtual disk to ``size`` bytes, as ``qemu-img resize`` does: the L1
+        table moves to a larger one when the new size needs more entries, then the header
+        takes the new size; the new part reads as zeros (or from the backing file, as far
+        as it reaches). Shrinking is refused: it would drop the data past the new end."""
+        with self._lock:
+            self._check_open()
+            self._check_writable()
+            if isinstance(size, int) and size < self._size:
+                raise ValueError(f"cannot shrink {self._path!r} from {self._size} to {size} "
+                                 "bytes: only growing is supported")
+            entries = layout.check_new_image(size, self._cb, None)
+            self._map.grow_l1(entries)
+            fileio.pwrite_all(self._fd, struct.pack(">Q", size), HEADER_SIZE_FIELD)
+            self._size = size
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else ("ro" if self._readonly else "rw")

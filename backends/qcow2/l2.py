@@ -5,13 +5,15 @@ memory (``fileio.store_entry``)."""
 from __future__ import annotations
 
 import errno
+import os
+import struct
 
 import numpy as np
 
 from . import fileio
 from .cache import TableCache
 from .format import (
-    L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    HEADER_L1_FIELDS, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
     OFLAG_ZERO, Header, Qcow2Error, check_entries, check_in_file, corrupt,
 )
 from .refcount import Refcounts
@@ -193,6 +195,29 @@ class ClusterMap:
                 raise corrupt(f"L2 table at {off:#x} is shared (refcount != 1)")
             self._set_l1(l1i, off | OFLAG_COPIED)
         return off, self._tables.get(off), vc & self._l2_mask
+
+    def grow_l1(self, entries: int) -> None:
+        """Give the L1 table at least ``entries`` entries: a larger table (it must be
+        contiguous) appended at the end of the file, holding the current entries."""
+        if entries <= len(self._l1):
+            return
+        cb, cs = self._cb, self._cs
+        n = -(-entries * 8 // cs)
+        first = self._refs.alloc_run(n)
+        for c in range(first, first + n):
+            self._refs.mark_meta(c)
+        table = np.zeros(n * cs // 8, dtype=">u8")
+        table[:len(self._l1)] = self._l1
+        fileio.pwrite_all(self._fd, table.tobytes(), first << cb)
+        # The new table is durable before the header switches to it, and the old one is
+        # freed only after: a crash or a power loss leaves one whole table in force.
+        os.fsync(self._fd)
+        old = range(self._l1_off >> cb, (self._l1_off + len(self._l1) * 8 + cs - 1) >> cb)
+        fileio.pwrite_all(self._fd, struct.pack(">IQ", entries, first << cb), HEADER_L1_FIELDS)
+        self._l1, self._l1_off = table[:entries], first << cb
+        for c in old:
+            # not reused in this session: the clusters it had at open stay metadata here
+            self._refs.set(c, 0)
 
     def set_entry(self, off: int, t: np.ndarray, i: int, value: int) -> None:
         """Set entry ``i`` of the L2 table ``t`` at file offset ``off``."""

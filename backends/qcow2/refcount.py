@@ -209,6 +209,25 @@ class Refcounts:
         else:
             self._freed.append(c)
 
+    def alloc_run(self, n: int) -> int:
+        """Return the first of ``n`` clusters in a row appended at the end of the file, each
+        with refcount 1 (on disk): for a table, which must be contiguous. Freed clusters
+        are not used; a refcount block placed among them starts the run again, and the
+        clusters before it are released for reuse."""
+        freed, self._freed = self._freed, []
+        try:
+            run = [self.alloc()]
+            while len(run) < n:
+                c = self.alloc()
+                if c != run[-1] + 1:
+                    for old in run:
+                        self.release(old)
+                    run = []
+                run.append(c)
+        finally:
+            self._freed = freed + self._freed
+        return run[0]
+
     def release(self, c: int) -> None:
         """Drop one reference to cluster ``c``; once none is left, reuse it.
 

@@ -115,6 +115,12 @@ class Transport(abc.ABC):
         """STOP_DEV: the block device goes away, the queues' commands are aborted."""
 
     @abc.abstractmethod
+    def try_stop_dev(self, dev_id: int) -> None:
+        """TRY_STOP_DEV (UBLK_F_SAFE_STOP_DEV, Linux 7.0+): STOP_DEV unless the block device
+        is open (a mount holds it open too): then EBUSY, and the device serves on. A device
+        without a block device (not started, or stopped) is ENODEV."""
+
+    @abc.abstractmethod
     def del_dev(self, dev_id: int, timeout: float = 10.0) -> None:
         """Release the server side, then DEL_DEV."""
 
@@ -137,7 +143,10 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def update_size(self, dev_id: int, sectors: int) -> None:
-        """UPDATE_SIZE of a live device (UBLK_F_UPDATE_SIZE)."""
+        """UPDATE_SIZE (UBLK_F_UPDATE_SIZE, Linux 6.16+): the block device's capacity becomes
+        ``sectors`` at once, in any state, whatever flags the device was added with (the
+        kernel neither checks them nor refuses a smaller size: keeping the data behind it is
+        the caller's business); ENODEV without a block device (not started, or stopped)."""
 
     @abc.abstractmethod
     def dev_info(self, dev_id: int) -> DevInfo:

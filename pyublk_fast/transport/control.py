@@ -52,6 +52,10 @@ _COMMAND_NEEDS: dict[str, int | str] = {
 }
 
 
+#: Commands on a device's block device: ENODEV also when it has none (not started, stopped).
+_NEED_DISK = ("UPDATE_SIZE", "QUIESCE_DEV", "TRY_STOP_DEV")
+
+
 # ---- errors ------------------------------------------------------------------------
 class UblkCommandError(OSError):
     """A control command failed in the kernel: ``errno``, ``command`` and ``hint``."""
@@ -124,6 +128,9 @@ def hint_for(command: str, err: int, dev_id: int | None = None,
         return (f"kernel {kernel_release()} does not support {command}: needs "
                 f"{_needs(command)} (kernels before 6.4 also refuse ioctl-encoded commands)")
     if err == errno.ENODEV and dev_id is not None:
+        if command in _NEED_DISK:
+            return (f"there is no ublk device {dev_id}, or it has no block device (not "
+                    "started, or stopped)")
         return f"there is no ublk device {dev_id} (see /sys/class/ublk-char/)"
     if err == errno.EPERM:
         if command == "ADD_DEV":
@@ -169,8 +176,9 @@ def hint_for(command: str, err: int, dev_id: int | None = None,
             return "set parameters first (SET_PARAMS with basic)"
     if command == "GET_QUEUE_AFFINITY" and err == errno.EINVAL:
         return "queue_id is out of range for this device"
-    if command == "UPDATE_SIZE" and err == errno.EINVAL:
-        return "the device must be LIVE and added with UBLK_F_UPDATE_SIZE"
+    if command == "TRY_STOP_DEV" and err == errno.EBUSY:
+        return (f"/dev/ublkb{dev_id} is open or mounted: close or unmount it first (STOP_DEV "
+                "stops it anyway)")
     if err == errno.EBUSY:
         return "the device is busy (being started, stopped or recovered); retry later"
     return ""
@@ -480,8 +488,13 @@ class UblkControl:
         """Remove /dev/ublkbN and abort the server's outstanding commands."""
         self._execute("STOP_DEV", _dev(dev_id), unprivileged=unprivileged)
 
+    def try_stop_dev(self, dev_id: int, unprivileged: bool | None = None) -> None:
+        """STOP_DEV unless /dev/ublkbN is open: then EBUSY (UBLK_F_SAFE_STOP_DEV, Linux 7.0+)."""
+        self._execute("TRY_STOP_DEV", _dev(dev_id), unprivileged=unprivileged)
+
     def update_size(self, dev_id: int, sectors: int, unprivileged: bool | None = None) -> None:
-        """Resize a LIVE device to ``sectors`` 512-byte sectors (UBLK_F_UPDATE_SIZE)."""
+        """Set a started device's capacity to ``sectors`` 512-byte sectors
+        (UBLK_F_UPDATE_SIZE, Linux 6.16+)."""
         _check_int("sectors", sectors, 0, (1 << 64) - 1)
         self._execute("UPDATE_SIZE", _dev(dev_id), data0=sectors, unprivileged=unprivileged)
 

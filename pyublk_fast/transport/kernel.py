@@ -289,16 +289,27 @@ class KernelTransport(Transport):
             c._execute("END_USER_RECOVERY", dev_id, data0=os.getpid(),
                        unprivileged=self._form(dev_id))
 
+    def _require(self, flag: int, command: str) -> None:
+        """Refuse ``command`` up front where the kernel lacks ``flag``, naming the version
+        that has it."""
+        if not self.features() & flag:
+            raise os_error(errno.EOPNOTSUPP, command, missing_features_message(flag))
+
     def update_size(self, dev_id: int, sectors: int) -> None:
-        """UPDATE_SIZE of a live device (UBLK_F_UPDATE_SIZE)."""
-        self.ctrl.update_size(dev_id, sectors)
+        """UPDATE_SIZE (6.16+, UBLK_F_UPDATE_SIZE): refused up front where the kernel lacks it."""
+        self._require(uapi.UBLK_F_UPDATE_SIZE, "UPDATE_SIZE")
+        self.ctrl.update_size(dev_id, sectors, unprivileged=self._form(dev_id))
+
+    def try_stop_dev(self, dev_id: int) -> None:
+        """TRY_STOP_DEV (7.0+, UBLK_F_SAFE_STOP_DEV): refused up front where the kernel lacks it."""
+        self._require(uapi.UBLK_F_SAFE_STOP_DEV, "TRY_STOP_DEV")
+        self.ctrl.try_stop_dev(dev_id, unprivileged=self._form(dev_id))
 
     def quiesce_dev(self, dev_id: int, timeout: float = 10.0) -> None:
         """QUIESCE_DEV (6.16+, UBLK_F_QUIESCE): refused up front where the kernel lacks it.
         It waits in the kernel for the queues to give their commands back, hence a ring
         of its own with a timeout."""
-        if not self.features() & uapi.UBLK_F_QUIESCE:
-            raise os_error(errno.EOPNOTSUPP, "QUIESCE_DEV", missing_features_message(uapi.UBLK_F_QUIESCE))
+        self._require(uapi.UBLK_F_QUIESCE, "QUIESCE_DEV")
         with self._oneshot(timeout) as c:
             # data[0]: how long the kernel may wait for the queues, in ms (0 would be forever)
             c._execute("QUIESCE_DEV", dev_id, data0=max(1, int(timeout * 1000)),

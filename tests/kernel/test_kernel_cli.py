@@ -12,6 +12,7 @@ import time
 import pytest
 
 from kernel_fixtures import MiB, cli, fio, kt, make_backend  # noqa: F401
+from pyublk_fast import uapi
 from pyublk_fast.device import Device
 from pyublk_fast.transport.kernel import KernelTransport
 from pyublk_fast.util import kernel_release, wait_for_path, wait_until
@@ -160,12 +161,21 @@ def test_teardown_with_block_device_open(kt, tmp_path):
         os.close(fd)
 
 
-def test_cli_del_with_block_device_open(env):
+def test_cli_del_with_block_device_open(env, kt):
+    """`del` refuses while the block device is open (TRY_STOP_DEV, 7.0+) and the device
+    serves on; `del --force` deletes it all the same, at once."""
+    if not kt.features() & uapi.UBLK_F_SAFE_STOP_DEV:
+        pytest.skip(f"kernel {kernel_release()} lacks SAFE_STOP_DEV (7.0): `del` sees mounts only")
     dev_id, path = _add(env, "-t", "null")
     with open(path, "rb") as held:
         held.read(4096)
-        t0 = time.monotonic()
         res = cli("del", "-n", str(dev_id), env=env, timeout=30)
+        assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+        assert f"device {dev_id} ({path}) is open" in res.stderr and "--force" in res.stderr
+        assert kt.dev_info(dev_id).state == uapi.UBLK_S_DEV_LIVE
+        assert len(os.pread(held.fileno(), 4096, 1 << 20)) == 4096
+        t0 = time.monotonic()
+        res = cli("del", "-n", str(dev_id), "--force", env=env, timeout=30)
         assert res.returncode == 0, res.stderr
         assert time.monotonic() - t0 < 20
     assert wait_for_path(f"/dev/ublkc{dev_id}", False, 10)

@@ -56,12 +56,15 @@ cdef struct SimDev:
     int depth
     int first_q
     uint64_t flags
-    uint64_t size
+    uint64_t sectors              # the capacity SET_PARAMS / UPDATE_SIZE gave (GET_PARAMS' dev_sectors)
+    uint64_t size                 # the same in bytes, saturated: what requests are checked against
     uint32_t lbs_shift
     uint32_t max_io_bytes
     uint32_t attrs
     int discard                   # the discard part of the params was set
     int inflight
+    int openers                   # opens of /dev/ublkbN (fronts) not closed yet
+    uint32_t disk_gen             # tells this device's fronts from those of an earlier one of its id
     SimQueue *qbase               # this device's queues (for the user-copy / splice entry points)
     Req *reqs
 
@@ -117,6 +120,7 @@ cdef class SimDriver:
     cdef object _ready
     cdef uint64_t msg_failures
     cdef uint64_t rng_state
+    cdef uint32_t disk_gens        # devices added so far (SimDev.disk_gen)
     cdef bint random_tags
     cdef int64_t spin_ns
 
@@ -133,6 +137,7 @@ cdef class SimDriver:
     cdef _run_control(self)
     cdef server_gone_hard(self, int d)
     cdef _init_queue(self, int qi, int d, int q_id, int depth)
+    cdef void _set_capacity(self, SimDev *dev, uint64_t sectors) noexcept
     cdef SimDev *_dev(self, int d, str what) except NULL
     cdef void fail_inflight(self, SimQueue *q, int32_t res) noexcept nogil
     cdef void release_tag(self, SimQueue *q, int tag) noexcept nogil

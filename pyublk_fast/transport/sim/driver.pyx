@@ -21,7 +21,7 @@ cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
-from libc.errno cimport (EINVAL, EIO, ENODEV, EBUSY, EAGAIN, EACCES, EOPNOTSUPP, ENOSPC, EEXIST,
+from libc.errno cimport (EINVAL, EIO, ENODEV, ENOENT, EBUSY, EAGAIN, EACCES, EOPNOTSUPP, ENOSPC, EEXIST,
                          ETIMEDOUT, ENOLINK, ENODATA, EILSEQ, ENOMEM, EROFS, EREMOTEIO, EBADE)
 
 from pyublk_fast._core.liburing cimport (io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit,
@@ -60,10 +60,14 @@ SIM_FEATURES = (uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_NEED_GET_DATA
                 | uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
                 | uapi.UBLK_F_CMD_IOCTL_ENCODE | uapi.UBLK_F_USER_COPY
                 | uapi.UBLK_F_USER_RECOVERY_FAIL_IO | uapi.UBLK_F_UPDATE_SIZE
-                | uapi.UBLK_F_SUPPORT_ZERO_COPY | uapi.UBLK_F_QUIESCE | uapi.SIM_F_SPLICE_ZC)
+                | uapi.UBLK_F_SUPPORT_ZERO_COPY | uapi.UBLK_F_QUIESCE | uapi.UBLK_F_SAFE_STOP_DEV
+                | uapi.SIM_F_SPLICE_ZC)
 # Flags a 7.x kernel's ADD_DEV grants even when not asked for (on 7.2: 0x26042, i.e. COMP_IN_TASK,
 # CMD_IOCTL_ENCODE, PER_IO_DAEMON, BUF_REG_OFF_DAEMON, SAFE_STOP_DEV), limited to what we model.
-SIM_ALWAYS_SET = uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_CMD_IOCTL_ENCODE
+SIM_ALWAYS_SET = (uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_CMD_IOCTL_ENCODE
+                  | uapi.UBLK_F_SAFE_STOP_DEV)
+#: The largest capacity in sectors whose size in bytes fits the request checks' u64.
+cdef uint64_t MAX_SECTORS = (<uint64_t>1 << 55) - 1
 
 
 cdef inline bint is_copy_path(const SimDev *d) noexcept nogil:
@@ -576,6 +580,8 @@ cdef class SimDriver:
         dev.flags = granted
         dev.max_io_bytes = max_io_bytes
         dev.lbs_shift = 9
+        self.disk_gens += 1
+        dev.disk_gen = self.disk_gens
         dev.qbase = &self.queues[first]
         dev.reqs = self.reqs
         for qi in range(first, first + nr_queues):
@@ -630,7 +636,7 @@ cdef class SimDriver:
             raise OSError(EINVAL, f"SET_PARAMS: size {size} is not a multiple of the block size")
         if max_sectors and (<uint64_t>max_sectors << 9) > dev.max_io_bytes:
             raise OSError(EINVAL, "SET_PARAMS: max_sectors exceeds max_io_buf_bytes")
-        dev.size = size
+        self._set_capacity(dev, size >> 9)
         dev.lbs_shift = lbs_shift
         dev.attrs = attrs
         dev.discard = discard
@@ -751,8 +757,10 @@ cdef class SimDriver:
         if not dev.flags & F_QUIESCE:
             raise OSError(EOPNOTSUPP, "QUIESCE_DEV: needs a device added with UBLK_F_QUIESCE "
                                       "(and UBLK_F_USER_RECOVERY)")
-        if not dev.started or dev.state != S_LIVE:
-            raise OSError(EINVAL, f"QUIESCE_DEV: device {d} is not live (state {dev.state})")
+        if not dev.started or dev.state == S_DEAD:
+            raise OSError(ENODEV, f"QUIESCE_DEV: device {d} has no disk (not started, or stopped)")
+        if dev.state != S_LIVE:
+            return                    # QUIESCED or FAIL_IO already: the kernel answers 0
         dev.state = S_QUIESCED
         for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
             self.abort_ready(&self.queues[qi])
@@ -760,19 +768,50 @@ cdef class SimDriver:
     def get_params(self, int d):
         """GET_PARAMS (basic part): size, block size, attributes, max_sectors."""
         dev = self._dev(d, "GET_PARAMS")
-        return dict(dev_sectors=dev.size >> 9, logical_bs_shift=dev.lbs_shift, attrs=dev.attrs,
+        return dict(dev_sectors=dev.sectors, logical_bs_shift=dev.lbs_shift, attrs=dev.attrs,
                     max_sectors=dev.max_io_bytes >> 9)
 
     def update_size(self, int d, uint64_t sectors):
+        """UPDATE_SIZE: the disk's capacity becomes ``sectors``, larger or smaller, in any
+        state and whatever flags the device was added with, as the kernel takes it: only a
+        device without a disk (never started, or stopped) is refused."""
         dev = self._dev(d, "UPDATE_SIZE")
-        if not dev.flags & uapi.UBLK_F_UPDATE_SIZE:
-            raise OSError(EINVAL, "UPDATE_SIZE: device was added without UBLK_F_UPDATE_SIZE")
-        dev.size = sectors << 9
+        if not dev.started:
+            raise OSError(ENODEV, f"UPDATE_SIZE: device {d} has no disk (not started, or stopped)")
+        self._set_capacity(dev, sectors)
+
+    cdef void _set_capacity(self, SimDev *dev, uint64_t sectors) noexcept:
+        dev.sectors = sectors
+        dev.size = min(sectors, MAX_SECTORS) << 9
+
+    def try_stop_dev(self, int d):
+        """TRY_STOP_DEV (SAFE_STOP_DEV): STOP_DEV, unless /dev/ublkbN is open (EBUSY, and
+        nothing changes); a device without a disk is ENODEV."""
+        dev = self._dev(d, "TRY_STOP_DEV")
+        if not dev.started:
+            raise OSError(ENODEV, f"TRY_STOP_DEV: device {d} has no disk (not started, or stopped)")
+        if dev.openers:
+            raise OSError(EBUSY, f"TRY_STOP_DEV: /dev/ublkb{d} is open ({dev.openers} openers)")
+        return self.stop_dev(d)
+
+    def open_disk(self, int d):
+        """A front opens /dev/ublkbN: counted until close_disk (TRY_STOP_DEV refuses while
+        any is open); returns the token close_disk takes."""
+        dev = self._dev(d, f"open /dev/ublkb{d}")
+        if not dev.started:
+            raise OSError(ENOENT, f"open /dev/ublkb{d}: the device is not started")
+        dev.openers += 1
+        return dev.disk_gen
+
+    def close_disk(self, int d, uint32_t gen):
+        """A front of open_disk's token closes (nothing if its device is gone meanwhile)."""
+        if 0 <= d < self.max_devs and self.devs[d].present and self.devs[d].disk_gen == gen:
+            self.devs[d].openers -= 1
 
     def dev_info(self, int d):
         dev = self._dev(d, "GET_DEV_INFO")
         return dict(dev_id=d, nr_hw_queues=dev.nr_queues, queue_depth=dev.depth, state=dev.state,
-                    max_io_buf_bytes=dev.max_io_bytes, flags=dev.flags, size=dev.size,
+                    max_io_buf_bytes=dev.max_io_bytes, flags=dev.flags, size=(<object>dev.sectors) << 9,
                     logical_block_size=1 << dev.lbs_shift, attrs=dev.attrs, started=bool(dev.started),
                     inflight=dev.inflight, server_alive=bool(dev.server_alive))     # DevInfo's fields
 

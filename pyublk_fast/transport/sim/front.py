@@ -58,12 +58,26 @@ class SimBlockDevice:
         self._slots = transport.front_slots.take(slots)
         self._ring = Ring(512, cq_entries=1024)
         self._lock = threading.Lock()
+        self._opened = None
+        d = transport.driver
+        try:
+            # the driver counts opens, as the block layer does (TRY_STOP_DEV refuses while any)
+            self._opened = d.call(d.open_disk, dev_id)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self):
         if self._ring is not None:
             self._ring.close()
             self._ring = None
             self.transport.front_slots.give(self._slots)
+            if self._opened is not None:
+                d = self.transport.driver
+                try:
+                    d.call(d.close_disk, self.dev_id, self._opened)
+                except RuntimeError:         # the driver was shut down first: nothing to count
+                    pass
 
     def __enter__(self):
         return self

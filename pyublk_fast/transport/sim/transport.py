@@ -69,6 +69,9 @@ class SimTransport(Transport):
     def stop_dev(self, dev_id: int):
         return self.driver.call(self.driver.stop_dev, dev_id)
 
+    def try_stop_dev(self, dev_id: int):
+        self.driver.call(self.driver.try_stop_dev, dev_id)
+
     def del_dev(self, dev_id: int, timeout: float = 10.0):
         deadline = time.monotonic() + timeout
         while True:

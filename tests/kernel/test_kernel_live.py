@@ -1,0 +1,162 @@
+"""Live operations of the CLI on a real kernel: `upgrade` under fio with crc32c verify, and
+`resize` of a loop device under a mounted ext4 (grown online by resize2fs), after which
+`del` refuses while it is mounted and deletes it once unmounted."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from kernel_fixtures import (MiB, cli_add, cli_env, cli_in_fork, fio_result,  # noqa: F401
+                             fio_start, kt, server_logs, server_pid, skip_unless_kernel_has,
+                             writes_completed)
+from pyublk_fast import uapi
+from pyublk_fast.device import RECOVERY_MODES
+from pyublk_fast.transport.kernel import pid_alive
+from pyublk_fast.util import kernel_release, wait_for_path, wait_until
+
+TIMEOUT = 120
+JOB_SIZE = 16 * MiB
+UPGRADE_AT = 800          # of the job's 4096 writes (about 4 s): under way, most still to come
+
+
+def _image(tmp_path, size: int) -> str:
+    img = str(tmp_path / "disk.img")
+    with open(img, "wb") as fh:
+        fh.truncate(size)
+    return img
+
+
+def _no_failed_requests(env) -> None:
+    logs = server_logs(env)
+    assert not re.search(r"queue \d+: .* failed: ", logs), logs
+
+
+def test_upgrade_under_fio(cli_env, kt, tmp_path):
+    """`upgrade` while fio writes with crc32c headers: a new server takes over the device
+    with writes still to come, fio sees no error and every block reads back verified.
+    `upgrade` runs by the CLI's main() in a fork of this process, as the kill matrix's
+    commands do: a new interpreter's start would outlast the job under TCG, and the new
+    server is the same either way, forked from the command's own process (a command of
+    a newer pyublk_fast starts a server of that version)."""
+    skip_unless_kernel_has(kt, uapi.UBLK_F_QUIESCE | RECOVERY_MODES["reissue"], "upgrade")
+    dev_id, path = cli_add(cli_env, "-t", "loop", "-f", _image(tmp_path, 32 * MiB), "-q", "2",
+                           "--recovery")
+    old = server_pid(cli_env, dev_id)
+    writer = fio_start("--name=up", f"--filename={path}", "--rw=randwrite", "--bs=4k",
+                       f"--size={JOB_SIZE}", "--iodepth=32", "--ioengine=io_uring", "--direct=1",
+                       "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--rate_iops=1000")
+    try:
+        assert wait_until(lambda: writer.poll() is not None or
+                          writes_completed(dev_id) >= UPGRADE_AT, TIMEOUT, 0.01)
+        assert writer.poll() is None, "fio finished before the upgrade: make the job longer"
+        res = cli_in_fork(cli_env, "upgrade", "-n", str(dev_id), timeout=TIMEOUT)
+        assert res.returncode == 0, res.stdout + res.stderr + server_logs(cli_env)
+        assert res.stdout.strip() == path
+        after_upgrade = writes_completed(dev_id)
+        assert after_upgrade < JOB_SIZE // 4096, "fio wrote everything before the new server"
+        job = fio_result(writer)["jobs"][0]
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert job["error"] == 0 and job["write"]["io_bytes"] == JOB_SIZE, job
+    assert job["read"]["io_bytes"] == JOB_SIZE                  # every block verified
+    new = server_pid(cli_env, dev_id)
+    info = kt.dev_info(dev_id)
+    assert new != old and not pid_alive(old) and info.pid == new
+    assert info.state == uapi.UBLK_S_DEV_LIVE and info.flags & uapi.UBLK_F_QUIESCE
+    assert writes_completed(dev_id) == JOB_SIZE // 4096       # the rest by the new server
+    _no_failed_requests(cli_env)
+    res = cli_in_fork(cli_env, "del", "-n", str(dev_id))
+    assert res.returncode == 0, res.stderr
+    assert wait_for_path(f"/dev/ublkc{dev_id}", False, 10)
+
+
+def _sh(*cmd: str) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, f"{' '.join(cmd)}: exit {res.returncode}\n{res.stdout}{res.stderr}"
+    return res.stdout
+
+
+def _write_file(path, size: int) -> str:
+    """A file of distinct 1 MiB blocks, fsynced; its sha256."""
+    h = hashlib.sha256()
+    block = bytearray(os.urandom(MiB))
+    with open(path, "wb") as fh:
+        for i in range(size // MiB):
+            block[:8] = i.to_bytes(8, "little")
+            fh.write(block)
+            h.update(block)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return h.hexdigest()
+
+
+def _digests(root) -> dict[str, str]:
+    """sha256 of every file, read from the device (the page cache dropped first)."""
+    with open("/proc/sys/vm/drop_caches", "w") as fh:
+        fh.write("3\n")
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir())
+            if p.is_file()}
+
+
+def test_resize_under_mounted_ext4_then_safe_del(cli_env, kt, tmp_path):
+    """A 64 MiB loop device carrying a mounted ext4 grows to 160 MiB (`resize`: the file and
+    the block device), resize2fs grows the file system online, and a file larger than the
+    old device fits; the files read back intact. `del` then refuses in one line naming the
+    device, its mount and --force, and the device serves on; after umount (fsck clean)
+    `del` deletes it."""
+    skip_unless_kernel_has(kt, uapi.UBLK_F_UPDATE_SIZE | uapi.UBLK_F_SAFE_STOP_DEV,
+                           "resize and safe del")
+    for tool in ("mkfs.ext4", "resize2fs", "fsck.ext4"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} missing: apt-get install e2fsprogs")
+    subprocess.run(["modprobe", "-q", "ext4"], capture_output=True, check=False)
+    with open("/proc/filesystems") as fh:
+        if "ext4" not in fh.read():
+            pytest.skip(f"kernel {kernel_release()} has no ext4 (modprobe ext4 failed)")
+    img = _image(tmp_path, 64 * MiB)
+    dev_id, path = cli_add(cli_env, "-t", "loop", "-f", img)
+    _sh("mkfs.ext4", "-q", "-F", path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    _sh("mount", path, str(mnt))
+    mounted = True
+    try:
+        want = {"before": _write_file(mnt / "before", 24 * MiB)}
+        res = cli_in_fork(cli_env, "resize", "-n", str(dev_id), "-s", "32M")
+        assert res.returncode == 1 and "shrinking is refused" in res.stderr, res.stderr
+        res = cli_in_fork(cli_env, "resize", "-n", str(dev_id), "-s", "160M")
+        assert res.returncode == 0 and res.stdout == f"{path}: 160m\n", res.stdout + res.stderr
+        assert os.path.getsize(img) == 160 * MiB
+        with open(f"/sys/block/ublkb{dev_id}/size") as fh:
+            assert int(fh.read()) * 512 == 160 * MiB
+        _sh("resize2fs", path)
+        st = os.statvfs(mnt)
+        assert st.f_blocks * st.f_frsize > 128 * MiB
+        want["after"] = _write_file(mnt / "after", 96 * MiB)      # more than the old device
+        assert _digests(mnt) == want
+
+        res = cli_in_fork(cli_env, "del", "-n", str(dev_id))
+        assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+        assert f"device {dev_id} ({path}) is mounted on {mnt}" in res.stderr, res.stderr
+        assert f"del -n {dev_id} --force" in res.stderr
+        assert kt.dev_info(dev_id).state == uapi.UBLK_S_DEV_LIVE
+        assert pid_alive(server_pid(cli_env, dev_id))
+        assert _digests(mnt) == want
+        _sh("umount", str(mnt))
+        mounted = False
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mnt)], capture_output=True, timeout=TIMEOUT)
+    _sh("fsck.ext4", "-fn", path)
+    res = cli_in_fork(cli_env, "del", "-n", str(dev_id))
+    assert res.returncode == 0, res.stderr
+    assert wait_for_path(f"/dev/ublkc{dev_id}", False, 10)
+    assert dev_id not in kt.list_devs()
+    _no_failed_requests(cli_env)
