@@ -53,7 +53,10 @@ setup(
                   "pyublk_fast.bench": ["*.c"]},
     ext_modules=cythonize(
         [ext(m) for m in modules()],
-        compiler_directives={"language_level": "3", "embedsignature": True},
+        # signatures in the docstrings (for help() and the API reference) in Python's
+        # notation; this only writes docstrings, the generated code is the same
+        compiler_directives={"language_level": "3", "embedsignature": True,
+                             "embedsignature.format": "python"},
         include_path=["."],
     ),
     zip_safe=False,
