@@ -3,11 +3,11 @@ the wheel; the wheel goes into a fresh virtual environment, and everything runs 
 from a directory outside the source tree.
 
 Built once per session (a minute or two: Cython and the C compiler over every module).
-The venv is made without pip or packages of its own: a .pth file adds the site
-directories of the interpreter running the tests, so numpy, rich, pip and setuptools
-come from there (installed by tools/dev.sh) and nothing is downloaded. That interpreter
-may have this tree installed editable (dev.sh does so), so every check that matters
-first makes sure the imported package is the wheel's.
+The venv gets no package from the network: a directory of links to the distributions
+the wheel's metadata requires (and theirs), taken from the interpreter running the
+tests, stands in for them, plus the tools the checks use (pip, setuptools, wheel,
+Cython). Nothing else of that interpreter is visible (not the editable install of this
+tree that dev.sh makes), so an undeclared dependency fails here as on a fresh machine.
 """
 from __future__ import annotations
 
@@ -23,9 +23,12 @@ import textwrap
 import time
 import tomllib
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 pytestmark = pytest.mark.packaging
 
@@ -97,6 +100,41 @@ class Venv:
         self.run("-m", "pip", "install", "--no-index", "-q", *args)
 
 
+#: What the checks themselves run in the venv: pip installs, the third-party packages'
+#: builds (setuptools, wheel; Cython for the native target).
+TOOLS = ("pip", "setuptools", "wheel", "cython")
+
+
+def closure(requirements: list[str]) -> list[metadata.Distribution]:
+    """The installed distributions these requirements name, and all they require in turn
+    (markers evaluated, no extras)."""
+    found: dict[str, metadata.Distribution] = {}
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        if canonicalize_name(req.name) in found:
+            continue
+        dist = metadata.distribution(req.name)
+        found[canonicalize_name(req.name)] = dist
+        todo += [Requirement(r) for r in dist.requires or ()]
+    return list(found.values())
+
+
+def link_distributions(dists: list[metadata.Distribution], into: Path) -> None:
+    """Links in `into` to each distribution's top-level files (packages, modules,
+    .dist-info), so that a directory on sys.path holds exactly these."""
+    into.mkdir()
+    for dist in dists:
+        files = dist.files
+        assert files, f"{dist.metadata['Name']}: no RECORD of its files"
+        for top in {f.parts[0] for f in files if f.parts[0] != ".."}:
+            src = Path(dist.locate_file(top))
+            if src.exists() and not (into / top).exists():
+                (into / top).symlink_to(src)
+
+
 @pytest.fixture(scope="module")
 def venv(dist, tmp_path_factory) -> Venv:
     root = tmp_path_factory.mktemp("venv")
@@ -104,17 +142,13 @@ def venv(dist, tmp_path_factory) -> Venv:
     work = root / "work"
     work.mkdir()
     v = Venv(root / "env", work)
-    outer = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
-    assert outer, sys.path
-    (v.site / "_outer_site.pth").write_text(
-        "".join(f"import site; site.addsitedir({p!r})\n" for p in outer))
-    # the running interpreter may have this tree installed (editable): replace it in here
-    v.pip_install("--no-deps", "--force-reinstall", dist["wheel"])
-    # its dependencies (numpy, rich) are there: the distributions its metadata requires
-    v.run("-c", "from importlib import metadata\n"
-                "for req in metadata.requires('pyublk_fast'):\n"
-                "    if 'extra ==' not in req:\n"
-                "        metadata.version(req.split('>')[0].split('=')[0].strip())")
+    with zipfile.ZipFile(dist["wheel"]) as z:
+        meta = z.read(f"pyublk_fast-{source_version()}.dist-info/METADATA").decode()
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines()
+                if line.startswith("Requires-Dist:")]
+    link_distributions(closure(requires + list(TOOLS)), root / "deps")
+    (v.site / "_deps.pth").write_text(f"{root / 'deps'}\n")
+    v.pip_install(dist["wheel"])           # its dependencies resolve from deps/ alone
     return v
 
 
