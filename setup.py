@@ -13,6 +13,8 @@ from setuptools import Extension, find_packages, setup
 
 DEV = os.environ.get("PYUBLK_DEV") == "1"
 CFLAGS = ["-O2", "-Wno-unused-function"]
+#: Cython and the C compiler run on every CPU (the modules are independent).
+JOBS = len(os.sched_getaffinity(0))
 if DEV:
     CFLAGS += ["-Werror", "-Wall", "-Wno-unreachable-code"]
     CythonOptions.warning_errors = True
@@ -38,6 +40,8 @@ def modules() -> list[str]:
         found.append(path[:-4].replace("/", "."))
     for path in sorted(glob.glob("backends/**/*.pyx", recursive=True)):
         found.append("pyublk_fast.backends." + path[len("backends/"):-4].replace("/", "."))
+    if not found:   # e.g. an sdist that lost its sources: never build a wheel without its C half
+        raise SystemExit("setup.py: no .pyx sources under pyublk_fast/ or backends/")
     return found
 
 
@@ -49,13 +53,23 @@ packages += ["pyublk_fast.backends"] + [
 setup(
     packages=packages,
     package_dir={"pyublk_fast.backends": "backends"},
-    package_data={"pyublk_fast": ["data/*.rules"], "pyublk_fast._core": ["*.pxd", "*.h"],
+    # data/*.rules: the udev rules; .pxd/.h: what a native target written elsewhere cimports; .pyi + py.typed: types
+    # for mypy and editors; nop_qd.c: the bench compiles its NOP reference from it
+    package_data={"pyublk_fast": ["py.typed", "*.pyi", "data/*.rules"],
+                  "pyublk_fast._core": ["*.pxd", "*.h", "*.pyi"],
+                  "pyublk_fast.transport.sim": ["*.pxd"],
                   "pyublk_fast.backends": ["*.pxd"],
-                  "pyublk_fast.bench": ["*.c"]},
+                  "pyublk_fast.bench": ["nop_qd.c"]},
+    include_package_data=False,   # exactly the files above: no .pyx or generated .c in the wheel
     ext_modules=cythonize(
         [ext(m) for m in modules()],
-        compiler_directives={"language_level": "3", "embedsignature": True},
+        # signatures in the docstrings (for help() and the API reference) in Python's
+        # notation; this only writes docstrings, the generated code is the same
+        compiler_directives={"language_level": "3", "embedsignature": True,
+                             "embedsignature.format": "python"},
         include_path=["."],
+        nthreads=JOBS,
     ),
+    options={"build_ext": {"parallel": JOBS}},
     zip_safe=False,
 )

@@ -4,7 +4,7 @@ A handler (read, write, flush, discard, write_zeroes) may be an ``async def``. E
 request then runs as its own task on its queue's thread, and its result goes to the
 driver the moment the coroutine returns, while the queue keeps serving the others.
 Inside, ``current()`` gives the queue's RingIO, whose calls post io_uring operations
-on the queue's own ring and return an ``Op`` to await:
+on the queue's own ring and return an ``Op`` to await::
 
     io = aio.current()
     n = await io.read(fd, buf, offset)              # bytes read (short at EOF)
@@ -26,9 +26,12 @@ asyncio-only libraries with run_in_thread). docs/python-backends.md has the rest
 """
 from ._core.pytask import FixedFile, Op, RingIO, current
 
-#: fallocate() modes (<linux/falloc.h>).
+# fallocate() modes (<linux/falloc.h>).
+#: fallocate(): the file keeps its size.
 KEEP_SIZE = 0x01
+#: fallocate(): free the range (with KEEP_SIZE).
 PUNCH_HOLE = 0x02
+#: fallocate(): make the range read as zeros.
 ZERO_RANGE = 0x10
 
 __all__ = ["current", "RingIO", "Op", "FixedFile", "KEEP_SIZE", "PUNCH_HOLE", "ZERO_RANGE"]

@@ -10,10 +10,15 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+from collections.abc import Awaitable, Callable
 from importlib import metadata
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from .errors import BackendError
+
+#: What a handler returns: None (done), or what completes the request once awaited (an
+#: ``async def`` handler's coroutine, or one ``aio`` operation).
+HandlerResult = Awaitable[object] | None
 
 
 class Request(NamedTuple):
@@ -33,11 +38,16 @@ class Backend:
     size: int = 0
     #: Logical block size in bytes: 512, 1024, 2048 or 4096.
     block_size: int = 512
-    #: Capabilities (read once at start).
+    # Capabilities (read once at start).
+    #: The device refuses writes.
     read_only: bool = False
+    #: The device has a volatile write cache: the kernel sends FLUSH (flush()).
     can_flush: bool = True
+    #: The device takes DISCARD (discard()).
     can_discard: bool = False
+    #: The device takes WRITE_ZEROES (write_zeroes()).
     can_write_zeroes: bool = False
+    #: The device takes FUA writes (a Python backend's write() is then followed by flush()).
     can_fua: bool = False
     #: Data paths it serves besides the buffered ones (copy, need_get_data, user_copy, which
     #: every backend gets): "zero_copy", "splice_zc". A Python backend that declares them
@@ -69,21 +79,23 @@ class Backend:
         raise NotImplementedError(f"{cls.__name__} cannot be built from command-line options: "
                                   "it defines no from_args() classmethod")
 
-    def read(self, offset: int, buf: memoryview) -> None:
+    def read(self, offset: int, buf: memoryview) -> HandlerResult:
         """Fill buf (len(buf) bytes) with the device's contents at offset."""
         raise BackendError(errno.EOPNOTSUPP)
 
-    def write(self, offset: int, data: memoryview) -> None:
+    def write(self, offset: int, data: memoryview) -> HandlerResult:
         """Store data at offset. data is only valid during the call."""
         raise BackendError(errno.EOPNOTSUPP)
 
-    def flush(self) -> None:
+    def flush(self) -> HandlerResult:
         """Make every completed write durable."""
 
-    def discard(self, offset: int, length: int) -> None:
+    def discard(self, offset: int, length: int) -> HandlerResult:
+        """Release the blocks of [offset, offset + length) (declare ``can_discard``)."""
         raise BackendError(errno.EOPNOTSUPP)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
+    def write_zeroes(self, offset: int, length: int) -> HandlerResult:
+        """Make [offset, offset + length) read as zeros (declare ``can_write_zeroes``)."""
         raise BackendError(errno.EOPNOTSUPP)
 
     def handle_batch(self, requests: list[Request]) -> list:
@@ -124,9 +136,12 @@ ENTRY_POINT_GROUP = "pyublk_fast.backends"
 _REGISTRY: dict[str, type] = {}
 
 
-def register(name: str):
+_B = TypeVar("_B", bound=type)
+
+
+def register(name: str) -> Callable[[_B], _B]:
     """Class decorator: make a backend available by name (CLI ``add -t NAME``, bench)."""
-    def deco(cls):
+    def deco(cls: _B) -> _B:
         _REGISTRY[name] = cls
         return cls
     return deco

@@ -3,11 +3,13 @@
 #   tools/dev.sh bench [bench args]   the benchmark (python -m pyublk_fast.bench)
 #   tools/dev.sh test  [pytest args]  host tests, then the real-kernel tests in a qemu VM
 #   tools/dev.sh build                install and build only
+#   tools/dev.sh docs                 the API reference (Sphinx) into build/docs/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(build-essential pkg-config liburing-dev fio qemu-utils e2fsprogs busybox-static)
-PIP_PACKAGES=(wheel "setuptools>=64" "cython>=3.0" "numpy>=1.24" "pytest>=7" "hypothesis>=6" "matplotlib>=3.6" "rich>=13" "prometheus_client>=0.16")
+PIP_PACKAGES=(wheel "setuptools>=64" "cython>=3.0" "numpy>=1.24" "pytest>=7" "hypothesis>=6" "matplotlib>=3.6" "rich>=13" "prometheus_client>=0.16"
+              "build>=1" "sphinx>=7" "mypy>=1.8")
 PY=${PYTHON:-python3}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -44,6 +46,11 @@ run_pytest() {
 case "${1:-}" in
     build) install ;;
     bench) shift; install; exec "$PY" -m pyublk_fast.bench "$@" ;;
+    docs)
+        install
+        "$PY" -m sphinx -W --keep-going -q -b html docs/api build/docs
+        echo "dev.sh: the API reference is in build/docs/index.html"
+        ;;
     test)
         shift; install
         run_pytest -q "$@" tests --ignore=tests/kernel
@@ -54,5 +61,5 @@ case "${1:-}" in
             exit 1
         fi
         ;;
-    *) echo "usage: tools/dev.sh build|bench|test [args]" >&2; exit 2 ;;
+    *) echo "usage: tools/dev.sh build|bench|test|docs [args]" >&2; exit 2 ;;
 esac

@@ -373,7 +373,7 @@ cdef class RingIO:
     # -- blocking code ---------------------------------------------------------------
 
     def run_in_thread(self, fn, *args):
-        """Run fn(*args) on the device's small thread pool; await it for its return value
+        """Run `fn(*args)` on the device's small thread pool; await it for its return value
         (or its exception). The queue keeps serving meanwhile."""
         cdef Op op = self.new_op(K_THREAD, 0)
         self.track(op)
