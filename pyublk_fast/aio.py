@@ -24,7 +24,7 @@ errno, anything else with EIO (logged). A coroutine may await these operations, 
 coroutines and ``asyncio.sleep(0)``; nothing else (no asyncio loop runs here: wrap
 asyncio-only libraries with run_in_thread). docs/python-backends.md has the rest.
 """
-from ._core.pytask import FixedFile, Op, RingIO, current
+from ._core.pytask import FixedFile, Op, RingIO, Unmapped, current
 
 # fallocate() modes (<linux/falloc.h>).
 #: fallocate(): the file keeps its size.
@@ -34,4 +34,4 @@ PUNCH_HOLE = 0x02
 #: fallocate(): make the range read as zeros.
 ZERO_RANGE = 0x10
 
-__all__ = ["current", "RingIO", "Op", "FixedFile", "KEEP_SIZE", "PUNCH_HOLE", "ZERO_RANGE"]
+__all__ = ["current", "RingIO", "Op", "FixedFile", "Unmapped", "KEEP_SIZE", "PUNCH_HOLE", "ZERO_RANGE"]

@@ -52,7 +52,7 @@ class Backend:
     #: Data paths it serves besides the buffered ones (copy, need_get_data, user_copy, which
     #: every backend gets): "zero_copy", "splice_zc". A Python backend that declares them
     #: moves request data only with aio's pread_request/pwrite_request (its handlers get
-    #: buf=None: the request's pages are not mapped into the server).
+    #: an unmapped buf whose len() is the request's: its pages are not in the server).
     data_paths: tuple[str, ...] = ()
     #: The format of the file its ``-f/--file`` option names, if it takes one: "raw" (any
     #: file or block device) or "qcow2". Tools that make scratch devices (the bench) create

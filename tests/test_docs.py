@@ -42,7 +42,7 @@ def page_text(html_dir: Path, page: str) -> str:
     # the compiled module's docstrings and signatures (embedded by Cython)
     ("aio", ["pyublk_fast.aio.current() → RingIO", "class pyublk_fast.aio.RingIO",
              "read(self, fd, buf, offset: int)", "Read into buf (any writable buffer)",
-             "pwrite_request(self, fd, offset: int, at: int = 0, length=None, *, dsync: bool = False)",
+             "pwrite_request(self, fd, offset: int, at=0, length=None, *, dsync: bool = False)",
              "run_in_thread(self, fn, *args)", "class pyublk_fast.aio.Op", "class pyublk_fast.aio.FixedFile",
              "pyublk_fast.aio.PUNCH_HOLE = 2 fallocate(): free the range"]),
     ("transport", ["class pyublk_fast.transport.base.Transport", "class pyublk_fast.transport.base.DevInfo",
@@ -66,7 +66,7 @@ def test_aio_reference_has_every_exported_name(html_dir):
 
 STUB = ROOT / "pyublk_fast" / "_core" / "pytask.pyi"
 #: dunder methods that are part of the API (awaiting an Op)
-API_DUNDERS = {"__await__", "__iter__", "__next__", "__init__"}
+API_DUNDERS = {"__await__", "__iter__", "__next__", "__init__", "__len__"}
 
 
 def stub_tree() -> dict[str, dict[str, ast.AST]]:

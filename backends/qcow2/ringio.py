@@ -28,10 +28,10 @@ import asyncio
 import errno
 import mmap
 import os
-import re
 from typing import Any
 
 from pyublk_fast import aio
+from pyublk_fast.aio import Unmapped
 
 from ..direct_io import aligned_zeros, direct_block_size
 from .format import OFLAG_COPIED, Qcow2Error, corrupt
@@ -42,20 +42,6 @@ __all__ = ["RingData"]
 
 _UNMAP_CHUNK = 4096      # clusters unmapped per hold of the image's lock
 _HOSTS_MAX = 1 << 16     # clusters whose host _in_place keeps (a dict of them: ~8 MiB)
-_LENGTH = re.compile(r"within its (\d+) bytes")
-
-
-def _request_length(io: Any) -> int:
-    """The length of the request being served. aio gives read/write handlers buf=None
-    on the zero copy and splice paths and no length; until it tells, an empty span,
-    which it refuses before posting anything, names it."""
-    try:
-        io.pread_request(-1, 0, 0, 0)
-    except ValueError as e:
-        m = _LENGTH.search(str(e))
-        if m:
-            return int(m.group(1))
-    raise RuntimeError("qcow2: cannot tell the request's length (pyublk_fast.aio changed?)")
 
 
 async def _all(ops: list) -> None:
@@ -227,7 +213,7 @@ class RingData:
     # ---------------------------------------------------------------- reading
     async def read(self, offset: int, buf: Any) -> None:
         io = aio.current()
-        length = _request_length(io) if buf is None else len(buf)
+        length = len(buf)
         g, cb = self._gates, self._cb
         vc = offset >> cb
         if (offset + length - 1) >> cb == vc and offset + length <= self._size:
@@ -246,6 +232,7 @@ class RingData:
 
     async def _read_runs(self, io: Any, offset: int, length: int, buf: Any) -> None:
         g, cb, fd = self._gates, self._cb, self.fd
+        mapped = not isinstance(buf, Unmapped)
         while True:
             with self._lock:
                 runs = self.image.map_data(offset, length, fd)
@@ -265,12 +252,12 @@ class RingData:
                 return
             ops = []
             for rfd, where, at, n in runs:
-                if rfd < 0 and buf is not None:
+                if rfd < 0 and mapped:
                     self._fill_zeros(buf[at:at + n])
                     continue
                 op = io.pread_request(rfd, where, at, n) if rfd >= 0 else \
                     io.pread_request(self.zero_fd, 0, at, n)
-                if buf is None:
+                if not mapped:
                     await op    # one at a time: a splice of the request uses its one pipe
                 else:
                     ops.append(op)
@@ -290,7 +277,7 @@ class RingData:
     # ---------------------------------------------------------------- writing
     async def write(self, offset: int, data: Any) -> None:
         io = aio.current()
-        length = _request_length(io) if data is None else len(data)
+        length = len(data)
         g, cb = self._gates, self._cb
         vc = offset >> cb
         if (offset + length - 1) >> cb == vc and offset + length <= self._size:
@@ -306,7 +293,7 @@ class RingData:
                     with self._lock:
                         g.leave(vc)
                 return
-        await self._write(io, offset, length, False, data is None)
+        await self._write(io, offset, length, False, isinstance(data, Unmapped))
 
     async def _write(self, io: Any, offset: int, length: int, zeros: bool, serial: bool) -> None:
         """Write the request's bytes (or, with ``zeros``, zeros) to [offset, offset +

@@ -1,7 +1,7 @@
 """Types of the compiled pytask module: what pyublk_fast.aio re-exports (RingIO, Op,
 FixedFile, current), and the two internal classes Device uses."""
 from collections.abc import Callable, Generator, Iterable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from typing_extensions import Buffer
 
@@ -22,6 +22,15 @@ class Op(Generic[_T_co]):
     def __await__(self) -> Generator[Any, None, _T_co]: ...
     def __iter__(self) -> Op[_T_co]: ...
     def __next__(self) -> Op[_T_co]: ...
+
+
+class Unmapped:
+    """buf on a data path without a server buffer: len() only."""
+    def __init__(self, length: int) -> None: ...
+    @property
+    def length(self) -> int: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> NoReturn: ...
 
 
 class FixedFile:

@@ -131,6 +131,30 @@ cdef class Task:
     cdef int32_t nbytes                # the request's result when the coroutine returns
 
 
+class Unmapped:
+    """What read()/write() get as buf on a data path without a server buffer (zero copy,
+    splice): len() is the request's length; its bytes stay out of reach (move them with
+    pread_request/pwrite_request)."""
+
+    __slots__ = ("length",)
+
+    def __init__(self, length):
+        self.length = length
+
+    def __len__(self):
+        return self.length
+
+    def _refuse(self, *args):
+        raise TypeError(f"this request's {self.length} bytes are not mapped into the server on "
+                        "this data path: move them with aio.current().pread_request / "
+                        "pwrite_request, or use a buffered data path (copy, user_copy)")
+
+    __getitem__ = __setitem__ = __buffer__ = __iter__ = _refuse
+
+    def __repr__(self):
+        return f"<Unmapped request data: {self.length} bytes>"
+
+
 cdef class FixedFile:
     """A file registered with the queue's ring (RingIO.register_file): pass it where an
     fd goes to save the kernel a file lookup per operation."""
@@ -361,7 +385,8 @@ cdef class RingIO:
         request's data at byte `at`, by the device's data path (its buffer, its pages as a
         fixed buffer for zero copy, a splice): the request needs no `buf`. Finishes the
         whole span (short reads are continued; past the file's end reads zeros on the
-        buffered paths, EIO on the others); returns the bytes moved."""
+        buffered paths, EIO on the others); returns the bytes moved. On splice_zc all of a
+        request's data crosses its one pipe: await each of its request I/Os before the next."""
         return self.request_rw(fd, offset, at, length, True, False)
 
     def pwrite_request(self, fd, uint64_t offset, at=0, length=None, *, bint dsync=False):
@@ -641,7 +666,7 @@ cdef class PyTarget(NativeTarget):
 
     cdef object buf(self, int tag, int32_t nbytes):
         if self.no_buffers:
-            return None
+            return Unmapped(nbytes)
         return (<object>self.bufs[tag])[:nbytes]
 
     cdef step(self, Task t):

@@ -79,7 +79,9 @@ def test_cli_add_del_cycles_leave_nothing_behind(cli_env):
     nodes = ublk_nodes()
     ids = free_ids(2)
     start = usage()
-    dev_id, path = cli_add(cli_env, "-t", "null", "-n", str(ids[0]))
+    # every server from a new interpreter (not a fork of this test): servers_of() finds
+    # them by the state directory in the environment they were started with
+    dev_id, path = added(cli_wait(cli_start("add", "-t", "null", "-n", str(ids[0]), env=cli_env)))
     for cycle in range(1, ADD_DEL_CYCLES + 1):
         pid = server_pid(cli_env, dev_id)
         assert servers_of(cli_env) == [pid]
