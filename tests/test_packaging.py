@@ -170,7 +170,8 @@ def test_sdist_carries_sources_not_generated_c(dist):
     pxd = {str(p.relative_to(ROOT)) for p in ROOT.glob("pyublk_fast/**/*.pxd")}
     assert pyx <= names and pxd <= names, sorted((pyx | pxd) - names)
     assert {"pyproject.toml", "setup.py", "README.md", "CHANGELOG.md", "pyublk_fast/py.typed",
-            "pyublk_fast/_core/compat.h", "pyublk_fast/bench/nop_qd.c"} <= names
+            "pyublk_fast/_core/compat.h", "pyublk_fast/bench/nop_qd.c",
+            "pyublk_fast/data/70-pyublk-fast.rules"} <= names
     generated = sorted(n for n in names if n.endswith((".c", ".so")) and n != "pyublk_fast/bench/nop_qd.c")
     assert generated == [], "Cython output in the sdist"
 
@@ -186,7 +187,7 @@ def test_wheel_carries_every_extension_and_the_package_data(dist):
     assert pxd and pxd <= names, sorted(pxd - names)
     assert {"pyublk_fast/py.typed", "pyublk_fast/_core/pytask.pyi", "pyublk_fast/_core/compat.h",
             "pyublk_fast/bench/nop_qd.c", "pyublk_fast/backends/__init__.py",
-            "pyublk_fast/backends/qcow2/image.py"} <= names
+            "pyublk_fast/backends/qcow2/image.py", "pyublk_fast/data/70-pyublk-fast.rules"} <= names
     assert not [n for n in names if n.endswith((".pyx", ".c")) and n != "pyublk_fast/bench/nop_qd.c"]
     assert f"Version: {source_version()}" in meta
     assert "Requires-Python: >=3.11" in meta and "Operating System :: POSIX :: Linux" in meta
@@ -229,6 +230,15 @@ def test_cli_help(venv):
     for command in ("add", "list", "del", "recover", "features"):
         assert command in out
     assert "-t loop:" in venv.run("-m", "pyublk_fast", "add", "--help").stdout
+
+
+def test_udev_rules_from_the_wheel(venv):
+    """The shipped rules, with the helper started by the venv's interpreter, which imports
+    the wheel's copy by itself (no PYTHONPATH)."""
+    out = venv.run("-m", "pyublk_fast", "udev-rules").stdout
+    shipped = (ROOT / "pyublk_fast/data/70-pyublk-fast.rules").read_text()
+    helper = 'IMPORT{program}="%s -m pyublk_fast udev-owner %%n"'
+    assert out == shipped.replace(helper % "/usr/bin/python3", helper % venv.python), out
 
 
 def test_bench_quick_null(venv):

@@ -225,31 +225,42 @@ def _user_info(dev_id: int):
             int(params["basic"]["dev_sectors"]) << uapi.SECTOR_SHIFT)
 
 
-@pytest.mark.parametrize("target", ["memory", "loop", "null"])
-def test_cli_add_verify_list_del(udev, run_dir, target):
-    args = ["add", "-t", target, "--unprivileged"]
-    img = os.path.join(run_dir, "disk.img")
-    if target == "loop":
-        with open(img, "wb") as fh:
-            fh.truncate(16 * MiB)
-        os.chown(img, USER, USER)
-        args += ["-f", img]
-    else:
-        args += ["-s", "16M"]
-    code, out, err = as_user(USER, user_cli, run_dir, *args)
+def _add(run_dir: str, target: str, *args: str) -> tuple[int, str]:
+    """`add -t TARGET --unprivileged ARGS` as the user: (dev_id, /dev/ublkbN). It returns
+    once udev handed both nodes to the owner; what the owner then sees of its device, from
+    the kernel (GET_DEV_INFO2, GET_PARAMS) and from `list`."""
+    code, out, err = as_user(USER, user_cli, run_dir, "add", "-t", target, "--unprivileged",
+                             *args)
     assert code == 0, out + err
     path = out.strip().splitlines()[-1]
     dev_id = _dev_id_of(path)
-    # `add` returns once udev handed both nodes to the owner
-    assert node(path) == ("blk", USER, USER, 0o600), udev.log_text()
-    assert node(f"/dev/ublkc{dev_id}") == ("chr", USER, USER, 0o600), udev.log_text()
+    assert node(path) == ("blk", USER, USER, 0o600)
+    assert node(f"/dev/ublkc{dev_id}") == ("chr", USER, USER, 0o600)
 
-    # GET_DEV_INFO2 as the owner: the kernel recorded who added it
     owner_uid, owner_gid, flags, state, size = as_user(USER, _user_info, dev_id)
     assert (owner_uid, owner_gid) == (USER, USER)
     assert flags & uapi.UBLK_F_UNPRIVILEGED_DEV
     assert not flags & (uapi.UBLK_F_USER_COPY | uapi.UBLK_F_SUPPORT_ZERO_COPY)
     assert state == uapi.DevState.LIVE and size == 16 * MiB
+
+    code, out, err = as_user(USER, user_cli, run_dir, "list", "--json")
+    assert code == 0, err
+    row = {r["dev_id"]: r for r in json.loads(out)}[dev_id]
+    assert row["owner_uid"] == USER and row["state_name"] == "LIVE", row
+    assert "UNPRIVILEGED_DEV" in row["features"] and row["target"] == target, row
+    return dev_id, path
+
+
+@pytest.mark.parametrize("target", ["loop", "null"])   # memory: test_other_user_is_shut_out
+def test_cli_add_verify_list_del(udev, run_dir, target):
+    img = os.path.join(run_dir, "disk.img")
+    if target == "loop":
+        with open(img, "wb") as fh:
+            fh.truncate(16 * MiB)
+        os.chown(img, USER, USER)
+        dev_id, path = _add(run_dir, target, "-f", img)
+    else:
+        dev_id, path = _add(run_dir, target, "-s", "16M")
 
     # data through /dev/ublkbN, as the owner
     if target == "null":                       # null keeps nothing: I/O only
@@ -259,13 +270,6 @@ def test_cli_add_verify_list_del(udev, run_dir, target):
         data, back = as_user(USER, _write_read_back, path, 13 * MiB + 4096, 1 * MiB)
         assert back == data
         as_user(USER, fio, *fio_verify_args(path), cwd=run_dir)
-
-    # list, as the owner
-    code, out, err = as_user(USER, user_cli, run_dir, "list", "--json")
-    assert code == 0, err
-    row = {r["dev_id"]: r for r in json.loads(out)}[dev_id]
-    assert row["owner_uid"] == USER and row["state_name"] == "LIVE", row
-    assert "UNPRIVILEGED_DEV" in row["features"] and row["target"] == target, row
 
     # the owner deletes it
     code, out, err = as_user(USER, user_cli, run_dir, "del", "-n", str(dev_id))
@@ -345,11 +349,8 @@ def test_other_user_is_shut_out(udev, run_dir):
     give the owner alone); the device stays LIVE with its data. Devices: USER's served
     one, USER's only added one (SET_PARAMS and START_DEV are only possible before
     START_DEV), and root's (privileged: the rules leave its node to root)."""
-    code, out, err = as_user(USER, user_cli, run_dir, "add", "-t", "memory", "-s", "16M",
-                             "--unprivileged")
-    assert code == 0, out + err
-    dev_id = _dev_id_of(out.strip().splitlines()[-1])
-    blk, chr_ = f"/dev/ublkb{dev_id}", f"/dev/ublkc{dev_id}"
+    dev_id, blk = _add(run_dir, "memory", "-s", "16M")
+    chr_ = f"/dev/ublkc{dev_id}"
     unstarted = as_user(USER, _raw_add, uapi.UBLK_F_UNPRIVILEGED_DEV).dev_id   # state DEAD
     privileged = _raw_add(uapi.UBLK_F_UNPRIVILEGED_DEV).dev_id   # root asking: privileged
     data, back = as_user(USER, _write_read_back, blk, 5 * MiB, 512 * 1024)
