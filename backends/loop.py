@@ -2,6 +2,7 @@
 or, with --python, by the same ring I/O asked for from Python handlers."""
 import errno
 import os
+import stat
 
 from pyublk_fast import aio
 from pyublk_fast.backend import FileBackend, register
