@@ -11,6 +11,8 @@ open read-only only.
 
 Modules, each importing only those below it:
 
+- ``ringio``: RingData, the backend's data I/O on a queue's io_uring ring, around the
+  engine's metadata steps;
 - ``image``: Qcow2Image, the engine (open and validate, read, write, discard, write
   zeroes, flush, backing files);
 - ``layout``: the header, L1 table and refcount structures of a new image;

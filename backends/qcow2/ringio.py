@@ -154,7 +154,7 @@ class RingData:
             self.close()
             raise
         self._zeros = aligned_zeros(cs)
-        self._cb, self._mask, self._size = image._cb, cs - 1, image.size
+        self._cb, self._mask = image._cb, cs - 1
         self._hosts: dict[int, int] = {}   # vc -> its host cluster, for _in_place
 
     def _open_direct(self, path: str, flags: int) -> None:
@@ -216,7 +216,7 @@ class RingData:
         length = len(buf)
         g, cb = self._gates, self._cb
         vc = offset >> cb
-        if (offset + length - 1) >> cb == vc and offset + length <= self._size:
+        if (offset + length - 1) >> cb == vc and offset + length <= self.image._size:
             with self._lock:           # the common case: one cluster, data of its own
                 host = self._in_place(vc) if vc not in g.unmap else 0
                 if host:
@@ -280,7 +280,7 @@ class RingData:
         length = len(data)
         g, cb = self._gates, self._cb
         vc = offset >> cb
-        if (offset + length - 1) >> cb == vc and offset + length <= self._size:
+        if (offset + length - 1) >> cb == vc and offset + length <= self.image._size:
             with self._lock:           # the common case: one cluster, data of its own
                 self.image._check_writable()
                 host = self._in_place(vc) if vc not in g.alloc and vc not in g.unmap else 0
@@ -436,15 +436,8 @@ class RingData:
                     if job.ok and img._map.entry(vc) == job.entry:
                         l2off, t, i = img._map.slot(vc)
                         img._map.set_entry(l2off, t, i, job.host | OFLAG_COPIED)
-                elif job.how == _ALLOC and job.ok:
-                    # every byte of the cluster is in the file: now the entry may point at it
-                    l2off, t, i = img._map.slot(vc)
-                    if int(t[i]) != job.entry:
-                        raise corrupt(f"L2 entry of virtual offset {vc << img._cb:#x} "
-                                      "changed during its allocating write")
-                    img._map.set_entry(l2off, t, i, job.host | OFLAG_COPIED)
-                elif job.how == _ALLOC and job.fresh:
-                    img._refs.release(job.host >> img._cb)
+                elif job.how == _ALLOC:
+                    self._commit(job)
             except OSError as e:
                 err = err or e
             finally:
@@ -455,6 +448,24 @@ class RingData:
                     g.leave(vc)
         if err is not None:
             raise err
+
+    def _commit(self, job: _Job) -> None:
+        """Point the L2 entry of job's virtual cluster at its new cluster if every byte
+        of that is in the file; else, or if that fails, give a cluster taken for it
+        back (no entry ever pointed at it)."""
+        img, vc = self.image, job.vc
+        done = False
+        try:
+            if job.ok:
+                l2off, t, i = img._map.slot(vc)
+                if int(t[i]) != job.entry:
+                    raise corrupt(f"L2 entry of virtual offset {vc << img._cb:#x} "
+                                  "changed during its allocating write")
+                img._map.set_entry(l2off, t, i, job.host | OFLAG_COPIED)
+                done = True
+        finally:
+            if not done and job.fresh:
+                img._refs.abandon(job.host >> img._cb)
 
     # ---------------------------------------------------------------- the rest
     def discard(self, offset: int, length: int) -> Any:
