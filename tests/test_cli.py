@@ -2,6 +2,7 @@
 points, --module), and a clear message without the ublk driver."""
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import os
@@ -304,3 +305,71 @@ def test_backend_without_from_args_is_told(monkeypatch):
     with pytest.raises(NotImplementedError, match="Bare cannot be built from command-line "
                        "options: it defines no from_args"):
         cli.check_options(cli.add_options(a, extra))
+
+
+# ---- del: open or mounted devices are left alone unless --force ---------------------------------
+class _Driver:
+    """A stand-in for KernelTransport in `del`: TRY_STOP_DEV answers ``errs[dev_id]``."""
+
+    def __init__(self, errs: dict[int, int]):
+        self.errs = errs
+        self.stopped: list[int] = []
+        self.deleted: list[int] = []
+
+    def __call__(self, *args, **kwargs):           # KernelTransport(): this driver
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def block_path(self, dev_id):
+        return f"/dev/ublkb{dev_id}"
+
+    def list_devs(self):
+        return sorted(self.errs)
+
+    def try_stop_dev(self, dev_id):
+        err = self.errs[dev_id]
+        if err:
+            raise OSError(err, os.strerror(err))
+        self.stopped.append(dev_id)
+
+    def stop_dev(self, dev_id):
+        self.stopped.append(dev_id)
+
+    def del_dev(self, dev_id, timeout=10.0):
+        self.deleted.append(dev_id)
+        self.errs.pop(dev_id)
+
+
+def test_del_leaves_an_open_device_alone(tmp_path, monkeypatch, capsys):
+    """del -a deletes what it may and says in one line which devices are open; --force
+    deletes those too; a device without a block device (ENODEV) is no obstacle."""
+    monkeypatch.setenv("PYUBLK_FAST_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr(cli, "BUSY_GRACE", 0.0)
+    drv = _Driver({1: errno.EBUSY, 2: 0, 3: errno.ENODEV})
+    monkeypatch.setattr(cli, "KernelTransport", drv)
+    assert cli.main(["del", "-a"]) == 1
+    assert capsys.readouterr().err == (
+        "pyublk_fast: device 1 (/dev/ublkb1) is open: unmount or close it first, or delete it "
+        "anyway with `del -n 1 --force`\n")
+    assert drv.deleted == [2, 3] and drv.list_devs() == [1]
+    assert cli.main(["del", "-n", "1", "--force"]) == 0
+    assert drv.deleted == [2, 3, 1]
+
+
+def test_del_before_safe_stop_sees_exclusive_holders(tmp_path, monkeypatch):
+    """Without TRY_STOP_DEV (before 7.0) the check is an exclusive open of the block
+    device: one that nothing holds so (here a plain file) is deleted."""
+    monkeypatch.setattr(cli, "BUSY_GRACE", 0.0)
+    drv = _Driver({5: errno.EOPNOTSUPP})
+    plain = tmp_path / "ublkb5"
+    plain.write_bytes(b"")
+    monkeypatch.setattr(drv, "block_path", lambda dev_id: str(plain))
+    cli.stop_unless_open(drv, 5)
+    drv.errs[5] = errno.EPERM                       # any other error is the user's to see
+    with pytest.raises(PermissionError):
+        cli.stop_unless_open(drv, 5)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kernel_fixtures import MiB, cli, fio, kt, make_backend  # noqa: F401
+from kernel_fixtures import MiB, cli, cli_add, cli_in_fork, fio, kt, make_backend  # noqa: F401
 from pyublk_fast import uapi
 from pyublk_fast.device import Device
 from pyublk_fast.transport.kernel import KernelTransport
@@ -166,16 +166,16 @@ def test_cli_del_with_block_device_open(env, kt):
     serves on; `del --force` deletes it all the same, at once."""
     if not kt.features() & uapi.UBLK_F_SAFE_STOP_DEV:
         pytest.skip(f"kernel {kernel_release()} lacks SAFE_STOP_DEV (7.0): `del` sees mounts only")
-    dev_id, path = _add(env, "-t", "null")
+    dev_id, path = cli_add(env, "-t", "null")
     with open(path, "rb") as held:
         held.read(4096)
-        res = cli("del", "-n", str(dev_id), env=env, timeout=30)
+        res = cli_in_fork(env, "del", "-n", str(dev_id), timeout=30)
         assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
         assert f"device {dev_id} ({path}) is open" in res.stderr and "--force" in res.stderr
         assert kt.dev_info(dev_id).state == uapi.UBLK_S_DEV_LIVE
         assert len(os.pread(held.fileno(), 4096, 1 << 20)) == 4096
         t0 = time.monotonic()
-        res = cli("del", "-n", str(dev_id), "--force", env=env, timeout=30)
+        res = cli_in_fork(env, "del", "-n", str(dev_id), "--force", timeout=30)
         assert res.returncode == 0, res.stderr
         assert time.monotonic() - t0 < 20
     assert wait_for_path(f"/dev/ublkc{dev_id}", False, 10)

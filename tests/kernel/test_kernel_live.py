@@ -20,8 +20,11 @@ from pyublk_fast.transport.kernel import pid_alive
 from pyublk_fast.util import kernel_release, wait_for_path, wait_until
 
 TIMEOUT = 120
-JOB_SIZE = 16 * MiB
-UPGRADE_AT = 800          # of the job's 4096 writes (about 4 s): under way, most still to come
+JOB_SIZE = 16 * MiB       # 4096 writes of 4 KiB ...
+BURST = 16                # ... in bursts at QD16 ...
+THINK_US = 25000          # ... each followed by a pause: at least 6.4 s of writing, however
+                          # long the upgrade makes them wait (a rate limit would catch up)
+UPGRADE_AT = 4 * BURST    # completed writes before the upgrade: under way, most still to come
 
 
 def _image(tmp_path, size: int) -> str:
@@ -48,8 +51,10 @@ def test_upgrade_under_fio(cli_env, kt, tmp_path):
                            "--recovery")
     old = server_pid(cli_env, dev_id)
     writer = fio_start("--name=up", f"--filename={path}", "--rw=randwrite", "--bs=4k",
-                       f"--size={JOB_SIZE}", "--iodepth=32", "--ioengine=io_uring", "--direct=1",
-                       "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--rate_iops=1000")
+                       f"--size={JOB_SIZE}", f"--iodepth={BURST}", "--ioengine=io_uring",
+                       "--direct=1", f"--thinktime={THINK_US}", f"--thinktime_blocks={BURST}",
+                       "--thinktime_blocks_type=issue", "--verify=crc32c", "--verify_fatal=1",
+                       "--do_verify=1")
     try:
         assert wait_until(lambda: writer.poll() is not None or
                           writes_completed(dev_id) >= UPGRADE_AT, TIMEOUT, 0.01)
@@ -58,7 +63,9 @@ def test_upgrade_under_fio(cli_env, kt, tmp_path):
         assert res.returncode == 0, res.stdout + res.stderr + server_logs(cli_env)
         assert res.stdout.strip() == path
         after_upgrade = writes_completed(dev_id)
-        assert after_upgrade < JOB_SIZE // 4096, "fio wrote everything before the new server"
+        assert after_upgrade < JOB_SIZE // 4096, (
+            "every write completed before the new server took over: the upgrade outlasted "
+            "the job's writing (a very slow host?)")
         job = fio_result(writer)["jobs"][0]
     finally:
         if writer.poll() is None:
@@ -106,7 +113,7 @@ def _digests(root) -> dict[str, str]:
 
 
 def test_resize_under_mounted_ext4_then_safe_del(cli_env, kt, tmp_path):
-    """A 64 MiB loop device carrying a mounted ext4 grows to 160 MiB (`resize`: the file and
+    """A 32 MiB loop device carrying a mounted ext4 grows to 96 MiB (`resize`: the file and
     the block device), resize2fs grows the file system online, and a file larger than the
     old device fits; the files read back intact. `del` then refuses in one line naming the
     device, its mount and --force, and the device serves on; after umount (fsck clean)
@@ -120,7 +127,7 @@ def test_resize_under_mounted_ext4_then_safe_del(cli_env, kt, tmp_path):
     with open("/proc/filesystems") as fh:
         if "ext4" not in fh.read():
             pytest.skip(f"kernel {kernel_release()} has no ext4 (modprobe ext4 failed)")
-    img = _image(tmp_path, 64 * MiB)
+    img = _image(tmp_path, 32 * MiB)
     dev_id, path = cli_add(cli_env, "-t", "loop", "-f", img)
     _sh("mkfs.ext4", "-q", "-F", path)
     mnt = tmp_path / "mnt"
@@ -128,18 +135,18 @@ def test_resize_under_mounted_ext4_then_safe_del(cli_env, kt, tmp_path):
     _sh("mount", path, str(mnt))
     mounted = True
     try:
-        want = {"before": _write_file(mnt / "before", 24 * MiB)}
-        res = cli_in_fork(cli_env, "resize", "-n", str(dev_id), "-s", "32M")
+        want = {"before": _write_file(mnt / "before", 8 * MiB)}
+        res = cli_in_fork(cli_env, "resize", "-n", str(dev_id), "-s", "16M")
         assert res.returncode == 1 and "shrinking is refused" in res.stderr, res.stderr
-        res = cli_in_fork(cli_env, "resize", "-n", str(dev_id), "-s", "160M")
-        assert res.returncode == 0 and res.stdout == f"{path}: 160m\n", res.stdout + res.stderr
-        assert os.path.getsize(img) == 160 * MiB
+        res = cli_in_fork(cli_env, "resize", "-n", str(dev_id), "-s", "96M")
+        assert res.returncode == 0 and res.stdout == f"{path}: 96m\n", res.stdout + res.stderr
+        assert os.path.getsize(img) == 96 * MiB
         with open(f"/sys/block/ublkb{dev_id}/size") as fh:
-            assert int(fh.read()) * 512 == 160 * MiB
+            assert int(fh.read()) * 512 == 96 * MiB
         _sh("resize2fs", path)
         st = os.statvfs(mnt)
-        assert st.f_blocks * st.f_frsize > 128 * MiB
-        want["after"] = _write_file(mnt / "after", 96 * MiB)      # more than the old device
+        assert st.f_blocks * st.f_frsize > 64 * MiB
+        want["after"] = _write_file(mnt / "after", 40 * MiB)      # more than the old device
         assert _digests(mnt) == want
 
         res = cli_in_fork(cli_env, "del", "-n", str(dev_id))
