@@ -20,6 +20,11 @@ if DEV:
     CythonOptions.warning_errors = True
 
 
+#: The VM lane's checkouts link pyublk_fast/backends to backends/: those modules are
+#: built (and packaged) once, from backends/.
+LINKED_BACKENDS = "pyublk_fast/backends/"
+
+
 def ext(module: str) -> Extension:
     path = module.replace(".", "/") + ".pyx"
     if module.startswith("pyublk_fast.backends."):
@@ -37,7 +42,8 @@ def ext(module: str) -> Extension:
 def modules() -> list[str]:
     found = []
     for path in sorted(glob.glob("pyublk_fast/**/*.pyx", recursive=True)):
-        found.append(path[:-4].replace("/", "."))
+        if not path.startswith(LINKED_BACKENDS):
+            found.append(path[:-4].replace("/", "."))
     for path in sorted(glob.glob("backends/**/*.pyx", recursive=True)):
         found.append("pyublk_fast.backends." + path[len("backends/"):-4].replace("/", "."))
     if not found:   # e.g. an sdist that lost its sources: never build a wheel without its C half
@@ -45,7 +51,8 @@ def modules() -> list[str]:
     return found
 
 
-packages = find_packages(include=["pyublk_fast", "pyublk_fast.*"])
+packages = find_packages(include=["pyublk_fast", "pyublk_fast.*"],
+                         exclude=["pyublk_fast.backends", "pyublk_fast.backends.*"])
 packages += ["pyublk_fast.backends"] + [
     "pyublk_fast.backends." + p for p in find_packages(where="backends")
 ]
