@@ -2,10 +2,10 @@
 
     python -m pyublk_fast add -t loop -f disk.img      # prints /dev/ublkbN once it is live
     python -m pyublk_fast list [--json]
-    python -m pyublk_fast del -n N | -a [--force]      # refused while open or mounted, unless --force
+    python -m pyublk_fast del -n N | -a [--force]      # not while open or mounted, unless --force
     python -m pyublk_fast recover -n N                 # after the server died (needs --recovery)
-    python -m pyublk_fast quiesce -n N                 # the server hands the device over and exits
-    python -m pyublk_fast upgrade -n N                 # a new server (this code) takes over, no I/O lost
+    python -m pyublk_fast quiesce -n N                 # the server hands the device over, exits
+    python -m pyublk_fast upgrade -n N                 # a new server (this code) takes over
     python -m pyublk_fast resize -n N -s SIZE          # grow a live device
     python -m pyublk_fast features
     python -m pyublk_fast udev-rules                   # udev rules for --unprivileged devices

@@ -61,7 +61,8 @@ def _reap(pid: int, state: dict) -> int:
 
 def test_resize_by_request_and_by_the_cli(server, capsys):
     dev_id, pid, _ = server
-    assert ask_server(dev_id, {"op": "resize", "size": 8 * MiB}, 10) == {"ok": True, "size": 8 * MiB}
+    reply = ask_server(dev_id, {"op": "resize", "size": 8 * MiB}, 10)
+    assert reply == {"ok": True, "size": 8 * MiB}
     rec = records.read_record(dev_id)
     assert rec["pid"] == pid and rec["backend_args"]["size"] == 8 * MiB   # `recover` rebuilds it so
     assert cli.main(["resize", "-n", str(dev_id), "-s", "12M"]) == 0

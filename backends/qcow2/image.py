@@ -41,7 +41,8 @@ import numpy as np
 
 from . import fileio, layout
 from .format import (
-    HEADER_AUTOCLEAR, HEADER_SIZE_FIELD, OFLAG_COPIED, OFLAG_ZERO, Header, Qcow2Error, corrupt, read_header,
+    HEADER_AUTOCLEAR, HEADER_SIZE_FIELD, OFLAG_COPIED, OFLAG_ZERO, Header, Qcow2Error, corrupt,
+    read_header,
 )
 from .l2 import DATA, UNALLOC, ZERO, ClusterMap, l1_range, load_l1
 from .refcount import Refcounts, load_reftable

@@ -13,8 +13,8 @@ import numpy as np
 from . import fileio
 from .cache import TableCache
 from .format import (
-    HEADER_L1_FIELDS, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO, Header, Qcow2Error, check_entries, check_in_file, corrupt,
+    HEADER_L1_FIELDS, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED,
+    OFLAG_COPIED, OFLAG_ZERO, Header, Qcow2Error, check_entries, check_in_file, corrupt,
 )
 from .refcount import Refcounts
 

@@ -56,15 +56,15 @@ cdef struct SimDev:
     int depth
     int first_q
     uint64_t flags
-    uint64_t sectors              # the capacity SET_PARAMS / UPDATE_SIZE gave (GET_PARAMS' dev_sectors)
-    uint64_t size                 # the same in bytes, saturated: what requests are checked against
+    uint64_t sectors              # capacity from SET_PARAMS / UPDATE_SIZE (GET_PARAMS' dev_sectors)
+    uint64_t size                 # the same in bytes, saturated: requests are checked against it
     uint32_t lbs_shift
     uint32_t max_io_bytes
     uint32_t attrs
     int discard                   # the discard part of the params was set
     int inflight
     int openers                   # opens of /dev/ublkbN (fronts) not closed yet
-    uint32_t disk_gen             # tells this device's fronts from those of an earlier one of its id
+    uint32_t disk_gen             # tells its fronts from those of an earlier device of its id
     SimQueue *qbase               # this device's queues (for the user-copy / splice entry points)
     Req *reqs
 

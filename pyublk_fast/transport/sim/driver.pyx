@@ -21,8 +21,8 @@ cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
-from libc.errno cimport (EINVAL, EIO, ENODEV, ENOENT, EBUSY, EAGAIN, EACCES, EOPNOTSUPP, ENOSPC, EEXIST,
-                         ETIMEDOUT, ENOLINK, ENODATA, EILSEQ, ENOMEM, EROFS, EREMOTEIO, EBADE)
+from libc.errno cimport (EINVAL, EIO, ENODEV, ENOENT, EBUSY, EAGAIN, EACCES, EOPNOTSUPP, ENOSPC,
+                         EEXIST, ETIMEDOUT, ENOLINK, ENODATA, EILSEQ, ENOMEM, EROFS, EREMOTEIO, EBADE)
 
 from pyublk_fast._core.liburing cimport (io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit,
                                          io_uring_sq_ready, io_uring_prep_msg_ring,
@@ -811,7 +811,8 @@ cdef class SimDriver:
     def dev_info(self, int d):
         dev = self._dev(d, "GET_DEV_INFO")
         return dict(dev_id=d, nr_hw_queues=dev.nr_queues, queue_depth=dev.depth, state=dev.state,
-                    max_io_buf_bytes=dev.max_io_bytes, flags=dev.flags, size=(<object>dev.sectors) << 9,
+                    max_io_buf_bytes=dev.max_io_bytes, flags=dev.flags,
+                    size=(<object>dev.sectors) << 9,
                     logical_block_size=1 << dev.lbs_shift, attrs=dev.attrs, started=bool(dev.started),
                     inflight=dev.inflight, server_alive=bool(dev.server_alive))     # DevInfo's fields
 
