@@ -163,7 +163,7 @@ class _SlowIO:
         return await call(*args)
 
     def pread_request(self, fd, offset, at=0, length=None):
-        if length == 0 or not self._slow("read", offset):
+        if not self._slow("read", offset):
             return self._io.pread_request(fd, offset, at, length)
         return self._late(self._io.pread_request, fd, offset, at, length)
 
