@@ -373,3 +373,33 @@ def test_del_before_safe_stop_sees_exclusive_holders(tmp_path, monkeypatch):
     drv.errs[5] = errno.EPERM                       # any other error is the user's to see
     with pytest.raises(PermissionError):
         cli.stop_unless_open(drv, 5)
+
+
+class ServerDeletesOnStop:
+    """The kernel transport as `del` sees a device whose server it has no record of: the
+    server deletes the device once stopped from outside, before `del`'s own DEL_DEV."""
+
+    def __init__(self, del_errno: int) -> None:
+        self.del_errno = del_errno
+
+    def block_path(self, dev_id: int) -> str:
+        return f"/dev/ublkb{dev_id}"
+
+    def try_stop_dev(self, dev_id: int) -> None:
+        pass
+
+    def stop_dev(self, dev_id: int) -> None:
+        pass
+
+    def list_devs(self) -> list[int]:
+        return [3]
+
+    def del_dev(self, dev_id: int, timeout: float) -> None:
+        raise OSError(self.del_errno, os.strerror(self.del_errno))
+
+
+def test_del_of_a_device_its_server_deleted_meanwhile(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYUBLK_FAST_RUN_DIR", str(tmp_path))
+    cli.delete_device(ServerDeletesOnStop(errno.ENODEV), 3, 1.0)     # gone: done
+    with pytest.raises(PermissionError):                               # anything else: said
+        cli.delete_device(ServerDeletesOnStop(errno.EACCES), 3, 1.0)
