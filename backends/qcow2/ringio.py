@@ -211,23 +211,39 @@ class RingData:
         return host
 
     # ---------------------------------------------------------------- reading
+    def _enter_in_place(self, offset: int, length: int, writing: bool) -> int:
+        """The common case: a request within one cluster that holds data of its own (and,
+        for a write, no allocation in flight). Returns the request's host offset with the
+        cluster entered (in-flight data I/O: _in_place_io leaves it), else 0."""
+        g = self._gates
+        vc = offset >> self._cb
+        if (offset + length - 1) >> self._cb != vc or offset + length > self.image._size:
+            return 0
+        with self._lock:
+            if writing:
+                self.image._check_writable()
+            busy = vc in g.unmap or (writing and vc in g.alloc)
+            host = 0 if busy else self._in_place(vc)
+            if host:
+                g.enter(vc)
+        return host + (offset & self._mask) if host else 0
+
+    async def _in_place_io(self, request_io: Any, host: int, offset: int) -> None:
+        """The request's data to or from host by request_io (pread_request or
+        pwrite_request), the I/O _enter_in_place let in; then leave its cluster."""
+        try:
+            await request_io(self.fd, host)
+        finally:
+            with self._lock:
+                self._gates.leave(offset >> self._cb)
+
     async def read(self, offset: int, buf: Any) -> None:
         io = aio.current()
         length = len(buf)
-        g, cb = self._gates, self._cb
-        vc = offset >> cb
-        if (offset + length - 1) >> cb == vc and offset + length <= self.image._size:
-            with self._lock:           # the common case: one cluster, data of its own
-                host = self._in_place(vc) if vc not in g.unmap else 0
-                if host:
-                    g.enter(vc)
-            if host:
-                try:
-                    await io.pread_request(self.fd, host + (offset & self._mask))
-                finally:
-                    with self._lock:
-                        g.leave(vc)
-                return
+        host = self._enter_in_place(offset, length, False)
+        if host:
+            await self._in_place_io(io.pread_request, host, offset)
+            return
         await self._read_runs(io, offset, length, buf)
 
     async def _read_runs(self, io: Any, offset: int, length: int, buf: Any) -> None:
@@ -278,21 +294,10 @@ class RingData:
     async def write(self, offset: int, data: Any) -> None:
         io = aio.current()
         length = len(data)
-        g, cb = self._gates, self._cb
-        vc = offset >> cb
-        if (offset + length - 1) >> cb == vc and offset + length <= self.image._size:
-            with self._lock:           # the common case: one cluster, data of its own
-                self.image._check_writable()
-                host = self._in_place(vc) if vc not in g.alloc and vc not in g.unmap else 0
-                if host:
-                    g.enter(vc)
-            if host:
-                try:
-                    await io.pwrite_request(self.fd, host + (offset & self._mask))
-                finally:
-                    with self._lock:
-                        g.leave(vc)
-                return
+        host = self._enter_in_place(offset, length, True)
+        if host:
+            await self._in_place_io(io.pwrite_request, host, offset)
+            return
         await self._write(io, offset, length, False, isinstance(data, Unmapped))
 
     async def _write(self, io: Any, offset: int, length: int, zeros: bool, serial: bool) -> None:
