@@ -4,10 +4,13 @@
     tools/vm/run -t 600 -o /tmp/out -- python3 benchmarks/kernel/vs_kublk.py --out /tmp/out
 
 Loop devices are backed by a brd RAM disk (/dev/ram0, O_DIRECT capable) so the
-backing store is the same for both servers. Prints a Markdown table (QD32 4k
-randread IOPS, QD1 4k randread mean/p50 latency) and writes JSON next to it. With
---direct, fio on the RAM disk itself joins the loop rows: its "vs kublk" is how much
-the ublk round trip costs a C server.
+backing store is the same for both servers. The "qcow2" targets put kublk's loop and
+ours on a raw file, and our qcow2 backend on a fully allocated qcow2 image holding the
+same bytes, both files on ext4 on a second RAM disk (/dev/ram1): what the qcow2 format
+costs next to a C server on the raw data. Prints a Markdown table (QD32 4k IOPS, QD1 4k
+mean latency, per --rw) and writes JSON next to it. With --direct, fio on the RAM disk
+itself joins the loop rows: its "vs kublk" is how much the ublk round trip costs a C
+server.
 """
 from __future__ import annotations
 
@@ -28,6 +31,20 @@ from pyublk_fast.util import kernel_release, kublk_path, wait_for_path
 REPO = Path(__file__).resolve().parents[2]
 
 RAM = "/dev/ram0"
+FILES_RAM = "/dev/ram1"          # ext4 holding the raw file and the qcow2 image
+FILES_DIR = "/run/vs-kublk-files"
+FILE_SIZE = 128 << 20            # fio's --size
+
+
+def file_backing() -> tuple[str, str]:
+    """The raw file and the qcow2 image with the same bytes, on ext4 on FILES_RAM (made once)."""
+    from pyublk_fast.bench.runner import Workdir
+    if not os.path.ismount(FILES_DIR):
+        sh("mkfs.ext4", "-q", "-F", FILES_RAM)
+        os.makedirs(FILES_DIR, exist_ok=True)
+        sh("mount", FILES_RAM, FILES_DIR)
+    wd = Workdir(FILE_SIZE, base=FILES_DIR).__enter__()   # kept until the VM goes
+    return wd.file("raw"), wd.file("qcow2")
 
 
 def sh(*cmd: str, timeout: float = 120, cwd: str | None = None) -> str:
@@ -37,7 +54,7 @@ def sh(*cmd: str, timeout: float = 120, cwd: str | None = None) -> str:
     return res.stdout
 
 
-def fio(path: str, qd: int, runtime: float, rw: str = "randread") -> dict:
+def fio(path: str, qd: int, runtime: float, rw: str) -> dict:
     out = sh("fio", "--output-format=json", "--name=b", f"--filename={path}", f"--rw={rw}",
              "--bs=4k", f"--iodepth={qd}", "--ioengine=io_uring", "--direct=1", "--time_based",
              f"--runtime={runtime}", "--ramp_time=0.5", "--size=128M", timeout=runtime + 60)
@@ -82,7 +99,9 @@ def main() -> int:
                     "it (e.g. a virtualenv's python with that checkout installed), shown as "
                     "LABEL; for before/after comparisons in one boot (repeatable)")
     ap.add_argument("--targets", default="null,null -z,loop,loop -z",
-                    help="comma-separated subset of: null, null -z, loop, loop -z")
+                    help="comma-separated subset of: null, null -z, loop, loop -z, qcow2, qcow2 -z")
+    ap.add_argument("--rw", default="randread",
+                    help="comma-separated fio patterns, each run on every device (4k)")
     ap.add_argument("--direct", action="store_true",
                     help="with the loop target, also run fio on the RAM disk itself (no ublk): "
                     "what any ublk server costs, C or ours")
@@ -94,7 +113,7 @@ def main() -> int:
     if kublk is None:
         sys.exit("kublk not built: run tools/vm/build-kublk on the host first")
     os.chdir(REPO)
-    subprocess.run(["modprobe", "brd", "rd_nr=1", "rd_size=262144"], check=False)
+    subprocess.run(["modprobe", "brd", "rd_nr=2", "rd_size=393216"], check=False)
     q = str(a.queues)
     shape = ["-q", q, "-d", "128"]
     # target -> (kublk's args, our args): same backing store, same shape
@@ -103,9 +122,14 @@ def main() -> int:
              "loop": (["-t", "loop", RAM], ["-t", "loop", "-f", RAM]),
              "loop -z": (["-t", "loop", "-z", RAM], ["-t", "loop", "-z", "-f", RAM])}
     targets = [t.strip() for t in a.targets.split(",")]
+    rws = [r.strip() for r in a.rw.split(",")]
+    if any(t.startswith("qcow2") for t in targets):
+        raw, image = file_backing()
+        for z in ([], ["-z"]):
+            specs[" ".join(["qcow2", *z])] = (["-t", "loop", *z, raw], ["-t", "loop", *z, "-f", raw])
     unknown = [t for t in targets if t not in specs]
     if unknown:
-        sys.exit(f"--targets: unknown {unknown}; choose from {list(specs)}")
+        sys.exit(f"--targets: unknown {unknown}; choose from {list(specs)} (and qcow2, qcow2 -z)")
     ours_variants = [("pyublk_fast", [], sys.executable)] + [
         (f"pyublk_fast {x}", shlex.split(x), sys.executable) for x in a.ours_extra]
     for other in a.other:
@@ -121,6 +145,10 @@ def main() -> int:
             group.append((t, name, lambda o=oargs, e=extra, p=python: ours_add([*o, *shape, *e], p)))
         if a.direct and t == "loop":
             group.append((t, f"fio on {RAM} (no ublk)", lambda: (RAM, lambda: None)))
+        if t.startswith("qcow2"):
+            # the group's kublk and our loop serve the raw file; this row the same bytes as qcow2
+            qargs = ["-t", "qcow2", *(["-z"] if t.endswith("-z") else []), "-f", image]
+            group.append((t, "pyublk_fast qcow2", lambda o=qargs: ours_add([*o, *shape])))
         groups.append(group)
     rows = []
     for rnd in range(a.rounds):
@@ -131,35 +159,38 @@ def main() -> int:
                 try:
                     path, remove = add()
                 except Exception as exc:   # noqa: BLE001 - reported in the table
-                    rows.append(dict(row, error=str(exc)[:200]))
+                    rows.extend(dict(row, rw=rw, error=str(exc)[:200]) for rw in rws)
                     continue
                 try:
-                    qd32 = fio(path, 32, a.runtime)
-                    qd1 = fio(path, 1, a.runtime)
-                    rows.append(dict(row, qd32_iops=qd32["iops"], qd1_lat_mean_us=qd1["lat_mean_us"],
-                                     qd1_lat_p50_us=qd1["lat_p50_us"]))
+                    for rw in rws:
+                        qd32 = fio(path, 32, a.runtime, rw)
+                        qd1 = fio(path, 1, a.runtime, rw)
+                        rows.append(dict(row, rw=rw, qd32_iops=qd32["iops"],
+                                         qd1_lat_mean_us=qd1["lat_mean_us"],
+                                         qd1_lat_p50_us=qd1["lat_p50_us"]))
                 finally:
                     remove()
                 time.sleep(0.2)
-    lines = [f"kernel {kernel_release()}, qemu TCG, {os.cpu_count()} vCPUs, 4k randread, "
+    lines = [f"kernel {kernel_release()}, qemu TCG, {os.cpu_count()} vCPUs, 4k, "
              f"{a.runtime:g} s per point, queues {q}, {a.rounds} rounds (order alternating); "
              "medians, ratios paired per round (min..max)", "",
-             "| target | server | QD32 IOPS | vs kublk | QD1 mean lat (us) | vs kublk |",
-             "|---|---|---|---|---|---|"]
-    for group in groups:
+             "| target | rw | server | QD32 IOPS | vs kublk | QD1 mean lat (us) | vs kublk |",
+             "|---|---|---|---|---|---|---|"]
+    for group, rw in ((g, rw) for g in groups for rw in rws):
         for target, server, _ in group:
-            mine = {r["round"]: r for r in rows if r["target"] == target and r["server"] == server}
+            mine = {r["round"]: r for r in rows
+                    if r["target"] == target and r["server"] == server and r["rw"] == rw}
             errs = [r["error"] for r in mine.values() if "error" in r]
             if errs:
-                lines.append(f"| {target} | {server} | error: {errs[0]} | | | |")
+                lines.append(f"| {target} | {rw} | {server} | error: {errs[0]} | | | |")
                 continue
             ref = {r["round"]: r for r in rows if r["target"] == target and r["server"] == "kublk"
-                   and "error" not in r}
+                   and r["rw"] == rw and "error" not in r}
             iops = statistics.median(r["qd32_iops"] for r in mine.values())
             lat = statistics.median(r["qd1_lat_mean_us"] for r in mine.values())
             ri = [mine[k]["qd32_iops"] / ref[k]["qd32_iops"] for k in mine if k in ref]
             rl = [mine[k]["qd1_lat_mean_us"] / ref[k]["qd1_lat_mean_us"] for k in mine if k in ref]
-            lines.append(f"| {target} | {server} | {iops:.0f} | {paired_ratio(ri)} | {lat:.1f} "
+            lines.append(f"| {target} | {rw} | {server} | {iops:.0f} | {paired_ratio(ri)} | {lat:.1f} "
                          f"| {paired_ratio(rl)} |")
     emit_paired("\n".join(lines), rows, a.out, "vs_kublk")
     return 0
