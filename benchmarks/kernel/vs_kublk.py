@@ -40,6 +40,7 @@ def file_backing() -> tuple[str, str]:
     """The raw file and the qcow2 image with the same bytes, on ext4 on FILES_RAM (made once)."""
     from pyublk_fast.bench.runner import Workdir
     if not os.path.ismount(FILES_DIR):
+        subprocess.run(["modprobe", "-q", "ext4"], check=False)
         sh("mkfs.ext4", "-q", "-F", FILES_RAM)
         os.makedirs(FILES_DIR, exist_ok=True)
         sh("mount", FILES_RAM, FILES_DIR)
