@@ -233,7 +233,7 @@ class Qcow2Image:
             c = int(uniq[np.flatnonzero(counts > 1)[0]])
             raise corrupt(f"metadata structures overlap at host offset {c << cb:#x}")
         self._map = ClusterMap(fd, h, l1, self._refs)
-        hosts = self._map.check_tables(path, end, uniq, not readonly)
+        hosts, over = self._map.check_tables(path, end, uniq, not readonly)
         if h.backing_file is not None:
             self._backing = _open_backing(path, h.backing_file, h.backing_format, depth)
         if not readonly and h.autoclear:
@@ -244,7 +244,7 @@ class Qcow2Image:
             # was closed cleanly (the dirty bit would cost a header write and an fsync at
             # each open and close, and qemu takes it to mean lazy refcounts), and the L2
             # tables, the costly part of the scan, were all read just above.
-            leaked = self._refs.reclaim_leaks(np.union1d(uniq.astype(np.int64), hosts))
+            leaked = self._refs.reclaim_leaks(np.union1d(uniq.astype(np.int64), hosts), over)
             if leaked:
                 log.info("qcow2 image %r: %d leaked cluster(s) reclaimed (left by a crash or "
                          "a failed write)", path, leaked)
@@ -385,8 +385,8 @@ class Qcow2Image:
     def _read(self, offset: int, mv: memoryview) -> None:
         for kind, where, out, n in self._runs(offset, len(mv)):
             if kind == COMPRESSED:
-                pos = offset + out
-                self._decompressed().read(where, pos, pos & (self._cs - 1), mv[out:out + n])
+                o = (offset + out) & (self._cs - 1)
+                self._decompressed().read(where, offset + out - o, o, mv[out:out + n])
             else:
                 self._flush_run(kind, where, mv[out:out + n])
 
@@ -446,10 +446,10 @@ class Qcow2Image:
                 _add_run(runs, -1, 0, at + out, n)
             elif kind == COMPRESSED:
                 cache = self._decompressed()
-                pos = offset + out
-                slot = cache.pin(where, pos)
+                o = (offset + out) & (self._cs - 1)
+                slot = cache.pin(where, offset + out - o)
                 pins.append((cache, slot))
-                _add_run(runs, cache.fd, slot + (pos & (self._cs - 1)), at + out, n)
+                _add_run(runs, cache.fd, slot + o, at + out, n)
             else:
                 self._backing._map_clipped(where, n, at + out, runs, pins)
 

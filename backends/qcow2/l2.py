@@ -64,7 +64,7 @@ class ClusterMap:
         self.desc = Descriptors(self._cb)
 
     def check_tables(self, path: str, end: int, meta: np.ndarray,
-                     writable: bool) -> np.ndarray:
+                     writable: bool) -> tuple[np.ndarray, dict[int, int]]:
         """Read each L2 table once at open (qemu-img check reads them all too) and refuse,
         to an image opened for writing, entries whose host cluster is not theirs alone:
         past ``end``, the file's length in clusters (a cluster appended later would be
@@ -74,9 +74,13 @@ class ClusterMap:
         a release of a compressed cluster counted too few times would free a cluster
         other compressed clusters still use.
 
-        Returns the host clusters the L2 entries use (sorted; empty if not ``writable``)."""
+        Returns the host clusters the L2 entries use (sorted) and the host clusters of
+        compressed data counted more often than compressed clusters use them, with the
+        count they should have (a crash between an L2 entry's clearing and the
+        uncounting leaves that); both empty if not ``writable``."""
+        over: dict[int, int] = {}
         if not writable:
-            return np.zeros(0, np.int64)
+            return np.zeros(0, np.int64), over
         flag, om = np.uint64(OFLAG_COMPRESSED), np.uint64(OFFSET_MASK)
         hosts, vcs, packed, packed_vcs = [], [], [], []
         for i in np.flatnonzero(self._l1 & om):
@@ -91,7 +95,7 @@ class ClusterMap:
                 packed.append(t[k])
                 packed_vcs.append(k + (int(i) << self._l2_bits))
         if not hosts:
-            return np.zeros(0, np.int64)
+            return np.zeros(0, np.int64), over
         host = np.concatenate(hosts).astype(np.int64)
         vc = np.concatenate(vcs)
         chost, cvc = self._compressed_hosts(packed, packed_vcs)
@@ -117,19 +121,22 @@ class ClusterMap:
                 why = "which holds metadata"
             else:
                 uniq, first, counts = np.unique(host, return_index=True, return_counts=True)
-                short = [k for k, c in enumerate(uniq) if self._refs.get(int(c)) < counts[k]]
-                if short:
-                    k = short[0]
-                    why = (f"whose refcount {self._refs.get(int(uniq[k]))} is less than the "
-                           f"{counts[k]} compressed clusters in it")
-                    bad = first[k:k + 1]
+                for k, c in enumerate(uniq.tolist()):
+                    rc, n = self._refs.get(c), int(counts[k])
+                    if rc < n:
+                        why = (f"whose refcount {rc} is less than the {n} compressed "
+                               "clusters in it")
+                        bad = first[k:k + 1]
+                        break
+                    if rc > n:
+                        over[c] = n
         if why:
             k = int(bad[0])
             raise corrupt(f"L2 entry for virtual offset {int(vc[k]) << self._cb:#x} points at "
                           f"host cluster {int(host[k]) << self._cb:#x}, {why}; writing the "
                           f"image could change other data: repair {path!r} with 'qemu-img "
                           "check -r all', or open it read-only")
-        return np.union1d(np.concatenate(hosts).astype(np.int64), chost)
+        return np.union1d(np.concatenate(hosts).astype(np.int64), chost), over
 
     def _compressed_hosts(self, packed: list, packed_vcs: list) -> tuple[np.ndarray, np.ndarray]:
         """The host clusters the compressed descriptors ``packed`` touch, one per touch
