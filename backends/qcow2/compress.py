@@ -115,7 +115,7 @@ class Decompressed:
         self._orphans: set[int] = set()   # pinned slots whose descriptor was forgotten
         self._free: list[int] = []
         self._made = 0
-        self.loads = 0                    # decompressions, in all (for tests)
+        self.loads = 0                    # clusters cached, in all (for tests)
         self.fd = os.memfd_create("qcow2-decompressed", os.MFD_CLOEXEC)
 
     def close(self) -> None:
@@ -125,11 +125,31 @@ class Decompressed:
 
     def pin(self, e: int, voff: int) -> int:
         """The offset in ``fd`` of descriptor ``e``'s cluster (of virtual offset
-        ``voff``, for errors), decompressed if not cached, held until ``unpin``."""
+        ``voff``, for errors), read and decompressed here if not cached (a pread: for
+        the engine's own calls), held until ``unpin``."""
+        where = self.pin_cached(e)
+        if where is None:
+            off, n = self._desc.span(e)
+            where = self.put(e, self.unpack(fileio.pread_padded(self._img_fd, n, off), e, voff))
+        return where
+
+    def pin_cached(self, e: int) -> int | None:
+        """``pin`` if descriptor ``e``'s cluster is cached, else None."""
         with self._lock:
             s = self._slots.get(e)
             if s is None:
-                data = self._load(e, voff)
+                return None
+            self._slots.move_to_end(e)
+            self._pins[s] = self._pins.get(s, 0) + 1
+            return s << self._cb
+
+    def put(self, e: int, data: Any) -> int:
+        """Cache ``data``, descriptor ``e``'s cluster (from ``unpack``), pinned: its
+        offset in ``fd``, for ``unpin``. Loaded meanwhile by another request, the copy
+        already there is pinned instead."""
+        with self._lock:
+            s = self._slots.get(e)
+            if s is None:
                 s = self._free.pop() if self._free else self._take()
                 try:
                     # not fileio.pwrite_all: that is the image file's seam (tests record
@@ -141,11 +161,37 @@ class Decompressed:
                     self._free.append(s)
                     raise
                 self._slots[e] = s
-            else:
-                self._slots.move_to_end(e)
+                self.loads += 1
+            self._slots.move_to_end(e)
             self._pins[s] = self._pins.get(s, 0) + 1
             self._trim()
             return s << self._cb
+
+    def span(self, e: int) -> tuple[int, int]:
+        """(file offset, length) of descriptor ``e``'s compressed data in the image."""
+        return self._desc.span(e)
+
+    @property
+    def image_fd(self) -> int:
+        """The image file, where the compressed data is."""
+        return self._img_fd
+
+    def unpack(self, raw: Any, e: int, voff: int) -> bytes:
+        """Decompress ``raw``, descriptor ``e``'s data (of virtual offset ``voff``), into
+        one cluster; Qcow2Error (EIO) if it is not exactly one. Touches nothing shared:
+        for a worker thread too."""
+        off, n = self._desc.span(e)
+        try:
+            data = self._unpack(bytes(raw), self._cs)
+        except Exception as ex:  # zlib.error, zstandard.ZstdError: the data is bad
+            raise corrupt(f"compressed cluster at virtual offset {voff:#x} (host offset "
+                          f"{off:#x}, {n} bytes) does not decompress: {ex}") from None
+        if len(data) != self._cs:
+            raise corrupt(f"compressed cluster at virtual offset {voff:#x} (host offset "
+                          f"{off:#x}, {n} bytes) decompresses to "
+                          f"{'more' if len(data) > self._cs else len(data)} bytes, "
+                          f"not {self._cs}")
+        return data
 
     def unpin(self, where: int) -> None:
         """Let go of the cluster ``pin`` returned ``where`` for."""
@@ -193,19 +239,3 @@ class Decompressed:
             if s not in self._pins:
                 del self._slots[e]
                 self._free.append(s)
-
-    def _load(self, e: int, voff: int) -> Any:
-        off, n = self._desc.span(e)
-        raw = bytes(fileio.pread_padded(self._img_fd, n, off))
-        self.loads += 1
-        try:
-            data = self._unpack(raw, self._cs)
-        except Exception as ex:  # zlib.error, zstandard.ZstdError: the data is bad
-            raise corrupt(f"compressed cluster at virtual offset {voff:#x} (host offset "
-                          f"{off:#x}, {n} bytes) does not decompress: {ex}") from None
-        if len(data) != self._cs:
-            raise corrupt(f"compressed cluster at virtual offset {voff:#x} (host offset "
-                          f"{off:#x}, {n} bytes) decompresses to "
-                          f"{'more' if len(data) > self._cs else len(data)} bytes, "
-                          f"not {self._cs}")
-        return data

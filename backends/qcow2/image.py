@@ -100,7 +100,8 @@ class _RawBacking:
             except OSError as e:
                 raise _in_backing(self._path, e) from e
 
-    def _map_clipped(self, offset: int, length: int, at: int, runs: list, pins: list) -> None:
+    def _map_clipped(self, offset: int, length: int, at: int, runs: list, pins: list,
+                     missing: list | None = None) -> None:
         avail = max(0, min(length, self.size - offset))
         _add_run(runs, self._fd, offset, at, avail)
         _add_run(runs, -1, 0, at + avail, length - avail)
@@ -419,26 +420,30 @@ class Qcow2Image:
             yield run_kind, run_host, run_out, run_len
 
     # ---------------------------------------------------------------- mapping for ring I/O
-    def map_data(self, offset: int, length: int, data_fd: int,
-                 pins: list) -> list[tuple[int, int, int, int]]:
+    def map_data(self, offset: int, length: int, data_fd: int, pins: list,
+                 missing: list | None = None) -> list[tuple[int, int, int, int]]:
         """Where the bytes [offset, offset + length) are, for I/O made elsewhere (on an
         io_uring ring): runs (fd, file offset, at, n) covering the range in order, ``at``
         counted from ``offset``. fd is ``data_fd`` (a descriptor of this image file) for
         this image's data, a backing file's for data it shows through, -1 for zeros, and
         a cache's memfd for a compressed cluster, decompressed there: the cache holds it
-        until the caller, its I/O done, calls ``unpin(pins)`` (on failure here, done)."""
+        until the caller, its I/O done, calls ``unpin(pins)`` (on failure here, done).
+
+        With ``missing`` (a list), compressed clusters not in their cache are not read
+        here but listed there as (cache, descriptor, virtual offset), their runs left
+        out: the caller loads them (``Decompressed.unpack``, ``put``) and maps again."""
         runs: list = []
         with self._lock:
             self._check_range(offset, length)
             try:
-                self._map_into(offset, length, 0, runs, data_fd, pins)
+                self._map_into(offset, length, 0, runs, data_fd, pins, missing)
             except BaseException:
                 unpin(pins)
                 raise
         return runs
 
     def _map_into(self, offset: int, length: int, at: int, runs: list, data_fd: int,
-                  pins: list) -> None:
+                  pins: list, missing: list | None) -> None:
         for kind, where, out, n in self._runs(offset, length):
             if kind == DATA:
                 _add_run(runs, data_fd, where, at + out, n)
@@ -447,19 +452,24 @@ class Qcow2Image:
             elif kind == COMPRESSED:
                 cache = self._decompressed()
                 o = (offset + out) & (self._cs - 1)
-                slot = cache.pin(where, offset + out - o)
+                if missing is None:
+                    slot = cache.pin(where, offset + out - o)
+                elif (slot := cache.pin_cached(where)) is None:
+                    missing.append((cache, where, offset + out - o))
+                    continue
                 pins.append((cache, slot))
                 _add_run(runs, cache.fd, slot + o, at + out, n)
             else:
-                self._backing._map_clipped(where, n, at + out, runs, pins)
+                self._backing._map_clipped(where, n, at + out, runs, pins, missing)
 
-    def _map_clipped(self, offset: int, length: int, at: int, runs: list, pins: list) -> None:
+    def _map_clipped(self, offset: int, length: int, at: int, runs: list, pins: list,
+                     missing: list | None = None) -> None:
         """``map_data`` for an overlay: past the virtual size, zeros."""
         avail = max(0, min(length, self._size - offset))
         with self._lock:
             self._check_open()
             try:
-                self._map_into(offset, avail, at, runs, self._fd, pins)
+                self._map_into(offset, avail, at, runs, self._fd, pins, missing)
             except OSError as e:
                 raise _in_backing(self._path, e) from e
         _add_run(runs, -1, 0, at + avail, length - avail)

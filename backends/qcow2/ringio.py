@@ -253,19 +253,31 @@ class RingData:
         g, cb, fd = self._gates, self._cb, self.fd
         mapped = not isinstance(buf, Unmapped)
         pins: list = []          # decompressed clusters the runs read from
-        while True:
-            with self._lock:
-                runs = self.image.map_data(offset, length, fd, pins)
-                held = [vc for rfd, _, at, n in runs if rfd == fd
-                        for vc in range((offset + at) >> cb, ((offset + at + n - 1) >> cb) + 1)]
-                blocked = next((vc for vc in held if vc in g.unmap), None)
-                if blocked is None:
-                    for vc in held:
-                        g.enter(vc)
-                    break
-                unpin(pins)
-                efd = g.sleeper(blocked)
-            await self._wait(io, blocked, efd)
+        loaded: list = []        # those this request decompressed, held until mapped
+        try:
+            while True:
+                missing: list = []
+                with self._lock:
+                    runs = self.image.map_data(offset, length, fd, pins, missing)
+                    if missing:
+                        unpin(pins)
+                    else:
+                        held = [vc for rfd, _, at, n in runs if rfd == fd
+                                for vc in range((offset + at) >> cb,
+                                                ((offset + at + n - 1) >> cb) + 1)]
+                        blocked = next((vc for vc in held if vc in g.unmap), None)
+                        if blocked is None:
+                            for vc in held:
+                                g.enter(vc)
+                            break
+                        unpin(pins)
+                        efd = g.sleeper(blocked)
+                if missing:
+                    await self._load(io, missing, loaded)
+                else:
+                    await self._wait(io, blocked, efd)
+        finally:
+            unpin(loaded)       # mapped (pinned again in pins), or failed
         try:
             if len(runs) == 1 and runs[0][0] >= 0:
                 rfd, where, _, _ = runs[0]
@@ -289,6 +301,19 @@ class RingData:
                 with self._lock:
                     for vc in held:
                         g.leave(vc)
+
+    @staticmethod
+    async def _load(io: Any, missing: list, loaded: list) -> None:
+        """Read the compressed clusters ``missing`` (map_data's) on the ring, decompress
+        them in a worker thread (not on the queue's), cache them, pinned, in ``loaded``."""
+        raws = [bytearray(c.span(e)[1]) for c, e, _ in missing]
+        # a short read ends at the end of the file, past which the data reads as zeros
+        await _all([io.read(c.image_fd, raw, c.span(e)[0])
+                    for (c, e, _), raw in zip(missing, raws)])
+        datas = await io.run_in_thread(
+            lambda: [c.unpack(raw, e, voff) for (c, e, voff), raw in zip(missing, raws)])
+        for (c, e, _), data in zip(missing, datas):
+            loaded.append((c, c.put(e, data)))
 
     def _fill_zeros(self, mv: memoryview) -> None:
         z = self._zeros

@@ -466,3 +466,39 @@ def test_crash_at_any_write_over_compressed_clusters(tmp_path, monkeypatch):
     assert len(log) >= 30, log
     leaky = _replay_and_check(tmp_path, start, log, bounds, states, list(range(1, len(log) + 1)))
     assert leaky >= 3, f"only {leaky} crash points leaked: the uncounting is barely tested"
+
+
+@pytest.mark.parametrize("path", ["copy", "zero_copy"])
+def test_ring_reads_decompress_off_the_queue_thread(sim, tmp_path, monkeypatch, path):
+    """On the ring, a compressed cluster not in the cache is read by a ring read and
+    decompressed in a worker thread: never by the engine's own pread and decompression
+    on the queue's thread (under the image's lock), which would stall the queue."""
+    import threading
+    from pyublk_fast.backends.qcow2 import compress
+    img, want = _compressed(tmp_path, "zlib", 4096)
+    unpacking, mapping = set(), set()
+    real_unpack, real_map = compress.Decompressed.unpack, Qcow2Image.map_data
+
+    def unpack(self, raw, e, voff):
+        unpacking.add(threading.get_ident())
+        return real_unpack(self, raw, e, voff)
+
+    def map_data(self, *args):
+        mapping.add(threading.get_ident())
+        return real_map(self, *args)
+
+    def no_pin(self, e, voff):
+        raise AssertionError("the engine's own load ran on the queue's thread")
+
+    monkeypatch.setattr(compress.Decompressed, "unpack", unpack)
+    monkeypatch.setattr(compress.Decompressed, "pin", no_pin)
+    monkeypatch.setattr(Qcow2Image, "map_data", map_data)
+    backend = Qcow2Backend(img)
+    with Device(backend, sim, depth=16, data_path=path) as dev, dev.open() as blk:
+        assert blk.pread(SIZE, 0) == want
+        assert blk.pread(SIZE, 0) == want              # the cache's clusters, and more
+        res = blk.submit([(READ, off, 64 * KiB, bytearray(64 * KiB))
+                          for off in range(0, SIZE, 64 * KiB)])
+        assert res == [64 * KiB] * (SIZE // (64 * KiB))
+        assert backend.image._unpacked.loads >= len(_packed(img))
+    assert unpacking and mapping and not unpacking & mapping, (unpacking, mapping)
