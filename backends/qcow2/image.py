@@ -145,6 +145,8 @@ def _open_backing(image_path: str, name: str, fmt: str | None, depth: int) -> An
 class Qcow2Image:
     """A qcow2 image file opened for reading (and writing, for version 3)."""
 
+    _unpacked: Decompressed | None   # the cache of decompressed clusters, once needed
+
     # ---------------------------------------------------------------- creation
     @classmethod
     def create(cls, path: str, size: int, cluster_bits: int = 16,
@@ -175,7 +177,7 @@ class Qcow2Image:
         self = cls.__new__(cls)
         self._fd = -1
         self._backing = None
-        self._unpacked: Decompressed | None = None
+        self._unpacked = None
         try:
             self._fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
@@ -454,9 +456,12 @@ class Qcow2Image:
                 o = (offset + out) & (self._cs - 1)
                 if missing is None:
                     slot = cache.pin(where, offset + out - o)
-                elif (slot := cache.pin_cached(where)) is None:
-                    missing.append((cache, where, offset + out - o))
-                    continue
+                else:
+                    cached = cache.pin_cached(where)
+                    if cached is None:
+                        missing.append((cache, where, offset + out - o))
+                        continue
+                    slot = cached
                 pins.append((cache, slot))
                 _add_run(runs, cache.fd, slot + o, at + out, n)
             else:

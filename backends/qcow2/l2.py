@@ -91,9 +91,9 @@ class ClusterMap:
             hosts.append((t[used] & om) >> np.uint64(self._cb))
             vcs.append(used + (int(i) << self._l2_bits))
             if comp.any():
-                k = np.flatnonzero(comp)
-                packed.append(t[k])
-                packed_vcs.append(k + (int(i) << self._l2_bits))
+                idx = np.flatnonzero(comp)
+                packed.append(t[idx])
+                packed_vcs.append(idx + (int(i) << self._l2_bits))
         if not hosts:
             return np.zeros(0, np.int64), over
         host = np.concatenate(hosts).astype(np.int64)
@@ -121,15 +121,15 @@ class ClusterMap:
                 why = "which holds metadata"
             else:
                 uniq, first, counts = np.unique(host, return_index=True, return_counts=True)
-                for k, c in enumerate(uniq.tolist()):
-                    rc, n = self._refs.get(c), int(counts[k])
+                for j, hc in enumerate(uniq.tolist()):
+                    rc, n = self._refs.get(hc), int(counts[j])
                     if rc < n:
                         why = (f"whose refcount {rc} is less than the {n} compressed "
                                "clusters in it")
-                        bad = first[k:k + 1]
+                        bad = first[j:j + 1]
                         break
                     if rc > n:
-                        over[c] = n
+                        over[hc] = n
         if why:
             k = int(bad[0])
             raise corrupt(f"L2 entry for virtual offset {int(vc[k]) << self._cb:#x} points at "

@@ -259,9 +259,8 @@ class RingData:
                 missing: list = []
                 with self._lock:
                     runs = self.image.map_data(offset, length, fd, pins, missing)
-                    if missing:
-                        unpin(pins)
-                    else:
+                    blocked = None
+                    if not missing:
                         held = [vc for rfd, _, at, n in runs if rfd == fd
                                 for vc in range((offset + at) >> cb,
                                                 ((offset + at + n - 1) >> cb) + 1)]
@@ -270,9 +269,9 @@ class RingData:
                             for vc in held:
                                 g.enter(vc)
                             break
-                        unpin(pins)
                         efd = g.sleeper(blocked)
-                if missing:
+                    unpin(pins)
+                if blocked is None:
                     await self._load(io, missing, loaded)
                 else:
                     await self._wait(io, blocked, efd)

@@ -22,6 +22,7 @@ from pyublk_fast.backends.qcow2.l2 import COMPRESSED
 from pyublk_fast.backends.qcow2_backend import Qcow2Backend
 from pyublk_fast.device import Device
 from qcow2_tools import KiB, MiB, QEMU_IMG, assert_check_clean, needs_qemu, qemu_img
+from test_qcow2_ring import _run_batch
 
 pytestmark = needs_qemu
 
@@ -279,28 +280,16 @@ def test_ring_reads_and_writes_compressed_images(sim, tmp_path, path, ctype, clu
     with Device(Qcow2Backend(img), sim, depth=32, data_path=path) as dev, dev.open() as blk:
         assert blk.pread(SIZE, 0) == want
         for i in range(12):
-            reqs, taken = [], []
+            batch, taken = [], []
             for _ in range(rng.randrange(2, 12)):
                 vc = rng.choice(packed_vcs)
-                off = vc * cs + rng.randrange(cs // 512) * 512 - rng.choice([0, 0, 512])
-                off = max(off, 0)
+                off = max(0, vc * cs + rng.randrange(cs // 512) * 512 - rng.choice([0, 0, 512]))
                 n = min(rng.randrange(1, 2 * cs // 512 + 1) * 512, SIZE - off)
-                if any(lo < off + n and off < hi for lo, hi in taken):
-                    continue
-                taken.append((off, off + n))
-                op = rng.choices([WRITE, READ, DISCARD, ZEROES], [4, 3, 1, 1])[0]
-                buf = rng.randbytes(n) if op == WRITE else bytearray(n) if op == READ else None
-                reqs.append((op, off, n, buf))
-            res = blk.submit(reqs)
-            assert res == [n if op in (READ, WRITE) else 0 for op, _, n, _ in reqs], i
-            for op, off, n, buf in reqs:
-                if op == READ:
-                    assert bytes(buf) == bytes(model[off:off + n]), f"batch {i}: {n}@{off:#x}"
-            for op, off, n, buf in reqs:
-                if op == WRITE:
-                    model[off:off + n] = buf
-                elif op in (DISCARD, ZEROES):
-                    model[off:off + n] = bytes(n)
+                if not any(lo < off + n and off < hi for lo, hi in taken):
+                    taken.append((off, off + n))
+                    batch.append((rng.choices([WRITE, READ, DISCARD, ZEROES], [4, 3, 1, 1])[0],
+                                  off, n))
+            _run_batch(blk, model, rng, batch, f"batch {i}")
         assert blk.pread(SIZE, 0) == bytes(model)
         blk.flush()
     assert_check_clean(img, path)
