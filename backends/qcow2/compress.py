@@ -137,11 +137,7 @@ class Decompressed:
         """``pin`` if descriptor ``e``'s cluster is cached, else None."""
         with self._lock:
             s = self._slots.get(e)
-            if s is None:
-                return None
-            self._slots.move_to_end(e)
-            self._pins[s] = self._pins.get(s, 0) + 1
-            return s << self._cb
+            return None if s is None else self._hold(e, s)
 
     def put(self, e: int, data: Any) -> int:
         """Cache ``data``, descriptor ``e``'s cluster (from ``unpack``), pinned: its
@@ -162,10 +158,15 @@ class Decompressed:
                     raise
                 self._slots[e] = s
                 self.loads += 1
-            self._slots.move_to_end(e)
-            self._pins[s] = self._pins.get(s, 0) + 1
+            where = self._hold(e, s)
             self._trim()
-            return s << self._cb
+            return where
+
+    def _hold(self, e: int, s: int) -> int:
+        """Pin slot ``s`` (of ``e``), now the most recently used; its offset in ``fd``."""
+        self._slots.move_to_end(e)
+        self._pins[s] = self._pins.get(s, 0) + 1
+        return s << self._cb
 
     def span(self, e: int) -> tuple[int, int]:
         """(file offset, length) of descriptor ``e``'s compressed data in the image."""
