@@ -2,12 +2,13 @@
 
 Supported: version 3 read/write (version 2 read-only), 16-bit refcounts, cluster
 sizes 512 B..2 MiB, zero clusters, discard, raw or qcow2 backing files (read-only,
-copy-on-write). Refused with Qcow2Error(ENOTSUP): encryption, compressed clusters
-(found at open), external data files, extended L2 entries, non-zlib compression types,
-unknown incompatible features, refcount widths other than 16 bits; images with
-internal snapshots or the dirty/corrupt bit, and images with an L2 entry whose host
-cluster is not its own (past the end of the file, holding metadata, or mapped twice),
-open read-only only.
+copy-on-write), compressed clusters (deflate, or zstd with the zstandard package: read
+through a cache, copied on write into normal clusters). Refused with
+Qcow2Error(ENOTSUP): encryption, external data files, extended L2 entries, other
+compression types, unknown incompatible features, refcount widths other than 16 bits;
+images with internal snapshots or the dirty/corrupt bit, and images with an L2 entry
+whose host cluster is not its own (past the end of the file, holding metadata, mapped
+twice, or compressed data counted too few times), open read-only only.
 
 Modules, each importing only those below it:
 
@@ -18,6 +19,8 @@ Modules, each importing only those below it:
 - ``layout``: the header, L1 table and refcount structures of a new image;
 - ``l2``: virtual -> host cluster mapping through the L1 and L2 tables;
 - ``refcount``: refcounts and cluster allocation;
+- ``compress``: compressed cluster descriptors, decompression, the cache of
+  decompressed clusters;
 - ``cache``: the LRU cache of L2 tables and refcount blocks;
 - ``fileio``, ``format``: file I/O; on-disk constants, the header, Qcow2Error.
 """

@@ -253,10 +253,8 @@ def _check_incompatible(h: Header) -> None:
     if inc & INCOMPAT_EXTL2:
         raise _unsupported("extended L2 entries / subclusters (incompatible feature bit 4); "
                            "convert with qemu-img convert -O qcow2 -o extended_l2=off")
-    if inc & INCOMPAT_COMPRESSION and h.compression_type != 0:
-        name = {1: "zstd"}.get(h.compression_type, str(h.compression_type))
-        raise _unsupported(f"compression type {name} (only zlib is understood, and "
-                           "compressed clusters are not supported at all)")
+    if not inc & INCOMPAT_COMPRESSION:
+        h.compression_type = 0   # the field counts only with the feature bit: zlib
     unknown = inc & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION)
     if unknown:
         bits = [b for b in range(64) if unknown >> b & 1]

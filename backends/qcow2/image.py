@@ -40,14 +40,15 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import fileio, layout
+from .compress import Decompressed, check_compression_type
 from .format import (
     HEADER_AUTOCLEAR, HEADER_SIZE_FIELD, OFLAG_COPIED, OFLAG_ZERO, Header, Qcow2Error, corrupt,
     read_header,
 )
-from .l2 import DATA, UNALLOC, ZERO, ClusterMap, l1_range, load_l1
+from .l2 import COMPRESSED, DATA, UNALLOC, ZERO, ClusterMap, l1_range, load_l1
 from .refcount import Refcounts, load_reftable
 
-__all__ = ["Qcow2Image"]
+__all__ = ["Qcow2Image", "unpin"]
 
 log = logging.getLogger("pyublk_fast.backends.qcow2")
 
@@ -99,7 +100,8 @@ class _RawBacking:
             except OSError as e:
                 raise _in_backing(self._path, e) from e
 
-    def _map_clipped(self, offset: int, length: int, at: int, runs: list) -> None:
+    def _map_clipped(self, offset: int, length: int, at: int, runs: list, pins: list,
+                     missing: list | None = None) -> None:
         avail = max(0, min(length, self.size - offset))
         _add_run(runs, self._fd, offset, at, avail)
         _add_run(runs, -1, 0, at + avail, length - avail)
@@ -108,6 +110,13 @@ class _RawBacking:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def unpin(pins: list) -> None:
+    """Let go of the decompressed clusters ``map_data`` pinned (emptying ``pins``)."""
+    while pins:
+        cache, slot = pins.pop()
+        cache.unpin(slot)
 
 
 def _open_backing(image_path: str, name: str, fmt: str | None, depth: int) -> Any:
@@ -135,6 +144,8 @@ def _open_backing(image_path: str, name: str, fmt: str | None, depth: int) -> An
 
 class Qcow2Image:
     """A qcow2 image file opened for reading (and writing, for version 3)."""
+
+    _unpacked: Decompressed | None   # the cache of decompressed clusters, once needed
 
     # ---------------------------------------------------------------- creation
     @classmethod
@@ -166,6 +177,7 @@ class Qcow2Image:
         self = cls.__new__(cls)
         self._fd = -1
         self._backing = None
+        self._unpacked = None
         try:
             self._fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
@@ -186,6 +198,8 @@ class Qcow2Image:
         fd = self._fd
         file_size = os.fstat(fd).st_size
         h: Header = read_header(fd, file_size)
+        check_compression_type(h.compression_type)
+        self._compression = h.compression_type
         if not readonly:
             why = None
             if h.version < 3:
@@ -222,7 +236,7 @@ class Qcow2Image:
             c = int(uniq[np.flatnonzero(counts > 1)[0]])
             raise corrupt(f"metadata structures overlap at host offset {c << cb:#x}")
         self._map = ClusterMap(fd, h, l1, self._refs)
-        hosts = self._map.check_tables(path, end, uniq, not readonly)
+        hosts, over = self._map.check_tables(path, end, uniq, not readonly)
         if h.backing_file is not None:
             self._backing = _open_backing(path, h.backing_file, h.backing_format, depth)
         if not readonly and h.autoclear:
@@ -233,7 +247,7 @@ class Qcow2Image:
             # was closed cleanly (the dirty bit would cost a header write and an fsync at
             # each open and close, and qemu takes it to mean lazy refcounts), and the L2
             # tables, the costly part of the scan, were all read just above.
-            leaked = self._refs.reclaim_leaks(np.union1d(uniq.astype(np.int64), hosts))
+            leaked = self._refs.reclaim_leaks(np.union1d(uniq.astype(np.int64), hosts), over)
             if leaked:
                 log.info("qcow2 image %r: %d leaked cluster(s) reclaimed (left by a crash or "
                          "a failed write)", path, leaked)
@@ -257,6 +271,9 @@ class Qcow2Image:
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:
         """Close the image and its backing chain (idempotent)."""
+        if self._unpacked is not None:
+            self._unpacked.close()
+            self._unpacked = None
         if self._backing is not None:
             self._backing.close()
             self._backing = None
@@ -370,13 +387,17 @@ class Qcow2Image:
 
     def _read(self, offset: int, mv: memoryview) -> None:
         for kind, where, out, n in self._runs(offset, len(mv)):
-            self._flush_run(kind, where, mv[out:out + n])
+            if kind == COMPRESSED:
+                o = (offset + out) & (self._cs - 1)
+                self._decompressed().read(where, offset + out - o, o, mv[out:out + n])
+            else:
+                self._flush_run(kind, where, mv[out:out + n])
 
     def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """The bytes [offset, offset + length) in runs (kind, where, out, n), each as long
         as the mapping allows: DATA at host offset ``where``, ZERO, or UNALLOC (from the
         backing file at virtual offset ``where``); ``out`` is where the run starts in
-        the range."""
+        the range; COMPRESSED, one cluster's part per run, ``where`` its descriptor."""
         cb, cs = self._cb, self._cs
         pos, end, out = offset, offset + length, 0
         run_kind, run_host, run_out, run_len = -1, 0, 0, 0  # merged pending run
@@ -386,8 +407,10 @@ class Qcow2Image:
             kind, host = self._map.lookup(vc)
             if kind == UNALLOC and self._backing is None:
                 kind = ZERO
-            host = host + o if kind == DATA else pos
-            if run_len and kind == run_kind and (kind == ZERO or host == run_host + run_len):
+            if kind != COMPRESSED:
+                host = host + o if kind == DATA else pos
+            if run_len and kind == run_kind and kind != COMPRESSED and (
+                    kind == ZERO or host == run_host + run_len):
                 run_len += n
             else:
                 if run_len:
@@ -399,36 +422,81 @@ class Qcow2Image:
             yield run_kind, run_host, run_out, run_len
 
     # ---------------------------------------------------------------- mapping for ring I/O
-    def map_data(self, offset: int, length: int, data_fd: int) -> list[tuple[int, int, int, int]]:
+    def map_data(self, offset: int, length: int, data_fd: int, pins: list,
+                 missing: list | None = None) -> list[tuple[int, int, int, int]]:
         """Where the bytes [offset, offset + length) are, for I/O made elsewhere (on an
         io_uring ring): runs (fd, file offset, at, n) covering the range in order, ``at``
         counted from ``offset``. fd is ``data_fd`` (a descriptor of this image file) for
-        this image's data, a backing file's for data it shows through, -1 for zeros."""
+        this image's data, a backing file's for data it shows through, -1 for zeros, and
+        a cache's memfd for a compressed cluster, decompressed there: the cache holds it
+        until the caller, its I/O done, calls ``unpin(pins)`` (on failure here, done).
+
+        With ``missing`` (a list), compressed clusters not in their cache are not read
+        here but listed there as (cache, descriptor, virtual offset), their runs left
+        out: the caller loads them (``Decompressed.unpack``, ``put``) and maps again."""
         runs: list = []
         with self._lock:
             self._check_range(offset, length)
-            self._map_into(offset, length, 0, runs, data_fd)
+            try:
+                self._map_into(offset, length, 0, runs, data_fd, pins, missing)
+            except BaseException:
+                unpin(pins)
+                raise
         return runs
 
-    def _map_into(self, offset: int, length: int, at: int, runs: list, data_fd: int) -> None:
+    def _map_into(self, offset: int, length: int, at: int, runs: list, data_fd: int,
+                  pins: list, missing: list | None) -> None:
         for kind, where, out, n in self._runs(offset, length):
             if kind == DATA:
                 _add_run(runs, data_fd, where, at + out, n)
             elif kind == ZERO:
                 _add_run(runs, -1, 0, at + out, n)
+            elif kind == COMPRESSED:
+                cache = self._decompressed()
+                o = (offset + out) & (self._cs - 1)
+                if missing is None:
+                    slot = cache.pin(where, offset + out - o)
+                else:
+                    cached = cache.pin_cached(where)
+                    if cached is None:
+                        missing.append((cache, where, offset + out - o))
+                        continue
+                    slot = cached
+                pins.append((cache, slot))
+                _add_run(runs, cache.fd, slot + o, at + out, n)
             else:
-                self._backing._map_clipped(where, n, at + out, runs)
+                self._backing._map_clipped(where, n, at + out, runs, pins, missing)
 
-    def _map_clipped(self, offset: int, length: int, at: int, runs: list) -> None:
+    def _map_clipped(self, offset: int, length: int, at: int, runs: list, pins: list,
+                     missing: list | None = None) -> None:
         """``map_data`` for an overlay: past the virtual size, zeros."""
         avail = max(0, min(length, self._size - offset))
         with self._lock:
             self._check_open()
             try:
-                self._map_into(offset, avail, at, runs, self._fd)
+                self._map_into(offset, avail, at, runs, self._fd, pins, missing)
             except OSError as e:
                 raise _in_backing(self._path, e) from e
         _add_run(runs, -1, 0, at + avail, length - avail)
+
+    # ---------------------------------------------------------------- compressed clusters
+    def _decompressed(self) -> Decompressed:
+        """The cache of decompressed clusters, made at the first compressed cluster."""
+        if self._unpacked is None:
+            self._unpacked = Decompressed(self._fd, self._map.desc, self._compression)
+        return self._unpacked
+
+    def _unpack(self, e: int, vc: int, mv: memoryview) -> None:
+        """Fill ``mv`` (a cluster) with compressed cluster ``e`` (of ``vc``) decompressed."""
+        self._decompressed().read(e, vc << self._cb, 0, mv)
+
+    def _drop_compressed(self, e: int) -> None:
+        """Compressed cluster ``e``, which no L2 entry points at any more (cleared
+        first: a crash in between leaks), uncounted from each host cluster it touches."""
+        if self._unpacked is not None:
+            self._unpacked.forget(e)
+        for c in self._map.desc.clusters(e):
+            self._refs.release(c)
 
     def _flush_run(self, kind: int, where: int, mv: memoryview) -> None:
         if not len(mv):
@@ -476,11 +544,16 @@ class Qcow2Image:
             if not e & OFLAG_COPIED:
                 self._map.set_entry(l2off, t, i, host | OFLAG_COPIED)
             return
+        packed = host if kind == COMPRESSED else 0   # copied on write to a new cluster
+        if packed:
+            host = 0
         if n == cs:
             buf: Any = data
-        else:  # build the whole cluster: zeros or backing data, then the new bytes
+        else:  # build the whole cluster: zeros, backing or decompressed data, then the new bytes
             ba = bytearray(cs)
-            if kind == UNALLOC and self._backing is not None:
+            if packed:
+                self._unpack(packed, vc, memoryview(ba))
+            elif kind == UNALLOC and self._backing is not None:
                 self._backing._read_clipped(vc << self._cb, memoryview(ba))
             ba[o:o + n] = data
             buf = ba
@@ -499,6 +572,8 @@ class Qcow2Image:
             if taken:
                 self._refs.abandon(host >> self._cb)  # no entry points at it
             raise
+        if packed:
+            self._drop_compressed(packed)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros (zero flag for whole clusters)."""
@@ -522,7 +597,8 @@ class Qcow2Image:
                     self._zero_cluster(vc, discard)
                 else:
                     kind, _ = self._map.lookup(vc)
-                    if kind == DATA or (kind == UNALLOC and self._backing is not None):
+                    if kind in (DATA, COMPRESSED) or (kind == UNALLOC and
+                                                       self._backing is not None):
                         self._write_cluster(vc, o, self._zeros[:n])
                 pos += n
 
@@ -537,12 +613,15 @@ class Qcow2Image:
             return
         if kind == UNALLOC and self._backing is None and target == 0:
             return
-        c = self._map.writable(host, vc, e) if host else 0
+        packed = host if kind == COMPRESSED else 0
+        c = self._map.writable(host, vc, e) if host and not packed else 0
         # The L2 entry lets go of the cluster before its refcount drops (see release):
         # if the uncounting fails, the cluster is leaked, not reused under the entry.
         self._map.set_entry(l2off, t, i, target)
         if c:
             self._refs.release(c)
+        if packed:
+            self._drop_compressed(packed)
 
     # ---------------------------------------------------------------- resizing
     def resize(self, size: int) -> None:

@@ -4,7 +4,6 @@ memory (``fileio.store_entry``)."""
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 
@@ -12,18 +11,19 @@ import numpy as np
 
 from . import fileio
 from .cache import TableCache
+from .compress import Descriptors
 from .format import (
     HEADER_L1_FIELDS, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED,
-    OFLAG_COPIED, OFLAG_ZERO, Header, Qcow2Error, check_entries, check_in_file, corrupt,
+    OFLAG_COPIED, OFLAG_ZERO, Header, check_entries, check_in_file, corrupt,
 )
 from .refcount import Refcounts
 
-__all__ = ["ClusterMap", "load_l1", "l1_range", "DATA", "ZERO", "UNALLOC"]
+__all__ = ["ClusterMap", "load_l1", "l1_range", "DATA", "ZERO", "UNALLOC", "COMPRESSED"]
 
 _L2_CACHE_BYTES = 32 << 20
 
 # what a virtual cluster maps to (ClusterMap.lookup, ClusterMap.decode)
-DATA, ZERO, UNALLOC = 0, 1, 2
+DATA, ZERO, UNALLOC, COMPRESSED = 0, 1, 2, 3
 
 
 def l1_range(h: Header) -> tuple[int, int]:
@@ -61,41 +61,51 @@ class ClusterMap:
         self._l1 = l1
         self._l1_off = h.l1_table_offset
         self._tables = TableCache(fd, self._cs, ">u8", _L2_CACHE_BYTES)
+        self.desc = Descriptors(self._cb)
 
     def check_tables(self, path: str, end: int, meta: np.ndarray,
-                     writable: bool) -> np.ndarray:
-        """Read each L2 table once at open (qemu-img check reads them all too) and refuse
-        what this engine cannot serve: compressed clusters (not supported) and, to an
-        image opened for writing, entries whose host cluster is not theirs alone: past
-        ``end``, the file's length in clusters (a cluster appended later would be theirs
-        too), one of the metadata clusters ``meta``, or mapped by another entry. A write
-        through such an entry would change another cluster's data.
+                     writable: bool) -> tuple[np.ndarray, dict[int, int]]:
+        """Read each L2 table once at open (qemu-img check reads them all too) and refuse,
+        to an image opened for writing, entries whose host cluster is not theirs alone:
+        past ``end``, the file's length in clusters (a cluster appended later would be
+        theirs too), one of the metadata clusters ``meta``, or mapped by another entry
+        (compressed clusters may share theirs, with each other only, each counted in its
+        refcount). A write through such an entry would change another cluster's data;
+        a release of a compressed cluster counted too few times would free a cluster
+        other compressed clusters still use.
 
-        Returns the host clusters of the L2 entries (sorted; empty if not ``writable``)."""
+        Returns the host clusters the L2 entries use (sorted) and the host clusters of
+        compressed data counted more often than compressed clusters use them, with the
+        count they should have (a crash between an L2 entry's clearing and the
+        uncounting leaves that); both empty if not ``writable``."""
+        over: dict[int, int] = {}
+        if not writable:
+            return np.zeros(0, np.int64), over
         flag, om = np.uint64(OFLAG_COMPRESSED), np.uint64(OFFSET_MASK)
-        hosts, vcs = [], []
+        hosts, vcs, packed, packed_vcs = [], [], [], []
         for i in np.flatnonzero(self._l1 & om):
             off = int(self._l1[i]) & OFFSET_MASK
             t = np.frombuffer(fileio.pread_padded(self._fd, self._cs, off), dtype=">u8")
-            hit = np.flatnonzero(t & flag)
-            if hit.size:
-                voff = ((int(i) << self._l2_bits) + int(hit[0])) << self._cb
-                raise Qcow2Error(errno.ENOTSUP, f"cannot open {path!r}: it has compressed "
-                                 f"clusters (the first at virtual offset {voff:#x}), which are "
-                                 "not supported; decompress it with 'qemu-img convert -O qcow2 "
-                                 f"{path} OUT.qcow2'")
-            if writable:
-                used = np.flatnonzero(t & om)
-                hosts.append((t[used] & om) >> np.uint64(self._cb))
-                vcs.append(used + (int(i) << self._l2_bits))
+            comp = (t & flag) != 0
+            used = np.flatnonzero((t & om != 0) & ~comp)
+            hosts.append((t[used] & om) >> np.uint64(self._cb))
+            vcs.append(used + (int(i) << self._l2_bits))
+            if comp.any():
+                idx = np.flatnonzero(comp)
+                packed.append(t[idx])
+                packed_vcs.append(idx + (int(i) << self._l2_bits))
         if not hosts:
-            return np.zeros(0, np.int64)
-        host, vc = np.concatenate(hosts), np.concatenate(vcs)
+            return np.zeros(0, np.int64), over
+        host = np.concatenate(hosts).astype(np.int64)
+        vc = np.concatenate(vcs)
+        chost, cvc = self._compressed_hosts(packed, packed_vcs)
         why = None
         if (bad := np.flatnonzero(host >= end)).size:
             why = "beyond the end of the file"
         elif (bad := np.flatnonzero(np.isin(host, meta))).size:
             why = "which holds metadata"
+        elif (bad := np.flatnonzero(np.isin(host, chost))).size:
+            why = "which holds compressed data"
         else:
             uniq, first, counts = np.unique(host, return_index=True, return_counts=True)
             if (twice := np.flatnonzero(counts > 1)).size:
@@ -103,13 +113,41 @@ class ClusterMap:
                 why = (f"also mapped at virtual offset "
                        f"{int(vc[np.flatnonzero(host == c)[1]]) << self._cb:#x}")
                 bad = first[twice[:1]]
+        if why is None:
+            host, vc = chost, cvc
+            if (bad := np.flatnonzero(host >= end)).size:
+                why = "beyond the end of the file"
+            elif (bad := np.flatnonzero(np.isin(host, meta))).size:
+                why = "which holds metadata"
+            else:
+                uniq, first, counts = np.unique(host, return_index=True, return_counts=True)
+                for j, hc in enumerate(uniq.tolist()):
+                    rc, n = self._refs.get(hc), int(counts[j])
+                    if rc < n:
+                        why = (f"whose refcount {rc} is less than the {n} compressed "
+                               "clusters in it")
+                        bad = first[j:j + 1]
+                        break
+                    if rc > n:
+                        over[hc] = n
         if why:
             k = int(bad[0])
             raise corrupt(f"L2 entry for virtual offset {int(vc[k]) << self._cb:#x} points at "
                           f"host cluster {int(host[k]) << self._cb:#x}, {why}; writing the "
                           f"image could change other data: repair {path!r} with 'qemu-img "
                           "check -r all', or open it read-only")
-        return np.sort(host.astype(np.int64))
+        return np.union1d(np.concatenate(hosts).astype(np.int64), chost), over
+
+    def _compressed_hosts(self, packed: list, packed_vcs: list) -> tuple[np.ndarray, np.ndarray]:
+        """The host clusters the compressed descriptors ``packed`` touch, one per touch
+        (a cluster shared by n descriptors n times), and the virtual cluster of each."""
+        if not packed:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        e, vc = np.concatenate(packed), np.concatenate(packed_vcs)
+        first, last = self.desc.clusters_of(e)
+        two = np.flatnonzero(last != first)
+        return (np.concatenate([first, last[two]]),
+                np.concatenate([vc, vc[two]]).astype(np.int64))
 
     # ---------------------------------------------------------------- lookup
     def has_table(self, vc: int) -> bool:
@@ -117,7 +155,8 @@ class ClusterMap:
         return int(self._l1[vc >> self._l2_bits]) & OFFSET_MASK != 0
 
     def lookup(self, vc: int) -> tuple[int, int]:
-        """Map virtual cluster ``vc`` to (DATA, host) / (ZERO, host or 0) / (UNALLOC, 0)."""
+        """Map virtual cluster ``vc`` to (DATA, host) / (ZERO, host or 0) / (UNALLOC, 0) /
+        (COMPRESSED, its descriptor: the L2 entry)."""
         l2off = int(self._l1[vc >> self._l2_bits]) & OFFSET_MASK
         if l2off == 0:
             return UNALLOC, 0
@@ -132,9 +171,8 @@ class ClusterMap:
     def decode(self, e: int, vc: int) -> tuple[int, int]:
         """Decode L2 entry ``e`` of virtual cluster ``vc`` like ``lookup``."""
         if e & OFLAG_COMPRESSED:
-            raise Qcow2Error(errno.ENOTSUP, "unsupported qcow2 feature: compressed cluster "
-                             f"at virtual offset {vc << self._cb:#x}; decompress with "
-                             "'qemu-img convert -O qcow2'")
+            self._compressed(e, vc << self._cb)
+            return COMPRESSED, e
         if e & L2_RESERVED_MASK or (e & OFLAG_ZERO and self._version < 3):
             raise corrupt(f"L2 entry {e:#x} for virtual offset {vc << self._cb:#x} has "
                           "reserved bits set")
@@ -145,6 +183,16 @@ class ClusterMap:
             return UNALLOC, 0
         self._host_cluster(host, vc << self._cb)
         return DATA, host
+
+    def _compressed(self, e: int, voff: int) -> None:
+        """Validate compressed cluster descriptor ``e`` (of virtual offset ``voff``)."""
+        if e & OFLAG_COPIED:
+            raise corrupt(f"L2 entry {e:#x} for virtual offset {voff:#x} is compressed and "
+                          "has the copied flag set")
+        off, n = self.desc.span(e)
+        if (off + n - 1) >> self._cb >= self._refs.end:
+            raise corrupt(f"compressed cluster at virtual offset {voff:#x} lies at host "
+                          f"offset {off:#x} (+{n} bytes), beyond the end of the file")
 
     def _host_cluster(self, host: int, voff: int) -> int:
         """Validate a data cluster offset taken from an L2 entry, return its index."""

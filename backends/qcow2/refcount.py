@@ -255,10 +255,11 @@ class Refcounts:
         self._freed += self._pending[:n]
         del self._pending[:n]
 
-    def reclaim_leaks(self, used: np.ndarray) -> int:
+    def reclaim_leaks(self, used: np.ndarray, over: dict[int, int]) -> int:
         """Uncount every counted cluster that is not in ``used`` (sorted: every cluster
-        the image's structures and L2 entries use), as 'qemu-img check -r leaks' does;
-        return how many there were.
+        the image's structures and L2 entries use), and set each cluster of ``over`` to
+        its count there (host clusters of compressed data counted more often than used),
+        as 'qemu-img check -r leaks' does; return how many clusters were leaked.
 
         A crash leaks clusters: a refcount is set before the entry that uses the
         cluster, and an entry is cleared before its cluster's refcount drops. The writes
@@ -276,13 +277,15 @@ class Refcounts:
             lo, hi = np.searchsorted(used, [first, first + span])
             counted[used[lo:hi] - first] = False
             leaked += (np.flatnonzero(counted) + first).tolist()
-        if leaked:
+        if leaked or over:
             fileio.sync(self._fd)
             for c in leaked:
                 self.set(c, 0)
                 if c < self.end:  # those past the end are where appending goes anyway
                     self._freed.append(c)
-        return len(leaked)
+            for c, n in over.items():
+                self.set(c, n)
+        return len(leaked) + len(over)
 
     def _new_block(self, idx: int) -> None:
         """Write a refcount block for index ``idx`` at the end of the file, covering itself."""

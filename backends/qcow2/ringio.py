@@ -35,8 +35,8 @@ from pyublk_fast.aio import Unmapped
 
 from ..direct_io import aligned_zeros, direct_block_size
 from .format import OFLAG_COPIED, Qcow2Error, corrupt
-from .image import Qcow2Image
-from .l2 import DATA, UNALLOC
+from .image import Qcow2Image, unpin
+from .l2 import COMPRESSED, DATA, UNALLOC
 
 __all__ = ["RingData"]
 
@@ -121,14 +121,17 @@ class _Job:
     """One cluster's part of a write: piece [o, o + n) of virtual cluster vc, from byte
     ``at`` of the request (or zeros)."""
 
-    __slots__ = ("vc", "o", "at", "n", "how", "host", "entry", "fresh", "backing", "ok")
+    __slots__ = ("vc", "o", "at", "n", "how", "host", "entry", "fresh", "backing", "pins",
+                 "packed", "ok")
 
     def __init__(self, vc: int, o: int, at: int, n: int) -> None:
         self.vc, self.o, self.at, self.n = vc, o, at, n
         self.host = self.entry = 0
         self.how = _IN_PLACE
         self.fresh = False        # a new cluster, freed again if the write fails
-        self.backing: list = []   # runs of the backing file's data for the rest (COW)
+        self.backing: list = []   # runs of the old data for the rest (COW): backing file's
+        self.pins: list = []      # or decompressed, its cache slots held (image.unpin)
+        self.packed = 0           # the compressed cluster it replaces, uncounted once it did
         self.ok = False
 
 
@@ -249,18 +252,31 @@ class RingData:
     async def _read_runs(self, io: Any, offset: int, length: int, buf: Any) -> None:
         g, cb, fd = self._gates, self._cb, self.fd
         mapped = not isinstance(buf, Unmapped)
-        while True:
-            with self._lock:
-                runs = self.image.map_data(offset, length, fd)
-                held = [vc for rfd, _, at, n in runs if rfd == fd
-                        for vc in range((offset + at) >> cb, ((offset + at + n - 1) >> cb) + 1)]
-                blocked = next((vc for vc in held if vc in g.unmap), None)
+        pins: list = []          # decompressed clusters the runs read from
+        loaded: list = []        # those this request decompressed, held until mapped
+        try:
+            while True:
+                missing: list = []
+                with self._lock:
+                    runs = self.image.map_data(offset, length, fd, pins, missing)
+                    blocked = None
+                    if not missing:
+                        held = [vc for rfd, _, at, n in runs if rfd == fd
+                                for vc in range((offset + at) >> cb,
+                                                ((offset + at + n - 1) >> cb) + 1)]
+                        blocked = next((vc for vc in held if vc in g.unmap), None)
+                        if blocked is None:
+                            for vc in held:
+                                g.enter(vc)
+                            break
+                        efd = g.sleeper(blocked)
+                    unpin(pins)
                 if blocked is None:
-                    for vc in held:
-                        g.enter(vc)
-                    break
-                efd = g.sleeper(blocked)
-            await self._wait(io, blocked, efd)
+                    await self._load(io, missing, loaded)
+                else:
+                    await self._wait(io, blocked, efd)
+        finally:
+            unpin(loaded)       # mapped (pinned again in pins), or failed
         try:
             if len(runs) == 1 and runs[0][0] >= 0:
                 rfd, where, _, _ = runs[0]
@@ -279,10 +295,24 @@ class RingData:
                     ops.append(op)
             await _all(ops)
         finally:
+            unpin(pins)
             if held:
                 with self._lock:
                     for vc in held:
                         g.leave(vc)
+
+    @staticmethod
+    async def _load(io: Any, missing: list, loaded: list) -> None:
+        """Read the compressed clusters ``missing`` (map_data's) on the ring, decompress
+        them in a worker thread (not on the queue's), cache them, pinned, in ``loaded``."""
+        raws = [bytearray(c.span(e)[1]) for c, e, _ in missing]
+        # a short read ends at the end of the file, past which the data reads as zeros
+        await _all([io.read(c.image_fd, raw, c.span(e)[0])
+                    for (c, e, _), raw in zip(missing, raws)])
+        datas = await io.run_in_thread(
+            lambda: [c.unpack(raw, e, voff) for (c, e, voff), raw in zip(missing, raws)])
+        for (c, e, _), data in zip(missing, datas):
+            loaded.append((c, c.put(e, data)))
 
     def _fill_zeros(self, mv: memoryview) -> None:
         z = self._zeros
@@ -351,8 +381,10 @@ class RingData:
         img, vc, cs = self.image, job.vc, self.image._cs
         e = img._map.entry(vc)
         kind, host = img._map.decode(e, vc)
+        if kind == COMPRESSED:    # copied on write into a new cluster
+            job.packed, host = e, 0
         cow = kind == UNALLOC and img._backing is not None
-        if zeros and kind != DATA and not cow:
+        if zeros and kind != DATA and not cow and not job.packed:
             return False
         if host:                  # data, or a zero cluster with a preallocated host cluster
             img._map.writable(host, vc, e)
@@ -361,11 +393,20 @@ class RingData:
             job.how, job.host = (_IN_PLACE if e & OFLAG_COPIED else _SET_COPIED), host
             self._gates.enter(vc)
             return True
-        if cow and (job.o or job.n < cs):
-            img._backing._map_clipped(vc << img._cb, cs, 0, job.backing)
-        if not host:
-            host = img._refs.alloc() << img._cb
-            job.fresh = True
+        try:
+            if (cow or job.packed) and (job.o or job.n < cs):
+                if cow:
+                    img._backing._map_clipped(vc << img._cb, cs, 0, job.backing, job.pins)
+                else:
+                    cache = img._decompressed()
+                    job.pins.append((cache, cache.pin(e, vc << img._cb)))
+                    job.backing.append((cache.fd, job.pins[0][1], 0, cs))
+            if not host:
+                host = img._refs.alloc() << img._cb
+                job.fresh = True
+        except BaseException:
+            unpin(job.pins)
+            raise
         job.how, job.host = _ALLOC, host
         self._gates.alloc.add(vc)
         return True
@@ -446,6 +487,7 @@ class RingData:
             except OSError as e:
                 err = err or e
             finally:
+                unpin(job.pins)
                 if job.how == _ALLOC:
                     g.alloc.discard(vc)
                     g.wake(vc)
@@ -471,6 +513,8 @@ class RingData:
         finally:
             if not done and job.fresh:
                 img._refs.abandon(job.host >> img._cb)
+        if done and job.packed:
+            img._drop_compressed(job.packed)
 
     # ---------------------------------------------------------------- the rest
     def discard(self, offset: int, length: int) -> Any:
