@@ -492,6 +492,8 @@ class Device:
             # the driver gives the lowest free index: the queues know the buffer before any
             # request can point into it
             guess = next(i for i in range(len(shm.table) // 2 + 1) if i not in shm.views)
+            if guess > uapi.UBLK_SHMEM_ZC_IDX_MASK:
+                raise os_error(errno.ENOSPC, what, "all 65536 buffer indexes are taken")
             shm.publish(guess, view, addr)
             try:
                 index = self.transport.reg_buf(self.dev_id, addr, view.nbytes, read_only)
