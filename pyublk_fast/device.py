@@ -81,9 +81,10 @@ class _SharedBuffers:
         self.owned: dict[int, mmap.mmap | None] = {}
         self.lock = threading.Lock()
 
-    def publish(self, index: int, view: memoryview, addr: int) -> None:
+    def publish(self, index: int, view: memoryview, addr: int, read_only: bool) -> None:
         self.views[index] = view
-        self.table[2 * index + 1] = view.nbytes
+        # bit 63: a queue fails a READ flagged in a read-only buffer rather than write there
+        self.table[2 * index + 1] = view.nbytes | (1 << 63 if read_only else 0)
         self.table[2 * index] = addr
 
     def withdraw(self, index: int) -> None:
@@ -478,8 +479,9 @@ class Device:
         O_DIRECT I/O from them on /dev/ublkbN has its requests served in place: the driver
         copies nothing; a native backend reads and writes the buffer directly, a Python
         backend gets a memoryview of it. Other requests take the normal data path.
-        ``read_only``: pin without write access (a write-sealed memfd); reads into it
-        then fail."""
+        ``read_only``: pin without write access (a write-sealed memfd): the server maps it
+        read-only and serves writes from it; reads into it take the normal data path (the
+        7.2 driver does not flag them; a queue would fail one it did with EIO)."""
         shm = self._shm
         what = f"register a shared buffer on device {self.dev_id}"
         if shm is None:
@@ -494,7 +496,7 @@ class Device:
             guess = next(i for i in range(len(shm.table) // 2 + 1) if i not in shm.views)
             if guess > uapi.UBLK_SHMEM_ZC_IDX_MASK:
                 raise os_error(errno.ENOSPC, what, "all 65536 buffer indexes are taken")
-            shm.publish(guess, view, addr)
+            shm.publish(guess, view, addr, read_only)
             try:
                 index = self.transport.reg_buf(self.dev_id, addr, view.nbytes, read_only)
             except BaseException:
@@ -503,7 +505,7 @@ class Device:
                 raise
             if index != guess:          # someone else registered on this device too
                 shm.withdraw(guess)
-                shm.publish(index, view, addr)
+                shm.publish(index, view, addr, read_only)
             shm.owned[index] = owned
         return index
 

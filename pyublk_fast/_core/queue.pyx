@@ -316,9 +316,15 @@ cdef class Queue:
         return self.bufs + <size_t>tag * self.buf_size
 
     cdef bint shm_valid(self, const ublksrv_io_desc *iod) noexcept nogil:
+        """A registered buffer holds the request, and a READ's is writable (a read-only one
+        has bit 63 set in its length: the server mapped it read-only)."""
         cdef uint64_t i = (iod.addr >> 32) & 0xffff
         cdef uint64_t end = (iod.addr & 0xffffffffULL) + (<uint64_t>iod.nr_sectors << SECTOR_SHIFT)
-        return self.shm != NULL and self.shm[2 * i] != 0 and end <= self.shm[2 * i + 1]
+        if self.shm == NULL or self.shm[2 * i] == 0:
+            return False
+        if self.shm[2 * i + 1] >> 63 and iod.op_flags & 0xff == UBLK_IO_OP_READ:
+            return False
+        return end <= (self.shm[2 * i + 1] & ~(1ULL << 63))
 
     cdef object shared_view(self, int tag, uint32_t nbytes):
         """A Python backend's view of tag's request in its shared buffer."""
@@ -328,7 +334,7 @@ cdef class Queue:
 
     def share_buffers(self, table, views):
         """Serve requests in registered shared buffers (UBLK_F_SHMEM_ZC): ``table`` is a
-        uint64 array of 2 * 65536 (base address, length) by buffer index that the device
+        uint64 array of 2 * 65536 (base address, length | bit 63 if read-only) by index that the device
         fills before registering a buffer with the driver and clears after unregistering
         it; ``views`` maps each index to a memoryview of it. Call before fetch_all()."""
         arr = np.asarray(table)

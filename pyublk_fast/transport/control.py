@@ -59,7 +59,7 @@ _NEED_DISK = ("UPDATE_SIZE", "QUIESCE_DEV", "TRY_STOP_DEV")
 #: What the 7.2 driver's REG_BUF / UNREG_BUF refusals mean.
 _SHMEM_HINTS = {
     ("REG_BUF", errno.EINVAL): "the buffer's address and length must be nonzero multiples of "
-    "the page size (length below 4 GiB), flags only READ_ONLY",
+    "the page size, flags only READ_ONLY",
     ("REG_BUF", errno.EFAULT): "the range is not wholly mapped in this process, or is mapped "
     "read-only (register it read_only)",
     ("REG_BUF", errno.EEXIST): "part of the range is already registered on this device",
@@ -69,7 +69,7 @@ _SHMEM_HINTS = {
 }
 
 
-# ---- errors ----# ---- errors ------------------------------------------------------------------------
+# ---- errors ------------------------------------------------------------------------
 class UblkCommandError(OSError):
     """A control command failed in the kernel: ``errno``, ``command`` and ``hint``."""
 

@@ -158,10 +158,12 @@ def test_device_api_refusals(transport, memfd):
 
 # ---- the data path ---------------------------------------------------------------------
 
-def _check_in_place(transport, dev: Device, memfd: int, backend_data=None) -> tuple[int, int]:
+def _check_in_place(transport, dev: Device, memfd: int,
+                    backend_data=None) -> tuple[tuple[int, int], dict]:
     """Write from and read into the client's mapping of the shared pages at 4 KiB and
     128 KiB: the bytes come back, every request was served in place, and requests from
-    other memory take the normal path. Returns where the server mapped the pages."""
+    other memory take the normal path. Returns where the server mapped the pages and
+    what was written where."""
     client = Client(transport, dev, memfd)
     rng = np.random.default_rng(7)
     try:
@@ -201,7 +203,30 @@ def _check_in_place(transport, dev: Device, memfd: int, backend_data=None) -> tu
         assert np.array_equal(client.mem[:4096], expect[0])
     finally:
         client.close()
-    return server_map
+    return server_map, expect
+
+
+def test_read_only_buffer_serves_writes_in_place_and_reads_by_copy(transport, memfd):
+    """READ_ONLY (a write-sealed memfd's case): writes from it are served in place, a read
+    into it is not handed over there (the server mapped it read-only) but copied."""
+    backend = MemoryBackend(8 * MiB)
+    with Device(backend, transport, depth=8, shared_buffers=True) as dev:
+        client = Client(transport, dev, memfd)
+        try:
+            index = dev.register_shared_buffer(memfd, read_only=True)
+            assert dev._shm.views[index].readonly
+            src = client.mem[:128 * 1024]
+            src[:] = np.random.default_rng(3).integers(0, 256, src.nbytes, dtype=np.uint8)
+            client.io(uapi.UBLK_IO_OP_WRITE, MiB, src)
+            assert dev.shared_requests == 1
+            assert bytes(backend.data[MiB:MiB + src.nbytes]) == src.tobytes()
+            dst = client.mem[MiB:MiB + src.nbytes]
+            client.io(uapi.UBLK_IO_OP_READ, MiB, dst)
+            assert dev.shared_requests == 1
+            assert np.array_equal(dst, src)
+            dev.unregister_shared_buffer(index)
+        finally:
+            client.close()
 
 
 @pytest.mark.parametrize("data_path", ["copy", "user_copy"])
@@ -217,8 +242,8 @@ def test_python_backend_gets_the_shared_pages(transport, memfd, data_path):
     backend = Seeing(8 * MiB)
     with Device(backend, transport, depth=8, data_path=data_path, native=False,
                 shared_buffers=True) as dev:
-        base, length = _check_in_place(transport, dev, memfd,
-                                       lambda off, n: backend.data[off:off + n])
+        (base, length), _ = _check_in_place(transport, dev, memfd,
+                                            lambda off, n: backend.data[off:off + n])
     # the four writes from the shared pages were handed over in the server's own mapping
     # of them (not the client's), the fifth in the server's tag buffer
     assert len(seen) == 5
@@ -233,8 +258,8 @@ def test_native_loop_reads_and_writes_the_shared_pages(transport, memfd, tmp_pat
         fh.truncate(8 * MiB)
     with Device(LoopBackend(str(path)), transport, depth=8, shared_buffers=True) as dev:
         assert dev.native is not None
-        _check_in_place(transport, dev, memfd)
-        with open(path, "rb") as fh:              # what reached the backing file
-            fh.seek(256 * 1024)
-            on_disk = fh.read(128 * 1024)
-    assert len(on_disk) == 128 * 1024 and any(on_disk)
+        _, expect = _check_in_place(transport, dev, memfd)
+    with open(path, "rb") as fh:                  # what reached the backing file
+        for off, data in expect.items():
+            fh.seek(off)
+            assert fh.read(data.nbytes) == data.tobytes(), f"backing file at {off}"

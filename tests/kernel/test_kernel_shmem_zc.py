@@ -21,6 +21,7 @@ from test_sim_shmem_zc import (  # noqa: E402,F401  (collected here, run on the 
     test_device_api_refusals,
     test_native_loop_reads_and_writes_the_shared_pages,
     test_python_backend_gets_the_shared_pages,
+    test_read_only_buffer_serves_writes_in_place_and_reads_by_copy,
     test_reg_buf_refusals,
 )
 

@@ -52,6 +52,7 @@ cdef struct SimShm:               # one address range of a registered shared buf
     uint64_t end                  # same file pages in this process (what a kernel matches
     uint64_t buf_off              # by physical page); buf_off: where start is in the buffer
     uint16_t index
+    uint8_t read_only             # READ_ONLY: the driver never hands a READ over in it
 
 cdef struct SimDev:
     int present
@@ -122,7 +123,7 @@ cdef class SimDriver:
     cdef object _origin_owners     # the objects behind the origins' ctx (kept alive)
     cdef object _iod_arrays        # numpy arrays backing descriptor arrays (kept alive)
     cdef object _cmd_arrays
-    cdef object _shm_regs          # dev -> {index: (addr, length, flags)} (REG_BUF)
+    cdef object _shm_regs          # dev -> {index: (its ranges, read_only)} (REG_BUF)
     cdef object _ctl               # deque of control callables
     cdef object _nudge             # Ring for MSG_RING wake-ups from Python threads
     cdef object _nudge_lock

@@ -81,12 +81,14 @@ cdef inline bint is_copy_path(const SimDev *d) noexcept nogil:
     return not (d.flags & (F_USER_COPY | F_ZERO_COPY | F_AUTO_BUF_REG | F_SPLICE_ZC))
 
 
-cdef inline bint shm_lookup(const SimDev *d, uint64_t p, uint64_t n, uint64_t *addr) noexcept nogil:
-    """Whether [p, p+n) lies wholly in one range of a registered shared buffer; addr gets the
-    descriptor's index << 32 | offset."""
+cdef inline bint shm_lookup(const SimDev *d, uint64_t p, uint64_t n, bint read,
+                            uint64_t *addr) noexcept nogil:
+    """Whether [p, p+n) lies wholly in one range of a registered shared buffer (for a READ,
+    not a READ_ONLY one: 7.2 serves those by the normal path); addr gets the descriptor's
+    index << 32 | offset."""
     cdef int k
     for k in range(d.nshm):
-        if d.shm[k].start <= p and p + n <= d.shm[k].end:
+        if d.shm[k].start <= p and p + n <= d.shm[k].end and not (read and d.shm[k].read_only):
             addr[0] = (<uint64_t>d.shm[k].index << 32) | (d.shm[k].buf_off + p - d.shm[k].start)
             return True
     return False
@@ -422,7 +424,8 @@ cdef class SimDriver:
         t.spliced = 0
         t.shmem = 0
         if d.nshm and (r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE) and \
-                shm_lookup(d, <uintptr_t>(r.buf + r.done), remaining, &iod.addr):
+                shm_lookup(d, <uintptr_t>(r.buf + r.done), remaining, r.op == UBLK_IO_OP_READ,
+                           &iod.addr):
             # the data is already where the server reads and writes it: nothing to copy
             iod.op_flags |= IO_F_SHMEM_ZC
             t.shmem = 1
@@ -814,13 +817,13 @@ cdef class SimDriver:
                                   f"multiples, flags {flags:#x} only READ_ONLY")
         ranges = shared_ranges(addr, length, bool(flags & uapi.UBLK_SHMEM_BUF_READ_ONLY))
         regs = self._shm_regs.setdefault(d, {})
-        for old in regs.values():
+        for old, _ in regs.values():
             if any(s < oe and os_ < e for s, e, _ in ranges for os_, oe, _ in old):
                 raise OSError(EEXIST, "REG_BUF: part of the range is already registered")
         index = next(i for i in range(uapi.UBLK_SHMEM_ZC_IDX_MASK + 2) if i not in regs)
         if index > uapi.UBLK_SHMEM_ZC_IDX_MASK:
             raise OSError(ENOSPC, "REG_BUF: every buffer index is taken")
-        regs[index] = ranges
+        regs[index] = ranges, bool(flags & uapi.UBLK_SHMEM_BUF_READ_ONLY)
         self._load_shm(d)
         return index
 
@@ -837,12 +840,13 @@ cdef class SimDriver:
         """Rebuild the device's range table from its registrations (the driver thread is the
         only reader, and this runs in it: no request sees a half-built table)."""
         cdef SimDev *dev = &self.devs[d]
-        rows = [(s, e, off, i) for i, rs in self._shm_regs.get(d, {}).items() for s, e, off in rs]
+        rows = [(s, e, off, i, ro) for i, (rs, ro) in self._shm_regs.get(d, {}).items()
+                for s, e, off in rs]
         cdef SimShm *tab = <SimShm *>malloc(max(1, len(rows)) * sizeof(SimShm))
         if tab == NULL:
             raise MemoryError()
-        for k, (s, e, off, i) in enumerate(rows):
-            tab[k].start, tab[k].end, tab[k].buf_off, tab[k].index = s, e, off, i
+        for k, (s, e, off, i, ro) in enumerate(rows):
+            tab[k].start, tab[k].end, tab[k].buf_off, tab[k].index, tab[k].read_only = s, e, off, i, ro
         free(dev.shm)
         dev.shm = tab
         dev.nshm = len(rows)
