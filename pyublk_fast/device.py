@@ -13,8 +13,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import mmap
+import os
 import threading
 import time
+
+import numpy as np
 
 from . import uapi
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +67,74 @@ STOP_TIMEOUT = 10.0
 DEFAULT_POLL_US = 500.0
 
 
+#: Data paths that serve shared-memory zero copy requests (see Device._shared_setup).
+SHARED_BUFFER_PATHS = ("copy", "user_copy")
+
+
+class _SharedBuffers:
+    """A device's registered shared buffers as its queues see them: ``table`` holds (base,
+    length) by index for native code, ``views`` a memoryview each for Python backends."""
+
+    def __init__(self) -> None:
+        self.table = np.zeros(2 * (uapi.UBLK_SHMEM_ZC_IDX_MASK + 1), np.uint64)
+        self.views: dict[int, memoryview] = {}
+        self.owned: dict[int, mmap.mmap | None] = {}
+        self.lock = threading.Lock()
+
+    def publish(self, index: int, view: memoryview, addr: int, read_only: bool) -> None:
+        self.views[index] = view
+        # bit 63: a queue fails a READ flagged in a read-only buffer rather than write there
+        self.table[2 * index + 1] = view.nbytes | (1 << 63 if read_only else 0)
+        self.table[2 * index] = addr
+
+    def withdraw(self, index: int) -> None:
+        self.table[2 * index] = 0
+        self.table[2 * index + 1] = 0
+        self.views.pop(index, None)
+
+
+def _shared_view(obj, length: int | None, offset: int, read_only: bool,
+                 what: str) -> tuple[memoryview, mmap.mmap | None]:
+    """(a byte view of the memory to register, the mapping made for it or None)."""
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        try:
+            size = os.fstat(obj).st_size
+        except OSError as exc:
+            raise os_error(exc.errno, f"{what}: fd {obj}") from None
+        if length is None:
+            length = size - offset
+        if length <= 0 or offset < 0 or offset + length > size:
+            raise ValueError(f"{what}: {length} bytes at offset {offset} do not fit in fd "
+                             f"{obj}'s {size} bytes")
+        prot = mmap.PROT_READ | (0 if read_only else mmap.PROT_WRITE)
+        try:
+            mm = mmap.mmap(obj, length, mmap.MAP_SHARED, prot, offset=offset)
+        except OSError as exc:
+            raise os_error(exc.errno, f"{what}: mmap of fd {obj}") from None
+        return memoryview(mm), mm
+    if length is not None or offset:
+        raise ValueError(f"{what}: length and offset are for a file descriptor; slice the "
+                         "buffer instead")
+    try:
+        view = memoryview(obj).cast("B")
+    except TypeError as exc:
+        raise TypeError(f"{what}: need a file descriptor or a contiguous buffer ({exc})") from None
+    if view.readonly and not read_only:
+        raise ValueError(f"{what}: the buffer is read-only: pass read_only=True")
+    return view, None
+
+
+def _unmap(view: memoryview, owned: mmap.mmap | None) -> None:
+    """Unmap a mapping register_shared_buffer made (a backend still holding a view of it
+    keeps it mapped until that view goes)."""
+    if owned is not None:
+        view.release()
+        try:
+            owned.close()
+        except BufferError:
+            pass
+
+
 class Device:
     """A ublk device served by a backend. Not started until start() (or `with`).
 
@@ -81,7 +153,8 @@ class Device:
     def __init__(self, backend, transport, *, queues: int = 1, depth: int = 128,
                  max_io_bytes: int = 512 * 1024, data_path: str = "auto", recovery: str | None = None,
                  dev_id: int = -1, native: bool = True, poll_us: float | None = None,
-                 submit_chunk: int = 4, ring_flags: int = SERVER_RING_FLAGS):
+                 submit_chunk: int = 4, ring_flags: int = SERVER_RING_FLAGS,
+                 shared_buffers: bool = False):
         backend.check()
         if data_path != "auto" and data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: choose auto or one of {DATA_PATHS}")
@@ -110,6 +183,7 @@ class Device:
         self.submit_chunk = submit_chunk
         self.ring_flags = ring_flags
         self.flags = 0
+        self._shm = self._shared_setup() if shared_buffers else None
         self._threads: list[threading.Thread] = []
         self._queues: list[Queue | None] = []
         self._errors: list[BaseException] = []
@@ -142,6 +216,8 @@ class Device:
     def wanted_flags(self) -> int:
         """The UBLK_F_* flags ADD_DEV will ask for (data path and recovery mode)."""
         flags = PATH_FLAGS[self.data_path] | RECOVERY_MODES.get(self.recovery, 0)
+        if self._shm is not None:
+            flags |= uapi.UBLK_F_SHMEM_ZC
         if self.recovery and self.transport is not None and self.transport.features() & uapi.UBLK_F_QUIESCE:
             flags |= uapi.UBLK_F_QUIESCE      # lets quiesce() hand the device to a new server
         return flags
@@ -233,6 +309,8 @@ class Device:
                       data_path=self.data_path, poll_us=self.poll_us, submit_chunk=self.submit_chunk,
                       ring_flags=self.ring_flags)
             self._queues[q_id] = q
+            if self._shm is not None:
+                q.share_buffers(self._shm.table, self._shm.views)
             q.fetch_all()
         except BaseException as e:  # reported by start()
             self._errors.append(e)
@@ -376,6 +454,77 @@ class Device:
         t.end_user_recovery(self.dev_id)
         self._started = True
         return self
+
+    # -- shared-memory zero copy (UBLK_F_SHMEM_ZC) ------------------------------------------
+
+    def _shared_setup(self) -> "_SharedBuffers":
+        if self.data_path not in SHARED_BUFFER_PATHS:
+            raise ValueError(f"shared_buffers needs data_path copy or user_copy, not "
+                             f"{self.data_path!r}: with need_get_data the 7.2 driver flags a "
+                             "write as shared but hands over the server's buffer address, and "
+                             "zero copy already has no copy to save")
+        if self.transport is not None:
+            self._require(uapi.UBLK_F_SHMEM_ZC, "shared_buffers")
+        return _SharedBuffers()
+
+    def register_shared_buffer(self, buffer_or_fd, length: int | None = None, offset: int = 0,
+                               *, read_only: bool = False) -> int:
+        """Share memory with the device's users (UBLK_F_SHMEM_ZC, Linux 7.1+; the Device made
+        with ``shared_buffers=True`` and started). Returns the buffer's index.
+
+        ``buffer_or_fd``: a file descriptor (a memfd, a hugetlbfs or tmpfs file), mapped
+        here ``length`` bytes (default: to its end) from ``offset``; or a buffer object
+        already mapped shared (an ``mmap``), kept referenced until unregistered. Address and
+        length must be page multiples. An application that maps the same pages and does
+        O_DIRECT I/O from them on /dev/ublkbN has its requests served in place: the driver
+        copies nothing; a native backend reads and writes the buffer directly, a Python
+        backend gets a memoryview of it. Other requests take the normal data path.
+        ``read_only``: pin without write access (a write-sealed memfd): the server maps it
+        read-only and serves writes from it; reads into it take the normal data path (the
+        7.2 driver does not flag them; a queue would fail one it did with EIO)."""
+        shm = self._shm
+        what = f"register a shared buffer on device {self.dev_id}"
+        if shm is None:
+            raise RuntimeError(f"{what}: make the Device with shared_buffers=True")
+        if not self._started:
+            raise RuntimeError(f"{what}: the device is not started")
+        view, owned = _shared_view(buffer_or_fd, length, offset, read_only, what)
+        addr = np.frombuffer(view, np.uint8).ctypes.data if view.nbytes else 0
+        with shm.lock:
+            # the driver gives the lowest free index: the queues know the buffer before any
+            # request can point into it
+            guess = next(i for i in range(len(shm.table) // 2 + 1) if i not in shm.views)
+            if guess > uapi.UBLK_SHMEM_ZC_IDX_MASK:
+                raise os_error(errno.ENOSPC, what, "all 65536 buffer indexes are taken")
+            shm.publish(guess, view, addr, read_only)
+            try:
+                index = self.transport.reg_buf(self.dev_id, addr, view.nbytes, read_only)
+            except BaseException:
+                shm.withdraw(guess)
+                _unmap(view, owned)
+                raise
+            if index != guess:          # someone else registered on this device too
+                shm.withdraw(guess)
+                shm.publish(index, view, addr, read_only)
+            shm.owned[index] = owned
+        return index
+
+    def unregister_shared_buffer(self, index: int) -> None:
+        """Stop sharing buffer ``index``: requests in it have completed when this returns,
+        later ones take the normal data path. A mapping the device made is unmapped."""
+        shm = self._shm
+        if shm is None or index not in shm.views:
+            raise ValueError(f"device {self.dev_id} has no shared buffer {index}")
+        with shm.lock:
+            self.transport.unreg_buf(self.dev_id, index)
+            view = shm.views[index]
+            shm.withdraw(index)
+            _unmap(view, shm.owned.pop(index, None))
+
+    @property
+    def shared_requests(self) -> int:
+        """Requests served in place in a shared buffer (they arrived UBLK_IO_F_SHMEM_ZC)."""
+        return sum(q.shm_requests for q in self._queues if q is not None)
 
     def __enter__(self):
         return self.start()

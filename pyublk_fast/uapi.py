@@ -448,14 +448,16 @@ AUTO_BUF_REG_DTYPE = _struct([
 ], 8)
 assert AUTO_BUF_REG_DTYPE.itemsize == 8
 
-# struct ublk_shmem_buf_reg: 16 B per the 7.x header (addr u64, len u32, flags u32).
-# A 24 B layout (len u64 + reserved u32) was also published; the header we check wins.
+# struct ublk_shmem_buf_reg (REG_BUF's buffer): addr u64, len u64, flags u32, reserved u32 =
+# 24 B, as 7.1 released it (an earlier 7.1-rc header had len u32 and no reserved: 16 B). The
+# 7.2 driver reads flags at offset 16 and refuses a nonzero reserved (checked in the VM).
 SHMEM_BUF_REG_DTYPE = _struct([
     ("addr", _u64, 0),
-    ("len", _u32, 8),
-    ("flags", _u32, 12),
-], 16)
-assert SHMEM_BUF_REG_DTYPE.itemsize == 16
+    ("len", _u64, 8),
+    ("flags", _u32, 16),
+    ("reserved", _u32, 20),
+], 24)
+assert SHMEM_BUF_REG_DTYPE.itemsize == 24
 
 # struct ublk_param_basic
 PARAM_BASIC_DTYPE = _struct([

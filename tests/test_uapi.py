@@ -19,7 +19,7 @@ from pyublk_fast import uapi
 # is too old to #include it, so the C compiler sees this copy instead.
 # ---------------------------------------------------------------------------
 C_STRUCTS = r"""
-struct ublk_shmem_buf_reg { __u64 addr; __u32 len; __u32 flags; };
+struct ublk_shmem_buf_reg { __u64 addr; __u64 len; __u32 flags; __u32 reserved; };
 
 struct ublksrv_ctrl_cmd {
     __u32 dev_id; __u16 queue_id; __u16 len; __u64 addr; __u64 data[1];
@@ -244,7 +244,7 @@ DTYPES = {
 SIZES = {
     "ublksrv_ctrl_cmd": 32, "ublksrv_ctrl_dev_info": 64, "ublksrv_io_desc": 24,
     "ublksrv_io_cmd": 16, "ublk_batch_io": 16, "ublk_elem_header": 8,
-    "ublk_auto_buf_reg": 8, "ublk_shmem_buf_reg": 16, "ublk_param_basic": 32,
+    "ublk_auto_buf_reg": 8, "ublk_shmem_buf_reg": 24, "ublk_param_basic": 32,
     "ublk_param_discard": 20, "ublk_param_devt": 16, "ublk_param_zoned": 32,
     "ublk_param_dma_align": 8, "ublk_param_segment": 16, "ublk_param_integrity": 16,
     "ublk_params": 152,

@@ -665,6 +665,8 @@ cdef class PyTarget(NativeTarget):
         self.step(t)
 
     cdef object buf(self, int tag, int32_t nbytes):
+        if self.q.iods[tag].op_flags & UBLK_IO_F_SHMEM_ZC:
+            return self.q.shared_view(tag, nbytes)
         if self.no_buffers:
             return Unmapped(nbytes)
         return (<object>self.bufs[tag])[:nbytes]

@@ -116,6 +116,9 @@ cdef class Queue:
     cdef readonly NativeTarget native
     cdef int nr_live               # tags not yet aborted
     cdef uint64_t *zc_addr         # DP_ZERO_COPY: address of the request's buffer at fixed index tag
+    cdef const uint64_t *shm       # UBLK_F_SHMEM_ZC: base, length of each registered buffer by index
+    cdef object _shm               # (that table, {index: memoryview of the buffer})
+    cdef readonly uint64_t shm_requests   # requests that arrived in a shared buffer
     cdef uint64_t *st              # counters (ST_*), in _stats
     cdef object _stats
     cdef int64_t now_ns            # time of the current loop turn (after its wait)
@@ -142,6 +145,8 @@ cdef class Queue:
     cdef int32_t request_rw_done(self, int tag, bint read, uint32_t at, int32_t res) noexcept nogil
     cdef uint64_t target_ud(self, int tag, uint32_t tgt_data) noexcept nogil
     cdef uint8_t *tag_buf(self, int tag) noexcept nogil
+    cdef bint shm_valid(self, const ublksrv_io_desc *iod) noexcept nogil
+    cdef object shared_view(self, int tag, uint32_t nbytes)
     cdef void on_request(self, int tag) noexcept nogil
     cdef void on_target(self, int tag, uint32_t tgt_data, int32_t res) noexcept nogil
     cdef void loop(self) noexcept nogil

@@ -102,7 +102,7 @@ cdef class DataPath:
         return 0
 
     cdef uint64_t cmd_addr(self, Queue q, int tag) noexcept nogil:
-        return <uintptr_t>q.tag_buf(tag)
+        return <uintptr_t>(q.bufs + <size_t>tag * q.buf_size)
 
     cdef int32_t begin(self, Queue q, int tag, const ublksrv_io_desc *iod) noexcept nogil:
         return 0
@@ -132,7 +132,7 @@ cdef class UserCopyPath(NoBufferPath):
     cdef int32_t begin(self, Queue q, int tag, const ublksrv_io_desc *iod) noexcept nogil:
         cdef uint32_t n
         cdef int64_t c
-        if iod.op_flags & 0xff != UBLK_IO_OP_WRITE:
+        if iod.op_flags & 0xff != UBLK_IO_OP_WRITE or iod.op_flags & UBLK_IO_F_SHMEM_ZC:
             return 0
         n = iod.nr_sectors << SECTOR_SHIFT
         c = self.ch.user_copy(tag, q.tag_buf(tag), n, 0)
@@ -140,7 +140,7 @@ cdef class UserCopyPath(NoBufferPath):
 
     cdef int32_t end(self, Queue q, int tag, const ublksrv_io_desc *iod, int32_t res) noexcept nogil:
         cdef int64_t c
-        if iod.op_flags & 0xff != UBLK_IO_OP_READ or res <= 0:
+        if iod.op_flags & 0xff != UBLK_IO_OP_READ or res <= 0 or iod.op_flags & UBLK_IO_F_SHMEM_ZC:
             return res
         c = self.ch.user_copy(tag, q.tag_buf(tag), <uint32_t>res, 1)
         return res if c == res else (<int32_t>c if c < 0 else -EIO)
@@ -308,7 +308,40 @@ cdef class Queue:
         return sqe
 
     cdef uint8_t *tag_buf(self, int tag) noexcept nogil:
+        """Where tag's request data is: its tag buffer, or, for a request that arrived in a
+        registered shared buffer (UBLK_IO_F_SHMEM_ZC), right there (checked by on_request)."""
+        cdef const ublksrv_io_desc *iod = &self.iods[tag]
+        if iod.op_flags & UBLK_IO_F_SHMEM_ZC:
+            return <uint8_t *><uintptr_t>self.shm[2 * ((iod.addr >> 32) & 0xffff)] + (iod.addr & 0xffffffffULL)
         return self.bufs + <size_t>tag * self.buf_size
+
+    cdef bint shm_valid(self, const ublksrv_io_desc *iod) noexcept nogil:
+        """A registered buffer holds the request, and a READ's is writable (a read-only one
+        has bit 63 set in its length: the server mapped it read-only)."""
+        cdef uint64_t i = (iod.addr >> 32) & 0xffff
+        cdef uint64_t end = (iod.addr & 0xffffffffULL) + (<uint64_t>iod.nr_sectors << SECTOR_SHIFT)
+        if self.shm == NULL or self.shm[2 * i] == 0:
+            return False
+        if self.shm[2 * i + 1] >> 63 and iod.op_flags & 0xff == UBLK_IO_OP_READ:
+            return False
+        return end <= (self.shm[2 * i + 1] & ~(1ULL << 63))
+
+    cdef object shared_view(self, int tag, uint32_t nbytes):
+        """A Python backend's view of tag's request in its shared buffer."""
+        cdef uint64_t addr = self.iods[tag].addr
+        cdef uint64_t off = addr & 0xffffffffULL
+        return self._shm[1][(addr >> 32) & 0xffff][off:off + nbytes]
+
+    def share_buffers(self, table, views):
+        """Serve requests in registered shared buffers (UBLK_F_SHMEM_ZC): ``table`` is a
+        uint64 array of 2 * 65536 (base address, length | bit 63 if read-only) by index that the device
+        fills before registering a buffer with the driver and clears after unregistering
+        it; ``views`` maps each index to a memoryview of it. Call before fetch_all()."""
+        arr = np.asarray(table)
+        if arr.dtype != np.uint64 or arr.size < 2 * 65536:
+            raise ValueError("share_buffers: table must be 2 * 65536 uint64")
+        self._shm = (arr, views)
+        self.shm = <const uint64_t *><uintptr_t>arr.__array_interface__["data"][0]
 
     cdef void submit_cmd(self, uint32_t nr, int tag, int32_t result) noexcept nogil:
         """FETCH_REQ / COMMIT_AND_FETCH_REQ / NEED_GET_DATA for tag."""
@@ -499,6 +532,11 @@ cdef class Queue:
         self.st[ST_STARTED] += 1
         self.tags[tag].start_ns = self.now_ns
         self.tags[tag].state = TAG_BUSY
+        if iod.op_flags & UBLK_IO_F_SHMEM_ZC:
+            self.shm_requests += 1
+            if not self.shm_valid(iod):     # a buffer this server never registered
+                self.commit(tag, -EIO)
+                return
         err = self.dp.begin(self, tag, iod)
         if err < 0:
             self.commit(tag, err)

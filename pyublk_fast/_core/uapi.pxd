@@ -23,6 +23,7 @@ cdef enum:
     UBLK_IO_OP_WRITE_ZEROES = 5
     UBLK_IO_F_FUA = 1 << 13
     UBLK_IO_F_NOUNMAP = 1 << 15
+    UBLK_IO_F_SHMEM_ZC = 1 << 19     # addr = shared buffer index << 32 | offset in it
     UBLK_IO_RES_OK = 0
     UBLK_IO_RES_NEED_GET_DATA = 1
     # legacy command numbers; the ioctl-encoded ones are these | 0xc0107500

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import errno
 from dataclasses import dataclass
 from typing import Any
 
 from .. import uapi
+from ..errors import os_error
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,21 @@ class Transport(abc.ABC):
         ``sectors`` at once, in any state, whatever flags the device was added with (the
         kernel neither checks them nor refuses a smaller size: keeping the data behind it is
         the caller's business); ENODEV without a block device (not started, or stopped)."""
+
+    def reg_buf(self, dev_id: int, addr: int, length: int, read_only: bool = False) -> int:
+        """REG_BUF (UBLK_F_SHMEM_ZC, Linux 7.1+): register ``length`` bytes of memory at
+        ``addr`` in this process, shared with the device's users (a memfd or hugetlbfs
+        mapping); returns its index. A request whose data lies wholly in it arrives
+        flagged UBLK_IO_F_SHMEM_ZC, its descriptor's addr = index << 32 | offset, and the
+        driver copies nothing. ``read_only`` pins without write access (a write-sealed
+        memfd): the server then only serves writes from it."""
+        raise os_error(errno.EOPNOTSUPP, "REG_BUF", f"the {self.name} transport has no "
+                       "shared-memory zero copy")
+
+    def unreg_buf(self, dev_id: int, index: int) -> None:
+        """UNREG_BUF: forget buffer ``index``; once it returns, no request points into it."""
+        raise os_error(errno.EOPNOTSUPP, "UNREG_BUF", f"the {self.name} transport has no "
+                       "shared-memory zero copy")
 
     @abc.abstractmethod
     def dev_info(self, dev_id: int) -> DevInfo:

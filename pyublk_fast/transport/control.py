@@ -56,6 +56,19 @@ _COMMAND_NEEDS: dict[str, int | str] = {
 _NEED_DISK = ("UPDATE_SIZE", "QUIESCE_DEV", "TRY_STOP_DEV")
 
 
+#: What the 7.2 driver's REG_BUF / UNREG_BUF refusals mean.
+_SHMEM_HINTS = {
+    ("REG_BUF", errno.EINVAL): "the buffer's address and length must be nonzero multiples of "
+    "the page size, flags only READ_ONLY",
+    ("REG_BUF", errno.EFAULT): "the range is not wholly mapped in this process, or is mapped "
+    "read-only (register it read_only)",
+    ("REG_BUF", errno.EEXIST): "part of the range is already registered on this device",
+    ("REG_BUF", errno.EOPNOTSUPP): "the device was added without UBLK_F_SHMEM_ZC",
+    ("UNREG_BUF", errno.ENOENT): "no buffer of that index is registered on this device",
+    ("UNREG_BUF", errno.EINVAL): "buffer indexes are 0..65535",
+}
+
+
 # ---- errors ------------------------------------------------------------------------
 class UblkCommandError(OSError):
     """A control command failed in the kernel: ``errno``, ``command`` and ``hint``."""
@@ -124,6 +137,8 @@ def _add_dev_problems(args: dict[str, Any]) -> list[str]:
 def hint_for(command: str, err: int, dev_id: int | None = None,
              args: dict[str, Any] | None = None) -> str:
     """A one-line explanation of ``err`` from ``command`` and what to do about it."""
+    if (command, err) in _SHMEM_HINTS:
+        return _SHMEM_HINTS[command, err]
     if err in (errno.EOPNOTSUPP, ENOTSUPP):
         return (f"kernel {kernel_release()} does not support {command}: needs "
                 f"{_needs(command)} (kernels before 6.4 also refuse ioctl-encoded commands)")
@@ -497,6 +512,25 @@ class UblkControl:
         (UBLK_F_UPDATE_SIZE, Linux 6.16+)."""
         _check_int("sectors", sectors, 0, (1 << 64) - 1)
         self._execute("UPDATE_SIZE", _dev(dev_id), data0=sectors, unprivileged=unprivileged)
+
+    def reg_buf(self, dev_id: int, addr: int, length: int, flags: int = 0,
+                unprivileged: bool | None = None) -> int:
+        """REG_BUF (UBLK_F_SHMEM_ZC, Linux 7.1+): pin ``length`` bytes of shared memory at
+        ``addr`` in this process; requests whose pages all lie there arrive flagged
+        UBLK_IO_F_SHMEM_ZC with (index, offset) instead of a copy. Returns the index."""
+        _check_int("addr", addr, 0, (1 << 64) - 1)
+        _check_int("length", length, 0, (1 << 64) - 1)
+        _check_int("flags", flags, 0, 0xFFFFFFFF)
+        reg = np.zeros(1, uapi.SHMEM_BUF_REG_DTYPE)
+        reg["addr"] = addr
+        reg["len"] = length
+        reg["flags"] = flags
+        return self._execute("REG_BUF", _dev(dev_id), reg, unprivileged=unprivileged)
+
+    def unreg_buf(self, dev_id: int, index: int, unprivileged: bool | None = None) -> None:
+        """UNREG_BUF: unpin buffer ``index`` of the device (requests in flight finish first)."""
+        _check_int("index", index, 0, (1 << 64) - 1)
+        self._execute("UNREG_BUF", _dev(dev_id), data0=index, unprivileged=unprivileged)
 
     def get_queue_affinity(self, dev_id: int, queue_id: int,
                            unprivileged: bool | None = None) -> set[int]:

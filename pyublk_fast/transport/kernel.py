@@ -315,6 +315,18 @@ class KernelTransport(Transport):
             c._execute("QUIESCE_DEV", dev_id, data0=max(1, int(timeout * 1000)),
                        unprivileged=self._form(dev_id))
 
+    def reg_buf(self, dev_id: int, addr: int, length: int, read_only: bool = False) -> int:
+        """REG_BUF (7.1+, UBLK_F_SHMEM_ZC): refused up front where the kernel lacks it."""
+        self._require(uapi.UBLK_F_SHMEM_ZC, "REG_BUF")
+        return self.ctrl.reg_buf(dev_id, addr, length,
+                                 uapi.UBLK_SHMEM_BUF_READ_ONLY if read_only else 0,
+                                 unprivileged=self._form(dev_id))
+
+    def unreg_buf(self, dev_id: int, index: int) -> None:
+        """UNREG_BUF (7.1+, UBLK_F_SHMEM_ZC)."""
+        self._require(uapi.UBLK_F_SHMEM_ZC, "UNREG_BUF")
+        self.ctrl.unreg_buf(dev_id, index, unprivileged=self._form(dev_id))
+
     def dev_info(self, dev_id: int) -> DevInfo:
         """GET_DEV_INFO + GET_PARAMS."""
         info = self.ctrl.get_dev_info(dev_id)

@@ -31,6 +31,7 @@ cdef struct SimTag:
     int32_t ring_fd               # captured from the FETCH / COMMIT_AND_FETCH that armed the tag:
     uint64_t ud                   # a later bogus command on the same slot must not change
     uint64_t addr                 # where this request is delivered
+    uint8_t shmem                 # the request's data lies in a registered shared buffer
 
 cdef struct SimQueue:
     int dev
@@ -45,6 +46,13 @@ cdef struct SimQueue:
     int pend_head
     int pend_count
     int nr_ready                  # tags with a FETCH outstanding or a request at the server
+
+cdef struct SimShm:               # one address range of a registered shared buffer (REG_BUF):
+    uint64_t start                # the registered range itself, or another mapping of the
+    uint64_t end                  # same file pages in this process (what a kernel matches
+    uint64_t buf_off              # by physical page); buf_off: where start is in the buffer
+    uint16_t index
+    uint8_t read_only             # READ_ONLY: the driver never hands a READ over in it
 
 cdef struct SimDev:
     int present
@@ -66,6 +74,8 @@ cdef struct SimDev:
     int openers                   # opens of /dev/ublkbN (fronts) not closed yet
     uint32_t disk_gen             # tells its fronts from those of an earlier device of its id
     SimQueue *qbase               # this device's queues (for the user-copy / splice entry points)
+    SimShm *shm                   # registered shared buffers' ranges (UBLK_F_SHMEM_ZC)
+    int nshm
     Req *reqs
 
 
@@ -113,6 +123,7 @@ cdef class SimDriver:
     cdef object _origin_owners     # the objects behind the origins' ctx (kept alive)
     cdef object _iod_arrays        # numpy arrays backing descriptor arrays (kept alive)
     cdef object _cmd_arrays
+    cdef object _shm_regs          # dev -> {index: (its ranges, read_only)} (REG_BUF)
     cdef object _ctl               # deque of control callables
     cdef object _nudge             # Ring for MSG_RING wake-ups from Python threads
     cdef object _nudge_lock

@@ -22,7 +22,9 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
 from libc.errno cimport (EINVAL, EIO, ENODEV, ENOENT, EBUSY, EAGAIN, EACCES, EOPNOTSUPP, ENOSPC,
-                         EEXIST, ETIMEDOUT, ENOLINK, ENODATA, EILSEQ, ENOMEM, EROFS, EREMOTEIO, EBADE)
+                         EEXIST, ETIMEDOUT, ENOLINK, ENODATA, EILSEQ, ENOMEM, EROFS, EREMOTEIO, EBADE,
+                         EFAULT)
+from libc.stdlib cimport malloc
 
 from pyublk_fast._core.liburing cimport (io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit,
                                          io_uring_sq_ready, io_uring_prep_msg_ring,
@@ -32,6 +34,7 @@ from pyublk_fast._core.uapi cimport *
 from .wire cimport *
 
 from pyublk_fast import uapi
+from pyublk_fast.util import PAGE_SIZE
 
 cnp.import_array()
 
@@ -53,6 +56,8 @@ cdef uint64_t F_REISSUE = uapi.UBLK_F_USER_RECOVERY_REISSUE
 cdef uint64_t F_RECOVERY_FAIL_IO = uapi.UBLK_F_USER_RECOVERY_FAIL_IO
 cdef uint64_t F_ANY_RECOVERY = F_RECOVERY | F_REISSUE | F_RECOVERY_FAIL_IO
 cdef uint64_t F_QUIESCE = uapi.UBLK_F_QUIESCE
+cdef uint64_t F_SHMEM_ZC = uapi.UBLK_F_SHMEM_ZC
+cdef uint32_t IO_F_SHMEM_ZC = uapi.UBLK_IO_F_SHMEM_ZC
 
 # What the simulated driver supports (GET_FEATURES). Zero copy and AUTO_BUF_REG are
 # modelled by the server registering request pages itself (see DataPath).
@@ -61,11 +66,12 @@ SIM_FEATURES = (uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_NEED_GET_DATA
                 | uapi.UBLK_F_CMD_IOCTL_ENCODE | uapi.UBLK_F_USER_COPY
                 | uapi.UBLK_F_USER_RECOVERY_FAIL_IO | uapi.UBLK_F_UPDATE_SIZE
                 | uapi.UBLK_F_SUPPORT_ZERO_COPY | uapi.UBLK_F_QUIESCE | uapi.UBLK_F_SAFE_STOP_DEV
-                | uapi.SIM_F_SPLICE_ZC)
+                | uapi.UBLK_F_SHMEM_ZC | uapi.SIM_F_SPLICE_ZC)
 # Flags a 7.x kernel's ADD_DEV grants even when not asked for (on 7.2: 0x26042, i.e. COMP_IN_TASK,
 # CMD_IOCTL_ENCODE, PER_IO_DAEMON, BUF_REG_OFF_DAEMON, SAFE_STOP_DEV), limited to what we model.
 SIM_ALWAYS_SET = (uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_CMD_IOCTL_ENCODE
                   | uapi.UBLK_F_SAFE_STOP_DEV)
+cdef uint64_t PAGE = PAGE_SIZE
 #: The largest capacity in sectors whose size in bytes fits the request checks' u64.
 cdef uint64_t MAX_SECTORS = (<uint64_t>1 << 55) - 1
 
@@ -73,6 +79,19 @@ cdef uint64_t MAX_SECTORS = (<uint64_t>1 << 55) - 1
 cdef inline bint is_copy_path(const SimDev *d) noexcept nogil:
     """The driver copies data to/from the server's buffer (no user copy / zero copy flag)."""
     return not (d.flags & (F_USER_COPY | F_ZERO_COPY | F_AUTO_BUF_REG | F_SPLICE_ZC))
+
+
+cdef inline bint shm_lookup(const SimDev *d, uint64_t p, uint64_t n, bint read,
+                            uint64_t *addr) noexcept nogil:
+    """Whether [p, p+n) lies wholly in one range of a registered shared buffer (for a READ,
+    not a READ_ONLY one: 7.2 serves those by the normal path); addr gets the descriptor's
+    index << 32 | offset."""
+    cdef int k
+    for k in range(d.nshm):
+        if d.shm[k].start <= p and p + n <= d.shm[k].end and not (read and d.shm[k].read_only):
+            addr[0] = (<uint64_t>d.shm[k].index << 32) | (d.shm[k].buf_off + p - d.shm[k].start)
+            return True
+    return False
 
 
 cdef inline int32_t blk_status_errno(int32_t res) noexcept nogil:
@@ -116,6 +135,7 @@ cdef class SimDriver:
         self.rng_state = seed | 1
         self._iod_arrays = {}
         self._cmd_arrays = {}
+        self._shm_regs = {}
         self._ctl = collections.deque()
         self._nudge_lock = threading.Lock()
         self._ready = threading.Event()
@@ -125,6 +145,9 @@ cdef class SimDriver:
 
     def __dealloc__(self):
         cdef int i
+        if self.devs != NULL:
+            for i in range(self.max_devs):
+                free(self.devs[i].shm)
         if self.queues != NULL:
             for i in range(self.max_queues):
                 free(self.queues[i].tags)
@@ -322,7 +345,7 @@ cdef class SimDriver:
                     res = remaining           # the kernel clamps to the request's bytes
                 if res == 0:
                     res = -EIO                # no progress: fail instead of requeueing forever
-                if res > 0 and r.op == UBLK_IO_OP_READ and copy_path:
+                if res > 0 and r.op == UBLK_IO_OP_READ and copy_path and not t.shmem:
                     memcpy(r.buf + r.done, <void *><uintptr_t>cmd.addr, res)
             elif res > 0:
                 res = 0
@@ -399,6 +422,15 @@ cdef class SimDriver:
         t.state = TAG_SERVER
         t.req = ri
         t.spliced = 0
+        t.shmem = 0
+        if d.nshm and (r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE) and \
+                shm_lookup(d, <uintptr_t>(r.buf + r.done), remaining, r.op == UBLK_IO_OP_READ,
+                           &iod.addr):
+            # the data is already where the server reads and writes it: nothing to copy
+            iod.op_flags |= IO_F_SHMEM_ZC
+            t.shmem = 1
+            self.post(t.ring_fd, UBLK_IO_RES_OK, t.ud)
+            return
         if r.op == UBLK_IO_OP_WRITE and copy_path:
             if d.flags & F_NEED_GET_DATA:
                 t.state = TAG_GETDATA
@@ -571,6 +603,7 @@ cdef class SimDriver:
             raise OSError(ENOSPC, "ADD_DEV: the simulator has no room for more queues")
         granted = (flags & SIM_FEATURES) | SIM_ALWAYS_SET
         dev = &self.devs[d]
+        free(dev.shm)
         memset(dev, 0, sizeof(SimDev))
         dev.present = 1
         dev.state = S_DEAD
@@ -681,6 +714,10 @@ cdef class SimDriver:
             self.queues[qi].dev = -1
             self._iod_arrays.pop(qi, None)
             self._cmd_arrays.pop(qi, None)
+        self._shm_regs.pop(d, None)
+        free(dev.shm)
+        dev.shm = NULL
+        dev.nshm = 0
         dev.present = 0
 
     def release(self, int d):
@@ -765,6 +802,55 @@ cdef class SimDriver:
         for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
             self.abort_ready(&self.queues[qi])
 
+    def reg_buf(self, int d, uint64_t addr, uint64_t length, uint32_t flags):
+        """REG_BUF (UBLK_F_SHMEM_ZC): register memory of this process shared with the
+        device's users; returns the lowest free index. Refuses what the 7.2 driver refuses,
+        in its order: no device ENODEV; device without SHMEM_ZC EOPNOTSUPP; unknown flags,
+        an address or length not a nonzero multiple of the page size EINVAL; a range not
+        wholly mapped (or mapped read-only, unless READ_ONLY) EFAULT; pages already in a
+        registered buffer EEXIST. Allowed in any state, started or not."""
+        dev = self._dev(d, "REG_BUF")
+        if not dev.flags & F_SHMEM_ZC:
+            raise OSError(EOPNOTSUPP, "REG_BUF: the device was added without UBLK_F_SHMEM_ZC")
+        if flags & ~uapi.UBLK_SHMEM_BUF_READ_ONLY or length == 0 or (addr | length) & (PAGE - 1):
+            raise OSError(EINVAL, f"REG_BUF: addr {addr:#x} / len {length} must be nonzero page "
+                                  f"multiples, flags {flags:#x} only READ_ONLY")
+        ranges = shared_ranges(addr, length, bool(flags & uapi.UBLK_SHMEM_BUF_READ_ONLY))
+        regs = self._shm_regs.setdefault(d, {})
+        for old, _ in regs.values():
+            if any(s < oe and os_ < e for s, e, _ in ranges for os_, oe, _ in old):
+                raise OSError(EEXIST, "REG_BUF: part of the range is already registered")
+        index = next(i for i in range(uapi.UBLK_SHMEM_ZC_IDX_MASK + 2) if i not in regs)
+        if index > uapi.UBLK_SHMEM_ZC_IDX_MASK:
+            raise OSError(ENOSPC, "REG_BUF: every buffer index is taken")
+        regs[index] = ranges, bool(flags & uapi.UBLK_SHMEM_BUF_READ_ONLY)
+        self._load_shm(d)
+        return index
+
+    def unreg_buf(self, int d, uint64_t index):
+        """UNREG_BUF: EINVAL for an index above 65535, ENOENT for one not registered."""
+        self._dev(d, "UNREG_BUF")
+        if index > uapi.UBLK_SHMEM_ZC_IDX_MASK:
+            raise OSError(EINVAL, f"UNREG_BUF: index {index} is above 65535")
+        if self._shm_regs.get(d, {}).pop(index, None) is None:
+            raise OSError(ENOENT, f"UNREG_BUF: no buffer {index} on device {d}")
+        self._load_shm(d)
+
+    def _load_shm(self, int d):
+        """Rebuild the device's range table from its registrations (the driver thread is the
+        only reader, and this runs in it: no request sees a half-built table)."""
+        cdef SimDev *dev = &self.devs[d]
+        rows = [(s, e, off, i, ro) for i, (rs, ro) in self._shm_regs.get(d, {}).items()
+                for s, e, off in rs]
+        cdef SimShm *tab = <SimShm *>malloc(max(1, len(rows)) * sizeof(SimShm))
+        if tab == NULL:
+            raise MemoryError()
+        for k, (s, e, off, i, ro) in enumerate(rows):
+            tab[k].start, tab[k].end, tab[k].buf_off, tab[k].index, tab[k].read_only = s, e, off, i, ro
+        free(dev.shm)
+        dev.shm = tab
+        dev.nshm = len(rows)
+
     def get_params(self, int d):
         """GET_PARAMS (basic part): size, block size, attributes, max_sectors."""
         dev = self._dev(d, "GET_PARAMS")
@@ -835,6 +921,51 @@ cdef class SimDriver:
         r.done = 0
         r.buf = <uint8_t *>buf
         r.queue = -1
+
+
+def _mappings():
+    """This process's mappings: (start, end, writable, file offset, (dev, inode) or None)."""
+    out = []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            f = line.split(None, 5)
+            lo, hi = (int(x, 16) for x in f[0].split("-"))
+            inode = int(f[4])
+            out.append((lo, hi, "w" in f[1], int(f[2], 16), (f[3], inode) if inode else None))
+    return out
+
+
+def shared_ranges(uint64_t addr, uint64_t length, bint read_only):
+    """The address ranges in this process that reach the pages of [addr, addr+length), each
+    (start, end, offset in the buffer): where a kernel, which matches requests by physical
+    page, would find them. A file's pages (memfd, hugetlbfs, tmpfs) are reached through
+    every mapping of them that exists now; anonymous memory only through the range itself.
+    EFAULT if the range is not wholly mapped, or not writable unless read_only."""
+    maps = _mappings()
+    end = addr + length
+    at = addr
+    out = []
+    for lo, hi, writable, foff, ident in maps:
+        if hi <= at or lo > at or at >= end:
+            continue
+        piece_end = min(hi, end)
+        if not writable and not read_only:
+            raise OSError(EFAULT, "REG_BUF: the range is mapped read-only (register it READ_ONLY)")
+        if ident is None:
+            out.append((at, piece_end, at - addr))
+        else:
+            f0 = foff + (at - lo)
+            f1 = f0 + (piece_end - at)
+            for lo2, hi2, _, foff2, ident2 in maps:
+                if ident2 != ident:
+                    continue
+                g0, g1 = max(f0, foff2), min(f1, foff2 + hi2 - lo2)
+                if g0 < g1:
+                    out.append((lo2 + g0 - foff2, lo2 + g1 - foff2, at - addr + g0 - f0))
+        at = piece_end
+    if at < end:
+        raise OSError(EFAULT, f"REG_BUF: [{addr:#x}, {end:#x}) is not wholly mapped")
+    return out
 
 
 def front_msg(int ri) -> int:

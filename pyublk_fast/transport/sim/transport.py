@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import time
 
+from ... import uapi
 from ...errors import os_error
 from ..base import DevInfo, QueueEndpoint, Transport
 from .channel import SimChannel
@@ -100,6 +101,16 @@ class SimTransport(Transport):
 
     def update_size(self, dev_id: int, sectors: int):
         self.driver.call(self.driver.update_size, dev_id, sectors)
+
+    def reg_buf(self, dev_id: int, addr: int, length: int, read_only: bool = False) -> int:
+        """REG_BUF: the simulated driver matches a request's pages by address: the range
+        itself, and every other mapping of the same file pages in this process at the time
+        of registration (map the buffer before registering it)."""
+        return self.driver.call(self.driver.reg_buf, dev_id, addr, length,
+                                uapi.UBLK_SHMEM_BUF_READ_ONLY if read_only else 0)
+
+    def unreg_buf(self, dev_id: int, index: int) -> None:
+        self.driver.call(self.driver.unreg_buf, dev_id, index)
 
     def dev_info(self, dev_id: int) -> DevInfo:
         return DevInfo(**self.driver.call(self.driver.dev_info, dev_id), block_path=self.block_path(dev_id))
