@@ -651,6 +651,40 @@ cdef class Queue:
             raise OSError(-res, f"queue {self.q_id}: the driver refused PREP_IO_CMDS "
                                 f"({_errno.errorcode.get(-res, -res)})")
 
+    def probe_cmd(self, uint32_t nr, *, int tag=0, int32_t result=0, uint64_t addr=0, elements=None,
+                  int nr_elem=-1, int elem_bytes=8, int flags=0, double timeout=5.0):
+        """Send one I/O command straight to the driver and return its answer (res): a
+        per-tag one (nr = UBLK_IO_FETCH_REQ...) with tag, result, addr, or with elements
+        (bytes) a batch one (nr = UBLK_IO_PREP_IO_CMDS / COMMIT_IO_CMDS; nr_elem defaults to
+        len(elements) // elem_bytes). For conformance checks of the driver, on a queue that
+        is not serving (no fetch_all() / run())."""
+        cdef io_uring_cqe *cqe = NULL
+        cdef __kernel_timespec ts
+        cdef int ret
+        cdef uint64_t ud
+        cdef io_uring_sqe *sqe = self.get_sqe()
+        if elements is None:
+            ud = ud_encode(tag, nr, 0, 0)
+            self.ch.prep_cmd(sqe, nr, tag, result, addr, ud)
+        else:
+            buf = np.frombuffer(bytes(elements), np.uint8)
+            if nr_elem < 0:
+                nr_elem = len(buf) // elem_bytes
+            ud = ud_encode(NCOMMIT_BUFS - 1, nr, 0, 0)
+            self.ch.prep_batch_cmd(sqe, NCOMMIT_BUFS - 1, nr, <uint16_t>nr_elem, <uint8_t>elem_bytes,
+                                   <uint16_t>flags, buf.__array_interface__["data"][0] if len(buf) else 0, ud)
+        ts.tv_sec = <long>timeout
+        ts.tv_nsec = <long>((timeout - <long>timeout) * 1e9)
+        with nogil:
+            ret = io_uring_submit_and_wait_timeout(self.r, &cqe, 1, &ts, NULL)
+        if ret < 0 or cqe == NULL:
+            raise TimeoutError(f"queue {self.q_id}: no answer to command {nr:#x} in {timeout} s")
+        if cqe.user_data != ud:
+            raise RuntimeError(f"queue {self.q_id}: unexpected completion {cqe.user_data:#x}")
+        ret = cqe.res
+        io_uring_cq_advance(self.r, 1)
+        return ret
+
     def run(self):
         """Serve until every tag is aborted (device stopped) or die() is posted."""
         with nogil:

@@ -519,6 +519,7 @@ cdef class SimDriver:
         cdef io_uring_buf *b
         cdef uint16_t *dst
         cdef uint32_t n, k
+        q.dirty = 0
         while q.evt_count and q.fetch_armed:
             if q.br_head == pyu_buf_ring_tail(q.br):
                 q.fetch_armed = 0
