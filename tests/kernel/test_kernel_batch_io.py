@@ -36,7 +36,7 @@ def transport(kt):  # noqa: F811
 def test_fio_verify_batch_io(kt, tmp_path, kind, data_path):  # noqa: F811
     if not kt.features() & uapi.UBLK_F_BATCH_IO:
         pytest.skip("the kernel lacks BATCH_IO (Linux 7.0)")
-    backend, native = make_backend(kind, tmp_path)
+    backend, native = make_backend(kind, tmp_path, *([1 << 30] if kind == "null" else []))
     with Device(backend, kt, queues=2, depth=32, data_path=data_path, native=native, batch_io=True) as dev:
         assert dev.flags & uapi.UBLK_F_BATCH_IO
         if kind == "null":       # nothing to verify: every byte must still travel
