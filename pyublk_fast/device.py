@@ -107,15 +107,16 @@ class Device:
         self.recovery = recovery
         self.native = backend.native_target() if native else None
         self.data_path = self._choose_path(data_path)
-        self.batch_io = DEFAULT_BATCH_IO if batch_io is None else bool(batch_io)
-        if self.batch_io and self.data_path not in BATCH_DATA_PATHS:
-            if batch_io is None:
-                self.batch_io = False
-            else:
+        if batch_io is None:        # where the driver and the data path allow it
+            self.batch_io = bool(DEFAULT_BATCH_IO and self.data_path in BATCH_DATA_PATHS and (
+                transport is None or transport.features() & uapi.UBLK_F_BATCH_IO))
+        else:
+            self.batch_io = bool(batch_io)
+            if self.batch_io and self.data_path not in BATCH_DATA_PATHS:
                 raise ValueError(f"batch_io serves the {' and '.join(BATCH_DATA_PATHS)} data paths, "
                                  f"not {self.data_path}: turn batch I/O off or choose another path")
-        if self.batch_io and transport is not None:
-            self._require(uapi.UBLK_F_BATCH_IO, "batch_io")
+            if self.batch_io and transport is not None:
+                self._require(uapi.UBLK_F_BATCH_IO, "batch_io")
         self.dev_id = dev_id
         if poll_us is None:
             poll_us = DEFAULT_POLL_US

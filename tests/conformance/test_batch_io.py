@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from pyublk_fast.device import Device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend_kinds import build_backend  # noqa: E402
-from test_sim_protocol import run_load  # noqa: E402
+from test_sim_protocol import Slow, _at, _kill, _patterns, _writes_in_flight, inflight, run_load  # noqa: E402
 
 MiB = 1 << 20
 DEPTH = 4
@@ -182,3 +183,47 @@ def test_batch_io_refuses_paths_it_does_not_serve(transport, tmp_path):
     for path in ("need_get_data", "zero_copy"):
         with pytest.raises(ValueError, match="batch_io"):
             Device(backend, transport, data_path=path, batch_io=True)
+
+
+def test_batch_io_kill_and_recover_reissues_everything(transport):
+    """A server killed with requests in flight (recovery=reissue): the new server PREPares
+    every tag again and serves what the dead one held; nothing is lost."""
+    skip_without_batch_io(transport)
+    backend = Slow()
+    pats = _patterns(64, seed=16)
+    with Device(backend, transport, depth=8, recovery="reissue", batch_io=True) as dev:
+        blk, th, out = _writes_in_flight(dev, backend, pats)
+        _kill(dev)
+        time.sleep(0.05)
+        assert th.is_alive(), "requests should wait for the new server, not fail"
+        assert dev.info().state == uapi.UBLK_S_DEV_QUIESCED
+        dev.recover()
+        assert dev.flags & uapi.UBLK_F_BATCH_IO
+        th.join(15)
+        assert not th.is_alive()
+        assert out.get("res") == [4096] * 64, out
+        backend.delay = 0
+        assert [blk.pread(4096, _at(i)) for i in range(64)] == pats
+        assert inflight(transport, dev.dev_id) == 0
+        blk.close()
+
+
+def test_batch_io_quiesce_hands_over(transport):
+    """quiesce() aborts the FETCH: the queues commit what they hold and exit; I/O issued
+    meanwhile waits and is served after recover()."""
+    skip_without_batch_io(transport)
+    if not transport.features() & uapi.UBLK_F_QUIESCE:
+        pytest.skip("the driver lacks QUIESCE")
+    backend = Slow(delay=0)
+    pats = _patterns(16, seed=17)
+    with Device(backend, transport, depth=8, recovery="reissue", batch_io=True) as dev:
+        with dev.open() as blk:
+            for i, p in enumerate(pats[:8]):
+                blk.pwrite(p, _at(i))
+            dev.quiesce()
+            assert not dev.serving
+            assert dev.info().state == uapi.UBLK_S_DEV_QUIESCED
+            dev.recover()
+            for i, p in enumerate(pats[8:], 8):
+                blk.pwrite(p, _at(i))
+            assert [blk.pread(4096, _at(i)) for i in range(16)] == pats

@@ -17,6 +17,8 @@ from test_batch_io import (  # noqa: E402,F401  (collected here, run on the kern
     test_add_dev_grants_batch_io_without_need_get_data,
     test_batch_commands_refused_without_batch_io,
     test_batch_header_checks,
+    test_batch_io_kill_and_recover_reissues_everything,
+    test_batch_io_quiesce_hands_over,
     test_batch_io_refuses_paths_it_does_not_serve,
     test_batch_io_serves_data,
     test_batch_io_stop_with_io_in_flight,
