@@ -173,6 +173,7 @@ cdef class Queue:
     cdef void on_request(self, int tag) noexcept nogil
     cdef void on_target(self, int tag, uint32_t tgt_data, int32_t res) noexcept nogil
     cdef void loop(self) noexcept nogil
+    cdef void put_elem(self, uint8_t *e, int tag, int32_t res) noexcept nogil
     cdef void stage_commit(self, int tag, int32_t res) noexcept nogil
     cdef void flush_commits(self) noexcept nogil
     cdef void arm_fetch(self) noexcept nogil

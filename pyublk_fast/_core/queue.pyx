@@ -19,7 +19,7 @@ cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
-from libc.errno cimport ENODEV, EIO, EINVAL, EOPNOTSUPP, ENOBUFS, ETIMEDOUT
+from libc.errno cimport ENODEV, EIO, EINVAL, EOPNOTSUPP, ENOBUFS
 
 from .liburing cimport *
 from .ring cimport Ring, reap_cq
@@ -74,7 +74,7 @@ STATS_LAYOUT = dict(ops=ST_OPS, reqs=ST_REQS, bytes=ST_BYTES, started=ST_STARTED
 DP_NAMES = {DP_COPY: "copy", DP_USER_COPY: "user_copy", DP_ZERO_COPY: "zero_copy", DP_SPLICE: "splice_zc"}
 
 cdef int32_t C_RESUBMITTED = -0x7fffffff
-#: What queues closed with backend I/O still in flight left behind (see Queue.close).
+#: What queues closed with I/O still in flight left behind (see Queue.close).
 _ABANDONED = []
 
 
@@ -337,6 +337,10 @@ cdef class Queue:
             _ABANDONED.append((self._keep, self.native))
         self.ring.close()
         self._keep = None
+        if self.fetch_state == FETCH_ARMED:
+            # a forced exit: a driver that writes tags itself (the simulator) may still
+            # deliver some into the FETCH's buffers until it learns the server is gone
+            _ABANDONED.append(self._bt_keep)
         self._bt_keep = None
         self.br = NULL
         self.iods = NULL
@@ -469,15 +473,18 @@ cdef class Queue:
 
     # -- BATCH_IO ----------------------------------------------------------------------
 
-    cdef void stage_commit(self, int tag, int32_t res) noexcept nogil:
-        """Add tag's result to this turn's COMMIT_IO_CMDS (sent before the queue waits)."""
-        cdef uint8_t *e = self.staged + self.nstaged * self.elem_bytes
+    cdef void put_elem(self, uint8_t *e, int tag, int32_t res) noexcept nogil:
+        """Write tag's PREP/COMMIT element at e (with its buffer on the copy path)."""
         cdef ublk_elem_header *h = <ublk_elem_header *>e
         h.tag = tag
         h.buf_index = 0
         h.result = res
         if self.bt_flags & UBLK_BATCH_F_HAS_BUF_ADDR:
             (<uint64_t *>(e + sizeof(ublk_elem_header)))[0] = self.dp.cmd_addr(self, tag)
+
+    cdef void stage_commit(self, int tag, int32_t res) noexcept nogil:
+        """Add tag's result to this turn's COMMIT_IO_CMDS (sent before the queue waits)."""
+        self.put_elem(self.staged + self.nstaged * self.elem_bytes, tag, res)
         self.nstaged += 1
         self.nr_busy -= 1
         self.tags[tag].state = TAG_WAIT
@@ -622,34 +629,34 @@ cdef class Queue:
             raise OSError(-ret, f"queue {self.q_id}: submitting the first commands failed")
 
     def _prep_all(self):
-        cdef int tag, ret
-        cdef uint8_t *e
-        cdef ublk_elem_header *h
-        cdef io_uring_cqe *cqe
-        cdef __kernel_timespec ts
-        cdef int32_t res = -ETIMEDOUT
+        cdef int tag
+        cdef uint64_t ud = ud_encode(0, UBLK_IO_PREP_IO_CMDS, 0, 0)
         for tag in range(self.depth):
-            e = self.cbufs + tag * self.elem_bytes
-            h = <ublk_elem_header *>e
-            h.tag = tag
-            h.buf_index = 0
-            h.result = 0
-            if self.bt_flags & UBLK_BATCH_F_HAS_BUF_ADDR:
-                (<uint64_t *>(e + sizeof(ublk_elem_header)))[0] = self.dp.cmd_addr(self, tag)
+            self.put_elem(self.cbufs + tag * self.elem_bytes, tag, 0)
             self.tags[tag].state = TAG_WAIT
         self.ch.prep_batch_cmd(self.get_sqe(), 0, UBLK_IO_PREP_IO_CMDS, <uint16_t>self.depth,
-                               self.elem_bytes, self.bt_flags, <uintptr_t>self.cbufs,
-                               ud_encode(0, UBLK_IO_PREP_IO_CMDS, 0, 0))
-        ts.tv_sec = 10
-        ts.tv_nsec = 0
-        with nogil:
-            ret = io_uring_submit_and_wait_timeout(self.r, &cqe, 1, &ts, NULL)
-            if ret >= 0 and cqe != NULL:
-                res = cqe.res
-                io_uring_cq_advance(self.r, 1)
+                               self.elem_bytes, self.bt_flags, <uintptr_t>self.cbufs, ud)
+        res = self._answer(UBLK_IO_PREP_IO_CMDS, ud, 10.0)
         if res < 0:
             raise OSError(-res, f"queue {self.q_id}: the driver refused PREP_IO_CMDS "
                                 f"({_errno.errorcode.get(-res, -res)})")
+
+    def _answer(self, uint32_t nr, uint64_t ud, double timeout):
+        """Submit and wait for the completion of the one command in flight (ud): its res."""
+        cdef io_uring_cqe *cqe = NULL
+        cdef __kernel_timespec ts
+        cdef int ret
+        ts.tv_sec = <long>timeout
+        ts.tv_nsec = <long>((timeout - <long>timeout) * 1e9)
+        with nogil:
+            ret = io_uring_submit_and_wait_timeout(self.r, &cqe, 1, &ts, NULL)
+        if ret < 0 or cqe == NULL:
+            raise TimeoutError(f"queue {self.q_id}: no answer to command {nr:#x} in {timeout} s")
+        if cqe.user_data != ud:
+            raise RuntimeError(f"queue {self.q_id}: unexpected completion {cqe.user_data:#x}")
+        ret = cqe.res
+        io_uring_cq_advance(self.r, 1)
+        return ret
 
     def probe_cmd(self, uint32_t nr, *, int tag=0, int32_t result=0, uint64_t addr=0, elements=None,
                   int nr_elem=-1, int elem_bytes=8, int flags=0, double timeout=5.0):
@@ -658,9 +665,6 @@ cdef class Queue:
         (bytes) a batch one (nr = UBLK_IO_PREP_IO_CMDS / COMMIT_IO_CMDS; nr_elem defaults to
         len(elements) // elem_bytes). For conformance checks of the driver, on a queue that
         is not serving (no fetch_all() / run())."""
-        cdef io_uring_cqe *cqe = NULL
-        cdef __kernel_timespec ts
-        cdef int ret
         cdef uint64_t ud
         cdef io_uring_sqe *sqe = self.get_sqe()
         if elements is None:
@@ -673,17 +677,7 @@ cdef class Queue:
             ud = ud_encode(NCOMMIT_BUFS - 1, nr, 0, 0)
             self.ch.prep_batch_cmd(sqe, NCOMMIT_BUFS - 1, nr, <uint16_t>nr_elem, <uint8_t>elem_bytes,
                                    <uint16_t>flags, buf.__array_interface__["data"][0] if len(buf) else 0, ud)
-        ts.tv_sec = <long>timeout
-        ts.tv_nsec = <long>((timeout - <long>timeout) * 1e9)
-        with nogil:
-            ret = io_uring_submit_and_wait_timeout(self.r, &cqe, 1, &ts, NULL)
-        if ret < 0 or cqe == NULL:
-            raise TimeoutError(f"queue {self.q_id}: no answer to command {nr:#x} in {timeout} s")
-        if cqe.user_data != ud:
-            raise RuntimeError(f"queue {self.q_id}: unexpected completion {cqe.user_data:#x}")
-        ret = cqe.res
-        io_uring_cq_advance(self.r, 1)
-        return ret
+        return self._answer(nr, ud, timeout)
 
     def run(self):
         """Serve until every tag is aborted (device stopped) or die() is posted."""
