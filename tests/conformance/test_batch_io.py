@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from pyublk_fast.device import Device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend_kinds import build_backend  # noqa: E402
-from test_sim_protocol import Slow, _at, _kill, _patterns, _writes_in_flight, inflight, run_load  # noqa: E402
+from test_sim_protocol import Slow, _at, _patterns, kill_and_recover_reissues_everything, run_load  # noqa: E402
 
 MiB = 1 << 20
 DEPTH = 4
@@ -186,26 +185,10 @@ def test_batch_io_refuses_paths_it_does_not_serve(transport, tmp_path):
 
 
 def test_batch_io_kill_and_recover_reissues_everything(transport):
-    """A server killed with requests in flight (recovery=reissue): the new server PREPares
-    every tag again and serves what the dead one held; nothing is lost."""
+    """The new server PREPares every tag again and serves what the dead one held."""
     skip_without_batch_io(transport)
-    backend = Slow()
-    pats = _patterns(64, seed=16)
-    with Device(backend, transport, depth=8, recovery="reissue", batch_io=True) as dev:
-        blk, th, out = _writes_in_flight(dev, backend, pats)
-        _kill(dev)
-        time.sleep(0.05)
-        assert th.is_alive(), "requests should wait for the new server, not fail"
-        assert dev.info().state == uapi.UBLK_S_DEV_QUIESCED
-        dev.recover()
-        assert dev.flags & uapi.UBLK_F_BATCH_IO
-        th.join(15)
-        assert not th.is_alive()
-        assert out.get("res") == [4096] * 64, out
-        backend.delay = 0
-        assert [blk.pread(4096, _at(i)) for i in range(64)] == pats
-        assert inflight(transport, dev.dev_id) == 0
-        blk.close()
+    dev = kill_and_recover_reissues_everything(transport, seed=16, batch_io=True)
+    assert dev.flags & uapi.UBLK_F_BATCH_IO
 
 
 def test_batch_io_quiesce_hands_over(transport):

@@ -91,6 +91,15 @@ cdef inline int32_t blk_status_errno(int32_t res) noexcept nogil:
     return -EIO
 
 
+cdef inline const ublk_elem_header *batch_elem(const SimCmd *cmd, int i, uint64_t *addr) noexcept nogil:
+    """Element i of a PREP/COMMIT_IO_CMDS (in the server's memory) and its buffer address
+    (0 without UBLK_BATCH_F_HAS_BUF_ADDR)."""
+    cdef const uint8_t *e = <const uint8_t *><uintptr_t>(cmd.addr + <uint64_t>i * cmd.elem_bytes)
+    addr[0] = (<const uint64_t *>(e + sizeof(ublk_elem_header)))[0] \
+        if cmd.flags & UBLK_BATCH_F_HAS_BUF_ADDR else 0
+    return <const ublk_elem_header *>e
+
+
 cdef inline void tick_origins(SimDriver drv) noexcept nogil:
     """Let every awake origin issue requests; one that has finished goes to sleep."""
     cdef Origin *o
@@ -410,7 +419,6 @@ cdef class SimDriver:
         """PREP_IO_CMDS: each element's tag waits for requests (the copy path's buffer
         address in it). All or nothing: the first bad element undoes the ones before."""
         cdef SimDev *d = &self.devs[q.dev]
-        cdef const uint8_t *e
         cdef const ublk_elem_header *h
         cdef uint64_t addr
         cdef int32_t err = 0
@@ -420,10 +428,7 @@ cdef class SimDriver:
             if self.queues[qi].nr_ready < d.depth:
                 ready = 0
         for i in range(cmd.nr_elem):
-            e = <const uint8_t *><uintptr_t>(cmd.addr + <uint64_t>i * cmd.elem_bytes)
-            h = <const ublk_elem_header *>e
-            addr = (<const uint64_t *>(e + sizeof(ublk_elem_header)))[0] \
-                if cmd.flags & UBLK_BATCH_F_HAS_BUF_ADDR else 0
+            h = batch_elem(cmd, i, &addr)
             if h.tag >= q.depth:
                 err = -EINVAL
             elif is_copy_path(d) and addr == 0:
@@ -451,16 +456,12 @@ cdef class SimDriver:
         driver refuses (a tag the server does not hold: EBUSY; no buffer on the copy path:
         EINVAL); the bytes of the elements taken, or that -errno when none was."""
         cdef SimDev *d = &self.devs[q.dev]
-        cdef const uint8_t *e
         cdef const ublk_elem_header *h
         cdef uint64_t addr
         cdef int32_t err = 0
         cdef int i, done = 0
         for i in range(cmd.nr_elem):
-            e = <const uint8_t *><uintptr_t>(cmd.addr + <uint64_t>i * cmd.elem_bytes)
-            h = <const ublk_elem_header *>e
-            addr = (<const uint64_t *>(e + sizeof(ublk_elem_header)))[0] \
-                if cmd.flags & UBLK_BATCH_F_HAS_BUF_ADDR else 0
+            h = batch_elem(cmd, i, &addr)
             if h.tag >= q.depth:
                 err = -EINVAL
             elif q.tags[h.tag].state != TAG_SERVER:
