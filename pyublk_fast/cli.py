@@ -36,7 +36,7 @@ from typing import Any, Sequence
 from . import stats, uapi, udev
 from .backend import backend_class, backend_names, format_size, parse_size
 from .daemon import ask_server, daemonize, describe, serve
-from .device import PATH_FLAGS, DEFAULT_POLL_US, RECOVERY_MODES, Device
+from .device import PATH_FLAGS, DEFAULT_BATCH_IO, DEFAULT_POLL_US, RECOVERY_MODES, Device
 from .records import drop_record, read_record, state_dir
 from .transport.kernel import UNPRIVILEGED_REFUSES, KernelTransport, pid_alive
 from .util import wait_until
@@ -636,6 +636,10 @@ def _device_args(p: argparse.ArgumentParser) -> None:
             (("-g", "--need-get-data"), "need_get_data",
              "NEED_GET_DATA data path: the server asks for WRITE data in a second step")):
         p.add_argument(*flags, dest="data_paths", action="append_const", const=path, help=what)
+    p.add_argument("--batch-io", action=argparse.BooleanOptionalAction, default=d["batch_io"],
+                   help="BATCH_IO (Linux 7.0): the queues prepare, fetch and commit many tags "
+                   "per command (copy and -u paths); --no-batch-io: one command per tag "
+                   "(default: " + ("on where the driver has it" if DEFAULT_BATCH_IO else "off") + ")")
     p.add_argument("--unprivileged", action="store_true",
                    help="UNPRIVILEGED_DEV: a normal user's device, owned by it (needs udev "
                    "rules: /dev/ublk-control open to users, /dev/ublkcN and /dev/ublkbN "

@@ -24,7 +24,7 @@ from . import uapi
 from concurrent.futures import ThreadPoolExecutor
 
 from ._core.pytask import PyTarget
-from ._core.queue import Queue
+from ._core.queue import BATCH_DATA_PATHS, Queue
 from ._core.ring import SETUP_COOP_TASKRUN, SETUP_SINGLE_ISSUER, Ring
 from .errors import BackendError, missing_features_message, os_error
 from .stats import Snapshot, snapshot
@@ -53,6 +53,9 @@ SERVER_RING_FLAGS = SETUP_SINGLE_ISSUER | SETUP_COOP_TASKRUN
 #: Data paths every backend can use: the server holds a buffer per tag.
 BUFFERED_PATHS = ("copy", "need_get_data", "user_copy")
 
+
+#: batch_io=None: whether a device uses BATCH_IO when the driver has it (see docs/architecture.md).
+DEFAULT_BATCH_IO = False
 
 #: Threads of a device's pool for run_in_thread (made when a handler first uses it).
 THREAD_POOL_SIZE = 4
@@ -147,14 +150,16 @@ class Device:
     within it, halves when not, so an idle queue sleeps; 0 always sleeps), and the poll
     yields its CPU to any other runnable thread. ``submit_chunk`` is how many SQEs a
     queue gathers while handling a batch before it submits them, so the backing disk
-    starts on the first ones early.
+    starts on the first ones early. ``batch_io`` True serves the queues with BATCH_IO
+    (Linux 7.0: commands for many tags at once, copy and user_copy paths), False with a
+    command per tag, None as DEFAULT_BATCH_IO says.
     """
 
     def __init__(self, backend, transport, *, queues: int = 1, depth: int = 128,
                  max_io_bytes: int = 512 * 1024, data_path: str = "auto", recovery: str | None = None,
                  dev_id: int = -1, native: bool = True, poll_us: float | None = None,
                  submit_chunk: int = 4, ring_flags: int = SERVER_RING_FLAGS,
-                 shared_buffers: bool = False):
+                 shared_buffers: bool = False, batch_io: bool | None = None):
         backend.check()
         if data_path != "auto" and data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: choose auto or one of {DATA_PATHS}")
@@ -174,6 +179,16 @@ class Device:
         self.recovery = recovery
         self.native = backend.native_target() if native else None
         self.data_path = self._choose_path(data_path)
+        if batch_io is None:        # where the driver and the data path allow it
+            self.batch_io = bool(DEFAULT_BATCH_IO and self.data_path in BATCH_DATA_PATHS and (
+                transport is None or transport.features() & uapi.UBLK_F_BATCH_IO))
+        else:
+            self.batch_io = bool(batch_io)
+            if self.batch_io and self.data_path not in BATCH_DATA_PATHS:
+                raise ValueError(f"batch_io serves the {' and '.join(BATCH_DATA_PATHS)} data paths, "
+                                 f"not {self.data_path}: turn batch I/O off or choose another path")
+            if self.batch_io and transport is not None:
+                self._require(uapi.UBLK_F_BATCH_IO, "batch_io")
         self.dev_id = dev_id
         if poll_us is None:
             poll_us = DEFAULT_POLL_US
@@ -218,6 +233,8 @@ class Device:
         flags = PATH_FLAGS[self.data_path] | RECOVERY_MODES.get(self.recovery, 0)
         if self._shm is not None:
             flags |= uapi.UBLK_F_SHMEM_ZC
+        if self.batch_io:
+            flags |= uapi.UBLK_F_BATCH_IO
         if self.recovery and self.transport is not None and self.transport.features() & uapi.UBLK_F_QUIESCE:
             flags |= uapi.UBLK_F_QUIESCE      # lets quiesce() hand the device to a new server
         return flags
@@ -307,7 +324,7 @@ class Device:
             target = self.native if self.native is not None else PyTarget(self.backend, self._thread_pool)
             q = Queue(self.depth, self.max_io_bytes, ep.channel, ep.iods, native=target,
                       data_path=self.data_path, poll_us=self.poll_us, submit_chunk=self.submit_chunk,
-                      ring_flags=self.ring_flags)
+                      ring_flags=self.ring_flags, batch_io=bool(self.flags & uapi.UBLK_F_BATCH_IO))
             self._queues[q_id] = q
             if self._shm is not None:
                 q.share_buffers(self._shm.table, self._shm.views)

@@ -136,7 +136,7 @@ def test_add_defaults_are_devices():
     sig = inspect.signature(Device).parameters
     assert opts["device"] == {k: sig[k].default for k in opts["device"]}
     assert set(opts["device"]) == {"dev_id", "queues", "depth", "max_io_bytes", "data_path",
-                                   "recovery", "native", "poll_us", "submit_chunk"}
+                                   "recovery", "native", "poll_us", "submit_chunk", "batch_io"}
     assert opts["backend_args"] == {"size": MemoryBackend.DEFAULT_SIZE}
     assert cli.make_backend(opts).size == MemoryBackend().size == 64 << 20
 
@@ -149,6 +149,8 @@ def test_add_defaults_are_devices():
      dict(recovery="reissue", poll_us=0.0, max_io_bytes=1 << 20, dev_id=9)),
     (["-t", "null", "--recovery", "fail_io", "--submit-chunk", "8"],
      dict(recovery="fail_io", submit_chunk=8)),
+    (["-t", "null", "--batch-io"], dict(batch_io=True)),
+    (["-t", "null", "-u", "--no-batch-io"], dict(data_path="user_copy", batch_io=False)),
 ])
 def test_add_options_reach_device(argv, device):
     a, extra = cli.build_parser().parse_known_args(["add", *argv])

@@ -100,7 +100,8 @@ def main() -> int:
                     "it (e.g. a virtualenv's python with that checkout installed), shown as "
                     "LABEL; for before/after comparisons in one boot (repeatable)")
     ap.add_argument("--targets", default="null,null -z,loop,loop -z",
-                    help="comma-separated subset of: null, null -z, loop, loop -z, qcow2, qcow2 -z")
+                    help="comma-separated subset of: null, null -z, loop, loop -z, null -b, "
+                    "loop -b, qcow2, qcow2 -z")
     ap.add_argument("--rw", default="randread",
                     help="comma-separated fio patterns, each run on every device (4k)")
     ap.add_argument("--direct", action="store_true",
@@ -121,7 +122,10 @@ def main() -> int:
     specs = {"null": (["-t", "null"], ["-t", "null"]),
              "null -z": (["-t", "null", "-z"], ["-t", "null", "-z"]),
              "loop": (["-t", "loop", RAM], ["-t", "loop", "-f", RAM]),
-             "loop -z": (["-t", "loop", "-z", RAM], ["-t", "loop", "-z", "-f", RAM])}
+             "loop -z": (["-t", "loop", "-z", RAM], ["-t", "loop", "-z", "-f", RAM]),
+             # BATCH_IO (7.0): kublk -b against ours with --batch-io
+             "null -b": (["-t", "null", "-b"], ["-t", "null", "--batch-io"]),
+             "loop -b": (["-t", "loop", "-b", RAM], ["-t", "loop", "--batch-io", "-f", RAM])}
     targets = [t.strip() for t in a.targets.split(",")]
     rws = [r.strip() for r in a.rw.split(",")]
     if any(t.startswith("qcow2") for t in targets):

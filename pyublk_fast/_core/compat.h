@@ -63,6 +63,18 @@ static inline void *pyu_sqe_cmd(struct io_uring_sqe *sqe)
     return (void *)sqe->cmd;
 }
 
+/* Not in liburing 2.3's headers: a multishot uring_cmd (uring_cmd_flags; FETCH_IO_CMDS needs it) and
+ * MSG_RING passing its CQE flags in the SQE's file_index (msg_ring_flags, 6.3+). */
+#define PYU_URING_CMD_MULTISHOT (1U << 1)
+#define PYU_MSG_RING_FLAGS_PASS (1U << 1)
+
+/* Acquire-load of a provided buffer ring's tail: what a consumer of the ring (the
+ * simulated driver, in the kernel's place) may take up to. */
+static inline uint16_t pyu_buf_ring_tail(const struct io_uring_buf_ring *br)
+{
+    return __atomic_load_n(&br->tail, __ATOMIC_ACQUIRE);
+}
+
 #include <time.h>
 #include <sched.h>
 

@@ -7,12 +7,13 @@ the queue's ring, either by the driver itself (AUTO_BUF_REG, 6.16+: the index
 rides in the FETCH/COMMIT SQE's addr) or by a REGISTER_IO_BUF command linked
 before the target's first SQE (6.15), removed again at COMMIT.
 """
-from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.errno cimport EIO
 from posix.unistd cimport pread, pwrite
 
-from .liburing cimport io_uring_sqe, IOSQE_IO_LINK, IOSQE_CQE_SKIP_SUCCESS, pyu_prep_uring_cmd, pyu_sqe_cmd
-from .queue cimport Channel, DataPath, NoBufferPath, Queue, DP_ZERO_COPY
+from .liburing cimport (io_uring_sqe, IOSQE_IO_LINK, IOSQE_CQE_SKIP_SUCCESS, IOSQE_BUFFER_SELECT,
+                        PYU_URING_CMD_MULTISHOT, pyu_prep_uring_cmd, pyu_sqe_cmd)
+from .queue cimport Channel, DataPath, NoBufferPath, Queue, DP_ZERO_COPY, FETCH_BGID
 from .uapi cimport *
 from .codec cimport uc_pos, ud_encode
 
@@ -51,6 +52,26 @@ cdef class KernelChannel(Channel):
         c.result = result
         c.addr = addr
         sqe.addr = tag & self.auto_mask
+
+    cdef void prep_batch_cmd(self, io_uring_sqe *sqe, int slot, uint32_t nr, uint16_t nr_elem,
+                             uint8_t elem_bytes, uint16_t flags, uint64_t addr, uint64_t ud) noexcept nogil:
+        cdef ublk_batch_io *c
+        pyu_prep_uring_cmd(sqe, 64, self.cmd_fd, io_cmd_op(nr), NULL, 0, ud)
+        c = <ublk_batch_io *>pyu_sqe_cmd(sqe)
+        c.q_id = self.q_id
+        c.flags = flags
+        c.nr_elem = nr_elem
+        c.elem_bytes = elem_bytes
+        sqe.addr = addr                  # the elements
+        sqe.len = <uint32_t>nr_elem * elem_bytes
+
+    cdef void prep_fetch_cmds(self, io_uring_sqe *sqe, Queue q, uint64_t ud) noexcept nogil:
+        # multishot, each completion taking a buffer of the queue's group FETCH_BGID
+        self.prep_batch_cmd(sqe, 0, UBLK_IO_FETCH_IO_CMDS, <uint16_t>(q.fbuf_size // 2), 2, 0, 0, ud)
+        sqe.len = 0
+        sqe.rw_flags = PYU_URING_CMD_MULTISHOT
+        sqe.buf_index = FETCH_BGID
+        sqe.flags = IOSQE_BUFFER_SELECT
 
     cdef int64_t user_copy(self, int tag, uint8_t *buf, uint32_t nbytes, bint to_request) noexcept nogil:
         cdef uint64_t pos = uc_pos(self.q_id, tag, 0)

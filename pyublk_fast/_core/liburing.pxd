@@ -145,3 +145,42 @@ cdef extern from "compat.h" nogil:
     int64_t pyu_now_ns()
     int pyu_log2(uint64_t v)
     void pyu_submit_and_wait_adaptive(io_uring *ring, int64_t max_ns, int64_t *budget)
+
+# Provided buffer rings (BATCH_IO's multishot FETCH_IO_CMDS delivers tags into them) and
+# the CQE flags of multishot commands.
+cdef extern from "<liburing.h>" nogil:
+    cdef struct io_uring_buf:
+        uint64_t addr
+        uint32_t len
+        uint16_t bid
+        uint16_t resv
+
+    cdef struct io_uring_buf_ring:
+        uint16_t tail
+        io_uring_buf bufs[1]
+
+    cdef struct io_uring_buf_reg:
+        uint64_t ring_addr
+        uint32_t ring_entries
+        uint16_t bgid
+        uint16_t pad
+        uint64_t resv[3]
+
+    enum:
+        IOSQE_BUFFER_SELECT
+        IORING_CQE_F_BUFFER
+        IORING_CQE_F_MORE
+        IORING_CQE_BUFFER_SHIFT
+
+    int io_uring_register_buf_ring(io_uring *ring, io_uring_buf_reg *reg, unsigned flags)
+    int io_uring_unregister_buf_ring(io_uring *ring, int bgid)
+    void io_uring_buf_ring_init(io_uring_buf_ring *br)
+    void io_uring_buf_ring_add(io_uring_buf_ring *br, void *addr, unsigned len, unsigned short bid,
+                               int mask, int buf_offset)
+    void io_uring_buf_ring_advance(io_uring_buf_ring *br, int count)
+
+cdef extern from "compat.h" nogil:
+    enum:
+        PYU_URING_CMD_MULTISHOT
+        PYU_MSG_RING_FLAGS_PASS
+    uint16_t pyu_buf_ring_tail(const io_uring_buf_ring *br)

@@ -1,5 +1,5 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
-from .liburing cimport io_uring, io_uring_sqe
+from .liburing cimport io_uring, io_uring_sqe, io_uring_buf_ring
 from .ring cimport Ring
 from .uapi cimport ublksrv_io_desc
 
@@ -30,6 +30,15 @@ cdef enum:
     ST_NHIST = 48
     ST_FIELDS = 200
 
+cdef enum:
+    # BATCH_IO: each of a queue's batch commands has a slot of its own (a driver that keeps
+    # per-command state, the simulator, tells them apart by it)
+    NCOMMIT_BUFS = 8             # PREP/COMMIT_IO_CMDS element buffers in flight at once
+    FETCH_SLOT = 8               # the multishot FETCH_IO_CMDS (slot after the commit buffers)
+    BATCH_SLOTS = 9
+    FETCH_BGID = 1               # the provided buffer group its tags arrive in
+    FETCH_MAX_TAGS = 128         # the kernel puts at most this many tags in one completion
+
 cdef class Queue
 
 
@@ -48,6 +57,9 @@ cdef class Channel:
     cdef void prep_cmd(self, io_uring_sqe *sqe, uint32_t nr, int tag, int32_t result,
                        uint64_t addr, uint64_t ud) noexcept nogil
     cdef int64_t user_copy(self, int tag, uint8_t *buf, uint32_t nbytes, bint to_request) noexcept nogil
+    cdef void prep_batch_cmd(self, io_uring_sqe *sqe, int slot, uint32_t nr, uint16_t nr_elem,
+                             uint8_t elem_bytes, uint16_t flags, uint64_t addr, uint64_t ud) noexcept nogil
+    cdef void prep_fetch_cmds(self, io_uring_sqe *sqe, Queue q, uint64_t ud) noexcept nogil
 
 
 cdef class DataPath:
@@ -132,6 +144,22 @@ cdef class Queue:
     cdef uint64_t first_off
     cdef uint32_t first_len
     cdef object _keep
+    # BATCH_IO (batch_io=True): tags are PREPared once, arrive by one multishot FETCH_IO_CMDS
+    # into a provided buffer ring, and the commits of a loop turn go out as one COMMIT_IO_CMDS
+    cdef readonly bint batch_io
+    cdef uint16_t bt_flags         # UBLK_BATCH_F_* of PREP/COMMIT (buffer addresses on the copy path)
+    cdef uint8_t elem_bytes
+    cdef uint8_t *staged           # this turn's commits, depth elements at most
+    cdef uint32_t nstaged
+    cdef uint8_t *cbufs            # NCOMMIT_BUFS buffers of depth elements, one per command in flight
+    cdef uint32_t cb_n[NCOMMIT_BUFS]   # elements of the command using each (0: free)
+    cdef io_uring_buf_ring *br     # the FETCH's buffer ring (fetch buffer bid at fbufs + bid * fbuf_size)
+    cdef readonly uint32_t br_entries
+    cdef uint8_t *fbufs
+    cdef uint32_t fbuf_size
+    cdef int nr_busy               # tags whose request the server holds
+    cdef uint8_t fetch_state       # FETCH_ARMED / FETCH_GONE
+    cdef object _bt_keep
 
     cdef io_uring_sqe *get_sqe(self) noexcept nogil
     cdef int drain_backend_io(self, int64_t timeout_ns) noexcept nogil
@@ -150,3 +178,10 @@ cdef class Queue:
     cdef void on_request(self, int tag) noexcept nogil
     cdef void on_target(self, int tag, uint32_t tgt_data, int32_t res) noexcept nogil
     cdef void loop(self) noexcept nogil
+    cdef void put_elem(self, uint8_t *e, int tag, int32_t res) noexcept nogil
+    cdef void stage_commit(self, int tag, int32_t res) noexcept nogil
+    cdef void flush_commits(self) noexcept nogil
+    cdef void arm_fetch(self) noexcept nogil
+    cdef void on_fetch(self, int32_t res, uint32_t flags) noexcept nogil
+    cdef void on_batch_done(self, int slot, int32_t res) noexcept nogil
+    cdef bint batch_idle(self) noexcept nogil

@@ -4,7 +4,10 @@
 FETCH every tag, then loop: wait, reap a batch nogil, decode tags, hand each
 request to the backend (native: C calls, no GIL; Python: one GIL round per
 batch of requests and completions, in Python's case), commit results with
-COMMIT_AND_FETCH. The driver is reached through a
+COMMIT_AND_FETCH. With BATCH_IO (batch_io=True) the same loop PREPares every
+tag once, takes requests from one multishot FETCH_IO_CMDS (tags in a provided
+buffer ring) and sends a turn's commits as one COMMIT_IO_CMDS; targets see no
+difference (they call commit()). The driver is reached through a
 Channel and request data moves by a DataPath, both fixed at setup: the loop
 itself never tests which driver or data path it serves.
 """
@@ -15,7 +18,8 @@ import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
-from libc.errno cimport ENODEV, EIO, EINVAL, EOPNOTSUPP
+from libc.string cimport memcpy
+from libc.errno cimport ENODEV, EIO, EINVAL, EOPNOTSUPP, ENOBUFS
 
 from .liburing cimport *
 from .ring cimport Ring, reap_cq
@@ -29,6 +33,8 @@ cdef enum:
     TAG_WAIT = 0          # a FETCH / COMMIT_AND_FETCH is outstanding
     TAG_BUSY = 1          # the request is being served
     TAG_GONE = 2          # the driver aborted this tag's command
+    FETCH_ARMED = 1       # BATCH_IO: the multishot FETCH_IO_CMDS is outstanding
+    FETCH_GONE = 2        # ... ended for good (aborted: the device stops or is quiesced)
     OP_WAKE = 0xfd        # user_data op of a wake-up posted to this ring (stop / die)
 
 RESUBMITTED = -0x7fffffff
@@ -49,8 +55,16 @@ COMPILED_UAPI = dict(
     UBLK_U_IO_NEED_GET_DATA=io_cmd_op(UBLK_IO_NEED_GET_DATA),
     UBLK_U_IO_REGISTER_IO_BUF=io_cmd_op(UBLK_IO_REGISTER_IO_BUF),
     UBLK_U_IO_UNREGISTER_IO_BUF=io_cmd_op(UBLK_IO_UNREGISTER_IO_BUF),
+    UBLK_U_IO_PREP_IO_CMDS=io_cmd_op(UBLK_IO_PREP_IO_CMDS),
+    UBLK_U_IO_COMMIT_IO_CMDS=io_cmd_op(UBLK_IO_COMMIT_IO_CMDS),
+    UBLK_U_IO_FETCH_IO_CMDS=io_cmd_op(UBLK_IO_FETCH_IO_CMDS),
+    UBLK_BATCH_F_HAS_ZONE_LBA=UBLK_BATCH_F_HAS_ZONE_LBA, UBLK_BATCH_F_HAS_BUF_ADDR=UBLK_BATCH_F_HAS_BUF_ADDR,
+    UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK=UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK,
     sizeof_ublksrv_io_desc=sizeof(ublksrv_io_desc), sizeof_ublksrv_io_cmd=sizeof(ublksrv_io_cmd),
+    sizeof_ublk_batch_io=sizeof(ublk_batch_io), sizeof_ublk_elem_header=sizeof(ublk_elem_header),
 )
+#: The data paths a BATCH_IO queue serves (zero copy and NEED_GET_DATA are not done in batches).
+BATCH_DATA_PATHS = ("copy", "user_copy")
 DATA_PATHS = {"copy": DP_COPY, "need_get_data": DP_COPY, "user_copy": DP_USER_COPY,
               "zero_copy": DP_ZERO_COPY, "splice_zc": DP_SPLICE}
 #: Where each counter lives in Queue.stats (queue.pxd's ST_*), for pyublk_fast.stats.
@@ -60,7 +74,7 @@ STATS_LAYOUT = dict(ops=ST_OPS, reqs=ST_REQS, bytes=ST_BYTES, started=ST_STARTED
 DP_NAMES = {DP_COPY: "copy", DP_USER_COPY: "user_copy", DP_ZERO_COPY: "zero_copy", DP_SPLICE: "splice_zc"}
 
 cdef int32_t C_RESUBMITTED = -0x7fffffff
-#: What queues closed with backend I/O still in flight left behind (see Queue.close).
+#: What queues closed with I/O still in flight left behind (see Queue.close).
 _ABANDONED = []
 
 
@@ -92,6 +106,17 @@ cdef class Channel:
 
     cdef int64_t user_copy(self, int tag, uint8_t *buf, uint32_t nbytes, bint to_request) noexcept nogil:
         return -EOPNOTSUPP
+
+    cdef void prep_batch_cmd(self, io_uring_sqe *sqe, int slot, uint32_t nr, uint16_t nr_elem,
+                             uint8_t elem_bytes, uint16_t flags, uint64_t addr, uint64_t ud) noexcept nogil:
+        """Fill sqe with PREP_IO_CMDS / COMMIT_IO_CMDS (nr) of nr_elem elements at addr.
+        slot (0..BATCH_SLOTS-1) is the queue's number for this command."""
+        pass
+
+    cdef void prep_fetch_cmds(self, io_uring_sqe *sqe, Queue q, uint64_t ud) noexcept nogil:
+        """Fill sqe with the multishot FETCH_IO_CMDS delivering tags into q's buffer ring
+        (group FETCH_BGID; slot FETCH_SLOT)."""
+        pass
 
 
 cdef class DataPath:
@@ -173,10 +198,14 @@ cdef class Queue:
 
     def __init__(self, int depth, uint32_t buf_size, Channel channel not None, iods, *,
                  NativeTarget native not None, str data_path="copy",
-                 unsigned ring_flags=0, double poll_us=0.0, unsigned submit_chunk=4):
+                 unsigned ring_flags=0, double poll_us=0.0, unsigned submit_chunk=4,
+                 bint batch_io=False):
         # depth, submit_chunk and the rest were validated by Device and the driver
         if data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: one of {sorted(DATA_PATHS)}")
+        if batch_io and data_path not in BATCH_DATA_PATHS:
+            raise ValueError(f"data_path={data_path!r} is not served with batch I/O: "
+                             f"use one of {', '.join(BATCH_DATA_PATHS)}, or turn batch I/O off")
         self.q_id = channel.q_id
         self.depth = depth
         self.buf_size = buf_size
@@ -208,11 +237,54 @@ cdef class Queue:
             # request pages are installed at buffer index `tag` of this ring
             self.zc_addr = <uint64_t *>calloc(depth, sizeof(uint64_t))
             self.ring.register_buffers_sparse(depth)
+        if batch_io:
+            self._setup_batch()
         self.ch = channel
         channel.bind(self)
         self.dp = channel.make_path(self, self.data_path)
         self.dp.setup(self)
         native.setup(self)
+
+    def _setup_batch(self):
+        """BATCH_IO's buffers: the commit elements (a turn's, and those of each command in
+        flight) and the FETCH's provided buffer ring, registered on this ring."""
+        cdef io_uring_buf_reg reg
+        cdef uint32_t i, entries = 8
+        cdef int ret
+        cdef size_t ring_bytes, elems
+        cdef uintptr_t base
+        self.batch_io = 1
+        self.bt_flags = UBLK_BATCH_F_HAS_BUF_ADDR if self.data_path == DP_COPY else 0
+        self.elem_bytes = sizeof(ublk_elem_header) + (8 if self.bt_flags else 0)
+        # a FETCH completion consumes one whole buffer, however few tags it carries: one
+        # buffer per tag in flight keeps the FETCH from running out
+        while entries < <uint32_t>self.depth:
+            entries <<= 1
+        self.br_entries = entries
+        self.fbuf_size = 2 * min(self.depth, FETCH_MAX_TAGS)
+        ring_bytes = entries * sizeof(io_uring_buf)
+        elems = <size_t>self.depth * self.elem_bytes
+        raw = np.zeros(4096 + ring_bytes + entries * self.fbuf_size + (1 + NCOMMIT_BUFS) * elems, np.uint8)
+        base = raw.__array_interface__["data"][0]
+        base += (-base) % 4096                 # the buffer ring must be page aligned
+        self.br = <io_uring_buf_ring *>base
+        self.fbufs = <uint8_t *>(base + ring_bytes)
+        self.staged = self.fbufs + entries * self.fbuf_size
+        self.cbufs = self.staged + elems
+        self._bt_keep = raw
+        io_uring_buf_ring_init(self.br)
+        for i in range(entries):
+            io_uring_buf_ring_add(self.br, self.fbufs + i * self.fbuf_size, self.fbuf_size, i, entries - 1, i)
+        io_uring_buf_ring_advance(self.br, entries)
+        reg.ring_addr = <uintptr_t>self.br
+        reg.ring_entries = entries
+        reg.bgid = FETCH_BGID
+        reg.pad = 0
+        reg.resv[0] = reg.resv[1] = reg.resv[2] = 0
+        ret = io_uring_register_buf_ring(self.r, &reg, 0)
+        if ret < 0:
+            raise OSError(-ret, f"queue {self.q_id}: cannot register the FETCH_IO_CMDS buffer ring "
+                                "(provided buffer rings need Linux 5.19+)")
 
     def __dealloc__(self):
         free(self.tags)
@@ -265,6 +337,12 @@ cdef class Queue:
             _ABANDONED.append((self._keep, self.native))
         self.ring.close()
         self._keep = None
+        if self.fetch_state == FETCH_ARMED:
+            # a forced exit: a driver that writes tags itself (the simulator) may still
+            # deliver some into the FETCH's buffers until it learns the server is gone
+            _ABANDONED.append(self._bt_keep)
+        self._bt_keep = None
+        self.br = NULL
         self.iods = NULL
         self.bufs = NULL
         self.dp = None
@@ -421,7 +499,119 @@ cdef class Queue:
         i = pyu_log2(<uint64_t>(self.now_ns - self.tags[tag].start_ns))
         st[ST_HIST + (i if i < ST_NHIST else ST_NHIST - 1)] += 1
         st[ST_DONE] += 1
-        self.submit_cmd(UBLK_IO_COMMIT_AND_FETCH_REQ, tag, res)
+        if self.batch_io:
+            self.stage_commit(tag, res)
+        else:
+            self.submit_cmd(UBLK_IO_COMMIT_AND_FETCH_REQ, tag, res)
+
+    # -- BATCH_IO ----------------------------------------------------------------------
+
+    cdef void put_elem(self, uint8_t *e, int tag, int32_t res) noexcept nogil:
+        """Write tag's PREP/COMMIT element at e (with its buffer on the copy path)."""
+        cdef ublk_elem_header *h = <ublk_elem_header *>e
+        h.tag = tag
+        h.buf_index = 0
+        h.result = res
+        if self.bt_flags & UBLK_BATCH_F_HAS_BUF_ADDR:
+            (<uint64_t *>(e + sizeof(ublk_elem_header)))[0] = self.dp.cmd_addr(self, tag)
+
+    cdef void stage_commit(self, int tag, int32_t res) noexcept nogil:
+        """Add tag's result to this turn's COMMIT_IO_CMDS (sent before the queue waits)."""
+        self.put_elem(self.staged + self.nstaged * self.elem_bytes, tag, res)
+        self.nstaged += 1
+        self.nr_busy -= 1
+        self.tags[tag].state = TAG_WAIT
+
+    cdef void flush_commits(self) noexcept nogil:
+        """Send the staged commits as one COMMIT_IO_CMDS. A tag is staged at most once
+        until sent (the driver cannot hand it out again before), so depth elements always
+        fit; with every buffer in flight the commits wait for the next turn (a commit's
+        completion frees one and wakes the queue)."""
+        cdef int b
+        for b in range(NCOMMIT_BUFS):
+            if self.cb_n[b] == 0:
+                break
+        else:
+            return
+        cdef uint8_t *buf = self.cbufs + <size_t>b * self.depth * self.elem_bytes
+        memcpy(buf, self.staged, self.nstaged * self.elem_bytes)
+        self.cb_n[b] = self.nstaged
+        self.ch.prep_batch_cmd(self.get_sqe(), b, UBLK_IO_COMMIT_IO_CMDS, <uint16_t>self.nstaged,
+                               self.elem_bytes, self.bt_flags, <uintptr_t>buf,
+                               ud_encode(b, UBLK_IO_COMMIT_IO_CMDS, 0, 0))
+        self.nstaged = 0
+
+    cdef void on_batch_done(self, int slot, int32_t res) noexcept nogil:
+        """PREP/COMMIT_IO_CMDS of buffer slot completed with res: the bytes of elements it
+        took, or -errno when it took none. The driver stops at the first element it
+        refuses: that tag is lost (counted), the ones after it are committed again."""
+        cdef uint32_t n, done
+        cdef uint8_t *buf
+        if slot >= NCOMMIT_BUFS or self.cb_n[slot] == 0:
+            self.cmd_errors += 1
+            return
+        n = self.cb_n[slot]
+        self.cb_n[slot] = 0
+        if res == <int32_t>(n * self.elem_bytes):
+            return
+        self.cmd_errors += 1
+        done = <uint32_t>res / self.elem_bytes if res > 0 else 0
+        if done >= n:
+            return
+        buf = self.cbufs + <size_t>slot * self.depth * self.elem_bytes
+        self.tags[(<ublk_elem_header *>(buf + done * self.elem_bytes)).tag].state = TAG_GONE
+        memcpy(self.staged + self.nstaged * self.elem_bytes, buf + (done + 1) * self.elem_bytes,
+               (n - done - 1) * self.elem_bytes)
+        self.nstaged += n - done - 1
+
+    cdef void arm_fetch(self) noexcept nogil:
+        self.ch.prep_fetch_cmds(self.get_sqe(), self, ud_encode(0, UBLK_IO_FETCH_IO_CMDS, 0, 0))
+        self.fetch_state = FETCH_ARMED
+
+    cdef void on_fetch(self, int32_t res, uint32_t flags) noexcept nogil:
+        """A FETCH_IO_CMDS completion: res bytes of u16 tags in buffer flags >> 16. Without
+        IORING_CQE_F_MORE the FETCH has ended: it is posted again unless the driver
+        aborted it (the device stops or is quiesced) or refused it."""
+        cdef uint16_t *tags
+        cdef uint32_t bid, k, n
+        cdef int tag
+        if flags & IORING_CQE_F_BUFFER:
+            bid = flags >> IORING_CQE_BUFFER_SHIFT
+            if bid < self.br_entries:
+                tags = <uint16_t *>(self.fbufs + bid * self.fbuf_size)
+                n = <uint32_t>res / 2 if res > 0 else 0
+                for k in range(n):
+                    if io_uring_sq_ready(self.r) >= self.submit_chunk:
+                        io_uring_submit(self.r)
+                    tag = tags[k]
+                    if tag >= self.depth or self.tags[tag].state != TAG_WAIT:
+                        self.cmd_errors += 1
+                        continue
+                    self.nr_busy += 1
+                    self.on_request(tag)
+                # the buffer goes back to the ring once its tags are read
+                io_uring_buf_ring_add(self.br, tags, self.fbuf_size, bid, self.br_entries - 1, 0)
+                io_uring_buf_ring_advance(self.br, 1)
+            else:
+                self.cmd_errors += 1
+        if flags & IORING_CQE_F_MORE:
+            return
+        if res >= 0 or res == -ENOBUFS:
+            self.arm_fetch()
+        else:
+            if res != -ENODEV:
+                self.cmd_errors += 1
+            self.fetch_state = FETCH_GONE
+
+    cdef bint batch_idle(self) noexcept nogil:
+        """BATCH_IO: the FETCH is gone and every request and commit is done: stop."""
+        cdef int b
+        if self.fetch_state != FETCH_GONE or self.nr_busy > 0 or self.nstaged > 0:
+            return 0
+        for b in range(NCOMMIT_BUFS):
+            if self.cb_n[b]:
+                return 0
+        return 1
 
     cdef void note_failure(self, int tag, int32_t res) noexcept nogil:
         """Count a failed request; the first of each log interval is kept for the log line
@@ -456,14 +646,71 @@ cdef class Queue:
     # -- the loop --------------------------------------------------------------------
 
     def fetch_all(self):
-        """Post FETCH_REQ for every tag and submit."""
+        """Post FETCH_REQ for every tag and submit (BATCH_IO: PREP_IO_CMDS for every tag,
+        waiting for its answer, then the multishot FETCH_IO_CMDS)."""
         cdef int tag
-        for tag in range(self.depth):
-            self.submit_cmd(UBLK_IO_FETCH_REQ, tag, 0)
-        self.nr_live = self.depth
+        if self.batch_io:
+            self._prep_all()
+            self.arm_fetch()
+            self.nr_live = 1
+        else:
+            for tag in range(self.depth):
+                self.submit_cmd(UBLK_IO_FETCH_REQ, tag, 0)
+            self.nr_live = self.depth
         ret = io_uring_submit(self.r)
         if ret < 0:
-            raise OSError(-ret, f"queue {self.q_id}: submitting FETCH_REQ failed")
+            raise OSError(-ret, f"queue {self.q_id}: submitting the first commands failed")
+
+    def _prep_all(self):
+        cdef int tag
+        cdef uint64_t ud = ud_encode(0, UBLK_IO_PREP_IO_CMDS, 0, 0)
+        for tag in range(self.depth):
+            self.put_elem(self.cbufs + tag * self.elem_bytes, tag, 0)
+            self.tags[tag].state = TAG_WAIT
+        self.ch.prep_batch_cmd(self.get_sqe(), 0, UBLK_IO_PREP_IO_CMDS, <uint16_t>self.depth,
+                               self.elem_bytes, self.bt_flags, <uintptr_t>self.cbufs, ud)
+        res = self._answer(UBLK_IO_PREP_IO_CMDS, ud, 10.0)
+        if res < 0:
+            raise OSError(-res, f"queue {self.q_id}: the driver refused PREP_IO_CMDS "
+                                f"({_errno.errorcode.get(-res, -res)})")
+
+    def _answer(self, uint32_t nr, uint64_t ud, double timeout):
+        """Submit and wait for the completion of the one command in flight (ud): its res."""
+        cdef io_uring_cqe *cqe = NULL
+        cdef __kernel_timespec ts
+        cdef int ret
+        ts.tv_sec = <long>timeout
+        ts.tv_nsec = <long>((timeout - <long>timeout) * 1e9)
+        with nogil:
+            ret = io_uring_submit_and_wait_timeout(self.r, &cqe, 1, &ts, NULL)
+        if ret < 0 or cqe == NULL:
+            raise TimeoutError(f"queue {self.q_id}: no answer to command {nr:#x} in {timeout} s")
+        if cqe.user_data != ud:
+            raise RuntimeError(f"queue {self.q_id}: unexpected completion {cqe.user_data:#x}")
+        ret = cqe.res
+        io_uring_cq_advance(self.r, 1)
+        return ret
+
+    def probe_cmd(self, uint32_t nr, *, int tag=0, int32_t result=0, uint64_t addr=0, elements=None,
+                  int nr_elem=-1, int elem_bytes=8, int flags=0, double timeout=5.0):
+        """Send one I/O command straight to the driver and return its answer (res): a
+        per-tag one (nr = UBLK_IO_FETCH_REQ...) with tag, result, addr, or with elements
+        (bytes) a batch one (nr = UBLK_IO_PREP_IO_CMDS / COMMIT_IO_CMDS; nr_elem defaults to
+        len(elements) // elem_bytes). For conformance checks of the driver, on a queue that
+        is not serving (no fetch_all() / run())."""
+        cdef uint64_t ud
+        cdef io_uring_sqe *sqe = self.get_sqe()
+        if elements is None:
+            ud = ud_encode(tag, nr, 0, 0)
+            self.ch.prep_cmd(sqe, nr, tag, result, addr, ud)
+        else:
+            buf = np.frombuffer(bytes(elements), np.uint8)
+            if nr_elem < 0:
+                nr_elem = len(buf) // elem_bytes
+            ud = ud_encode(NCOMMIT_BUFS - 1, nr, 0, 0)
+            self.ch.prep_batch_cmd(sqe, NCOMMIT_BUFS - 1, nr, <uint16_t>nr_elem, <uint8_t>elem_bytes,
+                                   <uint16_t>flags, buf.__array_interface__["data"][0] if len(buf) else 0, ud)
+        return self._answer(nr, ud, timeout)
 
     def run(self):
         """Serve until every tag is aborted (device stopped) or die() is posted."""
@@ -484,6 +731,8 @@ cdef class Queue:
         cdef uint32_t op
         cdef int64_t budget = self.spin_ns       # adaptive poll budget (ns)
         while self.nr_live > 0:
+            if self.nstaged:
+                self.flush_commits()
             pyu_submit_and_wait_adaptive(self.r, self.spin_ns, &budget)
             self.now_ns = pyu_now_ns()
             n = reap_cq(self.r, ud, res, fl, REAP_BATCH)
@@ -501,6 +750,12 @@ cdef class Queue:
                 if op == OP_WAKE:
                     self.nr_live = 0
                     break
+                if op == UBLK_IO_FETCH_IO_CMDS:
+                    self.on_fetch(res[i], fl[i])
+                    continue
+                if op == UBLK_IO_COMMIT_IO_CMDS or op == UBLK_IO_PREP_IO_CMDS:
+                    self.on_batch_done(tag, res[i])
+                    continue
                 if tag >= self.depth:
                     self.cmd_errors += 1
                     continue
@@ -521,6 +776,8 @@ cdef class Queue:
             self.native.batch_end(self)
             if self.unlogged:
                 self.log_failures()
+            if self.batch_io and self.nr_live and self.batch_idle():
+                self.nr_live = 0
         io_uring_submit(self.r)
         self.last_log_ns = 0
         self.log_failures()

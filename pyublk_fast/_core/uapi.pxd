@@ -14,6 +14,22 @@ cdef struct ublksrv_io_cmd:
     int32_t result
     uint64_t addr
 
+# struct ublk_batch_io: the command area of PREP_IO_CMDS / COMMIT_IO_CMDS / FETCH_IO_CMDS
+cdef struct ublk_batch_io:
+    uint16_t q_id
+    uint16_t flags               # UBLK_BATCH_F_*
+    uint16_t nr_elem
+    uint8_t elem_bytes
+    uint8_t reserved
+    uint64_t reserved2
+
+# struct ublk_elem_header: the first 8 bytes of each PREP/COMMIT element (a u64 buffer
+# address follows with UBLK_BATCH_F_HAS_BUF_ADDR)
+cdef struct ublk_elem_header:
+    uint16_t tag
+    uint16_t buf_index
+    int32_t result
+
 cdef enum:
     UBLK_IO_OP_READ = 0
     UBLK_IO_OP_WRITE = 1
@@ -32,6 +48,13 @@ cdef enum:
     UBLK_IO_NEED_GET_DATA = 0x22
     UBLK_IO_REGISTER_IO_BUF = 0x23
     UBLK_IO_UNREGISTER_IO_BUF = 0x24
+    # BATCH_IO (7.0); struct ublk_batch_io is 16 bytes too, so io_cmd_op() encodes these
+    UBLK_IO_PREP_IO_CMDS = 0x25
+    UBLK_IO_COMMIT_IO_CMDS = 0x26
+    UBLK_IO_FETCH_IO_CMDS = 0x27
+    UBLK_BATCH_F_HAS_ZONE_LBA = 1 << 0
+    UBLK_BATCH_F_HAS_BUF_ADDR = 1 << 1
+    UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK = 1 << 2
     UBLK_IO_CMD_IOCTL_BASE = 0xc0107500
     UBLK_MAX_QUEUE_DEPTH = 4096
     SECTOR_SHIFT = 9

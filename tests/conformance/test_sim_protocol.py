@@ -314,9 +314,15 @@ def test_kill_without_recovery_fails_in_flight(transport, path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_kill_with_reissue_completes_everything_after_recover(transport, path):
+    kill_and_recover_reissues_everything(transport, seed=6, data_path=path)
+
+
+def kill_and_recover_reissues_everything(transport, seed: int, **device_kw) -> Device:
+    """A server killed with writes in flight (recovery=reissue): they wait for the new
+    server and are all served; returns the (stopped) Device."""
     backend = Slow()
-    pats = _patterns(64, seed=6)
-    with Device(backend, transport, depth=8, data_path=path, recovery="reissue") as dev:
+    pats = _patterns(64, seed=seed)
+    with Device(backend, transport, depth=8, recovery="reissue", **device_kw) as dev:
         blk, th, out = _writes_in_flight(dev, backend, pats)
         _kill(dev)
         time.sleep(0.05)
@@ -330,6 +336,7 @@ def test_kill_with_reissue_completes_everything_after_recover(transport, path):
         assert [blk.pread(4096, _at(i)) for i in range(64)] == pats
         assert inflight(transport, dev.dev_id) == 0
         blk.close()
+    return dev
 
 
 @pytest.mark.parametrize("path", PATHS)

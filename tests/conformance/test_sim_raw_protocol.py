@@ -18,8 +18,9 @@ from pyublk_fast._core.codec import decode_user_data, encode_user_data
 from pyublk_fast._core.ring import Ring, SQE_CQE_SKIP_SUCCESS
 
 SIM_CMD = np.dtype([("cmd_op", "<u4"), ("result", "<i4"), ("addr", "<u8"), ("user_data", "<u8"),
-                    ("ring_fd", "<i4"), ("pad", "<i4")])
-assert SIM_CMD.itemsize == 32
+                    ("ring_fd", "<i4"), ("nr_elem", "<u2"), ("flags", "<u2"), ("elem_bytes", "u1"),
+                    ("multishot", "u1"), ("br_entries", "<u2"), ("pad", "<u4")])
+assert SIM_CMD.itemsize == 40
 DEPTH = 4
 BUF = 64 * 1024
 
@@ -47,7 +48,7 @@ class RawServer:
     def send(self, tag, op_nr, result=0, addr=None, user_data=None):
         self.cmds[tag] = (uapi.io_cmd_op(op_nr), result, self.addr(tag) if addr is None else addr,
                           encode_user_data(tag, op_nr) if user_data is None else user_data,
-                          self.ring.fd, 0)
+                          self.ring.fd, 0, 0, 0, 0, 0, 0)
         self.ring.prep_msg_ring(self.fd, 0, self.channel.server_message(tag), sqe_flags=SQE_CQE_SKIP_SUCCESS)
         self.ring.submit()
 

@@ -1,4 +1,5 @@
 from libc.stdint cimport uint64_t
+from pyublk_fast._core.liburing cimport io_uring_sqe
 from pyublk_fast._core.queue cimport Channel
 from .driver cimport SimDriver, SimDev
 from .wire cimport SimCmd
@@ -11,3 +12,5 @@ cdef class SimChannel(Channel):
     cdef int driver_fd                 # the driver thread's ring
     cdef uint64_t qi                   # the driver's global index of this queue
     cdef readonly object cmd_slots     # numpy array behind cmds
+
+    cdef void post_slot(self, io_uring_sqe *sqe, int slot, uint64_t ud) noexcept nogil

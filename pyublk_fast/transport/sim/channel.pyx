@@ -10,14 +10,15 @@ them through a pipe per tag.
 import errno as _errno
 
 import numpy as np
-from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t, uintptr_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t, uintptr_t
 from libc.errno cimport EIO
 from libc.stdlib cimport calloc, free
 from posix.unistd cimport close
 
 from pyublk_fast._core.liburing cimport (iovec, io_uring_sqe, io_uring_prep_msg_ring,
                                          io_uring_register_buffers_update_tag, IOSQE_CQE_SKIP_SUCCESS)
-from pyublk_fast._core.queue cimport Channel, DataPath, NoBufferPath, Queue, DP_ZERO_COPY, DP_SPLICE
+from pyublk_fast._core.queue cimport (Channel, DataPath, NoBufferPath, Queue, DP_ZERO_COPY, DP_SPLICE,
+                                      BATCH_SLOTS, FETCH_SLOT)
 from pyublk_fast._core.uapi cimport *
 from pyublk_fast._core.codec cimport uc_pos, sp_pos
 from pyublk_fast import uapi
@@ -44,7 +45,7 @@ cdef class SimChannel(Channel):
         if not 0 <= dev_id < driver.max_devs or not driver.devs[dev_id].present:
             raise OSError(_errno.ENODEV, f"simulated driver: no device {dev_id}")
         arr = np.asarray(cmd_slots)
-        if arr.nbytes < driver.devs[dev_id].depth * sizeof(SimCmd):
+        if arr.nbytes < (driver.devs[dev_id].depth + BATCH_SLOTS) * sizeof(SimCmd):
             raise ValueError("simulator command slots smaller than the device's depth")
         self.driver = driver
         self.dev = &driver.devs[dev_id]
@@ -85,7 +86,33 @@ cdef class SimChannel(Channel):
         s.addr = addr
         s.user_data = ud
         s.ring_fd = self.ring_fd
-        io_uring_prep_msg_ring(sqe, self.driver_fd, 0, sim_msg(SIM_MSG_SERVER, (self.qi << 16) | tag), 0)
+        self.post_slot(sqe, tag, ud)
+
+    cdef void prep_batch_cmd(self, io_uring_sqe *sqe, int slot, uint32_t nr, uint16_t nr_elem,
+                             uint8_t elem_bytes, uint16_t flags, uint64_t addr, uint64_t ud) noexcept nogil:
+        cdef int k = self.dev.depth + slot
+        cdef SimCmd *s = &self.cmds[k]
+        s.cmd_op = io_cmd_op(nr)
+        s.result = 0
+        s.addr = addr
+        s.user_data = ud
+        s.ring_fd = self.ring_fd
+        s.nr_elem = nr_elem
+        s.flags = flags
+        s.elem_bytes = elem_bytes
+        s.multishot = 0
+        s.br_entries = 0
+        self.post_slot(sqe, k, ud)
+
+    cdef void prep_fetch_cmds(self, io_uring_sqe *sqe, Queue q, uint64_t ud) noexcept nogil:
+        cdef SimCmd *s = &self.cmds[self.dev.depth + FETCH_SLOT]
+        self.prep_batch_cmd(sqe, FETCH_SLOT, UBLK_IO_FETCH_IO_CMDS, <uint16_t>(q.fbuf_size // 2), 2, 0,
+                            <uintptr_t>q.br, ud)
+        s.multishot = 1
+        s.br_entries = <uint16_t>q.br_entries
+
+    cdef void post_slot(self, io_uring_sqe *sqe, int slot, uint64_t ud) noexcept nogil:
+        io_uring_prep_msg_ring(sqe, self.driver_fd, 0, sim_msg(SIM_MSG_SERVER, (self.qi << 16) | slot), 0)
         # only a failed hand-off posts a CQE, under the command's own user_data: the
         # queue sees it as a command the driver never accepted
         sqe.flags = IOSQE_CQE_SKIP_SUCCESS

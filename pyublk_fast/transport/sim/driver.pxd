@@ -1,5 +1,6 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from pyublk_fast._core.ring cimport Ring
+from pyublk_fast._core.liburing cimport io_uring_buf_ring
 from pyublk_fast._core.uapi cimport ublksrv_io_desc
 from .wire cimport SimCmd
 
@@ -46,6 +47,19 @@ cdef struct SimQueue:
     int pend_head
     int pend_count
     int nr_ready                  # tags with a FETCH outstanding or a request at the server
+    # BATCH_IO: tags are PREPared once; a request's tag goes to a FIFO, delivered into the
+    # buffer ring of the queue's multishot FETCH_IO_CMDS (the simulator keeps one per queue)
+    int batch
+    uint16_t *evts                # FIFO of dispatched tags not yet delivered
+    int evt_head
+    int evt_count
+    int fetch_armed
+    int32_t fetch_fd              # the FETCH's ring and user_data
+    uint64_t fetch_ud
+    io_uring_buf_ring *br         # its buffer ring (the server's memory)
+    uint16_t br_mask
+    uint16_t br_head              # the next buffer to take, as the kernel keeps it per group
+    int dirty                     # on the driver's list of queues with tags to deliver
 
 cdef struct SimShm:               # one address range of a registered shared buffer (REG_BUF):
     uint64_t start                # the registered range itself, or another mapping of the
@@ -110,6 +124,8 @@ cdef inline uint64_t xorshift64s(uint64_t *s) noexcept nogil:
 cdef class SimDriver:
     cdef Ring ring
     cdef int ring_fd
+    cdef int *dirty_q              # queues with tags to deliver (BATCH_IO), ndirty of them
+    cdef int ndirty
     cdef bint stopping
     cdef int max_devs
     cdef int max_queues
@@ -137,6 +153,17 @@ cdef class SimDriver:
 
     cdef void loop(self) noexcept nogil
     cdef void post(self, int fd, int32_t res, uint64_t user_data) noexcept nogil
+    cdef void post_flags(self, int fd, int32_t res, uint64_t user_data, uint32_t cqe_flags) noexcept nogil
+    cdef void on_batch(self, SimQueue *q, int slot) noexcept nogil
+    cdef int32_t batch_prep(self, SimQueue *q, SimCmd *cmd) noexcept nogil
+    cdef int32_t batch_commit(self, SimQueue *q, SimCmd *cmd) noexcept nogil
+    cdef void batch_fetch(self, SimQueue *q, SimCmd *cmd) noexcept nogil
+    cdef void mark_dirty(self, SimQueue *q) noexcept nogil
+    cdef void deliver(self, SimQueue *q) noexcept nogil
+    cdef void flush_batches(self) noexcept nogil
+    cdef void batch_reset(self, SimQueue *q) noexcept nogil
+    cdef bint commit_req(self, SimQueue *q, int tag, int32_t result, uint64_t addr) noexcept nogil
+    cdef void arm_tag(self, SimQueue *q, int tag, int32_t ring_fd, uint64_t ud, uint64_t addr) noexcept nogil
     cdef void on_server(self, int qi, int tag) noexcept nogil
     cdef void on_front(self, int ri, int reply_fd) noexcept nogil
     cdef void queue_rq(self, int ri) noexcept nogil

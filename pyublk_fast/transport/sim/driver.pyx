@@ -23,12 +23,16 @@ from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
 from libc.errno cimport (EINVAL, EIO, ENODEV, ENOENT, EBUSY, EAGAIN, EACCES, EOPNOTSUPP, ENOSPC,
                          EEXIST, ETIMEDOUT, ENOLINK, ENODATA, EILSEQ, ENOMEM, EROFS, EREMOTEIO, EBADE,
-                         EFAULT)
+                         EFAULT, E2BIG, ENOBUFS)
 from libc.stdlib cimport malloc
 
 from pyublk_fast._core.liburing cimport (io_uring, io_uring_get_sqe, io_uring_sqe, io_uring_submit,
                                          io_uring_sq_ready, io_uring_prep_msg_ring,
-                                         IOSQE_CQE_SKIP_SUCCESS, pyu_submit_and_wait_adaptive)
+                                         IOSQE_CQE_SKIP_SUCCESS, pyu_submit_and_wait_adaptive,
+                                         io_uring_buf, io_uring_buf_ring, pyu_buf_ring_tail,
+                                         IORING_CQE_F_BUFFER, IORING_CQE_F_MORE, IORING_CQE_BUFFER_SHIFT,
+                                         PYU_MSG_RING_FLAGS_PASS)
+from pyublk_fast._core.queue cimport BATCH_SLOTS, FETCH_MAX_TAGS
 from pyublk_fast._core.ring cimport Ring, reap_cq
 from pyublk_fast._core.uapi cimport *
 from .wire cimport *
@@ -58,6 +62,7 @@ cdef uint64_t F_ANY_RECOVERY = F_RECOVERY | F_REISSUE | F_RECOVERY_FAIL_IO
 cdef uint64_t F_QUIESCE = uapi.UBLK_F_QUIESCE
 cdef uint64_t F_SHMEM_ZC = uapi.UBLK_F_SHMEM_ZC
 cdef uint32_t IO_F_SHMEM_ZC = uapi.UBLK_IO_F_SHMEM_ZC
+cdef uint64_t F_BATCH_IO = uapi.UBLK_F_BATCH_IO
 
 # What the simulated driver supports (GET_FEATURES). Zero copy and AUTO_BUF_REG are
 # modelled by the server registering request pages itself (see DataPath).
@@ -66,7 +71,7 @@ SIM_FEATURES = (uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_NEED_GET_DATA
                 | uapi.UBLK_F_CMD_IOCTL_ENCODE | uapi.UBLK_F_USER_COPY
                 | uapi.UBLK_F_USER_RECOVERY_FAIL_IO | uapi.UBLK_F_UPDATE_SIZE
                 | uapi.UBLK_F_SUPPORT_ZERO_COPY | uapi.UBLK_F_QUIESCE | uapi.UBLK_F_SAFE_STOP_DEV
-                | uapi.UBLK_F_SHMEM_ZC | uapi.SIM_F_SPLICE_ZC)
+                | uapi.UBLK_F_SHMEM_ZC | uapi.UBLK_F_BATCH_IO | uapi.SIM_F_SPLICE_ZC)
 # Flags a 7.x kernel's ADD_DEV grants even when not asked for (on 7.2: 0x26042, i.e. COMP_IN_TASK,
 # CMD_IOCTL_ENCODE, PER_IO_DAEMON, BUF_REG_OFF_DAEMON, SAFE_STOP_DEV), limited to what we model.
 SIM_ALWAYS_SET = (uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_CMD_IOCTL_ENCODE
@@ -104,6 +109,15 @@ cdef inline int32_t blk_status_errno(int32_t res) noexcept nogil:
     return -EIO
 
 
+cdef inline const ublk_elem_header *batch_elem(const SimCmd *cmd, int i, uint64_t *addr) noexcept nogil:
+    """Element i of a PREP/COMMIT_IO_CMDS (in the server's memory) and its buffer address
+    (0 without UBLK_BATCH_F_HAS_BUF_ADDR)."""
+    cdef const uint8_t *e = <const uint8_t *><uintptr_t>(cmd.addr + <uint64_t>i * cmd.elem_bytes)
+    addr[0] = (<const uint64_t *>(e + sizeof(ublk_elem_header)))[0] \
+        if cmd.flags & UBLK_BATCH_F_HAS_BUF_ADDR else 0
+    return <const ublk_elem_header *>e
+
+
 cdef inline void tick_origins(SimDriver drv) noexcept nogil:
     """Let every awake origin issue requests; one that has finished goes to sleep."""
     cdef Origin *o
@@ -126,7 +140,8 @@ cdef class SimDriver:
         self.devs = <SimDev *>calloc(max_devs, sizeof(SimDev))
         self.queues = <SimQueue *>calloc(max_queues, sizeof(SimQueue))
         self.reqs = <Req *>calloc(nreq, sizeof(Req))
-        if self.devs == NULL or self.queues == NULL or self.reqs == NULL:
+        self.dirty_q = <int *>calloc(max_queues, sizeof(int))
+        if self.devs == NULL or self.queues == NULL or self.reqs == NULL or self.dirty_q == NULL:
             raise MemoryError("SimDriver: cannot allocate driver tables")
         for i in range(max_queues):
             self.queues[i].dev = -1
@@ -153,6 +168,8 @@ cdef class SimDriver:
                 free(self.queues[i].tags)
                 free(self.queues[i].free_tags)
                 free(self.queues[i].pending)
+                free(self.queues[i].evts)
+        free(self.dirty_q)
         free(self.devs)
         free(self.queues)
         free(self.reqs)
@@ -260,6 +277,8 @@ cdef class SimDriver:
         while not self.stopping:
             if self.nawake:
                 tick_origins(self)
+            if self.ndirty:
+                self.flush_batches()
             pyu_submit_and_wait_adaptive(ring, self.spin_ns, &budget)
             while True:
                 n = reap_cq(ring, ud, res, fl, REAP_BATCH)
@@ -285,14 +304,22 @@ cdef class SimDriver:
                         self.msg_failures += 1
                 if self.nawake:
                     tick_origins(self)
+                if self.ndirty:
+                    self.flush_batches()
 
     cdef void post(self, int fd, int32_t res, uint64_t user_data) noexcept nogil:
         """Post CQE (user_data, res) on ring fd: how the driver completes a uring_cmd."""
+        self.post_flags(fd, res, user_data, 0)
+
+    cdef void post_flags(self, int fd, int32_t res, uint64_t user_data, uint32_t cqe_flags) noexcept nogil:
+        """post() of a CQE with flags (a multishot command's F_MORE, a buffer's F_BUFFER):
+        MSG_RING passes them on (Linux 6.3+)."""
         cdef io_uring_sqe *sqe = io_uring_get_sqe(&self.ring.ring)
         while sqe == NULL:
             io_uring_submit(&self.ring.ring)
             sqe = io_uring_get_sqe(&self.ring.ring)
-        io_uring_prep_msg_ring(sqe, fd, <unsigned>res, user_data, 0)
+        io_uring_prep_msg_ring(sqe, fd, <unsigned>res, user_data, PYU_MSG_RING_FLAGS_PASS if cqe_flags else 0)
+        sqe.file_index = cqe_flags
         sqe.flags = IOSQE_CQE_SKIP_SUCCESS
         sqe.user_data = sim_msg(SIM_MSG_OWN, 0)
 
@@ -304,7 +331,10 @@ cdef class SimDriver:
             return
         cdef SimQueue *q = &self.queues[qi]
         if tag >= q.depth:
-            self.msg_failures += 1
+            if tag < q.depth + BATCH_SLOTS:
+                self.on_batch(q, tag - q.depth)
+            else:
+                self.msg_failures += 1
             return
         cdef SimDev *d = &self.devs[q.dev]
         cdef SimCmd *cmd = &q.cmds[tag]
@@ -314,6 +344,10 @@ cdef class SimDriver:
         cdef int32_t res
         cdef uint32_t remaining
         cdef bint copy_path = is_copy_path(d)
+        if q.batch:
+            # a BATCH_IO device takes only the batch commands (and buffer registration)
+            self.post(cmd.ring_fd, -EOPNOTSUPP, cmd.user_data)
+            return
         if (cmd.cmd_op >> 8) != ((UBLK_IO_CMD_IOCTL_BASE >> 8) & 0xffffff) and (cmd.cmd_op >> 8) != 0:
             self.post(cmd.ring_fd, -EOPNOTSUPP, cmd.user_data)
             return
@@ -338,33 +372,12 @@ cdef class SimDriver:
             if copy_path and cmd.addr == 0 and (r.op == UBLK_IO_OP_READ or not (d.flags & F_NEED_GET_DATA)):
                 self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
                 return
-            res = cmd.result
-            remaining = r.len - r.done
-            if r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE:
-                if res > <int32_t>remaining:
-                    res = remaining           # the kernel clamps to the request's bytes
-                if res == 0:
-                    res = -EIO                # no progress: fail instead of requeueing forever
-                if res > 0 and r.op == UBLK_IO_OP_READ and copy_path and not t.shmem:
-                    memcpy(r.buf + r.done, <void *><uintptr_t>cmd.addr, res)
-            elif res > 0:
-                res = 0
-            t.state = TAG_IDLE
-            q.nr_ready -= 1
-            if res > 0 and <uint32_t>res < remaining:
-                r.done += res                 # partial completion: requeue the rest
-                self.requeue(t.req)
-            elif res < 0:
-                self.complete(t.req, blk_status_errno(res))
-            else:
-                self.complete(t.req, r.len if (r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE) else 0)
             # the same command fetches the next request (not while quiesced: the server is leaving)
-            if not d.present or d.stopped or (d.state == S_QUIESCED and d.server_alive):
-                self.post(cmd.ring_fd, -ENODEV, cmd.user_data)
-            else:
+            if self.commit_req(q, tag, cmd.result, cmd.addr):
                 self.release_tag(q, tag)
-                q.nr_ready += 1
                 self.kick_pending(q)
+            else:
+                self.post(cmd.ring_fd, -ENODEV, cmd.user_data)
         elif op == UBLK_IO_NEED_GET_DATA:
             if t.state != TAG_GETDATA or cmd.addr == 0:
                 self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
@@ -377,12 +390,222 @@ cdef class SimDriver:
         else:
             self.post(cmd.ring_fd, -EOPNOTSUPP, cmd.user_data)
 
+    # -- BATCH_IO ----------------------------------------------------------------------
+
+    cdef void on_batch(self, SimQueue *q, int slot) noexcept nogil:
+        """One of a queue's batch commands (its slot after the per-tag ones), checked in the
+        kernel's order: PREP/COMMIT_IO_CMDS answer 0 / the bytes of the elements taken (or
+        -errno when none was), FETCH_IO_CMDS stays armed (multishot)."""
+        cdef SimDev *d = &self.devs[q.dev]
+        cdef SimCmd *cmd = &q.cmds[q.depth + slot]
+        cdef uint32_t op = cmd.cmd_op & 0xff
+        cdef uint32_t need = sizeof(ublk_elem_header)
+        cdef int32_t res
+        if not q.batch:
+            # the per-tag driver reads the header as a ublksrv_io_cmd: nothing valid in it
+            self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
+            return
+        if cmd.cmd_op == io_cmd_op(UBLK_IO_FETCH_IO_CMDS):
+            self.batch_fetch(q, cmd)
+            return
+        if cmd.cmd_op != io_cmd_op(UBLK_IO_PREP_IO_CMDS) and cmd.cmd_op != io_cmd_op(UBLK_IO_COMMIT_IO_CMDS):
+            self.post(cmd.ring_fd, -EOPNOTSUPP, cmd.user_data)
+            return
+        if cmd.nr_elem > q.depth:
+            res = -E2BIG
+        elif cmd.flags & UBLK_BATCH_F_HAS_ZONE_LBA:               # no zoned devices here
+            res = -EINVAL
+        elif cmd.flags & UBLK_BATCH_F_HAS_BUF_ADDR and not is_copy_path(d):
+            res = -EINVAL
+        elif cmd.flags & UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK and not d.flags & F_AUTO_BUF_REG:
+            res = -EINVAL
+        elif cmd.flags & ~(UBLK_BATCH_F_HAS_ZONE_LBA | UBLK_BATCH_F_HAS_BUF_ADDR
+                           | UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK):
+            res = -EINVAL
+        elif cmd.flags & UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK and cmd.flags & UBLK_BATCH_F_HAS_BUF_ADDR:
+            res = -EINVAL
+        else:
+            if cmd.flags & UBLK_BATCH_F_HAS_ZONE_LBA:
+                need += 8
+            if cmd.flags & UBLK_BATCH_F_HAS_BUF_ADDR:
+                need += 8
+            if cmd.elem_bytes != need:
+                res = -EINVAL
+            elif op == UBLK_IO_PREP_IO_CMDS:
+                res = self.batch_prep(q, cmd)
+            else:
+                res = self.batch_commit(q, cmd)
+        self.post(cmd.ring_fd, res, cmd.user_data)
+
+    cdef int32_t batch_prep(self, SimQueue *q, SimCmd *cmd) noexcept nogil:
+        """PREP_IO_CMDS: each element's tag waits for requests (the copy path's buffer
+        address in it). All or nothing: the first bad element undoes the ones before."""
+        cdef SimDev *d = &self.devs[q.dev]
+        cdef const ublk_elem_header *h
+        cdef uint64_t addr
+        cdef int32_t err = 0
+        cdef int i, qi, done = 0
+        cdef bint ready = 1                  # every queue has every tag: PREP is over
+        for qi in range(d.first_q, d.first_q + d.nr_queues):
+            if self.queues[qi].nr_ready < d.depth:
+                ready = 0
+        for i in range(cmd.nr_elem):
+            h = batch_elem(cmd, i, &addr)
+            if h.tag >= q.depth:
+                err = -EINVAL
+            elif is_copy_path(d) and addr == 0:
+                err = -EINVAL
+            elif ready:
+                err = -EBUSY
+            elif q.tags[h.tag].state != TAG_IDLE:
+                err = -EINVAL
+            if err:
+                break
+            self.arm_tag(q, h.tag, -1, 0, addr)
+            q.nr_ready += 1
+            done += 1
+        if err:
+            for i in range(done):             # the tags just armed are on top of the free stack
+                q.nfree -= 1
+                q.tags[q.free_tags[q.nfree]].state = TAG_IDLE
+            q.nr_ready -= done
+            return err
+        self.kick_pending(q)
+        return 0
+
+    cdef int32_t batch_commit(self, SimQueue *q, SimCmd *cmd) noexcept nogil:
+        """COMMIT_IO_CMDS: complete each element's request in order, up to the first the
+        driver refuses (a tag the server does not hold: EBUSY; no buffer on the copy path:
+        EINVAL); the bytes of the elements taken, or that -errno when none was."""
+        cdef SimDev *d = &self.devs[q.dev]
+        cdef const ublk_elem_header *h
+        cdef uint64_t addr
+        cdef int32_t err = 0
+        cdef int i, done = 0
+        for i in range(cmd.nr_elem):
+            h = batch_elem(cmd, i, &addr)
+            if h.tag >= q.depth:
+                err = -EINVAL
+            elif q.tags[h.tag].state != TAG_SERVER:
+                err = -EBUSY
+            elif is_copy_path(d) and addr == 0:
+                err = -EINVAL
+            if err:
+                break
+            if self.commit_req(q, h.tag, h.result, addr):
+                self.arm_tag(q, h.tag, -1, 0, addr)
+            done += 1
+        if done:
+            self.kick_pending(q)
+            return done * cmd.elem_bytes
+        return err
+
+    cdef void batch_fetch(self, SimQueue *q, SimCmd *cmd) noexcept nogil:
+        """FETCH_IO_CMDS: multishot (required), u16 elements, no flags; refused (ENODEV) once
+        the queue is stopped or quiesced, until a new server has PREPared every tag."""
+        cdef SimDev *d = &self.devs[q.dev]
+        if not cmd.multishot or cmd.elem_bytes != 2 or cmd.flags != 0:
+            self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
+        elif not d.present or d.stopped or (d.started and d.state != S_LIVE and q.nr_ready < q.depth):
+            self.post(cmd.ring_fd, -ENODEV, cmd.user_data)
+        elif q.fetch_armed:
+            # the kernel queues further FETCHes behind the first; the simulator keeps one
+            self.post(cmd.ring_fd, -EBUSY, cmd.user_data)
+        else:
+            if q.br != <io_uring_buf_ring *><uintptr_t>cmd.addr:
+                q.br = <io_uring_buf_ring *><uintptr_t>cmd.addr
+                q.br_head = 0
+            q.br_mask = cmd.br_entries - 1
+            q.fetch_fd = cmd.ring_fd
+            q.fetch_ud = cmd.user_data
+            q.fetch_armed = 1
+            self.mark_dirty(q)
+
+    cdef void mark_dirty(self, SimQueue *q) noexcept nogil:
+        if not q.dirty:
+            q.dirty = 1
+            self.dirty_q[self.ndirty] = <int>(q - self.queues)
+            self.ndirty += 1
+
+    cdef void flush_batches(self) noexcept nogil:
+        """Deliver the tags dispatched since the last call (as blk-mq's commit_rqs ends a
+        batch): fewer, fuller FETCH completions."""
+        cdef int i
+        for i in range(self.ndirty):
+            self.deliver(&self.queues[self.dirty_q[i]])
+        self.ndirty = 0
+
+    cdef void deliver(self, SimQueue *q) noexcept nogil:
+        """Hand q's undelivered tags to its FETCH: each completion fills the next buffer of
+        the server's ring (at most FETCH_MAX_TAGS tags); no buffer left ends the FETCH with
+        ENOBUFS (the tags wait for the next FETCH)."""
+        cdef io_uring_buf *b
+        cdef uint16_t *dst
+        cdef uint32_t n, k
+        q.dirty = 0
+        while q.evt_count and q.fetch_armed:
+            if q.br_head == pyu_buf_ring_tail(q.br):
+                q.fetch_armed = 0
+                self.post(q.fetch_fd, -ENOBUFS, q.fetch_ud)
+                return
+            b = &q.br.bufs[q.br_head & q.br_mask]
+            n = min(b.len // 2, <uint32_t>q.evt_count, <uint32_t>FETCH_MAX_TAGS)
+            dst = <uint16_t *><uintptr_t>b.addr
+            for k in range(n):
+                dst[k] = q.evts[q.evt_head]
+                q.evt_head = (q.evt_head + 1) % q.depth
+            q.evt_count -= n
+            q.br_head += 1
+            self.post_flags(q.fetch_fd, n * 2, q.fetch_ud,
+                            IORING_CQE_F_BUFFER | (<uint32_t>b.bid << IORING_CQE_BUFFER_SHIFT) | IORING_CQE_F_MORE)
+
+    cdef void batch_reset(self, SimQueue *q) noexcept nogil:
+        """The server is gone: its FETCH and undelivered tags with it."""
+        q.evt_head = 0
+        q.evt_count = 0
+        q.fetch_armed = 0
+        q.br = NULL
+
+    cdef bint commit_req(self, SimQueue *q, int tag, int32_t result, uint64_t addr) noexcept nogil:
+        """Complete the request tag's server committed with result (READ data from addr on
+        the copy path); whether the tag may take a new request (counted in nr_ready again)."""
+        cdef SimDev *d = &self.devs[q.dev]
+        cdef SimTag *t = &q.tags[tag]
+        cdef Req *r = &self.reqs[t.req]
+        cdef int32_t res = result
+        cdef uint32_t remaining = r.len - r.done
+        if r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE:
+            if res > <int32_t>remaining:
+                res = remaining           # the kernel clamps to the request's bytes
+            if res == 0:
+                res = -EIO                # no progress: fail instead of requeueing forever
+            if res > 0 and r.op == UBLK_IO_OP_READ and is_copy_path(d) and not t.shmem:
+                memcpy(r.buf + r.done, <void *><uintptr_t>addr, res)
+        elif res > 0:
+            res = 0
+        t.state = TAG_IDLE
+        q.nr_ready -= 1
+        if res > 0 and <uint32_t>res < remaining:
+            r.done += res                 # partial completion: requeue the rest
+            self.requeue(t.req)
+        elif res < 0:
+            self.complete(t.req, blk_status_errno(res))
+        else:
+            self.complete(t.req, r.len if (r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE) else 0)
+        if not d.present or d.stopped or (d.state == S_QUIESCED and d.server_alive):
+            return 0
+        q.nr_ready += 1
+        return 1
+
     cdef void release_tag(self, SimQueue *q, int tag) noexcept nogil:
         """Arm tag with the command just accepted in its slot: it waits for a request."""
+        self.arm_tag(q, tag, q.cmds[tag].ring_fd, q.cmds[tag].user_data, q.cmds[tag].addr)
+
+    cdef void arm_tag(self, SimQueue *q, int tag, int32_t ring_fd, uint64_t ud, uint64_t addr) noexcept nogil:
         cdef SimTag *t = &q.tags[tag]
-        t.ring_fd = q.cmds[tag].ring_fd
-        t.ud = q.cmds[tag].user_data
-        t.addr = q.cmds[tag].addr
+        t.ring_fd = ring_fd
+        t.ud = ud
+        t.addr = addr
         t.state = TAG_READY
         q.free_tags[q.nfree] = <uint16_t>tag
         q.nfree += 1
@@ -437,7 +660,12 @@ cdef class SimDriver:
                 self.post(t.ring_fd, UBLK_IO_RES_NEED_GET_DATA, t.ud)
                 return
             memcpy(<void *><uintptr_t>t.addr, r.buf + r.done, remaining)
-        self.post(t.ring_fd, UBLK_IO_RES_OK, t.ud)
+        if q.batch:
+            q.evts[(q.evt_head + q.evt_count) % q.depth] = <uint16_t>tag
+            q.evt_count += 1
+            self.mark_dirty(q)
+        else:
+            self.post(t.ring_fd, UBLK_IO_RES_OK, t.ud)
 
     # -- block requests ------------------------------------------------------------------
 
@@ -523,13 +751,20 @@ cdef class SimDriver:
             q.pend_count -= 1
 
     cdef void abort_ready(self, SimQueue *q) noexcept nogil:
-        """Complete every outstanding FETCH of the queue with UBLK_IO_RES_ABORT."""
+        """Complete every outstanding FETCH of the queue with UBLK_IO_RES_ABORT (BATCH_IO:
+        the FETCH_IO_CMDS, once the tags dispatched so far are delivered)."""
         cdef int tag
+        if q.batch:
+            self.deliver(q)
+            if q.fetch_armed:
+                q.fetch_armed = 0
+                self.post(q.fetch_fd, -ENODEV, q.fetch_ud)
         for tag in range(q.depth):
             if q.tags[tag].state == TAG_READY:
                 q.tags[tag].state = TAG_IDLE
                 q.nr_ready -= 1
-                self.post(q.tags[tag].ring_fd, -ENODEV, q.tags[tag].ud)
+                if not q.batch:
+                    self.post(q.tags[tag].ring_fd, -ENODEV, q.tags[tag].ud)
         q.nfree = 0
 
     # -- request origins ---------------------------------------------------------------
@@ -602,6 +837,8 @@ cdef class SimDriver:
         if first < 0:
             raise OSError(ENOSPC, "ADD_DEV: the simulator has no room for more queues")
         granted = (flags & SIM_FEATURES) | SIM_ALWAYS_SET
+        if granted & F_BATCH_IO:
+            granted &= ~F_NEED_GET_DATA           # as the kernel: batches have no NEED_GET_DATA
         dev = &self.devs[d]
         free(dev.shm)
         memset(dev, 0, sizeof(SimDev))
@@ -619,17 +856,19 @@ cdef class SimDriver:
         dev.reqs = self.reqs
         for qi in range(first, first + nr_queues):
             self._init_queue(qi, d, qi - first, depth)
+            self.queues[qi].batch = (granted & F_BATCH_IO) != 0
         return d, granted
 
     cdef _init_queue(self, int qi, int d, int q_id, int depth):
         cdef SimQueue *q = &self.queues[qi]
         iods = np.zeros(depth, uapi.IO_DESC_DTYPE)
-        cmds = np.zeros(depth * sizeof(SimCmd), np.uint8)
+        cmds = np.zeros((depth + BATCH_SLOTS) * sizeof(SimCmd), np.uint8)
         self._iod_arrays[qi] = iods
         self._cmd_arrays[qi] = cmds
         free(q.tags)
         free(q.free_tags)
         free(q.pending)
+        free(q.evts)
         q.dev = d
         q.q_id = q_id
         q.depth = depth
@@ -638,11 +877,14 @@ cdef class SimDriver:
         q.tags = <SimTag *>calloc(depth, sizeof(SimTag))
         q.free_tags = <uint16_t *>calloc(depth, sizeof(uint16_t))
         q.pending = <int32_t *>calloc(self.nreq, sizeof(int32_t))
+        q.evts = <uint16_t *>calloc(depth, sizeof(uint16_t))
+        q.batch = 0
+        self.batch_reset(q)
         q.nfree = 0
         q.pend_head = 0
         q.pend_count = 0
         q.nr_ready = 0
-        if q.tags == NULL or q.free_tags == NULL or q.pending == NULL:
+        if q.tags == NULL or q.free_tags == NULL or q.pending == NULL or q.evts == NULL:
             raise MemoryError("ADD_DEV: cannot allocate queue state")
 
     cdef SimDev *_dev(self, int d, str what) except NULL:
@@ -742,6 +984,7 @@ cdef class SimDriver:
         for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
             q = &self.queues[qi]
             q.nfree = 0
+            self.batch_reset(q)
             for tag in range(q.depth):
                 if q.tags[tag].state == TAG_SERVER or q.tags[tag].state == TAG_GETDATA:
                     ri = q.tags[tag].req
@@ -766,6 +1009,7 @@ cdef class SimDriver:
                 self.complete(q.tags[tag].req, res)
             q.tags[tag].state = TAG_IDLE
         q.nfree = 0
+        self.batch_reset(q)
         q.nr_ready = 0
 
     def start_user_recovery(self, int d):

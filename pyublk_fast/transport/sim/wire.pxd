@@ -1,14 +1,22 @@
 # The wire between a server queue and the simulated driver: what the SQE command
 # area carries on a real kernel, here in shared memory plus one MSG_RING word.
-from libc.stdint cimport uint32_t, int32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 
+# A queue has one slot per tag, then BATCH_SLOTS (queue.pxd) for its BATCH_IO commands:
+# slot depth + k carries the queue's batch command k.
 cdef struct SimCmd:
     uint32_t cmd_op          # UBLK_U_IO_* (ioctl-encoded)
     int32_t result           # COMMIT result
-    uint64_t addr            # buffer address (copy path) or fixed-buffer index
+    uint64_t addr            # buffer address (copy path) or fixed-buffer index; batch: sqe->addr
+                             # (the elements; FETCH_IO_CMDS: the queue's provided buffer ring)
     uint64_t user_data       # user_data of the server's command: the driver completes it with this
     int32_t ring_fd          # the server ring that "submitted" the command
-    int32_t pad
+    uint16_t nr_elem         # struct ublk_batch_io's nr_elem, flags, elem_bytes
+    uint16_t flags
+    uint8_t elem_bytes
+    uint8_t multishot        # IORING_URING_CMD_MULTISHOT was set
+    uint16_t br_entries      # FETCH_IO_CMDS: entries of the buffer ring at addr
+    uint32_t pad
 
 cdef enum:
     # Message kinds in bits 60-63 of a MSG_RING user_data sent to the driver ring.
