@@ -5,7 +5,8 @@
 
 Loop devices are backed by a brd RAM disk (/dev/ram0, O_DIRECT capable) so the
 backing store is the same for both servers. Prints a Markdown table (QD32 4k
-randread IOPS, QD1 4k randread mean/p50 latency) and writes JSON next to it. With
+randread IOPS, QD1 4k randread mean/p50 latency; with --large, QD32 random read and
+write MiB/s at those block sizes) and writes JSON next to it. With
 --direct, fio on the RAM disk itself joins the loop rows: its "vs kublk" is how much
 the ublk round trip costs a C server.
 """
@@ -37,13 +38,14 @@ def sh(*cmd: str, timeout: float = 120, cwd: str | None = None) -> str:
     return res.stdout
 
 
-def fio(path: str, qd: int, runtime: float, rw: str = "randread") -> dict:
+def fio(path: str, qd: int, runtime: float, rw: str = "randread", bs: str = "4k") -> dict:
     out = sh("fio", "--output-format=json", "--name=b", f"--filename={path}", f"--rw={rw}",
-             "--bs=4k", f"--iodepth={qd}", "--ioengine=io_uring", "--direct=1", "--time_based",
+             f"--bs={bs}", f"--iodepth={qd}", "--ioengine=io_uring", "--direct=1", "--time_based",
              f"--runtime={runtime}", "--ramp_time=0.5", "--size=128M", timeout=runtime + 60)
     job = json.loads(out[out.index("{"):])["jobs"][0]
     r = job["read"] if rw.endswith("read") else job["write"]
-    return {"iops": r["iops"], "lat_mean_us": r["clat_ns"]["mean"] / 1000,
+    return {"iops": r["iops"], "mib_s": r["bw_bytes"] / (1 << 20),
+            "lat_mean_us": r["clat_ns"]["mean"] / 1000,
             "lat_p50_us": r["clat_ns"]["percentile"]["50.000000"] / 1000}
 
 
@@ -86,7 +88,15 @@ def main() -> int:
     ap.add_argument("--direct", action="store_true",
                     help="with the loop target, also run fio on the RAM disk itself (no ublk): "
                     "what any ublk server costs, C or ours")
+    ap.add_argument("--large", default="", metavar="SIZES",
+                    help="comma-separated block sizes (e.g. 128k,1m): also QD32 random read and "
+                    "write bandwidth at each, in a second table")
+    ap.add_argument("--no-4k", dest="small", action="store_false",
+                    help="skip the 4k points (QD32 IOPS, QD1 latency): only --large")
     a = ap.parse_args()
+    large = [b.strip() for b in a.large.split(",") if b.strip()]
+    if not a.small and not large:
+        sys.exit("--no-4k leaves nothing to measure: give --large too")
     if not os.path.exists("/dev/ublk-control"):
         sys.exit("no ublk driver here (/dev/ublk-control): run this in the VM, as the "
                  "docstring shows (tools/vm/run ... -- python3 benchmarks/kernel/vs_kublk.py)")
@@ -97,11 +107,12 @@ def main() -> int:
     subprocess.run(["modprobe", "brd", "rd_nr=1", "rd_size=262144"], check=False)
     q = str(a.queues)
     shape = ["-q", q, "-d", "128"]
-    # target -> (kublk's args, our args): same backing store, same shape
-    specs = {"null": (["-t", "null"], ["-t", "null"]),
-             "null -z": (["-t", "null", "-z"], ["-t", "null", "-z"]),
-             "loop": (["-t", "loop", RAM], ["-t", "loop", "-f", RAM]),
-             "loop -z": (["-t", "loop", "-z", RAM], ["-t", "loop", "-z", "-f", RAM])}
+    # target -> (kublk's args, our args): same backing store, same shape (kublk's requests
+    # are up to 1 MiB: its max_io_buf_bytes)
+    specs = {"null": (["-t", "null"], ["-t", "null", "--max-io", "1M"]),
+             "null -z": (["-t", "null", "-z"], ["-t", "null", "-z", "--max-io", "1M"]),
+             "loop": (["-t", "loop", RAM], ["-t", "loop", "-f", RAM, "--max-io", "1M"]),
+             "loop -z": (["-t", "loop", "-z", RAM], ["-t", "loop", "-z", "-f", RAM, "--max-io", "1M"])}
     targets = [t.strip() for t in a.targets.split(",")]
     unknown = [t for t in targets if t not in specs]
     if unknown:
@@ -134,33 +145,42 @@ def main() -> int:
                     rows.append(dict(row, error=str(exc)[:200]))
                     continue
                 try:
-                    qd32 = fio(path, 32, a.runtime)
-                    qd1 = fio(path, 1, a.runtime)
-                    rows.append(dict(row, qd32_iops=qd32["iops"], qd1_lat_mean_us=qd1["lat_mean_us"],
-                                     qd1_lat_p50_us=qd1["lat_p50_us"]))
+                    if a.small:
+                        qd32 = fio(path, 32, a.runtime)
+                        qd1 = fio(path, 1, a.runtime)
+                        row.update(qd32_iops=qd32["iops"], qd1_lat_mean_us=qd1["lat_mean_us"],
+                                   qd1_lat_p50_us=qd1["lat_p50_us"])
+                    for bs in large:
+                        for rw in ("randread", "randwrite"):
+                            row[f"{rw}_{bs}_mib_s"] = fio(path, 32, a.runtime, rw, bs)["mib_s"]
+                    rows.append(row)
                 finally:
                     remove()
                 time.sleep(0.2)
-    lines = [f"kernel {kernel_release()}, qemu TCG, {os.cpu_count()} vCPUs, 4k randread, "
-             f"{a.runtime:g} s per point, queues {q}, {a.rounds} rounds (order alternating); "
-             "medians, ratios paired per round (min..max)", "",
-             "| target | server | QD32 IOPS | vs kublk | QD1 mean lat (us) | vs kublk |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"kernel {kernel_release()}, qemu TCG, {os.cpu_count()} vCPUs, {a.runtime:g} s per "
+             f"point, queues {q}, {a.rounds} rounds (order alternating); medians, ratios paired "
+             "per round (min..max)", ""]
+    cols = ([("4k randread QD32 IOPS", "qd32_iops"), ("4k randread QD1 mean lat (us)", "qd1_lat_mean_us")]
+            if a.small else [])
+    cols += [(f"{bs} {rw} QD32 MiB/s", f"{rw}_{bs}_mib_s") for bs in large for rw in ("randread", "randwrite")]
+    lines += ["| target | server | " + " | ".join(f"{c} | vs kublk" for c, _ in cols) + " |",
+              "|---|---|" + "---|---|" * len(cols)]
     for group in groups:
         for target, server, _ in group:
             mine = {r["round"]: r for r in rows if r["target"] == target and r["server"] == server}
             errs = [r["error"] for r in mine.values() if "error" in r]
             if errs:
-                lines.append(f"| {target} | {server} | error: {errs[0]} | | | |")
+                lines.append(f"| {target} | {server} | error: {errs[0]} |" + " |" * (2 * len(cols) - 1))
                 continue
             ref = {r["round"]: r for r in rows if r["target"] == target and r["server"] == "kublk"
                    and "error" not in r}
-            iops = statistics.median(r["qd32_iops"] for r in mine.values())
-            lat = statistics.median(r["qd1_lat_mean_us"] for r in mine.values())
-            ri = [mine[k]["qd32_iops"] / ref[k]["qd32_iops"] for k in mine if k in ref]
-            rl = [mine[k]["qd1_lat_mean_us"] / ref[k]["qd1_lat_mean_us"] for k in mine if k in ref]
-            lines.append(f"| {target} | {server} | {iops:.0f} | {paired_ratio(ri)} | {lat:.1f} "
-                         f"| {paired_ratio(rl)} |")
+            cells = []
+            for _, key in cols:
+                med = statistics.median(r[key] for r in mine.values())
+                ratios = [mine[k][key] / ref[k][key] for k in mine if k in ref and ref[k][key]]
+                cells.append(f"{med:.1f} | {paired_ratio(ratios)}" if key == "qd1_lat_mean_us"
+                             else f"{med:.0f} | {paired_ratio(ratios)}")
+            lines.append(f"| {target} | {server} | " + " | ".join(cells) + " |")
     emit_paired("\n".join(lines), rows, a.out, "vs_kublk")
     return 0
 
