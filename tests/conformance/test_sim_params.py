@@ -180,3 +180,16 @@ def test_limits_encode_into_the_params_struct():
     p = np.zeros(1, uapi.PARAMS_DTYPE)
     RequestLimits(max_segments=7).encode(p)
     assert p["types"][0] == uapi.UBLK_PARAM_TYPE_SEGMENT and p["dma"]["alignment"][0] == 0
+
+
+def test_load_generator_keeps_to_max_segments(sim):
+    """The simulator's load generator makes no request the block layer would not: a block
+    size beyond max_segments pages is refused up front, one within runs and verifies."""
+    backend = _Recording(4 * MiB)
+    backend.max_segments = 8
+    with Device(backend, sim, depth=16) as dev:
+        with pytest.raises(ValueError, match="largest request"):
+            sim.run_load(dev.dev_id, rw="randwrite", bs=64 * KiB, count=8)
+        out = sim.run_load(dev.dev_id, rw="randrw", bs=32 * KiB, qd=8, count=200, verify=True)
+        assert out["errors"] == 0 and out["verify_errors"] == 0
+        assert backend.largest == 32 * KiB

@@ -63,7 +63,6 @@ cdef struct SimDev:
     uint32_t attrs
     int discard                   # the discard part of the params was set
     uint32_t dma_mask             # the block queue's limits (queue_limits), from the params
-    uint64_t seg_boundary_mask
     uint32_t max_seg_size
     uint32_t max_segments
     uint32_t max_rq_bytes         # the most one READ/WRITE carries: see _apply_limits

@@ -679,14 +679,15 @@ cdef class SimDriver:
         """The block queue's limits as START_DEV gives them (the kernel's defaults where a part
         is missing, the block layer's for a 0) and what they bound. The simulator's pages are
         never physically contiguous, so every page of a request's buffer is a segment of its
-        own (a segment is at least a page and a boundary at least a page apart): a request
-        carries at most max_segments pages, and the fronts split larger I/O at that."""
+        own (a segment is at least a page and a boundary at least a page apart: neither the
+        size nor the boundary splits a page): a request carries at most max_segments pages,
+        and the fronts split larger I/O at that. Its fronts' buffers are page aligned, so
+        they meet any DMA alignment."""
         seg = None if limits is None else limits.segment()
         dma = None if limits is None else limits.dma_alignment
         dev.dma_mask = DMA_ALIGNMENT_DEFAULT if dma is None else (dma & 0xFFFFFFFF or 511)
         if seg is None:
             seg = SEGMENT_DEFAULTS
-        dev.seg_boundary_mask = seg[0] & 0xFFFFFFFFFFFFFFFF
         dev.max_seg_size = seg[1] & 0xFFFFFFFF
         dev.max_segments = seg[2] & 0xFFFF or 128
         dev.max_rq_bytes = min(dev.max_io_bytes, <uint64_t>dev.max_segments * PAGE_SIZE)
