@@ -14,7 +14,12 @@ from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import NamedTuple, TypeVar
 
+from . import uapi
 from .errors import BackendError
+from .transport.base import RequestLimits
+from .util import PAGE_SIZE as PAGE
+
+MIN_SEGMENT = uapi.UBLK_MIN_SEGMENT_SIZE
 
 #: What a handler returns: None (done), or what completes the request once awaited (an
 #: ``async def`` handler's coroutine, or one ``aio`` operation).
@@ -54,6 +59,17 @@ class Backend:
     #: moves request data only with aio's pread_request/pwrite_request (its handlers get
     #: an unmapped buf whose len() is the request's: its pages are not in the server).
     data_paths: tuple[str, ...] = ()
+    # Request limits (read once at start; 0 leaves the driver's): the block layer splits and
+    # aligns I/O so that every request meets them, e.g. to match a backing device's own.
+    #: Request buffers start at a multiple of this many bytes (a power of two, 2..4096);
+    #: O_DIRECT users of the block device must then align their buffers to it too.
+    dma_alignment: int = 0
+    #: Segments (runs of contiguous memory) a request has at most, 1..65535.
+    max_segments: int = 0
+    #: Bytes a segment has at most (4096 or more).
+    max_segment_size: int = 0
+    #: No segment crosses a multiple of this many bytes (a power of two, 4096 or more).
+    segment_boundary: int = 0
     #: The format of the file its ``-f/--file`` option names, if it takes one: "raw" (any
     #: file or block device) or "qcow2". Tools that make scratch devices (the bench) create
     #: a file of that format and pass it as ``--file``.
@@ -122,12 +138,32 @@ class Backend:
         """Release resources when the device is deleted."""
 
     def check(self) -> None:
-        """Validate the declared geometry; raises ValueError naming the problem."""
+        """Validate the declared geometry and limits; raises ValueError naming the problem."""
+        name = type(self).__name__
         if self.block_size not in (512, 1024, 2048, 4096):
-            raise ValueError(f"{type(self).__name__}.block_size={self.block_size}: must be 512, 1024, 2048 or 4096")
+            raise ValueError(f"{name}.block_size={self.block_size}: must be 512, 1024, 2048 or 4096")
         if self.size <= 0 or self.size % self.block_size:
-            raise ValueError(f"{type(self).__name__}.size={self.size}: must be a positive multiple of "
+            raise ValueError(f"{name}.size={self.size}: must be a positive multiple of "
                              f"block_size={self.block_size}")
+        a, b = self.dma_alignment, self.segment_boundary
+        if a and (a & (a - 1) or not 2 <= a <= PAGE):
+            # 1 would be a mask of 0, which the block layer takes as 512
+            raise ValueError(f"{name}.dma_alignment={a}: must be a power of two from 2 to {PAGE}")
+        if not 0 <= self.max_segments <= 0xFFFF:
+            raise ValueError(f"{name}.max_segments={self.max_segments}: must be 1..65535")
+        if self.max_segment_size and not MIN_SEGMENT <= self.max_segment_size <= 0xFFFFFFFF:
+            raise ValueError(f"{name}.max_segment_size={self.max_segment_size}: must be at least "
+                             f"{MIN_SEGMENT} (and fit 32 bits)")
+        if b and (b & (b - 1) or not MIN_SEGMENT <= b <= 1 << 63):
+            raise ValueError(f"{name}.segment_boundary={b}: must be a power of two, at least {MIN_SEGMENT}")
+
+    def request_limits(self) -> RequestLimits | None:
+        """The declared request limits as SET_PARAMS carries them (None: none declared)."""
+        limits = RequestLimits(dma_alignment=self.dma_alignment - 1 if self.dma_alignment else None,
+                               seg_boundary_mask=self.segment_boundary - 1 if self.segment_boundary else None,
+                               max_segment_size=self.max_segment_size or None,
+                               max_segments=self.max_segments or None)
+        return limits if limits.types else None
 
 
 #: Installed distributions add backends through entry points of this group: the name is the

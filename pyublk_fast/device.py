@@ -260,7 +260,7 @@ class Device:
             attrs = (uapi.UBLK_ATTR_READ_ONLY if b.read_only else 0) | \
                 (uapi.UBLK_ATTR_VOLATILE_CACHE if b.can_flush else 0) | (uapi.UBLK_ATTR_FUA if b.can_fua else 0)
             t.set_params(self.dev_id, b.size, b.block_size, attrs,
-                         discard=b.can_discard or b.can_write_zeroes)
+                         discard=b.can_discard or b.can_write_zeroes, limits=b.request_limits())
             self._spawn_queues()
             t.start_dev(self.dev_id)
         except BaseException:

@@ -7,10 +7,10 @@ Loop devices are backed by a brd RAM disk (/dev/ram0, O_DIRECT capable) so the
 backing store is the same for both servers. The "qcow2" targets put kublk's loop and
 ours on a raw file, and our qcow2 backend on a fully allocated qcow2 image holding the
 same bytes, both files on ext4 on a second RAM disk (/dev/ram1): what the qcow2 format
-costs next to a C server on the raw data. Prints a Markdown table (QD32 4k IOPS, QD1 4k
-mean latency, per --rw) and writes JSON next to it. With --direct, fio on the RAM disk
-itself joins the loop rows: its "vs kublk" is how much the ublk round trip costs a C
-server.
+costs next to a C server on the raw data. Prints a Markdown table (per --rw pattern QD32
+4k IOPS and QD1 4k mean latency; with --large, QD32 random read and write MiB/s at those
+block sizes) and writes JSON next to it. With --direct, fio on the RAM disk itself joins
+the loop rows: its "vs kublk" is how much the ublk round trip costs a C server.
 """
 from __future__ import annotations
 
@@ -36,6 +36,24 @@ FILES_DIR = "/run/vs-kublk-files"
 FILE_SIZE = 128 << 20            # fio's --size
 
 
+def sh(*cmd: str, timeout: float = 120, cwd: str | None = None) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if res.returncode:
+        raise RuntimeError(f"{' '.join(cmd)}: {res.stdout}{res.stderr}")
+    return res.stdout
+
+
+def fio(path: str, qd: int, runtime: float, rw: str = "randread", bs: str = "4k") -> dict:
+    out = sh("fio", "--output-format=json", "--name=b", f"--filename={path}", f"--rw={rw}",
+             f"--bs={bs}", f"--iodepth={qd}", "--ioengine=io_uring", "--direct=1", "--time_based",
+             f"--runtime={runtime}", "--ramp_time=0.5", "--size=128M", timeout=runtime + 60)
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    r = job["read"] if rw.endswith("read") else job["write"]
+    return {"iops": r["iops"], "mib_s": r["bw_bytes"] / (1 << 20),
+            "lat_mean_us": r["clat_ns"]["mean"] / 1000,
+            "lat_p50_us": r["clat_ns"]["percentile"]["50.000000"] / 1000}
+
+
 def file_backing() -> tuple[str, str]:
     """The raw file and the qcow2 image with the same bytes, on ext4 on FILES_RAM (made once)."""
     from pyublk_fast.bench.runner import Workdir
@@ -46,23 +64,6 @@ def file_backing() -> tuple[str, str]:
         sh("mount", FILES_RAM, FILES_DIR)
     wd = Workdir(FILE_SIZE, base=FILES_DIR).__enter__()   # kept until the VM goes
     return wd.file("raw"), wd.file("qcow2")
-
-
-def sh(*cmd: str, timeout: float = 120, cwd: str | None = None) -> str:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    if res.returncode:
-        raise RuntimeError(f"{' '.join(cmd)}: {res.stdout}{res.stderr}")
-    return res.stdout
-
-
-def fio(path: str, qd: int, runtime: float, rw: str) -> dict:
-    out = sh("fio", "--output-format=json", "--name=b", f"--filename={path}", f"--rw={rw}",
-             "--bs=4k", f"--iodepth={qd}", "--ioengine=io_uring", "--direct=1", "--time_based",
-             f"--runtime={runtime}", "--ramp_time=0.5", "--size=128M", timeout=runtime + 60)
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    r = job["read"] if rw.endswith("read") else job["write"]
-    return {"iops": r["iops"], "lat_mean_us": r["clat_ns"]["mean"] / 1000,
-            "lat_p50_us": r["clat_ns"]["percentile"]["50.000000"] / 1000}
 
 
 def kublk_add(kublk: str, args: list[str]) -> tuple[str, callable]:
@@ -103,11 +104,19 @@ def main() -> int:
                     help="comma-separated subset of: null, null -z, loop, loop -z, null -b, "
                     "loop -b, qcow2, qcow2 -z")
     ap.add_argument("--rw", default="randread",
-                    help="comma-separated fio patterns, each run on every device (4k)")
+                    help="comma-separated fio patterns of the 4k points (e.g. randread,randwrite)")
     ap.add_argument("--direct", action="store_true",
                     help="with the loop target, also run fio on the RAM disk itself (no ublk): "
                     "what any ublk server costs, C or ours")
+    ap.add_argument("--large", default="", metavar="SIZES",
+                    help="comma-separated block sizes (e.g. 128k,1m): also QD32 random read and "
+                    "write bandwidth at each, in a second table")
+    ap.add_argument("--no-4k", dest="small", action="store_false",
+                    help="skip the 4k points (QD32 IOPS, QD1 latency): only --large")
     a = ap.parse_args()
+    large = [b.strip() for b in a.large.split(",") if b.strip()]
+    if not a.small and not large:
+        sys.exit("--no-4k leaves nothing to measure: give --large too")
     if not os.path.exists("/dev/ublk-control"):
         sys.exit("no ublk driver here (/dev/ublk-control): run this in the VM, as the "
                  "docstring shows (tools/vm/run ... -- python3 benchmarks/kernel/vs_kublk.py)")
@@ -118,20 +127,23 @@ def main() -> int:
     subprocess.run(["modprobe", "brd", "rd_nr=2", "rd_size=393216"], check=False)
     q = str(a.queues)
     shape = ["-q", q, "-d", "128"]
-    # target -> (kublk's args, our args): same backing store, same shape
-    specs = {"null": (["-t", "null"], ["-t", "null"]),
-             "null -z": (["-t", "null", "-z"], ["-t", "null", "-z"]),
-             "loop": (["-t", "loop", RAM], ["-t", "loop", "-f", RAM]),
-             "loop -z": (["-t", "loop", "-z", RAM], ["-t", "loop", "-z", "-f", RAM]),
+    # target -> (kublk's args, our args): same backing store, same shape (kublk's requests
+    # are up to 1 MiB: its max_io_buf_bytes)
+    specs = {"null": (["-t", "null"], ["-t", "null", "--max-io", "1M"]),
+             "null -z": (["-t", "null", "-z"], ["-t", "null", "-z", "--max-io", "1M"]),
+             "loop": (["-t", "loop", RAM], ["-t", "loop", "-f", RAM, "--max-io", "1M"]),
+             "loop -z": (["-t", "loop", "-z", RAM], ["-t", "loop", "-z", "-f", RAM, "--max-io", "1M"]),
              # BATCH_IO (7.0): kublk -b against ours with --batch-io
-             "null -b": (["-t", "null", "-b"], ["-t", "null", "--batch-io"]),
-             "loop -b": (["-t", "loop", "-b", RAM], ["-t", "loop", "--batch-io", "-f", RAM])}
+             "null -b": (["-t", "null", "-b"], ["-t", "null", "--batch-io", "--max-io", "1M"]),
+             "loop -b": (["-t", "loop", "-b", RAM], ["-t", "loop", "--batch-io", "-f", RAM,
+                                                     "--max-io", "1M"])}
     targets = [t.strip() for t in a.targets.split(",")]
-    rws = [r.strip() for r in a.rw.split(",")]
+    rws = [r.strip() for r in a.rw.split(",") if r.strip()]
     if any(t.startswith("qcow2") for t in targets):
         raw, image = file_backing()
         for z in ([], ["-z"]):
-            specs[" ".join(["qcow2", *z])] = (["-t", "loop", *z, raw], ["-t", "loop", *z, "-f", raw])
+            specs[" ".join(["qcow2", *z])] = (["-t", "loop", *z, raw],
+                                              ["-t", "loop", *z, "-f", raw, "--max-io", "1M"])
     unknown = [t for t in targets if t not in specs]
     if unknown:
         sys.exit(f"--targets: unknown {unknown}; choose from {list(specs)} (and qcow2, qcow2 -z)")
@@ -152,7 +164,7 @@ def main() -> int:
             group.append((t, f"fio on {RAM} (no ublk)", lambda: (RAM, lambda: None)))
         if t.startswith("qcow2"):
             # the group's kublk and our loop serve the raw file; this row the same bytes as qcow2
-            qargs = ["-t", "qcow2", *(["-z"] if t.endswith("-z") else []), "-f", image]
+            qargs = ["-t", "qcow2", *(["-z"] if t.endswith("-z") else []), "-f", image, "--max-io", "1M"]
             group.append((t, "pyublk_fast qcow2", lambda o=qargs: ours_add([*o, *shape])))
         groups.append(group)
     rows = []
@@ -164,39 +176,47 @@ def main() -> int:
                 try:
                     path, remove = add()
                 except Exception as exc:   # noqa: BLE001 - reported in the table
-                    rows.extend(dict(row, rw=rw, error=str(exc)[:200]) for rw in rws)
+                    rows.append(dict(row, error=str(exc)[:200]))
                     continue
                 try:
-                    for rw in rws:
+                    for rw in rws if a.small else ():
                         qd32 = fio(path, 32, a.runtime, rw)
                         qd1 = fio(path, 1, a.runtime, rw)
-                        rows.append(dict(row, rw=rw, qd32_iops=qd32["iops"],
-                                         qd1_lat_mean_us=qd1["lat_mean_us"],
-                                         qd1_lat_p50_us=qd1["lat_p50_us"]))
+                        row.update({f"{rw}_qd32_iops": qd32["iops"],
+                                    f"{rw}_qd1_lat_mean_us": qd1["lat_mean_us"],
+                                    f"{rw}_qd1_lat_p50_us": qd1["lat_p50_us"]})
+                    for bs in large:
+                        for rw in ("randread", "randwrite"):
+                            row[f"{rw}_{bs}_mib_s"] = fio(path, 32, a.runtime, rw, bs)["mib_s"]
+                    rows.append(row)
                 finally:
                     remove()
                 time.sleep(0.2)
-    lines = [f"kernel {kernel_release()}, qemu TCG, {os.cpu_count()} vCPUs, 4k, "
-             f"{a.runtime:g} s per point, queues {q}, {a.rounds} rounds (order alternating); "
-             "medians, ratios paired per round (min..max)", "",
-             "| target | rw | server | QD32 IOPS | vs kublk | QD1 mean lat (us) | vs kublk |",
-             "|---|---|---|---|---|---|---|"]
-    for group, rw in ((g, rw) for g in groups for rw in rws):
+    lines = [f"kernel {kernel_release()}, qemu TCG, {os.cpu_count()} vCPUs, {a.runtime:g} s per "
+             f"point, queues {q}, {a.rounds} rounds (order alternating); medians, ratios paired "
+             "per round (min..max)", ""]
+    cols = [c for rw in (rws if a.small else ())
+            for c in ((f"4k {rw} QD32 IOPS", f"{rw}_qd32_iops"),
+                      (f"4k {rw} QD1 mean lat (us)", f"{rw}_qd1_lat_mean_us"))]
+    cols += [(f"{bs} {rw} QD32 MiB/s", f"{rw}_{bs}_mib_s") for bs in large for rw in ("randread", "randwrite")]
+    lines += ["| target | server | " + " | ".join(f"{c} | vs kublk" for c, _ in cols) + " |",
+              "|---|---|" + "---|---|" * len(cols)]
+    for group in groups:
         for target, server, _ in group:
-            mine = {r["round"]: r for r in rows
-                    if r["target"] == target and r["server"] == server and r["rw"] == rw}
+            mine = {r["round"]: r for r in rows if r["target"] == target and r["server"] == server}
             errs = [r["error"] for r in mine.values() if "error" in r]
             if errs:
-                lines.append(f"| {target} | {rw} | {server} | error: {errs[0]} | | | |")
+                lines.append(f"| {target} | {server} | error: {errs[0]} |" + " |" * (2 * len(cols) - 1))
                 continue
             ref = {r["round"]: r for r in rows if r["target"] == target and r["server"] == "kublk"
-                   and r["rw"] == rw and "error" not in r}
-            iops = statistics.median(r["qd32_iops"] for r in mine.values())
-            lat = statistics.median(r["qd1_lat_mean_us"] for r in mine.values())
-            ri = [mine[k]["qd32_iops"] / ref[k]["qd32_iops"] for k in mine if k in ref]
-            rl = [mine[k]["qd1_lat_mean_us"] / ref[k]["qd1_lat_mean_us"] for k in mine if k in ref]
-            lines.append(f"| {target} | {rw} | {server} | {iops:.0f} | {paired_ratio(ri)} | {lat:.1f} "
-                         f"| {paired_ratio(rl)} |")
+                   and "error" not in r}
+            cells = []
+            for _, key in cols:
+                med = statistics.median(r[key] for r in mine.values())
+                ratios = [mine[k][key] / ref[k][key] for k in mine if k in ref and ref[k][key]]
+                cells.append(f"{med:.1f} | {paired_ratio(ratios)}" if key.endswith("lat_mean_us")
+                             else f"{med:.0f} | {paired_ratio(ratios)}")
+            lines.append(f"| {target} | {server} | " + " | ".join(cells) + " |")
     emit_paired("\n".join(lines), rows, a.out, "vs_kublk")
     return 0
 

@@ -17,10 +17,61 @@ import abc
 import dataclasses
 import errno
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from .. import uapi
 from ..errors import os_error
+
+
+class RequestLimits(NamedTuple):
+    """The request limits SET_PARAMS' DMA_ALIGN and SEGMENT parts carry, in the driver's
+    terms. A part whose fields are all None is not sent; a SEGMENT field left None while
+    another is set takes the value the queue has without the part (SEGMENT_DEFAULTS)."""
+
+    #: DMA_ALIGN: a mask, buffers aligned to dma_alignment + 1 bytes (0 means the block
+    #: layer's default 511)
+    dma_alignment: int | None = None
+    #: SEGMENT: no segment crosses a multiple of seg_boundary_mask + 1 bytes
+    seg_boundary_mask: int | None = None
+    #: SEGMENT: bytes of one segment at most
+    max_segment_size: int | None = None
+    #: SEGMENT: segments of one request at most (0 means the block layer's default 128)
+    max_segments: int | None = None
+
+    @property
+    def types(self) -> int:
+        """The UBLK_PARAM_TYPE_* bits of the parts it sends."""
+        return (uapi.UBLK_PARAM_TYPE_DMA_ALIGN if self.dma_alignment is not None else 0) | \
+            (uapi.UBLK_PARAM_TYPE_SEGMENT if self.segment() is not None else 0)
+
+    def segment(self) -> tuple[int, int, int] | None:
+        """(seg_boundary_mask, max_segment_size, max_segments) of the SEGMENT part, or None."""
+        fields = (self.seg_boundary_mask, self.max_segment_size, self.max_segments)
+        if all(f is None for f in fields):
+            return None
+        return tuple(SEGMENT_DEFAULTS[i] if f is None else f    # type: ignore[return-value]
+                     for i, f in enumerate(fields))
+
+    def encode(self, params: np.ndarray) -> None:
+        """Write the parts into a uapi.PARAMS_DTYPE record and add their type bits."""
+        if self.dma_alignment is not None:
+            params["dma"]["alignment"] = self.dma_alignment
+        seg = self.segment()
+        if seg is not None:
+            for name, value in zip(("seg_boundary_mask", "max_segment_size", "max_segments"), seg):
+                params["seg"][name] = value
+        params["types"] |= self.types
+
+
+#: What the block queue of a ublk device has without a SEGMENT part: (seg_boundary_mask,
+#: max_segment_size, max_segments), the block layer's boundary and the driver's sizes.
+SEGMENT_DEFAULTS = (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFF)
+#: Its DMA alignment mask without a DMA_ALIGN part (the driver's).
+DMA_ALIGNMENT_DEFAULT = 3
+#: The limits Transport.queue_limits reports, named as in /sys/block/ublkbN/queue/.
+QUEUE_LIMITS = ("dma_alignment", "max_segments", "max_segment_size")
 
 
 @dataclass(frozen=True)
@@ -105,8 +156,11 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def set_params(self, dev_id: int, size: int, block_size: int, attrs: int = 0,
-                   max_sectors: int = 0, discard: bool = True) -> None:
-        """SET_PARAMS: basic part, plus the discard part (DISCARD/WRITE_ZEROES) if discard."""
+                   max_sectors: int = 0, discard: bool = True,
+                   limits: RequestLimits | None = None) -> None:
+        """SET_PARAMS: basic part, plus the discard part (DISCARD/WRITE_ZEROES) if discard
+        and the parts of limits. A refused SET_PARAMS leaves the device without parameters
+        (START_DEV then fails with EINVAL), as the kernel does."""
 
     @abc.abstractmethod
     def start_dev(self, dev_id: int, timeout: float = 10.0) -> None:
@@ -182,6 +236,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def block_path(self, dev_id: int) -> str:
         """The block device's name (a path on a kernel)."""
+
+    @abc.abstractmethod
+    def queue_limits(self, dev_id: int) -> dict[str, int]:
+        """The started device's block queue limits, as /sys/block/ublkbN/queue/ has them:
+        dma_alignment (a mask), max_segments, max_segment_size."""
 
     @abc.abstractmethod
     def open(self, dev_id: int):

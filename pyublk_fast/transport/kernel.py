@@ -25,7 +25,7 @@ from .. import uapi
 from .._core.kchannel import KernelChannel
 from ..errors import missing_features_message, os_error
 from ..util import PAGE_SIZE as PAGE, kernel_release, wait_for_path, wait_until
-from .base import DevInfo, QueueEndpoint, Transport
+from .base import QUEUE_LIMITS, DevInfo, QueueEndpoint, RequestLimits, Transport
 from .control import CONTROL_PATH, CtrlDevInfo, UblkControl, UblkCommandError
 
 IOD_SIZE = uapi.IO_DESC_DTYPE.itemsize
@@ -178,8 +178,10 @@ class KernelTransport(Transport):
         return None if dev is None else bool(dev.flags & uapi.UBLK_F_UNPRIVILEGED_DEV)
 
     def set_params(self, dev_id: int, size: int, block_size: int, attrs: int = 0,
-                   max_sectors: int = 0, discard: bool = True) -> None:
-        """SET_PARAMS: basic (size, block size, attrs) and, by default, discard/write-zeroes."""
+                   max_sectors: int = 0, discard: bool = True,
+                   limits: RequestLimits | None = None) -> None:
+        """SET_PARAMS: basic (size, block size, attrs), by default discard/write-zeroes, and
+        the request limits' parts."""
         if block_size & (block_size - 1) or not 512 <= block_size <= PAGE:
             raise ValueError(f"block_size={block_size} must be a power of two in 512..{PAGE}")
         if size <= 0 or size % block_size:
@@ -206,6 +208,8 @@ class KernelTransport(Transport):
             d["max_write_zeroes_sectors"] = (1 << 30) >> uapi.SECTOR_SHIFT
             d["max_discard_segments"] = 1
             p["discard"] = d
+        if limits is not None:
+            limits.encode(p)
         self.ctrl.set_params(dev_id, p)
 
     def start_dev(self, dev_id: int, timeout: float = 10.0) -> None:
@@ -395,6 +399,18 @@ class KernelTransport(Transport):
 
     def block_path(self, dev_id: int) -> str:
         return f"/dev/ublkb{dev_id}"
+
+    def queue_limits(self, dev_id: int) -> dict[str, int]:
+        queue = f"/sys/block/ublkb{dev_id}/queue"
+        out = {}
+        for name in QUEUE_LIMITS:
+            try:
+                with open(f"{queue}/{name}") as fh:
+                    out[name] = int(fh.read())
+            except FileNotFoundError:
+                raise os_error(errno.ENODEV, f"queue limits of device {dev_id}",
+                               f"{queue} does not exist (the device is not started)") from None
+        return out
 
     def open(self, dev_id: int):
         """Open /dev/ublkb<dev_id> (O_DIRECT) as a KernelBlockDevice."""

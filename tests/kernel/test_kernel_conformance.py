@@ -1,10 +1,10 @@
 """The Device-level conformance suite on a real ublk driver.
 
-The test functions are tests/conformance/test_sim_protocol.py's, imported (not
-copied) and collected here with ``transport`` = a KernelTransport: the same
-checks of tags, queues, several devices, front errors, server death, in-process
-kill() + recover() (recovery fail / reissue / fail_io) and stop with I/O in
-flight. A check the kernel cannot take is skipped in KERNEL_SKIPS, with why.
+The test functions are tests/conformance/test_sim_protocol.py's and
+test_sim_params.py's, imported (not copied) and collected here with ``transport`` =
+a KernelTransport: the same checks of tags, queues, several devices, front errors,
+server death, in-process kill() + recover() (recovery fail / reissue / fail_io), stop
+with I/O in flight and request limits. A check the kernel cannot take is skipped in KERNEL_SKIPS, with why.
 """
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ from test_sim_protocol import (  # noqa: E402,F401  (collected here, run on the 
     test_stop_with_io_in_flight_never_hangs,
     test_tag_reuse_loadgen_qd64_on_depth8,
     test_two_queues,
+)
+
+from test_sim_params import (  # noqa: E402,F401  (collected here, run on the kernel)
+    test_declared_limits_reach_the_block_queue,
+    test_request_limits_refused_as_the_kernel_does,
+    test_requests_respect_max_segments,
 )
 
 #: test node name (or function name) -> why it cannot run on this kernel; evaluated per test.

@@ -84,6 +84,10 @@ cdef struct SimDev:
     uint32_t max_io_bytes
     uint32_t attrs
     int discard                   # the discard part of the params was set
+    uint32_t dma_mask             # the block queue's limits (queue_limits), from the params
+    uint32_t max_seg_size
+    uint32_t max_segments
+    uint32_t max_rq_bytes         # the most one READ/WRITE carries: see _apply_limits
     int inflight
     int openers                   # opens of /dev/ublkbN (fronts) not closed yet
     uint32_t disk_gen             # tells its fronts from those of an earlier device of its id
@@ -176,6 +180,9 @@ cdef class SimDriver:
     cdef server_gone_hard(self, int d)
     cdef _init_queue(self, int qi, int d, int q_id, int depth)
     cdef void _set_capacity(self, SimDev *dev, uint64_t sectors) noexcept
+    cdef str _params_refused(self, SimDev *dev, uint64_t size, uint32_t lbs_shift, uint32_t max_sectors,
+                             limits)
+    cdef _apply_limits(self, SimDev *dev, limits)
     cdef SimDev *_dev(self, int d, str what) except NULL
     cdef void fail_inflight(self, SimQueue *q, int32_t res) noexcept nogil
     cdef void release_tag(self, SimQueue *q, int tag) noexcept nogil

@@ -38,6 +38,7 @@ from pyublk_fast._core.uapi cimport *
 from .wire cimport *
 
 from pyublk_fast import uapi
+from pyublk_fast.transport.base import DMA_ALIGNMENT_DEFAULT, SEGMENT_DEFAULTS
 from pyublk_fast.util import PAGE_SIZE
 
 cnp.import_array()
@@ -693,7 +694,7 @@ cdef class SimDriver:
             if r.len == 0 or (r.offset & mask) or (r.len & mask) or r.offset + r.len > d.size:
                 self.complete_unqueued(ri, -EINVAL)
                 return
-            if (r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE) and r.len > d.max_io_bytes:
+            if (r.op == UBLK_IO_OP_READ or r.op == UBLK_IO_OP_WRITE) and r.len > d.max_rq_bytes:
                 self.complete_unqueued(ri, -EINVAL)
                 return
             if r.op != UBLK_IO_OP_READ and d.attrs & 1:      # UBLK_ATTR_READ_ONLY
@@ -850,6 +851,7 @@ cdef class SimDriver:
         dev.flags = granted
         dev.max_io_bytes = max_io_bytes
         dev.lbs_shift = 9
+        self._apply_limits(dev, None)
         self.disk_gens += 1
         dev.disk_gen = self.disk_gens
         dev.qbase = &self.queues[first]
@@ -901,22 +903,76 @@ cdef class SimDriver:
         return self._iod_arrays[qi], self._cmd_arrays[qi], qi
 
     def set_params(self, int d, uint64_t size, uint32_t lbs_shift, uint32_t attrs, uint32_t max_sectors,
-                   bint discard=True):
+                   bint discard=True, limits=None):
+        """SET_PARAMS. limits: a RequestLimits (transport.base) or None. As the kernel, a
+        refused one leaves the device without parameters: START_DEV then fails."""
         dev = self._dev(d, "SET_PARAMS")
         if dev.started:
             raise OSError(EACCES, "SET_PARAMS: device already started")
-        if not 9 <= lbs_shift <= 12:
-            raise OSError(EINVAL, f"SET_PARAMS: logical_bs_shift={lbs_shift} must be 9..12")
-        if size & ((1 << lbs_shift) - 1):
-            raise OSError(EINVAL, f"SET_PARAMS: size {size} is not a multiple of the block size")
-        if max_sectors and (<uint64_t>max_sectors << 9) > dev.max_io_bytes:
-            raise OSError(EINVAL, "SET_PARAMS: max_sectors exceeds max_io_buf_bytes")
+        why = self._params_refused(dev, size, lbs_shift, max_sectors, limits)
+        if why:
+            self._set_capacity(dev, 0)
+            dev.discard = 0
+            self._apply_limits(dev, None)
+            raise OSError(EINVAL, f"SET_PARAMS: {why}")
         self._set_capacity(dev, size >> 9)
         dev.lbs_shift = lbs_shift
         dev.attrs = attrs
         dev.discard = discard
         if max_sectors:
             dev.max_io_bytes = max_sectors << 9
+        self._apply_limits(dev, limits)
+
+    cdef str _params_refused(self, SimDev *dev, uint64_t size, uint32_t lbs_shift, uint32_t max_sectors,
+                             limits):
+        """Why the kernel's parameter check refuses these (EINVAL), in its order, or ''."""
+        if not 9 <= lbs_shift <= 12:
+            return f"logical_bs_shift={lbs_shift} must be 9..12"
+        if size & ((1 << lbs_shift) - 1):
+            return f"size {size} is not a multiple of the block size"
+        if max_sectors and (<uint64_t>max_sectors << 9) > dev.max_io_bytes:
+            return "max_sectors exceeds max_io_buf_bytes"
+        if limits is None:
+            return ""
+        if limits.dma_alignment is not None:
+            mask = limits.dma_alignment & 0xFFFFFFFF          # a __u32 in the params
+            if mask >= PAGE_SIZE or ((mask + 1) & mask):
+                return f"DMA alignment mask {mask:#x} must be 2^n - 1 below the page size"
+        seg = limits.segment()
+        if seg is not None:
+            boundary = ((seg[0] & 0xFFFFFFFFFFFFFFFF) + 1) & 0xFFFFFFFFFFFFFFFF   # a __u64 sum
+            if boundary == 0 or boundary & (boundary - 1):
+                return f"seg_boundary_mask {seg[0]:#x} + 1 must be a power of two"
+            if boundary < uapi.UBLK_MIN_SEGMENT_SIZE:
+                return f"seg_boundary_mask {seg[0]:#x} + 1 must be at least {uapi.UBLK_MIN_SEGMENT_SIZE}"
+            if (seg[1] & 0xFFFFFFFF) < uapi.UBLK_MIN_SEGMENT_SIZE:
+                return f"max_segment_size {seg[1]} must be at least {uapi.UBLK_MIN_SEGMENT_SIZE}"
+        return ""
+
+    cdef _apply_limits(self, SimDev *dev, limits):
+        """The block queue's limits as START_DEV gives them (the kernel's defaults where a part
+        is missing, the block layer's for a 0) and what they bound. The simulator's pages are
+        never physically contiguous, so every page of a request's buffer is a segment of its
+        own (a segment is at least a page and a boundary at least a page apart: neither the
+        size nor the boundary splits a page): a request carries at most max_segments pages,
+        and the fronts split larger I/O at that. Its fronts' buffers are page aligned, so
+        they meet any DMA alignment."""
+        seg = None if limits is None else limits.segment()
+        dma = None if limits is None else limits.dma_alignment
+        dev.dma_mask = DMA_ALIGNMENT_DEFAULT if dma is None else (dma & 0xFFFFFFFF or 511)
+        if seg is None:
+            seg = SEGMENT_DEFAULTS
+        dev.max_seg_size = seg[1] & 0xFFFFFFFF
+        dev.max_segments = seg[2] & 0xFFFF or 128
+        dev.max_rq_bytes = min(dev.max_io_bytes, <uint64_t>dev.max_segments * PAGE_SIZE)
+
+    def queue_limits(self, int d):
+        """The block queue's limits (Transport.queue_limits), and max_rq_bytes."""
+        dev = self._dev(d, "queue limits")
+        if not dev.started:
+            raise OSError(ENODEV, f"queue limits of device {d}: it has no disk (not started, or stopped)")
+        return dict(dma_alignment=dev.dma_mask, max_segments=dev.max_segments,
+                    max_segment_size=dev.max_seg_size, max_rq_bytes=dev.max_rq_bytes)
 
     def start_dev(self, int d):
         """START_DEV: EAGAIN until every tag of every queue has a FETCH outstanding."""

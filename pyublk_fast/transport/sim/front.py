@@ -54,7 +54,6 @@ class SimBlockDevice:
         self.dev_id = dev_id
         self.size = info.size
         self.block_size = info.logical_block_size
-        self.max_io = info.max_io_buf_bytes
         self._slots = transport.front_slots.take(slots)
         self._ring = Ring(512, cq_entries=1024)
         self._lock = threading.Lock()
@@ -63,6 +62,8 @@ class SimBlockDevice:
         try:
             # the driver counts opens, as the block layer does (TRY_STOP_DEV refuses while any)
             self._opened = d.call(d.open_disk, dev_id)
+            # the block layer splits I/O into requests of at most this (max_sectors, max_segments)
+            self.max_io = d.call(d.queue_limits, dev_id)["max_rq_bytes"]
         except BaseException:
             self.close()
             raise

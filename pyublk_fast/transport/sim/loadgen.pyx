@@ -174,9 +174,10 @@ cdef class LoadGen:
         cdef SimDev *dev = self.drv._dev(d, "loadgen")
         if lg.active:
             raise RuntimeError("a load generator run is already active")
-        if bs == 0 or bs & ((1 << dev.lbs_shift) - 1) or bs > dev.max_io_bytes:
+        if bs == 0 or bs & ((1 << dev.lbs_shift) - 1) or bs > dev.max_rq_bytes:
             raise ValueError(f"bs={bs} must be a multiple of the logical block size "
-                             f"({1 << dev.lbs_shift}) and <= max_io_buf_bytes ({dev.max_io_bytes})")
+                             f"({1 << dev.lbs_shift}) and <= the largest request ({dev.max_rq_bytes}: "
+                             "max_io_buf_bytes, or max_segments pages)")
         if region == 0 or region > dev.size:
             region = dev.size
         region -= region % bs

@@ -11,7 +11,7 @@ import time
 
 from ... import uapi
 from ...errors import os_error
-from ..base import DevInfo, QueueEndpoint, Transport
+from ..base import QUEUE_LIMITS, DevInfo, QueueEndpoint, RequestLimits, Transport
 from .channel import SimChannel
 from .driver import SimDriver, SIM_FEATURES
 from .front import FrontSlots, SimBlockDevice
@@ -47,10 +47,11 @@ class SimTransport(Transport):
         return self.driver.call(self.driver.add_dev, dev_id, nr_queues, depth, max_io_bytes, flags)
 
     def set_params(self, dev_id: int, size: int, block_size: int, attrs: int = 0, max_sectors: int = 0,
-                   discard: bool = True):
-        """SET_PARAMS: basic part, and the discard part (DISCARD/WRITE_ZEROES allowed) when discard."""
+                   discard: bool = True, limits: RequestLimits | None = None):
+        """SET_PARAMS: basic part, the discard part (DISCARD/WRITE_ZEROES allowed) when discard,
+        and the request limits' parts."""
         self.driver.call(self.driver.set_params, dev_id, size, block_size.bit_length() - 1, attrs,
-                         max_sectors, discard)
+                         max_sectors, discard, limits)
 
     def _wait_ready(self, fn, dev_id: int, timeout: float, what: str):
         deadline = time.monotonic() + timeout
@@ -117,6 +118,10 @@ class SimTransport(Transport):
 
     def list_devs(self) -> list[int]:
         return self.driver.call(self.driver.list_devs)
+
+    def queue_limits(self, dev_id: int) -> dict[str, int]:
+        got = self.driver.call(self.driver.queue_limits, dev_id)
+        return {name: got[name] for name in QUEUE_LIMITS}
 
     # -- the server side ---------------------------------------------------------------------
 
