@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -424,3 +425,39 @@ def test_server_errors_reach_the_request(sim, fake):
         assert blk.pread(4096, 0) == bytes(4096)
     assert f.seen == [(1, 0), (0, 0)]
     assert seen == [1, 0]
+
+
+# -- the command line -----------------------------------------------------------------------
+
+def test_cli_unreachable_server_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pyublk_fast", "add", "-t", "nbd", "--uri",
+                          f"nbd+unix:///x?socket={tmp_path}/none.sock"], capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, PYUBLK_FAST_RUN_DIR=str(tmp_path)))
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith("pyublk_fast: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "none.sock: No such file or directory" in res.stderr, res.stderr
+
+
+@need_nbdkit
+def test_cli_add_serves_the_export(sim, servers, monkeypatch):
+    """`add -t nbd --uri URI --timeout S`: the options build the backend (the record keeps
+    the URI, which `list` prints), and the device reads what the server holds."""
+    from pyublk_fast import cli
+    from pyublk_fast.transport.sim import SimTransport
+    monkeypatch.setattr(cli, "KernelTransport", lambda unprivileged=False: SimTransport())
+    srv = servers(nbdkit_argv(), "tcp")
+    with Device(NbdBackend(srv.uri), sim) as dev, dev.open() as blk:
+        blk.pwrite(b"\x5a" * 8192, 8192)
+    a, extra = cli.build_parser().parse_known_args(["add", "-t", "nbd", "--uri", srv.uri,
+                                                    "--timeout", "5", "-q", "2"])
+    opts = cli.add_options(a, extra)
+    assert opts["backend_args"] == {"uri": srv.uri, "timeout": 5.0}
+    cli.check_options(opts)
+    transport, dev = cli.start_server(opts)
+    try:
+        assert dev.backend.timeout == 5.0 and dev.nr_queues == 2
+        with dev.open() as blk:
+            assert blk.pread(16384, 4096) == bytes(4096) + b"\x5a" * 8192 + bytes(4096)
+    finally:
+        dev.stop()
+        transport.close()
