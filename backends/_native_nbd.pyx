@@ -12,7 +12,10 @@ A request completes when its reply is in and its bytes are sent.
 A protocol violation (bad reply magic, a reply for an unknown cookie), EOF, a socket
 error or no progress from the server for the backend's timeout while requests wait
 kills the connection: one log line, every in-flight request fails with EIO, and so
-does every later one.
+does every later one. With reconnect (and for all but protocol violations), the queue
+instead waits for its connection's SQEs to end, opens a new connection (blocking the
+queue thread until it succeeds or the timeout passes) and sends every request still in
+flight again.
 """
 import logging
 import os
@@ -104,6 +107,7 @@ cdef struct Conn:
     int fd
     int depth
     bint dead
+    bint reconnecting          # dead, but its requests wait for a new connection
     Req *reqs
     uint16_t *sendq            # tags whose bytes are (partly) unsent, oldest first (a ring)
     int sq_head
@@ -166,6 +170,7 @@ cdef class NbdTarget(NativeTarget):
     cdef object backend
     cdef Conn **conns            # by queue id; each queue thread touches only its own
     cdef bint fua
+    cdef bint reconnect
     cdef uint32_t max_block
     cdef int64_t timeout_ns
     cdef int64_t tick_ns
@@ -178,6 +183,7 @@ cdef class NbdTarget(NativeTarget):
     def __init__(self, backend):
         self.backend = backend
         self.fua = backend.can_fua
+        self.reconnect = backend.reconnect
         self.max_block = backend.max_block
         self.timeout_ns = <int64_t>(backend.timeout * 1e9)
         # check for a stalled server a few times per timeout (at most once a second)
@@ -230,7 +236,7 @@ cdef class NbdTarget(NativeTarget):
         cdef unsigned op = iod.op_flags & 0xff
         cdef uint32_t n = iod.nr_sectors << SECTOR_SHIFT
         cdef uint16_t cmd, flags = 0
-        if c.dead:
+        if c.dead and not c.reconnecting:
             q.commit(tag, -EIO)
             return 0
         if op == UBLK_IO_OP_READ:
@@ -263,7 +269,7 @@ cdef class NbdTarget(NativeTarget):
             put32(r.hdr + 24, n)
         r.dlen = n if cmd == CMD_WRITE else 0
         r.rlen = n if cmd == CMD_READ else 0
-        r.result = n if cmd == CMD_READ or cmd == CMD_WRITE else 0
+        r.result = r.dlen + r.rlen        # what a READ or WRITE returns; 0 for the rest
         r.active = 1
         r.in_send = 0
         r.sent = 0
@@ -336,7 +342,7 @@ cdef class NbdTarget(NativeTarget):
             c.reqs[c.sendq[(c.sq_head + i) % c.depth]].in_send = 0
         c.nsend = 0
         if c.dead:
-            self.fail_idle(q, c)
+            self.after_death(q, c)
             return
         if res == -EINTR or res == -EAGAIN:
             self.flush_send(q, c)
@@ -389,8 +395,8 @@ cdef class NbdTarget(NativeTarget):
         cdef Req *r
         c.recv_armed = False
         if c.dead:
-            c.rtag = -1       # its buffer is free again: fail_idle fails the request
-            self.fail_idle(q, c)
+            c.rtag = -1       # its buffer is free again
+            self.after_death(q, c)
             return
         if res == -EINTR or res == -EAGAIN:
             self.arm_recv(q, c)
@@ -440,8 +446,10 @@ cdef class NbdTarget(NativeTarget):
     # -- the connection's end -----------------------------------------------------------
 
     cdef void conn_fail(self, Queue q, Conn *c, int why, int64_t val) noexcept nogil:
-        """The connection is unusable: say why once, stop it, fail what waits on it."""
+        """The connection is unusable: say why once, stop it, fail what waits on it (or,
+        with reconnect, keep it for the next connection)."""
         c.dead = True
+        c.reconnecting = self.reconnect and why != WHY_MAGIC and why != WHY_STRUCTURED and why != WHY_COOKIE
         c_shutdown(c.fd, SHUT_RDWR)         # the armed receive (and a send) complete at once
         with gil:
             if why == WHY_EOF:
@@ -457,9 +465,58 @@ cdef class NbdTarget(NativeTarget):
                 what = f"the server replied to unknown cookie {<uint64_t>val:#x}"
             else:
                 what = f"no progress from the server for {val / 1e9:.1f} s"
-            log.error("nbd %s, queue %d: %s; failing %d in-flight requests and all later "
-                      "ones with EIO", self.backend.uri, q.q_id, what, c.inflight)
-        self.fail_idle(q, c)
+            if c.reconnecting:
+                log.warning("nbd %s, queue %d: %s; reconnecting (%d requests in flight wait "
+                            "for it)", self.backend.uri, q.q_id, what, c.inflight)
+            else:
+                log.error("nbd %s, queue %d: %s; failing %d in-flight requests and all later "
+                          "ones with EIO", self.backend.uri, q.q_id, what, c.inflight)
+        self.after_death(q, c)
+
+    cdef void after_death(self, Queue q, Conn *c) noexcept nogil:
+        """Once no SQE uses the dead connection's buffers any more: reconnect, or fail
+        what waits (as far as no SQE still uses it)."""
+        if not c.reconnecting:
+            self.fail_idle(q, c)
+        elif c.nsend == 0 and not c.recv_armed:
+            self.reopen(q, c)
+
+    cdef void reopen(self, Queue q, Conn *c) noexcept nogil:
+        """A new connection for the requests in flight, which are all sent again."""
+        cdef int fd = -1, tag, n = 0
+        cdef Req *r
+        with gil:
+            try:
+                fd = self.backend.reconnect_socket(q.q_id)
+            except Exception as exc:
+                log.error("nbd %s, queue %d: reconnecting failed: %s; failing %d in-flight "
+                          "requests and all later ones with EIO", self.backend.uri, q.q_id,
+                          exc, c.inflight)
+        c.reconnecting = False
+        if fd < 0:
+            self.fail_idle(q, c)
+            return
+        c.fd = fd
+        c.dead = False
+        c.rtag = -1
+        c.rgot = 0
+        c.head_off = 0
+        c.sq_head = 0
+        for tag in range(c.depth):
+            r = &c.reqs[tag]
+            if r.active:
+                r.sent = 0
+                r.replied = 0
+                r.result = r.dlen + r.rlen
+                c.sendq[n] = <uint16_t>tag
+                n += 1
+        c.sq_len = n
+        c.last_progress = pyu_now_ns()   # the reconnect took a while
+        with gil:
+            log.warning("nbd %s, queue %d: reconnected; sending %d requests again",
+                        self.backend.uri, q.q_id, n)
+        self.arm_recv(q, c)
+        self.flush_send(q, c)
 
     cdef void fail_idle(self, Queue q, Conn *c) noexcept nogil:
         """Fail the requests of a dead connection whose buffers no SQE uses any more."""

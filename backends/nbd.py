@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import time
 import urllib.parse
 
 from pyublk_fast.backend import Backend, register
@@ -52,6 +53,8 @@ DEFAULT_PORT = 10809
 #: before it fails them with EIO (0: wait for ever).
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Seconds between attempts to reach a server that went away (--reconnect).
+RECONNECT_INTERVAL = 0.1
 #: Longest option reply we read during the handshake: a server sending more is broken.
 MAX_OPTION_REPLY = 1 << 16
 
@@ -157,19 +160,23 @@ class NbdBackend(Backend):
 
     data_paths = ()
 
-    def __init__(self, uri: str, *, timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, uri: str, *, timeout: float = DEFAULT_TIMEOUT, reconnect: bool = False,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT):
         """Connect to ``uri`` and negotiate its export now (the first queue's connection;
         each further queue opens its own). ``timeout``: seconds without progress from the
-        server, while requests wait, after which they fail with EIO (0: never)."""
+        server, while requests wait, after which they fail with EIO (0: never).
+        ``reconnect``: when a connection is lost (EOF, a socket error, the timeout), open
+        a new one, retrying for ``timeout`` seconds (30 if 0), and send the requests in
+        flight again instead of failing them."""
         if timeout < 0 or connect_timeout <= 0:
             raise NbdError(f"timeout={timeout}, connect_timeout={connect_timeout}: must be >= 0 "
                            "and > 0")
         self.uri = uri
         self.timeout = timeout
+        self.reconnect = reconnect
         self.connect_timeout = connect_timeout
         self.kind, self.addr, self.export = parse_uri(uri)
-        self._socks: list[socket.socket] = []
+        self._socks: dict[int, socket.socket] = {}       # by queue
         sock, ex = self._connect()
         self._spare: socket.socket | None = sock
         self.flags = ex.flags
@@ -236,11 +243,36 @@ class NbdBackend(Backend):
             if not self.multi_conn:
                 raise BackendError(errno.EOPNOTSUPP, f"{self.uri}: the server does not allow "
                                    "several connections (no multi-conn): serve it with one queue (-q 1)")
-            sock, ex = self._connect()
-            if ex.flags != self.flags or ex.size - ex.size % self.block_size != self.size:
-                sock.close()
-                raise NbdError(f"{self.uri}: the export changed between connections")
-        self._socks.append(sock)
+            sock = self._connect_same()
+        self._socks[q_id] = sock
+        return sock.fileno()
+
+    def _connect_same(self) -> socket.socket:
+        """A new connection to the export, which must not have changed."""
+        sock, ex = self._connect()
+        if ex.flags != self.flags or ex.size - ex.size % self.block_size != self.size:
+            sock.close()
+            raise NbdError(f"{self.uri}: the export changed between connections (size "
+                           f"{ex.size}, flags {ex.flags:#x})")
+        return sock
+
+    def reconnect_socket(self, q_id: int) -> int:
+        """Queue q_id's connection died: a new one (its fd), trying until ``timeout``
+        passes (called by the native target, in the queue thread). The last failure
+        is raised."""
+        old = self._socks.pop(q_id, None)
+        if old is not None:
+            old.close()
+        deadline = time.monotonic() + (self.timeout or DEFAULT_TIMEOUT)
+        while True:
+            try:
+                sock = self._connect_same()
+                break
+            except NbdError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(RECONNECT_INTERVAL)     # the server is not back yet
+        self._socks[q_id] = sock
         return sock.fileno()
 
     @classmethod
@@ -248,20 +280,23 @@ class NbdBackend(Backend):
         parser.add_argument("--uri", required=True, metavar="URI",
                             help="the export: nbd://HOST[:PORT]/EXPORT or "
                                  "nbd+unix:///EXPORT?socket=PATH (required)")
+        parser.add_argument("--reconnect", action="store_true",
+                            help="on a lost connection, reconnect (for up to --timeout seconds) "
+                                 "and send the requests in flight again instead of failing them")
         parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                             help="fail in-flight requests with EIO after the server made no "
                                  f"progress this long (0: never; default {DEFAULT_TIMEOUT:g})")
 
     @classmethod
     def from_args(cls, ns):
-        return cls(ns.uri, timeout=ns.timeout)
+        return cls(ns.uri, timeout=ns.timeout, reconnect=ns.reconnect)
 
     def native_target(self):
         from ._native_nbd import NbdTarget
         return NbdTarget(self)
 
     def close(self):
-        for sock in self._socks + ([self._spare] if self._spare is not None else []):
+        for sock in list(self._socks.values()) + ([self._spare] if self._spare is not None else []):
             sock.close()
-        self._socks = []
+        self._socks = {}
         self._spare = None

@@ -85,10 +85,10 @@ def nbdkit_argv(*extra: str, params: tuple[str, ...] = (), size: int = SIZE):
     return argv
 
 
-def qemu_nbd_argv(image: str, export: str = "disk", shared: int = 4):
+def qemu_nbd_argv(image: str, export: str = "disk", shared: int = 4, fmt: str = "qcow2"):
     def argv(kind, addr):
         where = ["-k", addr] if kind == "unix" else ["-b", "127.0.0.1", "-p", str(addr[1])]
-        return ["qemu-nbd", "-f", "qcow2", "-t", "-e", str(shared), "-x", export,
+        return ["qemu-nbd", "-f", fmt, "-t", "-e", str(shared), "-x", export,
                 *where, image]
     return argv
 
@@ -272,11 +272,16 @@ class FakeServer:
         return buf
 
     def serve(self):
-        try:
-            conn, _ = self.lsock.accept()
-        except OSError:
-            return
-        self.conns.append(conn)
+        """Each connection in turn, until the listening socket is closed."""
+        while True:
+            try:
+                conn, _ = self.lsock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self.serve_one(conn)
+
+    def serve_one(self, conn):
         try:
             if self.greeting is not None:
                 conn.sendall(self.greeting)
@@ -308,10 +313,14 @@ class FakeServer:
             return
 
     def close(self):
-        self.lsock.close()
-        for c in self.conns:
-            c.close()
+        for s in [self.lsock, *self.conns]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)    # wakes the thread in accept() or recv()
+            except OSError:
+                pass
+            s.close()
         self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
 
 
 @pytest.fixture
@@ -449,15 +458,89 @@ def test_cli_add_serves_the_export(sim, servers, monkeypatch):
     with Device(NbdBackend(srv.uri), sim) as dev, dev.open() as blk:
         blk.pwrite(b"\x5a" * 8192, 8192)
     a, extra = cli.build_parser().parse_known_args(["add", "-t", "nbd", "--uri", srv.uri,
-                                                    "--timeout", "5", "-q", "2"])
+                                                    "--timeout", "5", "-q", "2", "--reconnect"])
     opts = cli.add_options(a, extra)
-    assert opts["backend_args"] == {"uri": srv.uri, "timeout": 5.0}
+    assert opts["backend_args"] == {"uri": srv.uri, "timeout": 5.0, "reconnect": True}
     cli.check_options(opts)
     transport, dev = cli.start_server(opts)
     try:
-        assert dev.backend.timeout == 5.0 and dev.nr_queues == 2
+        assert (dev.backend.timeout, dev.backend.reconnect, dev.nr_queues) == (5.0, True, 2)
         with dev.open() as blk:
             assert blk.pread(16384, 4096) == bytes(4096) + b"\x5a" * 8192 + bytes(4096)
     finally:
         dev.stop()
         transport.close()
+
+
+# -- --reconnect ----------------------------------------------------------------------------
+
+def test_reconnect_sends_the_requests_again(sim, fake, caplog):
+    """The first connection dies with a read in flight: the queue reconnects, sends it
+    again, and it succeeds; the next request goes on the new connection."""
+    def on_request(conn, cmd, cookie, off, n, data):
+        if len(f.conns) == 1:
+            return False                        # never answered: the server "crashes"
+        simple_reply(conn, cookie, data=bytes([len(f.conns)]) * n if cmd == 0 else b"")
+        return True
+    f = fake(on_request=on_request)
+    caplog.set_level(logging.WARNING, "pyublk_fast.nbd")
+    with Device(NbdBackend(f.uri, timeout=5, reconnect=True), sim, depth=4) as dev, dev.open() as blk:
+        pending = threading.Thread(target=lambda: out.append(blk.pread(8192, 0)))
+        out: list[bytes] = []
+        pending.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not f.seen:
+            assert time.monotonic() < deadline, "the request never reached the server"
+            time.sleep(0.01)
+        f.conns[0].shutdown(socket.SHUT_RDWR)      # EOF for the client
+        pending.join(TIMEOUT)
+        assert out == [b"\x02" * 8192]
+        assert blk.pread(4096, 0) == b"\x02" * 4096
+    assert [c for c, _ in f.seen] == [0, 0, 0] and len(f.conns) == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
+    assert len(lines) == 2 and "closed the connection; reconnecting" in lines[0], lines
+    assert "reconnected; sending 1 requests again" in lines[1], lines
+
+
+def test_reconnect_gives_up_after_the_timeout(sim, fake, caplog):
+    f = fake(on_request=lambda *a: False)
+    caplog.set_level(logging.WARNING, "pyublk_fast.nbd")
+    with Device(NbdBackend(f.uri, timeout=0.5, reconnect=True), sim, depth=4) as dev, dev.open() as blk:
+        f.lsock.close()                         # nobody to reconnect to
+        assert blk.submit([(0, 0, 4096, bytearray(4096))], timeout=TIMEOUT) == [-errno.EIO]
+        assert blk.submit([(0, 0, 4096, bytearray(4096))]) == [-errno.EIO]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
+    assert "no progress from the server" in lines[0] and "reconnecting" in lines[0], lines
+    assert "reconnecting failed" in lines[1] and "cannot connect" in lines[1], lines
+
+
+@need_qemu
+def test_qemu_nbd_killed_and_restarted_under_load(sim, servers, tmp_path, caplog):
+    """qemu-nbd (raw image: a write it acknowledged is in the file) is killed in the middle
+    of a verified random load and started again on the same socket: with --reconnect the
+    load sees no error and reads back what it wrote."""
+    image = str(tmp_path / "disk.raw")
+    with open(image, "wb") as f:
+        f.truncate(SIZE)
+    argv = qemu_nbd_argv(image, fmt="raw")
+    srv = servers(argv, "unix", export="disk")
+    caplog.set_level(logging.WARNING, "pyublk_fast.nbd")
+    with Device(NbdBackend(srv.uri, timeout=10, reconnect=True), sim, depth=32) as dev:
+        out = []
+        load = threading.Thread(target=lambda: out.append(sim.run_load(
+            dev.dev_id, rw="randrw", bs=4096, qd=32, count=30000, verify=True, region=2 * MiB)))
+        load.start()
+        deadline = time.monotonic() + TIMEOUT
+        while dev.requests_served < 2000:
+            assert time.monotonic() < deadline and load.is_alive(), "the load did not start"
+            time.sleep(0.01)
+        srv.proc.kill()
+        srv.stop()
+        os.unlink(srv.addr)
+        servers(argv, "unix", export="disk")
+        load.join(120)
+        assert not load.is_alive()
+    r = out[0]
+    assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 30000)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
+    assert len(lines) == 2 and "reconnected; sending" in lines[1], lines
