@@ -78,6 +78,7 @@ cdef enum:
     TD_SEND = 1
     TD_RECV = 2
     TD_TIMER = 3
+    TD_CANCEL = 4              # shutdown()'s cancels (their CQEs come after the loop)
     MAX_QUEUES = 4096          # ublk's limit on a device's queues
 
 # what the connection died of (the log line's words)
@@ -544,8 +545,17 @@ cdef class NbdTarget(NativeTarget):
         return C_RESUBMITTED
 
     cdef int shutdown(self, Queue q) except -1:
+        """Cancel the armed receive and timer; the socket stays up, so that the backend
+        can end the session properly (NBD_CMD_DISC) as it closes."""
         cdef Conn *c = self.conns[q.q_id] if q.q_id < MAX_QUEUES else NULL
-        if c != NULL and not c.dead:
-            c.dead = True
-            c_shutdown(c.fd, SHUT_RDWR)
+        cdef io_uring_sqe *sqe
+        if c == NULL:
+            return 0
+        c.dead = True
+        for armed, td in ((c.recv_armed, TD_RECV), (c.timer_armed, TD_TIMER)):
+            if armed:
+                sqe = q.get_sqe()
+                io_uring_prep_cancel64(sqe, q.target_ud(0, td), 0)
+                sqe.user_data = q.target_ud(0, TD_CANCEL)
+        io_uring_submit(q.r)
         return 0

@@ -6,21 +6,20 @@ sockets; the native target (_native_nbd.pyx) then takes over the connected socke
 Only simple replies are negotiated: structured replies are never requested."""
 from __future__ import annotations
 
-import errno
 import socket
 import struct
 import time
 import urllib.parse
 
 from pyublk_fast.backend import Backend, register
-from pyublk_fast.errors import BackendError
 
 NBD_MAGIC = 0x4E42444D41474943          # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054           # "IHAVEOPT"
 NBD_REP_MAGIC = 0x0003E889045565A9
 NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
 NBD_FLAG_NO_ZEROES = 1 << 1
-NBD_OPT_ABORT = 2
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_CMD_DISC = 2
 NBD_OPT_GO = 7
 NBD_INFO_EXPORT = 0
 NBD_INFO_BLOCK_SIZE = 3
@@ -241,8 +240,8 @@ class NbdBackend(Backend):
             sock, self._spare = self._spare, None
         else:
             if not self.multi_conn:
-                raise BackendError(errno.EOPNOTSUPP, f"{self.uri}: the server does not allow "
-                                   "several connections (no multi-conn): serve it with one queue (-q 1)")
+                raise NbdError(f"{self.uri}: the server does not allow several connections "
+                               "(no multi-conn): serve it with one queue (-q 1)")
             sock = self._connect_same()
         self._socks[q_id] = sock
         return sock.fileno()
@@ -296,7 +295,13 @@ class NbdBackend(Backend):
         return NbdTarget(self)
 
     def close(self):
+        """Say goodbye (NBD_CMD_DISC) where the connection is still up, and close it."""
         for sock in list(self._socks.values()) + ([self._spare] if self._spare is not None else []):
+            try:
+                sock.settimeout(1.0)       # a server that stopped reading must not hold us
+                sock.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, NBD_CMD_DISC, 0, 0, 0))
+            except OSError:
+                pass                       # it is gone already
             sock.close()
         self._socks = {}
         self._spare = None

@@ -56,6 +56,13 @@ def wait_listening(proc: subprocess.Popen, kind: str, addr) -> None:
     raise AssertionError(f"server not listening on {addr} after {TIMEOUT} s")
 
 
+def wait_for(cond, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not cond():
+        assert time.monotonic() < deadline, f"no {what} after {TIMEOUT} s"
+        time.sleep(0.01)
+
+
 class Server:
     """A server process listening on a Unix socket or 127.0.0.1; stop() ends it."""
 
@@ -199,9 +206,14 @@ def test_export_capabilities_become_the_devices(sim, servers):
         assert blk.pread(4096, 0) == bytes(4096)
         res = blk.submit([(1, 0, 4096, bytes(4096))])
         assert res[0] < 0, "a write to a read-only export's device must fail"
-    with pytest.raises(Exception, match="multi-conn.*-q 1"):
-        with Device(NbdBackend(srv.uri), sim, queues=2):
-            pass
+    backend = NbdBackend(srv.uri)
+    try:
+        with pytest.raises(NbdError, match=r"does not allow several connections \(no multi-conn\): "
+                                            r"serve it with one queue \(-q 1\)"):
+            with Device(backend, sim, queues=2):
+                pass
+    finally:
+        backend.close()
 
 
 @need_qemu
@@ -306,6 +318,8 @@ class FakeServer:
                 assert magic == 0x25609513
                 data = self.recv(conn, n) if cmd == 1 else b""
                 self.seen.append((cmd, flags))
+                if cmd == 2:                # NBD_CMD_DISC: the client is done
+                    return
                 if not self.on_request(conn, cmd, cookie, off, n, data):
                     self.recv(conn, 1)      # wait for the client to hang up
                     return
@@ -432,7 +446,8 @@ def test_server_errors_reach_the_request(sim, fake):
     with Device(backend, sim, depth=4) as dev, dev.open() as blk:
         assert blk.submit([(1, 0, 4096, bytes(4096), 1 << 13)]) == [-errno.ENOSPC]
         assert blk.pread(4096, 0) == bytes(4096)
-    assert f.seen == [(1, 0), (0, 0)]
+    wait_for(lambda: len(f.seen) == 3, "NBD_CMD_DISC")     # sent as the device closed
+    assert f.seen == [(1, 0), (0, 0), (2, 0)]
     assert seen == [1, 0]
 
 
@@ -488,15 +503,13 @@ def test_reconnect_sends_the_requests_again(sim, fake, caplog):
         pending = threading.Thread(target=lambda: out.append(blk.pread(8192, 0)))
         out: list[bytes] = []
         pending.start()
-        deadline = time.monotonic() + TIMEOUT
-        while not f.seen:
-            assert time.monotonic() < deadline, "the request never reached the server"
-            time.sleep(0.01)
+        wait_for(lambda: f.seen, "request at the server")
         f.conns[0].shutdown(socket.SHUT_RDWR)      # EOF for the client
         pending.join(TIMEOUT)
         assert out == [b"\x02" * 8192]
         assert blk.pread(4096, 0) == b"\x02" * 4096
-    assert [c for c, _ in f.seen] == [0, 0, 0] and len(f.conns) == 2
+    wait_for(lambda: len(f.seen) == 4, "NBD_CMD_DISC")
+    assert [c for c, _ in f.seen] == [0, 0, 0, 2] and len(f.conns) == 2
     lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
     assert len(lines) == 2 and "closed the connection; reconnecting" in lines[0], lines
     assert "reconnected; sending 1 requests again" in lines[1], lines
