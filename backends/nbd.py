@@ -235,16 +235,24 @@ class NbdBackend(Backend):
 
     def queue_socket(self, q_id: int) -> int:
         """The connected socket's fd for queue q_id (called by the native target as each
-        queue is set up): the first queue takes the connection __init__ opened."""
+        queue is set up): the first queue takes the connection __init__ opened; a queue
+        set up again (recovery) gets a new one in place of its old one."""
+        self._drop(q_id)
         if self._spare is not None:
             sock, self._spare = self._spare, None
         else:
-            if not self.multi_conn:
+            if self._socks and not self.multi_conn:
                 raise NbdError(f"{self.uri}: the server does not allow several connections "
                                "(no multi-conn): serve it with one queue (-q 1)")
             sock = self._connect_same()
         self._socks[q_id] = sock
         return sock.fileno()
+
+    def _drop(self, q_id: int) -> None:
+        """Close queue q_id's connection, if it has one (its ring no longer uses it)."""
+        old = self._socks.pop(q_id, None)
+        if old is not None:
+            old.close()
 
     def _connect_same(self) -> socket.socket:
         """A new connection to the export, which must not have changed."""
@@ -259,9 +267,7 @@ class NbdBackend(Backend):
         """Queue q_id's connection died: a new one (its fd), trying until ``timeout``
         passes (called by the native target, in the queue thread). The last failure
         is raised."""
-        old = self._socks.pop(q_id, None)
-        if old is not None:
-            old.close()
+        self._drop(q_id)
         deadline = time.monotonic() + (self.timeout or DEFAULT_TIMEOUT)
         while True:
             try:

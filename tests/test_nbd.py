@@ -181,6 +181,32 @@ def test_nbdkit_memory_data_matches_model(sim, servers, kind):
 
 
 @need_nbdkit
+@pytest.mark.parametrize("path", ["need_get_data", "user_copy"])
+def test_buffered_data_paths(sim, servers, path):
+    """The other buffered paths (copy is above): a verified load, then a device read of
+    what another connection wrote."""
+    srv = servers(nbdkit_argv(), "unix")
+    with Device(NbdBackend(srv.uri), sim, depth=16, data_path=path) as dev:
+        r = sim.run_load(dev.dev_id, rw="randrw", bs=8192, qd=16, count=2000, verify=True,
+                         region=1 * MiB)
+    assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 2000)
+    with Device(NbdBackend(srv.uri), sim, depth=4) as dev, dev.open() as blk:
+        blk.pwrite(b"\x77" * 12288, 1 * MiB)
+    with Device(NbdBackend(srv.uri), sim, depth=4, data_path=path) as dev, dev.open() as blk:
+        assert blk.pread(16384, 1 * MiB) == b"\x77" * 12288 + bytes(4096)
+
+
+def test_zero_copy_is_not_offered(sim, fake):
+    f = fake(on_request=good)
+    backend = NbdBackend(f.uri)
+    try:
+        with pytest.raises(ValueError, match="data_path='zero_copy' is not available"):
+            Device(backend, sim, data_path="zero_copy")
+    finally:
+        backend.close()
+
+
+@need_nbdkit
 def test_discard_and_write_zeroes_read_back_zeros(sim, servers):
     srv = servers(nbdkit_argv(), "unix")
     with Device(NbdBackend(srv.uri), sim, depth=8) as dev, dev.open() as blk:
@@ -214,6 +240,22 @@ def test_export_capabilities_become_the_devices(sim, servers):
                 pass
     finally:
         backend.close()
+
+
+@need_nbdkit
+def test_recovered_queue_opens_a_new_connection(sim, servers):
+    """A server killed and recovered in the same process: the queue set up again replaces
+    its connection (one per queue: no multi-conn needed) and serves the same data."""
+    srv = servers(nbdkit_argv("--filter=multi-conn", params=("multi-conn-mode=disable",)), "unix")
+    with Device(NbdBackend(srv.uri), sim, depth=8, recovery="reissue") as dev:
+        with dev.open() as blk:
+            blk.pwrite(b"\x31" * 8192, 4096)
+        dev.kill()
+        dev.recover()
+        with dev.open() as blk:
+            assert blk.pread(16384, 0) == bytes(4096) + b"\x31" * 8192 + bytes(4096)
+            blk.pwrite(b"\x32" * 4096, 0)
+            assert blk.pread(4096, 0) == b"\x32" * 4096
 
 
 @need_qemu
