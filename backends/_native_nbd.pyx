@@ -457,7 +457,8 @@ cdef class NbdTarget(NativeTarget):
                 what = ("the server closed the connection" +
                         (f" in the middle of a reply ({val} bytes in)" if val else ""))
             elif why == WHY_RECV_ERR or why == WHY_SEND_ERR:
-                what = f"{'receiving from' if why == WHY_RECV_ERR else 'sending to'} the server failed: {os.strerror(val)}"
+                what = (f"{'receiving from' if why == WHY_RECV_ERR else 'sending to'} the server "
+                        f"failed: {os.strerror(val)}")
             elif why == WHY_MAGIC:
                 what = f"bad reply magic {val:#x} from the server"
             elif why == WHY_STRUCTURED:
