@@ -6,10 +6,11 @@ import subprocess
 
 from . import LaneError
 
-HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod", "fio", "zstd", "udev")
+HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod", "fio", "zstd", "udev", "nbdkit")
 """qemu (TCG guest), static busybox (initramfs), kmod (depmod on the host, modprobe
 in the guest), fio (kernel tests), zstd (for .ko.zst modules), udev (systemd-udevd and
-udevadm: the unprivileged-device tests run them in the guest with the shipped rules)."""
+udevadm: the unprivileged-device tests run them in the guest with the shipped rules),
+nbdkit (the nbd backend's tests serve its memory plugin in the guest)."""
 BUILD_PACKAGES = ("gcc", "libc6-dev")
 """Needed by build-kublk only."""
 

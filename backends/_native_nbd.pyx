@@ -1,0 +1,562 @@
+# cython: language_level=3, cdivision=True
+"""The NBD client's data path in C, on each queue's own ring and connection.
+
+Requests become NBD request headers (plus WRITE data) queued on the connection; after
+each reaped batch one sendmsg carries everything queued (one send in flight at a time:
+two sends racing on one stream socket could interleave their bytes), and a short send
+is continued from where it stopped. One receive is always armed: a 16-byte simple reply
+header, whose cookie names the tag (and a per-tag generation, so a late reply for an
+older request is caught), then a READ's data straight into the request's buffer.
+A request completes when its reply is in and its bytes are sent.
+
+A protocol violation (bad reply magic, a reply for an unknown cookie), EOF, a socket
+error or no progress from the server for the backend's timeout while requests wait
+kills the connection: one log line, every in-flight request fails with EIO, and so
+does every later one. With reconnect (and for all but protocol violations), the queue
+instead waits for its connection's SQEs to end, opens a new connection (blocking the
+queue thread until it succeeds or the timeout passes) and sends every request still in
+flight again.
+"""
+import logging
+import os
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy
+from libc.errno cimport EIO, EINTR, EAGAIN, EOPNOTSUPP, EPERM, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ESHUTDOWN
+
+from pyublk_fast._core.liburing cimport *
+from pyublk_fast._core.queue cimport NativeTarget, Queue, DP_COPY, DP_USER_COPY
+from pyublk_fast._core.uapi cimport *
+
+cdef extern from "<endian.h>" nogil:
+    uint16_t htobe16(uint16_t)
+    uint32_t htobe32(uint32_t)
+    uint64_t htobe64(uint64_t)
+    uint32_t be32toh(uint32_t)
+    uint64_t be64toh(uint64_t)
+
+cdef extern from "<sys/socket.h>" nogil:
+    cdef struct msghdr:
+        void *msg_name
+        unsigned msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    enum:
+        MSG_NOSIGNAL
+        MSG_WAITALL
+        SHUT_RDWR
+    int c_shutdown "shutdown"(int fd, int how)
+
+cdef extern from "<liburing.h>" nogil:
+    void io_uring_prep_sendmsg(io_uring_sqe *sqe, int fd, const msghdr *msg, unsigned flags)
+    void io_uring_prep_recv(io_uring_sqe *sqe, int sockfd, void *buf, size_t len, int flags)
+
+log = logging.getLogger("pyublk_fast.nbd")
+
+cdef int32_t C_RESUBMITTED = -0x7fffffff
+
+cdef enum:
+    REQ_MAGIC = 0x25609513
+    SIMPLE_REPLY_MAGIC = 0x67446698
+    STRUCTURED_REPLY_MAGIC = 0x668e33ef
+    CMD_READ = 0
+    CMD_WRITE = 1
+    CMD_FLUSH = 3
+    CMD_TRIM = 4
+    CMD_WRITE_ZEROES = 6
+    CMD_FLAG_FUA = 1
+    CMD_FLAG_NO_HOLE = 2
+    HDR = 28                   # request header bytes
+    REPLY = 16                 # simple reply header bytes
+    MAX_IOV = 1024             # iovecs in one sendmsg (the kernel's UIO_MAXIOV)
+    # tgt_data of the connection's own SQEs (posted under tag 0; they never count as
+    # a request's pending operations: queue_io keeps its requests and commits them)
+    TD_SEND = 1
+    TD_RECV = 2
+    TD_TIMER = 3
+    TD_CANCEL = 4              # shutdown()'s cancels (their CQEs come after the loop)
+    MAX_QUEUES = 4096          # ublk's limit on a device's queues
+
+# what the connection died of (the log line's words)
+cdef enum:
+    WHY_EOF = 1
+    WHY_RECV_ERR
+    WHY_SEND_ERR
+    WHY_MAGIC
+    WHY_STRUCTURED
+    WHY_COOKIE
+    WHY_TIMEOUT
+
+
+cdef struct Req:
+    uint8_t hdr[HDR]           # the request header, big endian, as sent
+    uint32_t dlen              # data bytes sent after the header (WRITE)
+    uint32_t rlen              # data bytes the reply carries (READ)
+    uint32_t gen               # bumped per request: the cookie's high half
+    int32_t result
+    uint8_t active             # taken by queue_io, not yet committed
+    uint8_t in_send            # part of the sendmsg in flight (its bytes may be read)
+    uint8_t sent
+    uint8_t replied
+
+
+cdef struct Conn:
+    int fd
+    int depth
+    bint dead
+    bint reconnecting          # dead, but its requests wait for a new connection
+    Req *reqs
+    uint16_t *sendq            # tags whose bytes are (partly) unsent, oldest first (a ring)
+    int sq_head
+    int sq_len
+    uint32_t head_off          # bytes of the oldest one already sent
+    int nsend                  # tags the sendmsg in flight covers (0: none in flight)
+    int max_iov
+    iovec *iov
+    msghdr msg
+    uint8_t rhdr[REPLY]
+    uint32_t rgot              # bytes of the header (or of rtag's data) received
+    int rtag                   # -1: receiving a reply header; else the READ whose data comes
+    bint recv_armed
+    bint timer_armed
+    __kernel_timespec ts
+    int64_t last_progress      # last time the server took or gave bytes (or the first wait)
+    int inflight
+
+
+cdef inline void put16(uint8_t *p, uint16_t v) noexcept nogil:
+    v = htobe16(v)
+    memcpy(p, &v, 2)
+
+cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
+    v = htobe32(v)
+    memcpy(p, &v, 4)
+
+cdef inline void put64(uint8_t *p, uint64_t v) noexcept nogil:
+    v = htobe64(v)
+    memcpy(p, &v, 8)
+
+cdef inline uint32_t get32(const uint8_t *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return be32toh(v)
+
+cdef inline uint64_t get64(const uint8_t *p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)
+    return be64toh(v)
+
+
+cdef int32_t nbd_errno(uint32_t err) noexcept nogil:
+    """The protocol's error values are Linux's errnos for the ones it defines; anything
+    else is EIO."""
+    if err in (EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, EOPNOTSUPP, ESHUTDOWN):
+        return -<int32_t>err
+    return -EIO
+
+
+cdef void free_conn(Conn *c) noexcept nogil:
+    if c != NULL:
+        free(c.reqs)
+        free(c.sendq)
+        free(c.iov)
+        free(c)
+
+
+cdef class NbdTarget(NativeTarget):
+    cdef object backend
+    cdef Conn **conns            # by queue id; each queue thread touches only its own
+    cdef bint fua
+    cdef bint reconnect
+    cdef uint32_t max_block
+    cdef int64_t timeout_ns
+    cdef int64_t tick_ns
+
+    def __cinit__(self):
+        self.conns = <Conn **>calloc(MAX_QUEUES, sizeof(Conn *))
+        if self.conns == NULL:
+            raise MemoryError()
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.fua = backend.can_fua
+        self.reconnect = backend.reconnect
+        self.max_block = backend.max_block
+        self.timeout_ns = <int64_t>(backend.timeout * 1e9)
+        # check for a stalled server a few times per timeout (at most once a second)
+        self.tick_ns = min(max(self.timeout_ns // 4, 10000000), 1000000000)
+
+    def __dealloc__(self):
+        cdef int i
+        if self.conns != NULL:
+            for i in range(MAX_QUEUES):
+                free_conn(self.conns[i])
+            free(self.conns)
+
+    cdef int setup(self, Queue q) except -1:
+        cdef Conn *c
+        if q.data_path != DP_COPY and q.data_path != DP_USER_COPY:
+            raise ValueError("the nbd target serves the buffered data paths only "
+                             "(copy, need_get_data, user_copy)")
+        if q.buf_size > self.max_block:
+            raise ValueError(f"requests of up to {q.buf_size} bytes, but the NBD server takes "
+                             f"at most {self.max_block}: lower max_io_bytes")
+        if q.q_id >= MAX_QUEUES:
+            raise ValueError(f"queue {q.q_id}: at most {MAX_QUEUES} queues")
+        fd = self.backend.queue_socket(q.q_id)
+        free_conn(self.conns[q.q_id])   # a queue set up again (recovery): its old ring is gone
+        self.conns[q.q_id] = NULL
+        c = <Conn *>calloc(1, sizeof(Conn))
+        if c == NULL:
+            raise MemoryError()
+        c.depth = q.depth
+        c.max_iov = min(2 * q.depth, MAX_IOV)
+        c.reqs = <Req *>calloc(q.depth, sizeof(Req))
+        c.sendq = <uint16_t *>calloc(q.depth, sizeof(uint16_t))
+        c.iov = <iovec *>calloc(c.max_iov, sizeof(iovec))
+        if c.reqs == NULL or c.sendq == NULL or c.iov == NULL:
+            free_conn(c)
+            raise MemoryError()
+        c.fd = fd
+        c.rtag = -1
+        c.ts.tv_sec = self.tick_ns // 1000000000
+        c.ts.tv_nsec = self.tick_ns % 1000000000
+        self.conns[q.q_id] = c
+        self.arm_recv(q, c)
+        return 0
+
+    # -- requests -----------------------------------------------------------------------
+
+    cdef int queue_io(self, Queue q, int tag, const ublksrv_io_desc *iod) noexcept nogil:
+        cdef Conn *c = self.conns[q.q_id]
+        cdef Req *r = &c.reqs[tag]
+        cdef unsigned op = iod.op_flags & 0xff
+        cdef uint32_t n = iod.nr_sectors << SECTOR_SHIFT
+        cdef uint16_t cmd, flags = 0
+        if c.dead and not c.reconnecting:
+            q.commit(tag, -EIO)
+            return 0
+        if op == UBLK_IO_OP_READ:
+            cmd = CMD_READ
+        elif op == UBLK_IO_OP_WRITE:
+            cmd = CMD_WRITE
+        elif op == UBLK_IO_OP_FLUSH:
+            cmd = CMD_FLUSH
+        elif op == UBLK_IO_OP_DISCARD:
+            cmd = CMD_TRIM
+        elif op == UBLK_IO_OP_WRITE_ZEROES:
+            cmd = CMD_WRITE_ZEROES
+            if iod.op_flags & UBLK_IO_F_NOUNMAP:
+                flags |= CMD_FLAG_NO_HOLE
+        else:
+            q.commit(tag, -EOPNOTSUPP)
+            return 0
+        if self.fua and iod.op_flags & UBLK_IO_F_FUA and cmd != CMD_READ and cmd != CMD_FLUSH:
+            flags |= CMD_FLAG_FUA
+        r.gen += 1
+        put32(r.hdr, REQ_MAGIC)
+        put16(r.hdr + 4, flags)
+        put16(r.hdr + 6, cmd)
+        put64(r.hdr + 8, (<uint64_t>r.gen << 32) | <uint32_t>tag)
+        if cmd == CMD_FLUSH:
+            put64(r.hdr + 16, 0)
+            put32(r.hdr + 24, 0)
+        else:
+            put64(r.hdr + 16, iod.start_sector << SECTOR_SHIFT)
+            put32(r.hdr + 24, n)
+        r.dlen = n if cmd == CMD_WRITE else 0
+        r.rlen = n if cmd == CMD_READ else 0
+        r.result = r.dlen + r.rlen        # what a READ or WRITE returns; 0 for the rest
+        r.active = 1
+        r.in_send = 0
+        r.sent = 0
+        r.replied = 0
+        c.sendq[(c.sq_head + c.sq_len) % c.depth] = <uint16_t>tag
+        c.sq_len += 1
+        c.inflight += 1
+        if c.inflight == 1:
+            c.last_progress = q.now_ns    # the wait for the server starts now
+        return 0
+
+    cdef void finish(self, Queue q, Conn *c, int tag, int32_t res) noexcept nogil:
+        c.reqs[tag].active = 0
+        c.inflight -= 1
+        q.commit(tag, res)
+
+    cdef void batch_end(self, Queue q) noexcept nogil:
+        cdef Conn *c = self.conns[q.q_id]
+        cdef io_uring_sqe *sqe
+        if c == NULL or c.dead:
+            return
+        self.flush_send(q, c)
+        if c.inflight and self.timeout_ns and not c.timer_armed:
+            sqe = q.get_sqe()
+            io_uring_prep_timeout(sqe, &c.ts, 0, 0)
+            sqe.user_data = q.target_ud(0, TD_TIMER)
+            c.timer_armed = True
+
+    # -- sending ------------------------------------------------------------------------
+
+    cdef void flush_send(self, Queue q, Conn *c) noexcept nogil:
+        """Send what is queued, in one sendmsg, unless one is in flight."""
+        cdef int i, tag, k = 0
+        cdef uint32_t off
+        cdef Req *r
+        cdef io_uring_sqe *sqe
+        if c.nsend or c.sq_len == 0 or c.dead:
+            return
+        off = c.head_off
+        i = 0
+        while i < c.sq_len and k + 2 <= c.max_iov:
+            tag = c.sendq[(c.sq_head + i) % c.depth]
+            r = &c.reqs[tag]
+            if off < HDR:
+                c.iov[k].iov_base = r.hdr + off
+                c.iov[k].iov_len = HDR - off
+                k += 1
+                off = 0
+            else:
+                off -= HDR
+            if r.dlen:
+                c.iov[k].iov_base = q.tag_buf(tag) + off
+                c.iov[k].iov_len = r.dlen - off
+                k += 1
+            off = 0
+            r.in_send = 1
+            i += 1
+        c.nsend = i
+        c.msg.msg_iov = c.iov
+        c.msg.msg_iovlen = k
+        sqe = q.get_sqe()
+        io_uring_prep_sendmsg(sqe, c.fd, &c.msg, MSG_NOSIGNAL)
+        sqe.user_data = q.target_ud(0, TD_SEND)
+
+    cdef void send_done(self, Queue q, Conn *c, int32_t res) noexcept nogil:
+        cdef int i, tag
+        cdef uint32_t left
+        cdef Req *r
+        for i in range(c.nsend):
+            c.reqs[c.sendq[(c.sq_head + i) % c.depth]].in_send = 0
+        c.nsend = 0
+        if c.dead:
+            self.after_death(q, c)
+            return
+        if res == -EINTR or res == -EAGAIN:
+            self.flush_send(q, c)
+            return
+        if res < 0:
+            self.conn_fail(q, c, WHY_SEND_ERR, -res)
+            return
+        if res > 0:
+            c.last_progress = q.now_ns
+        while res > 0 and c.sq_len:
+            tag = c.sendq[c.sq_head]
+            r = &c.reqs[tag]
+            left = HDR + r.dlen - c.head_off
+            if <uint32_t>res < left:
+                c.head_off += res
+                break
+            res -= left
+            c.head_off = 0
+            c.sq_head = (c.sq_head + 1) % c.depth
+            c.sq_len -= 1
+            r.sent = 1
+            if r.replied:
+                self.finish(q, c, tag, r.result)
+        self.flush_send(q, c)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    cdef void arm_recv(self, Queue q, Conn *c) noexcept nogil:
+        cdef io_uring_sqe *sqe
+        if c.dead or c.recv_armed:
+            return
+        sqe = q.get_sqe()
+        if c.rtag < 0:
+            io_uring_prep_recv(sqe, c.fd, c.rhdr + c.rgot, REPLY - c.rgot, MSG_WAITALL)
+        else:
+            io_uring_prep_recv(sqe, c.fd, q.tag_buf(c.rtag) + c.rgot,
+                               c.reqs[c.rtag].rlen - c.rgot, MSG_WAITALL)
+        sqe.user_data = q.target_ud(0, TD_RECV)
+        c.recv_armed = True
+
+    cdef void replied(self, Queue q, Conn *c, int tag) noexcept nogil:
+        cdef Req *r = &c.reqs[tag]
+        r.replied = 1
+        if r.sent:
+            self.finish(q, c, tag, r.result)
+
+    cdef void recv_done(self, Queue q, Conn *c, int32_t res) noexcept nogil:
+        cdef uint32_t magic, err, tag, gen
+        cdef uint64_t cookie
+        cdef Req *r
+        c.recv_armed = False
+        if c.dead:
+            c.rtag = -1       # its buffer is free again
+            self.after_death(q, c)
+            return
+        if res == -EINTR or res == -EAGAIN:
+            self.arm_recv(q, c)
+            return
+        if res < 0:
+            self.conn_fail(q, c, WHY_RECV_ERR, -res)
+            return
+        if res == 0:
+            self.conn_fail(q, c, WHY_EOF, c.rgot)
+            return
+        c.last_progress = q.now_ns
+        c.rgot += res
+        if c.rtag >= 0:                       # a READ's data
+            if c.rgot == c.reqs[c.rtag].rlen:
+                tag = c.rtag
+                c.rtag = -1
+                c.rgot = 0
+                self.replied(q, c, tag)
+            self.arm_recv(q, c)
+            return
+        if c.rgot < REPLY:
+            self.arm_recv(q, c)
+            return
+        c.rgot = 0
+        magic = get32(c.rhdr)
+        if magic != SIMPLE_REPLY_MAGIC:
+            self.conn_fail(q, c, WHY_STRUCTURED if magic == STRUCTURED_REPLY_MAGIC else WHY_MAGIC, magic)
+            return
+        err = get32(c.rhdr + 4)
+        cookie = get64(c.rhdr + 8)
+        tag = <uint32_t>cookie
+        gen = <uint32_t>(cookie >> 32)
+        if (tag >= <uint32_t>c.depth or not c.reqs[tag].active or c.reqs[tag].replied
+                or c.reqs[tag].gen != gen):
+            self.conn_fail(q, c, WHY_COOKIE, <int64_t>cookie)
+            return
+        r = &c.reqs[tag]
+        if err:
+            r.result = nbd_errno(err)
+        elif r.rlen:
+            c.rtag = tag                      # its data follows, straight into its buffer
+            self.arm_recv(q, c)
+            return
+        self.replied(q, c, tag)
+        self.arm_recv(q, c)
+
+    # -- the connection's end -----------------------------------------------------------
+
+    cdef void conn_fail(self, Queue q, Conn *c, int why, int64_t val) noexcept nogil:
+        """The connection is unusable: say why once, stop it, fail what waits on it (or,
+        with reconnect, keep it for the next connection)."""
+        c.dead = True
+        c.reconnecting = self.reconnect and why != WHY_MAGIC and why != WHY_STRUCTURED and why != WHY_COOKIE
+        c_shutdown(c.fd, SHUT_RDWR)         # the armed receive (and a send) complete at once
+        with gil:
+            if why == WHY_EOF:
+                what = ("the server closed the connection" +
+                        (f" in the middle of a reply ({val} bytes in)" if val else ""))
+            elif why == WHY_RECV_ERR or why == WHY_SEND_ERR:
+                what = (f"{'receiving from' if why == WHY_RECV_ERR else 'sending to'} the server "
+                        f"failed: {os.strerror(val)}")
+            elif why == WHY_MAGIC:
+                what = f"bad reply magic {val:#x} from the server"
+            elif why == WHY_STRUCTURED:
+                what = "the server sent a structured reply, which was not negotiated"
+            elif why == WHY_COOKIE:
+                what = f"the server replied to unknown cookie {<uint64_t>val:#x}"
+            else:
+                what = f"no progress from the server for {val / 1e9:.1f} s"
+            if c.reconnecting:
+                log.warning("nbd %s, queue %d: %s; reconnecting (%d requests in flight wait "
+                            "for it)", self.backend.uri, q.q_id, what, c.inflight)
+            else:
+                log.error("nbd %s, queue %d: %s; failing %d in-flight requests and all later "
+                          "ones with EIO", self.backend.uri, q.q_id, what, c.inflight)
+        self.after_death(q, c)
+
+    cdef void after_death(self, Queue q, Conn *c) noexcept nogil:
+        """Once no SQE uses the dead connection's buffers any more: reconnect, or fail
+        what waits (as far as no SQE still uses it)."""
+        if not c.reconnecting:
+            self.fail_idle(q, c)
+        elif c.nsend == 0 and not c.recv_armed:
+            self.reopen(q, c)
+
+    cdef void reopen(self, Queue q, Conn *c) noexcept nogil:
+        """A new connection for the requests in flight, which are all sent again."""
+        cdef int fd = -1, tag, n = 0
+        cdef Req *r
+        with gil:
+            try:
+                fd = self.backend.reconnect_socket(q.q_id)
+            except Exception as exc:
+                log.error("nbd %s, queue %d: reconnecting failed: %s; failing %d in-flight "
+                          "requests and all later ones with EIO", self.backend.uri, q.q_id,
+                          exc, c.inflight)
+        c.reconnecting = False
+        if fd < 0:
+            self.fail_idle(q, c)
+            return
+        c.fd = fd
+        c.dead = False
+        c.rtag = -1
+        c.rgot = 0
+        c.head_off = 0
+        c.sq_head = 0
+        for tag in range(c.depth):
+            r = &c.reqs[tag]
+            if r.active:
+                r.sent = 0
+                r.replied = 0
+                r.result = r.dlen + r.rlen
+                c.sendq[n] = <uint16_t>tag
+                n += 1
+        c.sq_len = n
+        c.last_progress = pyu_now_ns()   # the reconnect took a while
+        with gil:
+            log.warning("nbd %s, queue %d: reconnected; sending %d requests again",
+                        self.backend.uri, q.q_id, n)
+        self.arm_recv(q, c)
+        self.flush_send(q, c)
+
+    cdef void fail_idle(self, Queue q, Conn *c) noexcept nogil:
+        """Fail the requests of a dead connection whose buffers no SQE uses any more."""
+        cdef int tag
+        cdef Req *r
+        for tag in range(c.depth):
+            r = &c.reqs[tag]
+            if r.active and not r.in_send and not (c.recv_armed and c.rtag == tag):
+                self.finish(q, c, tag, -EIO)
+        c.sq_len = c.nsend
+        if c.nsend == 0:
+            c.head_off = 0
+
+    cdef int32_t io_done(self, Queue q, int tag, uint32_t tgt_data, int32_t res) noexcept nogil:
+        cdef Conn *c = self.conns[q.q_id]
+        if tgt_data == TD_SEND:
+            self.send_done(q, c, res)
+        elif tgt_data == TD_RECV:
+            self.recv_done(q, c, res)
+        elif tgt_data == TD_TIMER:
+            c.timer_armed = False
+            if (not c.dead and c.inflight and self.timeout_ns
+                    and q.now_ns - c.last_progress >= self.timeout_ns):
+                self.conn_fail(q, c, WHY_TIMEOUT, q.now_ns - c.last_progress)
+        return C_RESUBMITTED
+
+    cdef int shutdown(self, Queue q) except -1:
+        """Cancel the armed receive and timer; the socket stays up, so that the backend
+        can end the session properly (NBD_CMD_DISC) as it closes."""
+        cdef Conn *c = self.conns[q.q_id] if q.q_id < MAX_QUEUES else NULL
+        cdef io_uring_sqe *sqe
+        if c == NULL:
+            return 0
+        c.dead = True
+        for armed, td in ((c.recv_armed, TD_RECV), (c.timer_armed, TD_TIMER)):
+            if armed:
+                sqe = q.get_sqe()
+                io_uring_prep_cancel64(sqe, q.target_ud(0, td), 0)
+                sqe.user_data = q.target_ud(0, TD_CANCEL)
+        io_uring_submit(q.r)
+        return 0

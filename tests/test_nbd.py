@@ -1,0 +1,601 @@
+"""The nbd backend over the simulated driver, against real NBD servers started here
+(nbdkit's memory plugin, qemu-nbd on a qcow2 image; Unix socket and loopback TCP) and
+a fake server for the protocol faults. Data is checked against a model."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pyublk_fast.device import Device
+from pyublk_fast.backends.nbd import NbdBackend, NbdError, parse_uri
+from pyublk_fast.backends import nbd as proto
+
+KiB = 1 << 10
+MiB = 1 << 20
+SIZE = 8 * MiB
+TIMEOUT = 20.0
+
+need_nbdkit = pytest.mark.skipif(shutil.which("nbdkit") is None,
+                                 reason="nbdkit not installed (tools/dev.sh installs it)")
+need_qemu = pytest.mark.skipif(shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None,
+                               reason="qemu-utils not installed (tools/dev.sh installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(proc: subprocess.Popen, kind: str, addr) -> None:
+    """Until the server accepts connections (or died: its stderr in the failure)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read().decode()}")
+        fam = socket.AF_UNIX if kind == "unix" else socket.AF_INET
+        with socket.socket(fam) as s:
+            try:
+                s.connect(addr)
+                return
+            except OSError:
+                pass
+        time.sleep(0.02)
+    raise AssertionError(f"server not listening on {addr} after {TIMEOUT} s")
+
+
+def wait_for(cond, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not cond():
+        assert time.monotonic() < deadline, f"no {what} after {TIMEOUT} s"
+        time.sleep(0.01)
+
+
+class Server:
+    """A server process listening on a Unix socket or 127.0.0.1; stop() ends it."""
+
+    def __init__(self, argv_of, kind: str, tmp_path, export: str = ""):
+        if kind == "unix":
+            path = str(tmp_path / "nbd.sock")
+            self.addr, self.uri = path, f"nbd+unix:///{export}?socket={path}"
+        else:
+            port = free_port()
+            self.addr, self.uri = ("127.0.0.1", port), f"nbd://127.0.0.1:{port}/{export}"
+        self.proc = subprocess.Popen(argv_of(kind, self.addr), stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL)
+        wait_listening(self.proc, kind, self.addr)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(TIMEOUT)
+        self.proc.stderr.close()
+
+
+def nbdkit_argv(*extra: str, params: tuple[str, ...] = (), size: int = SIZE):
+    """nbdkit's memory plugin; extra: options (filters), params: the filters' parameters."""
+    def argv(kind, addr):
+        where = ["-U", addr] if kind == "unix" else ["-i", "127.0.0.1", "-p", str(addr[1])]
+        return ["nbdkit", "-f", *where, *extra, "memory", str(size), *params]
+    return argv
+
+
+def qemu_nbd_argv(image: str, export: str = "disk", shared: int = 4, fmt: str = "qcow2"):
+    def argv(kind, addr):
+        where = ["-k", addr] if kind == "unix" else ["-b", "127.0.0.1", "-p", str(addr[1])]
+        return ["qemu-nbd", "-f", fmt, "-t", "-e", str(shared), "-x", export,
+                *where, image]
+    return argv
+
+
+@pytest.fixture
+def servers(tmp_path):
+    started = []
+
+    def start(argv_of, kind, export=""):
+        s = Server(argv_of, kind, tmp_path, export)
+        started.append(s)
+        return s
+    yield start
+    for s in started:
+        s.stop()
+
+
+def random_io(blk, model: bytearray, rng: random.Random, steps: int, size: int,
+              discards: bool = True) -> None:
+    """Writes, discards, write-zeroes, flushes and reads (checked), all against model.
+    discards=False for servers where a trimmed range need not read back as zeros (NBD
+    lets a server ignore TRIM: qemu-nbd does by default)."""
+    for i in range(steps):
+        off = rng.randrange(0, size // 512) * 512
+        n = min(rng.randrange(1, 256) * 512, size - off)
+        r = rng.random()
+        if r < 0.45:
+            data = rng.randbytes(n)
+            assert blk.pwrite(data, off) == n
+            model[off:off + n] = data
+        elif r < 0.55 and discards:
+            blk.discard(off, n)
+            model[off:off + n] = bytes(n)
+        elif r < 0.65:
+            blk.write_zeroes(off, n)
+            model[off:off + n] = bytes(n)
+        elif r < 0.7:
+            blk.flush()
+        else:
+            assert blk.pread(n, off) == bytes(model[off:off + n]), f"step {i}: read {n}@{off}"
+
+
+# -- URIs -----------------------------------------------------------------------------------
+
+def test_uris_as_libnbd_and_qemu_write_them():
+    assert parse_uri("nbd://localhost/disk") == ("tcp", ("localhost", 10809), "disk")
+    assert parse_uri("nbd://127.0.0.1:10810") == ("tcp", ("127.0.0.1", 10810), "")
+    assert parse_uri("nbd://[::1]:5000/a%20b") == ("tcp", ("::1", 5000), "a b")
+    assert parse_uri("nbd+unix:///disk?socket=/run/nbd.sock") == ("unix", "/run/nbd.sock", "disk")
+    assert parse_uri("nbd+unix://?socket=/s") == ("unix", "/s", "")
+    for bad, why in [("nbd+unix:///disk", "no socket"), ("nbd:///disk", "no host"),
+                     ("nbds://h/e", "TLS"), ("http://h/e", "not an NBD URI"),
+                     ("nbd://h:99999/e", "bad port"), ("nbd+unix://host/e?socket=/s", "has no host")]:
+        with pytest.raises(NbdError, match=why):
+            parse_uri(bad)
+
+
+# -- real servers ---------------------------------------------------------------------------
+
+@need_nbdkit
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_nbdkit_memory_data_matches_model(sim, servers, kind):
+    srv = servers(nbdkit_argv(), kind)
+    backend = NbdBackend(srv.uri)
+    assert (backend.size, backend.read_only, backend.can_flush, backend.can_fua,
+            backend.can_discard, backend.can_write_zeroes) == (SIZE, False, True, True, True, True)
+    model = bytearray(SIZE)
+    with Device(backend, sim, queues=2, depth=32) as dev, dev.open() as blk:
+        random_io(blk, model, random.Random(kind), 150, SIZE)
+        r = sim.run_load(dev.dev_id, rw="randrw", bs=4096, qd=32, count=4000, verify=True,
+                         region=2 * MiB)
+        assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 4000)
+        # the load generator's region is its pattern now: keep checking the rest
+        blk.pwrite(bytes(model[:2 * MiB]), 0)
+        reqs = [(1, off, 64 * KiB, os.urandom(64 * KiB), 1 << 13) for off in range(0, 2 * MiB, 64 * KiB)]
+        assert blk.submit(reqs) == [64 * KiB] * len(reqs)       # FUA writes, 32 at once
+        for op, off, n, data, _ in reqs:
+            model[off:off + n] = data
+        assert blk.pread(SIZE, 0) == bytes(model)
+    # what the server holds, through a second client of the same export
+    with Device(NbdBackend(srv.uri), sim) as dev, dev.open() as blk:
+        assert blk.pread(SIZE, 0) == bytes(model)
+
+
+@need_nbdkit
+@pytest.mark.parametrize("path", ["need_get_data", "user_copy"])
+def test_buffered_data_paths(sim, servers, path):
+    """The other buffered paths (copy is above): a verified load, then a device read of
+    what another connection wrote."""
+    srv = servers(nbdkit_argv(), "unix")
+    with Device(NbdBackend(srv.uri), sim, depth=16, data_path=path) as dev:
+        r = sim.run_load(dev.dev_id, rw="randrw", bs=8192, qd=16, count=2000, verify=True,
+                         region=1 * MiB)
+    assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 2000)
+    with Device(NbdBackend(srv.uri), sim, depth=4) as dev, dev.open() as blk:
+        blk.pwrite(b"\x77" * 12288, 1 * MiB)
+    with Device(NbdBackend(srv.uri), sim, depth=4, data_path=path) as dev, dev.open() as blk:
+        assert blk.pread(16384, 1 * MiB) == b"\x77" * 12288 + bytes(4096)
+
+
+def test_zero_copy_is_not_offered(sim, fake):
+    f = fake(on_request=good)
+    backend = NbdBackend(f.uri)
+    try:
+        with pytest.raises(ValueError, match="data_path='zero_copy' is not available"):
+            Device(backend, sim, data_path="zero_copy")
+    finally:
+        backend.close()
+
+
+@need_nbdkit
+def test_discard_and_write_zeroes_read_back_zeros(sim, servers):
+    srv = servers(nbdkit_argv(), "unix")
+    with Device(NbdBackend(srv.uri), sim, depth=8) as dev, dev.open() as blk:
+        blk.pwrite(b"\xa5" * (256 * KiB), 0)
+        blk.discard(64 * KiB - 1024, 64 * KiB + 2048)
+        blk.write_zeroes(200 * KiB + 512, 3 * 512)
+        blk.flush()
+        got = blk.pread(256 * KiB, 0)
+    want = bytearray(b"\xa5" * (256 * KiB))
+    want[64 * KiB - 1024:128 * KiB + 1024] = bytes(64 * KiB + 2048)
+    want[200 * KiB + 512:200 * KiB + 2048] = bytes(1536)
+    assert got == bytes(want)
+
+
+@need_nbdkit
+def test_export_capabilities_become_the_devices(sim, servers):
+    """Read-only, no write zeroes, no multi-conn: as the export says."""
+    srv = servers(nbdkit_argv("-r", "--filter=nozero", "--filter=multi-conn",
+                              params=("zeromode=none", "multi-conn-mode=disable")), "unix")
+    backend = NbdBackend(srv.uri)
+    assert (backend.read_only, backend.can_write_zeroes, backend.multi_conn) == (True, False, False)
+    with Device(backend, sim) as dev, dev.open() as blk:
+        assert blk.pread(4096, 0) == bytes(4096)
+        res = blk.submit([(1, 0, 4096, bytes(4096))])
+        assert res[0] < 0, "a write to a read-only export's device must fail"
+    backend = NbdBackend(srv.uri)
+    try:
+        with pytest.raises(NbdError, match=r"does not allow several connections \(no multi-conn\): "
+                                            r"serve it with one queue \(-q 1\)"):
+            with Device(backend, sim, queues=2):
+                pass
+    finally:
+        backend.close()
+
+
+@need_nbdkit
+def test_recovered_queue_opens_a_new_connection(sim, servers):
+    """A server killed and recovered in the same process: the queue set up again replaces
+    its connection (one per queue: no multi-conn needed) and serves the same data."""
+    srv = servers(nbdkit_argv("--filter=multi-conn", params=("multi-conn-mode=disable",)), "unix")
+    with Device(NbdBackend(srv.uri), sim, depth=8, recovery="reissue") as dev:
+        with dev.open() as blk:
+            blk.pwrite(b"\x31" * 8192, 4096)
+        dev.kill()
+        dev.recover()
+        with dev.open() as blk:
+            assert blk.pread(16384, 0) == bytes(4096) + b"\x31" * 8192 + bytes(4096)
+            blk.pwrite(b"\x32" * 4096, 0)
+            assert blk.pread(4096, 0) == b"\x32" * 4096
+
+
+@need_qemu
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_qemu_nbd_qcow2_holds_what_was_written(sim, servers, tmp_path, kind):
+    image = str(tmp_path / "disk.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, str(SIZE)], check=True)
+    srv = servers(qemu_nbd_argv(image), kind, export="disk")
+    model = bytearray(SIZE)
+    with Device(NbdBackend(srv.uri), sim, depth=32) as dev, dev.open() as blk:
+        random_io(blk, model, random.Random(kind), 150, SIZE, discards=False)
+        blk.flush()
+        assert blk.pread(SIZE, 0) == bytes(model)
+    srv.stop()
+    raw = tmp_path / "model.raw"
+    raw.write_bytes(model)
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), image],
+                         capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+# -- connection and handshake errors --------------------------------------------------------
+
+def test_unreachable_server_is_one_clear_line(tmp_path):
+    with pytest.raises(NbdError, match=r"cannot connect to .*nope.sock: No such file"):
+        NbdBackend(f"nbd+unix:///?socket={tmp_path}/nope.sock")
+    port = free_port()
+    with pytest.raises(NbdError, match=rf"cannot connect to 127.0.0.1:{port}: Connection refused"):
+        NbdBackend(f"nbd://127.0.0.1:{port}/")
+
+
+@need_qemu
+def test_missing_export_is_named(servers, tmp_path):
+    image = str(tmp_path / "disk.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "1M"], check=True)
+    srv = servers(qemu_nbd_argv(image, export="disk"), "unix", export="other")
+    with pytest.raises(NbdError, match="refused NBD_OPT_GO: no export named 'other'"):
+        NbdBackend(srv.uri)
+
+
+class FakeServer:
+    """One NBD server connection in a thread: a handshake (or a broken one), then
+    ``on_request(conn, header fields, data)`` for each request until it returns False."""
+
+    def __init__(self, tmp_path, on_request=None, greeting=None, go_reply=None,
+                 size=1 * MiB, flags=proto.FLAG_HAS_FLAGS | proto.FLAG_SEND_FLUSH):
+        self.path = str(tmp_path / "fake.sock")
+        self.uri = f"nbd+unix:///?socket={self.path}"
+        self.lsock = socket.socket(socket.AF_UNIX)
+        self.lsock.bind(self.path)
+        self.lsock.listen(4)
+        self.on_request = on_request
+        self.greeting = greeting
+        self.go_reply = go_reply
+        self.size, self.flags = size, flags
+        self.conns: list[socket.socket] = []
+        self.seen: list[tuple[int, int]] = []     # (command, its flags) of each request
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def recv(self, conn, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = conn.recv(n - len(buf))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return buf
+
+    def serve(self):
+        """Each connection in turn, until the listening socket is closed."""
+        while True:
+            try:
+                conn, _ = self.lsock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self.serve_one(conn)
+
+    def serve_one(self, conn):
+        try:
+            if self.greeting is not None:
+                conn.sendall(self.greeting)
+                self.recv(conn, 1)
+                return
+            conn.sendall(struct.pack(">QQH", proto.NBD_MAGIC, proto.IHAVEOPT,
+                                     proto.NBD_FLAG_FIXED_NEWSTYLE | proto.NBD_FLAG_NO_ZEROES))
+            self.recv(conn, 4)
+            _, opt, length = struct.unpack(">QII", self.recv(conn, 16))
+            self.recv(conn, length)
+
+            def reply(rtype, body=b""):
+                conn.sendall(struct.pack(">QIII", proto.NBD_REP_MAGIC, opt, rtype, len(body)) + body)
+            if self.go_reply is not None:
+                reply(*self.go_reply)
+                self.recv(conn, 1)
+                return
+            reply(proto.NBD_REP_INFO, struct.pack(">HQH", proto.NBD_INFO_EXPORT, self.size, self.flags))
+            reply(proto.NBD_REP_ACK)
+            while True:
+                magic, flags, cmd, cookie, off, n = struct.unpack(">IHHQQI", self.recv(conn, 28))
+                assert magic == 0x25609513
+                data = self.recv(conn, n) if cmd == 1 else b""
+                self.seen.append((cmd, flags))
+                if cmd == 2:                # NBD_CMD_DISC: the client is done
+                    return
+                if not self.on_request(conn, cmd, cookie, off, n, data):
+                    self.recv(conn, 1)      # wait for the client to hang up
+                    return
+        except (EOFError, OSError):
+            return
+
+    def close(self):
+        for s in [self.lsock, *self.conns]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)    # wakes the thread in accept() or recv()
+            except OSError:
+                pass
+            s.close()
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def fake(tmp_path):
+    made = []
+
+    def make(**kw):
+        f = FakeServer(tmp_path, **kw)
+        made.append(f)
+        return f
+    yield make
+    for f in made:
+        f.close()
+
+
+@pytest.mark.parametrize("greeting,why", [
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n", "not an NBD server"),
+    (struct.pack(">QQ", proto.NBD_MAGIC, 0x420281861253) + bytes(8), "old-style"),
+])
+def test_bad_greeting_is_one_clear_line(fake, greeting, why):
+    f = fake(greeting=greeting)
+    with pytest.raises(NbdError, match=why):
+        NbdBackend(f.uri)
+
+
+def test_server_refusing_go_is_one_clear_line(fake):
+    f = fake(go_reply=(proto.NBD_REP_ERR | 2, b"go away"))
+    with pytest.raises(NbdError, match=r"refused NBD_OPT_GO: refused by the server's policy \(go away\)"):
+        NbdBackend(f.uri)
+
+
+def simple_reply(conn, cookie, err=0, data=b"", magic=0x67446698):
+    conn.sendall(struct.pack(">IIQ", magic, err, cookie) + data)
+
+
+def good(conn, cmd, cookie, off, n, data):
+    simple_reply(conn, cookie, data=bytes(n) if cmd == 0 else b"")
+    return True
+
+
+FAULTS = {
+    "bad magic": (lambda conn, cmd, cookie, off, n, data: simple_reply(conn, cookie, magic=0x12345678),
+                  "bad reply magic 0x12345678"),
+    "structured": (lambda conn, cmd, cookie, off, n, data: simple_reply(conn, cookie, magic=0x668e33ef),
+                   "structured reply, which was not negotiated"),
+    "unknown cookie": (lambda conn, cmd, cookie, off, n, data: simple_reply(conn, cookie ^ 0x5a5a0000,
+                                                                            data=bytes(n)),
+                       "replied to unknown cookie"),
+    "eof mid reply": (lambda conn, cmd, cookie, off, n, data: (
+        simple_reply(conn, cookie, data=bytes(n // 2)), conn.shutdown(socket.SHUT_WR)),
+        "closed the connection"),
+    "eof mid header": (lambda conn, cmd, cookie, off, n, data: (
+        conn.sendall(struct.pack(">I", 0x67446698)), conn.shutdown(socket.SHUT_WR)),
+        r"closed the connection in the middle of a reply \(4 bytes in\)"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_protocol_violation_fails_requests_with_eio(sim, fake, caplog, fault):
+    """The first read gets a good reply; the second a broken one: it fails with EIO, the
+    log names why, later requests fail at once, and the device stops (no hang)."""
+    act, why = FAULTS[fault]
+    calls = []
+
+    def on_request(conn, cmd, cookie, off, n, data):
+        calls.append(cmd)
+        if len(calls) == 1:
+            return good(conn, cmd, cookie, off, n, data)
+        act(conn, cmd, cookie, off, n, data)
+        return False
+    f = fake(on_request=on_request)
+    caplog.set_level(logging.ERROR, "pyublk_fast.nbd")
+    with Device(NbdBackend(f.uri), sim, depth=4) as dev, dev.open() as blk:
+        assert blk.pread(4096, 0) == bytes(4096)
+        assert blk.submit([(0, 4096, 8192, bytearray(8192))]) == [-errno.EIO]
+        assert blk.submit([(0, 0, 4096, bytearray(4096))]) == [-errno.EIO]
+    assert len(calls) == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
+    assert len(lines) == 1 and "with EIO" in lines[0], lines
+    assert __import__("re").search(why, lines[0]), lines[0]
+
+
+def test_silent_server_times_out(sim, fake, caplog):
+    """A server that takes requests and never answers: they fail after the timeout."""
+    f = fake(on_request=lambda *a: False)
+    caplog.set_level(logging.ERROR, "pyublk_fast.nbd")
+    with Device(NbdBackend(f.uri, timeout=0.5), sim, depth=4) as dev, dev.open() as blk:
+        t0 = time.monotonic()
+        assert blk.submit([(1, 0, 4096, bytes(4096)), (2, 0, 0, None)], timeout=TIMEOUT) == \
+            [-errno.EIO, -errno.EIO]
+        assert 0.4 < time.monotonic() - t0 < 5
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
+    assert len(lines) == 1 and "no progress from the server for" in lines[0], lines
+    assert "failing 2 in-flight requests" in lines[0]
+
+
+def test_server_errors_reach_the_request(sim, fake):
+    """An NBD error reply fails that request with its errno; the connection lives on.
+    The export has no FUA: a FUA write goes without the flag."""
+    seen = []
+
+    def on_request(conn, cmd, cookie, off, n, data):
+        seen.append(cmd)
+        simple_reply(conn, cookie, err=errno.ENOSPC if cmd == 1 else 0, data=bytes(n) if cmd == 0 else b"")
+        return True
+    f = fake(on_request=on_request)
+    backend = NbdBackend(f.uri)
+    assert (backend.can_fua, backend.can_flush, backend.can_discard) == (False, True, False)
+    with Device(backend, sim, depth=4) as dev, dev.open() as blk:
+        assert blk.submit([(1, 0, 4096, bytes(4096), 1 << 13)]) == [-errno.ENOSPC]
+        assert blk.pread(4096, 0) == bytes(4096)
+    wait_for(lambda: len(f.seen) == 3, "NBD_CMD_DISC")     # sent as the device closed
+    assert f.seen == [(1, 0), (0, 0), (2, 0)]
+    assert seen == [1, 0]
+
+
+# -- the command line -----------------------------------------------------------------------
+
+def test_cli_unreachable_server_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pyublk_fast", "add", "-t", "nbd", "--uri",
+                          f"nbd+unix:///x?socket={tmp_path}/none.sock"], capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, PYUBLK_FAST_RUN_DIR=str(tmp_path)))
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith("pyublk_fast: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "none.sock: No such file or directory" in res.stderr, res.stderr
+
+
+@need_nbdkit
+def test_cli_add_serves_the_export(sim, servers, monkeypatch):
+    """`add -t nbd --uri URI --timeout S`: the options build the backend (the record keeps
+    the URI, which `list` prints), and the device reads what the server holds."""
+    from pyublk_fast import cli
+    from pyublk_fast.transport.sim import SimTransport
+    monkeypatch.setattr(cli, "KernelTransport", lambda unprivileged=False: SimTransport())
+    srv = servers(nbdkit_argv(), "tcp")
+    with Device(NbdBackend(srv.uri), sim) as dev, dev.open() as blk:
+        blk.pwrite(b"\x5a" * 8192, 8192)
+    a, extra = cli.build_parser().parse_known_args(["add", "-t", "nbd", "--uri", srv.uri,
+                                                    "--timeout", "5", "-q", "2", "--reconnect"])
+    opts = cli.add_options(a, extra)
+    assert opts["backend_args"] == {"uri": srv.uri, "timeout": 5.0, "reconnect": True}
+    cli.check_options(opts)
+    transport, dev = cli.start_server(opts)
+    try:
+        assert (dev.backend.timeout, dev.backend.reconnect, dev.nr_queues) == (5.0, True, 2)
+        with dev.open() as blk:
+            assert blk.pread(16384, 4096) == bytes(4096) + b"\x5a" * 8192 + bytes(4096)
+    finally:
+        dev.stop()
+        transport.close()
+
+
+# -- --reconnect ----------------------------------------------------------------------------
+
+def test_reconnect_sends_the_requests_again(sim, fake, caplog):
+    """The first connection dies with a read in flight: the queue reconnects, sends it
+    again, and it succeeds; the next request goes on the new connection."""
+    def on_request(conn, cmd, cookie, off, n, data):
+        if len(f.conns) == 1:
+            return False                        # never answered: the server "crashes"
+        simple_reply(conn, cookie, data=bytes([len(f.conns)]) * n if cmd == 0 else b"")
+        return True
+    f = fake(on_request=on_request)
+    caplog.set_level(logging.WARNING, "pyublk_fast.nbd")
+    with Device(NbdBackend(f.uri, timeout=5, reconnect=True), sim, depth=4) as dev, dev.open() as blk:
+        pending = threading.Thread(target=lambda: out.append(blk.pread(8192, 0)))
+        out: list[bytes] = []
+        pending.start()
+        wait_for(lambda: f.seen, "request at the server")
+        f.conns[0].shutdown(socket.SHUT_RDWR)      # EOF for the client
+        pending.join(TIMEOUT)
+        assert out == [b"\x02" * 8192]
+        assert blk.pread(4096, 0) == b"\x02" * 4096
+    wait_for(lambda: len(f.seen) == 4, "NBD_CMD_DISC")
+    assert [c for c, _ in f.seen] == [0, 0, 0, 2] and len(f.conns) == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
+    assert len(lines) == 2 and "closed the connection; reconnecting" in lines[0], lines
+    assert "reconnected; sending 1 requests again" in lines[1], lines
+
+
+def test_reconnect_gives_up_after_the_timeout(sim, fake, caplog):
+    f = fake(on_request=lambda *a: False)
+    caplog.set_level(logging.WARNING, "pyublk_fast.nbd")
+    with Device(NbdBackend(f.uri, timeout=0.5, reconnect=True), sim, depth=4) as dev, dev.open() as blk:
+        f.lsock.close()                         # nobody to reconnect to
+        assert blk.submit([(0, 0, 4096, bytearray(4096))], timeout=TIMEOUT) == [-errno.EIO]
+        assert blk.submit([(0, 0, 4096, bytearray(4096))]) == [-errno.EIO]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
+    assert "no progress from the server" in lines[0] and "reconnecting" in lines[0], lines
+    assert "reconnecting failed" in lines[1] and "cannot connect" in lines[1], lines
+
+
+@need_qemu
+def test_qemu_nbd_killed_and_restarted_under_load(sim, servers, tmp_path, caplog):
+    """qemu-nbd (raw image: a write it acknowledged is in the file) is killed in the middle
+    of a verified random load and started again on the same socket: with --reconnect the
+    load sees no error and reads back what it wrote."""
+    image = str(tmp_path / "disk.raw")
+    with open(image, "wb") as f:
+        f.truncate(SIZE)
+    argv = qemu_nbd_argv(image, fmt="raw")
+    srv = servers(argv, "unix", export="disk")
+    caplog.set_level(logging.WARNING, "pyublk_fast.nbd")
+    with Device(NbdBackend(srv.uri, timeout=10, reconnect=True), sim, depth=32) as dev:
+        out = []
+        load = threading.Thread(target=lambda: out.append(sim.run_load(
+            dev.dev_id, rw="randrw", bs=4096, qd=32, count=30000, verify=True, region=2 * MiB)))
+        load.start()
+        deadline = time.monotonic() + TIMEOUT
+        while dev.requests_served < 2000:
+            assert time.monotonic() < deadline and load.is_alive(), "the load did not start"
+            time.sleep(0.01)
+        srv.proc.kill()
+        srv.stop()
+        os.unlink(srv.addr)
+        servers(argv, "unix", export="disk")
+        load.join(120)
+        assert not load.is_alive()
+    r = out[0]
+    assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 30000)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
+    assert len(lines) == 2 and "reconnected; sending" in lines[1], lines
