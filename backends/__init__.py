@@ -1,2 +1,2 @@
-"""Shipped backends: null, loop, qcow2-lite and memory (importing registers them)."""
-from . import loop, memory, null, qcow2_backend  # noqa: F401
+"""Shipped backends: null, loop, qcow2-lite, memory and rbd (importing registers them)."""
+from . import loop, memory, null, qcow2_backend, rbd  # noqa: F401
