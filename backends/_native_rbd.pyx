@@ -52,6 +52,11 @@ cdef extern from "<rbd/librbd.h>" nogil:
                            const char *snap_name)
     int rbd_close(rbd_image_t image)
     int rbd_get_size(rbd_image_t image, uint64_t *size)
+    ssize_t rbd_read(rbd_image_t image, uint64_t ofs, size_t len, char *buf)
+    ssize_t rbd_write(rbd_image_t image, uint64_t ofs, size_t len, const char *buf)
+    int rbd_flush(rbd_image_t image)
+    int rbd_discard(rbd_image_t image, uint64_t ofs, uint64_t len)
+    int rbd_write_zeroes(rbd_image_t image, uint64_t ofs, size_t len, int zero_flags, int op_flags)
     int rbd_aio_create_completion(void *cb_arg, rbd_callback_t complete_cb, rbd_completion_t *c)
     ssize_t rbd_aio_get_return_value(rbd_completion_t c)
     void rbd_aio_release(rbd_completion_t c)
@@ -250,6 +255,38 @@ cdef class RbdImage(NativeTarget):
     def __dealloc__(self):
         # a stuck image is referenced from _STUCK and never gets here
         self.release()
+
+    # -- blocking calls, for the Python path (--python) ---------------------------------
+
+    def pread_into(self, uint64_t offset, unsigned char[::1] buf not None):
+        cdef ssize_t ret
+        with nogil:
+            ret = rbd_read(self.image, offset, buf.shape[0], <char *>&buf[0])
+        check(<int>ret if ret < 0 else 0, "rbd read")
+
+    def pwrite(self, uint64_t offset, const unsigned char[::1] data not None):
+        cdef ssize_t ret
+        with nogil:
+            ret = rbd_write(self.image, offset, data.shape[0], <const char *>&data[0])
+        check(<int>ret if ret < 0 else 0, "rbd write")
+
+    def flush(self):
+        cdef int ret
+        with nogil:
+            ret = rbd_flush(self.image)
+        check(ret, "rbd flush")
+
+    def discard(self, uint64_t offset, uint64_t length):
+        cdef int ret
+        with nogil:
+            ret = rbd_discard(self.image, offset, length)
+        check(ret, "rbd discard")
+
+    def write_zeroes(self, uint64_t offset, uint64_t length):
+        cdef int ret
+        with nogil:
+            ret = rbd_write_zeroes(self.image, offset, length, 0, 0)
+        check(ret, "rbd write zeroes")
 
     # -- the target --------------------------------------------------------------------
 

@@ -67,8 +67,9 @@ def test_parse_bs():
 
 def test_backend_axis_is_the_registry():
     """Every registered backend; a native one also as NAME-py."""
-    assert backend_names() == ["loop", "memory", "null", "null-aio", "qcow2"]
-    assert backend_axis() == ["loop", "loop-py", "memory", "null", "null-py", "null-aio", "qcow2"]
+    assert backend_names() == ["loop", "memory", "null", "null-aio", "qcow2", "rbd"]
+    assert backend_axis() == ["loop", "loop-py", "memory", "null", "null-py", "null-aio", "qcow2",
+                              "rbd", "rbd-py"]
 
 
 # -- selection -------------------------------------------------------------------------------
@@ -506,7 +507,8 @@ def test_any_registered_backend_is_benchmarked(monkeypatch, tmp_path):
 
     register("ram")(MemoryBackend)
     register("picky")(Picky)
-    assert backend_axis() == ["loop", "loop-py", "memory", "null", "null-py", "null-aio", "picky", "qcow2", "ram"]
+    assert backend_axis() == ["loop", "loop-py", "memory", "null", "null-py", "null-aio", "picky", "qcow2",
+                              "ram", "rbd", "rbd-py"]
     out = tmp_path / "r.json"
     ram, picky = "sim/ram/randread-4k-qd1/copy/q1", "sim/picky/randread-4k-qd1/copy/q1"
     assert main(["--runtime", "0.1", "--scenario", ram, "--scenario", picky, "--json", str(out)]) == 0

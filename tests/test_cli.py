@@ -49,7 +49,8 @@ def test_help_lists_each_targets_options(sub):
     out = run(sub, "--help").stdout
     targets = out[out.index("targets (-t NAME, then its own options):"):]
     sections = {s.split(":", 1)[0]: s for s in targets.split("\n\n-t ")[1:]}
-    assert list(sections) == ["loop", "memory", "null", "null-aio", "qcow2"]
+    assert list(sections) == ["loop", "memory", "null", "null-aio", "qcow2", "rbd"]
+    assert "--image POOL/IMAGE[@SNAP]" in sections["rbd"] and "--id NAME" in sections["rbd"]
     assert "-f FILE, --file FILE" in sections["loop"] and "(required)" in sections["loop"]
     assert "-f FILE, --file FILE" in sections["qcow2"]
     assert f"(default {format_size(NullBackend.DEFAULT_SIZE)})" in sections["null"]

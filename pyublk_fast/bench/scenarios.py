@@ -140,6 +140,9 @@ def _default_marks() -> dict[tuple, str]:
     add("qcow2", "read", k128, 32)
     add("memory", "randread", k4, 32, quick=True)
     add("memory", "randwrite", k4, 32)
+    # rbd needs a cluster and an image (--image): its rows say so until the bench starts one
+    add("rbd", "randread", k4, 32, quick=True)
+    add("rbd-py", "randread", k4, 32, quick=True)
     return marks
 
 
