@@ -175,6 +175,7 @@ def test_kill_and_recover_reissues_in_flight_writes(sim, ceph):
         th.start()
         assert wait_until(lambda: dev.requests_served >= 64, 30), "no write completed"
         dev.kill()
+        assert th.is_alive(), "every write finished before the kill: none was in flight"
         dev.recover()
         th.join(60)
         assert not th.is_alive()
