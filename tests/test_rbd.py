@@ -62,6 +62,16 @@ def test_verify_random_writes_read_back(sim, ceph, queues, cache):
         assert blk.pread(SIZE, 0) == bytes(model)
 
 
+@pytest.mark.parametrize("path", ["copy", "need_get_data", "user_copy"])
+def test_loadgen_verify(sim, ceph, path):
+    """The simulated driver's fio (pattern prefill, then 4 KiB random reads and writes at
+    QD32, every block read checked) on each data path the backend serves."""
+    spec = ceph.new_image(2 * MiB)
+    with Device(rbd(spec, ceph), sim, depth=32, data_path=path) as dev:
+        r = sim.run_load(dev.dev_id, rw="randrw", bs=4096, qd=32, count=2000, verify=True)
+    assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 2000)
+
+
 def test_discard_and_write_zeroes_read_back_zeros(sim, ceph):
     spec = ceph.new_image(SIZE)
     with Device(rbd(spec, ceph), sim, depth=8) as dev, dev.open() as blk:
