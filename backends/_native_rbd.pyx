@@ -15,7 +15,7 @@ eventfd write and one CQE per batch of completions.
 """
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
-from libc.errno cimport EIO, ETIMEDOUT, EOPNOTSUPP, EROFS
+from libc.errno cimport EIO, ENOENT, ETIMEDOUT, EOPNOTSUPP, EROFS
 from posix.unistd cimport close as c_close
 
 from pyublk_fast._core.liburing cimport *
@@ -190,7 +190,8 @@ cdef class RbdImage(NativeTarget):
             rados_conf_read_file(self.cluster, NULL)
         rados_conf_parse_env(self.cluster, NULL)
         for key, value in (options or {}).items():
-            check(rados_conf_set(self.cluster, key.encode(), (f"{value:g}" if isinstance(value, float) else str(value)).encode()),
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+            check(rados_conf_set(self.cluster, key.encode(), text.encode()),
                   f"ceph option {key}={value}")
         with nogil:
             ret = rados_connect(self.cluster)
@@ -204,7 +205,7 @@ cdef class RbdImage(NativeTarget):
                            f"{client_id or 'admin'}: {os.strerror(-ret)} (check the keyring "
                            "and the client's capabilities)")
         ret = rados_ioctx_create(self.cluster, b_pool, &self.ioctx)
-        if ret == -2:
+        if ret == -ENOENT:
             raise RbdError(-ret, f"pool {pool!r} does not exist")
         check(ret, f"pool {pool}")
         if snap:
@@ -215,7 +216,7 @@ cdef class RbdImage(NativeTarget):
                 ret = rbd_open_read_only(self.ioctx, c_name, &self.image, c_snap)
             else:
                 ret = rbd_open(self.ioctx, c_name, &self.image, NULL)
-        if ret == -2:
+        if ret == -ENOENT:
             what = f"image {pool}/{name}" + (f" or its snapshot {snap!r}" if snap else "")
             raise RbdError(-ret, f"{what} does not exist")
         check(ret, f"opening image {pool}/{name}" + (f"@{snap}" if snap else ""))
@@ -258,32 +259,42 @@ cdef class RbdImage(NativeTarget):
 
     # -- blocking calls, for the Python path (--python) ---------------------------------
 
+    cdef int opened(self) except -1:
+        if self.image == NULL:
+            raise RbdError(EIO, "rbd: the image is closed")
+        return 0
+
     def pread_into(self, uint64_t offset, unsigned char[::1] buf not None):
         cdef ssize_t ret
+        self.opened()
         with nogil:
             ret = rbd_read(self.image, offset, buf.shape[0], <char *>&buf[0])
         check(<int>ret if ret < 0 else 0, "rbd read")
 
     def pwrite(self, uint64_t offset, const unsigned char[::1] data not None):
         cdef ssize_t ret
+        self.opened()
         with nogil:
             ret = rbd_write(self.image, offset, data.shape[0], <const char *>&data[0])
         check(<int>ret if ret < 0 else 0, "rbd write")
 
     def flush(self):
         cdef int ret
+        self.opened()
         with nogil:
             ret = rbd_flush(self.image)
         check(ret, "rbd flush")
 
     def discard(self, uint64_t offset, uint64_t length):
         cdef int ret
+        self.opened()
         with nogil:
             ret = rbd_discard(self.image, offset, length)
         check(ret, "rbd discard")
 
     def write_zeroes(self, uint64_t offset, uint64_t length):
         cdef int ret
+        self.opened()
         with nogil:
             ret = rbd_write_zeroes(self.image, offset, length, 0, 0)
         check(ret, "rbd write zeroes")
