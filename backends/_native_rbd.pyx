@@ -15,7 +15,7 @@ eventfd write and one CQE per batch of completions.
 """
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
-from libc.errno cimport EIO, ENOENT, ETIMEDOUT, EOPNOTSUPP, EROFS
+from libc.errno cimport EACCES, EIO, ENOENT, EPERM, ETIMEDOUT, EOPNOTSUPP, EROFS
 from posix.unistd cimport close as c_close
 
 from pyublk_fast._core.liburing cimport *
@@ -147,6 +147,13 @@ class RbdError(OSError):
     """librbd/librados refused: errno plus a one-line message naming what failed."""
 
 
+cdef str conf_value(rados_t cluster, const char *key):
+    cdef char buf[4096]
+    if rados_conf_get(cluster, key, buf, sizeof(buf)) < 0:
+        return "?"
+    return buf.decode(errors="replace")
+
+
 cdef int check(int ret, str what) except -1:
     if ret < 0:
         raise RbdError(-ret, f"{what}: {os.strerror(-ret)}")
@@ -176,7 +183,6 @@ cdef class RbdImage(NativeTarget):
         cdef bytes b_snap = snap.encode() if snap else None
         cdef const char *c_snap = NULL
         cdef const char *c_name = b_name
-        cdef char buf[16]
         cdef int ret
         self.qs = <pyu_rbd_q **>calloc(MAX_QUEUES, sizeof(pyu_rbd_q *))
         if self.qs == NULL:
@@ -196,14 +202,19 @@ cdef class RbdImage(NativeTarget):
         with nogil:
             ret = rados_connect(self.cluster)
         if ret < 0:
+            who = f"client.{client_id or 'admin'}"
+            keyring = conf_value(self.cluster, b"keyring")
             rados_shutdown(self.cluster)
             self.cluster = NULL
             if ret == -ETIMEDOUT:
                 raise RbdError(ETIMEDOUT, "cannot reach the Ceph cluster (no monitor answered "
                                "within the connect timeout)")
-            raise RbdError(-ret, f"connecting to the Ceph cluster as client."
-                           f"{client_id or 'admin'}: {os.strerror(-ret)} (check the keyring "
-                           "and the client's capabilities)")
+            if ret == -ENOENT:
+                raise RbdError(ENOENT, f"no key for {who}: no keyring found at {keyring}")
+            if ret == -EACCES or ret == -EPERM:
+                raise RbdError(-ret, f"the monitors refused {who}: wrong key or unknown "
+                               f"client (keyring {keyring})")
+            raise RbdError(-ret, f"connecting to the Ceph cluster as {who}: {os.strerror(-ret)}")
         ret = rados_ioctx_create(self.cluster, b_pool, &self.ioctx)
         if ret == -ENOENT:
             raise RbdError(-ret, f"pool {pool!r} does not exist")
@@ -219,10 +230,12 @@ cdef class RbdImage(NativeTarget):
         if ret == -ENOENT:
             what = f"image {pool}/{name}" + (f" or its snapshot {snap!r}" if snap else "")
             raise RbdError(-ret, f"{what} does not exist")
+        if ret == -EPERM or ret == -EACCES:
+            raise RbdError(-ret, f"client.{client_id or 'admin'} may not open {pool}/{name} "
+                           "(its capabilities do not cover this pool)")
         check(ret, f"opening image {pool}/{name}" + (f"@{snap}" if snap else ""))
         check(rbd_get_size(self.image, &self.size), f"size of {pool}/{name}")
-        self.cache = (rados_conf_get(self.cluster, b"rbd_cache", buf, sizeof(buf)) == 0
-                      and buf[:4] == b"true")
+        self.cache = conf_value(self.cluster, b"rbd_cache") == "true"
 
     def close(self):
         """Close the image and the connection (after the device stopped). If a queue

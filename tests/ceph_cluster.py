@@ -26,13 +26,14 @@ def missing() -> str | None:
 
 
 class Cluster:
-    """One running cluster: its directory, ceph.conf and a pool named `pool`."""
+    """One running cluster: its directory, ceph.conf and a pool named `pool`; with cephx,
+    client.admin's keyring is the one ceph.conf names."""
 
-    def __init__(self, pool: str = "rbd"):
+    def __init__(self, pool: str = "rbd", cephx: bool = False):
         self.dir = tempfile.mkdtemp(prefix="pyublk-ceph-")
         self.pool = pool
         run = subprocess.run([TOOLS / "start-cluster", self.dir, pool], capture_output=True,
-                             text=True, timeout=180)
+                             text=True, timeout=180, env=dict(os.environ, CEPHX=str(int(cephx))))
         if run.returncode:
             raise RuntimeError(f"start-cluster failed: {run.stderr.strip()}")
         self.conf = run.stdout.strip().splitlines()[-1]
@@ -56,6 +57,13 @@ class Cluster:
         self.cli("create", "--size", f"{size >> 20}M", spec)
         return spec
 
+    def add_client(self, name: str, *caps: str) -> str:
+        """A new cephx client.NAME with these capabilities: its keyring's path."""
+        keyring = os.path.join(self.dir, f"{name}.keyring")
+        subprocess.run(["ceph", "auth", "get-or-create", f"client.{name}", *caps, "-o", keyring],
+                       check=True, capture_output=True, timeout=60, env=self.env())
+        return keyring
+
     def kill_osd(self):
         subprocess.run([TOOLS / "stop-cluster", self.dir, "--osd"], check=True, timeout=60)
 
@@ -69,7 +77,7 @@ def ceph():
     why = missing()
     if why:
         pytest.skip(why)
-    cluster = Cluster()
+    cluster = Cluster(cephx=True)
     try:
         yield cluster
     finally:

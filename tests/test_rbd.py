@@ -138,6 +138,32 @@ def test_unreachable_cluster_fails_within_the_connect_timeout(tmp_path):
     assert 1.5 < took < 15, took
 
 
+def test_bad_keyring_and_missing_permission_are_one_line_errors(ceph, tmp_path):
+    """cephx: a wrong key, no keyring, an unknown client, a client whose capabilities do not
+    cover the pool; each refused at once with a line naming the client."""
+    import subprocess
+    spec = ceph.new_image(MiB)
+    bad = tmp_path / "bad.keyring"
+    subprocess.run(["ceph-authtool", "--create-keyring", str(bad), "--gen-key", "-n", "client.admin"],
+                   check=True, capture_output=True)
+    limited = ceph.add_client("limited", "mon", "allow r", "osd", "allow rwx pool=other")
+    cases = [
+        (dict(keyring=str(bad)), errno.EACCES,
+         f"the monitors refused client.admin: wrong key or unknown client (keyring {bad})"),
+        (dict(keyring=str(tmp_path / "none")), errno.ENOENT,
+         f"no key for client.admin: no keyring found at {tmp_path}/none"),
+        (dict(client_id="nobody"), errno.EACCES, "the monitors refused client.nobody"),
+        (dict(client_id="limited", keyring=limited), errno.EPERM,
+         f"client.limited may not open {spec} (its capabilities do not cover this pool)"),
+    ]
+    for kw, err, message in cases:
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            rbd(spec, ceph, connect_timeout=5, **kw)
+        assert exc.value.errno == err and message in str(exc.value), (kw, str(exc.value))
+        assert time.monotonic() - t0 < 5, kw
+
+
 def test_bad_options_and_missing_conf(ceph, tmp_path):
     from pyublk_fast.backends.rbd import RbdBackend
     with pytest.raises(ValueError, match="connect timeout must be > 0"):
