@@ -21,9 +21,9 @@ DEFAULT_OP_TIMEOUT = 30.0
 
 def parse_image(spec: str) -> tuple[str, str, str | None]:
     """POOL/IMAGE[@SNAP] -> (pool, image, snap or None); ValueError naming the mistake."""
-    where, _, snap = spec.partition("@")
-    pool, sep, name = where.partition("/")
-    if not sep or not pool or not name or "/" in name or (_ and not snap):
+    where, at, snap = spec.partition("@")
+    pool, slash, name = where.partition("/")
+    if not slash or not pool or not name or "/" in name or (at and not snap):
         raise ValueError(f"--image {spec!r}: expected POOL/IMAGE or POOL/IMAGE@SNAP")
     return pool, name, snap or None
 

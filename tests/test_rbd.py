@@ -17,7 +17,8 @@ from pyublk_fast.util import wait_until
 
 from ceph_cluster import Cluster, ceph, missing  # noqa: F401  (ceph: the session fixture)
 
-pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
+#: tests that need the extension but no cluster (those taking `ceph` skip through it)
+needs_rbd = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 8 * MiB
@@ -106,6 +107,21 @@ def test_snapshot_is_served_read_only_as_it_was(sim, ceph):
         assert blk.pread(SIZE, 0) == after
 
 
+def test_without_the_extension_the_backend_refuses_with_what_to_install():
+    """A build without librbd-dev: importing the backends still works (the others serve),
+    and the rbd backend names the missing packages."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['pyublk_fast.backends._native_rbd'] = None\n"
+            "from pyublk_fast.backend import backend_class\n"
+            "cls = backend_class('rbd'); backend_class('loop')\n"
+            "try:\n    cls('rbd/x')\nexcept OSError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "the rbd backend was built without librbd (apt-get install librbd-dev librados-dev" \
+        in run.stdout, run.stdout
+
+
 @pytest.mark.parametrize("spec,message", [
     ("nopool/x", "pool 'nopool' does not exist"),
     ("rbd/noimage", "image rbd/noimage does not exist"),
@@ -121,6 +137,7 @@ def test_bad_image_is_a_one_line_error(ceph, spec, message):
     assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
+@needs_rbd
 def test_unreachable_cluster_fails_within_the_connect_timeout(tmp_path):
     """A monitor address where nothing listens: the error comes after the timeout, not never."""
     import socket
@@ -225,6 +242,7 @@ def test_kill_and_recover_reissues_in_flight_writes(sim, ceph):
         dev.stop()
 
 
+@needs_rbd
 def test_osd_lost_during_io_fails_with_eio_and_the_server_stays_up(sim, caplog):
     """The OSD dies: requests wait up to op_timeout, then fail with EIO and a log line;
     the server keeps answering (more requests fail the same way) and stops cleanly."""
