@@ -25,6 +25,15 @@ if DEV:
 LINKED_BACKENDS = "pyublk_fast/backends/"
 
 
+#: Native backends that link a system library, by module: (libraries, a header that must
+#: exist, the Debian packages providing it). Without the header the module is skipped
+#: (its backend then says what to install) so the rest still builds.
+SYSTEM_LIBS = {
+    "pyublk_fast.backends._native_rbd": (["rbd", "rados"], "/usr/include/rbd/librbd.h",
+                                         "librbd-dev librados-dev"),
+}
+
+
 def ext(module: str) -> Extension:
     path = module.replace(".", "/") + ".pyx"
     if module.startswith("pyublk_fast.backends."):
@@ -33,7 +42,7 @@ def ext(module: str) -> Extension:
         module,
         [path],
         include_dirs=[numpy.get_include(), "pyublk_fast/_core"],
-        libraries=["uring"],
+        libraries=["uring"] + SYSTEM_LIBS.get(module, ([],))[0],
         extra_compile_args=CFLAGS,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
@@ -45,7 +54,12 @@ def modules() -> list[str]:
         if not path.startswith(LINKED_BACKENDS):
             found.append(path[:-4].replace("/", "."))
     for path in sorted(glob.glob("backends/**/*.pyx", recursive=True)):
-        found.append("pyublk_fast.backends." + path[len("backends/"):-4].replace("/", "."))
+        module = "pyublk_fast.backends." + path[len("backends/"):-4].replace("/", ".")
+        if module in SYSTEM_LIBS and not os.path.exists(SYSTEM_LIBS[module][1]):
+            print(f"setup.py: skipping {module}: {SYSTEM_LIBS[module][1]} is missing "
+                  f"(apt-get install {SYSTEM_LIBS[module][2]})")
+            continue
+        found.append(module)
     if not found:   # e.g. an sdist that lost its sources: never build a wheel without its C half
         raise SystemExit("setup.py: no .pyx sources under pyublk_fast/ or backends/")
     return found

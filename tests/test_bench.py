@@ -46,7 +46,7 @@ def test_defaults_and_quick_runtime():
     (["--bs", "3000"], "multiple of 512"),
     (["--bs", "4x"], "argument --bs: bad size '4x'"),
     (["--qd", "0"], "must be >= 1"),
-    (["--backend", "nosuch"], "choose from loop, loop-py, memory, nbd, nbd-py, null, null-py, null-aio, qcow2"),
+    (["--backend", "nosuch"], "choose from loop, loop-py, memory, nbd, null, null-py, null-aio, qcow2, rbd, rbd-py"),
     (["--path", "dma"], "choose from copy"),
     (["--queues", "3"], "choose from 1, 2"),
     (["--runtime", "0"], "--runtime"),
@@ -67,8 +67,9 @@ def test_parse_bs():
 
 def test_backend_axis_is_the_registry():
     """Every registered backend; a native one also as NAME-py."""
-    assert backend_names() == ["loop", "memory", "nbd", "null", "null-aio", "qcow2"]
-    assert backend_axis() == ["loop", "loop-py", "memory", "nbd", "nbd-py", "null", "null-py", "null-aio", "qcow2"]
+    assert backend_names() == ["loop", "memory", "nbd", "null", "null-aio", "qcow2", "rbd"]
+    assert backend_axis() == ["loop", "loop-py", "memory", "nbd", "null", "null-py", "null-aio", "qcow2",
+                              "rbd", "rbd-py"]
 
 
 # -- selection -------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def test_default_set_covers_the_brief_and_quick_is_a_subset():
     quick = select(quick=True)
     assert set(quick) < set(default) and 10 <= len(quick) < len(default) <= 60
     # nbd serves a server's export: the bench starts none yet, so it has no rows
-    assert {s.backend for s in quick} == set(backend_axis()) - {"nbd", "nbd-py"}
+    assert {s.backend for s in quick} == set(backend_axis()) - {"nbd"}
     got = {(s.backend, s.rw, s.bs, s.qd, s.path, s.queues) for s in default}
     for qd in (1, 32, 128):
         assert ("null", "randread", 4096, qd, "copy", 1) in got
@@ -507,8 +508,8 @@ def test_any_registered_backend_is_benchmarked(monkeypatch, tmp_path):
 
     register("ram")(MemoryBackend)
     register("picky")(Picky)
-    assert backend_axis() == ["loop", "loop-py", "memory", "nbd", "nbd-py", "null", "null-py", "null-aio", "picky",
-                              "qcow2", "ram"]
+    assert backend_axis() == ["loop", "loop-py", "memory", "nbd", "null", "null-py", "null-aio", "picky",
+                              "qcow2", "ram", "rbd", "rbd-py"]
     out = tmp_path / "r.json"
     ram, picky = "sim/ram/randread-4k-qd1/copy/q1", "sim/picky/randread-4k-qd1/copy/q1"
     assert main(["--runtime", "0.1", "--scenario", ram, "--scenario", picky, "--json", str(out)]) == 0

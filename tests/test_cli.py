@@ -36,7 +36,7 @@ def test_help_everywhere(sub):
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: python -m pyublk_fast")
     if sub == []:
-        assert "Targets for add -t: loop, memory, nbd, null, null-aio, qcow2" in res.stdout
+        assert "Targets for add -t: loop, memory, nbd, null, null-aio, qcow2, rbd" in res.stdout
     if sub == ["add"]:
         for opt in ("-t", "-n", "-q", "-d", "-z", "-u", "-g, --need-get-data", "--unprivileged",
                     "--recovery", "--foreground", "--module"):
@@ -49,7 +49,8 @@ def test_help_lists_each_targets_options(sub):
     out = run(sub, "--help").stdout
     targets = out[out.index("targets (-t NAME, then its own options):"):]
     sections = {s.split(":", 1)[0]: s for s in targets.split("\n\n-t ")[1:]}
-    assert list(sections) == ["loop", "memory", "nbd", "null", "null-aio", "qcow2"]
+    assert list(sections) == ["loop", "memory", "nbd", "null", "null-aio", "qcow2", "rbd"]
+    assert "--image POOL/IMAGE[@SNAP]" in sections["rbd"] and "--id NAME" in sections["rbd"]
     assert "-f FILE, --file FILE" in sections["loop"] and "(required)" in sections["loop"]
     assert "-f FILE, --file FILE" in sections["qcow2"]
     assert f"(default {format_size(NullBackend.DEFAULT_SIZE)})" in sections["null"]
@@ -239,7 +240,7 @@ def test_entry_point_backends_in_help_and_errors(plugins):
     assert res.returncode == 0, res.stderr
     assert "-t fill:\n  Every block holds one byte" in res.stdout and "--fill FILL" in res.stdout
     assert "-t broken: unavailable: backend 'broken' (entry point filldisk_gone:Nothing" in res.stdout
-    assert "Targets for add -t: broken, fill, loop, memory, nbd, null, null-aio, qcow2" in run("--help", env=env).stdout
+    assert "Targets for add -t: broken, fill, loop, memory, nbd, null, null-aio, qcow2, rbd" in run("--help", env=env).stdout
     res = run("add", "-t", "fill", "--fill", "x", env=env)
     assert res.returncode == 2 and "argument --fill: invalid int value: 'x'" in res.stderr
     res = run("add", "-t", "fill", "-q", "0", env=env)        # built, then Device refuses -q 0

@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(build-essential pkg-config liburing-dev fio qemu-utils e2fsprogs busybox-static nbdkit)
+APT_PACKAGES=(build-essential pkg-config liburing-dev fio qemu-utils e2fsprogs busybox-static nbdkit
+              ceph-mon ceph-osd librbd-dev librados-dev)
 PIP_PACKAGES=(wheel "setuptools>=64" "cython>=3.0" "numpy>=1.24" "pytest>=7" "hypothesis>=6" "matplotlib>=3.6" "rich>=13" "prometheus_client>=0.16"
               "build>=1" "sphinx>=7" "mypy>=1.8" "zstandard>=0.19")
 PY=${PYTHON:-python3}

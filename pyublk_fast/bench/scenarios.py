@@ -31,10 +31,10 @@ PY = "-py"
 
 def backend_axis() -> list[str]:
     """The backend axis: every registered backend (pyublk_fast.backend), each native one
-    followed by its NAME-py variant."""
+    that also has Python handlers followed by its NAME-py variant."""
     out = []
     for name in backend_names():
-        out += [name, name + PY] if _has_native(name) else [name]
+        out += [name, name + PY] if _has_native(name) and _has_python(name) else [name]
     return out
 
 
@@ -44,6 +44,12 @@ def _has_native(name: str) -> bool:
         return backend_class(name).native_target is not Backend.native_target
     except ValueError:
         return False
+
+
+def _has_python(name: str) -> bool:
+    """Whether backend NAME serves requests in Python too (handlers of its own)."""
+    cls = backend_class(name)
+    return cls.read is not Backend.read or cls.handle_batch is not Backend.handle_batch
 
 
 class _BenchArgs(argparse.ArgumentParser):
@@ -140,6 +146,9 @@ def _default_marks() -> dict[tuple, str]:
     add("qcow2", "read", k128, 32)
     add("memory", "randread", k4, 32, quick=True)
     add("memory", "randwrite", k4, 32)
+    # rbd needs a cluster and an image (--image): its rows say so until the bench starts one
+    add("rbd", "randread", k4, 32, quick=True)
+    add("rbd-py", "randread", k4, 32, quick=True)
     return marks
 
 

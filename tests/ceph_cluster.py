@@ -1,0 +1,84 @@
+"""A throwaway Ceph cluster for the rbd tests (tools/ceph/start-cluster): the session's
+one is started once by the `ceph` fixture; fault tests start their own."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools" / "ceph"
+
+
+def missing() -> str | None:
+    """Why the rbd tests cannot run here, or None."""
+    for tool in ("ceph-mon", "ceph-osd", "ceph", "rbd"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (tools/dev.sh installs ceph-mon ceph-osd)"
+    try:
+        from pyublk_fast.backends import _native_rbd  # noqa: F401
+    except ImportError:
+        return "the rbd extension was not built (apt-get install librbd-dev librados-dev, rebuild)"
+    return None
+
+
+class Cluster:
+    """One running cluster: its directory, ceph.conf and a pool named `pool`; with cephx,
+    client.admin's keyring is the one ceph.conf names."""
+
+    def __init__(self, pool: str = "rbd", cephx: bool = False):
+        self.dir = tempfile.mkdtemp(prefix="pyublk-ceph-")
+        self.pool = pool
+        run = subprocess.run([TOOLS / "start-cluster", self.dir, pool], capture_output=True,
+                             text=True, timeout=180, env=dict(os.environ, CEPHX=str(int(cephx))))
+        if run.returncode:
+            raise RuntimeError(f"start-cluster failed: {run.stderr.strip()}")
+        self.conf = run.stdout.strip().splitlines()[-1]
+        self._n = 0
+
+    def env(self) -> dict:
+        return dict(os.environ, CEPH_CONF=self.conf)
+
+    def cli(self, *args: str, timeout: float = 60) -> str:
+        """Run `rbd ARGS` against this cluster; its stdout."""
+        run = subprocess.run(["rbd", *args], capture_output=True, text=True, timeout=timeout,
+                             env=self.env())
+        if run.returncode:
+            raise RuntimeError(f"rbd {' '.join(args)}: {run.stderr.strip()}")
+        return run.stdout
+
+    def new_image(self, size: int) -> str:
+        """A fresh image of size bytes (whole MiB): its POOL/IMAGE."""
+        self._n += 1
+        spec = f"{self.pool}/img{self._n}"
+        self.cli("create", "--size", f"{size >> 20}M", spec)
+        return spec
+
+    def add_client(self, name: str, *caps: str) -> str:
+        """A new cephx client.NAME with these capabilities: its keyring's path."""
+        keyring = os.path.join(self.dir, f"{name}.keyring")
+        subprocess.run(["ceph", "auth", "get-or-create", f"client.{name}", *caps, "-o", keyring],
+                       check=True, capture_output=True, timeout=60, env=self.env())
+        return keyring
+
+    def kill_osd(self):
+        subprocess.run([TOOLS / "stop-cluster", self.dir, "--osd"], check=True, timeout=60)
+
+    def stop(self):
+        subprocess.run([TOOLS / "stop-cluster", self.dir], check=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def ceph():
+    """The session's cluster (started on first use, stopped at the end)."""
+    why = missing()
+    if why:
+        pytest.skip(why)
+    cluster = Cluster(cephx=True)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

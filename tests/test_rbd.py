@@ -1,0 +1,299 @@
+"""The rbd backend on a real (throwaway, single-node) Ceph cluster, served over the
+simulated driver: data, snapshots, errors, a dying server and a dying OSD."""
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import random
+import threading
+import time
+
+import pytest
+
+from pyublk_fast import uapi
+from pyublk_fast.device import Device
+from pyublk_fast.util import wait_until
+
+from ceph_cluster import Cluster, ceph, missing  # noqa: F401  (ceph: the session fixture)
+
+#: tests that need the extension but no cluster (those taking `ceph` skip through it)
+needs_rbd = pytest.mark.skipif(missing() is not None, reason=str(missing()))
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZE = 8 * MiB
+R, W = uapi.UBLK_IO_OP_READ, uapi.UBLK_IO_OP_WRITE
+
+
+def rbd(spec, cluster, **kw):
+    from pyublk_fast.backends.rbd import RbdBackend
+    return RbdBackend(spec, conf=cluster.conf, **kw)
+
+
+def blocks(rng, n, bs):
+    """n distinct bs-aligned offsets in the image, each with its own random block."""
+    offs = rng.sample(range(0, SIZE, bs), n)
+    return [(off, rng.randbytes(bs)) for off in offs]
+
+
+@pytest.mark.parametrize("queues,cache", [(1, False), (2, True)])
+def test_verify_random_writes_read_back(sim, ceph, queues, cache):
+    """fio-style verify: 4 KiB and 64 KiB random writes, 32 in flight, then every block
+    read back (also 32 in flight) and the whole image compared with the model; with
+    librbd's writeback cache the device takes FLUSH, without it has no cache to flush."""
+    spec = ceph.new_image(SIZE)
+    rng = random.Random(queues)
+    model = bytearray(SIZE)
+    backend = rbd(spec, ceph, cache=cache)
+    assert backend.size == SIZE and not backend.read_only and backend.can_flush == cache
+    with Device(backend, sim, queues=queues, depth=32) as dev, dev.open() as blk:
+        for bs in (4 * KiB, 64 * KiB):
+            writes = blocks(rng, 48, bs)
+            assert blk.submit([(W, off, bs, data) for off, data in writes]) == [bs] * len(writes)
+            for off, data in writes:
+                model[off:off + bs] = data
+            bufs = [bytearray(bs) for _ in writes]
+            reqs = [(R, off, bs, buf) for (off, _), buf in zip(writes, bufs)]
+            assert blk.submit(reqs) == [bs] * len(writes)
+            assert [bytes(b) for b in bufs] == [data for _, data in writes]
+        blk.flush()
+        assert blk.pread(SIZE, 0) == bytes(model)
+    # a new connection (a new server) sees the same bytes: they are in the cluster
+    with Device(rbd(spec, ceph), sim, depth=8) as dev, dev.open() as blk:
+        assert blk.pread(SIZE, 0) == bytes(model)
+
+
+@pytest.mark.parametrize("path", ["copy", "need_get_data", "user_copy"])
+def test_loadgen_verify(sim, ceph, path):
+    """The simulated driver's fio (pattern prefill, then 4 KiB random reads and writes at
+    QD32, every block read checked) on each data path the backend serves."""
+    spec = ceph.new_image(2 * MiB)
+    with Device(rbd(spec, ceph), sim, depth=32, data_path=path) as dev:
+        r = sim.run_load(dev.dev_id, rw="randrw", bs=4096, qd=32, count=2000, verify=True)
+    assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 2000)
+
+
+def test_discard_and_write_zeroes_read_back_zeros(sim, ceph):
+    spec = ceph.new_image(SIZE)
+    with Device(rbd(spec, ceph), sim, depth=8) as dev, dev.open() as blk:
+        blk.pwrite(b"\xa5" * (512 * KiB), 0)
+        blk.discard(64 * KiB - 1024, 64 * KiB + 2048)       # partial 64 KiB units at both ends
+        blk.write_zeroes(300 * KiB + 512, 3 * 512)
+        blk.discard(4 * MiB, 1 * MiB)                          # never written: stays zeros
+        got = blk.pread(512 * KiB, 0)
+        assert blk.pread(MiB, 4 * MiB) == bytes(MiB)
+    want = bytearray(b"\xa5" * (512 * KiB))
+    want[64 * KiB - 1024:128 * KiB + 1024] = bytes(64 * KiB + 2048)
+    want[300 * KiB + 512:300 * KiB + 2048] = bytes(1536)
+    assert got == bytes(want)
+
+
+def test_snapshot_is_served_read_only_as_it_was(sim, ceph):
+    spec = ceph.new_image(SIZE)
+    before, after = random.Random(1).randbytes(SIZE), random.Random(2).randbytes(SIZE)
+    with Device(rbd(spec, ceph), sim, depth=8) as dev, dev.open() as blk:
+        blk.pwrite(before, 0)
+        blk.flush()
+        ceph.cli("snap", "create", f"{spec}@s1")
+        blk.pwrite(after, 0)                  # the image moves on; the snapshot does not
+    snap = rbd(f"{spec}@s1", ceph)
+    assert snap.read_only and snap.size == SIZE
+    with Device(snap, sim, depth=8) as dev, dev.open() as blk:
+        assert blk.pread(SIZE, 0) == before
+        assert blk.submit([(W, 0, 4096, bytes(4096))]) == [-errno.EROFS]
+        assert blk.submit([(uapi.UBLK_IO_OP_DISCARD, 0, 4096, None)]) == [-errno.EROFS]
+        assert blk.pread(4096, 0) == before[:4096]
+    with Device(rbd(spec, ceph), sim, depth=8) as dev, dev.open() as blk:
+        assert blk.pread(SIZE, 0) == after
+
+
+def test_without_the_extension_the_backend_refuses_with_what_to_install():
+    """A build without librbd-dev: importing the backends still works (the others serve),
+    and the rbd backend names the missing packages."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['pyublk_fast.backends._native_rbd'] = None\n"
+            "from pyublk_fast.backend import backend_class\n"
+            "cls = backend_class('rbd'); backend_class('loop')\n"
+            "try:\n    cls('rbd/x')\nexcept OSError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "the rbd backend was built without librbd (apt-get install librbd-dev librados-dev" \
+        in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nopool/x", "pool 'nopool' does not exist"),
+    ("rbd/noimage", "image rbd/noimage does not exist"),
+    ("rbd/img1@nosnap", "image rbd/img1 or its snapshot 'nosnap' does not exist"),
+    ("img1", "expected POOL/IMAGE or POOL/IMAGE@SNAP"),
+    ("rbd/img1@", "expected POOL/IMAGE or POOL/IMAGE@SNAP"),
+])
+def test_bad_image_is_a_one_line_error(ceph, spec, message):
+    if not ceph.cli("ls", "rbd").split().count("img1"):
+        ceph.new_image(MiB)
+    with pytest.raises((OSError, ValueError)) as exc:
+        rbd(spec, ceph)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+@needs_rbd
+def test_unreachable_cluster_fails_within_the_connect_timeout(tmp_path):
+    """A monitor address where nothing listens: the error comes after the timeout, not never."""
+    import socket
+    with socket.socket() as s:             # a port nobody listens on (bound, never listening)
+        s.bind(("127.0.0.1", 0))
+        conf = tmp_path / "ceph.conf"
+        conf.write_text(f"[global]\nmon host = v2:127.0.0.1:{s.getsockname()[1]}\n"
+                        "auth client required = none\nlog to stderr = false\n")
+        from pyublk_fast.backends.rbd import RbdBackend
+        t0 = time.monotonic()
+        with pytest.raises(OSError, match="cannot reach the Ceph cluster") as exc:
+            RbdBackend("rbd/x", conf=str(conf), connect_timeout=2)
+        took = time.monotonic() - t0
+    assert exc.value.errno == errno.ETIMEDOUT
+    assert 1.5 < took < 15, took
+
+
+def test_bad_keyring_and_missing_permission_are_one_line_errors(ceph, tmp_path):
+    """cephx: a wrong key, no keyring, an unknown client, a client whose capabilities do not
+    cover the pool; each refused at once with a line naming the client."""
+    import subprocess
+    spec = ceph.new_image(MiB)
+    bad = tmp_path / "bad.keyring"
+    subprocess.run(["ceph-authtool", "--create-keyring", str(bad), "--gen-key", "-n", "client.admin"],
+                   check=True, capture_output=True)
+    limited = ceph.add_client("limited", "mon", "allow r", "osd", "allow rwx pool=other")
+    cases = [
+        (dict(keyring=str(bad)), errno.EACCES,
+         f"the monitors refused client.admin: wrong key or unknown client (keyring {bad})"),
+        (dict(keyring=str(tmp_path / "none")), errno.ENOENT,
+         f"no key for client.admin: no keyring found at {tmp_path}/none"),
+        (dict(client_id="nobody"), errno.EACCES, "the monitors refused client.nobody"),
+        (dict(client_id="limited", keyring=limited), errno.EPERM,
+         f"client.limited may not open {spec} (its capabilities do not cover this pool)"),
+    ]
+    for kw, err, message in cases:
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            rbd(spec, ceph, connect_timeout=5, **kw)
+        assert exc.value.errno == err and message in str(exc.value), (kw, str(exc.value))
+        assert time.monotonic() - t0 < 5, kw
+
+
+def test_bad_options_and_missing_conf(ceph, tmp_path):
+    from pyublk_fast.backends.rbd import RbdBackend
+    with pytest.raises(ValueError, match="connect timeout must be > 0"):
+        RbdBackend("rbd/x", conf=ceph.conf, connect_timeout=0)
+    with pytest.raises(OSError, match=f"reading {tmp_path}/none.conf"):
+        RbdBackend("rbd/x", conf=str(tmp_path / "none.conf"))
+    with pytest.raises(OSError, match="ceph option no_such_option"):
+        RbdBackend("rbd/x", conf=ceph.conf, options={"no_such_option": "1"})
+
+
+def test_command_line_options_build_the_backend(sim, ceph):
+    """`add -t rbd --image ... --conf ... --id ...`: the options reach the constructor."""
+    from pyublk_fast.backend import backend_class
+    cls = backend_class("rbd")
+    parser = argparse.ArgumentParser()
+    cls.add_arguments(parser)
+    spec = ceph.new_image(MiB)
+    ns = parser.parse_args(["--image", spec, "--conf", ceph.conf, "--id", "admin",
+                            "--connect-timeout", "5", "--op-timeout", "7"])
+    backend = cls.from_args(ns)
+    try:
+        assert backend.size == MiB and backend.image == spec and not backend.can_flush
+    finally:
+        backend.close()
+    backend = cls.from_args(parser.parse_args(["--image", spec, "--conf", ceph.conf, "--cache"]))
+    assert backend.can_flush
+    backend.close()
+    with pytest.raises(ValueError, match="expected POOL/IMAGE"):
+        cls.from_args(parser.parse_args(["--image", "nopool"]))
+
+
+def test_kill_and_recover_reissues_in_flight_writes(sim, ceph):
+    """The server dies (kill -9) with writes in flight: they wait in the driver, the
+    recovered queues (on the same image handle: the simulated driver recovers in
+    process) serve them, none is lost."""
+    spec = ceph.new_image(SIZE)
+    rng = random.Random(7)
+    writes = blocks(rng, 512, 16 * KiB)
+    out = {}
+    dev = Device(rbd(spec, ceph), sim, depth=16, recovery="reissue").start()
+    try:
+        blk = dev.open()
+        th = threading.Thread(target=lambda: out.update(res=blk.submit(
+            [(W, off, len(d), d) for off, d in writes], timeout=60)))
+        th.start()
+        assert wait_until(lambda: dev.requests_served >= 64, 30), "no write completed"
+        dev.kill()
+        assert th.is_alive(), "every write finished before the kill: none was in flight"
+        dev.recover()
+        th.join(60)
+        assert not th.is_alive()
+        assert out["res"] == [16 * KiB] * len(writes)
+        bufs = [bytearray(16 * KiB) for _ in writes]
+        assert blk.submit([(R, off, len(b), b) for (off, _), b in zip(writes, bufs)]) == \
+            [16 * KiB] * len(writes)
+        assert [bytes(b) for b in bufs] == [d for _, d in writes]
+        blk.close()
+    finally:
+        dev.stop()
+
+
+@needs_rbd
+def test_osd_lost_during_io_fails_with_eio_and_the_server_stays_up(sim, caplog):
+    """The OSD dies: requests wait up to op_timeout, then fail with EIO and a log line;
+    the server keeps answering (more requests fail the same way) and stops cleanly."""
+    cluster = Cluster()
+    try:
+        spec = cluster.new_image(SIZE)
+        data = random.Random(3).randbytes(MiB)
+        backend = rbd(spec, cluster, op_timeout=2)
+        with Device(backend, sim, depth=8) as dev, dev.open() as blk:
+            blk.pwrite(data, 0)
+            blk.flush()
+            cluster.kill_osd()
+            caplog.set_level(logging.WARNING, logger="pyublk_fast.queue")
+            t0 = time.monotonic()
+            res = blk.submit([(W, MiB + i * 4096, 4096, bytes(4096)) for i in range(4)]
+                             + [(R, 2 * MiB, 4096, bytearray(4096))], timeout=60)
+            took = time.monotonic() - t0
+            assert res == [-errno.EIO] * 5
+            assert 1.5 < took < 20, took
+            assert blk.submit([(R, 0, 4096, bytearray(4096))], timeout=60) == [-errno.EIO]
+            assert any("failed: EIO" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        cluster.stop()
+
+
+def test_python_path_serves_the_same_image(sim, ceph):
+    """--python: blocking librbd calls from the Python handlers; the bytes agree with the
+    native target's."""
+    spec = ceph.new_image(SIZE)
+    data = random.Random(5).randbytes(2 * MiB)
+    with Device(rbd(spec, ceph), sim, depth=8, native=False) as dev, dev.open() as blk:
+        blk.pwrite(data, MiB)
+        blk.discard(MiB, 64 * KiB)
+        blk.write_zeroes(2 * MiB, 4096)
+        blk.flush()
+        got = blk.pread(2 * MiB, MiB)
+    want = bytearray(data)
+    want[:64 * KiB] = bytes(64 * KiB)
+    want[MiB:MiB + 4096] = bytes(4096)
+    assert got == bytes(want)
+    with Device(rbd(spec, ceph), sim, depth=8) as dev, dev.open() as blk:
+        assert blk.pread(2 * MiB, MiB) == bytes(want)
+
+
+@pytest.mark.parametrize("image,message", [
+    ("nopool/x", "pyublk_fast: pool 'nopool' does not exist"),
+    ("rbd/nothere", "pyublk_fast: image rbd/nothere does not exist"),
+])
+def test_cli_add_names_what_is_missing(ceph, image, message):
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "pyublk_fast", "add", "-t", "rbd", "--image", image,
+                          "--conf", ceph.conf], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and run.stderr.strip() == message, run.stderr
