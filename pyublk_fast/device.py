@@ -229,7 +229,8 @@ class Device:
                            missing_features_message(missing, driver=self.transport.name))
 
     def wanted_flags(self) -> int:
-        """The UBLK_F_* flags ADD_DEV will ask for (data path and recovery mode)."""
+        """The UBLK_F_* flags ADD_DEV will ask for (data path, recovery mode, shared buffers,
+        batch I/O, quiesce)."""
         flags = PATH_FLAGS[self.data_path] | RECOVERY_MODES.get(self.recovery, 0)
         if self._shm is not None:
             flags |= uapi.UBLK_F_SHMEM_ZC
