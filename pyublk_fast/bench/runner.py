@@ -296,8 +296,6 @@ class Runner:
     def _device(self, sc: Scenario, transport):
         """A Device for the scenario (not started), or why not (a str): the backend cannot be
         built from the bench's options or its server cannot run, or Device refuses the pair."""
-        if why := sc.refusal():
-            return why
         try:
             backend = make_backend(sc.backend, self.wd.file, self.services.backend_args)
         except (ValueError, OSError, ServiceUnavailable) as e:

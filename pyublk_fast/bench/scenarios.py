@@ -191,11 +191,10 @@ def _default_marks() -> dict[tuple, str]:
     add("qcow2", "read", k128, 32)
     add("memory", "randread", k4, 32, quick=True)
     add("memory", "randwrite", k4, 32)
-    # each against fio's nbd engine on the same export; the server starts in milliseconds
+    # each against fio's nbd engine on the same export (the server starts in milliseconds);
+    # the other workloads: NBD_PATTERN
     add("nbd", "randread", k4, 32, quick=True)
     add("nbd", "randwrite", k4, 32)
-    add("nbd", "read", k128, 32)
-    add("nbd", "randread", k4, 1)
     # batch I/O and shared buffers next to the rows without a mode (above)
     add("null", "randread", k4, 32, quick=True, mode="batch")
     add("loop", "randread", k4, 32, mode="batch")
@@ -205,8 +204,9 @@ def _default_marks() -> dict[tuple, str]:
     return marks
 
 
-#: The rbd rows of the issue (4 KiB random and 128 KiB sequential I/O at QD32, among
-#: others): `--scenario 'sim/rbd/*/copy/q1'`.
+#: Every workload of nbd and rbd, one queue, copy (4 KiB random I/O at QD1/32/128, 128 KiB
+#: sequential at QD32): `--scenario PATTERN`.
+NBD_PATTERN = "sim/nbd/*/copy/q1"
 RBD_PATTERN = "sim/rbd/*/copy/q1"
 
 
@@ -237,13 +237,13 @@ def _match(value: str, patterns: list[str] | None) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(value, p) for p in patterns)
 
 
+#: --mode's name for the rows without a mode.
+NO_MODE = "none"
+
+
 def mode_label(mode: str) -> str:
     """A mode as --mode names it: NO_MODE for the rows without one."""
     return mode or NO_MODE
-
-
-#: --mode's name for the rows without a mode.
-NO_MODE = "none"
 
 
 def select(*, transports=("sim",), patterns=None, backends=None, rws=None, bs=None, qd=None,
