@@ -701,6 +701,15 @@ def test_nbd_export_keeps_data_between_connections(tmp_path, sim, monkeypatch, p
             export.fio_target()
 
 
+@needs_nbd_server
+def test_nbd_server_that_cannot_start_says_why(tmp_path):
+    export = NbdExport(str(tmp_path / "no-such-dir"), 1 << 20, lambda kind: str(tmp_path / "no-such-file"))
+    with pytest.raises(refs.RefUnavailable, match=r"^(nbdkit|qemu-nbd) failed to start: .+") as e:
+        export.start()
+    assert "\n" not in str(e.value)
+    assert _children("nbdkit", "qemu-nbd") == []
+
+
 def test_missing_server_programs_skip_rows_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     out = tmp_path / "r.json"

@@ -63,15 +63,14 @@ class NbdExport:
                     self._raw_file("raw")]
         self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True)
-        if not wait_until(self._listening, NBD_START_TIMEOUT, interval=0.01):
-            err = self._stop()
-            raise ServiceUnavailable(f"{argv[0]} did not listen on {self.sock} within "
-                                     f"{NBD_START_TIMEOUT:g} s: {err or 'no message'}")
+        if not wait_until(self._listening, NBD_START_TIMEOUT, interval=0.01) or self._proc.poll() is not None:
+            why = self._stop() or f"it did not listen on {self.sock} within {NBD_START_TIMEOUT:g} s"
+            raise ServiceUnavailable(f"{argv[0]} failed to start: {why}")
         return self.uri
 
     def _listening(self) -> bool:
         if self._proc.poll() is not None:
-            return True             # it died: start() finds out below
+            return True             # it exited: no use waiting
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             try:
                 s.connect(self.sock)
