@@ -36,6 +36,7 @@ class NbdExport:
 
     def __init__(self, directory: str, size: int, raw_file: Callable[[str], str]):
         self.sock = os.path.join(directory, "nbd.sock")
+        self.log = os.path.join(directory, "nbd-server.log")
         self.size = size
         self._raw_file = raw_file
         self._proc: subprocess.Popen | None = None
@@ -61,8 +62,12 @@ class NbdExport:
         else:       # qemu-nbd: -t serves one client after another, -e 8 several at once
             argv = ["qemu-nbd", "-f", "raw", "-t", "-e", "8", "--cache=none", "-k", self.sock,
                     self._raw_file("raw")]
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True)
+        # its messages go to a file: a pipe nobody reads during the run could fill and stall it
+        try:
+            with open(self.log, "w") as log:
+                self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        except OSError as e:
+            raise ServiceUnavailable(f"{argv[0]} failed to start: {e}") from None
         if not wait_until(self._listening, NBD_START_TIMEOUT, interval=0.01) or self._proc.poll() is not None:
             why = self._stop() or f"it did not listen on {self.sock} within {NBD_START_TIMEOUT:g} s"
             raise ServiceUnavailable(f"{argv[0]} failed to start: {why}")
@@ -92,12 +97,15 @@ class NbdExport:
         if not died:
             proc.terminate()
         try:
-            _, err = proc.communicate(timeout=10)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
-            _, err = proc.communicate()
-        lines = (err or "").strip().splitlines()
-        return lines[-1] if died and lines else ""
+            proc.wait()
+        if not died:
+            return ""
+        with open(self.log, errors="replace") as log:
+            lines = log.read().strip().splitlines()
+        return lines[-1] if lines else f"exit {proc.returncode}"
 
     def close(self) -> None:
         self._stop()
