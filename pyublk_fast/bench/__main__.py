@@ -46,7 +46,9 @@ def parser() -> argparse.ArgumentParser:
         epilog="Selection: without selectors the default set runs (--quick: a smaller one). --scenario "
                "patterns (fnmatch on names like sim/loop/randread-4k-qd32/zero_copy/q1) and --all pick from "
                "the full matrix; --bs/--qd set those axes (and so also pick from it); --backend/--rw/--path/"
-               "--queues narrow any selection. Pairs a backend cannot serve are skipped with the reason.")
+               "--queues/--mode narrow any selection. Pairs a backend cannot serve are skipped with the reason. "
+               "rbd rows start a Ceph cluster and are in no set: --scenario 'sim/rbd/*/copy/q1'. docs/bench.md "
+               "has the details.")
     ap.add_argument("--quick", action="store_true", help=f"smaller set, {QUICK_RUNTIME:g} s each (~30 s)")
     ap.add_argument("--runtime", type=float, metavar="S",
                     help=f"seconds per scenario and reference (default {DEFAULT_RUNTIME:g}, --quick {QUICK_RUNTIME:g})")
