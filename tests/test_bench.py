@@ -569,7 +569,6 @@ def test_any_registered_backend_is_benchmarked(monkeypatch, tmp_path):
 
 # -- modes: batch I/O and shared buffers next to the rows without them ---------------------------
 
-NULL_RR32 = "sim/null/randread-4k-qd32/copy/q1"
 NULL_SEQ = "sim/null/read-128k-qd32/copy/q1"
 LOOP_SEQ = "sim/loop/read-128k-qd32/copy/q1"
 
@@ -579,13 +578,13 @@ def test_mode_rows_run_next_to_the_rows_without_a_mode(tmp_path):
     mode, and (ratio2) against that row of the same round; every request of a shm row
     was served in place from the shared buffer."""
     out = tmp_path / "r.json"
-    names = [NULL_RR32, NULL_RR32 + "/batch", NULL_SEQ, NULL_SEQ + "/shm", LOOP_SEQ, LOOP_SEQ + "/shm"]
+    names = [NULL_QD32, NULL_QD32 + "/batch", NULL_SEQ, NULL_SEQ + "/shm", LOOP_SEQ, LOOP_SEQ + "/shm"]
     argv = ["--runtime", "0.2", "--size", "16", "--json", str(out)]
     for n in names:
         argv += ["--scenario", n]
     assert main(argv) == 0
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
-    for base, mode in ((NULL_RR32, "batch"), (NULL_SEQ, "shm"), (LOOP_SEQ, "shm")):
+    for base, mode in ((NULL_QD32, "batch"), (NULL_SEQ, "shm"), (LOOP_SEQ, "shm")):
         row, plain = rows[f"{base}/{mode}"], rows[base]
         assert row["status"] == plain["status"] == "ok" and row["errors"] == 0 and row["ios"] > 0
         assert (row["mode"], plain["mode"]) == (mode, "")
@@ -601,13 +600,13 @@ def test_mode_rows_run_next_to_the_rows_without_a_mode(tmp_path):
 
 def test_mode_row_alone_says_its_partner_was_not_measured(tmp_path):
     out = tmp_path / "r.json"
-    assert main(["--runtime", "0.1", "--size", "16", "--scenario", NULL_RR32 + "/batch", "--json", str(out)]) == 0
+    assert main(["--runtime", "0.1", "--size", "16", "--scenario", NULL_QD32 + "/batch", "--json", str(out)]) == 0
     (row,) = [r for r in json.loads(out.read_text())["rows"] if r["kind"] == "server"]
-    assert row["status"] == "ok" and row["reference2"] == NULL_RR32 and row["ratio2"] is None
-    assert f"ratio2 vs {NULL_RR32} (not measured)" in rendered(row)
+    assert row["status"] == "ok" and row["reference2"] == NULL_QD32 and row["ratio2"] is None
+    assert f"ratio2 vs {NULL_QD32} (not measured)" in rendered(row)
 
 
-def test_shared_mode_is_refused_on_a_kernel_and_modes_with_paths_they_lack():
+def test_shared_mode_runs_on_the_simulated_driver_only():
     (k,) = select(transports=("kernel",), patterns=["kernel/null/read-128k-qd32/copy/q1/shm"])
     assert "simulated driver only" in k.refusal()
     (s,) = select(patterns=["sim/null/read-128k-qd32/copy/q1/shm"])
