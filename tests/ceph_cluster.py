@@ -71,14 +71,25 @@ class Cluster:
         subprocess.run([TOOLS / "stop-cluster", self.dir], check=True, timeout=60)
 
 
+#: [cluster, users]: pytest makes one `ceph` fixture per test module that imports it;
+#: they share this one cluster, stopped when the last of them is torn down.
+_SHARED: list = []
+
+
 @pytest.fixture(scope="session")
 def ceph():
     """The session's cluster (started on first use, stopped at the end)."""
     why = missing()
     if why:
         pytest.skip(why)
-    cluster = Cluster(cephx=True)
+    if not _SHARED:
+        _SHARED[:] = [Cluster(cephx=True), 0]
+    _SHARED[1] += 1
     try:
-        yield cluster
+        yield _SHARED[0]
     finally:
-        cluster.stop()
+        _SHARED[1] -= 1
+        if not _SHARED[1]:
+            cluster = _SHARED[0]
+            _SHARED.clear()
+            cluster.stop()

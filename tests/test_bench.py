@@ -22,7 +22,11 @@ from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.bench import refs, report
 from pyublk_fast.bench.__main__ import DEFAULT_RUNTIME, QUICK_RUNTIME, main, parse_args
 from pyublk_fast.bench.runner import ROW_KEYS, Progress, Workdir, combine_rounds, make_row
-from pyublk_fast.bench.scenarios import PATHS, backend_axis, matrix, parse_bs, select
+from pyublk_fast.bench.scenarios import (MODES, NBD_PATTERN, PATHS, RBD_PATTERN, backend_axis, matrix, parse_bs,
+                                         select)
+from pyublk_fast.bench.services import NbdExport
+
+from ceph_cluster import ceph  # noqa: F401  (the session's cluster, shared with tests/test_rbd.py)
 
 NULL_QD32 = "sim/null/randread-4k-qd32/copy/q1"
 LOOP_QD32 = "sim/loop/randread-4k-qd32/copy/q1"
@@ -51,6 +55,8 @@ def test_defaults_and_quick_runtime():
     (["--queues", "3"], "choose from 1, 2"),
     (["--runtime", "0"], "--runtime"),
     (["--transport", "usb"], "invalid choice"),
+    (["--mode", "turbo"], "--mode 'turbo' matches nothing: choose from none, batch, shm"),
+    (["--rbd-conf", "/nonexistent/ceph.conf"], "--rbd-conf /nonexistent/ceph.conf: no such file"),
 ])
 def test_bad_arguments_name_the_problem(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
@@ -77,13 +83,13 @@ def test_backend_axis_is_the_registry():
 def test_default_set_covers_the_brief_and_quick_is_a_subset():
     full = matrix()
     names = [s.name for s in full]
-    assert len(names) == len(set(names)) == len(backend_axis()) * 8 * len(PATHS) * 2
+    assert len(names) == len(set(names)) == len(backend_axis()) * 8 * len(PATHS) * 2 * len(MODES)
     default = select()
     quick = select(quick=True)
-    assert set(quick) < set(default) and 10 <= len(quick) < len(default) <= 60
-    # nbd serves a server's export: the bench starts none yet, so it has no rows
-    assert {s.backend for s in quick} == set(backend_axis()) - {"nbd"}
-    got = {(s.backend, s.rw, s.bs, s.qd, s.path, s.queues) for s in default}
+    assert set(quick) < set(default) and 10 <= len(quick) < len(default) <= 70
+    # rbd rows start a Ceph cluster: never by default
+    assert {s.backend for s in quick} == {s.backend for s in default} == set(backend_axis()) - {"rbd", "rbd-py"}
+    got = {(s.backend, s.rw, s.bs, s.qd, s.path, s.queues) for s in default if not s.mode}
     for qd in (1, 32, 128):
         assert ("null", "randread", 4096, qd, "copy", 1) in got
         assert ("loop", "randwrite", 4096, qd, "copy", 1) in got
@@ -91,8 +97,23 @@ def test_default_set_covers_the_brief_and_quick_is_a_subset():
         for be in ("null", "loop"):
             assert (be, "read", 131072, 32, path, 1) in got and (be, "write", 131072, 32, path, 1) in got
     assert ("null", "randread", 4096, 128, "copy", 2) in got
+    assert {k[1:4] for k in got if k[0] == "nbd"} == {("randread", 4096, 32), ("randwrite", 4096, 32)}
+    # each mode's row sits right after the same row without it, so the two are measured together
+    modes = [s for s in default if s.mode]
+    assert {(s.backend, s.mode) for s in modes} == {("null", "batch"), ("null", "shm"), ("loop", "shm")}
+    assert {s.mode for s in quick} == {"", "batch"}
+    for s in modes:
+        assert default[default.index(s) - 1].name in (s.base_name, s.base_name + "/batch")
     # the default set never asks for a pair Device refuses
     assert not [s for s in default if not s.native and s.path in ("zero_copy", "splice_zc")]
+    assert not [s for s in default if s.mode and s.path not in ("copy", "user_copy")]
+    # the workloads of the issues, by pattern
+    for pattern, be in ((NBD_PATTERN, "nbd"), (RBD_PATTERN, "rbd")):
+        sel = select(patterns=[pattern])
+        assert {(s.rw, s.bs, s.qd) for s in sel} >= {("randread", 4096, 32), ("randwrite", 4096, 32),
+                                                     ("read", 131072, 32), ("write", 131072, 32),
+                                                     ("randread", 4096, 1)}
+        assert {(s.backend, s.path, s.queues, s.mode) for s in sel} == {(be, "copy", 1, "")}
 
 
 def test_patterns_and_filters():
@@ -105,13 +126,29 @@ def test_patterns_and_filters():
     assert {s.backend for s in select(backends=["loop*"])} == {"loop", "loop-py"}
 
 
+def test_mode_names_keep_the_names_without_one():
+    """A mode is a last name part of its own: names without one are as they always were,
+    and patterns ending at the queues pick no mode's row."""
+    sel = select(patterns=["sim/null/randread-4k-qd32/copy/q1*"])
+    assert [s.name for s in sel] == ["sim/null/randread-4k-qd32/copy/q1", "sim/null/randread-4k-qd32/copy/q1/batch",
+                                     "sim/null/randread-4k-qd32/copy/q1/shm"]
+    assert [s.base_name for s in sel] == ["sim/null/randread-4k-qd32/copy/q1"] * 3
+    assert [s.name for s in select(patterns=["sim/null/randread-4k-qd32/copy/q1"])] == [sel[0].name]
+    # the brief's batch rows by axes: null and loop, 4 KiB reads at QD1/32/128, with and without
+    batch = select(backends=["null", "loop"], rws=["randread"], bs=[4096], paths=["copy"], queues=[1],
+                   modes=["none", "batch"], qd=[1, 32, 128])
+    assert len(batch) == 12 and {s.mode for s in batch} == {"", "batch"}
+
+
 def test_bs_and_qd_set_the_axes():
-    sel = select(bs=[65536], qd=[8], backends=["null"], paths=["copy"], queues=[1])
+    sel = select(bs=[65536], qd=[8], backends=["null"], paths=["copy"], queues=[1], modes=["none"])
     assert [s.name for s in sel] == [f"sim/null/{rw}-64k-qd8/copy/q1" for rw in ("randread", "randwrite", "read", "write")]
+    assert len(select(bs=[65536], qd=[8], backends=["null"], paths=["copy"], queues=[1])) == 4 * len(MODES)
 
 
 def test_list_marks_and_skip_reasons(capsys):
-    assert main(["--list", "--all", "--backend", "memory", "--rw", "randread", "--qd", "32", "--queues", "1"]) == 0
+    assert main(["--list", "--all", "--backend", "memory", "--rw", "randread", "--qd", "32", "--queues", "1",
+                 "--mode", "none"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("4 scenarios")
     lines = {ln.split()[-1] if "[" not in ln else ln.split("   [")[0].split()[-1]: ln for ln in out[1:5]}
@@ -120,6 +157,15 @@ def test_list_marks_and_skip_reasons(capsys):
         line = lines[f"sim/memory/randread-4k-qd32/{path}/q1"]
         assert f"[skipped: data_path='{path}' is not available" in line and "does not declare it" in line
     assert "skipped" not in lines["sim/memory/randread-4k-qd32/copy/q1"]
+    assert main(["--list", "--scenario", "sim/memory/randread-4k-qd32/*/q1/batch", "--scenario",
+                 "kernel/memory/randread-4k-qd32/copy/q1/shm", "--transport", "all"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("5 scenarios")
+    assert "  sim/memory/randread-4k-qd32/copy/q1/batch\n" in out
+    assert "sim/memory/randread-4k-qd32/user_copy/q1/batch\n" in out
+    assert ("sim/memory/randread-4k-qd32/zero_copy/q1/batch   [skipped: data_path='zero_copy' is not available"
+            in out)
+    assert "kernel/memory/randread-4k-qd32/copy/q1/shm   [skipped: " in out
 
 
 @pytest.mark.skipif(os.path.exists("/dev/ublk-control"), reason="the ublk driver is loaded here")
@@ -519,3 +565,180 @@ def test_any_registered_backend_is_benchmarked(monkeypatch, tmp_path):
     assert row["reference"] == "ref/nop/qd1" and rows["ref/nop/qd1"]["status"] == "ok"
     assert rows[picky]["status"] == "skipped"
     assert rows[picky]["reason"] == "the following arguments are required: --colour"
+
+
+# -- modes: batch I/O and shared buffers next to the rows without them ---------------------------
+
+NULL_SEQ = "sim/null/read-128k-qd32/copy/q1"
+LOOP_SEQ = "sim/loop/read-128k-qd32/copy/q1"
+
+
+def test_mode_rows_run_next_to_the_rows_without_a_mode(tmp_path):
+    """batch and shm rows: measured, against the same reference as the row without the
+    mode, and (ratio2) against that row of the same round; every request of a shm row
+    was served in place from the shared buffer."""
+    out = tmp_path / "r.json"
+    names = [NULL_QD32, NULL_QD32 + "/batch", NULL_SEQ, NULL_SEQ + "/shm", LOOP_SEQ, LOOP_SEQ + "/shm"]
+    argv = ["--runtime", "0.2", "--size", "16", "--json", str(out)]
+    for n in names:
+        argv += ["--scenario", n]
+    assert main(argv) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    for base, mode in ((NULL_QD32, "batch"), (NULL_SEQ, "shm"), (LOOP_SEQ, "shm")):
+        row, plain = rows[f"{base}/{mode}"], rows[base]
+        assert row["status"] == plain["status"] == "ok" and row["errors"] == 0 and row["ios"] > 0
+        assert (row["mode"], plain["mode"]) == (mode, "")
+        ref = rows[row["reference"]]
+        assert row["reference"] == plain["reference"] and ref["status"] == "ok" and ref["iops"] > 0
+        assert row["ratio"] == pytest.approx(row["iops"] / ref["iops"])
+        assert row["reference2"] == base and row["reference2_iops"] == plain["iops"]
+        assert row["ratio2"] == pytest.approx(row["iops"] / plain["iops"])
+        if mode == "shm":
+            assert row["note"] == f"shared buffer: all {row['ios']} requests served in place"
+        assert plain["note"] is None and plain["reference2"] is None
+
+
+def test_mode_row_alone_says_its_partner_was_not_measured(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["--runtime", "0.1", "--size", "16", "--scenario", NULL_QD32 + "/batch", "--json", str(out)]) == 0
+    (row,) = [r for r in json.loads(out.read_text())["rows"] if r["kind"] == "server"]
+    assert row["status"] == "ok" and row["reference2"] == NULL_QD32 and row["ratio2"] is None
+    assert f"ratio2 vs {NULL_QD32} (not measured)" in rendered(row)
+
+
+def test_shared_mode_runs_on_the_simulated_driver_only():
+    (k,) = select(transports=("kernel",), patterns=["kernel/null/read-128k-qd32/copy/q1/shm"])
+    assert "simulated driver only" in k.refusal()
+    (s,) = select(patterns=["sim/null/read-128k-qd32/copy/q1/shm"])
+    assert s.refusal() is None and s.device_options == {"shared_buffers": True}
+
+
+def test_load_from_a_shared_buffer_reads_back_what_it_wrote(sim):
+    """The load generator's I/O from a buffer the device shares: verified data, every
+    request served in place; a buffer too small for qd * bs is refused in one line."""
+    from pyublk_fast.bench.runner import shared_buffer
+    from pyublk_fast.device import Device
+    with Device(MemoryBackend(4 << 20), sim, depth=32, shared_buffers=True) as dev:
+        buf = shared_buffer(dev, 16 * 8192)
+        r = sim.run_load(dev.dev_id, rw="randrw", bs=8192, qd=16, count=2000, verify=True, buffer=buf)
+        assert r["errors"] == r["verify_errors"] == 0 and r["completed"] == 2000
+        # the prefill wrote the whole device from the buffer too
+        assert dev.shared_requests == 2000 + (4 << 20) // 8192
+        with pytest.raises(ValueError, match=r"buffer: need 262144 bytes \(qd \* bs\) at a page-aligned address, "
+                                             r"got 131072 bytes"):
+            sim.run_load(dev.dev_id, rw="randread", bs=8192, qd=32, count=10, buffer=buf)
+        r = sim.run_load(dev.dev_id, rw="randread", bs=8192, qd=16, count=100)    # its own buffers again
+        assert r["completed"] == 100 and dev.shared_requests == 2000 + (4 << 20) // 8192
+
+
+# -- nbd: the bench's own NBD server, fio's nbd engine as the reference ------------------------------
+
+needs_nbd_server = pytest.mark.skipif(NbdExport.missing() is not None,
+                                      reason="no NBD server program (tools/dev.sh installs nbdkit)")
+NBD_RR = "sim/nbd/randread-4k-qd32/copy/q1"
+NBD_RW = "sim/nbd/randwrite-4k-qd32/copy/q1"
+
+
+def _children(*names: str) -> list[str]:
+    """Processes of these names whose parent is this process."""
+    out = []
+    for st in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{st}/stat") as f:
+                fields = f.read().rsplit(")", 1)
+        except OSError:
+            continue
+        comm = fields[0].split("(", 1)[1]
+        if comm in names and int(fields[1].split()[1]) == os.getpid() and fields[1].split()[0] != "Z":
+            out.append(comm)
+    return out
+
+
+@needs_nbd_server
+def test_nbd_rows_against_fio_nbd_engine_on_the_same_export(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["--runtime", "0.2", "--size", "16", "--scenario", NBD_RR, "--scenario", NBD_RW,
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["ref/fio-nbd/randread-4k-qd32", NBD_RR, "ref/fio-nbd/randwrite-4k-qd32", NBD_RW]
+    for ref, row in (rows[0:2], rows[2:4]):
+        assert ref["status"] == row["status"] == "ok" and ref["errors"] == row["errors"] == 0
+        assert ref["kind"] == "reference" and ref["backend"] == "fio-nbd" and ref["iops"] > 0 and ref["ios"] > 0
+        assert row["reference"] == ref["name"] and row["ratio"] == pytest.approx(row["iops"] / ref["iops"])
+        assert row["native"] is True and row["iops"] > 0
+    assert _children("nbdkit", "qemu-nbd") == []          # the bench stopped its server
+
+
+@pytest.mark.parametrize("program", ["nbdkit", "qemu-nbd"])
+def test_nbd_export_keeps_data_between_connections(tmp_path, sim, monkeypatch, program):
+    """The export the bench starts (nbdkit's, or qemu-nbd's where nbdkit is missing) is one
+    store that every connection (each row's backend, fio) sees: data written through one
+    device reads back through another."""
+    from pyublk_fast.backends.nbd import NbdBackend
+    from pyublk_fast.device import Device
+    exe = shutil.which(program)
+    if exe is None:
+        pytest.skip(f"{program} not installed (tools/dev.sh installs nbdkit and qemu-utils)")
+    only = tmp_path / "bin"
+    only.mkdir()
+    (only / program).symlink_to(exe)
+    monkeypatch.setenv("PATH", str(only))
+    with Workdir(4 << 20, str(tmp_path)) as wd:
+        export = NbdExport(wd.path, wd.size, wd.file)
+        try:
+            uri = export.start()
+            assert export.start() == uri and export.fio_target() == ["--ioengine=nbd", f"--uri={uri}"]
+            data = os.urandom(1 << 20)
+            with Device(NbdBackend(uri), sim, depth=8) as dev, dev.open() as blk:
+                blk.pwrite(data, 1 << 20)
+            with Device(NbdBackend(uri), sim, depth=8) as dev, dev.open() as blk:
+                assert blk.pread(1 << 20, 1 << 20) == data
+            assert _children("nbdkit", "qemu-nbd") == [program]
+        finally:
+            export.close()
+        assert _children("nbdkit", "qemu-nbd") == []
+        with pytest.raises(refs.RefUnavailable, match="the NBD server is not running"):
+            export.fio_target()
+
+
+@needs_nbd_server
+def test_nbd_server_that_cannot_start_says_why(tmp_path):
+    """A server that exits at once (its socket path taken) is not waited for: its last words."""
+    (tmp_path / "nbd.sock").mkdir()
+    export = NbdExport(str(tmp_path), 1 << 20, lambda kind: str(tmp_path / "no-such-file"))
+    with pytest.raises(refs.RefUnavailable, match=r"^(nbdkit|qemu-nbd) failed to start: .+") as e:
+        export.start()
+    assert "\n" not in str(e.value) and "did not listen" not in str(e.value)
+    assert _children("nbdkit", "qemu-nbd") == []
+
+
+def test_missing_server_programs_skip_rows_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    out = tmp_path / "r.json"
+    assert main(["--runtime", "0.1", "--size", "16", "--scenario", NBD_RR, "--scenario",
+                 "sim/rbd/randread-4k-qd32/copy/q1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["name"], r["status"]) for r in rows] == [(NBD_RR, "skipped"), ("sim/rbd/randread-4k-qd32/copy/q1",
+                                                                                "skipped")]
+    assert rows[0]["reason"] == "neither nbdkit nor qemu-nbd is installed (apt-get install nbdkit)"
+    assert rows[1]["reason"] == "rbd is not installed (apt-get install ceph-mon ceph-osd)"
+
+
+# -- rbd: fio's rbd engine on the same image, in the tests' cluster ---------------------------------
+
+RBD_RR = "sim/rbd/randread-4k-qd32/copy/q1"
+RBD_SW = "sim/rbd/write-128k-qd32/copy/q1"
+
+
+def test_rbd_rows_against_fio_rbd_engine_on_the_same_image(ceph, tmp_path):  # noqa: F811
+    out = tmp_path / "r.json"
+    assert main(["--runtime", "0.2", "--size", "16", "--scenario", RBD_RR, "--scenario", RBD_SW,
+                 "--rbd-conf", ceph.conf, "--rbd-pool", ceph.pool, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["ref/fio-rbd/randread-4k-qd32", RBD_RR, "ref/fio-rbd/write-128k-qd32", RBD_SW]
+    for ref, row in (rows[0:2], rows[2:4]):
+        assert ref["status"] == row["status"] == "ok" and ref["errors"] == row["errors"] == 0
+        assert ref["backend"] == "fio-rbd" and ref["iops"] > 0 and ref["ios"] > 0
+        assert row["reference"] == ref["name"] and row["ratio"] == pytest.approx(row["iops"] / ref["iops"])
+    # the image the bench made in a cluster of someone else's is gone again
+    assert f"pyublk-bench-{os.getpid()}" not in ceph.cli("ls", ceph.pool).split()

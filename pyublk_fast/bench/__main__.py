@@ -1,10 +1,12 @@
 """Benchmark ublk servers: python -m pyublk_fast.bench [--quick] [--list] [selectors] [--json F] [--plot DIR].
 
-Runs servers (null, loop, qcow2, pure-Python) on the simulated driver (and the kernel's, with
---transport kernel|all) next to references measured in the same run: fio with io_uring and
+Runs servers (null, loop, qcow2, nbd, rbd, pure-Python) on the simulated driver (and the kernel's,
+with --transport kernel|all) next to references measured in the same run: fio with io_uring and
 O_DIRECT on a raw file of the same data, the C io_uring NOP loop (the ring's ceiling), on real
-kernels kublk, and for qcow2 also qemu-img bench (O_DIRECT) on the same image. Every server
-row carries its ratio to its reference (qcow2: ratio to fio, ratio2 to qemu-img).
+kernels kublk, for qcow2 also qemu-img bench (O_DIRECT) on the same image, and for nbd and rbd
+fio's own nbd and rbd engines on the same export or image (the bench starts an NBD server, and
+a throwaway Ceph cluster for rbd rows). Every server row carries its ratio to its reference
+(qcow2: ratio to fio, ratio2 to qemu-img; a row with a mode: ratio2 to the row without it).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import time
 
 from . import report, scenarios as sc_mod
 from .runner import Progress, Runner, TransportUnavailable, Workdir, combine_rounds, open_transport
+from .services import Services
 
 QUICK_RUNTIME = 1.0
 DEFAULT_RUNTIME = 3.0
@@ -43,7 +46,9 @@ def parser() -> argparse.ArgumentParser:
         epilog="Selection: without selectors the default set runs (--quick: a smaller one). --scenario "
                "patterns (fnmatch on names like sim/loop/randread-4k-qd32/zero_copy/q1) and --all pick from "
                "the full matrix; --bs/--qd set those axes (and so also pick from it); --backend/--rw/--path/"
-               "--queues narrow any selection. Pairs a backend cannot serve are skipped with the reason.")
+               "--queues/--mode narrow any selection. Pairs a backend cannot serve are skipped with the reason. "
+               "rbd rows start a Ceph cluster and are in no set: --scenario 'sim/rbd/*/copy/q1'. docs/bench.md "
+               "has the details.")
     ap.add_argument("--quick", action="store_true", help=f"smaller set, {QUICK_RUNTIME:g} s each (~30 s)")
     ap.add_argument("--runtime", type=float, metavar="S",
                     help=f"seconds per scenario and reference (default {DEFAULT_RUNTIME:g}, --quick {QUICK_RUNTIME:g})")
@@ -61,6 +66,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--qd", type=_csv(_positive_int), action="extend", help="queue depths, e.g. 1,32")
     ap.add_argument("--path", type=_csv(str), action="extend", help=f"data paths: {', '.join(sc_mod.PATHS)}")
     ap.add_argument("--queues", type=_csv(_positive_int), action="extend", help="queue counts: 1,2")
+    ap.add_argument("--mode", type=_csv(str), action="extend",
+                    help=f"modes: {', '.join(sc_mod.mode_label(m) for m in sc_mod.MODES)} (batch: BATCH_IO; "
+                    "shm: the load's buffer shared with the server, SHMEM_ZC)")
+    ap.add_argument("--rbd-conf", metavar="PATH", help="rbd rows: use the Ceph cluster of this ceph.conf (an "
+                    "image is created and removed in --rbd-pool) instead of starting a throwaway one")
+    ap.add_argument("--rbd-pool", default="rbd", metavar="POOL", help="the pool for rbd rows (default rbd)")
     ap.add_argument("--repeat", type=_positive_int, default=1, metavar="N",
                     help="run everything N times, each round with fresh references, and report medians "
                     "(ratio: the median of per-round ratios, with its range); for noisy machines")
@@ -81,18 +92,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--size {args.size}: must be >= 1 MiB")
     if any(q > 4096 for q in args.qd or ()):
         ap.error("--qd: at most 4096 (UBLK_MAX_QUEUE_DEPTH)")
+    if args.rbd_conf and not os.path.isfile(args.rbd_conf):
+        ap.error(f"--rbd-conf {args.rbd_conf}: no such file (the cluster's ceph.conf)")
     args.transports = ("sim", "kernel") if args.transport == "all" else (args.transport,)
     try:
         args.selected = sc_mod.select(
             transports=args.transports, patterns=args.scenario, backends=args.backend, rws=args.rw,
-            bs=args.bs, qd=args.qd, paths=args.path, queues=args.queues, everything=args.all, quick=args.quick)
+            bs=args.bs, qd=args.qd, paths=args.path, queues=args.queues, modes=args.mode, everything=args.all,
+            quick=args.quick)
     except ValueError as e:
         ap.error(str(e))
     return args
 
 
 def skip_reasons(selected: list) -> dict[str, str]:
-    """name -> why it would be skipped (transport missing, or Device refusing the pair)."""
+    """name -> why it would be skipped (transport missing, or Device refusing the pair). A
+    backend the bench starts a server for is only checked for the server's programs."""
     reasons: dict[str, str] = {}
     transports = {}
     for t in {s.transport for s in selected}:
@@ -102,10 +117,15 @@ def skip_reasons(selected: list) -> dict[str, str]:
             transports[t] = e
     try:
         with Workdir(1 << 20) as wd:      # tiny backing files, enough to build every backend
+            services = Services(wd.path, wd.size, wd.file)
             for s in selected:
                 tr = transports[s.transport]
                 if isinstance(tr, Exception):
                     reasons[s.name] = str(tr)
+                    continue
+                if services.kind(s.backend):
+                    if why := services.missing(s.backend) or s.refusal():
+                        reasons[s.name] = why
                     continue
                 try:
                     backend = sc_mod.make_backend(s.backend, wd.file)
@@ -158,14 +178,18 @@ def main(argv=None) -> int:
             progress.row_done(row)
             out.print(report.table([row], header=False))
 
-        runner = Runner(wd, args.runtime, on_row, progress)
-        for number in range(args.repeat):
-            if args.repeat > 1:
-                out.print(f"-- round {number + 1} of {args.repeat}")
-            runner.start_round(number)
-            finished = runner.run(selected)
-            if not finished:
-                break
+        services = Services(wd.path, wd.size, wd.file, args.rbd_conf, args.rbd_pool)
+        runner = Runner(wd, args.runtime, on_row, progress, services=services)
+        try:
+            for number in range(args.repeat):
+                if args.repeat > 1:
+                    out.print(f"-- round {number + 1} of {args.repeat}")
+                runner.start_round(number)
+                finished = runner.run(selected)
+                if not finished:
+                    break
+        finally:
+            services.close()
     raw = runner.rows
     rows = combine_rounds(raw) if args.repeat > 1 else raw
     if args.repeat > 1:

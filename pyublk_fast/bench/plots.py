@@ -108,7 +108,9 @@ def plot_latency(doc: dict, path: str) -> str | None:
 
 def plot_datapaths(doc: dict, path: str) -> str | None:
     plt = _plt()
-    ok = [r for r in doc["rows"] if r["kind"] == "server" and r["status"] == "ok" and r["queues"] == 1]
+    # rows with a mode (batch, shared buffers) would take the place of their path's bar
+    ok = [r for r in doc["rows"] if r["kind"] == "server" and r["status"] == "ok" and r["queues"] == 1
+          and not r.get("mode")]
     groups: dict[str, dict[str, dict[str, float]]] = {}   # backend -> workload -> path -> MB/s
     for r in ok:
         wl = f"{r['rw']} {r['bs'] // 1024}k qd{r['qd']}"

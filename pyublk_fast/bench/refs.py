@@ -30,10 +30,13 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def fio_args(target: str, rw: str, bs: int, qd: int, runtime: float) -> list[str]:
-    """fio's command line for one job: io_uring, O_DIRECT, time based, latency percentiles."""
-    return ["fio", "--name=ref", f"--filename={target}", f"--rw={rw}", f"--bs={bs}",
-            f"--iodepth={qd}", "--ioengine=io_uring", "--direct=1", f"--runtime={max(1, round(runtime * 1000))}ms",
+def fio_args(target: str | list[str], rw: str, bs: int, qd: int, runtime: float) -> list[str]:
+    """fio's command line for one job: time based, latency percentiles; target a file or
+    block device (io_uring, O_DIRECT), or an engine's own options (e.g. ``--ioengine=nbd``,
+    ``--uri=...``)."""
+    where = [f"--filename={target}", "--ioengine=io_uring", "--direct=1"] if isinstance(target, str) else target
+    return ["fio", "--name=ref", *where, f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
+            f"--runtime={max(1, round(runtime * 1000))}ms",
             "--time_based", "--numjobs=1", "--randrepeat=0", "--norandommap", "--lat_percentiles=1",
             "--percentile_list=50:99:99.9", "--output-format=json"]
 
@@ -63,12 +66,14 @@ def parse_fio(out: str) -> dict:
                 cpu_s=cpu, ios=int(ios), errors=int(job["error"] != 0), seconds=seconds)
 
 
-def fio(target: str, rw: str, bs: int, qd: int, runtime: float, timeout: float | None = None) -> dict:
-    """fio on a file or block device; cpu_s is fio's own usr+sys."""
+def fio(target: str | list[str], rw: str, bs: int, qd: int, runtime: float, timeout: float | None = None,
+        env: dict | None = None) -> dict:
+    """fio on a file or block device, or through an engine (see fio_args); cpu_s is fio's
+    own usr+sys."""
     if shutil.which("fio") is None:
         raise RefUnavailable("fio not installed (apt-get install fio)")
     proc = subprocess.run(fio_args(target, rw, bs, qd, runtime), capture_output=True, text=True,
-                          timeout=timeout or runtime * 5 + 60, check=False)
+                          timeout=timeout or runtime * 5 + 60, check=False, env=env)
     if proc.returncode:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise RefUnavailable(f"fio failed: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")

@@ -16,8 +16,8 @@ from rich.table import Column, Table
 from rich.text import Text
 
 #: 2: a second reference per row (reference2, reference2_iops, ratio2, ratio2_min/max) and a
-#: note on how a row was measured.
-SCHEMA = 2
+#: note on how a row was measured. 3: a row's mode ("" or a name of scenarios.MODES).
+SCHEMA = 3
 NAME_W = 44
 COLUMNS = ("IOPS", "MB/s", "p50 us", "p99 us", "p99.9 us", "CPU us/IO", "ratio", "ratio2")
 WIDTHS = (11, 8, 8, 8, 9, 9, 6, 6)

@@ -7,12 +7,14 @@ on sim), plus fio's own usr+sys where fio drives the load. References are measur
 per round, the first time a scenario needs them, and appear as rows of their own; with
 several rounds, combine_rounds() folds each name's rows into medians.
 
-A server row has a ratio to its reference (reference, reference_iops, ratio) and, for a
-qcow2 image, a second one (reference2, reference2_iops, ratio2) to qemu-img bench on the
-same image, measured once the server has closed it.
+A server row has a ratio to its reference (reference, reference_iops, ratio) and may have
+a second one (reference2, reference2_iops, ratio2): for a qcow2 image, to qemu-img bench on
+the same image, measured once the server has closed it; for a row with a mode, to the same
+row without the mode measured earlier in the round (batch vs per-tag, shared vs copy).
 """
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import statistics
@@ -24,9 +26,10 @@ import rich.progress
 from rich.console import Console
 
 from . import refs
-from .scenarios import Scenario, make_backend
+from .scenarios import Scenario, make_backend, make_device
+from .services import Services, ServiceUnavailable
 
-ROW_KEYS = ("name", "kind", "transport", "backend", "native", "rw", "bs", "qd", "data_path", "queues",
+ROW_KEYS = ("name", "kind", "transport", "backend", "native", "rw", "bs", "qd", "data_path", "queues", "mode",
             "status", "reason", "iops", "mbps", "lat_p50_us", "lat_p99_us", "lat_p999_us", "cpu_us_per_io",
             "ios", "errors", "seconds", "reference", "reference_iops", "ratio",
             "reference2", "reference2_iops", "ratio2", "note", "hist",
@@ -91,7 +94,7 @@ def combine_rounds(rows: list[dict]) -> list[dict]:
 
 def scenario_fields(sc: Scenario) -> dict:
     return dict(transport=sc.transport, backend=sc.backend, native=sc.native, rw=sc.rw, bs=sc.bs,
-                qd=sc.qd, data_path=sc.path, queues=sc.queues)
+                qd=sc.qd, data_path=sc.path, queues=sc.queues, mode=sc.mode)
 
 
 def compact_hist(hist) -> dict | None:
@@ -165,6 +168,23 @@ class Workdir:
         return self._files[kind]
 
 
+def shared_buffer(dev, nbytes: int) -> mmap.mmap:
+    """Memory of at least nbytes (whole pages) the started device shares with its users:
+    the load's buffer for a shared-buffer row."""
+    buf = mmap.mmap(-1, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE, mmap.MAP_SHARED,
+                    mmap.PROT_READ | mmap.PROT_WRITE)
+    dev.register_shared_buffer(buf)
+    return buf
+
+
+def in_place_note(served: int, ios: int) -> str:
+    """The note of a shared-buffer row; RuntimeError unless every request was served in place
+    (the row would not measure what it says)."""
+    if served < ios or not ios:
+        raise RuntimeError(f"only {served} of {ios} requests were served in place from the shared buffer")
+    return f"shared buffer: all {ios} requests served in place"
+
+
 class TransportUnavailable(Exception):
     """The transport cannot run here; str() says why."""
 
@@ -190,27 +210,33 @@ def open_transport(name: str):
 
 
 class Runner:
-    """Runs scenarios in order, measuring references on demand; on_row sees every finished row."""
+    """Runs scenarios in order, measuring references on demand; on_row sees every finished row.
+    services: the servers nbd and rbd rows use (the caller closes them)."""
 
     def __init__(self, workdir: Workdir, runtime: float, on_row: Callable[[dict], None],
-                 progress: Callable[[str], None] = lambda s: None):
+                 progress: Callable[[str], None] = lambda s: None, *, services: Services):
         self.wd = workdir
         self.runtime = runtime
         self.on_row = on_row
         self.progress = progress
+        self.services = services
         self.rows: list[dict] = []
         self.round = 0
         self._refs: dict[str, dict] = {}
+        self._served: dict[str, dict] = {}
         self._nop = refs.NopLoop(workdir.path)
 
     def start_round(self, number: int) -> None:
         """Rows from now on belong to round `number`; references are measured afresh."""
         self.round = number
         self._refs = {}
+        self._served = {}
 
     def _emit(self, row: dict) -> dict:
         row["round"] = self.round
         self.rows.append(row)
+        if row["kind"] == "server":
+            self._served[row["name"]] = row
         self.on_row(row)
         return row
 
@@ -219,7 +245,14 @@ class Runner:
     def reference(self, sc: Scenario) -> dict:
         """The reference row for a scenario, measured the first time it is needed."""
         rt = self.runtime
-        if sc.file_format:
+        if kind := self.services.kind(sc.backend):
+            name = f"ref/fio-{kind}/{sc.workload}"
+            fields = dict(transport="host", backend=f"fio-{kind}", rw=sc.rw, bs=sc.bs, qd=sc.qd)
+
+            def measure():
+                target, env = self.services.fio_target(sc.backend)
+                return refs.fio(target, sc.rw, sc.bs, sc.qd, rt, env=env)
+        elif sc.file_format:
             name = f"ref/fio-file/{sc.workload}"
             fields = dict(transport="host", backend="fio", rw=sc.rw, bs=sc.bs, qd=sc.qd)
             measure = lambda: refs.fio(self.wd.file("raw"), sc.rw, sc.bs, sc.qd, rt)  # noqa: E731
@@ -234,9 +267,12 @@ class Runner:
         return self._reference(name, fields, measure)
 
     def reference2(self, sc: Scenario) -> dict | None:
-        """The second reference row of a qcow2 scenario (None for others): qemu-img bench,
-        qemu's own qcow2 driver, on the same image. Call it only while no server has the
-        image open."""
+        """The second reference row of a scenario, or None: for a mode's row, the row
+        without the mode from this round (one not measured has no figures); for qcow2,
+        qemu-img bench, qemu's own qcow2 driver, on the same image. Call it only while no
+        server has the image open."""
+        if sc.mode:
+            return self._served.get(sc.base_name, dict(name=sc.base_name, status="not measured", iops=None))
         if sc.file_format != "qcow2":
             return None
         fields = dict(transport="host", backend="qemu-img", rw=sc.rw, bs=sc.bs, qd=sc.qd)
@@ -259,18 +295,15 @@ class Runner:
 
     def _device(self, sc: Scenario, transport):
         """A Device for the scenario (not started), or why not (a str): the backend cannot be
-        built from the bench's options, or Device refuses the pair."""
-        from ..device import Device
+        built from the bench's options or its server cannot run, or Device refuses the pair."""
         try:
-            backend = make_backend(sc.backend, self.wd.file)
-        except ValueError as e:
+            backend = make_backend(sc.backend, self.wd.file, self.services.backend_args)
+        except (ValueError, OSError, ServiceUnavailable) as e:
             return str(e)
-        try:
-            return Device(backend, transport, queues=sc.queues, depth=max(128, sc.qd), data_path=sc.path,
-                          native=sc.native)
-        except (ValueError, OSError) as e:
+        dev = make_device(sc, backend, transport)
+        if isinstance(dev, str):
             backend.close()
-            return str(e)
+        return dev
 
     def _measure(self, sc: Scenario, transport, dev) -> dict:
         try:
@@ -280,13 +313,18 @@ class Runner:
             raise
         try:
             if sc.transport == "sim":
+                buffer = shared_buffer(dev, sc.qd * sc.bs) if sc.shared else None
                 cpu0 = time.process_time()
-                r = transport.run_load(dev.dev_id, rw=sc.rw, bs=sc.bs, qd=sc.qd, runtime=self.runtime)
+                r = transport.run_load(dev.dev_id, rw=sc.rw, bs=sc.bs, qd=sc.qd, runtime=self.runtime,
+                                       buffer=buffer)
                 cpu = time.process_time() - cpu0
-                return dict(iops=float(r["iops"]), mbps=float(r["mbps"]), lat_p50_us=float(r["lat_p50_us"]),
-                            lat_p99_us=float(r["lat_p99_us"]), lat_p999_us=float(r["lat_p999_us"]),
-                            ios=int(r["completed"]), errors=int(r["errors"]),
-                            seconds=float(r["seconds"]), cpu_s=cpu, hist=compact_hist(r["hist"]))
+                fig = dict(iops=float(r["iops"]), mbps=float(r["mbps"]), lat_p50_us=float(r["lat_p50_us"]),
+                           lat_p99_us=float(r["lat_p99_us"]), lat_p999_us=float(r["lat_p999_us"]),
+                           ios=int(r["completed"]), errors=int(r["errors"]),
+                           seconds=float(r["seconds"]), cpu_s=cpu, hist=compact_hist(r["hist"]))
+                if buffer is not None:
+                    fig["note"] = in_place_note(dev.shared_requests, fig["ios"])
+                return fig
             blk = transport.block_path(dev.dev_id)
             end = time.monotonic() + 10
             while not os.path.exists(blk):

@@ -1,7 +1,10 @@
-"""The scenario matrix: transport x backend x workload x data path x queues, and selection.
+"""The scenario matrix: transport x backend x workload x data path x queues x mode, and selection.
 
-A scenario's name is ``transport/backend/rw-bs-qdN/path/qN``, e.g.
+A scenario's name is ``transport/backend/rw-bs-qdN/path/qN[/mode]``, e.g.
 ``sim/loop/randread-4k-qd32/zero_copy/q1``; ``--scenario`` patterns match it with fnmatch.
+The mode (see MODES) is a further setting of the device or of the load, such as batch
+I/O; a row without one (the device's defaults) has no mode part, so ``.../q1`` never
+matches a mode's row and ``.../q1/*`` matches only those.
 The full matrix is reachable with ``--all`` or patterns; without selectors a curated
 default set runs (``--quick``: a smaller one). Pairs a backend cannot serve stay in the
 matrix: Device refuses them (ValueError/OSError) and the row is skipped with its reason.
@@ -22,6 +25,21 @@ QUEUES = (1, 2)
 #: Default axes: random I/O at 4 KiB and three depths, sequential at 128 KiB, QD32.
 RAND_BS, SEQ_BS = (4096,), (131072,)
 RAND_QD, SEQ_QD = (1, 32, 128), (32,)
+
+
+#: The mode axis: "" (none: Device's defaults) or a setting the row is measured with, as
+#: Device keywords. "batch": BATCH_IO, commands for many tags at once, against the command
+#: per tag of the row without a mode. "shm": SHMEM_ZC, the load does its I/O from a buffer
+#: the device shares (registered with register_shared_buffer), so the driver copies
+#: nothing, against the copying row without a mode. A setting that combines with another
+#: gets a name of its own joined by "+" (e.g. "batch+t2"); threads per queue would be "tN".
+MODES: dict[str, dict] = {
+    "": {},
+    "batch": dict(batch_io=True),
+    "shm": dict(shared_buffers=True),
+}
+#: Modes whose load must run from the device's shared buffer.
+SHARED_MODES = ("shm",)
 
 
 #: A native backend served by its Python handlers instead (Device(native=False)) is on the
@@ -60,13 +78,16 @@ class _BenchArgs(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def make_backend(name: str, file: Callable[[str], str]) -> Backend:
-    """Build a backend of the axis as `add -t NAME` does, from its own options: none but
-    --file, a scratch file of its file_format from file(format), when it serves one."""
+def make_backend(name: str, file: Callable[[str], str], server_args: Callable[[str], list[str]] = lambda n: []
+                 ) -> Backend:
+    """Build a backend of the axis as `add -t NAME` does, from its own options: --file, a
+    scratch file of its file_format from file(format), when it serves one; else the options
+    server_args(name) gives (the server the bench started for it: nbd's --uri)."""
     cls = backend_class(name.removesuffix(PY))
     parser = _BenchArgs(prog=f"-t {name}", add_help=False)
     cls.add_arguments(parser)
-    return cls.from_args(parser.parse_args(["--file", file(cls.file_format)] if cls.file_format else []))
+    argv = ["--file", file(cls.file_format)] if cls.file_format else server_args(name)
+    return cls.from_args(parser.parse_args(argv))
 
 
 def parse_bs(text: str) -> int:
@@ -89,6 +110,7 @@ class Scenario:
     qd: int
     path: str
     queues: int
+    mode: str = ""
     default: bool = field(default=False, compare=False)
     quick: bool = field(default=False, compare=False)
 
@@ -98,7 +120,30 @@ class Scenario:
 
     @property
     def name(self) -> str:
-        return f"{self.transport}/{self.backend}/{self.workload}/{self.path}/q{self.queues}"
+        base = f"{self.transport}/{self.backend}/{self.workload}/{self.path}/q{self.queues}"
+        return f"{base}/{self.mode}" if self.mode else base
+
+    @property
+    def base_name(self) -> str:
+        """The name of the same row without its mode (what a mode's row is compared with)."""
+        return self.name.removesuffix(f"/{self.mode}")
+
+    @property
+    def device_options(self) -> dict:
+        """Device keywords beyond the axes: the mode's."""
+        return MODES[self.mode]
+
+    @property
+    def shared(self) -> bool:
+        """Whether the load runs from a buffer the device shares."""
+        return self.mode in SHARED_MODES
+
+    def refusal(self) -> str | None:
+        """Why the bench cannot measure this mode here (Device's own refusals aside)."""
+        if self.shared and self.transport != "sim":
+            return (f"mode {self.mode!r} runs on the simulated driver only: on a kernel the load (fio) "
+                    "would need its buffers in the shared memory")
+        return None
 
     @property
     def native(self) -> bool:
@@ -112,11 +157,11 @@ class Scenario:
 
 
 def _default_marks() -> dict[tuple, str]:
-    """(backend, rw, bs, qd, path, queues) -> 'd' (default) or 'q' (default and quick)."""
+    """(backend, rw, bs, qd, path, queues, mode) -> 'd' (default) or 'q' (default and quick)."""
     marks: dict[tuple, str] = {}
 
-    def add(backend, rw, bs, qd, path="copy", queues=1, quick=False):
-        marks[(backend, rw, bs, qd, path, queues)] = "q" if quick else "d"
+    def add(backend, rw, bs, qd, path="copy", queues=1, quick=False, mode=""):
+        marks[(backend, rw, bs, qd, path, queues, mode)] = "q" if quick else "d"
 
     k4, k128 = 4096, 131072
     for be in ("null", "loop"):
@@ -146,10 +191,23 @@ def _default_marks() -> dict[tuple, str]:
     add("qcow2", "read", k128, 32)
     add("memory", "randread", k4, 32, quick=True)
     add("memory", "randwrite", k4, 32)
-    # rbd needs a cluster and an image (--image): its rows say so until the bench starts one
-    add("rbd", "randread", k4, 32, quick=True)
-    add("rbd-py", "randread", k4, 32, quick=True)
+    # each against fio's nbd engine on the same export (the server starts in milliseconds);
+    # the other workloads: NBD_PATTERN
+    add("nbd", "randread", k4, 32, quick=True)
+    add("nbd", "randwrite", k4, 32)
+    # batch I/O and shared buffers next to the rows without a mode (above); the rest of the
+    # modes' rows by --mode (docs/bench.md), to keep the default set's time
+    add("null", "randread", k4, 32, quick=True, mode="batch")
+    add("null", "read", k128, 32, mode="shm")
+    add("loop", "read", k128, 32, mode="shm")
+    # rbd rows start a Ceph cluster (10-30 s): in neither set, see RBD_PATTERN
     return marks
+
+
+#: Every workload of nbd and rbd, one queue, copy (4 KiB random I/O at QD1/32/128, 128 KiB
+#: sequential at QD32): `--scenario PATTERN`.
+NBD_PATTERN = "sim/nbd/*/copy/q1"
+RBD_PATTERN = "sim/rbd/*/copy/q1"
 
 
 DEFAULT_MARKS = _default_marks()
@@ -168,9 +226,10 @@ def matrix(transports: Iterable[str] = ("sim",), bs: Iterable[int] | None = None
                     for d in (tuple(qd) if qd else RAND_QD if rand else SEQ_QD):
                         for path in PATHS:
                             for nq in QUEUES:
-                                mark = DEFAULT_MARKS.get((be, rw, b, d, path, nq), "")
-                                out.append(Scenario(tr, be, rw, b, d, path, nq,
-                                                    default=bool(mark), quick=mark == "q"))
+                                for mode in MODES:
+                                    mark = DEFAULT_MARKS.get((be, rw, b, d, path, nq, mode), "")
+                                    out.append(Scenario(tr, be, rw, b, d, path, nq, mode,
+                                                        default=bool(mark), quick=mark == "q"))
     return out
 
 
@@ -178,16 +237,27 @@ def _match(value: str, patterns: list[str] | None) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(value, p) for p in patterns)
 
 
+#: --mode's name for the rows without a mode.
+NO_MODE = "none"
+
+
+def mode_label(mode: str) -> str:
+    """A mode as --mode names it: NO_MODE for the rows without one."""
+    return mode or NO_MODE
+
+
 def select(*, transports=("sim",), patterns=None, backends=None, rws=None, bs=None, qd=None,
-           paths=None, queues=None, everything=False, quick=False) -> list[Scenario]:
+           paths=None, queues=None, modes=None, everything=False, quick=False) -> list[Scenario]:
     """The scenarios to run, in run order.
 
     patterns (fnmatch on the name) pick from the full matrix; so do everything=True and
     bs/qd (which set those axes). Otherwise the default set (quick: its quick subset).
-    backends/rws/paths are fnmatch patterns too; queues a list of ints.
+    backends/rws/paths/modes are fnmatch patterns too (modes: NO_MODE for rows without
+    one); queues a list of ints.
     """
-    for name, allowed in (("backend", backend_axis()), ("rw", RWS), ("path", PATHS)):
-        pats = {"backend": backends, "rw": rws, "path": paths}[name]
+    mode_names = [mode_label(m) for m in MODES]
+    for name, allowed in (("backend", backend_axis()), ("rw", RWS), ("path", PATHS), ("mode", mode_names)):
+        pats = {"backend": backends, "rw": rws, "path": paths, "mode": modes}[name]
         for p in pats or ():
             if not any(fnmatch.fnmatchcase(a, p) for a in allowed):
                 raise ValueError(f"--{name} {p!r} matches nothing: choose from {', '.join(allowed)}")
@@ -206,18 +276,26 @@ def select(*, transports=("sim",), patterns=None, backends=None, rws=None, bs=No
         base = [s for s in full if (s.quick if quick else s.default)]
     return [s for s in base
             if _match(s.backend, backends) and _match(s.rw, rws) and _match(s.path, paths)
-            and (not queues or s.queues in queues)]
+            and _match(mode_label(s.mode), modes) and (not queues or s.queues in queues)]
+
+
+def make_device(sc: Scenario, backend: Backend, transport):
+    """The scenario's Device (not started), or why not (a str): the bench cannot measure the
+    mode here, or Device refuses the backend/path/mode/transport combination."""
+    from ..device import Device
+    if why := sc.refusal():
+        return why
+    try:
+        return Device(backend, transport, queues=sc.queues, depth=max(128, sc.qd), data_path=sc.path,
+                      native=sc.native, **sc.device_options)
+    except (ValueError, OSError) as e:
+        return str(e)
 
 
 def unsupported(sc: Scenario, backend: Backend, transport) -> str | None:
-    """Why Device refuses this backend/path/transport combination, or None if it accepts it."""
-    from ..device import Device
-    try:
-        Device(backend, transport, queues=sc.queues, depth=max(128, sc.qd), data_path=sc.path,
-               native=sc.native)
-    except (ValueError, OSError) as e:
-        return str(e)
-    return None
+    """Why the scenario cannot run (see make_device), or None if it can."""
+    dev = make_device(sc, backend, transport)
+    return dev if isinstance(dev, str) else None
 
 
 def describe(scenarios: list[Scenario], reasons: dict[str, str]) -> list[str]:

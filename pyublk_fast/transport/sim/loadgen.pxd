@@ -39,3 +39,4 @@ cdef class LoadGen:
     cdef SimDriver drv
     cdef LoadGenState st
     cdef object _finished
+    cdef object _buffer            # the caller's buffer the requests use, or None (bufs is ours)

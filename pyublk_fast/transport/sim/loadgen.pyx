@@ -11,7 +11,7 @@ its writes left.
 import threading
 
 import numpy as np
-from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memset
 from libc.stdlib cimport calloc, free, malloc
 from pyublk_fast._core.liburing cimport pyu_now_ns
@@ -163,14 +163,19 @@ cdef class LoadGen:
         self.st.origin = self.drv.add_origin(self, &self.st, lg_tick, lg_done)
 
     def __dealloc__(self):
-        free(self.st.bufs)
+        if self._buffer is None:
+            free(self.st.bufs)
         free(self.st.free_slots)
         free(self.st.hist)
 
     def start(self, int d, int qd, uint32_t bs, int read_pct, bint random, bint verify,
-              uint64_t region, uint64_t count, double duration, uint64_t seed):
-        """Start a run on device d (in the driver thread: via SimDriver.call); wait() ends it."""
+              uint64_t region, uint64_t count, double duration, uint64_t seed, buffer=None):
+        """Start a run on device d (in the driver thread: via SimDriver.call); wait() ends it.
+        buffer: writable, page-aligned memory of at least qd * bs bytes the requests use
+        (kept referenced until the next run), instead of buffers of the load generator's
+        own: an application's buffer it shares with the server (SHMEM_ZC)."""
         cdef LoadGenState *lg = &self.st
+        cdef uint8_t[::1] user
         cdef SimDev *dev = self.drv._dev(d, "loadgen")
         if lg.active:
             raise RuntimeError("a load generator run is already active")
@@ -185,11 +190,20 @@ cdef class LoadGen:
             raise ValueError(f"device of {dev.size} bytes is smaller than one block of {bs}")
         if not 1 <= qd <= 4096 or lg.first_req + qd > self.drv.nreq:
             raise ValueError(f"qd={qd} out of range 1..4096")
-        free(lg.bufs)
+        cdef void *bufs = NULL
+        if buffer is not None:
+            user = buffer
+            if <size_t>user.shape[0] < <size_t>qd * bs or <uintptr_t>&user[0] % 4096:
+                raise ValueError(f"buffer: need {qd * bs} bytes (qd * bs) at a page-aligned "
+                                 f"address, got {user.shape[0]} bytes at {<uintptr_t>&user[0]:#x}")
+            bufs = &user[0]
+        if self._buffer is None:
+            free(lg.bufs)
+        self._buffer = buffer
+        lg.bufs = NULL
         free(lg.free_slots)
         memset(lg.hist, 0, HIST_BUCKETS * sizeof(uint64_t))
-        cdef void *bufs = NULL
-        if posix_memalign(&bufs, 4096, <size_t>qd * bs) == 0:   # page aligned, like page-cache pages
+        if buffer is None and posix_memalign(&bufs, 4096, <size_t>qd * bs) == 0:   # page aligned, like page-cache pages
             memset(bufs, 0, <size_t>qd * bs)
         lg.bufs = <uint8_t *>bufs
         lg.free_slots = <int *>malloc(qd * sizeof(int))

@@ -151,12 +151,15 @@ class SimTransport(Transport):
 
     def run_load(self, dev_id: int, *, rw: str = "randread", bs: int = 4096, qd: int = 32,
                  runtime: float = 0.0, count: int = 0, read_pct: int | None = None,
-                 verify: bool = False, region: int = 0, seed: int = 1, timeout: float = 600.0) -> dict:
+                 verify: bool = False, region: int = 0, seed: int = 1, timeout: float = 600.0,
+                 buffer=None) -> dict:
         """Our in-process fio: random/sequential read/write/mix at a queue depth.
 
         rw: randread, randwrite, randrw, read, write, rw. Stops after `count` I/Os or
         `runtime` seconds. verify=True writes a pattern over the region first and then
-        checks every block read. Returns IOPS, MB/s, latency percentiles (us), errors.
+        checks every block read. buffer: page-aligned writable memory of at least qd * bs
+        bytes to do the I/O from (e.g. a buffer the device shares, for SHMEM_ZC) instead
+        of the load generator's own. Returns IOPS, MB/s, latency percentiles (us), errors.
         """
         kinds = {"randread": (100, True), "randwrite": (0, True), "randrw": (50, True),
                  "read": (100, False), "write": (0, False), "rw": (50, False)}
@@ -171,10 +174,10 @@ class SimTransport(Transport):
         if verify:
             info = self.dev_info(dev_id)
             reg = region or info.size
-            d.call(lg.start, dev_id, qd, bs, 0, False, True, reg, reg // bs, 0.0, seed)
+            d.call(lg.start, dev_id, qd, bs, 0, False, True, reg, reg // bs, 0.0, seed, buffer)
             pre = lg.wait(timeout)
             if pre["errors"]:
                 raise os_error(errno.EIO, "verify prefill", f"{pre['errors']} write errors")
-        d.call(lg.start, dev_id, qd, bs, pct, rnd, verify, region, count, runtime, seed)
+        d.call(lg.start, dev_id, qd, bs, pct, rnd, verify, region, count, runtime, seed, buffer)
         out = lg.wait(timeout)
         return summarize(out, bs)
