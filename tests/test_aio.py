@@ -536,6 +536,44 @@ def test_run_in_thread_returns_or_raises(prober):
     assert thread.startswith("ublk") and thread.endswith("-q0")     # resumed on its queue
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["plain", "traced"])
+def test_awaited_results_and_errors(sim, scratch, traced):
+    """What an awaited op gives back: its value or its exception, whether the queue's
+    thread runs under a tracer (a debugger, coverage: the op's __next__ serves the
+    await) or not (its am_send slot)."""
+    fd, data = scratch
+    calls = []
+
+    def tracer(frame, event, arg):
+        calls.append(event)
+
+    async def probe(io, offset, buf):
+        got = bytearray(100)
+        n = await io.read(fd, got, 50)
+        try:
+            await io.read(-1, bytearray(8), 0)
+        except OSError as e:
+            bad = e.errno
+        none = await io.nop()
+        value = await io.run_in_thread(divmod, 17, 5)
+        try:
+            await io.run_in_thread(int, "x")
+        except ValueError as e:
+            thrown = str(e)
+        return n, bytes(got), bad, none, value, thrown
+
+    if traced:
+        threading.settrace(tracer)
+    try:
+        with probing(sim) as p:
+            out, _ = p.run(probe)
+    finally:
+        threading.settrace(None)
+    assert out == (100, data[50:150], errno.EBADF, None, (3, 2),
+                   "invalid literal for int() with base 10: 'x'")
+    assert bool(calls) == traced
+
+
 def test_queue_serves_while_a_thread_job_blocks(prober):
     """A job waits for an event that only another request's handler sets: the queue
     must serve that request while the job blocks."""

@@ -20,6 +20,14 @@ see the old mapping. A discard or zeroing that unmaps a cluster waits until no d
 I/O on it is in flight, since its host cluster may be handed out again at once.
 Waiting is on an eventfd read on the ring, woken by whoever clears the way, from
 any queue's thread.
+
+The common request (within one cluster holding data of its own) takes no lock: its
+host cluster comes from a cache of such clusters, and its I/O is counted in a table
+of its queue's own, which only that queue's thread changes. A request counts itself
+before it looks the cluster up; an unmapping drops the cluster from the cache and marks
+it before it looks at the counts. Either the request finds the cluster gone (and takes
+the general path), or the unmapping sees the request's count (and waits for it, woken
+by the request, which sees the mark when it ends).
 """
 
 from __future__ import annotations
@@ -64,6 +72,9 @@ class _Gates:
         self.io: dict[int, int] = {}       # vc -> data ops in flight on its host cluster
         self.alloc: set[int] = set()       # vcs whose new cluster is being written
         self.unmap: dict[int, int] = {}    # vc -> requests waiting to unmap it
+        # per queue (its RingIO): vc -> in-place I/O in flight; added to under the lock,
+        # each changed by its own queue's thread only (no lock: see the module's doc)
+        self.queues: dict[Any, dict[int, int]] = {}
         self._waits: dict[int, list] = {}  # vc -> [eventfd, not yet woken, reads pending]
         self.waits = 0                     # waits begun, in all (for tests and curiosity)
 
@@ -80,7 +91,12 @@ class _Gates:
 
     def busy(self, vc: int) -> bool:
         """Data I/O or an allocation on vc is in flight (it must not be unmapped)."""
-        return vc in self.io or vc in self.alloc
+        if vc in self.io or vc in self.alloc:
+            return True
+        for counts in self.queues.values():
+            if vc in counts:
+                return True
+        return False
 
     def sleeper(self, vc: int) -> int:
         """Register a wait for vc; returns the eventfd to read (on the ring) until woken."""
@@ -158,6 +174,7 @@ class RingData:
             raise
         self._zeros = aligned_zeros(cs)
         self._cb, self._mask = image._cb, cs - 1
+        self._readonly = readonly
         self._hosts: dict[int, int] = {}   # vc -> its host cluster, for _in_place
 
     def _open_direct(self, path: str, flags: int) -> None:
@@ -214,38 +231,55 @@ class RingData:
         return host
 
     # ---------------------------------------------------------------- reading
-    def _enter_in_place(self, offset: int, length: int, writing: bool) -> int:
+    def _enter(self, io: Any, offset: int, length: int, writing: bool) -> int:
         """The common case: a request within one cluster that holds data of its own (and,
         for a write, no allocation in flight). Returns the request's host offset with the
-        cluster entered (in-flight data I/O: _in_place_io leaves it), else 0."""
-        g = self._gates
-        vc = offset >> self._cb
-        if (offset + length - 1) >> self._cb != vc or offset + length > self.image._size:
+        cluster entered in io's queue's table (_leave ends it), else 0."""
+        cb = self._cb
+        vc = offset >> cb
+        if (offset + length - 1) >> cb != vc or offset + length > self.image._size:
             return 0
-        with self._lock:
-            if writing:
-                self.image._check_writable()
-            busy = vc in g.unmap or (writing and vc in g.alloc)
-            host = 0 if busy else self._in_place(vc)
-            if host:
-                g.enter(vc)
-        return host + (offset & self._mask) if host else 0
-
-    async def _in_place_io(self, request_io: Any, host: int, offset: int) -> None:
-        """The request's data to or from host by request_io (pread_request or
-        pwrite_request), the I/O _enter_in_place let in; then leave its cluster."""
-        try:
-            await request_io(self.fd, host)
-        finally:
+        if writing and (self._readonly or self.image._flush_failed is not None):
+            return 0            # the general path says why
+        mine = self._gates.queues.get(io)
+        if mine is None:
             with self._lock:
-                self._gates.leave(offset >> self._cb)
+                mine = self._gates.queues[io] = {}
+        # counted first, looked up after: an unmapping drops vc from the cache before it
+        # looks at the counts (the module's doc)
+        mine[vc] = mine.get(vc, 0) + 1
+        host = self._hosts.get(vc)
+        if host is None:
+            g = self._gates
+            with self._lock:
+                busy = vc in g.unmap or (writing and vc in g.alloc)
+                host = 0 if busy else self._in_place(vc)
+            if not host:
+                self._leave(io, vc)
+                return 0
+        return host + (offset & self._mask)
+
+    def _leave(self, io: Any, vc: int) -> None:
+        """The end of the I/O _enter let in: wake an unmapping that waits for it."""
+        mine = self._gates.queues[io]
+        n = mine[vc] - 1
+        if n:
+            mine[vc] = n
+            return
+        del mine[vc]
+        if vc in self._gates.unmap:
+            with self._lock:
+                self._gates.wake(vc)
 
     async def read(self, offset: int, buf: Any) -> None:
         io = aio.current()
         length = len(buf)
-        host = self._enter_in_place(offset, length, False)
+        host = self._enter(io, offset, length, False)
         if host:
-            await self._in_place_io(io.pread_request, host, offset)
+            try:
+                await io.pread_request(self.fd, host)
+            finally:
+                self._leave(io, offset >> self._cb)
             return
         await self._read_runs(io, offset, length, buf)
 
@@ -324,9 +358,12 @@ class RingData:
     async def write(self, offset: int, data: Any) -> None:
         io = aio.current()
         length = len(data)
-        host = self._enter_in_place(offset, length, True)
+        host = self._enter(io, offset, length, True)
         if host:
-            await self._in_place_io(io.pwrite_request, host, offset)
+            try:
+                await io.pwrite_request(self.fd, host)
+            finally:
+                self._leave(io, offset >> self._cb)
             return
         await self._write(io, offset, length, False, isinstance(data, Unmapped))
 
@@ -548,13 +585,16 @@ class RingData:
                     img._check_range(offset, length)
                     img._check_writable()
                     for vc in chunk:
+                        self._hosts.pop(vc, None)     # no in-place I/O starts on it now
                         if g.busy(vc):
-                            busy.append(vc)
                             if vc not in waiting:
                                 waiting.add(vc)
                                 g.unmap[vc] = g.unmap.get(vc, 0) + 1
-                            continue
-                        self._hosts.pop(vc, None)
+                            # again, now that it is marked: an in-place I/O that ended
+                            # before the mark woke nobody
+                            if g.busy(vc):
+                                busy.append(vc)
+                                continue
                         img._zero_cluster(vc, discard)
                         if vc in waiting:
                             self._unwait(vc, waiting)

@@ -25,7 +25,8 @@ import threading
 from asyncio import CancelledError
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
-from cpython.ref cimport PyObject, Py_XDECREF
+cimport cython
+from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t, uintptr_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset
@@ -40,10 +41,18 @@ from ..errors import BackendError
 log = logging.getLogger("pyublk_fast.aio")
 
 cdef extern from "Python.h":
-    enum:
-        PYGEN_RETURN           # 0; PYGEN_ERROR is -1 (raised), PYGEN_NEXT 1
+    ctypedef enum PySendResult:
+        PYGEN_RETURN           # the value is in *presult
+        PYGEN_ERROR            # raised
+        PYGEN_NEXT             # yielded
     # PyIter_Send: a coroutine's return value comes back without raising StopIteration
     int PyIter_Send(object iter, object arg, PyObject **presult) except -1
+    ctypedef PySendResult (*sendfunc)(PyObject *, PyObject *, PyObject **) noexcept
+    ctypedef struct PyAsyncMethods:
+        sendfunc am_send
+    ctypedef struct PyTypeObject_ "PyTypeObject":
+        PyAsyncMethods *tp_as_async
+    void PyErr_SetObject(object type, object value)
 
 cdef extern from "<linux/fs.h>" nogil:
     enum:
@@ -76,6 +85,7 @@ cdef struct OpState:
     uint32_t rw_flags
 
 
+@cython.freelist(64)
 cdef class Op:
     """One operation on the queue's ring; await it for its result (raises OSError)."""
     cdef int slot
@@ -115,16 +125,55 @@ cdef class Op:
     def __next__(self):
         if not self.done:
             return self                # up to the task's step(): wait for the CQE
+        exc = self.failure()
+        if exc is not None:
+            raise exc
+        raise StopIteration(self.result())
+
+    cdef object failure(self):
+        """What awaiting the completed op raises, else None."""
         if self.kind == K_THREAD:
-            if self.exc is not None:
-                exc, self.exc = self.exc, None
-                raise exc
-            raise StopIteration(self.value)
+            exc, self.exc = self.exc, None
+            return exc
         if self.res < 0:
-            raise OSError(-self.res, os.strerror(-self.res))
-        raise StopIteration(self.res if self.kind == K_SQE or self.kind == K_REQUEST else None)
+            return OSError(-self.res, os.strerror(-self.res))
+        return None
+
+    cdef object result(self):
+        """What awaiting the completed op returns, when it does not raise."""
+        if self.kind == K_THREAD:
+            return self.value
+        return self.res if self.kind == K_SQE or self.kind == K_REQUEST else None
 
 
+cdef PySendResult _op_send(PyObject *obj, PyObject *arg, PyObject **presult) noexcept:
+    """Op's am_send slot, what `await op` (and PyTarget.step) calls: the same as
+    __next__, but a result comes back as a value, not as a StopIteration raised (its
+    object and traceback made, then caught) for every operation awaited."""
+    cdef Op op = <Op>obj
+    if not op.done:
+        Py_INCREF(op)
+        presult[0] = obj
+        return PYGEN_NEXT
+    try:
+        exc = op.failure()
+        if exc is None:
+            value = op.result()
+            Py_INCREF(value)
+            presult[0] = <PyObject *>value
+            return PYGEN_RETURN
+    except BaseException as e:                    # noqa: BLE001 - no memory for an OSError
+        exc = e
+    PyErr_SetObject(type(exc), exc)
+    presult[0] = NULL
+    return PYGEN_ERROR
+
+
+# Cython has no syntax for am_send: set it on the type it made
+(<PyTypeObject_ *><void *>Op).tp_as_async.am_send = _op_send
+
+
+@cython.freelist(64)
 cdef class Task:
     cdef object coro                   # what step() resumes: a coroutine or an iterator
     cdef int tag

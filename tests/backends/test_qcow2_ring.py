@@ -214,15 +214,17 @@ def test_writes_into_one_unallocated_cluster_wait_for_its_allocation(sim, tmp_pa
     assert_check_clean(img)
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["first", "cached"])
 @pytest.mark.parametrize("kind", ["read", "write"])
 @pytest.mark.parametrize("path", ["copy", "zero_copy"])
-def test_discard_waits_for_data_io_on_its_cluster(sim, tmp_path, slow_ring, path, kind):
+def test_discard_waits_for_data_io_on_its_cluster(sim, tmp_path, slow_ring, path, kind, cached):
     """A read (or an in-place write) of cluster X is in flight, slowed, when a discard
     of X and a write allocating cluster Y arrive. Were X's host cluster freed at once, Y
     would take it, and the late read would return Y's bytes (the late write would
     overwrite them). The discard waits instead: the read gets X's bytes, Y keeps its
-    own, X reads as zeros after."""
-    rng = random.Random(f"{path}/{kind}")
+    own, X reads as zeros after. `cached`: X was read before, so the slowed I/O takes
+    the lock-free path of a cluster already known to hold data."""
+    rng = random.Random(f"{path}/{kind}/{cached}")
     img, model = _image(tmp_path, 16, None, rng)
     cs = 64 * KiB
     x, y = 3 * cs, 9 * cs
@@ -230,6 +232,9 @@ def test_discard_waits_for_data_io_on_its_cluster(sim, tmp_path, slow_ring, path
     with Device(backend, sim, depth=32, data_path=path) as dev, dev.open() as blk:
         old = rng.randbytes(cs)
         blk.pwrite(old, x)
+        if cached:
+            assert blk.pread(4096, x) == old[:4096]
+            assert x // cs in backend.data._hosts
         with backend.data._lock:
             host_x = backend.image._map.lookup(x // cs)[1]
         slow_ring(0.3, lambda k, off: k == kind and off // cs == host_x // cs)
