@@ -110,7 +110,7 @@ def test_nbd_ext4_on_qemu_nbd_qcow2(kt, tmp_path):
         if "ext4" not in fh.read():
             pytest.skip(f"kernel {kernel_release()} has no ext4 (modprobe ext4 failed)")
     image, copy = tmp_path / "disk.qcow2", tmp_path / "copy.raw"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M"], check=True)
     src = tmp_path / "src"
     src.mkdir()
     for i in range(12):
@@ -129,7 +129,7 @@ def test_nbd_ext4_on_qemu_nbd_qcow2(kt, tmp_path):
             finally:
                 subprocess.run(["umount", str(mnt)], check=True, capture_output=True, timeout=60)
             with dev.open() as blk:
-                copy.write_bytes(blk.pread(64 * MiB, 0))
+                copy.write_bytes(blk.pread(32 * MiB, 0))
     finally:
         stop(proc)
     cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(copy), str(image)],
