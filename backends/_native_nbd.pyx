@@ -406,8 +406,16 @@ cdef class NbdTarget(NativeTarget):
         if r.sent:
             self.finish(q, c, tag, r.result)
 
+    cdef void data_in(self, Queue q, Conn *c, uint32_t n) noexcept nogil:
+        """n more bytes of the READ rtag's data are in its buffer."""
+        cdef int tag = c.rtag
+        c.rgot += n
+        if c.rgot == c.reqs[tag].rlen:
+            c.rtag = -1
+            c.rgot = 0
+            self.replied(q, c, tag)
+
     cdef void recv_done(self, Queue q, Conn *c, int32_t res) noexcept nogil:
-        cdef int tag
         c.recv_armed = False
         if c.dead:
             c.rtag = -1       # its buffer is free again
@@ -424,12 +432,7 @@ cdef class NbdTarget(NativeTarget):
             return
         c.last_progress = q.now_ns
         if c.rtag >= 0:                       # a READ's data, received in place
-            c.rgot += res
-            if c.rgot == c.reqs[c.rtag].rlen:
-                tag = c.rtag
-                c.rtag = -1
-                c.rgot = 0
-                self.replied(q, c, tag)
+            self.data_in(q, c, res)
         else:
             c.rtail += res
         if self.parse_replies(q, c):
@@ -452,12 +455,7 @@ cdef class NbdTarget(NativeTarget):
                     return True               # the rest is received in place
                 memcpy(q.tag_buf(c.rtag) + c.rgot, c.rbuf + c.rhead, n)
                 c.rhead += n
-                c.rgot += n
-                if c.rgot == r.rlen:
-                    tag = c.rtag
-                    c.rtag = -1
-                    c.rgot = 0
-                    self.replied(q, c, tag)
+                self.data_in(q, c, n)
                 continue
             if n < REPLY:
                 return True
