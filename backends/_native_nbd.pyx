@@ -4,9 +4,11 @@
 Requests become NBD request headers (plus WRITE data) queued on the connection; after
 each reaped batch one sendmsg carries everything queued (one send in flight at a time:
 two sends racing on one stream socket could interleave their bytes), and a short send
-is continued from where it stopped. One receive is always armed: a 16-byte simple reply
-header, whose cookie names the tag (and a per-tag generation, so a late reply for an
-older request is caught), then a READ's data straight into the request's buffer.
+is continued from where it stopped. One receive is always armed: into the connection's
+staging buffer, taking whatever the server has sent (many replies in one completion: a
+WRITE's reply is only its 16-byte header), or, for the part of a READ's data that did
+not come with its header, straight into the request's buffer. A reply's cookie names
+the tag (and a per-tag generation, so a late reply for an older request is caught).
 A request completes when its reply is in and its bytes are sent.
 
 A protocol violation (bad reply magic, a reply for an unknown cookie), EOF, a socket
@@ -22,7 +24,7 @@ import os
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 from libc.errno cimport EIO, EINTR, EAGAIN, EOPNOTSUPP, EPERM, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ESHUTDOWN
 
 from pyublk_fast._core.liburing cimport *
@@ -73,6 +75,10 @@ cdef enum:
     HDR = 28                   # request header bytes
     REPLY = 16                 # simple reply header bytes
     MAX_IOV = 1024             # iovecs in one sendmsg (the kernel's UIO_MAXIOV)
+    # staging for replies: a receive takes all the replies waiting (and small READs' data,
+    # copied out) in one completion, where a receive per header and per data would cost
+    # a ring round trip each; a larger READ's data beyond it is received in place
+    RBUF = 32768
     # tgt_data of the connection's own SQEs (posted under tag 0; they never count as
     # a request's pending operations: queue_io keeps its requests and commits them)
     TD_SEND = 1
@@ -118,9 +124,11 @@ cdef struct Conn:
     int max_iov
     iovec *iov
     msghdr msg
-    uint8_t rhdr[REPLY]
-    uint32_t rgot              # bytes of the header (or of rtag's data) received
-    int rtag                   # -1: receiving a reply header; else the READ whose data comes
+    uint8_t *rbuf              # RBUF bytes of staging: [rhead, rtail) received, not parsed
+    uint32_t rhead
+    uint32_t rtail
+    uint32_t rgot              # bytes of rtag's data in its buffer
+    int rtag                   # -1: a reply header comes next; else the READ whose data comes
     bint recv_armed
     bint timer_armed
     __kernel_timespec ts
@@ -164,6 +172,7 @@ cdef void free_conn(Conn *c) noexcept nogil:
         free(c.reqs)
         free(c.sendq)
         free(c.iov)
+        free(c.rbuf)
         free(c)
 
 
@@ -218,7 +227,8 @@ cdef class NbdTarget(NativeTarget):
         c.reqs = <Req *>calloc(q.depth, sizeof(Req))
         c.sendq = <uint16_t *>calloc(q.depth, sizeof(uint16_t))
         c.iov = <iovec *>calloc(c.max_iov, sizeof(iovec))
-        if c.reqs == NULL or c.sendq == NULL or c.iov == NULL:
+        c.rbuf = <uint8_t *>calloc(RBUF, 1)
+        if c.reqs == NULL or c.sendq == NULL or c.iov == NULL or c.rbuf == NULL:
             free_conn(c)
             raise MemoryError()
         c.fd = fd
@@ -332,7 +342,9 @@ cdef class NbdTarget(NativeTarget):
         c.msg.msg_iov = c.iov
         c.msg.msg_iovlen = k
         sqe = q.get_sqe()
-        io_uring_prep_sendmsg(sqe, c.fd, &c.msg, MSG_NOSIGNAL)
+        # MSG_WAITALL: io_uring itself continues a send the socket's buffer cut short,
+        # where a short completion would cost a ring round trip per buffer-full
+        io_uring_prep_sendmsg(sqe, c.fd, &c.msg, MSG_NOSIGNAL | MSG_WAITALL)
         sqe.user_data = q.target_ud(0, TD_SEND)
 
     cdef void send_done(self, Queue q, Conn *c, int32_t res) noexcept nogil:
@@ -376,11 +388,15 @@ cdef class NbdTarget(NativeTarget):
         if c.dead or c.recv_armed:
             return
         sqe = q.get_sqe()
-        if c.rtag < 0:
-            io_uring_prep_recv(sqe, c.fd, c.rhdr + c.rgot, REPLY - c.rgot, MSG_WAITALL)
-        else:
+        if c.rtag >= 0:        # the staging buffer is empty: the rest of the data in place
             io_uring_prep_recv(sqe, c.fd, q.tag_buf(c.rtag) + c.rgot,
                                c.reqs[c.rtag].rlen - c.rgot, MSG_WAITALL)
+        else:
+            if c.rhead:        # a partial header moves to the front
+                memmove(c.rbuf, c.rbuf + c.rhead, c.rtail - c.rhead)
+                c.rtail -= c.rhead
+                c.rhead = 0
+            io_uring_prep_recv(sqe, c.fd, c.rbuf + c.rtail, RBUF - c.rtail, 0)
         sqe.user_data = q.target_ud(0, TD_RECV)
         c.recv_armed = True
 
@@ -390,10 +406,16 @@ cdef class NbdTarget(NativeTarget):
         if r.sent:
             self.finish(q, c, tag, r.result)
 
+    cdef void data_in(self, Queue q, Conn *c, uint32_t n) noexcept nogil:
+        """n more bytes of the READ rtag's data are in its buffer."""
+        cdef int tag = c.rtag
+        c.rgot += n
+        if c.rgot == c.reqs[tag].rlen:
+            c.rtag = -1
+            c.rgot = 0
+            self.replied(q, c, tag)
+
     cdef void recv_done(self, Queue q, Conn *c, int32_t res) noexcept nogil:
-        cdef uint32_t magic, err, tag, gen
-        cdef uint64_t cookie
-        cdef Req *r
         c.recv_armed = False
         if c.dead:
             c.rtag = -1       # its buffer is free again
@@ -406,43 +428,59 @@ cdef class NbdTarget(NativeTarget):
             self.conn_fail(q, c, WHY_RECV_ERR, -res)
             return
         if res == 0:
-            self.conn_fail(q, c, WHY_EOF, c.rgot)
+            self.conn_fail(q, c, WHY_EOF, REPLY + c.rgot if c.rtag >= 0 else c.rtail - c.rhead)
             return
         c.last_progress = q.now_ns
-        c.rgot += res
-        if c.rtag >= 0:                       # a READ's data
-            if c.rgot == c.reqs[c.rtag].rlen:
-                tag = c.rtag
-                c.rtag = -1
-                c.rgot = 0
-                self.replied(q, c, tag)
+        if c.rtag >= 0:                       # a READ's data, received in place
+            self.data_in(q, c, res)
+        else:
+            c.rtail += res
+        if self.parse_replies(q, c):
             self.arm_recv(q, c)
-            return
-        if c.rgot < REPLY:
-            self.arm_recv(q, c)
-            return
-        c.rgot = 0
-        magic = get32(c.rhdr)
-        if magic != SIMPLE_REPLY_MAGIC:
-            self.conn_fail(q, c, WHY_STRUCTURED if magic == STRUCTURED_REPLY_MAGIC else WHY_MAGIC, magic)
-            return
-        err = get32(c.rhdr + 4)
-        cookie = get64(c.rhdr + 8)
-        tag = <uint32_t>cookie
-        gen = <uint32_t>(cookie >> 32)
-        if (tag >= <uint32_t>c.depth or not c.reqs[tag].active or c.reqs[tag].replied
-                or c.reqs[tag].gen != gen):
-            self.conn_fail(q, c, WHY_COOKIE, <int64_t>cookie)
-            return
-        r = &c.reqs[tag]
-        if err:
-            r.result = nbd_errno(err)
-        elif r.rlen:
-            c.rtag = tag                      # its data follows, straight into its buffer
-            self.arm_recv(q, c)
-            return
-        self.replied(q, c, tag)
-        self.arm_recv(q, c)
+
+    cdef bint parse_replies(self, Queue q, Conn *c) noexcept nogil:
+        """Take every whole reply header (and the READ data) staged; False if the
+        connection died of what it found."""
+        cdef uint32_t magic, err, tag, gen, n
+        cdef uint64_t cookie
+        cdef const uint8_t *p
+        cdef Req *r
+        while True:
+            n = c.rtail - c.rhead
+            if c.rtag >= 0:                   # a READ's data: what is staged is copied
+                r = &c.reqs[c.rtag]
+                if n > r.rlen - c.rgot:
+                    n = r.rlen - c.rgot
+                if n == 0:
+                    return True               # the rest is received in place
+                memcpy(q.tag_buf(c.rtag) + c.rgot, c.rbuf + c.rhead, n)
+                c.rhead += n
+                self.data_in(q, c, n)
+                continue
+            if n < REPLY:
+                return True
+            p = c.rbuf + c.rhead
+            magic = get32(p)
+            if magic != SIMPLE_REPLY_MAGIC:
+                self.conn_fail(q, c, WHY_STRUCTURED if magic == STRUCTURED_REPLY_MAGIC else WHY_MAGIC,
+                               magic)
+                return False
+            err = get32(p + 4)
+            cookie = get64(p + 8)
+            tag = <uint32_t>cookie
+            gen = <uint32_t>(cookie >> 32)
+            if (tag >= <uint32_t>c.depth or not c.reqs[tag].active or c.reqs[tag].replied
+                    or c.reqs[tag].gen != gen):
+                self.conn_fail(q, c, WHY_COOKIE, <int64_t>cookie)
+                return False
+            c.rhead += REPLY
+            r = &c.reqs[tag]
+            if err:
+                r.result = nbd_errno(err)
+            elif r.rlen:
+                c.rtag = tag                  # its data follows
+                continue
+            self.replied(q, c, tag)
 
     # -- the connection's end -----------------------------------------------------------
 
@@ -502,6 +540,8 @@ cdef class NbdTarget(NativeTarget):
         c.dead = False
         c.rtag = -1
         c.rgot = 0
+        c.rhead = 0
+        c.rtail = 0
         c.head_off = 0
         c.sq_head = 0
         for tag in range(c.depth):

@@ -4,6 +4,7 @@ a fake server for the protocol faults. Data is checked against a model."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import random
@@ -13,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -491,6 +493,50 @@ def test_server_errors_reach_the_request(sim, fake):
     wait_for(lambda: len(f.seen) == 3, "NBD_CMD_DISC")     # sent as the device closed
     assert f.seen == [(1, 0), (0, 0), (2, 0)]
     assert seen == [1, 0]
+
+
+def unread(conn: socket.socket) -> int:
+    """Bytes sent on a Unix stream socket that its peer has not read yet (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
+
+
+def pattern(off: int, n: int) -> bytes:
+    """Bytes that differ with the offset: a reply delivered to the wrong request shows."""
+    return (off.to_bytes(8, "big") * (n // 8 + 1))[:n]
+
+
+def test_replies_together_reversed_and_cut_anywhere(sim, fake):
+    """The fake server holds its replies until eight requests are in, then sends them in
+    reverse order as one byte stream cut into uneven pieces (headers and read data split
+    anywhere; reads larger than the client's staging buffer): every request gets its
+    own data and result."""
+    reqs = [(0, 0, 512), (1, 4096, 4096), (0, 8192, 40960), (0, 65536, 102400),
+            (1, 200704, 8192), (0, 262144, 4096), (0, 266240, 24576), (1, 524288, 4096)]
+    held = []
+
+    def on_request(conn, cmd, cookie, off, n, data):
+        assert cmd != 1 or data == pattern(off, n)
+        held.append(struct.pack(">IIQ", 0x67446698, 0, cookie) + (pattern(off, n) if cmd == 0 else b""))
+        if len(held) == len(reqs):
+            held.reverse()
+            stream = b"".join(held)
+            # cut in each header and at random; each piece goes once the client has read
+            # the one before (nothing unread in the socket), so the cuts are what it sees
+            starts = [sum(map(len, held[:i])) for i in range(len(held))]
+            rng = random.Random(7)
+            cuts = sorted({*(s + rng.randrange(1, 16) for s in starts[1:]),
+                           *rng.sample(range(1, len(stream)), 24)})
+            for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+                wait_for(lambda: unread(conn) == 0, "the client reading what was sent")
+                conn.sendall(stream[a:b])
+        return True
+    f = fake(on_request=on_request)
+    with Device(NbdBackend(f.uri), sim, depth=16) as dev, dev.open() as blk:
+        bufs = [bytearray(n) if op == 0 else pattern(off, n) for op, off, n in reqs]
+        got = blk.submit([(op, off, n, buf) for (op, off, n), buf in zip(reqs, bufs)])
+        assert got == [n for _, _, n in reqs]
+        for (op, off, n), buf in zip(reqs, bufs):
+            assert op == 1 or buf == pattern(off, n), (off, n)
 
 
 # -- the command line -----------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """The nbd backend on the real driver, against servers in the guest: fio crc32c verify
-on nbdkit's memory plugin, the CLI's `add -t nbd` / `list`, and qemu-nbd killed and
-restarted under fio with --reconnect."""
+on nbdkit's memory plugin, discard and write-zeroes reaching the server (and reading back
+as zeros), ext4 on qemu-nbd serving a qcow2 image (the image holds what was written), the
+CLI's `add -t nbd` / `list`, and qemu-nbd killed and restarted under fio with --reconnect."""
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +19,12 @@ from kernel_fixtures import (cli_add, cli_env, cli_in_fork, fio, fio_result, fio
                              fio_verify_args, kt, writes_completed)
 from pyublk_fast.backends.nbd import NbdBackend
 from pyublk_fast.device import Device
+from pyublk_fast.util import kernel_release
+from test_kernel_data import _files_digest
+
+MiB = 1 << 20
+need_qemu = pytest.mark.skipif(shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None,
+                               reason="qemu-utils missing: apt-get install qemu-utils")
 
 pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None,
                                 reason="nbdkit not installed (the VM lane's host packages bring it)")
@@ -58,6 +67,84 @@ def test_nbd_fio_verify(kt, nbdkit):
         assert dev.requests_served > 0
 
 
+def test_nbd_discard_and_write_zeroes_reach_the_server(kt, tmp_path):
+    """On two queues (two connections): BLKDISCARD and BLKZEROOUT over a written pattern
+    read back as zeros where they fell and leave the rest, and the server counted TRIM and
+    WRITE_ZEROES commands (nbdkit's stats filter), so neither was emulated with writes."""
+    path, stats = tmp_path / "nbd.sock", tmp_path / "stats.txt"
+    proc = serve(["nbdkit", "-f", "-U", str(path), "--filter=stats", "memory", "64M",
+                  f"statsfile={stats}"], path)
+    try:
+        with Device(NbdBackend(f"nbd+unix:///?socket={path}"), kt, queues=2, depth=32) as dev:
+            queue = f"/sys/block/ublkb{dev.dev_id}/queue"
+            for limit in ("discard_max_bytes", "write_zeroes_max_bytes"):
+                with open(f"{queue}/{limit}") as f:
+                    assert int(f.read()) > 0, f"{limit}: the export's capability was not offered"
+            want = bytearray(os.urandom(4 * MiB))
+            with dev.open() as blk:
+                blk.pwrite(bytes(want), 0)
+                blk.flush()
+                for off, n in ((0, MiB), (2 * MiB + 8192, 64 << 10)):
+                    blk.discard(off, n)
+                    want[off:off + n] = bytes(n)
+                for off, n in ((MiB + 512, 3 * 512), (3 * MiB - 4096, 256 << 10)):
+                    blk.write_zeroes(off, n)
+                    want[off:off + n] = bytes(n)
+                assert blk.pread(4 * MiB, 0) == want
+    finally:
+        stop(proc)
+    counts = dict(re.findall(r"^(trim|zero): (\d+) ops", stats.read_text(), re.M))
+    assert int(counts.get("trim", 0)) >= 2 and int(counts.get("zero", 0)) >= 2, stats.read_text()
+
+
+@need_qemu
+def test_nbd_ext4_on_qemu_nbd_qcow2(kt, tmp_path):
+    """ext4 made and filled through our device on qemu-nbd serving a qcow2 image: the
+    device read whole afterwards is the image's content (qemu-img compare, after qemu-nbd
+    closed it), a clean ext4 (fsck) whose files are the ones copied in (debugfs rdump)."""
+    for tool in ("mkfs.ext4", "fsck.ext4", "debugfs"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} missing: apt-get install e2fsprogs")
+    subprocess.run(["modprobe", "-q", "ext4"], capture_output=True, check=False)
+    with open("/proc/filesystems") as fh:
+        if "ext4" not in fh.read():
+            pytest.skip(f"kernel {kernel_release()} has no ext4 (modprobe ext4 failed)")
+    image, copy = tmp_path / "disk.qcow2", tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M"], check=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"f{i}").write_bytes(os.urandom(1000 + i * 61_000))
+    want = _files_digest(str(src))
+    sock, mnt = tmp_path / "qemu.sock", tmp_path / "mnt"
+    mnt.mkdir()
+    proc = serve(["qemu-nbd", "-f", "qcow2", "-t", "-x", "disk", "-k", str(sock), str(image)], sock)
+    try:
+        with Device(NbdBackend(f"nbd+unix:///disk?socket={sock}"), kt, depth=32) as dev:
+            bdev = kt.block_path(dev.dev_id)
+            subprocess.run(["mkfs.ext4", "-q", "-F", bdev], check=True, capture_output=True, timeout=120)
+            subprocess.run(["mount", bdev, str(mnt)], check=True, capture_output=True, timeout=60)
+            try:
+                shutil.copytree(src, mnt / "data")
+            finally:
+                subprocess.run(["umount", str(mnt)], check=True, capture_output=True, timeout=60)
+            with dev.open() as blk:
+                copy.write_bytes(blk.pread(32 * MiB, 0))
+    finally:
+        stop(proc)
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(copy), str(image)],
+                         capture_output=True, text=True, timeout=120)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    fsck = subprocess.run(["fsck.ext4", "-n", "-f", str(copy)], capture_output=True, text=True,
+                          timeout=120)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["debugfs", "-R", f"rdump /data {out}", str(copy)], check=True,
+                   capture_output=True, timeout=120)
+    assert _files_digest(str(out / "data")) == want
+
+
 def test_nbd_cli_add_and_list(kt, nbdkit, cli_env):
     dev_id, path = cli_add(cli_env, "-t", "nbd", "--uri", nbdkit)
     with open(path, "r+b", buffering=0) as f:
@@ -70,7 +157,7 @@ def test_nbd_cli_add_and_list(kt, nbdkit, cli_env):
     assert cli_in_fork(cli_env, "del", "-n", str(dev_id)).returncode == 0
 
 
-@pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="qemu-nbd missing: apt-get install qemu-utils")
+@need_qemu
 def test_nbd_qemu_nbd_restarted_under_fio(kt, tmp_path, caplog):
     """qemu-nbd on a raw image (what it acknowledged is in the file) is killed while fio
     writes and verifies, and started again on the same socket: with --reconnect fio sees

@@ -6,11 +6,13 @@ import subprocess
 
 from . import LaneError
 
-HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod", "fio", "zstd", "udev", "nbdkit")
+HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod", "fio", "zstd", "udev", "nbdkit",
+                 "nbd-client")
 """qemu (TCG guest), static busybox (initramfs), kmod (depmod on the host, modprobe
 in the guest), fio (kernel tests), zstd (for .ko.zst modules), udev (systemd-udevd and
 udevadm: the unprivileged-device tests run them in the guest with the shipped rules),
-nbdkit (the nbd backend's tests serve its memory plugin in the guest)."""
+nbdkit (the nbd backend's tests serve its memory plugin in the guest), nbd-client (the
+kernel's own NBD client, which benchmarks/kernel/vs_nbd.py compares the nbd backend with)."""
 BUILD_PACKAGES = ("gcc", "libc6-dev")
 """Needed by build-kublk only."""
 
