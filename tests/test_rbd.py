@@ -208,7 +208,7 @@ def test_command_line_options_build_the_backend(sim, ceph):
     backend = cls.from_args(parser.parse_args(["--image", spec, "--conf", ceph.conf, "--cache",
                                                "--exclusive"]))
     assert backend.can_flush
-    assert lock_holder(ceph, spec)[0] == backend._img.client_name
+    assert ceph.lock_holder(spec)[0] == backend._img.client_name
     backend.close()
     with pytest.raises(ValueError, match="expected POOL/IMAGE"):
         cls.from_args(parser.parse_args(["--image", "nopool"]))
@@ -359,20 +359,6 @@ class Owner:
         self.proc.stdout.close()
 
 
-def lock_holder(ceph, spec) -> tuple[str, str]:
-    """(client.GID, address) of the image's one lock holder, as the cluster lists it."""
-    import json
-    lockers = json.loads(ceph.cli("lock", "ls", "--format", "json", spec))
-    assert len(lockers) == 1, lockers
-    return lockers[0]["locker"], lockers[0]["address"]
-
-
-def blocklist(ceph) -> str:
-    import subprocess
-    return subprocess.run(["ceph", "osd", "blocklist", "ls"], capture_output=True, text=True,
-                          check=True, timeout=60, env=ceph.env()).stdout
-
-
 #: what one write of these tests covers (a request, within the device's max I/O size)
 CHUNK = 256 * KiB
 
@@ -388,7 +374,7 @@ def test_exclusive_lock_is_held_and_a_second_server_is_refused_naming_it(sim, ce
     spec = ceph.new_image(SIZE)
     backend = rbd(spec, ceph, exclusive=True, connect_timeout=5)
     with Device(backend, sim, depth=8) as dev, dev.open() as blk:
-        client, addr = lock_holder(ceph, spec)
+        client, addr = ceph.lock_holder(spec)
         assert client == backend._img.client_name
         blk.pwrite(pattern(1), 0)
         t0 = time.monotonic()
@@ -400,11 +386,11 @@ def test_exclusive_lock_is_held_and_a_second_server_is_refused_naming_it(sim, ce
                                   f"{addr}: another server holds it (--exclusive)")
         blk.pwrite(pattern(2), CHUNK)
         assert blk.pread(2 * CHUNK, 0) == pattern(1) + pattern(2)
-        assert lock_holder(ceph, spec) == (client, addr)
-    assert addr not in blocklist(ceph)
+        assert ceph.lock_holder(spec) == (client, addr)
+    assert addr not in ceph.blocklist()
     # closed: the lock went with it, the next server takes it without breaking anything
     again = rbd(spec, ceph, exclusive=True)
-    assert lock_holder(ceph, spec)[0] == again._img.client_name
+    assert ceph.lock_holder(spec)[0] == again._img.client_name
     again.close()
 
 
@@ -431,7 +417,7 @@ def test_kill_9_of_the_holder_then_a_new_server_takes_the_lock_over(sim, ceph, c
     old = Owner(ceph, spec)
     try:
         assert old.write(0, CHUNK, 1) == CHUNK
-        client, addr = lock_holder(ceph, spec)
+        client, addr = ceph.lock_holder(spec)
         assert client == old.client
         old.signal(signal.SIGKILL)
         old.end()
@@ -440,8 +426,8 @@ def test_kill_9_of_the_holder_then_a_new_server_takes_the_lock_over(sim, ceph, c
         backend = rbd(spec, ceph, exclusive=True, connect_timeout=3)
         assert 2.5 < time.monotonic() - t0 < 15
         assert f"took the exclusive lock over from {client} at {addr}" in caplog.text
-        assert lock_holder(ceph, spec)[0] == backend._img.client_name
-        assert addr in blocklist(ceph)
+        assert ceph.lock_holder(spec)[0] == backend._img.client_name
+        assert addr in ceph.blocklist()
         with Device(backend, sim, depth=8) as dev, dev.open() as blk:
             assert blk.pread(CHUNK, 0) == pattern(1)
             blk.pwrite(pattern(2), CHUNK)
