@@ -15,8 +15,8 @@ eventfd write and one CQE per batch of completions.
 """
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
-from libc.errno cimport (EACCES, EAGAIN, EBUSY, EINVAL, EIO, ENOENT, EPERM, ERANGE, ESHUTDOWN,
-                         ETIMEDOUT, EOPNOTSUPP, EROFS)
+from libc.errno cimport (EACCES, EAGAIN, EBUSY, EINVAL, EIO, ENOENT, EPERM, ESHUTDOWN, ETIMEDOUT,
+                         EOPNOTSUPP, EROFS)
 from posix.unistd cimport close as c_close
 
 from pyublk_fast._core.liburing cimport *
@@ -328,7 +328,8 @@ cdef class RbdImage(NativeTarget):
         if n == 0:
             return None, None
         # one holder: the first of each NUL-separated list
-        return clients[:clients_len].split(b"\0")[0].decode(), addrs[:addrs_len].split(b"\0")[0].decode()
+        return (clients[:clients_len].split(b"\0")[0].decode(),
+                addrs[:addrs_len].split(b"\0")[0].decode())
 
     cdef bint answers(self, str client, str what, double timeout) except -1:
         """Whether client (client.GID), watching the image's header as every librbd
