@@ -15,7 +15,8 @@ eventfd write and one CQE per batch of completions.
 """
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
-from libc.errno cimport EACCES, EIO, ENOENT, EPERM, ETIMEDOUT, EOPNOTSUPP, EROFS
+from libc.errno cimport (EACCES, EAGAIN, EBUSY, EINVAL, EIO, ENOENT, EPERM, ESHUTDOWN, ETIMEDOUT,
+                         EOPNOTSUPP, EROFS)
 from posix.unistd cimport close as c_close
 
 from pyublk_fast._core.liburing cimport *
@@ -41,6 +42,19 @@ cdef extern from "<rados/librados.h>" nogil:
     void rados_shutdown(rados_t cluster)
     int rados_ioctx_create(rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx)
     void rados_ioctx_destroy(rados_ioctx_t io)
+    uint64_t rados_get_instance_id(rados_t cluster)
+    int rados_notify2(rados_ioctx_t io, const char *o, const char *buf, int buf_len,
+                      uint64_t timeout_ms, char **reply_buffer, size_t *reply_buffer_len)
+    struct notify_ack_t:
+        uint64_t notifier_id
+    struct notify_timeout_t:
+        uint64_t notifier_id
+    int rados_decode_notify_response(char *reply_buffer, size_t reply_buffer_len,
+                                     notify_ack_t **acks, size_t *nr_acks,
+                                     notify_timeout_t **timeouts, size_t *nr_timeouts)
+    void rados_free_notify_response(notify_ack_t *acks, size_t nr_acks,
+                                    notify_timeout_t *timeouts)
+    void rados_buffer_free(char *buf)
 
 
 cdef extern from "<rbd/librbd.h>" nogil:
@@ -52,6 +66,17 @@ cdef extern from "<rbd/librbd.h>" nogil:
                            const char *snap_name)
     int rbd_close(rbd_image_t image)
     int rbd_get_size(rbd_image_t image, uint64_t *size)
+    int rbd_get_features(rbd_image_t image, uint64_t *features)
+    int rbd_get_id(rbd_image_t image, char *id, size_t id_len)
+    ctypedef enum rbd_lock_mode_t:
+        RBD_LOCK_MODE_EXCLUSIVE
+    int rbd_lock_acquire(rbd_image_t image, rbd_lock_mode_t lock_mode)
+    int rbd_lock_break(rbd_image_t image, rbd_lock_mode_t lock_mode, const char *lock_owner)
+    ssize_t rbd_list_lockers(rbd_image_t image, int *exclusive, char *tag, size_t *tag_len,
+                             char *clients, size_t *clients_len, char *cookies,
+                             size_t *cookies_len, char *addrs, size_t *addrs_len)
+    enum:
+        RBD_FEATURE_EXCLUSIVE_LOCK
     ssize_t rbd_read(rbd_image_t image, uint64_t ofs, size_t len, char *buf)
     ssize_t rbd_write(rbd_image_t image, uint64_t ofs, size_t len, const char *buf)
     int rbd_flush(rbd_image_t image)
@@ -237,6 +262,113 @@ cdef class RbdImage(NativeTarget):
         check(rbd_get_size(self.image, &self.size), f"size of {pool}/{name}")
         self.cache = conf_value(self.cluster, b"rbd_cache") == "true"
 
+    @property
+    def client_name(self):
+        """This connection's name in the cluster (client.GID), as lock listings show it."""
+        return f"client.{rados_get_instance_id(self.cluster)}" if self.cluster != NULL else None
+
+    # -- the exclusive lock (--exclusive) ------------------------------------------------
+
+    def acquire_exclusive(self, str what, double probe_timeout):
+        """Take the image's exclusive lock and keep it: librbd then refuses other clients'
+        requests for it instead of handing it over. A holder that answers a notification
+        within probe_timeout seconds is a live server: RbdError EBUSY naming it. One that
+        does not (killed, hung, cut off) is blocklisted, then its lock broken; a half-dead
+        holder that wakes up later cannot write any more. Returns the holder broken, or None.
+
+        The holder is asked first: librbd's own acquisition waits for a silent holder's
+        watch on the image to expire (30 s after a kill -9) before it breaks the lock."""
+        cdef uint64_t features
+        cdef const char *c_addr
+        cdef int ret
+        self.opened()
+        check(rbd_get_features(self.image, &features), f"features of {what}")
+        if not features & RBD_FEATURE_EXCLUSIVE_LOCK:
+            raise RbdError(EINVAL, f"image {what} lacks the exclusive-lock feature --exclusive "
+                           f"needs (rbd feature enable {what} exclusive-lock)")
+        broken = None
+        client, addr = self.lock_owner(what)
+        if client is not None and not self.answers(client, what, probe_timeout):
+            broken = f"{client} at {addr}"
+            b_addr = addr.encode()
+            c_addr = b_addr
+            # rbd_blocklist_on_break_lock (set by the backend): librbd blocklists the
+            # holder and waits for the OSDs to know it before it removes the lock
+            with nogil:
+                ret = rbd_lock_break(self.image, RBD_LOCK_MODE_EXCLUSIVE, c_addr)
+            if ret == -EACCES or ret == -EPERM:
+                raise RbdError(-ret, f"{self.client_name} may not blocklist {broken}, the dead "
+                               f"holder of {what}'s lock (its mon capabilities need "
+                               "'profile rbd')")
+            if ret != -ENOENT:               # ENOENT: the lock went away meanwhile
+                check(ret, f"breaking {broken}'s lock of {what}")
+        with nogil:
+            ret = rbd_lock_acquire(self.image, RBD_LOCK_MODE_EXCLUSIVE)
+        if ret == -EROFS or ret == -EBUSY or ret == -EAGAIN:
+            client, addr = self.lock_owner(what)     # live (it answered), or new meanwhile
+            raise RbdError(EBUSY, f"image {what} is locked by {client} at {addr}: another "
+                           "server holds it (--exclusive)")
+        check(ret, f"taking the exclusive lock of {what}")
+        return broken
+
+    cdef tuple lock_owner(self, str what):
+        """(client.GID, address) of the exclusive lock's holder, or (None, None)."""
+        cdef char tag[256]
+        cdef char clients[1024]
+        cdef char cookies[1024]
+        cdef char addrs[1024]
+        cdef size_t tag_len = sizeof(tag), clients_len = sizeof(clients)
+        cdef size_t cookies_len = sizeof(cookies), addrs_len = sizeof(addrs)
+        cdef int exclusive = 0
+        cdef ssize_t n
+        with nogil:
+            n = rbd_list_lockers(self.image, &exclusive, tag, &tag_len, clients, &clients_len,
+                                 cookies, &cookies_len, addrs, &addrs_len)
+        check(<int>n if n < 0 else 0, f"lockers of {what}")
+        if n == 0:
+            return None, None
+        # one holder: the first of each NUL-separated list
+        return (clients[:clients_len].split(b"\0")[0].decode(),
+                addrs[:addrs_len].split(b"\0")[0].decode())
+
+    cdef bint answers(self, str client, str what, double timeout) except -1:
+        """Whether client (client.GID), watching the image's header as every librbd
+        client does, acknowledges a notification within timeout seconds. The notification
+        is empty: librbd takes it for a header update (a refresh), harmless to a live one."""
+        cdef char image_id[128]
+        cdef bytes oid
+        cdef const char *c_oid
+        cdef char *reply = NULL
+        cdef size_t reply_len = 0, n_acks = 0, n_timeouts = 0
+        cdef notify_ack_t *acks = NULL
+        cdef notify_timeout_t *timeouts = NULL
+        cdef uint64_t gid = int(client.partition(".")[2])
+        cdef uint64_t timeout_ms = <uint64_t>(timeout * 1000)
+        cdef int ret
+        cdef size_t i
+        cdef bint alive = False
+        check(rbd_get_id(self.image, image_id, sizeof(image_id)), f"id of {what}")
+        oid = b"rbd_header." + image_id
+        c_oid = oid
+        with nogil:
+            ret = rados_notify2(self.ioctx, c_oid, NULL, 0, timeout_ms, &reply, &reply_len)
+        if ret < 0 and ret != -ETIMEDOUT:
+            if reply != NULL:
+                rados_buffer_free(reply)
+            # no answer either way: do not take a possibly live owner's lock
+            check(ret, f"asking {client}, the holder of {what}'s lock, whether it is alive")
+        if reply == NULL:
+            return False
+        ret = rados_decode_notify_response(reply, reply_len, &acks, &n_acks, &timeouts,
+                                           &n_timeouts)
+        rados_buffer_free(reply)
+        check(ret, f"the answers of {what}'s watchers")
+        for i in range(n_acks):
+            if acks[i].notifier_id == gid:
+                alive = True
+        rados_free_notify_response(acks, n_acks, timeouts)
+        return alive
+
     def close(self):
         """Close the image and the connection (after the device stopped). If a queue
         stopped with librbd I/O still in flight (an OSD that never answered), librbd may
@@ -414,9 +546,10 @@ cdef class RbdImage(NativeTarget):
             if commit:
                 iod = q.iods + r.tag
                 if ret < 0:
-                    # an OSD op timeout (osd_op_timeout) or a lost cluster: the
+                    # an OSD op timeout (osd_op_timeout), a lost cluster, or this
+                    # client blocklisted (ESHUTDOWN: another server broke its lock): the
                     # application sees an I/O error, the log names the request
-                    res = -EIO if ret == -ETIMEDOUT else <int32_t>ret
+                    res = -EIO if ret == -ETIMEDOUT or ret == -ESHUTDOWN else <int32_t>ret
                 elif (iod.op_flags & 0xff) == UBLK_IO_OP_READ or (iod.op_flags & 0xff) == UBLK_IO_OP_WRITE:
                     res = <int32_t>(iod.nr_sectors << SECTOR_SHIFT)
                 else:

@@ -3,6 +3,7 @@ librbd's C API: no Python per request (see docs/rbd.md)."""
 from __future__ import annotations
 
 import errno
+import logging
 import math
 
 from pyublk_fast.backend import Backend, register
@@ -12,6 +13,8 @@ try:
 except ImportError as exc:        # built without librbd-dev: the backend says so when used
     _native_rbd = None
     _MISSING = str(exc)
+
+log = logging.getLogger("pyublk_fast.backends.rbd")
 
 #: Seconds `add` may take to reach the monitors before it gives up.
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -38,7 +41,7 @@ class RbdBackend(Backend):
     def __init__(self, image: str, *, conf: str | None = None, client_id: str | None = None,
                  keyring: str | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  op_timeout: float = DEFAULT_OP_TIMEOUT, cache: bool = False,
-                 options: dict | None = None):
+                 exclusive: bool = False, options: dict | None = None):
         """Connect to the cluster (ceph.conf at conf, else Ceph's default places and
         $CEPH_CONF) as client.client_id (default admin) and open the image.
 
@@ -46,7 +49,10 @@ class RbdBackend(Backend):
         for an OSD before it fails with EIO (0: for ever). cache turns librbd's writeback
         cache on (faster small writes; the device then takes FLUSH): off by default, as
         with it a write whose OSD times out was seen to be lost while its FLUSH still
-        succeeded. options are more Ceph settings (e.g. {"rbd_cache_size": 1 << 26})."""
+        succeeded. exclusive takes the image's exclusive lock for as long as the backend
+        is open: a live holder is refused with an error naming it; a holder that does not
+        answer within connect_timeout (a killed server) is blocklisted, then its lock broken.
+        options are more Ceph settings (e.g. {"rbd_cache_size": 1 << 26})."""
         if _native_rbd is None:
             raise OSError(errno.ENOSYS, "the rbd backend was built without librbd "
                           f"(apt-get install librbd-dev librados-dev, then rebuild): {_MISSING}")
@@ -55,6 +61,9 @@ class RbdBackend(Backend):
                              "the connect timeout must be > 0, the op timeout >= 0")
         self.image = image
         pool, name, snap = parse_image(image)
+        if exclusive and snap:
+            raise ValueError(f"--image {image}: a snapshot is read-only, it has no exclusive "
+                             "lock to take (--exclusive)")
         conf_opts = {
             # reaching the monitors, and every monitor command after that
             "client_mount_timeout": math.ceil(connect_timeout),     # whole seconds
@@ -64,12 +73,24 @@ class RbdBackend(Backend):
             # by default: they would read back as the old data, not zeros
             "rbd_skip_partial_discard": "false",
             "rbd_cache": "true" if cache else "false",
+            # breaking a dead owner's lock blocklists it first: should it be only half
+            # dead, it can no longer write once the lock is someone else's
+            "rbd_blocklist_on_break_lock": "true",
         }
         if keyring is not None:
             conf_opts["keyring"] = keyring
         conf_opts.update(options or {})
         self._img = _native_rbd.RbdImage(pool, name, snap, conf=conf, client_id=client_id,
                                          options=conf_opts)
+        if exclusive:
+            try:
+                broken = self._img.acquire_exclusive(image, connect_timeout)
+            except BaseException:
+                self._img.close()
+                raise
+            if broken:
+                log.warning("rbd: %s: took the exclusive lock over from %s, which did not "
+                            "answer (blocklisted first)", image, broken)
         self.size = self._img.size
         self.read_only = self._img.read_only
         # without librbd's writeback cache a completed write is on the OSDs: no cache to flush
@@ -92,12 +113,16 @@ class RbdBackend(Backend):
                             f"seconds; 0 waits for ever (default {DEFAULT_OP_TIMEOUT:g})")
         parser.add_argument("--cache", action="store_true",
                             help="librbd's writeback cache on (see docs/rbd.md for its risk)")
+        parser.add_argument("--exclusive", action="store_true",
+                            help="hold the image's exclusive lock; a dead holder's lock is "
+                            "broken (after blocklisting it), a live one's is not")
 
     @classmethod
     def from_args(cls, ns):
         parse_image(ns.image)      # a malformed spec is an argument error, before connecting
         return cls(ns.image, conf=ns.conf, client_id=ns.client_id, keyring=ns.keyring,
-                   connect_timeout=ns.connect_timeout, op_timeout=ns.op_timeout, cache=ns.cache)
+                   connect_timeout=ns.connect_timeout, op_timeout=ns.op_timeout, cache=ns.cache,
+                   exclusive=getattr(ns, "exclusive", False))   # records from before it
 
     # The Python path (`--python`): the same operations as blocking librbd calls, one at a
     # time per queue (a reference, far slower than the native target's aio).

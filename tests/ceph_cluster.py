@@ -2,6 +2,7 @@
 one is started once by the `ceph` fixture; fault tests start their own."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -29,11 +30,15 @@ class Cluster:
     """One running cluster: its directory, ceph.conf and a pool named `pool`; with cephx,
     client.admin's keyring is the one ceph.conf names."""
 
-    def __init__(self, pool: str = "rbd", cephx: bool = False):
+    def __init__(self, pool: str = "rbd", cephx: bool = False, timeout_scale: int = 1):
+        """timeout_scale multiplies every time limit (an emulated machine is slow)."""
         self.dir = tempfile.mkdtemp(prefix="pyublk-ceph-")
         self.pool = pool
+        self.timeout_scale = timeout_scale
         run = subprocess.run([TOOLS / "start-cluster", self.dir, pool], capture_output=True,
-                             text=True, timeout=180, env=dict(os.environ, CEPHX=str(int(cephx))))
+                             text=True, timeout=180 * timeout_scale,
+                             env=dict(os.environ, CEPHX=str(int(cephx)),
+                                      TIMEOUT_SCALE=str(timeout_scale)))
         if run.returncode:
             raise RuntimeError(f"start-cluster failed: {run.stderr.strip()}")
         self.conf = run.stdout.strip().splitlines()[-1]
@@ -42,12 +47,12 @@ class Cluster:
     def env(self) -> dict:
         return dict(os.environ, CEPH_CONF=self.conf)
 
-    def cli(self, *args: str, timeout: float = 60) -> str:
-        """Run `rbd ARGS` against this cluster; its stdout."""
-        run = subprocess.run(["rbd", *args], capture_output=True, text=True, timeout=timeout,
-                             env=self.env())
+    def cli(self, *args: str, tool: str = "rbd") -> str:
+        """Run `rbd ARGS` (or another Ceph tool) against this cluster; its stdout."""
+        run = subprocess.run([tool, *args], capture_output=True, text=True,
+                             timeout=60 * self.timeout_scale, env=self.env())
         if run.returncode:
-            raise RuntimeError(f"rbd {' '.join(args)}: {run.stderr.strip()}")
+            raise RuntimeError(f"{tool} {' '.join(args)}: {run.stderr.strip()}")
         return run.stdout
 
     def new_image(self, size: int) -> str:
@@ -60,9 +65,18 @@ class Cluster:
     def add_client(self, name: str, *caps: str) -> str:
         """A new cephx client.NAME with these capabilities: its keyring's path."""
         keyring = os.path.join(self.dir, f"{name}.keyring")
-        subprocess.run(["ceph", "auth", "get-or-create", f"client.{name}", *caps, "-o", keyring],
-                       check=True, capture_output=True, timeout=60, env=self.env())
+        self.cli("auth", "get-or-create", f"client.{name}", *caps, "-o", keyring, tool="ceph")
         return keyring
+
+    def lock_holder(self, spec: str) -> tuple[str, str]:
+        """(client.GID, address) of the image's one lock holder, as the cluster lists it."""
+        lockers = json.loads(self.cli("lock", "ls", "--format", "json", spec))
+        assert len(lockers) == 1, lockers
+        return lockers[0]["locker"], lockers[0]["address"]
+
+    def blocklist(self) -> str:
+        """`ceph osd blocklist ls`: the blocklisted client addresses, one a line."""
+        return self.cli("osd", "blocklist", "ls", tool="ceph")
 
     def kill_osd(self):
         subprocess.run([TOOLS / "stop-cluster", self.dir, "--osd"], check=True, timeout=60)

@@ -205,8 +205,10 @@ def test_command_line_options_build_the_backend(sim, ceph):
         assert backend.size == MiB and backend.image == spec and not backend.can_flush
     finally:
         backend.close()
-    backend = cls.from_args(parser.parse_args(["--image", spec, "--conf", ceph.conf, "--cache"]))
+    backend = cls.from_args(parser.parse_args(["--image", spec, "--conf", ceph.conf, "--cache",
+                                               "--exclusive"]))
     assert backend.can_flush
+    assert ceph.lock_holder(spec)[0] == backend._img.client_name
     backend.close()
     with pytest.raises(ValueError, match="expected POOL/IMAGE"):
         cls.from_args(parser.parse_args(["--image", "nopool"]))
@@ -297,3 +299,165 @@ def test_cli_add_names_what_is_missing(ceph, image, message):
     run = subprocess.run([sys.executable, "-m", "pyublk_fast", "add", "-t", "rbd", "--image", image,
                           "--conf", ceph.conf], capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and run.stderr.strip() == message, run.stderr
+
+
+# -- the exclusive lock (--exclusive) --------------------------------------------------------
+
+#: A server in its own process (its own Ceph client): it holds the lock, then is killed or
+#: stopped. Each stdin line "OFFSET LENGTH SEED" is a write of SEED's random bytes; it
+#: answers the write's result.
+OWNER = r"""
+import random, sys
+from pyublk_fast import uapi
+from pyublk_fast.backends.rbd import RbdBackend
+from pyublk_fast.device import Device
+from pyublk_fast.transport.sim import SimTransport
+spec, conf = sys.argv[1:]
+backend = RbdBackend(spec, conf=conf, exclusive=True, op_timeout=5)
+with SimTransport() as sim, Device(backend, sim, depth=8) as dev, dev.open() as blk:
+    print("serving", backend._img.client_name, flush=True)
+    for line in sys.stdin:
+        off, n, seed = map(int, line.split())
+        data = random.Random(seed).randbytes(n)
+        print(*blk.submit([(uapi.UBLK_IO_OP_WRITE, off, n, data)], timeout=60), flush=True)
+"""
+
+
+class Owner:
+    """The OWNER server, started on spec; .client is its client.GID."""
+
+    def __init__(self, ceph, spec):
+        import subprocess
+        import sys
+        self.proc = subprocess.Popen([sys.executable, "-c", OWNER, spec, ceph.conf], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        word, self.client = self.line().split()
+        assert word == "serving"
+
+    def line(self) -> str:
+        """Its next answer, within 60 s (it never hangs the test)."""
+        import select
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        assert ready, "the owner did not answer within 60 s"
+        return self.proc.stdout.readline()
+
+    def write(self, off, n, seed) -> int:
+        self.proc.stdin.write(f"{off} {n} {seed}\n")
+        self.proc.stdin.flush()
+        return int(self.line())
+
+    def signal(self, sig):
+        import os
+        os.kill(self.proc.pid, sig)
+
+    def end(self):
+        import signal
+        if self.proc.poll() is None:
+            self.signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+
+#: what one write of these tests covers (a request, within the device's max I/O size)
+CHUNK = 256 * KiB
+
+
+def pattern(seed, n=CHUNK) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def test_exclusive_lock_is_held_and_a_second_server_is_refused_naming_it(sim, ceph):
+    """The lock is this server's for as long as it serves; a second --exclusive server is
+    refused at once with a one-line error naming the holder (which answered: it is alive),
+    and the first serves on. No lock is broken, nobody blocklisted."""
+    spec = ceph.new_image(SIZE)
+    backend = rbd(spec, ceph, exclusive=True, connect_timeout=5)
+    with Device(backend, sim, depth=8) as dev, dev.open() as blk:
+        client, addr = ceph.lock_holder(spec)
+        assert client == backend._img.client_name
+        blk.pwrite(pattern(1), 0)
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            rbd(spec, ceph, exclusive=True, connect_timeout=5)
+        assert time.monotonic() - t0 < 4, "a live holder should answer at once"
+        assert exc.value.errno == errno.EBUSY
+        assert str(exc.value) == (f"[Errno {errno.EBUSY}] image {spec} is locked by {client} at "
+                                  f"{addr}: another server holds it (--exclusive)")
+        blk.pwrite(pattern(2), CHUNK)
+        assert blk.pread(2 * CHUNK, 0) == pattern(1) + pattern(2)
+        assert ceph.lock_holder(spec) == (client, addr)
+    assert addr not in ceph.blocklist()
+    # closed: the lock went with it, the next server takes it without breaking anything
+    again = rbd(spec, ceph, exclusive=True)
+    assert ceph.lock_holder(spec)[0] == again._img.client_name
+    again.close()
+
+
+def test_exclusive_needs_the_feature_and_a_writable_image(ceph):
+    spec = ceph.new_image(MiB)
+    ceph.cli("feature", "disable", spec, "fast-diff,object-map,exclusive-lock")
+    with pytest.raises(OSError) as exc:
+        rbd(spec, ceph, exclusive=True)
+    assert exc.value.errno == errno.EINVAL and str(exc.value).endswith(
+        f"image {spec} lacks the exclusive-lock feature --exclusive needs "
+        f"(rbd feature enable {spec} exclusive-lock)")
+    rbd(spec, ceph).close()            # without --exclusive it serves as before
+    with pytest.raises(ValueError, match="a snapshot is read-only, it has no exclusive lock"):
+        rbd(f"{spec}@s", ceph, exclusive=True)
+
+
+def test_kill_9_of_the_holder_then_a_new_server_takes_the_lock_over(sim, ceph, caplog):
+    """The holder dies by SIGKILL (its watch on the image lingers in the OSD for 30 s):
+    the new server's notification goes unanswered, so it blocklists the dead holder,
+    breaks its lock and takes it, within the connect timeout, not the watch's 30 s. What
+    the dead server wrote is there, and what the new one writes reads back."""
+    import signal
+    spec = ceph.new_image(SIZE)
+    old = Owner(ceph, spec)
+    try:
+        assert old.write(0, CHUNK, 1) == CHUNK
+        client, addr = ceph.lock_holder(spec)
+        assert client == old.client
+        old.signal(signal.SIGKILL)
+        old.end()
+        caplog.set_level(logging.WARNING, logger="pyublk_fast.backends.rbd")
+        t0 = time.monotonic()
+        backend = rbd(spec, ceph, exclusive=True, connect_timeout=3)
+        assert 2.5 < time.monotonic() - t0 < 15
+        assert f"took the exclusive lock over from {client} at {addr}" in caplog.text
+        assert ceph.lock_holder(spec)[0] == backend._img.client_name
+        assert addr in ceph.blocklist()
+        with Device(backend, sim, depth=8) as dev, dev.open() as blk:
+            assert blk.pread(CHUNK, 0) == pattern(1)
+            blk.pwrite(pattern(2), CHUNK)
+            assert blk.pread(2 * CHUNK, 0) == pattern(1) + pattern(2)
+        with Device(rbd(spec, ceph), sim, depth=8) as dev, dev.open() as blk:
+            assert blk.pread(2 * CHUNK, 0) == pattern(1) + pattern(2)
+    finally:
+        old.end()
+
+
+def test_a_half_dead_holder_is_blocklisted_before_its_lock_is_broken(sim, ceph):
+    """The holder is stopped (SIGSTOP: alive, silent). The new server takes the lock over;
+    when the old one wakes up, its writes fail (it was blocklisted before its lock was
+    broken) and the new server's data stays as written."""
+    import signal
+    spec = ceph.new_image(SIZE)
+    old = Owner(ceph, spec)
+    try:
+        assert old.write(0, CHUNK, 1) == CHUNK
+        old.signal(signal.SIGSTOP)
+        backend = rbd(spec, ceph, exclusive=True, connect_timeout=3)
+        with Device(backend, sim, depth=8) as dev, dev.open() as blk:
+            blk.pwrite(pattern(2), 0)
+            old.signal(signal.SIGCONT)
+            assert old.write(0, CHUNK, 3) == -errno.EIO
+            assert old.write(CHUNK, CHUNK, 3) == -errno.EIO
+            blk.pwrite(pattern(4), CHUNK)
+            assert blk.pread(2 * CHUNK, 0) == pattern(2) + pattern(4)
+        assert old.proc.poll() is None, "the blocklisted server should serve on (with errors)"
+    finally:
+        old.end()
+    with Device(rbd(spec, ceph), sim, depth=8) as dev, dev.open() as blk:
+        assert blk.pread(2 * CHUNK, 0) == pattern(2) + pattern(4)

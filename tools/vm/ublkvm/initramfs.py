@@ -59,6 +59,8 @@ if [ -n "$OUTDIR" ]; then
         || fail "9p mount of $OUTDIR failed"
 fi
 echo 1 > /proc/sys/kernel/sysrq
+# loopback only (no network device): servers the tests start on 127.0.0.1 (a Ceph cluster)
+ip link set lo up || fail "cannot bring the loopback interface up"
 WD=
 if [ "$WATCHDOG" -gt 0 ]; then
     ( sleep "$WATCHDOG"
