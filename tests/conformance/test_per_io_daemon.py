@@ -26,18 +26,12 @@ from pyublk_fast.util import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend_kinds import build_backend  # noqa: E402
-from test_sim_protocol import (  # noqa: E402
-    _submit_in_thread, inflight, kill_and_recover_reissues_everything, run_load)
+from test_sim_protocol import (  # noqa: E402,F401  (transport: the simulated driver)
+    _submit_in_thread, inflight, kill_and_recover_reissues_everything, run_load, transport)
 
 MiB = 1 << 20
 DEPTH = 4
 BUF = 64 * 1024
-
-
-@pytest.fixture
-def transport(sim):
-    """The driver under test: the simulated one (the kernel suite overrides this fixture)."""
-    return sim
 
 
 def skip_without_per_io_daemon(t) -> None:
@@ -66,11 +60,15 @@ def test_threads_serve_data(transport, tmp_path, kind, data_path, threads):
     with Device(backend, transport, depth=16, data_path=data_path, native=native,
                 threads_per_queue=threads) as dev:
         assert dev.flags & uapi.UBLK_F_PER_IO_DAEMON
+        # 16 writes of 4..64 KiB in flight together, then 16 reads: every tag busy at once
+        pats = [os.urandom(4096 * (1 + i)) for i in range(16)]
+        bufs = [bytearray(len(p)) for p in pats]
         with transport.open(dev.dev_id) as blk:
-            for i in range(8):
-                data = os.urandom(4096 * (1 + i))
-                blk.pwrite(data, i * 64 * 1024)
-                assert blk.pread(len(data), i * 64 * 1024) == data
+            assert blk.submit([(uapi.UBLK_IO_OP_WRITE, i * 128 * 1024, len(p), p)
+                               for i, p in enumerate(pats)]) == [len(p) for p in pats]
+            assert blk.submit([(uapi.UBLK_IO_OP_READ, i * 128 * 1024, len(b), b)
+                               for i, b in enumerate(bufs)]) == [len(p) for p in pats]
+        assert [bytes(b) for b in bufs] == pats
         out = run_load(transport, dev.dev_id, rw="randrw", qd=32, count=2000, verify=True,
                        region=4 * MiB)
         assert out["completed"] == 2000 and out["errors"] == 0 and out["verify_errors"] == 0
