@@ -216,6 +216,9 @@ cdef class NbdTarget(NativeTarget):
                              f"at most {self.max_block}: lower max_io_bytes")
         if q.q_id >= MAX_QUEUES:
             raise ValueError(f"queue {q.q_id}: at most {MAX_QUEUES} queues")
+        if q.threads > 1:       # its connection state is the queue's, not a thread's
+            raise ValueError("the nbd target serves each queue from one thread: use more "
+                             "queues rather than threads_per_queue")
         fd = self.backend.queue_socket(q.q_id)
         free_conn(self.conns[q.q_id])   # a queue set up again (recovery): its old ring is gone
         self.conns[q.q_id] = NULL

@@ -453,6 +453,9 @@ cdef class RbdImage(NativeTarget):
             raise ValueError("rbd: the image is closed")
         if q.q_id >= MAX_QUEUES:
             raise ValueError(f"rbd: queue {q.q_id} out of range")
+        if q.threads > 1:       # its completion routing is per queue, not per thread
+            raise ValueError("rbd: each queue is served from one thread: use more queues "
+                             "rather than threads_per_queue")
         s = self.qs[q.q_id]
         if s != NULL and s.depth < q.depth:
             raise ValueError(f"rbd: queue {q.q_id} served again with a larger depth")

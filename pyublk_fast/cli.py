@@ -640,6 +640,10 @@ def _device_args(p: argparse.ArgumentParser) -> None:
                    help="BATCH_IO (Linux 7.0): the queues prepare, fetch and commit many tags "
                    "per command (copy and -u paths); --no-batch-io: one command per tag "
                    "(default: " + ("on where the driver has it" if DEFAULT_BATCH_IO else "off") + ")")
+    p.add_argument("--threads", dest="threads_per_queue", type=int,
+                   default=d["threads_per_queue"], metavar="N",
+                   help="serve each queue from N threads, each with its own ring and every "
+                   "N-th tag (PER_IO_DAEMON, Linux 6.16+; 1..depth; default %(default)s)")
     p.add_argument("--unprivileged", action="store_true",
                    help="UNPRIVILEGED_DEV: a normal user's device, owned by it (needs udev "
                    "rules: /dev/ublk-control open to users, /dev/ublkcN and /dev/ublkbN "

@@ -4,13 +4,15 @@
         blk = dev.open()          # the (simulated) /dev/ublkbN
         blk.pwrite(b"x" * 4096, 0)
 
-start() adds the device, runs one thread per queue (each owning its ring),
+start() adds the device, runs one thread per queue (each owning its ring; with
+threads_per_queue=N, N threads per queue, each serving its share of the tags),
 sets the parameters and starts the device; stop() stops it, lets every queue
 drain and deletes it. Several devices per process are fine.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import mmap
@@ -152,14 +154,18 @@ class Device:
     queue gathers while handling a batch before it submits them, so the backing disk
     starts on the first ones early. ``batch_io`` True serves the queues with BATCH_IO
     (Linux 7.0: commands for many tags at once, copy and user_copy paths), False with a
-    command per tag, None as DEFAULT_BATCH_IO says.
+    command per tag, None as DEFAULT_BATCH_IO says. ``threads_per_queue`` N > 1
+    serves each queue from N threads, each with its own ring, owning every N-th tag
+    (UBLK_F_PER_IO_DAEMON, Linux 6.16: the driver ties a tag to the thread that fetched
+    it), so one queue's work spreads over CPUs; 1..depth, not with batch_io.
     """
 
     def __init__(self, backend, transport, *, queues: int = 1, depth: int = 128,
                  max_io_bytes: int = 512 * 1024, data_path: str = "auto", recovery: str | None = None,
                  dev_id: int = -1, native: bool = True, poll_us: float | None = None,
                  submit_chunk: int = 4, ring_flags: int = SERVER_RING_FLAGS,
-                 shared_buffers: bool = False, batch_io: bool | None = None):
+                 shared_buffers: bool = False, batch_io: bool | None = None,
+                 threads_per_queue: int = 1):
         backend.check()
         if data_path != "auto" and data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: choose auto or one of {DATA_PATHS}")
@@ -171,6 +177,11 @@ class Device:
             raise ValueError(f"queues={queues} must be >= 1")
         if submit_chunk < 1:
             raise ValueError(f"submit_chunk={submit_chunk} must be >= 1")
+        if isinstance(threads_per_queue, bool) or not isinstance(threads_per_queue, int) or \
+                not 1 <= threads_per_queue <= depth:
+            raise ValueError(f"threads_per_queue={threads_per_queue!r} out of range 1..{depth} "
+                             "(the queue depth: each thread serves at least one tag)")
+        self.threads_per_queue = threads_per_queue
         self.backend = backend
         self.transport = transport
         self.nr_queues = queues
@@ -179,16 +190,22 @@ class Device:
         self.recovery = recovery
         self.native = backend.native_target() if native else None
         self.data_path = self._choose_path(data_path)
-        if batch_io is None:        # where the driver and the data path allow it
-            self.batch_io = bool(DEFAULT_BATCH_IO and self.data_path in BATCH_DATA_PATHS and (
-                transport is None or transport.features() & uapi.UBLK_F_BATCH_IO))
+        if batch_io is None:        # where the driver, the data path and the threads allow it
+            self.batch_io = bool(DEFAULT_BATCH_IO and self.data_path in BATCH_DATA_PATHS and
+                                 threads_per_queue == 1 and (
+                                     transport is None or transport.features() & uapi.UBLK_F_BATCH_IO))
         else:
             self.batch_io = bool(batch_io)
             if self.batch_io and self.data_path not in BATCH_DATA_PATHS:
                 raise ValueError(f"batch_io serves the {' and '.join(BATCH_DATA_PATHS)} data paths, "
                                  f"not {self.data_path}: turn batch I/O off or choose another path")
+            if self.batch_io and threads_per_queue > 1:
+                raise ValueError(f"batch_io serves each queue from one thread, not "
+                                 f"threads_per_queue={threads_per_queue}: choose one of them")
             if self.batch_io and transport is not None:
                 self._require(uapi.UBLK_F_BATCH_IO, "batch_io")
+        if threads_per_queue > 1 and transport is not None:
+            self._require(uapi.UBLK_F_PER_IO_DAEMON, f"threads_per_queue={threads_per_queue}")
         self.dev_id = dev_id
         if poll_us is None:
             poll_us = DEFAULT_POLL_US
@@ -230,8 +247,10 @@ class Device:
 
     def wanted_flags(self) -> int:
         """The UBLK_F_* flags ADD_DEV will ask for (data path, recovery mode, shared buffers,
-        batch I/O, quiesce)."""
+        batch I/O, quiesce, per-I/O daemons for several threads per queue)."""
         flags = PATH_FLAGS[self.data_path] | RECOVERY_MODES.get(self.recovery, 0)
+        if self.threads_per_queue > 1:
+            flags |= uapi.UBLK_F_PER_IO_DAEMON
         if self._shm is not None:
             flags |= uapi.UBLK_F_SHMEM_ZC
         if self.batch_io:
@@ -280,6 +299,9 @@ class Device:
                      "it (asked for %d, %d, %d; the kernel makes at most one queue per CPU)",
                      self.dev_id, *shape, self.nr_queues, self.depth, self.max_io_bytes)
             self.nr_queues, self.depth, self.max_io_bytes = shape
+        if self.threads_per_queue > self.depth:
+            raise ValueError(f"threads_per_queue={self.threads_per_queue}: device {self.dev_id} "
+                             f"has queues of depth {self.depth}, too few tags for that many threads")
 
     def _check_open(self):
         if self.transport is None:
@@ -289,12 +311,15 @@ class Device:
                                "make a new Device (with a new backend) to serve again")
 
     def _spawn_queues(self):
-        ready = [threading.Event() for _ in range(self.nr_queues)]
-        self._queues = [None] * self.nr_queues
+        n = self.threads_per_queue
+        ready = [threading.Event() for _ in range(self.nr_queues * n)]
+        self._queues = [None] * len(ready)       # runner q_id * n + k serves tags k, k + n, ...
         self._threads = []
-        for q_id in range(self.nr_queues):
-            th = threading.Thread(target=self._serve_queue, args=(q_id, ready[q_id]),
-                                  name=f"ublk{self.dev_id}-q{q_id}", daemon=True)
+        for i in range(len(ready)):
+            q_id, k = divmod(i, n)
+            th = threading.Thread(target=self._serve_queue, args=(q_id, k, i, ready[i]),
+                                  name=f"ublk{self.dev_id}-q{q_id}" + (f"t{k}" if n > 1 else ""),
+                                  daemon=True)
             th.start()
             self._threads.append(th)
         for ev in ready:
@@ -317,16 +342,19 @@ class Device:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
 
-    def _serve_queue(self, q_id: int, ready: threading.Event):
+    def _serve_queue(self, q_id: int, k: int, i: int, ready: threading.Event):
+        """Serve queue q_id's tags k, k + n, ... (n threads per queue) as runner i."""
         q = None
         try:
+            # each thread its own channel: the driver answers a tag on the ring that fetched it
             ep = self.transport.queue_endpoint(self.dev_id, q_id)
-            # a Python backend gets a target per queue: its tasks and ring I/O are the queue's
+            # a Python backend gets a target per thread: its tasks and ring I/O are the thread's
             target = self.native if self.native is not None else PyTarget(self.backend, self._thread_pool)
             q = Queue(self.depth, self.max_io_bytes, ep.channel, ep.iods, native=target,
                       data_path=self.data_path, poll_us=self.poll_us, submit_chunk=self.submit_chunk,
-                      ring_flags=self.ring_flags, batch_io=bool(self.flags & uapi.UBLK_F_BATCH_IO))
-            self._queues[q_id] = q
+                      ring_flags=self.ring_flags, batch_io=bool(self.flags & uapi.UBLK_F_BATCH_IO),
+                      threads=self.threads_per_queue, thread=k)
+            self._queues[i] = q
             if self._shm is not None:
                 q.share_buffers(self._shm.table, self._shm.views)
             q.fetch_all()
@@ -338,7 +366,8 @@ class Device:
         try:
             errors = q.run()
             if errors:
-                log.warning("queue %d of device %d: %d commands refused by the driver", q_id, self.dev_id, errors)
+                log.warning("queue %d (thread %d) of device %d: %d commands refused by the driver",
+                            q_id, k, self.dev_id, errors)
         finally:
             q.close()
 
@@ -583,8 +612,14 @@ class Device:
 
     def stats(self) -> "Snapshot":
         """The queues' counters now (pyublk_fast.stats.Snapshot): ``.summary()`` gives
-        totals, ``later.summary(since=earlier)`` an interval's rates and latencies."""
-        return snapshot([q for q in self._queues if q is not None])
+        totals, ``later.summary(since=earlier)`` an interval's rates and latencies. One row
+        per queue: the sum of its threads'."""
+        snap = snapshot([q for q in self._queues if q is not None])
+        n = self.threads_per_queue
+        if n > 1 and len(snap.counters) == self.nr_queues * n:
+            rows = snap.counters.reshape(self.nr_queues, n, -1).sum(axis=1, dtype=np.uint64)
+            snap = dataclasses.replace(snap, counters=rows)
+        return snap
 
     @property
     def requests_served(self) -> int:

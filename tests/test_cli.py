@@ -138,7 +138,8 @@ def test_add_defaults_are_devices():
     sig = inspect.signature(Device).parameters
     assert opts["device"] == {k: sig[k].default for k in opts["device"]}
     assert set(opts["device"]) == {"dev_id", "queues", "depth", "max_io_bytes", "data_path",
-                                   "recovery", "native", "poll_us", "submit_chunk", "batch_io"}
+                                   "recovery", "native", "poll_us", "submit_chunk", "batch_io",
+                                   "threads_per_queue"}
     assert opts["backend_args"] == {"size": MemoryBackend.DEFAULT_SIZE}
     assert cli.make_backend(opts).size == MemoryBackend().size == 64 << 20
 
@@ -153,6 +154,7 @@ def test_add_defaults_are_devices():
      dict(recovery="fail_io", submit_chunk=8)),
     (["-t", "null", "--batch-io"], dict(batch_io=True)),
     (["-t", "null", "-u", "--no-batch-io"], dict(data_path="user_copy", batch_io=False)),
+    (["-t", "null", "--threads", "2"], dict(threads_per_queue=2)),
 ])
 def test_add_options_reach_device(argv, device):
     a, extra = cli.build_parser().parse_known_args(["add", *argv])

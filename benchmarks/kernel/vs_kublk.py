@@ -7,10 +7,12 @@ Loop devices are backed by a brd RAM disk (/dev/ram0, O_DIRECT capable) so the
 backing store is the same for both servers. The "qcow2" targets put kublk's loop and
 ours on a raw file, and our qcow2 backend on a fully allocated qcow2 image holding the
 same bytes, both files on ext4 on a second RAM disk (/dev/ram1): what the qcow2 format
-costs next to a C server on the raw data. Prints a Markdown table (per --rw pattern QD32
-4k IOPS and QD1 4k mean latency; with --large, QD32 random read and write MiB/s at those
-block sizes) and writes JSON next to it. With --direct, fio on the RAM disk itself joins
+costs next to a C server on the raw data. Prints a Markdown table (per --rw pattern 4k
+IOPS at --qd, 32 by default, and QD1 4k mean latency; with --large, QD32 random read and
+write MiB/s at those block sizes) and writes JSON next to it. With --direct, fio on the RAM disk itself joins
 the loop rows: its "vs kublk" is how much the ublk round trip costs a C server.
+Several threads on one queue (PER_IO_DAEMON): --ours-extra '--threads 2' and
+--kublk-extra '--nthreads 2 --per_io_tasks' add those servers to every target.
 """
 from __future__ import annotations
 
@@ -92,10 +94,14 @@ def main() -> int:
     ap.add_argument("--runtime", type=float, default=4.0)
     ap.add_argument("--out", default="")
     ap.add_argument("--queues", type=int, default=1)
+    ap.add_argument("--qd", type=int, default=32, help="queue depth of the 4k IOPS points")
     ap.add_argument("--rounds", type=int, default=3, help="repeat every pair, alternating order")
     ap.add_argument("--ours-extra", action="append", default=[],
                     help="also run our server with these extra `add` options, as one more "
                     "server per target (repeatable; e.g. '--submit-chunk 32 --poll-us 50')")
+    ap.add_argument("--kublk-extra", action="append", default=[],
+                    help="also run kublk with these extra `add` options, as one more server "
+                    "per target (repeatable; e.g. '--nthreads 2 --per_io_tasks')")
     ap.add_argument("--other", action="append", default=[], metavar="LABEL=PYTHON",
                     help="also run the server of another checkout: an interpreter that imports "
                     "it (e.g. a virtualenv's python with that checkout installed), shown as "
@@ -112,7 +118,7 @@ def main() -> int:
                     help="comma-separated block sizes (e.g. 128k,1m): also QD32 random read and "
                     "write bandwidth at each, in a second table")
     ap.add_argument("--no-4k", dest="small", action="store_false",
-                    help="skip the 4k points (QD32 IOPS, QD1 latency): only --large")
+                    help="skip the 4k points (IOPS at --qd, QD1 latency): only --large")
     a = ap.parse_args()
     large = [b.strip() for b in a.large.split(",") if b.strip()]
     if not a.small and not large:
@@ -157,7 +163,9 @@ def main() -> int:
     groups = []          # per target: kublk first, then each of our variants
     for t in targets:
         kargs, oargs = specs[t]
-        group = [(t, "kublk", lambda k=kargs: kublk_add(kublk, [*k[:2], *shape, *k[2:]]))]
+        group = [(t, "kublk" + (f" {x}" if x else ""),
+                  lambda k=kargs, e=shlex.split(x): kublk_add(kublk, [*k[:2], *shape, *e, *k[2:]]))
+                 for x in ["", *a.kublk_extra]]
         for name, extra, python in ours_variants:
             group.append((t, name, lambda o=oargs, e=extra, p=python: ours_add([*o, *shape, *e], p)))
         if a.direct and t == "loop":
@@ -180,9 +188,9 @@ def main() -> int:
                     continue
                 try:
                     for rw in rws if a.small else ():
-                        qd32 = fio(path, 32, a.runtime, rw)
+                        qdn = fio(path, a.qd, a.runtime, rw)
                         qd1 = fio(path, 1, a.runtime, rw)
-                        row.update({f"{rw}_qd32_iops": qd32["iops"],
+                        row.update({f"{rw}_qd{a.qd}_iops": qdn["iops"],
                                     f"{rw}_qd1_lat_mean_us": qd1["lat_mean_us"],
                                     f"{rw}_qd1_lat_p50_us": qd1["lat_p50_us"]})
                     for bs in large:
@@ -196,7 +204,7 @@ def main() -> int:
              f"point, queues {q}, {a.rounds} rounds (order alternating); medians, ratios paired "
              "per round (min..max)", ""]
     cols = [c for rw in (rws if a.small else ())
-            for c in ((f"4k {rw} QD32 IOPS", f"{rw}_qd32_iops"),
+            for c in ((f"4k {rw} QD{a.qd} IOPS", f"{rw}_qd{a.qd}_iops"),
                       (f"4k {rw} QD1 mean lat (us)", f"{rw}_qd1_lat_mean_us"))]
     cols += [(f"{bs} {rw} QD32 MiB/s", f"{rw}_{bs}_mib_s") for bs in large for rw in ("randread", "randwrite")]
     lines += ["| target | server | " + " | ".join(f"{c} | vs kublk" for c, _ in cols) + " |",

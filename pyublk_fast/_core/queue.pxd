@@ -118,6 +118,8 @@ cdef class Queue:
     cdef io_uring *r
     cdef readonly int q_id
     cdef readonly int depth
+    cdef readonly int threads          # threads serving this queue (PER_IO_DAEMON); this one
+    cdef readonly int thread           # serves tags thread, thread + threads, ...
     cdef readonly Channel ch
     cdef readonly DataPath dp
     cdef readonly int data_path        # DP_*

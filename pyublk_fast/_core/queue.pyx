@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Queue runner: one ring and one thread per ublk queue.
+"""Queue runner: one ring and one thread per ublk queue (or per share of its tags).
 
 FETCH every tag, then loop: wait, reap a batch nogil, decode tags, hand each
 request to the backend (native: C calls, no GIL; Python: one GIL round per
@@ -9,7 +9,10 @@ tag once, takes requests from one multishot FETCH_IO_CMDS (tags in a provided
 buffer ring) and sends a turn's commits as one COMMIT_IO_CMDS; targets see no
 difference (they call commit()). The driver is reached through a
 Channel and request data moves by a DataPath, both fixed at setup: the loop
-itself never tests which driver or data path it serves.
+itself never tests which driver or data path it serves. A queue served by
+several threads (threads=N, the driver's PER_IO_DAEMON) has one Queue per thread,
+each fetching and serving tags thread, thread + N, ...: the driver answers each
+tag on the ring that fetched it.
 """
 import errno as _errno
 import logging
@@ -192,22 +195,31 @@ cdef class NativeTarget:
 cdef class Queue:
     """Serve one queue of a device. Construct in the thread that will run it.
 
-    channel: the transport's Channel for this queue; iods: its descriptor array;
-    native: the backend's target (a C one, or pytask.PyTarget for a Python backend).
+    channel: the transport's Channel for this queue (one per Queue); iods: its descriptor
+    array; native: the backend's target (a C one, or pytask.PyTarget for a Python backend).
+    threads, thread: this Queue serves tags thread, thread + threads, ... of the queue
+    (interleaved, so that the few tags of a shallow load spread over the threads too).
     """
 
     def __init__(self, int depth, uint32_t buf_size, Channel channel not None, iods, *,
                  NativeTarget native not None, str data_path="copy",
                  unsigned ring_flags=0, double poll_us=0.0, unsigned submit_chunk=4,
-                 bint batch_io=False):
+                 bint batch_io=False, int threads=1, int thread=0):
         # depth, submit_chunk and the rest were validated by Device and the driver
         if data_path not in DATA_PATHS:
             raise ValueError(f"data_path={data_path!r}: one of {sorted(DATA_PATHS)}")
         if batch_io and data_path not in BATCH_DATA_PATHS:
             raise ValueError(f"data_path={data_path!r} is not served with batch I/O: "
                              f"use one of {', '.join(BATCH_DATA_PATHS)}, or turn batch I/O off")
+        if not 1 <= threads <= depth or not 0 <= thread < threads:
+            raise ValueError(f"thread {thread} of {threads}: need 1 <= threads <= depth ({depth}) "
+                             "and 0 <= thread < threads")
+        if batch_io and threads > 1:
+            raise ValueError("batch I/O serves a queue from one thread")
         self.q_id = channel.q_id
         self.depth = depth
+        self.threads = threads
+        self.thread = thread
         self.buf_size = buf_size
         self.spin_ns = <int64_t>(poll_us * 1000)    # poll the CQ this long before sleeping
         self.submit_chunk = submit_chunk
@@ -646,17 +658,18 @@ cdef class Queue:
     # -- the loop --------------------------------------------------------------------
 
     def fetch_all(self):
-        """Post FETCH_REQ for every tag and submit (BATCH_IO: PREP_IO_CMDS for every tag,
-        waiting for its answer, then the multishot FETCH_IO_CMDS)."""
+        """Post FETCH_REQ for every tag this thread serves and submit (BATCH_IO: PREP_IO_CMDS
+        for every tag, waiting for its answer, then the multishot FETCH_IO_CMDS)."""
         cdef int tag
         if self.batch_io:
             self._prep_all()
             self.arm_fetch()
             self.nr_live = 1
         else:
-            for tag in range(self.depth):
+            self.nr_live = 0
+            for tag in range(self.thread, self.depth, self.threads):
                 self.submit_cmd(UBLK_IO_FETCH_REQ, tag, 0)
-            self.nr_live = self.depth
+                self.nr_live += 1
         ret = io_uring_submit(self.r)
         if ret < 0:
             raise OSError(-ret, f"queue {self.q_id}: submitting the first commands failed")

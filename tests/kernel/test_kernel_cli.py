@@ -92,7 +92,7 @@ def _writes_done(dev_id: int) -> int:
 KILL_AFTER = 1000       # of the job's 4096 writes: the server dies with the job well under way
 
 
-@pytest.mark.parametrize("extra", [[], ["-z"]], ids=["copy", "zero_copy"])
+@pytest.mark.parametrize("extra", [[], ["-z"], ["--threads", "2"]], ids=["copy", "zero_copy", "threads"])
 def test_kill9_during_fio_then_recover(env, tmp_path, extra):
     img = tmp_path / "r.img"
     with open(img, "wb") as fh:

@@ -166,7 +166,7 @@ cdef class SimSplice(NoBufferPath):
         for i in range(2 * q.depth):
             self.pipes[i] = -1
         self.npipes = 2 * q.depth
-        for i in range(q.depth):
+        for i in range(q.thread, q.depth, q.threads):      # the tags this thread serves
             if pipe2(&self.pipes[2 * i], O_CLOEXEC) < 0:
                 raise OSError(_errno.EMFILE, f"splice_zc: cannot create {q.depth} pipes "
                               "(raise RLIMIT_NOFILE: ulimit -n)")

@@ -47,6 +47,7 @@ cdef struct SimQueue:
     int pend_head
     int pend_count
     int nr_ready                  # tags with a FETCH outstanding or a request at the server
+    int32_t daemon_fd             # without PER_IO_DAEMON: the one server ring of the queue
     # BATCH_IO: tags are PREPared once; a request's tag goes to a FIFO, delivered into the
     # buffer ring of the queue's multishot FETCH_IO_CMDS (the simulator keeps one per queue)
     int batch
@@ -153,6 +154,7 @@ cdef class SimDriver:
     cdef uint64_t rng_state
     cdef uint32_t disk_gens        # devices added so far (SimDev.disk_gen)
     cdef bint random_tags
+    cdef readonly uint64_t features   # GET_FEATURES: what ADD_DEV can grant
     cdef int64_t spin_ns
 
     cdef void loop(self) noexcept nogil

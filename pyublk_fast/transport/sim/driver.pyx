@@ -64,6 +64,7 @@ cdef uint64_t F_QUIESCE = uapi.UBLK_F_QUIESCE
 cdef uint64_t F_SHMEM_ZC = uapi.UBLK_F_SHMEM_ZC
 cdef uint32_t IO_F_SHMEM_ZC = uapi.UBLK_IO_F_SHMEM_ZC
 cdef uint64_t F_BATCH_IO = uapi.UBLK_F_BATCH_IO
+cdef uint64_t F_PER_IO_DAEMON = uapi.UBLK_F_PER_IO_DAEMON
 
 # What the simulated driver supports (GET_FEATURES). Zero copy and AUTO_BUF_REG are
 # modelled by the server registering request pages itself (see DataPath).
@@ -72,11 +73,12 @@ SIM_FEATURES = (uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_NEED_GET_DATA
                 | uapi.UBLK_F_CMD_IOCTL_ENCODE | uapi.UBLK_F_USER_COPY
                 | uapi.UBLK_F_USER_RECOVERY_FAIL_IO | uapi.UBLK_F_UPDATE_SIZE
                 | uapi.UBLK_F_SUPPORT_ZERO_COPY | uapi.UBLK_F_QUIESCE | uapi.UBLK_F_SAFE_STOP_DEV
-                | uapi.UBLK_F_SHMEM_ZC | uapi.UBLK_F_BATCH_IO | uapi.SIM_F_SPLICE_ZC)
+                | uapi.UBLK_F_SHMEM_ZC | uapi.UBLK_F_BATCH_IO | uapi.UBLK_F_PER_IO_DAEMON
+                | uapi.SIM_F_SPLICE_ZC)
 # Flags a 7.x kernel's ADD_DEV grants even when not asked for (on 7.2: 0x26042, i.e. COMP_IN_TASK,
 # CMD_IOCTL_ENCODE, PER_IO_DAEMON, BUF_REG_OFF_DAEMON, SAFE_STOP_DEV), limited to what we model.
 SIM_ALWAYS_SET = (uapi.UBLK_F_URING_CMD_COMP_IN_TASK | uapi.UBLK_F_CMD_IOCTL_ENCODE
-                  | uapi.UBLK_F_SAFE_STOP_DEV)
+                  | uapi.UBLK_F_PER_IO_DAEMON | uapi.UBLK_F_SAFE_STOP_DEV)
 cdef uint64_t PAGE = PAGE_SIZE
 #: The largest capacity in sectors whose size in bytes fits the request checks' u64.
 cdef uint64_t MAX_SECTORS = (<uint64_t>1 << 55) - 1
@@ -134,7 +136,7 @@ cdef class SimDriver:
     """One simulated ublk_drv instance (one "kernel"), serving up to max_devs devices."""
 
     def __cinit__(self, int max_devs=64, int max_queues=256, int nreq=16384, bint random_tags=True,
-                  uint64_t seed=0x9E3779B97F4A7C15, double spin_us=50.0):
+                  uint64_t seed=0x9E3779B97F4A7C15, double spin_us=50.0, features=None):
         self.max_devs = max_devs
         self.max_queues = max_queues
         self.nreq = nreq
@@ -147,6 +149,8 @@ cdef class SimDriver:
         for i in range(max_queues):
             self.queues[i].dev = -1
         self.random_tags = random_tags
+        # a subset models an older driver (GET_FEATURES and ADD_DEV then lack the rest)
+        self.features = SIM_FEATURES if features is None else features & SIM_FEATURES
         self.spin_ns = <int64_t>(spin_us * 1000)   # the kernel reacts at once; a sleeping thread does not
         self.rng_state = seed | 1
         self._iod_arrays = {}
@@ -351,6 +355,19 @@ cdef class SimDriver:
             return
         if (cmd.cmd_op >> 8) != ((UBLK_IO_CMD_IOCTL_BASE >> 8) & 0xffffff) and (cmd.cmd_op >> 8) != 0:
             self.post(cmd.ring_fd, -EOPNOTSUPP, cmd.user_data)
+            return
+        # the task that may send a command: the sim's "task" is the server ring that sent it
+        # (one ring per server thread). With PER_IO_DAEMON (6.16) a FETCH may come from any,
+        # which then owns the tag; before it, the queue's first FETCH made its ring the one
+        # daemon of the queue. Either way another ring's command on an owned tag is EINVAL.
+        if op == UBLK_IO_FETCH_REQ and not d.flags & F_PER_IO_DAEMON:
+            if q.nr_ready == 0:
+                q.daemon_fd = cmd.ring_fd
+            elif cmd.ring_fd != q.daemon_fd:
+                self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
+                return
+        elif op != UBLK_IO_FETCH_REQ and t.state != TAG_IDLE and cmd.ring_fd != t.ring_fd:
+            self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
             return
         if op == UBLK_IO_FETCH_REQ:
             if t.state != TAG_IDLE:
@@ -837,7 +854,7 @@ cdef class SimDriver:
                 run = 0
         if first < 0:
             raise OSError(ENOSPC, "ADD_DEV: the simulator has no room for more queues")
-        granted = (flags & SIM_FEATURES) | SIM_ALWAYS_SET
+        granted = (flags | SIM_ALWAYS_SET) & self.features
         if granted & F_BATCH_IO:
             granted &= ~F_NEED_GET_DATA           # as the kernel: batches have no NEED_GET_DATA
         dev = &self.devs[d]

@@ -13,7 +13,7 @@ from ... import uapi
 from ...errors import os_error
 from ..base import QUEUE_LIMITS, DevInfo, QueueEndpoint, RequestLimits, Transport
 from .channel import SimChannel
-from .driver import SimDriver, SIM_FEATURES
+from .driver import SimDriver
 from .front import FrontSlots, SimBlockDevice
 from .loadgen import LoadGen, summarize
 
@@ -25,11 +25,13 @@ class SimTransport(Transport):
 
     name = "sim"
 
-    def __init__(self, *, random_tags: bool = True, max_devs: int = 64, spin_us: float = 50.0):
+    def __init__(self, *, random_tags: bool = True, max_devs: int = 64, spin_us: float = 50.0,
+                 features: int | None = None):
         """spin_us: how long the driver thread polls its ring before sleeping (a kernel reacts
-        at once; a sleeping thread costs a wake-up per hand-off)."""
+        at once; a sleeping thread costs a wake-up per hand-off). features: model a driver
+        with only these of the simulator's UBLK_F_* (an older kernel's set)."""
         self.driver = SimDriver(max_devs=max_devs, nreq=FRONT_SLOTS + 4096, random_tags=random_tags,
-                                spin_us=spin_us)
+                                spin_us=spin_us, features=features)
         self.driver.start()
         self.front_slots = FrontSlots(FRONT_SLOTS)
         self.loadgen = LoadGen(self.driver, FRONT_SLOTS)
@@ -40,7 +42,7 @@ class SimTransport(Transport):
     # -- control commands ---------------------------------------------------------------
 
     def features(self) -> int:
-        return SIM_FEATURES
+        return self.driver.features
 
     def add_dev(self, dev_id: int, nr_queues: int, depth: int, max_io_bytes: int, flags: int):
         """ADD_DEV; returns (dev_id, granted_flags)."""
