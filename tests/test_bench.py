@@ -55,7 +55,7 @@ def test_defaults_and_quick_runtime():
     (["--queues", "3"], "choose from 1, 2"),
     (["--runtime", "0"], "--runtime"),
     (["--transport", "usb"], "invalid choice"),
-    (["--mode", "turbo"], "--mode 'turbo' matches nothing: choose from none, batch, shm"),
+    (["--mode", "turbo"], "--mode 'turbo' matches nothing: choose from none, batch, shm, t2"),
     (["--rbd-conf", "/nonexistent/ceph.conf"], "--rbd-conf /nonexistent/ceph.conf: no such file"),
 ])
 def test_bad_arguments_name_the_problem(argv, words, capsys):
@@ -100,7 +100,8 @@ def test_default_set_covers_the_brief_and_quick_is_a_subset():
     assert {k[1:4] for k in got if k[0] == "nbd"} == {("randread", 4096, 32), ("randwrite", 4096, 32)}
     # each mode's row sits right after the same row without it, so the two are measured together
     modes = [s for s in default if s.mode]
-    assert {(s.backend, s.mode) for s in modes} == {("null", "batch"), ("null", "shm"), ("loop", "shm")}
+    assert {(s.backend, s.mode) for s in modes} == {("null", "batch"), ("null", "shm"), ("loop", "shm"),
+                                                    ("null", "t2"), ("loop", "t2")}
     assert {s.mode for s in quick} == {"", "batch"}
     for s in modes:
         assert default[default.index(s) - 1].name in (s.base_name, s.base_name + "/batch")

@@ -31,12 +31,14 @@ RAND_QD, SEQ_QD = (1, 32, 128), (32,)
 #: Device keywords. "batch": BATCH_IO, commands for many tags at once, against the command
 #: per tag of the row without a mode. "shm": SHMEM_ZC, the load does its I/O from a buffer
 #: the device shares (registered with register_shared_buffer), so the driver copies
-#: nothing, against the copying row without a mode. A setting that combines with another
-#: gets a name of its own joined by "+" (e.g. "batch+t2"); threads per queue would be "tN".
+#: nothing, against the copying row without a mode. "t2": two threads serve the queue
+#: (PER_IO_DAEMON, tags split between them), against one. A setting that combines with
+#: another gets a name of its own joined by "+" (e.g. "shm+t2").
 MODES: dict[str, dict] = {
     "": {},
     "batch": dict(batch_io=True),
     "shm": dict(shared_buffers=True),
+    "t2": dict(threads_per_queue=2),
 }
 #: Modes whose load must run from the device's shared buffer.
 SHARED_MODES = ("shm",)
@@ -200,6 +202,8 @@ def _default_marks() -> dict[tuple, str]:
     add("null", "randread", k4, 32, quick=True, mode="batch")
     add("null", "read", k128, 32, mode="shm")
     add("loop", "read", k128, 32, mode="shm")
+    for be in ("null", "loop"):
+        add(be, "randread", k4, 128, mode="t2")
     # rbd rows start a Ceph cluster (10-30 s): in neither set, see RBD_PATTERN
     return marks
 
