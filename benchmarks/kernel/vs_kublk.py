@@ -7,9 +7,9 @@ Loop devices are backed by a brd RAM disk (/dev/ram0, O_DIRECT capable) so the
 backing store is the same for both servers. The "qcow2" targets put kublk's loop and
 ours on a raw file, and our qcow2 backend on a fully allocated qcow2 image holding the
 same bytes, both files on ext4 on a second RAM disk (/dev/ram1): what the qcow2 format
-costs next to a C server on the raw data. Prints a Markdown table (per --rw pattern QD32
-4k IOPS and QD1 4k mean latency; with --large, QD32 random read and write MiB/s at those
-block sizes) and writes JSON next to it. With --direct, fio on the RAM disk itself joins
+costs next to a C server on the raw data. Prints a Markdown table (per --rw pattern 4k IOPS
+at each of --depths, QD32 by default, and QD1 4k mean latency; with --large, QD32 random
+read and write MiB/s at those block sizes) and writes JSON next to it. With --direct, fio on the RAM disk itself joins
 the loop rows: its "vs kublk" is how much the ublk round trip costs a C server.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ RAM = "/dev/ram0"
 FILES_RAM = "/dev/ram1"          # ext4 holding the raw file and the qcow2 image
 FILES_DIR = "/run/vs-kublk-files"
 FILE_SIZE = 128 << 20            # fio's --size
+DEPTH = 128                      # every device's queue depth
 
 
 def sh(*cmd: str, timeout: float = 120, cwd: str | None = None) -> str:
@@ -101,10 +102,13 @@ def main() -> int:
                     "it (e.g. a virtualenv's python with that checkout installed), shown as "
                     "LABEL; for before/after comparisons in one boot (repeatable)")
     ap.add_argument("--targets", default="null,null -z,loop,loop -z",
-                    help="comma-separated subset of: null, null -z, loop, loop -z, null -b, "
-                    "loop -b, qcow2, qcow2 -z")
+                    help="comma-separated subset of: null, null -z, loop, loop -z, loop --auto_zc, "
+                    "null -b, loop -b, qcow2, qcow2 -z")
     ap.add_argument("--rw", default="randread",
                     help="comma-separated fio patterns of the 4k points (e.g. randread,randwrite)")
+    ap.add_argument("--depths", default="32", metavar="QDS",
+                    help="comma-separated queue depths of the 4k IOPS points (default 32, at most "
+                    "the devices' depth 128); the QD1 mean latency point is always there")
     ap.add_argument("--direct", action="store_true",
                     help="with the loop target, also run fio on the RAM disk itself (no ublk): "
                     "what any ublk server costs, C or ours")
@@ -115,6 +119,12 @@ def main() -> int:
                     help="skip the 4k points (QD32 IOPS, QD1 latency): only --large")
     a = ap.parse_args()
     large = [b.strip() for b in a.large.split(",") if b.strip()]
+    try:
+        depths = [int(d) for d in a.depths.split(",") if d.strip()]
+    except ValueError:
+        depths = []
+    if not depths or not all(1 <= d <= DEPTH for d in depths):
+        sys.exit(f"--depths {a.depths!r}: give queue depths from 1 to {DEPTH}, comma-separated")
     if not a.small and not large:
         sys.exit("--no-4k leaves nothing to measure: give --large too")
     if not os.path.exists("/dev/ublk-control"):
@@ -126,13 +136,18 @@ def main() -> int:
     os.chdir(REPO)
     subprocess.run(["modprobe", "brd", "rd_nr=2", "rd_size=393216"], check=False)
     q = str(a.queues)
-    shape = ["-q", q, "-d", "128"]
+    shape = ["-q", q, "-d", str(DEPTH)]
     # target -> (kublk's args, our args): same backing store, same shape (kublk's requests
     # are up to 1 MiB: its max_io_buf_bytes)
     specs = {"null": (["-t", "null"], ["-t", "null", "--max-io", "1M"]),
              "null -z": (["-t", "null", "-z"], ["-t", "null", "-z", "--max-io", "1M"]),
              "loop": (["-t", "loop", RAM], ["-t", "loop", "-f", RAM, "--max-io", "1M"]),
              "loop -z": (["-t", "loop", "-z", RAM], ["-t", "loop", "-z", "-f", RAM, "--max-io", "1M"]),
+             # zero copy by the same mechanism on both sides: kublk -z registers each request's
+             # buffer with linked REGISTER/UNREGISTER_IO_BUF, while our -z takes AUTO_BUF_REG
+             # (6.16+), which kublk uses only with --auto_zc
+             "loop --auto_zc": (["-t", "loop", "--auto_zc", RAM],
+                                ["-t", "loop", "-z", "-f", RAM, "--max-io", "1M"]),
              # BATCH_IO (7.0): kublk -b against ours with --batch-io
              "null -b": (["-t", "null", "-b"], ["-t", "null", "--batch-io", "--max-io", "1M"]),
              "loop -b": (["-t", "loop", "-b", RAM], ["-t", "loop", "--batch-io", "-f", RAM,
@@ -180,10 +195,10 @@ def main() -> int:
                     continue
                 try:
                     for rw in rws if a.small else ():
-                        qd32 = fio(path, 32, a.runtime, rw)
-                        qd1 = fio(path, 1, a.runtime, rw)
-                        row.update({f"{rw}_qd32_iops": qd32["iops"],
-                                    f"{rw}_qd1_lat_mean_us": qd1["lat_mean_us"],
+                        by_qd = {qd: fio(path, qd, a.runtime, rw) for qd in depths}
+                        qd1 = by_qd.get(1) or fio(path, 1, a.runtime, rw)
+                        row.update({f"{rw}_qd{qd}_iops": r["iops"] for qd, r in by_qd.items()})
+                        row.update({f"{rw}_qd1_lat_mean_us": qd1["lat_mean_us"],
                                     f"{rw}_qd1_lat_p50_us": qd1["lat_p50_us"]})
                     for bs in large:
                         for rw in ("randread", "randwrite"):
@@ -196,8 +211,8 @@ def main() -> int:
              f"point, queues {q}, {a.rounds} rounds (order alternating); medians, ratios paired "
              "per round (min..max)", ""]
     cols = [c for rw in (rws if a.small else ())
-            for c in ((f"4k {rw} QD32 IOPS", f"{rw}_qd32_iops"),
-                      (f"4k {rw} QD1 mean lat (us)", f"{rw}_qd1_lat_mean_us"))]
+            for c in [(f"4k {rw} QD{qd} IOPS", f"{rw}_qd{qd}_iops") for qd in depths]
+            + [(f"4k {rw} QD1 mean lat (us)", f"{rw}_qd1_lat_mean_us")]]
     cols += [(f"{bs} {rw} QD32 MiB/s", f"{rw}_{bs}_mib_s") for bs in large for rw in ("randread", "randwrite")]
     lines += ["| target | server | " + " | ".join(f"{c} | vs kublk" for c, _ in cols) + " |",
               "|---|---|" + "---|---|" * len(cols)]
