@@ -7,16 +7,18 @@ Loop devices are backed by a brd RAM disk (/dev/ram0, O_DIRECT capable) so the
 backing store is the same for both servers. The "qcow2" targets put kublk's loop and
 ours on a raw file, and our qcow2 backend on a fully allocated qcow2 image holding the
 same bytes, both files on ext4 on a second RAM disk (/dev/ram1): what the qcow2 format
-costs next to a C server on the raw data. Prints a Markdown table (per --rw pattern 4k
-IOPS at --qd, 32 by default, and QD1 4k mean latency; with --large, QD32 random read and
-write MiB/s at those block sizes) and writes JSON next to it. With --direct, fio on the RAM disk itself joins
-the loop rows: its "vs kublk" is how much the ublk round trip costs a C server.
-Several threads on one queue (PER_IO_DAEMON): --ours-extra '--threads 2' and
+costs next to a C server on the raw data. Prints a Markdown table (per --rw pattern 4k IOPS
+at each of --depths, QD32 by default, and QD1 4k mean latency; with --large, QD32 random
+read and write MiB/s at those block sizes; with --counts, what each server asks of the
+kernel per request at those points) and writes JSON next to it. With --direct, fio on the
+RAM disk itself joins the loop rows: its "vs kublk" is how much the ublk round trip costs
+a C server. Several threads on one queue (PER_IO_DAEMON): --ours-extra '--threads 2' and
 --kublk-extra '--nthreads 2 --per_io_tasks' add those servers to every target.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -27,15 +29,19 @@ import sys
 import time
 from pathlib import Path
 
-from pyublk_fast.bench.report import emit_paired, paired_ratio
-from pyublk_fast.util import kernel_release, kublk_path, wait_for_path
-
 REPO = Path(__file__).resolve().parents[2]
+# run as a script (python3 benchmarks/kernel/vs_kublk.py), the VM's Python finds this
+# checkout's package only when it is on the path
+sys.path.insert(0, str(REPO))
+
+from pyublk_fast.bench.report import emit_paired, paired_ratio  # noqa: E402
+from pyublk_fast.util import kernel_release, kublk_path, wait_for_path  # noqa: E402
 
 RAM = "/dev/ram0"
 FILES_RAM = "/dev/ram1"          # ext4 holding the raw file and the qcow2 image
 FILES_DIR = "/run/vs-kublk-files"
 FILE_SIZE = 128 << 20            # fio's --size
+DEPTH = 128                      # every device's queue depth
 
 
 def sh(*cmd: str, timeout: float = 120, cwd: str | None = None) -> str:
@@ -54,6 +60,70 @@ def fio(path: str, qd: int, runtime: float, rw: str = "randread", bs: str = "4k"
     return {"iops": r["iops"], "mib_s": r["bw_bytes"] / (1 << 20),
             "lat_mean_us": r["clat_ns"]["mean"] / 1000,
             "lat_p50_us": r["clat_ns"]["percentile"]["50.000000"] / 1000}
+
+
+# --counts: what a server asks of the kernel per request, counted by perf on its process
+COUNTS = {"enter": "syscalls:sys_enter_io_uring_enter", "syscalls": "raw_syscalls:sys_enter",
+          "sqes": "io_uring:io_uring_submit_req", "cqes": "io_uring:io_uring_complete",
+          "links": "io_uring:io_uring_link", "iowq": "io_uring:io_uring_queue_async_work",
+          "csw": "context-switches"}
+
+
+def server_pid(block_path: str) -> int:
+    """The process serving /dev/ublkbN: the one holding /dev/ublkcN open."""
+    char = "/dev/ublkc" + block_path[len("/dev/ublkb"):]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == char for fd in os.listdir(f"/proc/{pid}/fd")):
+                return int(pid)
+        except OSError:                 # gone, or a descriptor closed meanwhile
+            continue
+    raise RuntimeError(f"no process holds {char} open")
+
+
+def requests_done(block_path: str) -> int:
+    """Reads + writes the block device has completed (its requests, as the server sees them)."""
+    f = Path(f"/sys/block/{os.path.basename(block_path)}/stat").read_text().split()
+    return int(f[0]) + int(f[4])
+
+
+def counted(block_path: str, run: callable) -> tuple[dict, dict]:
+    """run()'s result and COUNTS per request of the server's process while it ran (None
+    for a device no ublk server serves: --direct's RAM disk)."""
+    if not block_path.startswith("/dev/ublkb"):
+        return run(), dict.fromkeys(COUNTS)
+    pid = server_pid(block_path)
+    out = f"/tmp/vs-kublk-perf-{pid}.txt"
+    perf = subprocess.Popen(["perf", "stat", "-x,", "-o", out, "-e", ",".join(COUNTS.values()),
+                             "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)                     # perf attaches to every thread first
+    before = requests_done(block_path)
+    res = run()
+    n = max(requests_done(block_path) - before, 1)
+    perf.send_signal(2)
+    perf.wait(timeout=30)
+    by_event = {}
+    for line in Path(out).read_text().splitlines():      # value,unit,event,... (perf -x,)
+        f = line.split(",")
+        if len(f) > 2 and f[0].replace(".", "").isdigit():
+            by_event[f[2]] = float(f[0])
+    os.unlink(out)
+    return res, {k: by_event[ev] / n if ev in by_event else None for k, ev in COUNTS.items()}
+
+
+def hold_tracepoints() -> subprocess.Popen:
+    """Keep every event of COUNTS enabled for the whole run: each perf session would
+    otherwise switch them on and off, patching kernel text, which under qemu TCG
+    sometimes oopses a vCPU running that text (seen as an int3 Oops in
+    trace_syscall_enter)."""
+    if not os.path.isdir("/sys/kernel/tracing/events"):
+        subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], check=False)
+    hold = subprocess.Popen(["perf", "stat", "-a", "-o", "/dev/null", "-e", ",".join(COUNTS.values())],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    if hold.poll() is not None:
+        sys.exit(f"--counts: perf cannot count {', '.join(COUNTS.values())}: {hold.stderr.read()}")
+    return hold
 
 
 def file_backing() -> tuple[str, str]:
@@ -94,35 +164,50 @@ def main() -> int:
     ap.add_argument("--runtime", type=float, default=4.0)
     ap.add_argument("--out", default="")
     ap.add_argument("--queues", type=int, default=1)
-    ap.add_argument("--qd", type=int, default=32, help="queue depth of the 4k IOPS points")
     ap.add_argument("--rounds", type=int, default=3, help="repeat every pair, alternating order")
     ap.add_argument("--ours-extra", action="append", default=[],
                     help="also run our server with these extra `add` options, as one more "
                     "server per target (repeatable; e.g. '--submit-chunk 32 --poll-us 50')")
-    ap.add_argument("--kublk-extra", action="append", default=[],
-                    help="also run kublk with these extra `add` options, as one more server "
-                    "per target (repeatable; e.g. '--nthreads 2 --per_io_tasks')")
     ap.add_argument("--other", action="append", default=[], metavar="LABEL=PYTHON",
                     help="also run the server of another checkout: an interpreter that imports "
                     "it (e.g. a virtualenv's python with that checkout installed), shown as "
                     "LABEL; for before/after comparisons in one boot (repeatable)")
     ap.add_argument("--targets", default="null,null -z,loop,loop -z",
-                    help="comma-separated subset of: null, null -z, loop, loop -z, null -b, "
-                    "loop -b, qcow2, qcow2 -z")
+                    help="comma-separated subset of: null, null -z, loop, loop -z, loop --auto_zc, "
+                    "null -b, loop -b, qcow2, qcow2 -z")
     ap.add_argument("--rw", default="randread",
                     help="comma-separated fio patterns of the 4k points (e.g. randread,randwrite)")
+    ap.add_argument("--depths", default="32", metavar="QDS",
+                    help="comma-separated queue depths of the 4k IOPS points (default 32, at most "
+                    "the devices' depth 128); the QD1 mean latency point is always there")
     ap.add_argument("--direct", action="store_true",
                     help="with the loop target, also run fio on the RAM disk itself (no ublk): "
                     "what any ublk server costs, C or ours")
+    ap.add_argument("--kublk-extra", action="append", default=[],
+                    help="also run kublk with these extra `add` options, as one more server "
+                    "per target (repeatable; e.g. '--nthreads 2 --per_io_tasks')")
     ap.add_argument("--large", default="", metavar="SIZES",
                     help="comma-separated block sizes (e.g. 128k,1m): also QD32 random read and "
                     "write bandwidth at each, in a second table")
+    ap.add_argument("--counts", action="store_true",
+                    help="with --large: also count, per request, each server's io_uring_enter "
+                    "calls, all syscalls, SQEs, CQEs, linked SQEs, io-wq punts and context "
+                    "switches (perf on the server's process), in a second table; the MiB/s are "
+                    "then those of the traced runs")
     ap.add_argument("--no-4k", dest="small", action="store_false",
-                    help="skip the 4k points (IOPS at --qd, QD1 latency): only --large")
+                    help="skip the 4k points (QD32 IOPS, QD1 latency): only --large")
     a = ap.parse_args()
     large = [b.strip() for b in a.large.split(",") if b.strip()]
+    try:
+        depths = [int(d) for d in a.depths.split(",") if d.strip()]
+    except ValueError:
+        depths = []
+    if not depths or not all(1 <= d <= DEPTH for d in depths):
+        sys.exit(f"--depths {a.depths!r}: give queue depths from 1 to {DEPTH}, comma-separated")
     if not a.small and not large:
         sys.exit("--no-4k leaves nothing to measure: give --large too")
+    if a.counts and not large:
+        sys.exit("--counts counts the --large points: give --large too")
     if not os.path.exists("/dev/ublk-control"):
         sys.exit("no ublk driver here (/dev/ublk-control): run this in the VM, as the "
                  "docstring shows (tools/vm/run ... -- python3 benchmarks/kernel/vs_kublk.py)")
@@ -132,13 +217,18 @@ def main() -> int:
     os.chdir(REPO)
     subprocess.run(["modprobe", "brd", "rd_nr=2", "rd_size=393216"], check=False)
     q = str(a.queues)
-    shape = ["-q", q, "-d", "128"]
+    shape = ["-q", q, "-d", str(DEPTH)]
     # target -> (kublk's args, our args): same backing store, same shape (kublk's requests
     # are up to 1 MiB: its max_io_buf_bytes)
     specs = {"null": (["-t", "null"], ["-t", "null", "--max-io", "1M"]),
              "null -z": (["-t", "null", "-z"], ["-t", "null", "-z", "--max-io", "1M"]),
              "loop": (["-t", "loop", RAM], ["-t", "loop", "-f", RAM, "--max-io", "1M"]),
              "loop -z": (["-t", "loop", "-z", RAM], ["-t", "loop", "-z", "-f", RAM, "--max-io", "1M"]),
+             # zero copy by the same mechanism on both sides: kublk -z registers each request's
+             # buffer with linked REGISTER/UNREGISTER_IO_BUF, while our -z takes AUTO_BUF_REG
+             # (6.16+), which kublk uses only with --auto_zc
+             "loop --auto_zc": (["-t", "loop", "--auto_zc", RAM],
+                                ["-t", "loop", "-z", "-f", RAM, "--max-io", "1M"]),
              # BATCH_IO (7.0): kublk -b against ours with --batch-io
              "null -b": (["-t", "null", "-b"], ["-t", "null", "--batch-io", "--max-io", "1M"]),
              "loop -b": (["-t", "loop", "-b", RAM], ["-t", "loop", "--batch-io", "-f", RAM,
@@ -176,6 +266,7 @@ def main() -> int:
             group.append((t, "pyublk_fast qcow2", lambda o=qargs: ours_add([*o, *shape])))
         groups.append(group)
     rows = []
+    hold = hold_tracepoints() if a.counts else None
     for rnd in range(a.rounds):
         for group in groups:
             # alternate who goes first, so drift in a noisy VM hits all servers alike
@@ -188,14 +279,20 @@ def main() -> int:
                     continue
                 try:
                     for rw in rws if a.small else ():
-                        qdn = fio(path, a.qd, a.runtime, rw)
-                        qd1 = fio(path, 1, a.runtime, rw)
-                        row.update({f"{rw}_qd{a.qd}_iops": qdn["iops"],
-                                    f"{rw}_qd1_lat_mean_us": qd1["lat_mean_us"],
+                        by_qd = {qd: fio(path, qd, a.runtime, rw) for qd in depths}
+                        qd1 = by_qd.get(1) or fio(path, 1, a.runtime, rw)
+                        row.update({f"{rw}_qd{qd}_iops": r["iops"] for qd, r in by_qd.items()})
+                        row.update({f"{rw}_qd1_lat_mean_us": qd1["lat_mean_us"],
                                     f"{rw}_qd1_lat_p50_us": qd1["lat_p50_us"]})
                     for bs in large:
                         for rw in ("randread", "randwrite"):
-                            row[f"{rw}_{bs}_mib_s"] = fio(path, 32, a.runtime, rw, bs)["mib_s"]
+                            point = functools.partial(fio, path, 32, a.runtime, rw, bs)
+                            if a.counts:
+                                r, per_req = counted(path, point)
+                                row.update({f"{rw}_{bs}_{k}_per_req": v for k, v in per_req.items()})
+                            else:
+                                r = point()
+                            row[f"{rw}_{bs}_mib_s"] = r["mib_s"]
                     rows.append(row)
                 finally:
                     remove()
@@ -204,8 +301,8 @@ def main() -> int:
              f"point, queues {q}, {a.rounds} rounds (order alternating); medians, ratios paired "
              "per round (min..max)", ""]
     cols = [c for rw in (rws if a.small else ())
-            for c in ((f"4k {rw} QD{a.qd} IOPS", f"{rw}_qd{a.qd}_iops"),
-                      (f"4k {rw} QD1 mean lat (us)", f"{rw}_qd1_lat_mean_us"))]
+            for c in [(f"4k {rw} QD{qd} IOPS", f"{rw}_qd{qd}_iops") for qd in depths]
+            + [(f"4k {rw} QD1 mean lat (us)", f"{rw}_qd1_lat_mean_us")]]
     cols += [(f"{bs} {rw} QD32 MiB/s", f"{rw}_{bs}_mib_s") for bs in large for rw in ("randread", "randwrite")]
     lines += ["| target | server | " + " | ".join(f"{c} | vs kublk" for c, _ in cols) + " |",
               "|---|---|" + "---|---|" * len(cols)]
@@ -225,6 +322,24 @@ def main() -> int:
                 cells.append(f"{med:.1f} | {paired_ratio(ratios)}" if key.endswith("lat_mean_us")
                              else f"{med:.0f} | {paired_ratio(ratios)}")
             lines.append(f"| {target} | {server} | " + " | ".join(cells) + " |")
+    if hold:
+        hold.send_signal(2)
+        hold.wait(timeout=30)
+        lines += ["", "Per request, medians of the rounds (perf on each server's process while fio ran; "
+                  "requests counted by the block device): " + ", ".join(
+                      f"{k} = {ev}" for k, ev in COUNTS.items()), "",
+                  "| target | server | point | " + " | ".join(COUNTS) + " |",
+                  "|---|---|---|" + "---|" * len(COUNTS)]
+        for group in groups:
+            for target, server, _ in group:
+                mine = [r for r in rows if r["target"] == target and r["server"] == server
+                        and "error" not in r]
+                for bs in large if mine else ():
+                    for rw in ("randread", "randwrite"):
+                        got = {k: [r[f"{rw}_{bs}_{k}_per_req"] for r in mine
+                                       if r[f"{rw}_{bs}_{k}_per_req"] is not None] for k in COUNTS}
+                        cells = [f"{statistics.median(v):.2f}" if v else "n/a" for v in got.values()]
+                        lines.append(f"| {target} | {server} | {bs} {rw} | " + " | ".join(cells) + " |")
     emit_paired("\n".join(lines), rows, a.out, "vs_kublk")
     return 0
 
