@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import traceback
@@ -111,6 +112,18 @@ def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.
     """python -m pyublk_fast ARGS (from the repo root)."""
     return subprocess.run([sys.executable, "-m", "pyublk_fast", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def need_ext4(*tools: str) -> None:
+    """Skip unless mkfs.ext4 and the other e2fsprogs TOOLS are installed and the kernel has
+    ext4 (loaded here if it is a module)."""
+    for tool in ("mkfs.ext4", *tools):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} missing: apt-get install e2fsprogs")
+    subprocess.run(["modprobe", "-q", "ext4"], capture_output=True, check=False)
+    with open("/proc/filesystems") as fh:
+        if "ext4" not in fh.read():
+            pytest.skip(f"kernel {kernel_release()} has no ext4 (modprobe ext4 failed)")
 
 
 def skip_unless_kernel_has(kt, flags: int, what: str) -> None:

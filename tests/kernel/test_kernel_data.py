@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from kernel_fixtures import DEV_SIZE, MiB, fio, fio_verify_args, kt, make_backend  # noqa: F401
+from kernel_fixtures import DEV_SIZE, MiB, fio, fio_verify_args, kt, make_backend, need_ext4  # noqa: F401
 from pyublk_fast import uapi
 from pyublk_fast.device import Device
 from pyublk_fast.util import kernel_release
@@ -91,13 +91,8 @@ def _files_digest(root: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("kind,data_path", [("loop", "copy"), ("loop", "zero_copy"), ("qcow2", "copy")])
 def test_ext4_mount_copy_remount(kt, tmp_path, kind, data_path):
-    if not shutil.which("mkfs.ext4"):
-        pytest.skip("mkfs.ext4 missing: apt-get install e2fsprogs")
     _skip_unless_kernel_has(kt, data_path)
-    subprocess.run(["modprobe", "-q", "ext4"], capture_output=True, check=False)
-    with open("/proc/filesystems") as fh:
-        if "ext4" not in fh.read():
-            pytest.skip(f"kernel {kernel_release()} has no ext4 (modprobe ext4 failed)")
+    need_ext4()
     backend, native = make_backend(kind, tmp_path, 64 * MiB)
     src = tmp_path / "src"
     src.mkdir()

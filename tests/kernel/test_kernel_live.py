@@ -7,18 +7,17 @@ import errno
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
 
 from kernel_fixtures import (MiB, cli_add, cli_env, cli_in_fork, fio_result,  # noqa: F401
-                             fio_start, kt, server_logs, server_pid, skip_unless_kernel_has,
+                             fio_start, kt, need_ext4, server_logs, server_pid, skip_unless_kernel_has,
                              writes_completed)
 from pyublk_fast import uapi
 from pyublk_fast.device import RECOVERY_MODES
 from pyublk_fast.transport.kernel import pid_alive
-from pyublk_fast.util import kernel_release, wait_for_path, wait_until
+from pyublk_fast.util import wait_for_path, wait_until
 
 TIMEOUT = 120
 JOB_SIZE = 16 * MiB       # 4096 writes of 4 KiB ...
@@ -134,13 +133,7 @@ def test_resize_under_mounted_ext4_then_safe_del(cli_env, kt, tmp_path):
     `del` deletes it."""
     skip_unless_kernel_has(kt, uapi.UBLK_F_UPDATE_SIZE | uapi.UBLK_F_SAFE_STOP_DEV,
                            "resize and safe del")
-    for tool in ("mkfs.ext4", "resize2fs", "fsck.ext4"):
-        if not shutil.which(tool):
-            pytest.skip(f"{tool} missing: apt-get install e2fsprogs")
-    subprocess.run(["modprobe", "-q", "ext4"], capture_output=True, check=False)
-    with open("/proc/filesystems") as fh:
-        if "ext4" not in fh.read():
-            pytest.skip(f"kernel {kernel_release()} has no ext4 (modprobe ext4 failed)")
+    need_ext4("resize2fs", "fsck.ext4")
     img = _image(tmp_path, 16 * MiB)
     dev_id, path = cli_add(cli_env, "-t", "loop", "-f", img)
     _sh("mkfs.ext4", "-q", "-F", path)

@@ -16,10 +16,9 @@ import time
 import pytest
 
 from kernel_fixtures import (cli_add, cli_env, cli_in_fork, fio, fio_result, fio_start,  # noqa: F401
-                             fio_verify_args, kt, writes_completed)
+                             fio_verify_args, kt, need_ext4, writes_completed)
 from pyublk_fast.backends.nbd import NbdBackend
 from pyublk_fast.device import Device
-from pyublk_fast.util import kernel_release
 from test_kernel_data import _files_digest
 
 MiB = 1 << 20
@@ -102,13 +101,7 @@ def test_nbd_ext4_on_qemu_nbd_qcow2(kt, tmp_path):
     """ext4 made and filled through our device on qemu-nbd serving a qcow2 image: the
     device read whole afterwards is the image's content (qemu-img compare, after qemu-nbd
     closed it), a clean ext4 (fsck) whose files are the ones copied in (debugfs rdump)."""
-    for tool in ("mkfs.ext4", "fsck.ext4", "debugfs"):
-        if not shutil.which(tool):
-            pytest.skip(f"{tool} missing: apt-get install e2fsprogs")
-    subprocess.run(["modprobe", "-q", "ext4"], capture_output=True, check=False)
-    with open("/proc/filesystems") as fh:
-        if "ext4" not in fh.read():
-            pytest.skip(f"kernel {kernel_release()} has no ext4 (modprobe ext4 failed)")
+    need_ext4("fsck.ext4", "debugfs")
     image, copy = tmp_path / "disk.qcow2", tmp_path / "copy.raw"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M"], check=True)
     src = tmp_path / "src"

@@ -41,13 +41,13 @@ import subprocess
 import pytest
 
 from kernel_fixtures import (MiB, cli_add, cli_env, cli_foreground, cli_in_fork, fio,  # noqa: F401
-                             fio_result, fio_start, kt, server_logs, skip_unless_kernel_has,
+                             fio_result, fio_start, kt, need_ext4, server_logs, skip_unless_kernel_has,
                              writes_completed, writes_in_flight)
 from pyublk_fast import uapi
 from pyublk_fast.backend import backend_class
 from pyublk_fast.device import BUFFERED_PATHS, PATH_FLAGS, RECOVERY_MODES
 from pyublk_fast.transport.kernel import pid_alive
-from pyublk_fast.util import kernel_release, wait_until
+from pyublk_fast.util import wait_until
 
 IMG_SIZE = 16 * MiB
 BLOCK = 4096
@@ -404,13 +404,8 @@ def test_kill9_under_mounted_ext4(cli_env, kt, tmp_path, mode):
     replays the journal. Either way fsck.ext4 -fn finds it clean after umount and the
     synced files read back intact after mounting again (with ``reissue`` also every
     block the writer wrote)."""
-    if not shutil.which("mkfs.ext4"):
-        pytest.skip("mkfs.ext4 missing: apt-get install e2fsprogs")
     skip_unless_kernel_has(kt, RECOVERY_MODES[mode], f"recovery {mode}")
-    subprocess.run(["modprobe", "-q", "ext4"], capture_output=True, check=False)
-    with open("/proc/filesystems") as fh:
-        if "ext4" not in fh.read():
-            pytest.skip(f"kernel {kernel_release()} has no ext4 (modprobe ext4 failed)")
+    need_ext4()
     img = _image(tmp_path, "loop", 64 * MiB)
     dev_id, path = cli_add(cli_env, "-t", "loop", "-f", img, "--recovery", mode)
     _sh("mkfs.ext4", "-q", "-F", path)
