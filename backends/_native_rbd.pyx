@@ -66,6 +66,7 @@ cdef extern from "<rbd/librbd.h>" nogil:
                            const char *snap_name)
     int rbd_close(rbd_image_t image)
     int rbd_get_size(rbd_image_t image, uint64_t *size)
+    int rbd_resize(rbd_image_t image, uint64_t size)
     int rbd_get_features(rbd_image_t image, uint64_t *features)
     int rbd_get_id(rbd_image_t image, char *id, size_t id_len)
     ctypedef enum rbd_lock_mode_t:
@@ -422,6 +423,18 @@ cdef class RbdImage(NativeTarget):
         with nogil:
             ret = rbd_write(self.image, offset, data.shape[0], <const char *>&data[0])
         check(<int>ret if ret < 0 else 0, "rbd write")
+
+    def resize(self, uint64_t size):
+        """Grow the image to size bytes (librbd's resize). The data path needs nothing
+        more: requests past the old end arrive only after the driver has the new size."""
+        cdef int ret
+        self.opened()
+        if self.read_only:
+            raise RbdError(EROFS, "a snapshot is read-only: it cannot be resized")
+        with nogil:
+            ret = rbd_resize(self.image, size)
+        check(ret, f"resizing the image to {size} bytes")
+        self.size = size
 
     def flush(self):
         cdef int ret

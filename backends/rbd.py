@@ -124,6 +124,10 @@ class RbdBackend(Backend):
                    connect_timeout=ns.connect_timeout, op_timeout=ns.op_timeout, cache=ns.cache,
                    exclusive=getattr(ns, "exclusive", False))   # records from before it
 
+    def resize(self, new_size):
+        self._img.resize(new_size)
+        self.size = new_size
+
     # The Python path (`--python`): the same operations as blocking librbd calls, one at a
     # time per queue (a reference, far slower than the native target's aio).
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import random
 import threading
@@ -105,6 +106,33 @@ def test_snapshot_is_served_read_only_as_it_was(sim, ceph):
         assert blk.pread(4096, 0) == before[:4096]
     with Device(rbd(spec, ceph), sim, depth=8) as dev, dev.open() as blk:
         assert blk.pread(SIZE, 0) == after
+
+
+def test_resize_grows_the_image_while_it_serves(sim, ceph):
+    """Device.resize grows the image (rbd info agrees) and then the device: the old bytes
+    stay, the new space reads zeros, a write at the new end is in the cluster. A snapshot
+    is refused with EROFS and keeps its size."""
+    spec = ceph.new_image(SIZE)
+    rng = random.Random(3)
+    head, tail = rng.randbytes(64 * KiB), rng.randbytes(64 * KiB)
+    with Device(rbd(spec, ceph), sim, depth=8) as dev:
+        with dev.open() as blk:
+            blk.pwrite(head, SIZE - len(head))
+        dev.resize(3 * SIZE)
+        assert dev.backend.size == sim.dev_info(dev.dev_id).size == 3 * SIZE
+        with dev.open() as blk:
+            blk.pwrite(tail, 3 * SIZE - len(tail))
+            assert blk.pread(len(head), SIZE - len(head)) == head
+            assert blk.pread(MiB, SIZE) == bytes(MiB)
+    assert json.loads(ceph.cli("info", "--format", "json", spec))["size"] == 3 * SIZE
+    with Device(rbd(spec, ceph), sim, depth=8) as dev, dev.open() as blk:
+        assert blk.pread(len(tail), 3 * SIZE - len(tail)) == tail
+    ceph.cli("snap", "create", f"{spec}@s1")
+    with Device(rbd(f"{spec}@s1", ceph), sim, depth=8) as dev:
+        with pytest.raises(OSError) as e:
+            dev.resize(4 * SIZE)
+        assert e.value.errno == errno.EROFS and "a snapshot is read-only" in str(e.value)
+        assert sim.dev_info(dev.dev_id).size == 3 * SIZE
 
 
 def test_without_the_extension_the_backend_refuses_with_what_to_install():
