@@ -131,9 +131,9 @@ def test_mode_names_keep_the_names_without_one():
     """A mode is a last name part of its own: names without one are as they always were,
     and patterns ending at the queues pick no mode's row."""
     sel = select(patterns=["sim/null/randread-4k-qd32/copy/q1*"])
-    assert [s.name for s in sel] == ["sim/null/randread-4k-qd32/copy/q1", "sim/null/randread-4k-qd32/copy/q1/batch",
-                                     "sim/null/randread-4k-qd32/copy/q1/shm"]
-    assert [s.base_name for s in sel] == ["sim/null/randread-4k-qd32/copy/q1"] * 3
+    base = "sim/null/randread-4k-qd32/copy/q1"
+    assert [s.name for s in sel] == [base, base + "/batch", base + "/shm", base + "/t2"]
+    assert [s.base_name for s in sel] == [base] * 4
     assert [s.name for s in select(patterns=["sim/null/randread-4k-qd32/copy/q1"])] == [sel[0].name]
     # the brief's batch rows by axes: null and loop, 4 KiB reads at QD1/32/128, with and without
     batch = select(backends=["null", "loop"], rws=["randread"], bs=[4096], paths=["copy"], queues=[1],
