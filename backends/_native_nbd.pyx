@@ -21,6 +21,7 @@ flight again.
 """
 import logging
 import os
+import struct
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
@@ -67,6 +68,7 @@ cdef enum:
     STRUCTURED_REPLY_MAGIC = 0x668e33ef
     CMD_READ = 0
     CMD_WRITE = 1
+    CMD_DISC = 2
     CMD_FLUSH = 3
     CMD_TRIM = 4
     CMD_WRITE_ZEROES = 6
@@ -86,6 +88,11 @@ cdef enum:
     TD_TIMER = 3
     TD_CANCEL = 4              # shutdown()'s cancels (their CQEs come after the loop)
     MAX_QUEUES = 4096          # ublk's limit on a device's queues
+
+
+#: The disconnect request (NBD_CMD_DISC), framed here beside the data path's requests so
+#: the request format lives in one place; the backend sends it as it closes.
+DISCONNECT = struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_DISC, 0, 0, 0)
 
 # what the connection died of (the log line's words)
 cdef enum:

@@ -13,13 +13,13 @@ import urllib.parse
 
 from pyublk_fast.backend import Backend, register
 
+from ._native_nbd import DISCONNECT, NbdTarget
+
 NBD_MAGIC = 0x4E42444D41474943          # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054           # "IHAVEOPT"
 NBD_REP_MAGIC = 0x0003E889045565A9
 NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
 NBD_FLAG_NO_ZEROES = 1 << 1
-NBD_REQUEST_MAGIC = 0x25609513
-NBD_CMD_DISC = 2
 NBD_OPT_GO = 7
 NBD_INFO_EXPORT = 0
 NBD_INFO_BLOCK_SIZE = 3
@@ -297,7 +297,6 @@ class NbdBackend(Backend):
         return cls(ns.uri, timeout=ns.timeout, reconnect=ns.reconnect)
 
     def native_target(self):
-        from ._native_nbd import NbdTarget
         return NbdTarget(self)
 
     def close(self):
@@ -305,7 +304,7 @@ class NbdBackend(Backend):
         for sock in list(self._socks.values()) + ([self._spare] if self._spare is not None else []):
             try:
                 sock.settimeout(1.0)       # a server that stopped reading must not hold us
-                sock.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, NBD_CMD_DISC, 0, 0, 0))
+                sock.sendall(DISCONNECT)
             except OSError:
                 pass                       # it is gone already
             sock.close()
