@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
@@ -124,6 +125,36 @@ def need_ext4(*tools: str) -> None:
     with open("/proc/filesystems") as fh:
         if "ext4" not in fh.read():
             pytest.skip(f"kernel {kernel_release()} has no ext4 (modprobe ext4 failed)")
+
+
+def make_files(src: Path, count: int, step: int) -> dict[str, str]:
+    """COUNT files of random bytes (1000 + i * STEP long) in a new directory SRC; their
+    digests (files_digest)."""
+    src.mkdir()
+    for i in range(count):
+        (src / f"f{i}").write_bytes(os.urandom(1000 + i * step))
+    return files_digest(str(src))
+
+
+def files_digest(root: str) -> dict[str, str]:
+    """Every file below ROOT, by relative path, to its sha256."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def ext4_with_files(bdev: str, src: Path, mnt: Path) -> None:
+    """Make ext4 on BDEV, mount it on MNT, copy SRC in as data/ and unmount."""
+    subprocess.run(["mkfs.ext4", "-q", "-F", bdev], check=True, capture_output=True, timeout=120)
+    subprocess.run(["mount", bdev, str(mnt)], check=True, capture_output=True, timeout=60)
+    try:
+        shutil.copytree(src, mnt / "data")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, capture_output=True, timeout=60)
 
 
 def skip_unless_kernel_has(kt, flags: int, what: str) -> None:

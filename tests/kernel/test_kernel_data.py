@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 
 import pytest
 
-from kernel_fixtures import DEV_SIZE, MiB, fio, fio_verify_args, kt, make_backend, need_ext4  # noqa: F401
+from kernel_fixtures import (DEV_SIZE, MiB, ext4_with_files, files_digest, fio, fio_verify_args,  # noqa: F401
+                             kt, make_backend, make_files, need_ext4)
 from pyublk_fast import uapi
 from pyublk_fast.device import Device
 from pyublk_fast.util import kernel_release
@@ -79,40 +79,21 @@ def test_flush_discard_write_zeroes(kt, tmp_path):
         assert data[:2 * MiB] == bytes(2 * MiB) and data[2 * MiB:] == b"\xa5" * MiB
 
 
-def _files_digest(root: str) -> dict[str, str]:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            p = os.path.join(dirpath, name)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
 @pytest.mark.parametrize("kind,data_path", [("loop", "copy"), ("loop", "zero_copy"), ("qcow2", "copy")])
 def test_ext4_mount_copy_remount(kt, tmp_path, kind, data_path):
     _skip_unless_kernel_has(kt, data_path)
     need_ext4()
     backend, native = make_backend(kind, tmp_path, 64 * MiB)
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(20):
-        (src / f"f{i}").write_bytes(os.urandom(1000 + i * 37_000))
-    want = _files_digest(str(src))
-    mnt = tmp_path / "mnt"
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    want = make_files(src, 20, 37_000)
     mnt.mkdir()
     with Device(backend, kt, queues=2, depth=32, data_path=data_path, native=native) as dev:
         bdev = kt.block_path(dev.dev_id)
-        subprocess.run(["mkfs.ext4", "-q", "-F", bdev], check=True, capture_output=True, timeout=120)
-        subprocess.run(["mount", bdev, str(mnt)], check=True, capture_output=True, timeout=60)
-        try:
-            shutil.copytree(src, mnt / "data")
-        finally:
-            subprocess.run(["umount", str(mnt)], check=True, capture_output=True, timeout=60)
+        ext4_with_files(bdev, src, mnt)
         subprocess.run(["mount", "-o", "ro", bdev, str(mnt)], check=True, capture_output=True,
                        timeout=60)
         try:
-            assert _files_digest(str(mnt / "data")) == want
+            assert files_digest(str(mnt / "data")) == want
         finally:
             subprocess.run(["umount", str(mnt)], check=True, capture_output=True, timeout=60)
         fsck = subprocess.run(["fsck.ext4", "-n", "-f", bdev], capture_output=True, text=True,

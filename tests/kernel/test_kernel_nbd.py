@@ -16,10 +16,10 @@ import time
 import pytest
 
 from kernel_fixtures import (cli_add, cli_env, cli_in_fork, fio, fio_result, fio_start,  # noqa: F401
-                             fio_verify_args, kt, need_ext4, writes_completed)
+                             ext4_with_files, files_digest, fio_verify_args, kt,
+                             make_files, need_ext4, writes_completed)
 from pyublk_fast.backends.nbd import NbdBackend
 from pyublk_fast.device import Device
-from test_kernel_data import _files_digest
 
 MiB = 1 << 20
 need_qemu = pytest.mark.skipif(shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None,
@@ -104,23 +104,13 @@ def test_nbd_ext4_on_qemu_nbd_qcow2(kt, tmp_path):
     need_ext4("fsck.ext4", "debugfs")
     image, copy = tmp_path / "disk.qcow2", tmp_path / "copy.raw"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M"], check=True)
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(12):
-        (src / f"f{i}").write_bytes(os.urandom(1000 + i * 61_000))
-    want = _files_digest(str(src))
+    want = make_files(tmp_path / "src", 12, 61_000)
     sock, mnt = tmp_path / "qemu.sock", tmp_path / "mnt"
     mnt.mkdir()
     proc = serve(["qemu-nbd", "-f", "qcow2", "-t", "-x", "disk", "-k", str(sock), str(image)], sock)
     try:
         with Device(NbdBackend(f"nbd+unix:///disk?socket={sock}"), kt, depth=32) as dev:
-            bdev = kt.block_path(dev.dev_id)
-            subprocess.run(["mkfs.ext4", "-q", "-F", bdev], check=True, capture_output=True, timeout=120)
-            subprocess.run(["mount", bdev, str(mnt)], check=True, capture_output=True, timeout=60)
-            try:
-                shutil.copytree(src, mnt / "data")
-            finally:
-                subprocess.run(["umount", str(mnt)], check=True, capture_output=True, timeout=60)
+            ext4_with_files(kt.block_path(dev.dev_id), tmp_path / "src", mnt)
             with dev.open() as blk:
                 copy.write_bytes(blk.pread(32 * MiB, 0))
     finally:
@@ -135,7 +125,7 @@ def test_nbd_ext4_on_qemu_nbd_qcow2(kt, tmp_path):
     out.mkdir()
     subprocess.run(["debugfs", "-R", f"rdump /data {out}", str(copy)], check=True,
                    capture_output=True, timeout=120)
-    assert _files_digest(str(out / "data")) == want
+    assert files_digest(str(out / "data")) == want
 
 
 def test_nbd_cli_add_and_list(kt, nbdkit, cli_env):
