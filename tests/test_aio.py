@@ -739,3 +739,54 @@ def test_request_parts_on_every_data_path(sim, tmp_path, path):
     fa, fb = a.read_bytes(), b.read_bytes()
     for (o, n), p in zip(extents, pats):
         assert fa[o:o + BLOCK] == p[:BLOCK] and fb[o + BLOCK:o + n] == p[BLOCK:]
+
+
+class PipeThenFile(Backend):
+    """A write's first block goes to a full FIFO (its transfer waits for room), the rest
+    to a file, both started before either is awaited; a thread then drains the FIFO."""
+
+    size = MiB
+    data_paths = ("splice_zc",)
+
+    def __init__(self, fifo: str, path: str):
+        self.fifo = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        self.filled = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:                                 # fill it: the next write must wait
+                self.filled += os.write(self.fifo, bytes(BLOCK))
+        os.set_blocking(self.fifo, True)
+        self.fd = os.open(path, os.O_RDWR)
+        self.drained = b""
+
+    def _drain(self, offset: int, rest: int) -> None:
+        # give the file's transfer the chance to run while the FIFO's still waits: with
+        # the two sharing the request's pipe unguarded, the file got the FIFO's bytes
+        wait_until(lambda: os.pread(self.fd, rest, offset) != bytes(rest), 1.0)
+        got = b""
+        while len(got) < self.filled + BLOCK:
+            got += os.read(self.fifo, 1 << 16)
+        self.drained = got[self.filled:]
+
+    async def write(self, offset, data):
+        io = aio.current()
+        to_fifo = io.pwrite_request(self.fifo, (1 << 64) - 1, length=BLOCK)   # no offset: a pipe
+        to_file = io.pwrite_request(self.fd, offset + BLOCK, at=BLOCK)
+        await io.run_in_thread(self._drain, offset + BLOCK, len(data) - BLOCK)
+        assert await to_fifo == BLOCK and await to_file == len(data) - BLOCK
+
+    def close(self):
+        os.close(self.fifo)
+        os.close(self.fd)
+
+
+def test_splices_of_one_request_take_turns(sim, tmp_path):
+    """On splice_zc a request's transfers cross its one pipe; started together, the second
+    waits for the first instead of taking its bytes."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "file").write_bytes(bytes(MiB))
+    be = PipeThenFile(str(tmp_path / "fifo"), str(tmp_path / "file"))
+    data = random.Random(7).randbytes(3 * BLOCK)
+    with Device(be, sim, depth=4, data_path="splice_zc") as dev, dev.open() as blk:
+        assert blk.pwrite(data, 64 * KiB) == len(data)
+    assert be.drained == data[:BLOCK]
+    assert (tmp_path / "file").read_bytes()[64 * KiB + BLOCK:64 * KiB + 3 * BLOCK] == data[BLOCK:]

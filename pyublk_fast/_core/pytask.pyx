@@ -23,6 +23,7 @@ from operator import index as _index
 import os
 import threading
 from asyncio import CancelledError
+from collections import deque
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 cimport cython
@@ -33,7 +34,7 @@ from libc.string cimport memset
 from libc.errno cimport EAGAIN, EIO, ETIME, EOPNOTSUPP
 
 from .liburing cimport *
-from .queue cimport NativeTarget, Queue, REAP_BATCH, DP_COPY, DP_USER_COPY, DP_ZERO_COPY
+from .queue cimport NativeTarget, Queue, REAP_BATCH, DP_COPY, DP_USER_COPY, DP_ZERO_COPY, DP_SPLICE
 from .uapi cimport *
 
 from ..errors import BackendError
@@ -421,9 +422,21 @@ cdef class RingIO:
         st.off = offset
         st.rw_flags = RWF_DSYNC if dsync else 0
         st.zero_fill = self.q.data_path == DP_COPY or self.q.data_path == DP_USER_COPY
+        cdef object waits = None
+        if self.q.data_path == DP_SPLICE:
+            # all of a request's spliced bytes cross its one pipe: a second transfer
+            # started while one is in flight waits its turn (it would interleave bytes)
+            waits = self.t.splicing.get(tag)
+            if waits is not None:
+                waits.append(op)
+                self.q.tags[tag].pending += 1
+                return op
+            self.t.splicing[tag] = deque()
         cdef int32_t err = self.q.prep_request_rw(tag, f, read, at, n, offset, st.rw_flags, 1,
                                                   self.q.target_ud(tag, op.slot))
         if err < 0:
+            if self.q.data_path == DP_SPLICE:
+                del self.t.splicing[tag]
             self.t.drop_slot(op)
             raise OSError(-err, f"moving request data: {os.strerror(-err)}")
         self.q.tags[tag].pending += 1
@@ -435,7 +448,8 @@ cdef class RingIO:
         fixed buffer for zero copy, a splice): the request needs no `buf`. Finishes the
         whole span (short reads are continued; past the file's end reads zeros on the
         buffered paths, EIO on the others); returns the bytes moved. On splice_zc all of a
-        request's data crosses its one pipe: await each of its request I/Os before the next."""
+        request's data crosses its one pipe: its request I/Os started together run one
+        after the other, in the order they were started."""
         return self.request_rw(fd, offset, at, length, True, False)
 
     def pwrite_request(self, fd, uint64_t offset, at=0, length=None, *, bint dsync=False):
@@ -510,6 +524,8 @@ cdef class PyTarget(NativeTarget):
     cdef object f_read, f_write, f_flush, f_discard, f_zeroes
     cdef list bufs
     cdef bint no_buffers                   # zero copy / splice: requests come without buf
+    cdef dict splicing                     # splice_zc: tag -> its request I/Os waiting for the
+                                           # pipe, for as long as one is in flight
     cdef readonly uint64_t tasks           # requests that awaited (became tasks)
     cdef object post_lock                  # run_in_thread posts vs. shutdown
 
@@ -523,6 +539,7 @@ cdef class PyTarget(NativeTarget):
         self.f_discard, self.f_zeroes = backend.discard, backend.write_zeroes
         self.cur_tag = -1
         self.slots = []
+        self.splicing = {}
         self.post_lock = threading.Lock()
 
     def __dealloc__(self):
@@ -648,17 +665,9 @@ cdef class PyTarget(NativeTarget):
         self.n_done = 0
         for i in range(n):
             op = <Op>self.slots[self.done_slot[i]]
-            self.drop_slot(op)
-            op.res = self.done_res[i]
-            op.done = True
-            op.release()
-            task = op.waiter
-            if task is not None:
-                op.waiter = None
-                self.step(task)
-            elif self.late[op.tag] and not self.q.tags[op.tag].pending:
-                self.late[op.tag] = 0
-                self.q.commit(op.tag, self.late_res[op.tag])
+            self.complete(op, self.done_res[i])
+            if op.kind == K_REQUEST and self.q.data_path == DP_SPLICE:
+                self.next_splice(op.tag)
         n = self.n_new
         self.n_new = 0
         if self.batched:
@@ -667,6 +676,38 @@ cdef class PyTarget(NativeTarget):
             for i in range(n):
                 self.start(self.new_tags[i])
         self.cur_tag = -1
+
+    cdef complete(self, Op op, int32_t res):
+        """op ended with res: resume its waiter, or commit a request that only waited for it."""
+        cdef Task task
+        self.drop_slot(op)
+        op.res = res
+        op.done = True
+        op.release()
+        task = op.waiter
+        if task is not None:
+            op.waiter = None
+            self.step(task)
+        elif self.late[op.tag] and not self.q.tags[op.tag].pending:
+            self.late[op.tag] = 0
+            self.q.commit(op.tag, self.late_res[op.tag])
+
+    cdef next_splice(self, int tag):
+        """A splice of tag's request ended: start the next one waiting for its pipe."""
+        cdef Op op
+        cdef OpState *st
+        cdef int32_t err
+        waits = self.splicing.get(tag)
+        while waits:
+            op = waits.popleft()
+            st = &self.state[op.slot]
+            err = self.q.prep_request_rw(tag, st.fd, st.read, st.at, st.total, st.off,
+                                         st.rw_flags, 1, self.q.target_ud(tag, op.slot))
+            if err == 0:
+                return
+            self.q.tags[tag].pending -= 1
+            self.complete(op, err)
+        self.splicing.pop(tag, None)
 
     cdef start(self, int tag):
         cdef const ublksrv_io_desc *iod = &self.q.iods[tag]
@@ -811,8 +852,14 @@ cdef class PyTarget(NativeTarget):
                 if op is not None and op.kind == K_THREAD and not op.posted:
                     op.cancelled = True
                     q.tags[op.tag].pending -= 1   # it will not complete on this ring
+        waiting = set()
+        for waits in self.splicing.values():
+            for op in waits:
+                waiting.add(op.slot)
+                q.tags[op.tag].pending -= 1       # never submitted: nothing to cancel
+        self.splicing.clear()
         for op in [o for o in self.slots if o is not None]:
-            if op.kind != K_THREAD:
+            if op.kind != K_THREAD and op.slot not in waiting:
                 sqe = q.get_sqe()
                 io_uring_prep_cancel64(sqe, q.target_ud(op.tag, op.slot), 0)
                 sqe.user_data = 0
