@@ -16,6 +16,7 @@ import time
 import pytest
 
 from pyublk_fast import uapi
+from pyublk_fast._core.queue import NativeTarget, Queue
 from pyublk_fast.backend import Backend
 from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.device import Device
@@ -204,6 +205,38 @@ def test_open_device_before_start_and_after_stop(transport):
     dev.stop()
     with pytest.raises(FileNotFoundError):
         dev.open()
+
+
+@pytest.mark.parametrize("all_fetched", [False, True], ids=["setting_up", "ready"])
+def test_commands_out_of_turn_get_the_drivers_errors(transport, all_fetched):
+    """A per-tag command the tag's state does not allow, answered as the 7.2 driver does:
+    a tag fetched twice while the device is set up is EINVAL, any FETCH once every tag
+    was fetched EBUSY; a COMMIT or NEED_GET_DATA for a tag waiting for a request EBUSY,
+    for a tag never fetched EINVAL; a tag beyond the depth EINVAL."""
+    depth = 4
+    dev_id, _ = transport.add_dev(-1, 1, depth, 64 * KiB, 0)
+    transport.set_params(dev_id, MiB, 512, 0)
+    ep = transport.queue_endpoint(dev_id, 0)
+    q = Queue(depth, 64 * KiB, ep.channel, ep.iods, native=NativeTarget())
+    addr = q.buffers()[0].__array_interface__["data"][0]
+
+    def probe(nr, tag, timeout=5.0):
+        return q.probe_cmd(nr, tag=tag, result=512, addr=addr, timeout=timeout)
+    try:
+        if all_fetched:
+            q.fetch_all()
+        else:       # tag 0 only: a FETCH is answered when a request comes, here never
+            with pytest.raises(TimeoutError):
+                probe(uapi.UBLK_IO_FETCH_REQ, 0, timeout=0.5)
+        assert probe(uapi.UBLK_IO_FETCH_REQ, 0) == (-errno.EBUSY if all_fetched else -errno.EINVAL)
+        assert probe(uapi.UBLK_IO_COMMIT_AND_FETCH_REQ, 0) == -errno.EBUSY
+        assert probe(uapi.UBLK_IO_NEED_GET_DATA, 0) == -errno.EBUSY
+        assert probe(uapi.UBLK_IO_COMMIT_AND_FETCH_REQ, 1) == (-errno.EBUSY if all_fetched else -errno.EINVAL)
+        assert probe(uapi.UBLK_IO_FETCH_REQ, depth) == -errno.EINVAL
+    finally:
+        q.close()
+        transport.release(dev_id)
+        transport.del_dev(dev_id)
 
 
 @pytest.mark.parametrize("kwargs", [dict(depth=0), dict(depth=5000), dict(data_path="bogus"),

@@ -169,15 +169,15 @@ def test_errors_reach_the_front_like_blk_status(raw, result, want):
 def test_bad_commands_get_the_kernels_errors_and_leave_the_device_usable(raw):
     s = raw()
     s.start()
-    # a second FETCH for a tag that already has one
+    # a FETCH once every tag was fetched
     s.send(0, uapi.UBLK_IO_FETCH_REQ, user_data=0xAAAA)
-    assert s.cqes(1) == [(0xAAAA, -errno.EINVAL)]
-    # COMMIT for a tag with no request in flight
+    assert s.cqes(1) == [(0xAAAA, -errno.EBUSY)]
+    # COMMIT for a tag still waiting for a request
     s.send(1, uapi.UBLK_IO_COMMIT_AND_FETCH_REQ, result=512, user_data=0xBBBB)
-    assert s.cqes(1) == [(0xBBBB, -errno.EINVAL)]
-    # NEED_GET_DATA without a pending write
+    assert s.cqes(1) == [(0xBBBB, -errno.EBUSY)]
+    # NEED_GET_DATA for a tag still waiting for a request
     s.send(2, uapi.UBLK_IO_NEED_GET_DATA, user_data=0xCCCC)
-    assert s.cqes(1) == [(0xCCCC, -errno.EINVAL)]
+    assert s.cqes(1) == [(0xCCCC, -errno.EBUSY)]
     # an unknown command
     s.send(3, 0x2f, user_data=0xDDDD)
     assert s.cqes(1) == [(0xDDDD, -errno.EOPNOTSUPP)]

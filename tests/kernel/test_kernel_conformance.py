@@ -19,6 +19,7 @@ from kernel_fixtures import kt  # noqa: F401  (fixture)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conformance"))
 from test_sim_protocol import (  # noqa: E402,F401  (collected here, run on the kernel)
     test_bad_device_args,
+    test_commands_out_of_turn_get_the_drivers_errors,
     test_kill_with_recovery_fail_io_fails_new_io_until_recover,
     test_kill_with_recovery_fail_new_io_waits_for_recover,
     test_kill_with_reissue_completes_everything_after_recover,

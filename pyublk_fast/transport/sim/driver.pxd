@@ -187,6 +187,7 @@ cdef class SimDriver:
     cdef _apply_limits(self, SimDev *dev, limits)
     cdef SimDev *_dev(self, int d, str what) except NULL
     cdef void fail_inflight(self, SimQueue *q, int32_t res) noexcept nogil
+    cdef bint all_fetched(self, SimDev *d) noexcept nogil
     cdef void release_tag(self, SimQueue *q, int tag) noexcept nogil
     cdef void kick_pending(self, SimQueue *q) noexcept nogil
     cdef int take_tag(self, SimQueue *q) noexcept nogil

@@ -366,10 +366,17 @@ cdef class SimDriver:
             elif cmd.ring_fd != q.daemon_fd:
                 self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
                 return
-        elif op != UBLK_IO_FETCH_REQ and t.state != TAG_IDLE and cmd.ring_fd != t.ring_fd:
-            self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
+        elif op != UBLK_IO_FETCH_REQ and (t.state == TAG_IDLE or cmd.ring_fd != t.ring_fd):
+            self.post(cmd.ring_fd, -EINVAL, cmd.user_data)      # a tag never fetched has no owner
             return
+        # A command the tag's state does not allow: once every tag was fetched the driver
+        # answers EBUSY (a FETCH comes too late; a COMMIT or NEED_GET_DATA for a tag still
+        # waiting for a request finds nothing at the server); a tag fetched twice while the
+        # device is still being set up is EINVAL.
         if op == UBLK_IO_FETCH_REQ:
+            if self.all_fetched(d):
+                self.post(cmd.ring_fd, -EBUSY, cmd.user_data)
+                return
             if t.state != TAG_IDLE:
                 self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
                 return
@@ -383,6 +390,9 @@ cdef class SimDriver:
             q.nr_ready += 1
             self.kick_pending(q)
         elif op == UBLK_IO_COMMIT_AND_FETCH_REQ:
+            if t.state == TAG_READY:
+                self.post(cmd.ring_fd, -EBUSY, cmd.user_data)
+                return
             if t.state != TAG_SERVER:
                 self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
                 return
@@ -397,6 +407,9 @@ cdef class SimDriver:
             else:
                 self.post(cmd.ring_fd, -ENODEV, cmd.user_data)
         elif op == UBLK_IO_NEED_GET_DATA:
+            if t.state == TAG_READY:
+                self.post(cmd.ring_fd, -EBUSY, cmd.user_data)
+                return
             if t.state != TAG_GETDATA or cmd.addr == 0:
                 self.post(cmd.ring_fd, -EINVAL, cmd.user_data)
                 return
@@ -462,11 +475,8 @@ cdef class SimDriver:
         cdef const ublk_elem_header *h
         cdef uint64_t addr
         cdef int32_t err = 0
-        cdef int i, qi, done = 0
-        cdef bint ready = 1                  # every queue has every tag: PREP is over
-        for qi in range(d.first_q, d.first_q + d.nr_queues):
-            if self.queues[qi].nr_ready < d.depth:
-                ready = 0
+        cdef int i, done = 0
+        cdef bint ready = self.all_fetched(d)    # PREP is over
         for i in range(cmd.nr_elem):
             h = batch_elem(cmd, i, &addr)
             if h.tag >= q.depth:
@@ -613,6 +623,15 @@ cdef class SimDriver:
         if not d.present or d.stopped or (d.state == S_QUIESCED and d.server_alive):
             return 0
         q.nr_ready += 1
+        return 1
+
+    cdef bint all_fetched(self, SimDev *d) noexcept nogil:
+        """Every tag of every queue of d was fetched (PREPared): the device is ready, as
+        START_DEV and END_USER_RECOVERY wait for, and no more FETCH or PREP is taken."""
+        cdef int qi
+        for qi in range(d.first_q, d.first_q + d.nr_queues):
+            if self.queues[qi].nr_ready < d.depth:
+                return 0
         return 1
 
     cdef void release_tag(self, SimQueue *q, int tag) noexcept nogil:
@@ -999,9 +1018,8 @@ cdef class SimDriver:
                           if dev.started else "START_DEV: device was stopped; delete and add it again")
         if dev.size == 0:
             raise OSError(EINVAL, "START_DEV: SET_PARAMS (basic, with dev_sectors) must come first")
-        for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
-            if self.queues[qi].nr_ready < dev.depth:
-                raise BlockingIOError(EAGAIN, "START_DEV: waiting for every tag's FETCH_REQ")
+        if not self.all_fetched(dev):
+            raise BlockingIOError(EAGAIN, "START_DEV: waiting for every tag's FETCH_REQ")
         dev.started = 1
         dev.state = S_LIVE
         dev.server_alive = 1
@@ -1097,9 +1115,8 @@ cdef class SimDriver:
         dev = self._dev(d, "END_USER_RECOVERY")
         if dev.server_alive or dev.state not in (S_QUIESCED, S_FAIL_IO):
             raise OSError(EINVAL, "END_USER_RECOVERY: no recovery in progress")
-        for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
-            if self.queues[qi].nr_ready < dev.depth:
-                raise BlockingIOError(EAGAIN, "END_USER_RECOVERY: waiting for every tag's FETCH_REQ")
+        if not self.all_fetched(dev):
+            raise BlockingIOError(EAGAIN, "END_USER_RECOVERY: waiting for every tag's FETCH_REQ")
         dev.state = S_LIVE
         dev.server_alive = 1
         for qi in range(dev.first_q, dev.first_q + dev.nr_queues):
