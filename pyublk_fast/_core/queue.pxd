@@ -60,6 +60,7 @@ cdef class Channel:
     cdef void prep_batch_cmd(self, io_uring_sqe *sqe, int slot, uint32_t nr, uint16_t nr_elem,
                              uint8_t elem_bytes, uint16_t flags, uint64_t addr, uint64_t ud) noexcept nogil
     cdef void prep_fetch_cmds(self, io_uring_sqe *sqe, Queue q, uint64_t ud) noexcept nogil
+    cdef int leave(self, Queue q) except -1
 
 
 cdef class DataPath:

@@ -121,6 +121,12 @@ cdef class Channel:
         (group FETCH_BGID; slot FETCH_SLOT)."""
         pass
 
+    cdef int leave(self, Queue q) except -1:
+        """q is closing, its commands perhaps still armed (a forced exit). The kernel
+        cancels a closing ring's commands itself; a driver that copies requests into the
+        server's memory itself (the simulator) must stop before q's buffers go."""
+        return 0
+
 
 cdef class DataPath:
     def __init__(self, *args, **kwargs):
@@ -338,6 +344,7 @@ cdef class Queue:
         kernel transport can then unmap /dev/ublkcN's descriptors and the server is gone."""
         cdef int left = 0
         if not self.ring.closed:
+            self.ch.leave(self)
             self.native.shutdown(self)
             with nogil:
                 left = self.drain_backend_io(1000000000)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import os
+import threading
 
 import numpy as np
 import pytest
 
 from pyublk_fast import uapi
 from pyublk_fast._core.codec import decode_user_data, encode_user_data
+from pyublk_fast._core.queue import NativeTarget, Queue
 from pyublk_fast._core.ring import Ring, SQE_CQE_SKIP_SUCCESS
+from pyublk_fast.util import wait_until
 
 SIM_CMD = np.dtype([("cmd_op", "<u4"), ("result", "<i4"), ("addr", "<u8"), ("user_data", "<u8"),
                     ("ring_fd", "<i4"), ("nr_elem", "<u2"), ("flags", "<u2"), ("elem_bytes", "u1"),
@@ -291,3 +294,34 @@ def test_quiesce_needs_the_quiesce_flag_which_needs_recovery(raw, sim):
     with pytest.raises(OSError) as e:
         sim.add_dev(-1, 1, DEPTH, BUF, uapi.UBLK_F_QUIESCE)
     assert e.value.errno == errno.EINVAL
+
+
+
+def test_a_closed_queue_gets_no_requests_copied_into_its_buffers(sim):
+    """A queue closed with its tags still armed (a forced exit, before the release):
+    no request is copied into the buffers it let go (freed memory in a real server;
+    here still held by the test, to see it); the write waits, then fails at the release."""
+    dev_id, _ = sim.add_dev(-1, 1, DEPTH, BUF, 0)
+    sim.set_params(dev_id, 1 << 20, 512, 0)
+    ep = sim.queue_endpoint(dev_id, 0)
+    q = Queue(DEPTH, BUF, ep.channel, ep.iods, native=NativeTarget())
+    bufs = q.buffers()
+    q.fetch_all()
+    sim.start_dev(dev_id)
+    with sim.open(dev_id) as blk:
+        q.close()
+        out = {}
+
+        def write():
+            try:
+                out["res"] = blk.pwrite(b"x" * BUF, 0)
+            except OSError as e:
+                out["errno"] = e.errno
+        th = threading.Thread(target=write)
+        th.start()
+        assert wait_until(lambda: sim.dev_info(dev_id).inflight == 1, 10), "the write never arrived"
+        assert not bufs.any() and not out, out      # not delivered: it waits for a server
+        sim.release(dev_id)
+        th.join(10)
+    assert out == {"errno": errno.EIO}
+    sim.del_dev(dev_id)

@@ -67,6 +67,13 @@ cdef class SimChannel(Channel):
         """The MSG_RING word that tells the driver tag's command slot is filled."""
         return sim_msg(SIM_MSG_SERVER, (self.qi << 16) | tag)
 
+    cdef int leave(self, Queue q) except -1:
+        try:
+            self.driver.call(self.driver.ring_leaves, self.qi, q.ring_fd)
+        except RuntimeError:
+            pass                        # the driver stopped: it delivers nothing more
+        return 0
+
     cdef DataPath make_path(self, Queue q, int kind):
         cdef DataPath dp
         if kind == DP_ZERO_COPY:

@@ -1053,6 +1053,26 @@ cdef class SimDriver:
         dev.nshm = 0
         dev.present = 0
 
+    def ring_leaves(self, int qi, int ring_fd):
+        """A server ring of queue qi closes, perhaps with tags still armed (a forced
+        exit): as the kernel cancels a closing ring's commands, its tags (BATCH_IO: the
+        queue's, and its FETCH) are taken back, so that no request is copied into memory
+        the server is about to free. Requests wait for a tag until the release that
+        follows decides their fate."""
+        cdef SimQueue *q = &self.queues[qi]
+        cdef int i, tag, n = 0
+        for i in range(q.nfree):
+            tag = q.free_tags[i]
+            if q.batch or q.tags[tag].ring_fd == ring_fd:
+                q.tags[tag].state = TAG_IDLE
+                q.nr_ready -= 1
+            else:
+                q.free_tags[n] = tag
+                n += 1
+        q.nfree = n
+        if q.batch and q.fetch_fd == ring_fd:
+            q.fetch_armed = 0
+
     def release(self, int d):
         """The server's /dev/ublkcN was closed (it exited or died)."""
         self._dev(d, "release")
