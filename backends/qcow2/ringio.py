@@ -579,6 +579,8 @@ class RingData:
         except OSError as e:
             err = e
         with self._lock:
-            self.image.flush_done(err, token)
-            if self.image._flush_failed is not None:
-                self.map.forbid_writes()
+            try:
+                self.image.flush_done(err, token)      # raises what failed
+            finally:
+                if self.image._flush_failed is not None:
+                    self.map.forbid_writes()
