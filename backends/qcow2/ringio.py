@@ -167,7 +167,7 @@ class RingData:
             self.close()
             raise
         self._zeros = aligned_zeros(cs)
-        self._cb, self._mask = image._cb, cs - 1
+        self._cb = image._cb
         self._readonly = readonly
         clusters = max(-(-image.size // cs), 4)
         self.map = ExtentMap(self._cb, min(1 << (clusters - 1).bit_length(), _MAP_MAX),
@@ -189,7 +189,7 @@ class RingData:
         self.fd, self.direct, self.block_size = fd, True, bs
 
     def close(self) -> None:
-        if hasattr(self, "map"):
+        if hasattr(self, "map"):          # (not when __init__ failed before making it)
             self.map.clear()
         self._gates.close()
         for name in ("fd", "zero_fd"):

@@ -17,10 +17,10 @@ Short transfers of the plain read/write calls are returned to the caller; the
 request-directed calls (pread_request, pwrite_request) finish the whole span
 themselves, in C, without waking Python for each piece.
 
-A backend with an `extent_map` (extmap.pyx) has the reads and writes that fall in
-one published extent served here, in queue_io(), without the GIL: the map gives the
-file and offset, the I/O goes out like a request-directed one, and the request
-commits when it completes. Only the others reach Python.
+A backend with an `extent_map` (extmap.pyx) has the reads and writes (without FUA)
+that fall in one published extent served here, in queue_io(), without the GIL: the
+map gives the file and offset, the I/O goes out like a request-directed one, and the
+request commits when it completes. Only the others reach Python.
 """
 import errno as _errno
 import logging
