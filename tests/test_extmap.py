@@ -6,6 +6,8 @@ import random
 import pytest
 
 from pyublk_fast.aio import ExtentMap
+from pyublk_fast.backends.memory import MemoryBackend
+from pyublk_fast.device import Device
 
 
 def test_a_small_table_keeps_what_fits_and_never_answers_for_another_extent():
@@ -130,3 +132,11 @@ def test_bad_calls_are_refused():
         m.settle(0)
     with pytest.raises(TypeError):
         type(m.reader())()
+
+
+def test_a_backend_whose_extent_map_is_not_one_is_refused_at_start(sim):
+    backend = MemoryBackend(1 << 20)
+    backend.extent_map = {0: (3, 0)}
+    with pytest.raises(TypeError, match="MemoryBackend.extent_map must be a pyublk_fast.aio.ExtentMap"):
+        with Device(backend, sim, depth=4):
+            pass
