@@ -24,6 +24,8 @@ class Qcow2Backend(FileBackend):
             self.image.close()
             raise
         self.read_only = read_only
+        # reads and writes within one published cluster are served by the queues in C
+        self.extent_map = self.data.map
         self.size = self.image.size
         # O_DIRECT's block: every piece of a request is then aligned for it
         self.block_size = self.data.block_size

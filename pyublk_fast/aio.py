@@ -23,7 +23,13 @@ the errno; an OSError or BackendError leaving the handler fails the request with
 errno, anything else with EIO (logged). A coroutine may await these operations, other
 coroutines and ``asyncio.sleep(0)``; nothing else (no asyncio loop runs here: wrap
 asyncio-only libraries with run_in_thread). docs/python-backends.md has the rest.
+
+A backend whose data lies in runs of a file (an image format's clusters) can publish
+those runs in an ExtentMap (its ``extent_map`` attribute): the reads and writes that
+fall in one published extent are then served in C by the queue, and never reach its
+handlers.
 """
+from ._core.extmap import ExtentMap
 from ._core.pytask import FixedFile, Op, RingIO, Unmapped, current
 
 # fallocate() modes (<linux/falloc.h>).
@@ -34,4 +40,5 @@ PUNCH_HOLE = 0x02
 #: fallocate(): make the range read as zeros.
 ZERO_RANGE = 0x10
 
-__all__ = ["current", "RingIO", "Op", "FixedFile", "Unmapped", "KEEP_SIZE", "PUNCH_HOLE", "ZERO_RANGE"]
+__all__ = ["current", "RingIO", "Op", "FixedFile", "Unmapped", "ExtentMap", "KEEP_SIZE", "PUNCH_HOLE",
+           "ZERO_RANGE"]

@@ -21,13 +21,15 @@ I/O on it is in flight, since its host cluster may be handed out again at once.
 Waiting is on an eventfd read on the ring, woken by whoever clears the way, from
 any queue's thread.
 
-The common request (within one cluster holding data of its own) takes no lock: its
-host cluster comes from a cache of such clusters, and its I/O is counted in a table
-of its queue's own, which only that queue's thread changes. A request counts itself
-before it looks the cluster up; an unmapping drops the cluster from the cache and marks
-it before it looks at the counts. Either the request finds the cluster gone (and takes
-the general path), or the unmapping sees the request's count (and waits for it, woken
-by the request, which sees the mark when it ends).
+The common request (a read, or a write without FUA, within one cluster holding data
+of its own) never reaches Python: such clusters are published in an extent map
+(``pyublk_fast.aio.ExtentMap``), whose hits the queue thread serves in C. A cluster is
+published when a request on it misses the map (the handlers below run then), and only
+once its L2 entry is in the file and in the engine's tables: an allocating write's
+cluster, after its entry is written. Before a discard or zeroing changes a published
+cluster it withdraws it from the map and waits until the map's I/O in flight on it
+has ended (``in_flight``), woken by the map's ``on_drained``. A failed flush forbids
+the map's writes; a read-only image publishes clusters for reading only.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import os
 from typing import Any
 
 from pyublk_fast import aio
-from pyublk_fast.aio import Unmapped
+from pyublk_fast.aio import ExtentMap, Unmapped
 
 from ..direct_io import aligned_zeros, direct_block_size
 from .format import OFLAG_COPIED, Qcow2Error, corrupt
@@ -49,7 +51,7 @@ from .l2 import COMPRESSED, DATA, UNALLOC
 __all__ = ["RingData"]
 
 _UNMAP_CHUNK = 4096      # clusters unmapped per hold of the image's lock
-_HOSTS_MAX = 1 << 16     # clusters whose host _in_place keeps (a dict of them: ~8 MiB)
+_MAP_MAX = 1 << 18       # clusters the extent map holds at most (32 bytes each)
 
 
 async def _all(ops: list) -> None:
@@ -72,9 +74,6 @@ class _Gates:
         self.io: dict[int, int] = {}       # vc -> data ops in flight on its host cluster
         self.alloc: set[int] = set()       # vcs whose new cluster is being written
         self.unmap: dict[int, int] = {}    # vc -> requests waiting to unmap it
-        # per queue (its RingIO): vc -> in-place I/O in flight; added to under the lock,
-        # each changed by its own queue's thread only (no lock: see the module's doc)
-        self.queues: dict[Any, dict[int, int]] = {}
         self._waits: dict[int, list] = {}  # vc -> [eventfd, not yet woken, reads pending]
         self.waits = 0                     # waits begun, in all (for tests and curiosity)
 
@@ -90,13 +89,8 @@ class _Gates:
             self.wake(vc)
 
     def busy(self, vc: int) -> bool:
-        """Data I/O or an allocation on vc is in flight (it must not be unmapped)."""
-        if vc in self.io or vc in self.alloc:
-            return True
-        for counts in self.queues.values():
-            if vc in counts:
-                return True
-        return False
+        """Data I/O of the handlers or an allocation on vc is in flight."""
+        return vc in self.io or vc in self.alloc
 
     def sleeper(self, vc: int) -> int:
         """Register a wait for vc; returns the eventfd to read (on the ring) until woken."""
@@ -173,9 +167,11 @@ class RingData:
             self.close()
             raise
         self._zeros = aligned_zeros(cs)
-        self._cb, self._mask = image._cb, cs - 1
+        self._cb = image._cb
         self._readonly = readonly
-        self._hosts: dict[int, int] = {}   # vc -> its host cluster, for _in_place
+        clusters = max(-(-image.size // cs), 4)
+        self.map = ExtentMap(self._cb, min(1 << (clusters - 1).bit_length(), _MAP_MAX),
+                             self._drained)
 
     def _open_direct(self, path: str, flags: int) -> None:
         try:
@@ -193,6 +189,8 @@ class RingData:
         self.fd, self.direct, self.block_size = fd, True, bs
 
     def close(self) -> None:
+        if hasattr(self, "map"):          # (not when __init__ failed before making it)
+            self.map.clear()
         self._gates.close()
         for name in ("fd", "zero_fd"):
             fd = getattr(self, name)
@@ -209,79 +207,41 @@ class RingData:
             with self._lock:
                 self._gates.woke(vc)
 
-    def _in_place(self, vc: int) -> int:
-        """Under the lock: the host cluster of vc if its data is read and written in
-        place (a data cluster of its own: COPIED), else 0."""
-        host = self._hosts.get(vc)
-        if host is None:
+    def _drained(self) -> None:
+        """The map's I/O on a set being withdrawn ended (a queue thread, the GIL held):
+        the unmappings waiting look again."""
+        with self._lock:
+            for vc in self._gates.unmap:
+                self._gates.wake(vc)
+
+    def _publish(self, offset: int, length: int) -> None:
+        """A request missed the map: publish its cluster if the request lies in one that
+        holds data of its own (COPIED), read and written in place, and no unmapping of
+        it waits."""
+        vc = offset >> self._cb
+        if (offset + length - 1) >> self._cb != vc or offset + length > self.image._size:
+            return
+        with self._lock:
+            if vc in self._gates.unmap:
+                return
             m = self.image._map
             e = m.entry(vc)
             if not e & OFLAG_COPIED:
-                return 0
+                return
             kind, host = m.decode(e, vc)
             if kind != DATA:
-                return 0
+                return
             try:
                 m.writable(host, vc, e)
             except Qcow2Error:
-                return 0        # not for writing: let the general path say so
-            if len(self._hosts) >= _HOSTS_MAX:
-                self._hosts.clear()
-            self._hosts[vc] = host
-        return host
+                return          # not for the map: the general path says what is wrong
+            self.map.publish(vc, self.fd, host, not self._readonly
+                             and self.image._flush_failed is None)
 
     # ---------------------------------------------------------------- reading
-    def _enter(self, io: Any, offset: int, length: int, writing: bool) -> int:
-        """The common case: a request within one cluster that holds data of its own (and,
-        for a write, no allocation in flight). Returns the request's host offset with the
-        cluster entered in io's queue's table (_leave ends it), else 0."""
-        cb = self._cb
-        vc = offset >> cb
-        if (offset + length - 1) >> cb != vc or offset + length > self.image._size:
-            return 0
-        if writing and (self._readonly or self.image._flush_failed is not None):
-            return 0            # the general path says why
-        mine = self._gates.queues.get(io)
-        if mine is None:
-            with self._lock:
-                mine = self._gates.queues[io] = {}
-        # counted first, looked up after: an unmapping drops vc from the cache before it
-        # looks at the counts (the module's doc)
-        mine[vc] = mine.get(vc, 0) + 1
-        host = self._hosts.get(vc)
-        if host is None:
-            g = self._gates
-            with self._lock:
-                busy = vc in g.unmap or (writing and vc in g.alloc)
-                host = 0 if busy else self._in_place(vc)
-            if not host:
-                self._leave(io, vc)
-                return 0
-        return host + (offset & self._mask)
-
-    def _leave(self, io: Any, vc: int) -> None:
-        """The end of the I/O _enter let in: wake an unmapping that waits for it."""
-        mine = self._gates.queues[io]
-        n = mine[vc] - 1
-        if n:
-            mine[vc] = n
-            return
-        del mine[vc]
-        if vc in self._gates.unmap:
-            with self._lock:
-                self._gates.wake(vc)
-
     async def read(self, offset: int, buf: Any) -> None:
-        io = aio.current()
-        length = len(buf)
-        host = self._enter(io, offset, length, False)
-        if host:
-            try:
-                await io.pread_request(self.fd, host)
-            finally:
-                self._leave(io, offset >> self._cb)
-            return
-        await self._read_runs(io, offset, length, buf)
+        self._publish(offset, len(buf))
+        await self._read_runs(aio.current(), offset, len(buf), buf)
 
     async def _read_runs(self, io: Any, offset: int, length: int, buf: Any) -> None:
         g, cb, fd = self._gates, self._cb, self.fd
@@ -356,16 +316,8 @@ class RingData:
 
     # ---------------------------------------------------------------- writing
     async def write(self, offset: int, data: Any) -> None:
-        io = aio.current()
-        length = len(data)
-        host = self._enter(io, offset, length, True)
-        if host:
-            try:
-                await io.pwrite_request(self.fd, host)
-            finally:
-                self._leave(io, offset >> self._cb)
-            return
-        await self._write(io, offset, length, False, isinstance(data, Unmapped))
+        self._publish(offset, len(data))
+        await self._write(aio.current(), offset, len(data), False, isinstance(data, Unmapped))
 
     async def _write(self, io: Any, offset: int, length: int, zeros: bool, serial: bool) -> None:
         """Write the request's bytes (or, with ``zeros``, zeros) to [offset, offset +
@@ -510,8 +462,6 @@ class RingData:
         err = None
         for job in jobs:
             vc = job.vc
-            if job.how != _IN_PLACE:
-                self._hosts.pop(vc, None)       # its entry changes
             try:
                 if not done:
                     pass
@@ -585,19 +535,17 @@ class RingData:
                     img._check_range(offset, length)
                     img._check_writable()
                     for vc in chunk:
-                        self._hosts.pop(vc, None)     # no in-place I/O starts on it now
-                        if g.busy(vc):
-                            if vc not in waiting:
-                                waiting.add(vc)
-                                g.unmap[vc] = g.unmap.get(vc, 0) + 1
-                            # again, now that it is marked: an in-place I/O that ended
-                            # before the mark woke nobody
-                            if g.busy(vc):
-                                busy.append(vc)
-                                continue
+                        if vc not in waiting:
+                            # marked before the counts are read: a request that ends
+                            # after this wakes the wait below (the module's doc)
+                            waiting.add(vc)
+                            g.unmap[vc] = g.unmap.get(vc, 0) + 1
+                            self.map.withdraw(vc)
+                        if g.busy(vc) or self.map.in_flight(vc):
+                            busy.append(vc)
+                            continue
                         img._zero_cluster(vc, discard)
-                        if vc in waiting:
-                            self._unwait(vc, waiting)
+                        self._unwait(vc, waiting)
                     if busy and not todo:
                         efd = g.sleeper(busy[0])
                 if todo:
@@ -615,6 +563,7 @@ class RingData:
     def _unwait(self, vc: int, waiting: set) -> None:
         g = self._gates
         waiting.discard(vc)
+        self.map.settle(vc)
         if g.unmap[vc] == 1:
             del g.unmap[vc]
         else:
@@ -630,4 +579,8 @@ class RingData:
         except OSError as e:
             err = e
         with self._lock:
-            self.image.flush_done(err, token)
+            try:
+                self.image.flush_done(err, token)      # raises what failed
+            finally:
+                if self.image._flush_failed is not None:
+                    self.map.forbid_writes()

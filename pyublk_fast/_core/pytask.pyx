@@ -16,6 +16,11 @@ logged reason: no asyncio loop runs here.
 Short transfers of the plain read/write calls are returned to the caller; the
 request-directed calls (pread_request, pwrite_request) finish the whole span
 themselves, in C, without waking Python for each piece.
+
+A backend with an `extent_map` (extmap.pyx) has the reads and writes (without FUA)
+that fall in one published extent served here, in queue_io(), without the GIL: the
+map gives the file and offset, the I/O goes out like a request-directed one, and the
+request commits when it completes. Only the others reach Python.
 """
 import errno as _errno
 import logging
@@ -35,6 +40,7 @@ from libc.errno cimport EAGAIN, EIO, ETIME, EOPNOTSUPP
 
 from .liburing cimport *
 from .queue cimport NativeTarget, Queue, REAP_BATCH, DP_COPY, DP_USER_COPY, DP_ZERO_COPY, DP_SPLICE
+from .extmap cimport ExtentMap, pyu_em_row, pyu_em_enter, pyu_em_leave
 from .uapi cimport *
 
 from ..errors import BackendError
@@ -60,6 +66,7 @@ cdef extern from "<linux/fs.h>" nogil:
         RWF_DSYNC
 
 cdef int32_t C_RESUBMITTED = -0x7fffffff
+cdef uint32_t MAPPED_TGT = 0xffffffffU   # tgt_data of a request served from the extent map
 
 cdef enum:
     K_SQE = 0            # one SQE, its result as it comes
@@ -421,7 +428,7 @@ cdef class RingIO:
         st.total = n
         st.off = offset
         st.rw_flags = RWF_DSYNC if dsync else 0
-        st.zero_fill = self.q.data_path == DP_COPY or self.q.data_path == DP_USER_COPY
+        st.zero_fill = self.t.zero_fill
         cdef object waits = None
         if self.q.data_path == DP_SPLICE:
             # all of a request's spliced bytes cross its one pipe: a second transfer
@@ -500,6 +507,9 @@ def _thread_job(Op op, lock, int ring_fd, uint64_t ud, fn, args):
     ring.reap()                                  # a failed post's CQE (the queue is gone)
 
 
+# no_gc_clear: __dealloc__ hands the queue's row back to the extent map, so emap must
+# still be there when a garbage collection pass frees this target
+@cython.no_gc_clear
 cdef class PyTarget(NativeTarget):
     """Serves a Python Backend's requests on one queue (see the module docstring)."""
     cdef object backend
@@ -528,6 +538,12 @@ cdef class PyTarget(NativeTarget):
                                            # pipe, for as long as one is in flight
     cdef readonly uint64_t tasks           # requests that awaited (became tasks)
     cdef object post_lock                  # run_in_thread posts vs. shutdown
+    cdef ExtentMap emap                    # the backend's extent_map, or None
+    cdef pyu_em_row *row                   # this queue's in-flight counts in it
+    cdef OpState *mapped                   # per tag: its request served from the map
+    cdef uint64_t *mapped_extent           # ... and the extent it counted
+    cdef bint zero_fill                    # buffered paths: a read past EOF gives zeros
+    cdef bint drain_woken                  # a mapped request ended on a draining set
 
     def __init__(self, backend, pool_factory):
         """pool_factory() gives the device's thread pool for run_in_thread (made on first use)."""
@@ -541,8 +557,18 @@ cdef class PyTarget(NativeTarget):
         self.slots = []
         self.splicing = {}
         self.post_lock = threading.Lock()
+        emap = getattr(backend, "extent_map", None)
+        if emap is not None and not isinstance(emap, ExtentMap):
+            raise TypeError(f"{type(backend).__name__}.extent_map must be a "
+                            f"pyublk_fast.aio.ExtentMap or None, not {type(emap).__name__}")
+        self.emap = emap
 
     def __dealloc__(self):
+        if self.row != NULL:
+            # the queue drained its I/O before letting go of this target
+            self.emap.detach(self.row)
+        free(self.mapped)
+        free(self.mapped_extent)
         free(self.state)
         free(self.free_slots)
         free(self.new_tags)
@@ -556,6 +582,13 @@ cdef class PyTarget(NativeTarget):
         self.late_res = <int32_t *>calloc(q.depth, sizeof(int32_t))
         if self.new_tags == NULL or self.late == NULL or self.late_res == NULL:
             raise MemoryError()
+        self.zero_fill = q.data_path == DP_COPY or q.data_path == DP_USER_COPY
+        if self.emap is not None:
+            self.mapped = <OpState *>calloc(q.depth, sizeof(OpState))
+            self.mapped_extent = <uint64_t *>calloc(q.depth, sizeof(uint64_t))
+            if self.mapped == NULL or self.mapped_extent == NULL:
+                raise MemoryError()
+            self.row = self.emap.attach()
         self.grow(q.depth * 2)
         self.no_buffers = q.data_path not in (DP_COPY, DP_USER_COPY)
         self.bufs = [] if self.no_buffers else [memoryview(b) for b in q.buffers()]
@@ -605,12 +638,61 @@ cdef class PyTarget(NativeTarget):
     # -- the queue runner's side (no GIL) ------------------------------------------
 
     cdef int queue_io(self, Queue q, int tag, const ublksrv_io_desc *iod) noexcept nogil:
+        cdef int n
+        if self.row != NULL:
+            n = self.serve_mapped(q, tag, iod)
+            if n >= 0:
+                return n
         self.new_tags[self.n_new] = tag
         self.n_new += 1
         return 0
 
+    cdef int serve_mapped(self, Queue q, int tag, const ublksrv_io_desc *iod) noexcept nogil:
+        """A read or write (no FUA: its flush is the backend's) within one extent the
+        map has: its SQE prepared (1) or, if that failed, committed (0). -1: Python's."""
+        cdef uint32_t op = iod.op_flags & 0xff
+        cdef int bits = self.emap.extent_bits
+        cdef uint64_t off = iod.start_sector << SECTOR_SHIFT
+        cdef uint32_t n = iod.nr_sectors << SECTOR_SHIFT
+        cdef uint64_t idx = off >> bits
+        cdef int32_t fd, err
+        cdef uint64_t where
+        cdef OpState *st
+        if (op != UBLK_IO_OP_READ and op != UBLK_IO_OP_WRITE) or iod.op_flags & UBLK_IO_F_FUA:
+            return -1
+        if n == 0 or (off + n - 1) >> bits != idx:
+            return -1
+        if not pyu_em_enter(&self.emap.m, self.row, idx, op == UBLK_IO_OP_WRITE, &fd, &where):
+            self.leave_mapped(idx)
+            return -1
+        st = &self.mapped[tag]
+        memset(st, 0, sizeof(OpState))
+        st.kind = K_REQUEST
+        st.read = op == UBLK_IO_OP_READ
+        st.zero_fill = self.zero_fill
+        st.fd = fd
+        st.total = n
+        st.off = where + (off & ((1ULL << bits) - 1))
+        self.mapped_extent[tag] = idx
+        err = q.prep_request_rw(tag, fd, st.read, 0, n, st.off, 0, 1, q.target_ud(tag, MAPPED_TGT))
+        if err < 0:
+            self.leave_mapped(idx)
+            q.commit(tag, err)
+            return 0
+        return 1
+
+    cdef void leave_mapped(self, uint64_t idx) noexcept nogil:
+        if pyu_em_leave(&self.emap.m, self.row, idx):
+            self.drain_woken = 1
+
     cdef int32_t io_done(self, Queue q, int tag, uint32_t slot, int32_t res) noexcept nogil:
-        cdef OpState *st = &self.state[slot]
+        cdef OpState *st
+        if slot == MAPPED_TGT:
+            res = self.request_progress(q, tag, slot, &self.mapped[tag], res)
+            if res != C_RESUBMITTED:
+                self.leave_mapped(self.mapped_extent[tag])
+            return res                             # the queue commits it
+        st = &self.state[slot]
         if st.kind == K_REQUEST:
             res = self.request_progress(q, tag, slot, st, res)
             if res == C_RESUBMITTED:
@@ -648,7 +730,7 @@ cdef class PyTarget(NativeTarget):
         return C_RESUBMITTED if res == 0 else res
 
     cdef void batch_end(self, Queue q) noexcept nogil:
-        if self.n_new or self.n_done:
+        if self.n_new or self.n_done or self.drain_woken:
             with gil:
                 try:
                     self.run_batch()
@@ -661,6 +743,9 @@ cdef class PyTarget(NativeTarget):
         cdef int i, n
         cdef Op op
         cdef Task task
+        if self.drain_woken:
+            self.drain_woken = 0
+            self.emap.drained()
         n = self.n_done
         self.n_done = 0
         for i in range(n):
