@@ -12,7 +12,7 @@ import errno
 import os
 from collections.abc import Awaitable, Callable
 from importlib import metadata
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from . import uapi
 from .errors import BackendError
@@ -59,6 +59,10 @@ class Backend:
     #: moves request data only with aio's pread_request/pwrite_request (its handlers get
     #: an unmapped buf whose len() is the request's: its pages are not in the server).
     data_paths: tuple[str, ...] = ()
+    #: A pyublk_fast.aio.ExtentMap the backend keeps up to date (Python backends): reads
+    #: and writes without FUA inside one extent it has published are served in C, without
+    #: the handlers (docs/python-backends.md, "Serving from an extent map").
+    extent_map: Any = None
     # Request limits (read once at start; 0 leaves the driver's): the block layer splits and
     # aligns I/O so that every request meets them, e.g. to match a backing device's own.
     #: Request buffers start at a multiple of this many bytes (a power of two, 2..4096);

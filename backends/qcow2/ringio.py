@@ -281,12 +281,8 @@ class RingData:
                 if rfd < 0 and mapped:
                     self._fill_zeros(buf[at:at + n])
                     continue
-                op = io.pread_request(rfd, where, at, n) if rfd >= 0 else \
-                    io.pread_request(self.zero_fd, 0, at, n)
-                if not mapped:
-                    await op    # one at a time: a splice of the request uses its one pipe
-                else:
-                    ops.append(op)
+                ops.append(io.pread_request(rfd, where, at, n) if rfd >= 0 else
+                           io.pread_request(self.zero_fd, 0, at, n))
             await _all(ops)
         finally:
             unpin(pins)
@@ -317,11 +313,11 @@ class RingData:
     # ---------------------------------------------------------------- writing
     async def write(self, offset: int, data: Any) -> None:
         self._publish(offset, len(data))
-        await self._write(aio.current(), offset, len(data), False, isinstance(data, Unmapped))
+        await self._write(aio.current(), offset, len(data), False)
 
-    async def _write(self, io: Any, offset: int, length: int, zeros: bool, serial: bool) -> None:
+    async def _write(self, io: Any, offset: int, length: int, zeros: bool) -> None:
         """Write the request's bytes (or, with ``zeros``, zeros) to [offset, offset +
-        length), cluster by cluster. ``serial``: one request-directed op at a time."""
+        length), cluster by cluster."""
         cb, cs, g = self.image._cb, self.image._cs, self._gates
         pending, pos, end = [], offset, offset + length
         while pos < end:
@@ -344,7 +340,7 @@ class RingData:
                     err = e
             try:
                 if err is None:
-                    err = await self._move(io, jobs, zeros, serial)
+                    err = await self._move(io, jobs, zeros)
             except BaseException:
                 with self._lock:      # cancelled: its I/O may still land, keep its clusters
                     self._finish(jobs, False)
@@ -400,7 +396,7 @@ class RingData:
         self._gates.alloc.add(vc)
         return True
 
-    async def _move(self, io: Any, jobs: list, zeros: bool, serial: bool) -> OSError | None:
+    async def _move(self, io: Any, jobs: list, zeros: bool) -> OSError | None:
         """Every job's bytes to the file; job.ok says whether all of them got there.
         Returns the first failure."""
         fd, cs = self.fd, self.image._cs
@@ -412,9 +408,6 @@ class RingData:
             where = job.host + job.o
             if zeros:
                 started.append((job, io.write(fd, self._zeros[:job.n], where), job.n))
-            elif serial:          # a splice of the request uses its one pipe: in turn
-                op = io.pwrite_request(fd, where, job.at, job.n)
-                err = await self._settle([(job, op, 0)]) or err
             else:
                 started.append((job, io.pwrite_request(fd, where, job.at, job.n), 0))
             if job.how == _ALLOC and job.backing:
@@ -558,7 +551,7 @@ class RingData:
                     for vc in list(waiting):
                         self._unwait(vc, waiting)
         for pos, n in parts:
-            await self._write(io, pos, n, True, False)
+            await self._write(io, pos, n, True)
 
     def _unwait(self, vc: int, waiting: set) -> None:
         g = self._gates
