@@ -74,6 +74,11 @@ class Backend:
     max_segment_size: int = 0
     #: No segment crosses a multiple of this many bytes (a power of two, 4096 or more).
     segment_boundary: int = 0
+    #: How long (µs) each queue thread polls its ring before sleeping when the Device is
+    #: not told (None: the Device's DEFAULT_POLL_US). A backend whose completions come
+    #: from threads of its own (a library's callbacks, through an eventfd) sets 0: a
+    #: polling queue thread only takes CPU from the threads it waits for.
+    poll_us: float | None = None
     #: The format of the file its ``-f/--file`` option names, if it takes one: "raw" (any
     #: file or block device) or "qcow2". Tools that make scratch devices (the bench) create
     #: a file of that format and pass it as ``--file``.

@@ -658,7 +658,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll-us", type=float, default=d["poll_us"], metavar="US",
                    help="poll each queue's ring up to this many microseconds before sleeping "
                    "(adaptive: an idle queue stops polling; it yields to other runnable "
-                   f"threads; 0 always sleeps; default {DEFAULT_POLL_US:g})")
+                   f"threads; 0 always sleeps; default: the backend's, else {DEFAULT_POLL_US:g})")
     p.add_argument("--submit-chunk", type=int, default=d["submit_chunk"], metavar="N",
                    help="submit queued I/O every N requests while handling a batch (default "
                    "%(default)s; larger: fewer syscalls, smaller: the backing disk starts sooner)")

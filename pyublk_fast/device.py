@@ -147,10 +147,10 @@ class Device:
     before it starts a server): every argument is validated, ``wanted_flags()`` tells
     what ADD_DEV would ask for, and start()/recover() refuse.
 
-    Tuning: ``poll_us`` (None: DEFAULT_POLL_US) lets each queue thread poll its ring
-    up to that long before sleeping; the budget adapts (it doubles while work arrives
-    within it, halves when not, so an idle queue sleeps; 0 always sleeps), and the poll
-    yields its CPU to any other runnable thread. ``submit_chunk`` is how many SQEs a
+    Tuning: ``poll_us`` (None: the backend's ``poll_us``, else DEFAULT_POLL_US) lets
+    each queue thread poll its ring up to that long before sleeping; the budget adapts
+    (it doubles while work arrives within it, halves when not, so an idle queue sleeps;
+    0 always sleeps), and the poll yields its CPU to any other runnable thread. ``submit_chunk`` is how many SQEs a
     queue gathers while handling a batch before it submits them, so the backing disk
     starts on the first ones early. ``batch_io`` True serves the queues with BATCH_IO
     (Linux 7.0: commands for many tags at once, copy and user_copy paths), False with a
@@ -208,7 +208,7 @@ class Device:
             self._require(uapi.UBLK_F_PER_IO_DAEMON, f"threads_per_queue={threads_per_queue}")
         self.dev_id = dev_id
         if poll_us is None:
-            poll_us = DEFAULT_POLL_US
+            poll_us = DEFAULT_POLL_US if backend.poll_us is None else backend.poll_us
         if poll_us < 0:
             raise ValueError(f"poll_us={poll_us} must be >= 0 (0: always sleep)")
         self.poll_us = poll_us
