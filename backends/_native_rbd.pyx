@@ -55,6 +55,8 @@ cdef extern from "<rados/librados.h>" nogil:
     void rados_free_notify_response(notify_ack_t *acks, size_t nr_acks,
                                     notify_timeout_t *timeouts)
     void rados_buffer_free(char *buf)
+    enum:
+        LIBRADOS_OP_FLAG_FADVISE_FUA
 
 
 cdef extern from "<rbd/librbd.h>" nogil:
@@ -87,8 +89,8 @@ cdef extern from "<rbd/librbd.h>" nogil:
     ssize_t rbd_aio_get_return_value(rbd_completion_t c)
     void rbd_aio_release(rbd_completion_t c)
     int rbd_aio_read(rbd_image_t image, uint64_t off, size_t len, char *buf, rbd_completion_t c)
-    int rbd_aio_write(rbd_image_t image, uint64_t off, size_t len, const char *buf,
-                      rbd_completion_t c)
+    int rbd_aio_write2(rbd_image_t image, uint64_t off, size_t len, const char *buf,
+                       rbd_completion_t c, int op_flags)
     int rbd_aio_flush(rbd_image_t image, rbd_completion_t c)
     int rbd_aio_discard(rbd_image_t image, uint64_t off, uint64_t len, rbd_completion_t c)
     int rbd_aio_write_zeroes(rbd_image_t image, uint64_t off, size_t len, rbd_completion_t c,
@@ -518,7 +520,11 @@ cdef class RbdImage(NativeTarget):
         if op == UBLK_IO_OP_READ:
             ret = rbd_aio_read(self.image, off, n, <char *>q.tag_buf(tag), c)
         elif op == UBLK_IO_OP_WRITE:
-            ret = rbd_aio_write(self.image, off, n, <const char *>q.tag_buf(tag), c)
+            # FUA: librbd's cache (on with --cache) writes this one through to the OSDs
+            # before it completes; without the cache every write does anyway
+            ret = rbd_aio_write2(self.image, off, n, <const char *>q.tag_buf(tag), c,
+                                 LIBRADOS_OP_FLAG_FADVISE_FUA if iod.op_flags & UBLK_IO_F_FUA
+                                 else 0)
         elif op == UBLK_IO_OP_FLUSH:
             ret = rbd_aio_flush(self.image, c)
         elif op == UBLK_IO_OP_DISCARD:

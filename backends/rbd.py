@@ -22,6 +22,25 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_OP_TIMEOUT = 30.0
 
 
+def librbd_options(*, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                   op_timeout: float = DEFAULT_OP_TIMEOUT, cache: bool = False) -> dict:
+    """The Ceph settings the backend gives librbd on top of ceph.conf (the bench's fio
+    reference runs with the same ones, so both sides have the same cache)."""
+    return {
+        # reaching the monitors, and every monitor command after that
+        "client_mount_timeout": math.ceil(connect_timeout),     # whole seconds
+        "rados_mon_op_timeout": connect_timeout,
+        "rados_osd_op_timeout": op_timeout,
+        # librbd skips the parts of a discard that do not cover whole 64 KiB units
+        # by default: they would read back as the old data, not zeros
+        "rbd_skip_partial_discard": "false",
+        "rbd_cache": "true" if cache else "false",
+        # breaking a dead owner's lock blocklists it first: should it be only half
+        # dead, it can no longer write once the lock is someone else's
+        "rbd_blocklist_on_break_lock": "true",
+    }
+
+
 def parse_image(spec: str) -> tuple[str, str, str | None]:
     """POOL/IMAGE[@SNAP] -> (pool, image, snap or None); ValueError naming the mistake."""
     where, at, snap = spec.partition("@")
@@ -37,6 +56,9 @@ class RbdBackend(Backend):
 
     can_discard = True
     can_write_zeroes = True
+    # completions come from librbd's threads (through an eventfd): a polling queue thread
+    # would only take CPU from them and from the OSDs they wait for
+    poll_us = 0
 
     def __init__(self, image: str, *, conf: str | None = None, client_id: str | None = None,
                  keyring: str | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
@@ -47,11 +69,12 @@ class RbdBackend(Backend):
 
         connect_timeout bounds reaching the monitors; op_timeout how long a request waits
         for an OSD before it fails with EIO (0: for ever). cache turns librbd's writeback
-        cache on (faster small writes; the device then takes FLUSH): off by default, as
-        with it a write whose OSD times out was seen to be lost while its FLUSH still
-        succeeded. exclusive takes the image's exclusive lock for as long as the backend
-        is open: a live holder is refused with an error naming it; a holder that does not
-        answer within connect_timeout (a killed server) is blocklisted, then its lock broken.
+        cache on (faster small writes; the device then takes FLUSH and FUA): off by
+        default, as with it a write whose OSD times out was seen to be lost while its
+        FLUSH still succeeded. exclusive takes the image's exclusive lock for as long as
+        the backend is open: a live holder is refused with an error naming it; a holder
+        that does not answer within connect_timeout (a killed server) is blocklisted, then
+        its lock broken.
         options are more Ceph settings (e.g. {"rbd_cache_size": 1 << 26})."""
         if _native_rbd is None:
             raise OSError(errno.ENOSYS, "the rbd backend was built without librbd "
@@ -64,19 +87,8 @@ class RbdBackend(Backend):
         if exclusive and snap:
             raise ValueError(f"--image {image}: a snapshot is read-only, it has no exclusive "
                              "lock to take (--exclusive)")
-        conf_opts = {
-            # reaching the monitors, and every monitor command after that
-            "client_mount_timeout": math.ceil(connect_timeout),     # whole seconds
-            "rados_mon_op_timeout": connect_timeout,
-            "rados_osd_op_timeout": op_timeout,
-            # librbd skips the parts of a discard that do not cover whole 64 KiB units
-            # by default: they would read back as the old data, not zeros
-            "rbd_skip_partial_discard": "false",
-            "rbd_cache": "true" if cache else "false",
-            # breaking a dead owner's lock blocklists it first: should it be only half
-            # dead, it can no longer write once the lock is someone else's
-            "rbd_blocklist_on_break_lock": "true",
-        }
+        conf_opts = librbd_options(connect_timeout=connect_timeout, op_timeout=op_timeout,
+                                   cache=cache)
         if keyring is not None:
             conf_opts["keyring"] = keyring
         conf_opts.update(options or {})
@@ -93,8 +105,10 @@ class RbdBackend(Backend):
                             "answer (blocklisted first)", image, broken)
         self.size = self._img.size
         self.read_only = self._img.read_only
-        # without librbd's writeback cache a completed write is on the OSDs: no cache to flush
-        self.can_flush = self._img.cache
+        # without librbd's writeback cache a completed write is on the OSDs: no cache to
+        # flush, and FUA says nothing more (the kernel drops it); with the cache a FUA
+        # write goes through it to the OSDs before it completes (librbd's FUA flag)
+        self.can_flush = self.can_fua = self._img.cache
 
     @classmethod
     def add_arguments(cls, parser):

@@ -74,6 +74,58 @@ def test_loadgen_verify(sim, ceph, path):
     assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 2000)
 
 
+def read_fresh(ceph, spec, offset, length) -> bytes:
+    """What a second, fresh librbd client reads: what is on the OSDs (nothing of another
+    client's cache)."""
+    other = rbd(spec, ceph)
+    try:
+        buf = bytearray(length)
+        other._img.pread_into(offset, buf)
+    finally:
+        other.close()
+    return bytes(buf)
+
+
+def test_fua_write_with_the_cache_is_on_the_osds_when_it_completes(sim, ceph):
+    """--cache: the device declares a volatile cache and FUA, and a FUA write is in the
+    cluster when it completes: a second, fresh client reads it right after, before any
+    FLUSH. Its control, a write without FUA, is then still only in this client's cache
+    (librbd's writeback policy, dirty data kept 30 s here), so the check tells them apart."""
+    spec = ceph.new_image(SIZE)
+    rng = random.Random(11)
+    fua, plain = rng.randbytes(64 * KiB), rng.randbytes(64 * KiB)
+    backend = rbd(spec, ceph, cache=True, options={"rbd_cache_policy": "writeback",
+                                                   "rbd_cache_max_dirty_age": 30})
+    with Device(backend, sim, depth=8) as dev, dev.open() as blk:
+        attrs = sim.get_params(dev.dev_id)["attrs"]
+        assert attrs & uapi.UBLK_ATTR_FUA and attrs & uapi.UBLK_ATTR_VOLATILE_CACHE
+        blk.flush()             # librbd writes through its cache until the first flush
+        # in different 4 MiB objects: neither write's I/O carries the other's object
+        assert blk.submit([(W, 4 * MiB, len(fua), fua, uapi.UBLK_IO_F_FUA)]) == [len(fua)]
+        assert blk.submit([(W, 0, len(plain), plain)]) == [len(plain)]
+        on_osds = read_fresh(ceph, spec, 4 * MiB, len(fua)), read_fresh(ceph, spec, 0, len(plain))
+        blk.flush()
+        flushed = read_fresh(ceph, spec, 0, len(plain))
+    assert on_osds[1] == bytes(len(plain)), "the control write was on the OSDs before a flush"
+    assert on_osds[0] == fua
+    assert flushed == plain
+
+
+def test_without_the_cache_the_device_declares_no_cache_nor_fua_and_does_not_poll(sim, ceph):
+    """Without the cache every write is on the OSDs when it completes: no FLUSH, no FUA.
+    The queues sleep instead of polling (librbd's threads need the CPUs) unless told."""
+    spec = ceph.new_image(MiB)
+    with Device(rbd(spec, ceph), sim, depth=8) as dev:
+        assert not sim.get_params(dev.dev_id)["attrs"] & (uapi.UBLK_ATTR_FUA |
+                                                          uapi.UBLK_ATTR_VOLATILE_CACHE)
+        assert dev.poll_us == 0
+    backend = rbd(spec, ceph)
+    try:
+        assert Device(backend, None, poll_us=50).poll_us == 50
+    finally:
+        backend.close()
+
+
 def test_discard_and_write_zeroes_read_back_zeros(sim, ceph):
     spec = ceph.new_image(SIZE)
     with Device(rbd(spec, ceph), sim, depth=8) as dev, dev.open() as blk:
