@@ -24,13 +24,13 @@ DEFAULT_OP_TIMEOUT = 30.0
 
 def librbd_options(*, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                    op_timeout: float = DEFAULT_OP_TIMEOUT, cache: bool = False) -> dict:
-    """The Ceph settings the backend gives librbd on top of ceph.conf (the bench's fio
-    reference runs with the same ones, so both sides have the same cache)."""
+    """The Ceph settings (name -> text) the backend gives librbd on top of ceph.conf (the
+    bench's fio reference runs with the same ones, so both sides have the same cache)."""
     return {
         # reaching the monitors, and every monitor command after that
-        "client_mount_timeout": math.ceil(connect_timeout),     # whole seconds
-        "rados_mon_op_timeout": connect_timeout,
-        "rados_osd_op_timeout": op_timeout,
+        "client_mount_timeout": str(math.ceil(connect_timeout)),     # whole seconds
+        "rados_mon_op_timeout": f"{connect_timeout:g}",
+        "rados_osd_op_timeout": f"{op_timeout:g}",
         # librbd skips the parts of a discard that do not cover whole 64 KiB units
         # by default: they would read back as the old data, not zeros
         "rbd_skip_partial_discard": "false",

@@ -743,3 +743,29 @@ def test_rbd_rows_against_fio_rbd_engine_on_the_same_image(ceph, tmp_path):  # n
         assert row["reference"] == ref["name"] and row["ratio"] == pytest.approx(row["iops"] / ref["iops"])
     # the image the bench made in a cluster of someone else's is gone again
     assert f"pyublk-bench-{os.getpid()}" not in ceph.cli("ls", ceph.pool).split()
+
+
+def test_fio_rbd_reference_runs_with_the_backends_librbd_settings(ceph, tmp_path):  # noqa: F811
+    """fio's engine gets the backend's librbd settings: no librbd cache (Ceph's default
+    would give fio a cache that acknowledges writes before the OSDs have them). librbd's
+    log says whether it set its cache up; the control, fio on Ceph's defaults, does."""
+    from pyublk_fast.bench.services import RbdImage
+    raw = tmp_path / "raw"
+    raw.write_bytes(os.urandom(4 << 20))
+    image = RbdImage(str(tmp_path), lambda kind: str(raw), ceph.conf, ceph.pool)
+    try:
+        image.start()
+        target, env = image.fio_target()
+        assert "--rbd_cache=false" in env["CEPH_ARGS"].split()
+        logs = {}
+        for name, args in (("bench", env["CEPH_ARGS"]), ("defaults", "")):
+            logs[name] = tmp_path / f"{name}.log"
+            run = subprocess.run(
+                ["fio", "--name=x", *target, "--rw=randwrite", "--bs=4k", "--iodepth=4",
+                 "--io_size=64k", "--output-format=terse"], capture_output=True, text=True, timeout=120,
+                env=dict(env, CEPH_ARGS=f"{args} --debug_rbd=5 --log_file={logs[name]}"))
+            assert run.returncode == 0, run.stderr
+        assert "librbd::cache::" in logs["defaults"].read_text()
+        assert "librbd::cache::" not in logs["bench"].read_text()
+    finally:
+        image.close()

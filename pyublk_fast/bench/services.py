@@ -172,10 +172,19 @@ class RbdImage:
         return ["--image", self.start(), "--conf", self.conf]
 
     def fio_target(self) -> tuple[list[str], dict]:
+        """fio's rbd engine on the image, with the librbd settings the backend's rows run
+        with (Ceph's defaults would give fio librbd's cache, which acknowledges writes
+        before the OSDs have them, while the backend serves without it)."""
         if self.spec is None:
             raise ServiceUnavailable("the RBD image was not created")
+        from ..backends.rbd import librbd_options
         pool, image = self.spec.split("/")
-        return ["--ioengine=rbd", "--clientname=admin", f"--pool={pool}", f"--rbdname={image}"], self._env()
+        env = self._env()
+        # fio's engine reads ceph.conf and, through librados, $CEPH_ARGS: not the options a
+        # program sets, so they go there
+        env["CEPH_ARGS"] = " ".join([env.get("CEPH_ARGS", "")] +
+                                    [f"--{k}={v}" for k, v in librbd_options().items()]).strip()
+        return ["--ioengine=rbd", "--clientname=admin", f"--pool={pool}", f"--rbdname={image}"], env
 
     def close(self) -> None:
         if self.own_cluster and self.conf is not None:
