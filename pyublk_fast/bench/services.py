@@ -115,7 +115,13 @@ class RbdImage:
     """One RBD image holding the bench's raw file (imported, so reads hit data as they do
     in the file rows, not objects that do not exist): in a cluster started in ``directory``
     by tools/ceph/start-cluster (stopped by close()), or in the cluster of ``conf`` (pool
-    ``pool``), where the image is removed again by close()."""
+    ``pool``), where the image is removed again by close().
+
+    Every measurement, the reference's and the server's, gets an image of its own, freshly
+    imported: random writes leave the in-memory OSD's objects in many pieces, and each
+    later request then costs it more (a 4 KiB random write's OSD CPU went from 200 to
+    350 us within 10 s of writing), so whatever ran second would start on a slower
+    image. Earlier images are removed once nobody has them open."""
 
     def __init__(self, directory: str, raw_file: Callable[[str], str], conf: str | None = None,
                  pool: str = "rbd"):
@@ -125,6 +131,8 @@ class RbdImage:
         self.own_cluster = conf is None
         self.pool = pool
         self.spec: str | None = None
+        self._made = 0
+        self._old: list[str] = []       # earlier measurements' images, not yet removed
 
     def missing(self) -> str | None:
         for tool in ("rbd",) + (("ceph-mon", "ceph-osd", "ceph") if self.own_cluster else ()):
@@ -150,16 +158,19 @@ class RbdImage:
         return run.stdout
 
     def start(self) -> str:
-        """POOL/IMAGE, starting the cluster and creating the image the first time."""
-        if self.spec is not None:
-            return self.spec
+        """POOL/IMAGE, a new image for a new measurement (the cluster started the first time)."""
         if why := self.missing():
             raise ServiceUnavailable(why)
-        if self.own_cluster:
+        if self.own_cluster and self.conf is None:
             os.makedirs(self.dir, exist_ok=True)
             self.conf = self._run([CEPH_TOOLS / "start-cluster", self.dir, self.pool],
                                   CEPH_START_TIMEOUT).strip().splitlines()[-1]
-        spec = f"{self.pool}/{IMAGE}" if self.own_cluster else f"{self.pool}/{IMAGE}-{os.getpid()}"
+        if self.spec is not None:
+            self._old.append(self.spec)
+            self.spec = None
+        self._remove_old()              # first: the OSD keeps them in memory
+        self._made += 1
+        spec = f"{self.pool}/{IMAGE}-" + ("" if self.own_cluster else f"{os.getpid()}-") + str(self._made)
         try:
             self._run(["rbd", "import", "--no-progress", self._raw_file("raw"), spec], 600)
         except ServiceUnavailable:
@@ -168,6 +179,13 @@ class RbdImage:
         self.spec = spec
         return spec
 
+    def _remove_old(self) -> None:
+        """Remove the earlier images nobody has open any more (the one a server still
+        serves stays for the next call)."""
+        self._old = [spec for spec in self._old if subprocess.run(
+            ["rbd", "rm", "--no-progress", spec], capture_output=True, timeout=120,
+            env=self._env()).returncode]
+
     def backend_args(self) -> list[str]:
         return ["--image", self.start(), "--conf", self.conf]
 
@@ -175,10 +193,8 @@ class RbdImage:
         """fio's rbd engine on the image, with the librbd settings the backend's rows run
         with (Ceph's defaults would give fio librbd's cache, which acknowledges writes
         before the OSDs have them, while the backend serves without it)."""
-        if self.spec is None:
-            raise ServiceUnavailable("the RBD image was not created")
         from ..backends.rbd import librbd_options
-        pool, image = self.spec.split("/")
+        pool, image = self.start().split("/")
         env = self._env()
         # fio's engine reads ceph.conf and, through librados, $CEPH_ARGS: not the options a
         # program sets, so they go there
@@ -190,8 +206,10 @@ class RbdImage:
         if self.own_cluster and self.conf is not None:
             subprocess.run([CEPH_TOOLS / "stop-cluster", self.dir], capture_output=True, timeout=120)
             self.conf = None
-        elif not self.own_cluster and self.spec is not None:
-            subprocess.run(["rbd", "rm", self.spec], capture_output=True, timeout=120, env=self._env())
+            self._old = []
+        elif not self.own_cluster:
+            self._old += [self.spec] if self.spec is not None else []
+            self._remove_old()
         self.spec = None
 
 
