@@ -1,5 +1,6 @@
 """The rbd backend on the real driver, against a throwaway Ceph cluster started in the
-guest (tools/ceph/start-cluster, on its loopback interface): fio's crc32c verify, and the
+guest (tools/ceph/start-cluster, on its loopback interface): fio's crc32c verify (with
+librbd's cache: FUA writes too), and the
 CLI server with --exclusive killed (-9) under fio, then `recover` (a new server breaks
 the dead one's lock and serves the requests it left)."""
 from __future__ import annotations
@@ -32,11 +33,21 @@ def ceph():
         cluster.stop()
 
 
-def test_rbd_fio_verify(kt, ceph):
+@pytest.mark.parametrize("cache", [False, True])
+def test_rbd_fio_verify(kt, ceph, cache):
+    """fio's crc32c verify on a 2-queue device. With --cache the disk has a write-back
+    cache and FUA, and fio writes with O_SYNC: each write reaches the server as a FUA
+    request (then a FLUSH: a block device's O_DSYNC write is both); without the cache
+    the disk is write through and has no FUA."""
     from pyublk_fast.backends.rbd import RbdBackend
     spec = ceph.new_image(16 * MiB)
-    with Device(RbdBackend(spec, conf=ceph.conf), kt, queues=2, depth=32) as dev:
-        out = fio(*fio_verify_args(kt.block_path(dev.dev_id), size=6 * MiB))
+    with Device(RbdBackend(spec, conf=ceph.conf, cache=cache), kt, queues=2, depth=32) as dev:
+        queue = f"/sys/block/ublkb{dev.dev_id}/queue"
+        with open(f"{queue}/fua") as fua, open(f"{queue}/write_cache") as wc:
+            assert (fua.read().strip(), wc.read().strip()) == (("1", "write back") if cache else
+                                                               ("0", "write through"))
+        sync = ["--sync=1"] if cache else []
+        out = fio(*sync, *fio_verify_args(kt.block_path(dev.dev_id), size=6 * MiB))
         assert all(j["write"]["io_bytes"] > 0 and j["read"]["io_bytes"] > 0 for j in out["jobs"])
         assert dev.requests_served > 0
 
