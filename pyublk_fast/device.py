@@ -150,9 +150,9 @@ class Device:
     Tuning: ``poll_us`` (None: the backend's ``poll_us``, else DEFAULT_POLL_US) lets
     each queue thread poll its ring up to that long before sleeping; the budget adapts
     (it doubles while work arrives within it, halves when not, so an idle queue sleeps;
-    0 always sleeps), and the poll yields its CPU to any other runnable thread. ``submit_chunk`` is how many SQEs a
-    queue gathers while handling a batch before it submits them, so the backing disk
-    starts on the first ones early. ``batch_io`` True serves the queues with BATCH_IO
+    0 always sleeps), and the poll yields its CPU to any other runnable thread.
+    ``submit_chunk`` is how many SQEs a queue gathers while handling a batch before it
+    submits them, so the backing disk starts on the first ones early. ``batch_io`` True serves the queues with BATCH_IO
     (Linux 7.0: commands for many tags at once, copy and user_copy paths), False with a
     command per tag, None as DEFAULT_BATCH_IO says. ``threads_per_queue`` N > 1
     serves each queue from N threads, each with its own ring, owning every N-th tag

@@ -57,6 +57,17 @@ def test_poll_budget_default_and_bad_values(sim):
         Device(be, sim, poll_us=-1)
 
 
+def test_a_backend_declares_its_poll_budget(sim):
+    class Sleeper(MemoryBackend):
+        poll_us = 0         # its completions come from threads of its own
+
+    assert Device(Sleeper(1 << 20), sim).poll_us == 0
+    assert Device(Sleeper(1 << 20), sim, poll_us=20).poll_us == 20     # the caller's wins
+    with Device(Sleeper(1 << 20), sim) as dev, dev.open() as blk:
+        blk.pwrite(b"s" * 4096, 0)
+        assert blk.pread(4096, 0) == b"s" * 4096
+
+
 def test_a_stopped_device_cannot_serve_again(sim):
     """stop() closed the backend; restarting would serve a closed (or reused) fd."""
     dev = Device(MemoryBackend(1 << 20), sim, depth=4)
