@@ -66,7 +66,8 @@ def fio(path: str, qd: int, runtime: float, rw: str = "randread", bs: str = "4k"
 COUNTS = {"enter": "syscalls:sys_enter_io_uring_enter", "syscalls": "raw_syscalls:sys_enter",
           "sqes": "io_uring:io_uring_submit_req", "cqes": "io_uring:io_uring_complete",
           "links": "io_uring:io_uring_link", "iowq": "io_uring:io_uring_queue_async_work",
-          "csw": "context-switches"}
+          "csw": "context-switches", "cpu_us": "task-clock"}
+SCALE = {"cpu_us": 1000.0}       # perf reports task-clock in ms
 
 
 def server_pid(block_path: str) -> int:
@@ -108,22 +109,28 @@ def counted(block_path: str, run: callable) -> tuple[dict, dict]:
         if len(f) > 2 and f[0].replace(".", "").isdigit():
             by_event[f[2]] = float(f[0])
     os.unlink(out)
-    return res, {k: by_event[ev] / n if ev in by_event else None for k, ev in COUNTS.items()}
+    return res, {k: by_event[ev] * SCALE.get(k, 1.0) / n if ev in by_event else None
+                 for k, ev in COUNTS.items()}
 
 
-def hold_tracepoints() -> subprocess.Popen:
+def hold_events() -> list[subprocess.Popen]:
     """Keep every event of COUNTS enabled for the whole run: each perf session would
     otherwise switch them on and off, patching kernel text, which under qemu TCG
     sometimes oopses a vCPU running that text (seen as an int3 Oops in
-    trace_syscall_enter)."""
+    trace_syscall_enter, and in __schedule for the per-task software events: a session
+    on pid 1 keeps their scheduler hooks switched on)."""
     if not os.path.isdir("/sys/kernel/tracing/events"):
         subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], check=False)
-    hold = subprocess.Popen(["perf", "stat", "-a", "-o", "/dev/null", "-e", ",".join(COUNTS.values())],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tracepoints = [ev for ev in COUNTS.values() if ":" in ev]
+    software = [ev for ev in COUNTS.values() if ":" not in ev]
+    holds = [subprocess.Popen(["perf", "stat", *where, "-o", "/dev/null", "-e", ",".join(events)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for where, events in ((["-a"], tracepoints), (["-p", "1"], software))]
     time.sleep(2)
-    if hold.poll() is not None:
-        sys.exit(f"--counts: perf cannot count {', '.join(COUNTS.values())}: {hold.stderr.read()}")
-    return hold
+    for hold in holds:
+        if hold.poll() is not None:
+            sys.exit(f"--counts: perf cannot count {', '.join(COUNTS.values())}: {hold.stderr.read()}")
+    return holds
 
 
 def file_backing() -> tuple[str, str]:
@@ -190,10 +197,10 @@ def main() -> int:
                     help="comma-separated block sizes (e.g. 128k,1m): also QD32 random read and "
                     "write bandwidth at each, in a second table")
     ap.add_argument("--counts", action="store_true",
-                    help="with --large: also count, per request, each server's io_uring_enter "
-                    "calls, all syscalls, SQEs, CQEs, linked SQEs, io-wq punts and context "
-                    "switches (perf on the server's process), in a second table; the MiB/s are "
-                    "then those of the traced runs")
+                    help="also count, per request, each server's io_uring_enter calls, all "
+                    "syscalls, SQEs, CQEs, linked SQEs, io-wq punts, context switches and CPU "
+                    "time (perf on the server's process) at every point, in a second table; "
+                    "the IOPS and MiB/s are then those of the traced runs")
     ap.add_argument("--no-4k", dest="small", action="store_false",
                     help="skip the 4k points (QD32 IOPS, QD1 latency): only --large")
     a = ap.parse_args()
@@ -206,8 +213,6 @@ def main() -> int:
         sys.exit(f"--depths {a.depths!r}: give queue depths from 1 to {DEPTH}, comma-separated")
     if not a.small and not large:
         sys.exit("--no-4k leaves nothing to measure: give --large too")
-    if a.counts and not large:
-        sys.exit("--counts counts the --large points: give --large too")
     if not os.path.exists("/dev/ublk-control"):
         sys.exit("no ublk driver here (/dev/ublk-control): run this in the VM, as the "
                  "docstring shows (tools/vm/run ... -- python3 benchmarks/kernel/vs_kublk.py)")
@@ -266,7 +271,7 @@ def main() -> int:
             group.append((t, "pyublk_fast qcow2", lambda o=qargs: ours_add([*o, *shape])))
         groups.append(group)
     rows = []
-    hold = hold_tracepoints() if a.counts else None
+    holds = hold_events() if a.counts else []
     for rnd in range(a.rounds):
         for group in groups:
             # alternate who goes first, so drift in a noisy VM hits all servers alike
@@ -277,21 +282,25 @@ def main() -> int:
                 except Exception as exc:   # noqa: BLE001 - reported in the table
                     rows.append(dict(row, error=str(exc)[:200]))
                     continue
+
+                def measure(key: str, *args) -> dict:
+                    """One fio point; with --counts, its per-request counts go in the row."""
+                    point = functools.partial(fio, path, *args)
+                    if not a.counts:
+                        return point()
+                    r, per_req = counted(path, point)
+                    row.update({f"{key}_{k}_per_req": v for k, v in per_req.items()})
+                    return r
                 try:
                     for rw in rws if a.small else ():
-                        by_qd = {qd: fio(path, qd, a.runtime, rw) for qd in depths}
-                        qd1 = by_qd.get(1) or fio(path, 1, a.runtime, rw)
+                        by_qd = {qd: measure(f"{rw}_qd{qd}", qd, a.runtime, rw) for qd in depths}
+                        qd1 = by_qd.get(1) or measure(f"{rw}_qd1", 1, a.runtime, rw)
                         row.update({f"{rw}_qd{qd}_iops": r["iops"] for qd, r in by_qd.items()})
                         row.update({f"{rw}_qd1_lat_mean_us": qd1["lat_mean_us"],
                                     f"{rw}_qd1_lat_p50_us": qd1["lat_p50_us"]})
                     for bs in large:
                         for rw in ("randread", "randwrite"):
-                            point = functools.partial(fio, path, 32, a.runtime, rw, bs)
-                            if a.counts:
-                                r, per_req = counted(path, point)
-                                row.update({f"{rw}_{bs}_{k}_per_req": v for k, v in per_req.items()})
-                            else:
-                                r = point()
+                            r = measure(f"{rw}_{bs}", 32, a.runtime, rw, bs)
                             row[f"{rw}_{bs}_mib_s"] = r["mib_s"]
                     rows.append(row)
                 finally:
@@ -322,24 +331,28 @@ def main() -> int:
                 cells.append(f"{med:.1f} | {paired_ratio(ratios)}" if key.endswith("lat_mean_us")
                              else f"{med:.0f} | {paired_ratio(ratios)}")
             lines.append(f"| {target} | {server} | " + " | ".join(cells) + " |")
-    if hold:
+    for hold in holds:
         hold.send_signal(2)
         hold.wait(timeout=30)
+    if holds:
         lines += ["", "Per request, medians of the rounds (perf on each server's process while fio ran; "
                   "requests counted by the block device): " + ", ".join(
-                      f"{k} = {ev}" for k, ev in COUNTS.items()), "",
+                      f"{k} = {ev}" + (" (us, polling included)" if k == "cpu_us" else "")
+                      for k, ev in COUNTS.items()), "",
                   "| target | server | point | " + " | ".join(COUNTS) + " |",
                   "|---|---|---|" + "---|" * len(COUNTS)]
+        points = [(f"4k {rw} QD{qd}", f"{rw}_qd{qd}") for rw in (rws if a.small else ())
+                  for qd in sorted({1, *depths})]
+        points += [(f"{bs} {rw}", f"{rw}_{bs}") for bs in large for rw in ("randread", "randwrite")]
         for group in groups:
             for target, server, _ in group:
                 mine = [r for r in rows if r["target"] == target and r["server"] == server
                         and "error" not in r]
-                for bs in large if mine else ():
-                    for rw in ("randread", "randwrite"):
-                        got = {k: [r[f"{rw}_{bs}_{k}_per_req"] for r in mine
-                                       if r[f"{rw}_{bs}_{k}_per_req"] is not None] for k in COUNTS}
-                        cells = [f"{statistics.median(v):.2f}" if v else "n/a" for v in got.values()]
-                        lines.append(f"| {target} | {server} | {bs} {rw} | " + " | ".join(cells) + " |")
+                for label, key in points if mine else ():
+                    got = {k: [r[f"{key}_{k}_per_req"] for r in mine
+                                   if r[f"{key}_{k}_per_req"] is not None] for k in COUNTS}
+                    cells = [f"{statistics.median(v):.2f}" if v else "n/a" for v in got.values()]
+                    lines.append(f"| {target} | {server} | {label} | " + " | ".join(cells) + " |")
     emit_paired("\n".join(lines), rows, a.out, "vs_kublk")
     return 0
 

@@ -184,6 +184,7 @@ cdef class Queue:
     cdef void put_elem(self, uint8_t *e, int tag, int32_t res) noexcept nogil
     cdef void stage_commit(self, int tag, int32_t res) noexcept nogil
     cdef void flush_commits(self) noexcept nogil
+    cdef void hand_on(self) noexcept nogil
     cdef void arm_fetch(self) noexcept nogil
     cdef void on_fetch(self, int32_t res, uint32_t flags) noexcept nogil
     cdef void on_batch_done(self, int slot, int32_t res) noexcept nogil

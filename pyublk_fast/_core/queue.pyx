@@ -583,6 +583,18 @@ cdef class Queue:
                (n - done - 1) * self.elem_bytes)
         self.nstaged += n - done - 1
 
+    cdef void hand_on(self) noexcept nogil:
+        """Submit what this turn has prepared once it makes a chunk (submit_chunk SQEs), so
+        that the disk (or the driver) starts on the first requests instead of idling until
+        the whole reaped batch is prepared (io_uring plugs a multi-SQE submit). With batch
+        I/O the commits staged so far go in the same submit: a finished request then waits
+        for its commit no longer than a COMMIT_AND_FETCH would, rather than for the rest of
+        the turn (other requests' backing I/O, a vCPU the host preempts meanwhile)."""
+        if io_uring_sq_ready(self.r) >= self.submit_chunk:
+            if self.nstaged:
+                self.flush_commits()
+            io_uring_submit(self.r)
+
     cdef void arm_fetch(self) noexcept nogil:
         self.ch.prep_fetch_cmds(self.get_sqe(), self, ud_encode(0, UBLK_IO_FETCH_IO_CMDS, 0, 0))
         self.fetch_state = FETCH_ARMED
@@ -600,8 +612,7 @@ cdef class Queue:
                 tags = <uint16_t *>(self.fbufs + bid * self.fbuf_size)
                 n = <uint32_t>res / 2 if res > 0 else 0
                 for k in range(n):
-                    if io_uring_sq_ready(self.r) >= self.submit_chunk:
-                        io_uring_submit(self.r)
+                    self.hand_on()
                     tag = tags[k]
                     if tag >= self.depth or self.tags[tag].state != TAG_WAIT:
                         self.cmd_errors += 1
@@ -757,11 +768,7 @@ cdef class Queue:
             self.now_ns = pyu_now_ns()
             n = reap_cq(self.r, ud, res, fl, REAP_BATCH)
             for i in range(n):
-                # hand work on in small chunks while going through a batch: the disk
-                # (or the driver) starts on the first requests instead of idling until
-                # the whole batch is prepared (io_uring plugs a multi-SQE submit)
-                if io_uring_sq_ready(self.r) >= self.submit_chunk:
-                    io_uring_submit(self.r)
+                self.hand_on()
                 tag = ud_tag(ud[i])
                 if ud_is_target(ud[i]):
                     self.on_target(tag, ud_tgt_data(ud[i]), res[i])
