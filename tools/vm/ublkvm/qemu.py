@@ -95,7 +95,11 @@ def qemu_argv(s: Settings, kernel: Kernel, initrd: Path, jobdir: Path,
               outdir: str) -> list[str]:
     """The qemu-system-x86_64 command line for one run."""
     # mitigations=off: PTI & co. make every syscall costly under TCG (python -c pass 2.1 -> 1.0 s).
-    cmdline = f"console=ttyS0 loglevel=5 panic=-1 oops=panic mitigations=off {s.append}".strip()
+    # tsc=reliable: on a busy host the guest's clocksource watchdog marks TCG's TSC
+    # unstable mid-run and falls back to HPET, where every clock read is an exit; the
+    # servers read the clock per loop turn, so benchmarks of one boot would not compare
+    cmdline = (f"console=ttyS0 loglevel=5 panic=-1 oops=panic mitigations=off tsc=reliable "
+               f"{s.append}").strip()
     argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
             "-no-reboot", "-accel", s.accel, "-cpu", s.cpu_model, "-smp", str(s.cpus),
             "-m", f"{s.mem_mib}M", "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
