@@ -335,6 +335,7 @@ class FakeServer:
         self.go_reply = go_reply
         self.size, self.flags = size, flags
         self.structured = structured
+        self.structured_reply = 0           # a reply type to the option in place of the usual
         self.options: list[int] = []
         self.conns: list[socket.socket] = []
         self.seen: list[tuple[int, int]] = []     # (command, its flags) of each request
@@ -378,7 +379,8 @@ class FakeServer:
                 self.options.append(opt)
                 if opt != proto.NBD_OPT_STRUCTURED_REPLY:
                     break
-                reply(proto.NBD_REP_ACK if self.structured else proto.NBD_REP_ERR | 1)
+                reply(self.structured_reply or
+                      (proto.NBD_REP_ACK if self.structured else proto.NBD_REP_ERR | 1))
             if self.go_reply is not None:
                 reply(*self.go_reply)
                 self.recv(conn, 1)
@@ -735,6 +737,26 @@ def test_no_structured_replies_keeps_to_simple_ones(sim, fake):
     assert backend.structured is False and f.options == [proto.NBD_OPT_GO]
     with Device(backend, sim, depth=4) as dev, dev.open() as blk:
         assert blk.pread(8192, 0) == bytes(8192)
+
+
+def test_reply_kind_is_logged(fake, caplog):
+    """Which reply kind each backend got, and why simple replies where they are."""
+    caplog.set_level(logging.INFO, "pyublk_fast.nbd")
+    f = fake(on_request=good)
+    for offered, asked, want in [(True, True, "structured replies"),
+                                 (False, True, "simple replies (the server refused structured replies)"),
+                                 (True, False, "simple replies (structured replies turned off)")]:
+        f.structured = offered              # for the next connection
+        NbdBackend(f.uri, structured_replies=asked).close()
+        assert caplog.records[-1].getMessage().endswith(f": 1048576 bytes, flags 0x5, {want}")
+
+
+def test_bad_reply_to_the_structured_option_is_one_clear_line(fake):
+    """A server answering NBD_OPT_STRUCTURED_REPLY with neither ACK nor an error."""
+    f = fake(on_request=good)
+    f.structured_reply = proto.NBD_REP_INFO
+    with pytest.raises(NbdError, match="bad reply type 0x3 to NBD_OPT_STRUCTURED_REPLY"):
+        NbdBackend(f.uri)
 
 
 def test_structured_reply_missing_done_times_out(sim, fake, caplog):
