@@ -175,7 +175,12 @@ def main() -> int:
     if a.counts:     # every tracepoint on for the whole run (vs_kublk's hold says why)
         holds = [hold_tracepoints(), subprocess.Popen(
             ["perf", "stat", "-a", "-o", "/dev/null", "-e", "io_uring:io_uring_poll_arm"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            # and perf's context-switch hooks, which each per-process session (task-clock,
+            # context-switches) would switch on and off: that text patching once oopsed
+            # a vCPU in __schedule (int3) under TCG
+            subprocess.Popen(["perf", "stat", "-o", "/dev/null", "-e", "task-clock,context-switches",
+                              "-p", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     rows = []
     try:
         for rnd in range(a.rounds):
