@@ -11,10 +11,16 @@ not come with its header, straight into the request's buffer. A reply's cookie n
 the tag (and a per-tag generation, so a late reply for an older request is caught).
 A request completes when its reply is in and its bytes are sent.
 
-A protocol violation (bad reply magic, a reply for an unknown cookie), EOF, a socket
-error or no progress from the server for the backend's timeout while requests wait
-kills the connection: one log line, every in-flight request fails with EIO, and so
-does every later one. With reconnect (and for all but protocol violations), the queue
+With structured replies negotiated, a reply is one or more chunks: a READ's data chunks
+land at their offset in the request's buffer (in any order), holes are zero-filled,
+error chunks fail the request with their errno, and the chunk flagged DONE completes
+it (a READ must be covered by then, each byte once: the chunks' byte ranges are kept).
+
+A protocol violation (bad reply magic, a reply for an unknown cookie, a chunk the
+protocol forbids), EOF, a socket error, no progress from the server for the backend's
+timeout while requests wait, or one request unanswered that long, kills the
+connection: one log line, every in-flight request fails with EIO, and so does every
+later one. With reconnect (and for all but protocol violations), the queue
 instead waits for its connection's SQEs to end, opens a new connection (blocking the
 queue thread until it succeeds or the timeout passes) and sends every request still in
 flight again.
@@ -25,7 +31,7 @@ import struct
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memmove, memset
 from libc.errno cimport EIO, EINTR, EAGAIN, EOPNOTSUPP, EPERM, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ESHUTDOWN
 
 from pyublk_fast._core.liburing cimport *
@@ -36,6 +42,7 @@ cdef extern from "<endian.h>" nogil:
     uint16_t htobe16(uint16_t)
     uint32_t htobe32(uint32_t)
     uint64_t htobe64(uint64_t)
+    uint16_t be16toh(uint16_t)
     uint32_t be32toh(uint32_t)
     uint64_t be64toh(uint64_t)
 
@@ -76,6 +83,18 @@ cdef enum:
     CMD_FLAG_NO_HOLE = 2
     HDR = 28                   # request header bytes
     REPLY = 16                 # simple reply header bytes
+    CHUNK = 20                 # structured reply chunk header bytes
+    FLAG_DONE = 1              # the chunk ends its reply
+    RT_NONE = 0                # chunk types
+    RT_OFFSET_DATA = 1
+    RT_OFFSET_HOLE = 2
+    RT_ERROR = 0x8001
+    RT_ERROR_OFFSET = 0x8002
+    RT_ERROR_BIT = 0x8000      # every error chunk type has it (unknown ones too)
+    # disjoint byte ranges a READ's content chunks may cover before a chunk joins two of
+    # them: in-order (or reverse-order) chunks always make one; only a reply cut into
+    # more pieces sent in a scattered order needs more
+    NIV = 8
     MAX_IOV = 1024             # iovecs in one sendmsg (the kernel's UIO_MAXIOV)
     # staging for replies: a receive takes all the replies waiting (and small READs' data,
     # copied out) in one completion, where a receive per header and per data would cost
@@ -94,23 +113,75 @@ cdef enum:
 #: the request format lives in one place; the backend sends it as it closes.
 DISCONNECT = struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_DISC, 0, 0, 0)
 
-# what the connection died of (the log line's words)
+# what the connection died of (the log line's words); from WHY_MAGIC on, protocol
+# violations, which a new connection would most likely repeat (no reconnect)
 cdef enum:
     WHY_EOF = 1
     WHY_RECV_ERR
     WHY_SEND_ERR
+    WHY_TIMEOUT
+    WHY_STUCK
     WHY_MAGIC
     WHY_STRUCTURED
     WHY_COOKIE
-    WHY_TIMEOUT
+    WHY_SIMPLE_READ
+    WHY_SIMPLE_AFTER
+    WHY_TYPE
+    WHY_LENGTH
+    WHY_CONTENT
+    WHY_OUTSIDE
+    WHY_OVERLAP
+    WHY_PIECES
+    WHY_SHORT
+    WHY_NONE
+    WHY_ERROR_CHUNK
+
+# the log line of each death but EOF and socket errors: a is a cookie, b and x numbers
+WHY_TEXT = {
+    WHY_TIMEOUT: "no progress from the server for {b:.1f} s",
+    WHY_STUCK: "no reply to cookie {a:#x} for {b:.1f} s, while the server answered others",
+    WHY_MAGIC: "bad reply magic {a:#x} from the server",
+    WHY_STRUCTURED: "the server sent a structured reply, which was not negotiated",
+    WHY_COOKIE: "the server replied to unknown cookie {a:#x}",
+    WHY_SIMPLE_READ: "the server sent a simple reply to READ cookie {a:#x}, where structured "
+                     "replies were negotiated",
+    WHY_SIMPLE_AFTER: "the server sent a simple reply to cookie {a:#x} after structured chunks "
+                      "for it",
+    WHY_TYPE: "the server sent a reply chunk of unexpected type {b} for cookie {a:#x}",
+    WHY_LENGTH: "the server sent a reply chunk of type {b} with a bad length {x} for cookie {a:#x}",
+    WHY_CONTENT: "the server sent a data or hole chunk (type {b}) in the reply to cookie {a:#x}, "
+                 "which is no READ",
+    WHY_OUTSIDE: "the server sent a chunk for bytes {b}..{x} (or an error offset there), outside "
+                 "the request of cookie {a:#x}",
+    WHY_OVERLAP: "the server sent a chunk for bytes {b}..{x} of cookie {a:#x}, overlapping an "
+                 "earlier chunk",
+    WHY_PIECES: f"the server sent the reply to cookie {{a:#x}} in more than {NIV} separate "
+                "pieces out of order (a limit of this client)",
+    WHY_SHORT: "the server ended the reply to READ cookie {a:#x} with {b} of its {x} bytes sent",
+    WHY_NONE: "the server sent a NONE chunk without the DONE flag or with a payload for cookie "
+              "{a:#x}",
+    WHY_ERROR_CHUNK: "the server sent a malformed error chunk (type {b}, length {x}) for cookie "
+                     "{a:#x}",
+}
+CMD_NAMES = {CMD_READ: "READ", CMD_WRITE: "WRITE", CMD_FLUSH: "FLUSH", CMD_TRIM: "TRIM",
+             CMD_WRITE_ZEROES: "WRITE_ZEROES"}
 
 
 cdef struct Req:
     uint8_t hdr[HDR]           # the request header, big endian, as sent
+    uint64_t off               # the request's offset and length, as in hdr
+    uint32_t len
     uint32_t dlen              # data bytes sent after the header (WRITE)
     uint32_t rlen              # data bytes the reply carries (READ)
     uint32_t gen               # bumped per request: the cookie's high half
     int32_t result
+    int64_t t_sent             # when it was queued (or queued again on a new connection)
+    uint32_t covered           # bytes of a READ its content chunks covered so far
+    uint32_t ivs[NIV]          # ... as disjoint ranges [ivs, ive), sorted
+    uint32_t ive[NIV]
+    uint8_t niv
+    uint8_t cmd
+    uint8_t chunked            # a structured chunk for it came (no simple reply may follow)
     uint8_t active             # taken by queue_io, not yet committed
     uint8_t in_send            # part of the sendmsg in flight (its bytes may be read)
     uint8_t sent
@@ -131,11 +202,14 @@ cdef struct Conn:
     int max_iov
     iovec *iov
     msghdr msg
+    bint structured            # structured replies negotiated
     uint8_t *rbuf              # RBUF bytes of staging: [rhead, rtail) received, not parsed
     uint32_t rhead
     uint32_t rtail
-    uint32_t rgot              # bytes of rtag's data in its buffer
-    int rtag                   # -1: a reply header comes next; else the READ whose data comes
+    int rtag                   # -1: a reply header comes next; else the READ whose data comes,
+    uint32_t rpos              # rleft bytes to its buffer at rpos,
+    uint32_t rleft
+    bint rdone                 # ending its reply
     bint recv_armed
     bint timer_armed
     __kernel_timespec ts
@@ -154,6 +228,11 @@ cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
 cdef inline void put64(uint8_t *p, uint64_t v) noexcept nogil:
     v = htobe64(v)
     memcpy(p, &v, 8)
+
+cdef inline uint16_t get16(const uint8_t *p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return be16toh(v)
 
 cdef inline uint32_t get32(const uint8_t *p) noexcept nogil:
     cdef uint32_t v
@@ -174,6 +253,57 @@ cdef int32_t nbd_errno(uint32_t err) noexcept nogil:
     return -EIO
 
 
+cdef inline void reset_reply(Req *r, int64_t now) noexcept nogil:
+    """No byte of the request sent, nothing of its reply in (it is sent, or sent again)."""
+    r.result = r.dlen + r.rlen        # what a READ or WRITE returns; 0 for the rest
+    r.t_sent = now
+    r.covered = 0
+    r.niv = 0
+    r.chunked = 0
+    r.sent = 0
+    r.replied = 0
+
+
+cdef int cover(Req *r, uint64_t off, uint32_t size) noexcept nogil:
+    """A content chunk for size bytes at export offset off: 0, or the WHY of why it cannot
+    be (outside the request, overlapping an earlier chunk, too scattered to keep)."""
+    cdef uint32_t a, b
+    cdef int i, left = -1, right = -1
+    if off < r.off or off - r.off > r.rlen or size > r.rlen - (off - r.off):
+        return WHY_OUTSIDE
+    a = <uint32_t>(off - r.off)
+    b = a + size
+    for i in range(r.niv):
+        if r.ivs[i] < b and r.ive[i] > a:
+            return WHY_OVERLAP
+        if r.ive[i] == a:
+            left = i
+        elif r.ivs[i] == b:
+            right = i
+    if left >= 0 and right >= 0:          # it fills the gap between two ranges
+        r.ive[left] = r.ive[right]
+        memmove(&r.ivs[right], &r.ivs[right + 1], (r.niv - right - 1) * sizeof(uint32_t))
+        memmove(&r.ive[right], &r.ive[right + 1], (r.niv - right - 1) * sizeof(uint32_t))
+        r.niv -= 1
+    elif left >= 0:
+        r.ive[left] = b
+    elif right >= 0:
+        r.ivs[right] = a
+    else:
+        if r.niv == NIV:
+            return WHY_PIECES
+        i = r.niv
+        while i > 0 and r.ivs[i - 1] > a:
+            r.ivs[i] = r.ivs[i - 1]
+            r.ive[i] = r.ive[i - 1]
+            i -= 1
+        r.ivs[i] = a
+        r.ive[i] = b
+        r.niv += 1
+    r.covered += size
+    return 0
+
+
 cdef void free_conn(Conn *c) noexcept nogil:
     if c != NULL:
         free(c.reqs)
@@ -188,6 +318,7 @@ cdef class NbdTarget(NativeTarget):
     cdef Conn **conns            # by queue id; each queue thread touches only its own
     cdef bint fua
     cdef bint reconnect
+    cdef bint structured
     cdef uint32_t max_block
     cdef int64_t timeout_ns
     cdef int64_t tick_ns
@@ -201,6 +332,7 @@ cdef class NbdTarget(NativeTarget):
         self.backend = backend
         self.fua = backend.can_fua
         self.reconnect = backend.reconnect
+        self.structured = backend.structured
         self.max_block = backend.max_block
         self.timeout_ns = <int64_t>(backend.timeout * 1e9)
         # check for a stalled server a few times per timeout (at most once a second)
@@ -242,6 +374,7 @@ cdef class NbdTarget(NativeTarget):
             free_conn(c)
             raise MemoryError()
         c.fd = fd
+        c.structured = self.structured
         c.rtag = -1
         c.ts.tv_sec = self.tick_ns // 1000000000
         c.ts.tv_nsec = self.tick_ns % 1000000000
@@ -278,23 +411,20 @@ cdef class NbdTarget(NativeTarget):
         if self.fua and iod.op_flags & UBLK_IO_F_FUA and cmd != CMD_READ and cmd != CMD_FLUSH:
             flags |= CMD_FLAG_FUA
         r.gen += 1
+        r.cmd = cmd
+        r.off = 0 if cmd == CMD_FLUSH else iod.start_sector << SECTOR_SHIFT
+        r.len = 0 if cmd == CMD_FLUSH else n
         put32(r.hdr, REQ_MAGIC)
         put16(r.hdr + 4, flags)
         put16(r.hdr + 6, cmd)
-        put64(r.hdr + 8, (<uint64_t>r.gen << 32) | <uint32_t>tag)
-        if cmd == CMD_FLUSH:
-            put64(r.hdr + 16, 0)
-            put32(r.hdr + 24, 0)
-        else:
-            put64(r.hdr + 16, iod.start_sector << SECTOR_SHIFT)
-            put32(r.hdr + 24, n)
+        put64(r.hdr + 8, self.cookie(r, tag))
+        put64(r.hdr + 16, r.off)
+        put32(r.hdr + 24, r.len)
         r.dlen = n if cmd == CMD_WRITE else 0
         r.rlen = n if cmd == CMD_READ else 0
-        r.result = r.dlen + r.rlen        # what a READ or WRITE returns; 0 for the rest
         r.active = 1
         r.in_send = 0
-        r.sent = 0
-        r.replied = 0
+        reset_reply(r, q.now_ns)
         c.sendq[(c.sq_head + c.sq_len) % c.depth] = <uint16_t>tag
         c.sq_len += 1
         c.inflight += 1
@@ -399,8 +529,7 @@ cdef class NbdTarget(NativeTarget):
             return
         sqe = q.get_sqe()
         if c.rtag >= 0:        # the staging buffer is empty: the rest of the data in place
-            io_uring_prep_recv(sqe, c.fd, q.tag_buf(c.rtag) + c.rgot,
-                               c.reqs[c.rtag].rlen - c.rgot, MSG_WAITALL)
+            io_uring_prep_recv(sqe, c.fd, q.tag_buf(c.rtag) + c.rpos, c.rleft, MSG_WAITALL)
         else:
             if c.rhead:        # a partial header moves to the front
                 memmove(c.rbuf, c.rbuf + c.rhead, c.rtail - c.rhead)
@@ -416,14 +545,37 @@ cdef class NbdTarget(NativeTarget):
         if r.sent:
             self.finish(q, c, tag, r.result)
 
-    cdef void data_in(self, Queue q, Conn *c, uint32_t n) noexcept nogil:
-        """n more bytes of the READ rtag's data are in its buffer."""
+    cdef bint reply_done(self, Queue q, Conn *c, int tag) noexcept nogil:
+        """The last chunk of tag's structured reply is in: False if its READ was left
+        short (the connection died of it)."""
+        cdef Req *r = &c.reqs[tag]
+        if r.result >= 0 and r.covered != r.rlen:
+            self.conn_fail(q, c, WHY_SHORT, self.cookie(r, tag), r.covered, r.rlen)
+            return False
+        self.replied(q, c, tag)
+        return True
+
+    cdef void expect_data(self, Conn *c, int tag, uint32_t pos, uint32_t n, bint done) noexcept nogil:
+        c.rtag = tag
+        c.rpos = pos
+        c.rleft = n
+        c.rdone = done
+
+    cdef bint data_in(self, Queue q, Conn *c, uint32_t n) noexcept nogil:
+        """n more bytes of the data rtag awaits are in its buffer; False if the
+        connection died of the reply they end."""
         cdef int tag = c.rtag
-        c.rgot += n
-        if c.rgot == c.reqs[tag].rlen:
-            c.rtag = -1
-            c.rgot = 0
-            self.replied(q, c, tag)
+        c.rpos += n
+        c.rleft -= n
+        if c.rleft:
+            return True
+        c.rtag = -1
+        if not c.rdone:
+            return True
+        if c.structured:
+            return self.reply_done(q, c, tag)
+        self.replied(q, c, tag)
+        return True
 
     cdef void recv_done(self, Queue q, Conn *c, int32_t res) noexcept nogil:
         c.recv_armed = False
@@ -438,83 +590,197 @@ cdef class NbdTarget(NativeTarget):
             self.conn_fail(q, c, WHY_RECV_ERR, -res)
             return
         if res == 0:
-            self.conn_fail(q, c, WHY_EOF, REPLY + c.rgot if c.rtag >= 0 else c.rtail - c.rhead)
+            self.conn_fail(q, c, WHY_EOF, 1 if c.rtag >= 0 else c.rtail - c.rhead)
             return
         c.last_progress = q.now_ns
-        if c.rtag >= 0:                       # a READ's data, received in place
-            self.data_in(q, c, res)
+        if c.rtag >= 0:                       # data, received in place
+            if not self.data_in(q, c, res):
+                return
         else:
             c.rtail += res
         if self.parse_replies(q, c):
             self.arm_recv(q, c)
 
+    cdef inline uint64_t cookie(self, Req *r, int tag) noexcept nogil:
+        return (<uint64_t>r.gen << 32) | <uint32_t>tag
+
+    cdef int lookup(self, Queue q, Conn *c, uint64_t cookie) noexcept nogil:
+        """The tag a reply's cookie names, or -1 (the connection died of it)."""
+        cdef uint32_t tag = <uint32_t>cookie
+        if (tag >= <uint32_t>c.depth or not c.reqs[tag].active or c.reqs[tag].replied
+                or c.reqs[tag].gen != <uint32_t>(cookie >> 32)):
+            self.conn_fail(q, c, WHY_COOKIE, <int64_t>cookie)
+            return -1
+        return tag
+
+    cdef void failed(self, Queue q, Conn *c, int tag, uint32_t err, const uint8_t *msg,
+                     uint16_t mlen) noexcept nogil:
+        """The server failed tag's request with NBD error err (and a message): the first
+        error is its result, and is logged."""
+        cdef Req *r = &c.reqs[tag]
+        if r.result < 0:
+            return
+        r.result = nbd_errno(err)
+        with gil:
+            text = msg[:mlen].decode(errors="replace") if mlen else ""
+            log.error("nbd %s, queue %d: the server failed %s of %d bytes at %d: %s%s",
+                      self.backend.uri, q.q_id, CMD_NAMES.get(r.cmd, r.cmd), r.len, r.off,
+                      os.strerror(-r.result), f" ({text})" if text else "")
+
     cdef bint parse_replies(self, Queue q, Conn *c) noexcept nogil:
-        """Take every whole reply header (and the READ data) staged; False if the
-        connection died of what it found."""
-        cdef uint32_t magic, err, tag, gen, n
-        cdef uint64_t cookie
+        """Take every whole reply (or chunk) header staged, and the data it brings; False
+        if the connection died of what it found."""
+        cdef uint32_t magic, n
+        cdef int64_t need
         cdef const uint8_t *p
-        cdef Req *r
         while True:
             n = c.rtail - c.rhead
-            if c.rtag >= 0:                   # a READ's data: what is staged is copied
-                r = &c.reqs[c.rtag]
-                if n > r.rlen - c.rgot:
-                    n = r.rlen - c.rgot
+            if c.rtag >= 0:                   # data: what is staged is copied
+                if n > c.rleft:
+                    n = c.rleft
                 if n == 0:
                     return True               # the rest is received in place
-                memcpy(q.tag_buf(c.rtag) + c.rgot, c.rbuf + c.rhead, n)
+                memcpy(q.tag_buf(c.rtag) + c.rpos, c.rbuf + c.rhead, n)
                 c.rhead += n
-                self.data_in(q, c, n)
+                if not self.data_in(q, c, n):
+                    return False
                 continue
-            if n < REPLY:
+            if n < 4:
                 return True
             p = c.rbuf + c.rhead
             magic = get32(p)
-            if magic != SIMPLE_REPLY_MAGIC:
+            if magic == SIMPLE_REPLY_MAGIC:
+                if n < REPLY:
+                    return True
+                if not self.simple_reply(q, c, p):
+                    return False
+            elif magic == STRUCTURED_REPLY_MAGIC and c.structured:
+                if n < CHUNK:
+                    return True
+                need = self.chunk_size(q, c, p)
+                if need < 0:
+                    return False
+                if n < need:
+                    return True
+                if not self.chunk(q, c, p):
+                    return False
+            else:
                 self.conn_fail(q, c, WHY_STRUCTURED if magic == STRUCTURED_REPLY_MAGIC else WHY_MAGIC,
                                magic)
                 return False
-            err = get32(p + 4)
-            cookie = get64(p + 8)
-            tag = <uint32_t>cookie
-            gen = <uint32_t>(cookie >> 32)
-            if (tag >= <uint32_t>c.depth or not c.reqs[tag].active or c.reqs[tag].replied
-                    or c.reqs[tag].gen != gen):
-                self.conn_fail(q, c, WHY_COOKIE, <int64_t>cookie)
+
+    cdef bint simple_reply(self, Queue q, Conn *c, const uint8_t *p) noexcept nogil:
+        cdef uint32_t err = get32(p + 4)
+        cdef uint64_t cookie = get64(p + 8)
+        cdef int tag = self.lookup(q, c, cookie)
+        cdef Req *r
+        if tag < 0:
+            return False
+        r = &c.reqs[tag]
+        if c.structured and (r.cmd == CMD_READ or r.chunked):
+            # only a reply without payload may be simple, and only as the whole reply
+            self.conn_fail(q, c, WHY_SIMPLE_READ if r.cmd == CMD_READ else WHY_SIMPLE_AFTER, cookie)
+            return False
+        c.rhead += REPLY
+        if err:
+            self.failed(q, c, tag, err, NULL, 0)
+        elif r.rlen:
+            self.expect_data(c, tag, 0, r.rlen, True)
+            return True
+        self.replied(q, c, tag)
+        return True
+
+    cdef int64_t chunk_size(self, Queue q, Conn *c, const uint8_t *p) noexcept nogil:
+        """The staged bytes a chunk needs (its header, and its payload but a data chunk's
+        data), or -1 if its header alone is a protocol violation (the connection died)."""
+        cdef uint16_t rtype = get16(p + 6)
+        cdef uint32_t length = get32(p + 16)
+        cdef int why = 0
+        if rtype == RT_OFFSET_DATA:
+            if length < 9:
+                why = WHY_LENGTH
+            else:
+                return CHUNK + 8
+        elif rtype == RT_OFFSET_HOLE:
+            why = WHY_LENGTH if length != 12 else 0
+        elif rtype == RT_NONE:
+            why = WHY_NONE if length != 0 or not get16(p + 4) & FLAG_DONE else 0
+        elif rtype & RT_ERROR_BIT:
+            # an error message is at most 4 KiB: a payload the staging buffer cannot take is
+            # no error chunk a server sends
+            why = WHY_ERROR_CHUNK if length < 6 or length > RBUF - CHUNK else 0
+        else:
+            why = WHY_TYPE
+        if why:
+            self.conn_fail(q, c, why, get64(p + 8), rtype, length)
+            return -1
+        return CHUNK + length
+
+    cdef bint chunk(self, Queue q, Conn *c, const uint8_t *p) noexcept nogil:
+        """A structured reply chunk whose fixed part is staged at p (chunk_size passed)."""
+        cdef bint done = get16(p + 4) & FLAG_DONE
+        cdef uint16_t rtype = get16(p + 6)
+        cdef uint64_t cookie = get64(p + 8), off
+        cdef uint32_t length = get32(p + 16), size, err
+        cdef uint16_t mlen, fixed
+        cdef const uint8_t *pl = p + CHUNK
+        cdef int why, tag = self.lookup(q, c, cookie)
+        cdef Req *r
+        if tag < 0:
+            return False
+        r = &c.reqs[tag]
+        r.chunked = 1
+        if rtype == RT_OFFSET_DATA or rtype == RT_OFFSET_HOLE:
+            off = get64(pl)
+            size = length - 8 if rtype == RT_OFFSET_DATA else get32(pl + 8)
+            why = WHY_CONTENT if r.cmd != CMD_READ else (WHY_LENGTH if size == 0 else cover(r, off, size))
+            if why:
+                self.conn_fail(q, c, why, cookie, off if why != WHY_CONTENT else rtype,
+                               off + size if why != WHY_CONTENT else length)
                 return False
-            c.rhead += REPLY
-            r = &c.reqs[tag]
-            if err:
-                r.result = nbd_errno(err)
-            elif r.rlen:
-                c.rtag = tag                  # its data follows
-                continue
-            self.replied(q, c, tag)
+            if rtype == RT_OFFSET_DATA:
+                c.rhead += CHUNK + 8
+                self.expect_data(c, tag, <uint32_t>(off - r.off), size, done)
+                return True
+            memset(q.tag_buf(tag) + (off - r.off), 0, size)
+        elif rtype & RT_ERROR_BIT:
+            err = get32(pl)
+            mlen = get16(pl + 4)
+            fixed = 14 if rtype == RT_ERROR_OFFSET else 6
+            if length < fixed or mlen > length - fixed or (err == 0 and (rtype == RT_ERROR or
+                                                                         rtype == RT_ERROR_OFFSET)):
+                self.conn_fail(q, c, WHY_ERROR_CHUNK, cookie, rtype, length)
+                return False
+            if rtype == RT_ERROR_OFFSET and r.cmd != CMD_FLUSH:   # a FLUSH has no bytes to point at
+                off = get64(pl + 6 + mlen)
+                if off < r.off or off - r.off >= r.len:
+                    self.conn_fail(q, c, WHY_OUTSIDE, cookie, off, off)
+                    return False
+            self.failed(q, c, tag, err, pl + 6, mlen)
+        c.rhead += CHUNK + length
+        return self.reply_done(q, c, tag) if done else True
 
     # -- the connection's end -----------------------------------------------------------
 
-    cdef void conn_fail(self, Queue q, Conn *c, int why, int64_t val) noexcept nogil:
-        """The connection is unusable: say why once, stop it, fail what waits on it (or,
-        with reconnect, keep it for the next connection)."""
+    cdef void conn_fail(self, Queue q, Conn *c, int why, int64_t a, int64_t b=0,
+                        int64_t x=0) noexcept nogil:
+        """The connection is unusable: say why once (WHY_TEXT with a, b, x), stop it, fail
+        what waits on it (or, with reconnect, keep it for the next connection)."""
         c.dead = True
-        c.reconnecting = self.reconnect and why != WHY_MAGIC and why != WHY_STRUCTURED and why != WHY_COOKIE
+        c.reconnecting = self.reconnect and why < WHY_MAGIC
         c_shutdown(c.fd, SHUT_RDWR)         # the armed receive (and a send) complete at once
         with gil:
             if why == WHY_EOF:
                 what = ("the server closed the connection" +
-                        (f" in the middle of a reply ({val} bytes in)" if val else ""))
+                        (" in the middle of a reply's data" if c.rtag >= 0 else
+                         f" in the middle of a reply ({a} bytes in)" if a else ""))
             elif why == WHY_RECV_ERR or why == WHY_SEND_ERR:
                 what = (f"{'receiving from' if why == WHY_RECV_ERR else 'sending to'} the server "
-                        f"failed: {os.strerror(val)}")
-            elif why == WHY_MAGIC:
-                what = f"bad reply magic {val:#x} from the server"
-            elif why == WHY_STRUCTURED:
-                what = "the server sent a structured reply, which was not negotiated"
-            elif why == WHY_COOKIE:
-                what = f"the server replied to unknown cookie {<uint64_t>val:#x}"
+                        f"failed: {os.strerror(a)}")
+            elif why == WHY_TIMEOUT or why == WHY_STUCK:
+                what = WHY_TEXT[why].format(a=<uint64_t>a, b=b / 1e9)
             else:
-                what = f"no progress from the server for {val / 1e9:.1f} s"
+                what = WHY_TEXT[why].format(a=<uint64_t>a, b=b, x=x)
             if c.reconnecting:
                 log.warning("nbd %s, queue %d: %s; reconnecting (%d requests in flight wait "
                             "for it)", self.backend.uri, q.q_id, what, c.inflight)
@@ -549,21 +815,18 @@ cdef class NbdTarget(NativeTarget):
         c.fd = fd
         c.dead = False
         c.rtag = -1
-        c.rgot = 0
         c.rhead = 0
         c.rtail = 0
         c.head_off = 0
         c.sq_head = 0
+        c.last_progress = pyu_now_ns()   # the reconnect took a while
         for tag in range(c.depth):
             r = &c.reqs[tag]
             if r.active:
-                r.sent = 0
-                r.replied = 0
-                r.result = r.dlen + r.rlen
+                reset_reply(r, c.last_progress)
                 c.sendq[n] = <uint16_t>tag
                 n += 1
         c.sq_len = n
-        c.last_progress = pyu_now_ns()   # the reconnect took a while
         with gil:
             log.warning("nbd %s, queue %d: reconnected; sending %d requests again",
                         self.backend.uri, q.q_id, n)
@@ -590,10 +853,26 @@ cdef class NbdTarget(NativeTarget):
             self.recv_done(q, c, res)
         elif tgt_data == TD_TIMER:
             c.timer_armed = False
-            if (not c.dead and c.inflight and self.timeout_ns
-                    and q.now_ns - c.last_progress >= self.timeout_ns):
-                self.conn_fail(q, c, WHY_TIMEOUT, q.now_ns - c.last_progress)
+            if not c.dead and c.inflight and self.timeout_ns:
+                self.check_stall(q, c)
         return C_RESUBMITTED
+
+    cdef void check_stall(self, Queue q, Conn *c) noexcept nogil:
+        """Requests wait: kill the connection if the server made no progress for the
+        timeout, or left one request unanswered that long (a reply it lost, or whose
+        DONE chunk never came) while answering others."""
+        cdef int tag, oldest = -1
+        cdef Req *r
+        if q.now_ns - c.last_progress >= self.timeout_ns:
+            self.conn_fail(q, c, WHY_TIMEOUT, 0, q.now_ns - c.last_progress)
+            return
+        for tag in range(c.depth):
+            r = &c.reqs[tag]
+            if r.active and not r.replied and (oldest < 0 or r.t_sent < c.reqs[oldest].t_sent):
+                oldest = tag
+        if oldest >= 0 and q.now_ns - c.reqs[oldest].t_sent >= self.timeout_ns:
+            r = &c.reqs[oldest]
+            self.conn_fail(q, c, WHY_STUCK, self.cookie(r, oldest), q.now_ns - r.t_sent)
 
     cdef int shutdown(self, Queue q) except -1:
         """Cancel the armed receive and timer; the socket stays up, so that the backend

@@ -3,9 +3,11 @@ runs in C on each queue's ring (no Python per request), one connection per queue
 
 The handshake (fixed newstyle, NBD_OPT_GO) is done here, in Python, with blocking
 sockets; the native target (_native_nbd.pyx) then takes over the connected socket.
-Only simple replies are negotiated: structured replies are never requested."""
+Structured replies are asked for (NBD_OPT_STRUCTURED_REPLY) unless turned off; a server
+that refuses them gets simple replies."""
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import time
@@ -21,6 +23,7 @@ NBD_REP_MAGIC = 0x0003E889045565A9
 NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
 NBD_FLAG_NO_ZEROES = 1 << 1
 NBD_OPT_GO = 7
+NBD_OPT_STRUCTURED_REPLY = 8
 NBD_INFO_EXPORT = 0
 NBD_INFO_BLOCK_SIZE = 3
 NBD_REP_ACK = 1
@@ -46,6 +49,8 @@ FLAG_SEND_FUA = 1 << 3
 FLAG_SEND_TRIM = 1 << 5
 FLAG_SEND_WRITE_ZEROES = 1 << 6
 FLAG_CAN_MULTI_CONN = 1 << 8
+
+log = logging.getLogger("pyublk_fast.nbd")
 
 DEFAULT_PORT = 10809
 #: Seconds a queue waits for the server to make progress while requests are in flight
@@ -90,7 +95,8 @@ def parse_uri(uri: str) -> tuple[str, object, str]:
 
 
 class Export:
-    """What NBD_OPT_GO told about an export."""
+    """What NBD_OPT_GO told about an export, and whether structured replies were agreed."""
+    structured = False
     size = 0
     flags = 0
     min_block = 1
@@ -108,8 +114,24 @@ def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
     return bytes(buf)
 
 
-def handshake(sock: socket.socket, export: str) -> Export:
-    """Fixed newstyle negotiation ending with NBD_OPT_GO for ``export``."""
+def _option(sock: socket.socket, opt: int, data: bytes = b"") -> None:
+    sock.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+
+
+def _option_reply(sock: socket.socket, opt: int) -> tuple[int, bytes]:
+    """One reply to option ``opt``: (reply type, body)."""
+    rmagic, ropt, rtype, length = struct.unpack(">QIII", _recv_exact(sock, 20, "option reply"))
+    if rmagic != NBD_REP_MAGIC or ropt != opt:
+        raise NbdError(f"bad option reply from the server (magic {rmagic:#x}, option {ropt})")
+    if length > MAX_OPTION_REPLY:
+        raise NbdError(f"option reply of {length} bytes from the server (too long)")
+    return rtype, _recv_exact(sock, length, "option reply")
+
+
+def handshake(sock: socket.socket, export: str, structured: bool = True) -> Export:
+    """Fixed newstyle negotiation ending with NBD_OPT_GO for ``export``; with
+    ``structured``, NBD_OPT_STRUCTURED_REPLY first (a server that refuses it, with any
+    error, gets simple replies)."""
     magic, opt_magic, gflags = struct.unpack(">QQH", _recv_exact(sock, 18, "greeting"))
     if magic != NBD_MAGIC:
         raise NbdError(f"not an NBD server (bad greeting magic {magic:#x})")
@@ -120,18 +142,19 @@ def handshake(sock: socket.socket, export: str) -> Export:
         raise NbdError("the server does not speak fixed newstyle NBD (not supported)")
     no_zeroes = gflags & NBD_FLAG_NO_ZEROES
     sock.sendall(struct.pack(">I", NBD_FLAG_FIXED_NEWSTYLE | no_zeroes))
-    name = export.encode()
-    data = struct.pack(">I", len(name)) + name + struct.pack(">HHH", 2, NBD_INFO_EXPORT, NBD_INFO_BLOCK_SIZE)
-    sock.sendall(struct.pack(">QII", IHAVEOPT, NBD_OPT_GO, len(data)) + data)
     ex = Export()
+    if structured:
+        _option(sock, NBD_OPT_STRUCTURED_REPLY)
+        rtype, _ = _option_reply(sock, NBD_OPT_STRUCTURED_REPLY)
+        if rtype != NBD_REP_ACK and not rtype & NBD_REP_ERR:
+            raise NbdError(f"bad reply type {rtype:#x} to NBD_OPT_STRUCTURED_REPLY from the server")
+        ex.structured = rtype == NBD_REP_ACK
+    name = export.encode()
+    _option(sock, NBD_OPT_GO, struct.pack(">I", len(name)) + name +
+            struct.pack(">HHH", 2, NBD_INFO_EXPORT, NBD_INFO_BLOCK_SIZE))
     have_export = False
     while True:
-        rmagic, opt, rtype, length = struct.unpack(">QIII", _recv_exact(sock, 20, "option reply"))
-        if rmagic != NBD_REP_MAGIC or opt != NBD_OPT_GO:
-            raise NbdError(f"bad option reply from the server (magic {rmagic:#x}, option {opt})")
-        if length > MAX_OPTION_REPLY:
-            raise NbdError(f"option reply of {length} bytes from the server (too long)")
-        body = _recv_exact(sock, length, "option reply")
+        rtype, body = _option_reply(sock, NBD_OPT_GO)
         if rtype & NBD_REP_ERR:
             why = REP_ERRORS.get(rtype, f"error {rtype & ~NBD_REP_ERR}")
             msg = body.decode(errors="replace").strip()
@@ -160,13 +183,17 @@ class NbdBackend(Backend):
     data_paths = ()
 
     def __init__(self, uri: str, *, timeout: float = DEFAULT_TIMEOUT, reconnect: bool = False,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT):
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, structured_replies: bool = True):
         """Connect to ``uri`` and negotiate its export now (the first queue's connection;
         each further queue opens its own). ``timeout``: seconds without progress from the
-        server, while requests wait, after which they fail with EIO (0: never).
+        server while requests wait, or one request unanswered, after which they fail with
+        EIO (0: never).
         ``reconnect``: when a connection is lost (EOF, a socket error, the timeout), open
         a new one, retrying for ``timeout`` seconds (30 if 0), and send the requests in
-        flight again instead of failing them."""
+        flight again instead of failing them. ``structured_replies``: ask the server for
+        structured replies (it may refuse: then simple replies); False keeps to simple
+        replies (a workaround for a server whose structured replies are broken).
+        ``structured`` says which the connections use."""
         if timeout < 0 or connect_timeout <= 0:
             raise NbdError(f"timeout={timeout}, connect_timeout={connect_timeout}: must be >= 0 "
                            "and > 0")
@@ -174,10 +201,12 @@ class NbdBackend(Backend):
         self.timeout = timeout
         self.reconnect = reconnect
         self.connect_timeout = connect_timeout
+        self.structured_replies = structured_replies
         self.kind, self.addr, self.export = parse_uri(uri)
         self._socks: dict[int, socket.socket] = {}       # by queue
         sock, ex = self._connect()
         self._spare: socket.socket | None = sock
+        self.structured = ex.structured
         self.flags = ex.flags
         self.read_only = bool(ex.flags & FLAG_READ_ONLY)
         self.can_flush = bool(ex.flags & FLAG_SEND_FLUSH)
@@ -197,6 +226,10 @@ class NbdBackend(Backend):
             self.close()
             raise NbdError(f"{uri}: the export's size {ex.size} is less than one "
                            f"{self.block_size}-byte block")
+        log.info("nbd %s: %d bytes, flags %#x, %s", uri, self.size, self.flags,
+                 "structured replies" if self.structured else
+                 "simple replies (" + ("the server refused structured replies)" if structured_replies
+                                       else "structured replies turned off)"))
 
     def _connect(self) -> tuple[socket.socket, Export]:
         where = self.addr if self.kind == "unix" else f"{self.addr[0]}:{self.addr[1]}"
@@ -219,7 +252,7 @@ class NbdBackend(Backend):
             raise NbdError(f"{self.uri}: cannot connect to {where}: "
                            f"{exc.strerror or exc}") from None
         try:
-            ex = handshake(sock, self.export)
+            ex = handshake(sock, self.export, self.structured_replies)
         except NbdError as exc:
             sock.close()
             raise NbdError(f"{self.uri}: {exc}") from None
@@ -257,10 +290,12 @@ class NbdBackend(Backend):
     def _connect_same(self) -> socket.socket:
         """A new connection to the export, which must not have changed."""
         sock, ex = self._connect()
-        if ex.flags != self.flags or ex.size - ex.size % self.block_size != self.size:
+        if (ex.flags != self.flags or ex.size - ex.size % self.block_size != self.size
+                or ex.structured != self.structured):
             sock.close()
             raise NbdError(f"{self.uri}: the export changed between connections (size "
-                           f"{ex.size}, flags {ex.flags:#x})")
+                           f"{ex.size}, flags {ex.flags:#x}, "
+                           f"{'structured' if ex.structured else 'simple'} replies)")
         return sock
 
     def reconnect_socket(self, q_id: int) -> int:
@@ -290,11 +325,17 @@ class NbdBackend(Backend):
                                  "and send the requests in flight again instead of failing them")
         parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                             help="fail in-flight requests with EIO after the server made no "
-                                 f"progress this long (0: never; default {DEFAULT_TIMEOUT:g})")
+                                 "progress this long, or left one request unanswered this long "
+                                 f"(0: never; default {DEFAULT_TIMEOUT:g})")
+        parser.add_argument("--no-structured-replies", dest="structured_replies",
+                            action="store_false",
+                            help="do not ask the server for structured replies: simple replies "
+                                 "only (for a server whose structured replies are broken)")
 
     @classmethod
     def from_args(cls, ns):
-        return cls(ns.uri, timeout=ns.timeout, reconnect=ns.reconnect)
+        return cls(ns.uri, timeout=ns.timeout, reconnect=ns.reconnect,
+                   structured_replies=ns.structured_replies)
 
     def native_target(self):
         return NbdTarget(self)

@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -94,11 +95,15 @@ def nbdkit_argv(*extra: str, params: tuple[str, ...] = (), size: int = SIZE):
     return argv
 
 
-def qemu_nbd_argv(image: str, export: str = "disk", shared: int = 4, fmt: str = "qcow2"):
+def qemu_nbd_argv(image: str, export: str = "disk", shared: int = 4, fmt: str = "qcow2",
+                  holes_log: str | None = None):
+    """qemu-nbd; holes_log: a file its trace writes a line to for each hole chunk it sends."""
+    trace = ["--trace", f"enable=nbd_co_send_structured_read_hole,file={holes_log}"] if holes_log else []
+
     def argv(kind, addr):
         where = ["-k", addr] if kind == "unix" else ["-b", "127.0.0.1", "-p", str(addr[1])]
         return ["qemu-nbd", "-f", fmt, "-t", "-e", str(shared), "-x", export,
-                *where, image]
+                *where, *trace, image]
     return argv
 
 
@@ -157,13 +162,18 @@ def test_uris_as_libnbd_and_qemu_write_them():
 
 # -- real servers ---------------------------------------------------------------------------
 
+# each transport once, and each reply kind once (nbdkit and qemu-nbd offer structured replies)
+KIND_REPLIES = [("unix", "structured"), ("tcp", "simple")]
+
+
 @need_nbdkit
-@pytest.mark.parametrize("kind", ["unix", "tcp"])
-def test_nbdkit_memory_data_matches_model(sim, servers, kind):
+@pytest.mark.parametrize("kind,replies", KIND_REPLIES)
+def test_nbdkit_memory_data_matches_model(sim, servers, kind, replies):
     srv = servers(nbdkit_argv(), kind)
-    backend = NbdBackend(srv.uri)
+    backend = NbdBackend(srv.uri, structured_replies=replies == "structured")
     assert (backend.size, backend.read_only, backend.can_flush, backend.can_fua,
-            backend.can_discard, backend.can_write_zeroes) == (SIZE, False, True, True, True, True)
+            backend.can_discard, backend.can_write_zeroes, backend.structured) == \
+        (SIZE, False, True, True, True, True, replies == "structured")
     model = bytearray(SIZE)
     with Device(backend, sim, queues=2, depth=32) as dev, dev.open() as blk:
         random_io(blk, model, random.Random(kind), 150, SIZE)
@@ -261,17 +271,25 @@ def test_recovered_queue_opens_a_new_connection(sim, servers):
 
 
 @need_qemu
-@pytest.mark.parametrize("kind", ["unix", "tcp"])
-def test_qemu_nbd_qcow2_holds_what_was_written(sim, servers, tmp_path, kind):
+@pytest.mark.parametrize("kind,replies", KIND_REPLIES)
+def test_qemu_nbd_qcow2_holds_what_was_written(sim, servers, tmp_path, kind, replies):
+    """Random I/O read back against a model; the image holds what was written. With
+    structured replies, qemu-nbd sends the qcow2's unallocated clusters as hole chunks
+    (its trace counts them), which read back as zeros."""
     image = str(tmp_path / "disk.qcow2")
+    holes = tmp_path / "holes.log"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, str(SIZE)], check=True)
-    srv = servers(qemu_nbd_argv(image), kind, export="disk")
+    srv = servers(qemu_nbd_argv(image, holes_log=str(holes)), kind, export="disk")
     model = bytearray(SIZE)
-    with Device(NbdBackend(srv.uri), sim, depth=32) as dev, dev.open() as blk:
+    backend = NbdBackend(srv.uri, structured_replies=replies == "structured")
+    assert backend.structured == (replies == "structured")
+    with Device(backend, sim, depth=32) as dev, dev.open() as blk:
         random_io(blk, model, random.Random(kind), 150, SIZE, discards=False)
         blk.flush()
         assert blk.pread(SIZE, 0) == bytes(model)
     srv.stop()
+    sent = holes.read_text().count("read hole") if holes.exists() else 0
+    assert (sent > 0) == (replies == "structured"), f"{sent} hole chunks sent"
     raw = tmp_path / "model.raw"
     raw.write_bytes(model)
     cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), image],
@@ -300,10 +318,13 @@ def test_missing_export_is_named(servers, tmp_path):
 
 class FakeServer:
     """One NBD server connection in a thread: a handshake (or a broken one), then
-    ``on_request(conn, header fields, data)`` for each request until it returns False."""
+    ``on_request(conn, header fields, data)`` for each request until it returns False.
+    It agrees to structured replies only if ``structured`` (it refuses them as
+    unsupported otherwise); ``options`` lists the options the client sent."""
 
     def __init__(self, tmp_path, on_request=None, greeting=None, go_reply=None,
-                 size=1 * MiB, flags=proto.FLAG_HAS_FLAGS | proto.FLAG_SEND_FLUSH):
+                 size=1 * MiB, flags=proto.FLAG_HAS_FLAGS | proto.FLAG_SEND_FLUSH,
+                 structured=False):
         self.path = str(tmp_path / "fake.sock")
         self.uri = f"nbd+unix:///?socket={self.path}"
         self.lsock = socket.socket(socket.AF_UNIX)
@@ -313,6 +334,9 @@ class FakeServer:
         self.greeting = greeting
         self.go_reply = go_reply
         self.size, self.flags = size, flags
+        self.structured = structured
+        self.structured_reply = 0           # a reply type to the option in place of the usual
+        self.options: list[int] = []
         self.conns: list[socket.socket] = []
         self.seen: list[tuple[int, int]] = []     # (command, its flags) of each request
         self.thread = threading.Thread(target=self.serve, daemon=True)
@@ -346,11 +370,17 @@ class FakeServer:
             conn.sendall(struct.pack(">QQH", proto.NBD_MAGIC, proto.IHAVEOPT,
                                      proto.NBD_FLAG_FIXED_NEWSTYLE | proto.NBD_FLAG_NO_ZEROES))
             self.recv(conn, 4)
-            _, opt, length = struct.unpack(">QII", self.recv(conn, 16))
-            self.recv(conn, length)
 
             def reply(rtype, body=b""):
                 conn.sendall(struct.pack(">QIII", proto.NBD_REP_MAGIC, opt, rtype, len(body)) + body)
+            while True:
+                _, opt, length = struct.unpack(">QII", self.recv(conn, 16))
+                self.recv(conn, length)
+                self.options.append(opt)
+                if opt != proto.NBD_OPT_STRUCTURED_REPLY:
+                    break
+                reply(self.structured_reply or
+                      (proto.NBD_REP_ACK if self.structured else proto.NBD_REP_ERR | 1))
             if self.go_reply is not None:
                 reply(*self.go_reply)
                 self.recv(conn, 1)
@@ -419,6 +449,30 @@ def good(conn, cmd, cookie, off, n, data):
     return True
 
 
+def chunk(cookie, rtype, payload=b"", done=False, magic=0x668e33ef) -> bytes:
+    """A structured reply chunk."""
+    return struct.pack(">IHHQI", magic, 1 if done else 0, rtype, cookie, len(payload)) + payload
+
+
+def data_chunk(cookie, off, data, done=False) -> bytes:
+    return chunk(cookie, 1, struct.pack(">Q", off) + data, done)
+
+
+def hole_chunk(cookie, off, n, done=False) -> bytes:
+    return chunk(cookie, 2, struct.pack(">QI", off, n), done)
+
+
+def error_chunk(cookie, err, msg=b"", offset=None, done=True, rtype=None) -> bytes:
+    body = struct.pack(">IH", err, len(msg)) + msg
+    if offset is not None:
+        body += struct.pack(">Q", offset)
+    return chunk(cookie, rtype or (0x8002 if offset is not None else 0x8001), body, done)
+
+
+def none_chunk(cookie) -> bytes:
+    return chunk(cookie, 0, done=True)
+
+
 FAULTS = {
     "bad magic": (lambda conn, cmd, cookie, off, n, data: simple_reply(conn, cookie, magic=0x12345678),
                   "bad reply magic 0x12345678"),
@@ -436,29 +490,75 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("fault", list(FAULTS))
-def test_protocol_violation_fails_requests_with_eio(sim, fake, caplog, fault):
+
+def bad_read(*chunks):
+    """A fault: the chunks of a READ's reply, made of its (cookie, off, n)."""
+    return lambda conn, cmd, cookie, off, n, data: conn.sendall(b"".join(c(cookie, off, n) for c in chunks))
+
+
+STRUCTURED_FAULTS = {
+    "bad magic": (FAULTS["bad magic"][0], "bad reply magic 0x12345678"),
+    "unknown cookie": (bad_read(lambda k, off, n: data_chunk(k ^ 0x5a5a0000, off, bytes(n), True)),
+                       "replied to unknown cookie"),
+    "simple reply to a read": (lambda conn, cmd, cookie, off, n, data: simple_reply(conn, cookie, data=bytes(n)),
+                               "simple reply to READ cookie 0x2000000.., where structured replies"),
+    "data after the end": (bad_read(lambda k, off, n: data_chunk(k, off + n - 512, bytes(1024), True)),
+                           r"bytes 11776..12800 \(or an error offset there\), outside the request"),
+    "hole before the start": (bad_read(lambda k, off, n: hole_chunk(k, off - 512, n, True)),
+                              "bytes 3584..11776 .*outside the request"),
+    "error offset outside": (bad_read(lambda k, off, n: error_chunk(k, 5, b"x", offset=off + n)),
+                             "bytes 12288..12288 .*outside the request"),
+    "overlap": (bad_read(lambda k, off, n: data_chunk(k, off + 4096, bytes(4096)),
+                         lambda k, off, n: hole_chunk(k, off, 4097, True)),
+                "bytes 4096..8193 of cookie 0x.*, overlapping an earlier chunk"),
+    "short": (bad_read(lambda k, off, n: data_chunk(k, off, bytes(4096)), lambda k, off, n: none_chunk(k)),
+              "ended the reply to READ cookie 0x.* with 4096 of its 8192 bytes sent"),
+    "scattered": (bad_read(*(lambda k, off, n, i=i: data_chunk(k, off + 512 * i, bytes(256))
+                             for i in range(9))),
+                  "reply to cookie 0x.* in more than 8 separate pieces out of order"),
+    "unexpected type": (bad_read(lambda k, off, n: chunk(k, 5, bytes(12), True)),
+                        "reply chunk of unexpected type 5"),
+    "data chunk too short": (bad_read(lambda k, off, n: chunk(k, 1, struct.pack(">Q", off), True)),
+                             "reply chunk of type 1 with a bad length 8"),
+    "none without done": (bad_read(lambda k, off, n: chunk(k, 0)), "NONE chunk without the DONE flag"),
+    "error message too long": (bad_read(lambda k, off, n: chunk(k, 0x8001, struct.pack(">IH", 5, 9) + b"x", True)),
+                               r"malformed error chunk \(type 32769, length 7\)"),
+    "eof in chunk data": (lambda conn, cmd, cookie, off, n, data: (
+        conn.sendall(data_chunk(cookie, off, bytes(n))[:-100]), conn.shutdown(socket.SHUT_WR)),
+        "closed the connection in the middle of a reply's data"),
+}
+
+
+def good_structured(conn, cmd, cookie, off, n, data):
+    conn.sendall(data_chunk(cookie, off, bytes(n), True) if cmd == 0 else none_chunk(cookie))
+    return True
+
+
+@pytest.mark.parametrize("structured,fault", [(False, k) for k in FAULTS] +
+                         [(True, k) for k in STRUCTURED_FAULTS])
+def test_protocol_violation_fails_requests_with_eio(sim, fake, caplog, structured, fault):
     """The first read gets a good reply; the second a broken one: it fails with EIO, the
     log names why, later requests fail at once, and the device stops (no hang)."""
-    act, why = FAULTS[fault]
+    act, why = (STRUCTURED_FAULTS if structured else FAULTS)[fault]
     calls = []
 
     def on_request(conn, cmd, cookie, off, n, data):
         calls.append(cmd)
         if len(calls) == 1:
-            return good(conn, cmd, cookie, off, n, data)
+            return (good_structured if structured else good)(conn, cmd, cookie, off, n, data)
         act(conn, cmd, cookie, off, n, data)
         return False
-    f = fake(on_request=on_request)
+    f = fake(on_request=on_request, structured=structured)
     caplog.set_level(logging.ERROR, "pyublk_fast.nbd")
     with Device(NbdBackend(f.uri), sim, depth=4) as dev, dev.open() as blk:
+        assert dev.backend.structured == structured
         assert blk.pread(4096, 0) == bytes(4096)
         assert blk.submit([(0, 4096, 8192, bytearray(8192))]) == [-errno.EIO]
         assert blk.submit([(0, 0, 4096, bytearray(4096))]) == [-errno.EIO]
     assert len(calls) == 2
     lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
     assert len(lines) == 1 and "with EIO" in lines[0], lines
-    assert __import__("re").search(why, lines[0]), lines[0]
+    assert re.search(why, lines[0]), lines[0]
 
 
 def test_silent_server_times_out(sim, fake, caplog):
@@ -505,38 +605,185 @@ def pattern(off: int, n: int) -> bytes:
     return (off.to_bytes(8, "big") * (n // 8 + 1))[:n]
 
 
-def test_replies_together_reversed_and_cut_anywhere(sim, fake):
+def structured_read(cookie, off, n, rng) -> tuple[list[bytes], bytes]:
+    """A READ's reply as chunks: [0, n) cut at up to 3 random (unaligned) points, each
+    piece data or a hole, in a shuffled order, DONE on the last one or on a NONE chunk
+    after them; and the bytes the client must end up with."""
+    cuts = sorted(rng.sample(range(1, n), min(3, n - 1)))
+    want = bytearray(pattern(off, n))
+    chunks = []
+    for a, b in zip([0, *cuts], [*cuts, n]):
+        if rng.random() < 0.3:
+            want[a:b] = bytes(b - a)
+            chunks.append(lambda done, a=a, b=b: hole_chunk(cookie, off + a, b - a, done))
+        else:
+            chunks.append(lambda done, a=a, b=b: data_chunk(cookie, off + a, want[a:b], done))
+    rng.shuffle(chunks)
+    if rng.random() < 0.5:
+        return [c(False) for c in chunks] + [none_chunk(cookie)], bytes(want)
+    return [c(False) for c in chunks[:-1]] + [chunks[-1](True)], bytes(want)
+
+
+@pytest.mark.parametrize("replies", ["simple", "structured"])
+def test_replies_together_reversed_and_cut_anywhere(sim, fake, replies):
     """The fake server holds its replies until eight requests are in, then sends them in
     reverse order as one byte stream cut into uneven pieces (headers and read data split
     anywhere; reads larger than the client's staging buffer): every request gets its
-    own data and result."""
+    own data and result. Structured: each READ's reply is data and hole chunks in any
+    order, interleaved with the other replies' chunks (a WRITE's is a NONE chunk or a
+    simple reply, which the protocol allows for replies without payload)."""
     reqs = [(0, 0, 512), (1, 4096, 4096), (0, 8192, 40960), (0, 65536, 102400),
             (1, 200704, 8192), (0, 262144, 4096), (0, 266240, 24576), (1, 524288, 4096)]
-    held = []
+    structured = replies == "structured"
+    rng = random.Random(7)
+    held, want = [], {}
 
     def on_request(conn, cmd, cookie, off, n, data):
         assert cmd != 1 or data == pattern(off, n)
-        held.append(struct.pack(">IIQ", 0x67446698, 0, cookie) + (pattern(off, n) if cmd == 0 else b""))
+        if not structured:
+            held.append([struct.pack(">IIQ", 0x67446698, 0, cookie) + (pattern(off, n) if cmd == 0 else b"")])
+        elif cmd == 0:
+            chunks, want[off] = structured_read(cookie, off, n, rng)
+            held.append(chunks)
+        else:
+            held.append([none_chunk(cookie) if len(held) % 2 else
+                         struct.pack(">IIQ", 0x67446698, 0, cookie)])
         if len(held) == len(reqs):
             held.reverse()
-            stream = b"".join(held)
+            # the replies' chunks interleaved, each reply's in its own order (DONE last)
+            order = [i for i, r in enumerate(held) for _ in r]
+            rng.shuffle(order)
+            pieces = [held[i].pop(0) for i in order]
+            stream = b"".join(pieces)
             # cut in each header and at random; each piece goes once the client has read
             # the one before (nothing unread in the socket), so the cuts are what it sees
-            starts = [sum(map(len, held[:i])) for i in range(len(held))]
-            rng = random.Random(7)
+            starts = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
             cuts = sorted({*(s + rng.randrange(1, 16) for s in starts[1:]),
                            *rng.sample(range(1, len(stream)), 24)})
             for a, b in zip([0, *cuts], [*cuts, len(stream)]):
                 wait_for(lambda: unread(conn) == 0, "the client reading what was sent")
                 conn.sendall(stream[a:b])
         return True
-    f = fake(on_request=on_request)
-    with Device(NbdBackend(f.uri), sim, depth=16) as dev, dev.open() as blk:
+    f = fake(on_request=on_request, structured=structured)
+    backend = NbdBackend(f.uri)
+    assert backend.structured == structured and f.options == [proto.NBD_OPT_STRUCTURED_REPLY, proto.NBD_OPT_GO]
+    with Device(backend, sim, depth=16) as dev, dev.open() as blk:
         bufs = [bytearray(n) if op == 0 else pattern(off, n) for op, off, n in reqs]
         got = blk.submit([(op, off, n, buf) for (op, off, n), buf in zip(reqs, bufs)])
         assert got == [n for _, _, n in reqs]
         for (op, off, n), buf in zip(reqs, bufs):
-            assert op == 1 or buf == pattern(off, n), (off, n)
+            assert op == 1 or buf == want.get(off, pattern(off, n)), (off, n)
+    assert not structured or any(b"\0" * 64 in w for w in want.values()), "no hole was sent"
+
+
+def test_structured_hole_zeroes_what_the_buffer_held(sim, fake):
+    """One tag: the first READ fills its buffer with data; the second gets data chunks
+    around a hole, out of order: the hole reads as zeros, not as what the buffer held."""
+    def on_request(conn, cmd, cookie, off, n, data):
+        if len(f.seen) == 1:
+            conn.sendall(data_chunk(cookie, off, b"\xee" * n, done=True))
+        else:
+            conn.sendall(data_chunk(cookie, off + 12288, b"\x33" * (n - 12288)) +
+                         hole_chunk(cookie, off + 1024, 11264) +
+                         data_chunk(cookie, off, b"\x11" * 1024, done=True))
+        return True
+    f = fake(on_request=on_request, structured=True)
+    with Device(NbdBackend(f.uri), sim, depth=1) as dev, dev.open() as blk:
+        assert blk.pread(32768, 0) == b"\xee" * 32768
+        assert blk.pread(32768, 65536) == b"\x11" * 1024 + bytes(11264) + b"\x33" * 20480
+
+
+def test_structured_error_chunks_fail_only_their_request(sim, fake, caplog):
+    """An error chunk fails its request with its errno (the server's message in the one
+    log line per failed request); other requests in flight, and later ones, succeed."""
+    def on_request(conn, cmd, cookie, off, n, data):
+        if off == 4096:                   # READ: data, then an error for it
+            conn.sendall(data_chunk(cookie, off, pattern(off, 512)) +
+                         error_chunk(cookie, errno.ENOMEM, b"bad sector"))
+        elif off == 8192:                 # WRITE: an error at an offset in it
+            conn.sendall(error_chunk(cookie, errno.ENOSPC, b"", offset=off + 512, done=False) +
+                         none_chunk(cookie))
+        elif off == 12288:                # an error type the client does not know
+            conn.sendall(error_chunk(cookie, errno.EOPNOTSUPP, b"new", rtype=0x8077))
+        elif cmd == 0:
+            conn.sendall(data_chunk(cookie, off, pattern(off, n), done=True))
+        else:
+            conn.sendall(none_chunk(cookie))
+        return True
+    f = fake(on_request=on_request, structured=True)
+    caplog.set_level(logging.WARNING, "pyublk_fast.nbd")
+    with Device(NbdBackend(f.uri), sim, depth=8) as dev, dev.open() as blk:
+        bufs = [bytearray(4096) for _ in range(4)]
+        got = blk.submit([(0, 0, 4096, bufs[0]), (0, 4096, 4096, bufs[1]),
+                          (1, 8192, 4096, bytes(4096)), (0, 12288, 4096, bufs[2]),
+                          (0, 16384, 4096, bufs[3])])
+        assert got == [4096, -errno.ENOMEM, -errno.ENOSPC, -errno.EOPNOTSUPP, 4096]
+        assert bufs[0] == pattern(0, 4096) and bufs[3] == pattern(16384, 4096)
+        assert blk.pread(8192, 65536) == pattern(65536, 8192)
+    lines = sorted(r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd")
+    assert len(lines) == 3, lines
+    assert lines[0].endswith("the server failed READ of 4096 bytes at 12288: Operation not supported "
+                             "(new)"), lines
+    assert lines[1].endswith("the server failed READ of 4096 bytes at 4096: Cannot allocate memory "
+                             "(bad sector)"), lines
+    assert lines[2].endswith("the server failed WRITE of 4096 bytes at 8192: No space left on device"), lines
+
+
+def test_no_structured_replies_keeps_to_simple_ones(sim, fake):
+    """structured_replies=False: the option is never asked for, even of a server that
+    offers it, and simple replies serve."""
+    f = fake(on_request=good, structured=True)
+    backend = NbdBackend(f.uri, structured_replies=False)
+    assert backend.structured is False and f.options == [proto.NBD_OPT_GO]
+    with Device(backend, sim, depth=4) as dev, dev.open() as blk:
+        assert blk.pread(8192, 0) == bytes(8192)
+
+
+def test_reply_kind_is_logged(fake, caplog):
+    """Which reply kind each backend got, and why simple replies where they are."""
+    caplog.set_level(logging.INFO, "pyublk_fast.nbd")
+    f = fake(on_request=good)
+    for offered, asked, want in [(True, True, "structured replies"),
+                                 (False, True, "simple replies (the server refused structured replies)"),
+                                 (True, False, "simple replies (structured replies turned off)")]:
+        f.structured = offered              # for the next connection
+        NbdBackend(f.uri, structured_replies=asked).close()
+        assert caplog.records[-1].getMessage().endswith(f": 1048576 bytes, flags 0x5, {want}")
+
+
+def test_bad_reply_to_the_structured_option_is_one_clear_line(fake):
+    """A server answering NBD_OPT_STRUCTURED_REPLY with neither ACK nor an error."""
+    f = fake(on_request=good)
+    f.structured_reply = proto.NBD_REP_INFO
+    with pytest.raises(NbdError, match="bad reply type 0x3 to NBD_OPT_STRUCTURED_REPLY"):
+        NbdBackend(f.uri)
+
+
+def test_structured_reply_missing_done_times_out(sim, fake, caplog):
+    """A READ's data comes without DONE, and the server goes on answering new cookies:
+    once that READ waited the timeout it fails (no hang), with the cookie named."""
+    def on_request(conn, cmd, cookie, off, n, data):
+        conn.sendall(data_chunk(cookie, off, pattern(off, n), done=off != 0))
+        return True
+    f = fake(on_request=on_request, structured=True)
+    caplog.set_level(logging.WARNING, "pyublk_fast.nbd")
+    with Device(NbdBackend(f.uri, timeout=0.5), sim, depth=4) as dev, dev.open() as blk, \
+            dev.open() as blk2:
+        out = []
+        stuck = threading.Thread(target=lambda: out.append(blk.submit([(0, 0, 4096, bytearray(4096))],
+                                                                      timeout=TIMEOUT)))
+        stuck.start()
+        wait_for(lambda: f.seen, "the READ at the server")
+        others = []
+        while stuck.is_alive():             # new cookies, answered, while it waits
+            others += blk2.submit([(0, 4096, 4096, bytearray(4096))], timeout=TIMEOUT)
+            assert len(others) < 100000
+        stuck.join()
+        assert out == [[-errno.EIO]]
+    assert others[0] == 4096 and others[-1] == -errno.EIO
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
+    assert len(lines) == 1 and re.search(r"no reply to cookie 0x1\d{8} for 0\.\d s, while the "
+                                         r"server answered others; failing", lines[0]), lines
 
 
 # -- the command line -----------------------------------------------------------------------
@@ -552,8 +799,9 @@ def test_cli_unreachable_server_is_one_line(tmp_path):
 
 @need_nbdkit
 def test_cli_add_serves_the_export(sim, servers, monkeypatch):
-    """`add -t nbd --uri URI --timeout S`: the options build the backend (the record keeps
-    the URI, which `list` prints), and the device reads what the server holds."""
+    """`add -t nbd --uri URI --timeout S --reconnect --no-structured-replies`: the options
+    build the backend (the record keeps them, which `list` prints), and the device reads
+    what the server holds, through simple replies."""
     from pyublk_fast import cli
     from pyublk_fast.transport.sim import SimTransport
     monkeypatch.setattr(cli, "KernelTransport", lambda unprivileged=False: SimTransport())
@@ -561,13 +809,16 @@ def test_cli_add_serves_the_export(sim, servers, monkeypatch):
     with Device(NbdBackend(srv.uri), sim) as dev, dev.open() as blk:
         blk.pwrite(b"\x5a" * 8192, 8192)
     a, extra = cli.build_parser().parse_known_args(["add", "-t", "nbd", "--uri", srv.uri,
-                                                    "--timeout", "5", "-q", "2", "--reconnect"])
+                                                    "--timeout", "5", "-q", "2", "--reconnect",
+                                                    "--no-structured-replies"])
     opts = cli.add_options(a, extra)
-    assert opts["backend_args"] == {"uri": srv.uri, "timeout": 5.0, "reconnect": True}
+    assert opts["backend_args"] == {"uri": srv.uri, "timeout": 5.0, "reconnect": True,
+                                    "structured_replies": False}
     cli.check_options(opts)
     transport, dev = cli.start_server(opts)
     try:
-        assert (dev.backend.timeout, dev.backend.reconnect, dev.nr_queues) == (5.0, True, 2)
+        assert (dev.backend.timeout, dev.backend.reconnect, dev.backend.structured,
+                dev.nr_queues) == (5.0, True, False, 2)
         with dev.open() as blk:
             assert blk.pread(16384, 4096) == bytes(4096) + b"\x5a" * 8192 + bytes(4096)
     finally:

@@ -10,11 +10,20 @@ is `python -m pyublk_fast add -t nbd` (/dev/ublkbN); both use one connection. Po
 (MiB/s), 4 KiB random read at QD1 (mean and median latency). The order of the clients
 alternates over rounds; the table shows medians and the per-round ratios ours / kernel
 (for latency, lower is better). Prints a Markdown table and writes JSON next to it.
+
+With --counts, the 4 KiB QD32 points are traced (perf) on both sides, per request: our
+server's io_uring_enter calls, SQEs (and of them sendmsg and recv; and how many sendmsg
+waited for room in the socket's buffer), CQEs, context
+switches and CPU time, and for every client qemu-nbd's syscalls, recvmsg and sendmsg
+calls, context switches and CPU time, in a second table: load-robust measures of how
+each client feeds the server (CPU times under TCG are inflated, and comparable only
+within one run).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import shutil
 import statistics
 import subprocess
@@ -26,7 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from vs_kublk import fio, ours_add, sh  # noqa: E402 - the same fio runs and CLI server as vs_kublk
+from vs_kublk import (fio, hold_tracepoints, ours_add, requests_done, server_pid,  # noqa: E402
+                      sh)   # the same fio runs, CLI server and perf counting as vs_kublk
 
 from pyublk_fast.bench.report import emit_paired, paired_ratio  # noqa: E402
 from pyublk_fast.util import kernel_release, wait_until  # noqa: E402
@@ -40,6 +50,23 @@ POINTS = [("4k randread QD32 IOPS", "randread_4k_qd32_iops", "randread", "4k", 3
           ("128k write QD32 MiB/s", "write_128k_qd32_mib_s", "write", "128k", 32, "mib_s"),
           ("4k randread QD1 mean lat (us)", "randread_4k_qd1_lat_mean_us", "randread", "4k", 1,
            "lat_mean_us")]
+
+# --counts: (column, perf event, filter) per request; ours: our server's process, qemu: qemu-nbd's
+IORING_OP_SENDMSG, IORING_OP_RECV = 9, 27
+OURS_COUNTS = [("enter", "syscalls:sys_enter_io_uring_enter", None),
+               ("sqes", "io_uring:io_uring_submit_req", None),
+               ("sendmsg", "io_uring:io_uring_submit_req", f"opcode == {IORING_OP_SENDMSG}"),
+               ("recv", "io_uring:io_uring_submit_req", f"opcode == {IORING_OP_RECV}"),
+               # a sendmsg that found the socket's buffer full waits for room (poll)
+               ("send_waits", "io_uring:io_uring_poll_arm", f"opcode == {IORING_OP_SENDMSG}"),
+               ("cqes", "io_uring:io_uring_complete", None),
+               ("csw", "context-switches", None),
+               ("cpu_us", "task-clock", None)]
+QEMU_COUNTS = [("syscalls", "raw_syscalls:sys_enter", None),
+               ("recvmsg", "syscalls:sys_enter_recvmsg", None),
+               ("sendmsg", "syscalls:sys_enter_sendmsg", None),
+               ("csw", "context-switches", None),
+               ("cpu_us", "task-clock", None)]
 
 
 def serve_image(fmt: str, size: int, workdir: str) -> tuple[str, subprocess.Popen]:
@@ -74,6 +101,34 @@ def kernel_add(sock: str) -> tuple[str, callable]:
     return NBD_DEV, remove
 
 
+def per_request(path: str, run: callable, traced: dict[str, tuple[int, list]]) -> tuple[dict, dict]:
+    """run()'s result, and each event of each traced process ({name: (pid, events)}) per
+    request the device completed meanwhile, as {name_column: count}."""
+    perfs = {}
+    for name, (pid, events) in traced.items():
+        out = f"/tmp/vs-nbd-perf-{name}-{pid}.txt"
+        argv = ["perf", "stat", "-x,", "-o", out, "-p", str(pid)]
+        for _, event, filt in events:
+            argv += ["-e", event] + (["--filter", filt] if filt else [])
+        perfs[name] = (subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out)
+    time.sleep(0.5)                     # perf attaches to every thread first
+    before = requests_done(path)
+    res = run()
+    n = max(requests_done(path) - before, 1)
+    counts = {}
+    for name, (perf, out) in perfs.items():
+        perf.send_signal(signal.SIGINT)
+        perf.wait(timeout=30)
+        # one line per event, in the order given (value,unit,event,...; "<not counted>" too)
+        lines = [ln.split(",") for ln in Path(out).read_text().splitlines()
+                 if ln and not ln.startswith("#") and ln.count(",") >= 2]
+        os.unlink(out)
+        for (col, *_), f in zip(traced[name][1], lines):
+            scale = 1000 if col.endswith("_us") else 1       # perf gives task-clock in ms
+            counts[f"{name}_{col}"] = float(f[0]) * scale / n if f[0].replace(".", "").isdigit() else None
+    return res, counts
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runtime", type=float, default=4.0)
@@ -81,8 +136,17 @@ def main() -> int:
     ap.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="the exported image")
     ap.add_argument("--ours-extra", action="append", default=[],
                     help="also run our server with these extra `add` options (repeatable)")
+    ap.add_argument("--other", action="append", default=[], metavar="LABEL=PYTHON",
+                    help="also run the server of another checkout: an interpreter that imports "
+                    "it, shown as LABEL (before/after comparisons in one boot; repeatable)")
+    ap.add_argument("--points", default="",
+                    help="comma-separated subset of the points' keys (default: all)")
+    ap.add_argument("--counts", action="store_true",
+                    help="trace the 4k QD32 points on both sides (perf): per-request counts in "
+                    "a second table (the IOPS are then those of the traced runs)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    points = [p for p in POINTS if not a.points or p[1] in a.points.split(",")]
     if not os.path.exists("/dev/ublk-control"):
         sys.exit("no ublk driver here (/dev/ublk-control): run this in the VM, as the "
                  "docstring shows (tools/vm/run ... -- python3 benchmarks/kernel/vs_nbd.py)")
@@ -103,6 +167,20 @@ def main() -> int:
         clients.append((f"pyublk_fast {extra}",
                         lambda e=extra: ours_add(["-t", "nbd", "--uri", uri, "-q", "1", "-d", "128",
                                                   *e.split()])))
+    for other in a.other:
+        label, python = other.split("=", 1)
+        clients.append((label, lambda p=python: ours_add(["-t", "nbd", "--uri", uri, "-q", "1",
+                                                          "-d", "128"], python=p)))
+    holds = []
+    if a.counts:     # every tracepoint on for the whole run (vs_kublk's hold says why)
+        holds = [hold_tracepoints(), subprocess.Popen(
+            ["perf", "stat", "-a", "-o", "/dev/null", "-e", "io_uring:io_uring_poll_arm"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            # and perf's context-switch hooks, which each per-process session (task-clock,
+            # context-switches) would switch on and off: that text patching once oopsed
+            # a vCPU in __schedule (int3) under TCG
+            subprocess.Popen(["perf", "stat", "-o", "/dev/null", "-e", "task-clock,context-switches",
+                              "-p", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     rows = []
     try:
         for rnd in range(a.rounds):
@@ -115,8 +193,15 @@ def main() -> int:
                     rows.append(dict(row, error=str(exc)[:200]))
                     continue
                 try:
-                    for _, key, rw, bs, qd, field in POINTS:
-                        res = fio(path, qd, a.runtime, rw, bs)
+                    for _, key, rw, bs, qd, field in points:
+                        if a.counts and bs == "4k" and qd == 32:
+                            traced = {"qemu": (server.pid, QEMU_COUNTS)}
+                            if path.startswith("/dev/ublkb"):
+                                traced["ours"] = (server_pid(path), OURS_COUNTS)
+                            res, counts = per_request(path, lambda: fio(path, qd, a.runtime, rw, bs), traced)
+                            row.update({f"{key}_{k}": v for k, v in counts.items()})
+                        else:
+                            res = fio(path, qd, a.runtime, rw, bs)
                         row[key] = res[field]
                         if qd == 1:
                             row["randread_4k_qd1_lat_p50_us"] = res["lat_p50_us"]
@@ -128,28 +213,50 @@ def main() -> int:
         server.terminate()
         server.wait(30)
         shutil.rmtree(workdir, ignore_errors=True)
+        for hold in holds:
+            hold.terminate()
+            hold.wait(30)
     lines = [f"kernel {kernel_release()}, qemu TCG, {os.cpu_count()} vCPUs, qemu-nbd on a {a.format} "
              f"image in tmpfs over a Unix socket, one connection each, {a.runtime:g} s per point, "
              f"{a.rounds} rounds (order alternating); medians, ratios ours / kernel nbd paired per "
              "round (min..max)", "",
-             "| client | " + " | ".join(f"{c} | vs kernel" for c, *_ in POINTS) + " |",
-             "|---|" + "---|---|" * len(POINTS)]
+             "| client | " + " | ".join(f"{c} | vs kernel" for c, *_ in points) + " |",
+             "|---|" + "---|---|" * len(points)]
     ref = {r["round"]: r for r in rows if r["client"] == "kernel nbd" and "error" not in r}
     for name, _ in clients:
         mine = {r["round"]: r for r in rows if r["client"] == name}
         errs = [r["error"] for r in mine.values() if "error" in r]
         if errs:
-            lines.append(f"| {name} | error: {errs[0]} |" + " |" * (2 * len(POINTS) - 1))
+            lines.append(f"| {name} | error: {errs[0]} |" + " |" * (2 * len(points) - 1))
             continue
         cells = []
-        for _, key, *_ in POINTS:
+        for _, key, *_ in points:
             med = statistics.median(r[key] for r in mine.values())
             ratios = [mine[k][key] / ref[k][key] for k in mine if k in ref and ref[k][key]]
             cells.append(f"{med:.1f} | {paired_ratio(ratios)}" if key.endswith("_us")
                          else f"{med:.0f} | {paired_ratio(ratios)}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if a.counts:
+        lines += count_table(rows, clients, points)
     emit_paired("\n".join(lines), rows, a.out, f"vs_nbd_{a.format}" if a.format != "raw" else "vs_nbd")
     return 0
+
+
+def count_table(rows: list[dict], clients: list, points: list) -> list[str]:
+    """The --counts table: per request, medians of the rounds."""
+    cols = [f"ours_{c}" for c, *_ in OURS_COUNTS] + [f"qemu_{c}" for c, *_ in QEMU_COUNTS]
+    out = ["", "Per request, medians of the rounds (perf while fio ran the point; ours_*: our "
+           "server's process, qemu_*: qemu-nbd's; '-': not ours)", "",
+           "| client | point | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, _ in clients:
+        mine = [r for r in rows if r["client"] == name and "error" not in r]
+        for _, key, rw, bs, qd, _ in points:
+            if bs != "4k" or qd != 32 or not mine:
+                continue
+            vals = [[r.get(f"{key}_{c}") for r in mine] for c in cols]
+            out.append(f"| {name} | {rw} | " + " | ".join(
+                f"{statistics.median(v):.2f}" if None not in v else "-" for v in vals) + " |")
+    return out
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The nbd backend on the real driver, against servers in the guest: fio crc32c verify
-on nbdkit's memory plugin, discard and write-zeroes reaching the server (and reading back
+on nbdkit's memory plugin (with structured replies, the default, and with simple ones), discard and write-zeroes reaching the server (and reading back
 as zeros), ext4 on qemu-nbd serving a qcow2 image (the image holds what was written), the
 CLI's `add -t nbd` / `list`, and qemu-nbd killed and restarted under fio with --reconnect."""
 from __future__ import annotations
@@ -59,8 +59,11 @@ def nbdkit(tmp_path):
     stop(proc)
 
 
-def test_nbd_fio_verify(kt, nbdkit):
-    with Device(NbdBackend(nbdkit), kt, queues=2, depth=32) as dev:
+@pytest.mark.parametrize("replies", ["structured", "simple"])
+def test_nbd_fio_verify(kt, nbdkit, replies):
+    backend = NbdBackend(nbdkit, structured_replies=replies == "structured")
+    assert backend.structured == (replies == "structured")
+    with Device(backend, kt, queues=2, depth=32) as dev:
         out = fio(*fio_verify_args(kt.block_path(dev.dev_id)))
         assert all(j["write"]["io_bytes"] > 0 and j["read"]["io_bytes"] > 0 for j in out["jobs"])
         assert dev.requests_served > 0
