@@ -28,6 +28,7 @@ flight again.
 import logging
 import os
 import struct
+import time
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
@@ -313,6 +314,9 @@ cdef void free_conn(Conn *c) noexcept nogil:
         free(c)
 
 
+cdef int ERR_LINES_PER_S = 10    # server error lines logged a second, at most
+
+
 cdef class NbdTarget(NativeTarget):
     cdef object backend
     cdef Conn **conns            # by queue id; each queue thread touches only its own
@@ -322,6 +326,9 @@ cdef class NbdTarget(NativeTarget):
     cdef uint32_t max_block
     cdef int64_t timeout_ns
     cdef int64_t tick_ns
+    cdef double err_window       # server errors logged: this second's start (monotonic),
+    cdef int err_lines           # lines in it, and errors left out since the last line
+    cdef int err_quiet
 
     def __cinit__(self):
         self.conns = <Conn **>calloc(MAX_QUEUES, sizeof(Conn *))
@@ -622,10 +629,20 @@ cdef class NbdTarget(NativeTarget):
             return
         r.result = nbd_errno(err)
         with gil:
+            # a server failing everything must not flood the log
+            now = time.monotonic()
+            if now - self.err_window >= 1.0:
+                self.err_window, self.err_lines = now, 0
+            if self.err_lines >= ERR_LINES_PER_S:
+                self.err_quiet += 1
+                return
+            self.err_lines += 1
             text = msg[:mlen].decode(errors="replace") if mlen else ""
-            log.error("nbd %s, queue %d: the server failed %s of %d bytes at %d: %s%s",
+            more = f" ({self.err_quiet} more server errors not logged)" if self.err_quiet else ""
+            self.err_quiet = 0
+            log.error("nbd %s, queue %d: the server failed %s of %d bytes at %d: %s%s%s",
                       self.backend.uri, q.q_id, CMD_NAMES.get(r.cmd, r.cmd), r.len, r.off,
-                      os.strerror(-r.result), f" ({text})" if text else "")
+                      os.strerror(-r.result), f" ({text})" if text else "", more)
 
     cdef bint parse_replies(self, Queue q, Conn *c) noexcept nogil:
         """Take every whole reply (or chunk) header staged, and the data it brings; False

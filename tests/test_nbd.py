@@ -729,6 +729,33 @@ def test_structured_error_chunks_fail_only_their_request(sim, fake, caplog):
     assert lines[2].endswith("the server failed WRITE of 4096 bytes at 8192: No space left on device"), lines
 
 
+
+def test_server_errors_are_logged_ten_lines_a_second_at_most(sim, fake, caplog, monkeypatch):
+    """A server failing every request does not flood the log: ten lines a second, then
+    the next line says how many were left out (the clock is the test's)."""
+    from pyublk_fast.backends import _native_nbd
+    now = [1000.0]
+    monkeypatch.setattr(_native_nbd, "time", type("Clock", (), {"monotonic": lambda: now[0]}))
+
+    def on_request(conn, cmd, cookie, off, n, data):
+        conn.sendall(error_chunk(cookie, errno.EIO, b"dead disk"))
+        return True
+    f = fake(on_request=on_request, structured=True)
+    caplog.set_level(logging.WARNING, "pyublk_fast.nbd")
+
+    def server_lines():
+        return [r.getMessage() for r in caplog.records
+                if r.name == "pyublk_fast.nbd" and "the server failed" in r.getMessage()]
+    with Device(NbdBackend(f.uri), sim, depth=8) as dev, dev.open() as blk:
+        got = blk.submit([(0, i * 4096, 4096, bytearray(4096)) for i in range(25)])
+        assert got == [-errno.EIO] * 25
+        assert len(server_lines()) == 10
+        now[0] += 1.5
+        assert blk.submit([(0, 0, 4096, bytearray(4096))]) == [-errno.EIO]
+    lines = server_lines()
+    assert len(lines) == 11 and lines[-1].endswith("(dead disk) (15 more server errors not logged)"), lines
+
+
 def test_no_structured_replies_keeps_to_simple_ones(sim, fake):
     """structured_replies=False: the option is never asked for, even of a server that
     offers it, and simple replies serve."""
