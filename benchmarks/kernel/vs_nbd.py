@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from vs_kublk import (fio, hold_tracepoints, ours_add, requests_done, server_pid,  # noqa: E402
+from vs_kublk import (fio, hold_events, ours_add, requests_done, server_pid,  # noqa: E402
                       sh)   # the same fio runs, CLI server and perf counting as vs_kublk
 
 from pyublk_fast.bench.report import emit_paired, paired_ratio  # noqa: E402
@@ -172,15 +172,10 @@ def main() -> int:
         clients.append((label, lambda p=python: ours_add(["-t", "nbd", "--uri", uri, "-q", "1",
                                                           "-d", "128"], python=p)))
     holds = []
-    if a.counts:     # every tracepoint on for the whole run (vs_kublk's hold says why)
-        holds = [hold_tracepoints(), subprocess.Popen(
+    if a.counts:     # every event on for the whole run (vs_kublk's hold_events says why)
+        holds = [*hold_events(), subprocess.Popen(
             ["perf", "stat", "-a", "-o", "/dev/null", "-e", "io_uring:io_uring_poll_arm"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-            # and perf's context-switch hooks, which each per-process session (task-clock,
-            # context-switches) would switch on and off: that text patching once oopsed
-            # a vCPU in __schedule (int3) under TCG
-            subprocess.Popen(["perf", "stat", "-o", "/dev/null", "-e", "task-clock,context-switches",
-                              "-p", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     rows = []
     try:
         for rnd in range(a.rounds):
