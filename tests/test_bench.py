@@ -770,3 +770,14 @@ def test_fio_rbd_reference_runs_with_the_backends_librbd_settings(ceph, tmp_path
         assert "librbd::cache::" not in logs["bench"].read_text()
     finally:
         image.close()
+
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks", "kernel"))
+                                           if f.endswith(".py")))
+def test_kernel_benchmark_scripts_load(script):
+    """The VM benchmarks run only in the VM lane: their imports (of each other too) and
+    options are checked here, on every run."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel", script), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "usage:" in run.stdout, run.stderr[-2000:]
