@@ -152,12 +152,13 @@ class Device:
     (it doubles while work arrives within it, halves when not, so an idle queue sleeps;
     0 always sleeps), and the poll yields its CPU to any other runnable thread.
     ``submit_chunk`` is how many SQEs a queue gathers while handling a batch before it
-    submits them, so the backing disk starts on the first ones early. ``batch_io`` True serves the queues with BATCH_IO
-    (Linux 7.0: commands for many tags at once, copy and user_copy paths), False with a
-    command per tag, None as DEFAULT_BATCH_IO says. ``threads_per_queue`` N > 1
-    serves each queue from N threads, each with its own ring, owning every N-th tag
-    (UBLK_F_PER_IO_DAEMON, Linux 6.16: the driver ties a tag to the thread that fetched
-    it), so one queue's work spreads over CPUs; 1..depth, not with batch_io.
+    submits them, so the backing disk starts on the first ones early. ``batch_io`` True
+    serves the queues with BATCH_IO (Linux 7.0: commands for many tags at once, copy and
+    user_copy paths), False with a command per tag, None as DEFAULT_BATCH_IO says.
+    ``threads_per_queue`` N > 1 serves each queue from N threads, each with its own ring,
+    owning every N-th tag (UBLK_F_PER_IO_DAEMON, Linux 6.16: the driver ties a tag to the
+    thread that fetched it), so one queue's work spreads over CPUs; 1..depth, not with
+    batch_io.
     """
 
     def __init__(self, backend, transport, *, queues: int = 1, depth: int = 128,

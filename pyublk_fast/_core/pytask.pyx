@@ -428,7 +428,7 @@ cdef class RingIO:
         st.total = n
         st.off = offset
         st.rw_flags = RWF_DSYNC if dsync else 0
-        st.zero_fill = self.t.zero_fill
+        st.zero_fill = not self.t.no_buffers    # the buffered paths read zeros past EOF
         cdef object waits = None
         if self.q.data_path == DP_SPLICE:
             # all of a request's spliced bytes cross its one pipe: a second transfer
@@ -534,6 +534,7 @@ cdef class PyTarget(NativeTarget):
     cdef object f_read, f_write, f_flush, f_discard, f_zeroes
     cdef list bufs
     cdef bint no_buffers                   # zero copy / splice: requests come without buf
+                                           # (and a read past the file's end is EIO)
     cdef dict splicing                     # splice_zc: tag -> its request I/Os waiting for the
                                            # pipe, for as long as one is in flight
     cdef readonly uint64_t tasks           # requests that awaited (became tasks)
@@ -542,7 +543,6 @@ cdef class PyTarget(NativeTarget):
     cdef pyu_em_row *row                   # this queue's in-flight counts in it
     cdef OpState *mapped                   # per tag: its request served from the map
     cdef uint64_t *mapped_extent           # ... and the extent it counted
-    cdef bint zero_fill                    # buffered paths: a read past EOF gives zeros
     cdef bint drain_woken                  # a mapped request ended on a draining set
 
     def __init__(self, backend, pool_factory):
@@ -582,7 +582,6 @@ cdef class PyTarget(NativeTarget):
         self.late_res = <int32_t *>calloc(q.depth, sizeof(int32_t))
         if self.new_tags == NULL or self.late == NULL or self.late_res == NULL:
             raise MemoryError()
-        self.zero_fill = q.data_path == DP_COPY or q.data_path == DP_USER_COPY
         if self.emap is not None:
             self.mapped = <OpState *>calloc(q.depth, sizeof(OpState))
             self.mapped_extent = <uint64_t *>calloc(q.depth, sizeof(uint64_t))
@@ -669,7 +668,7 @@ cdef class PyTarget(NativeTarget):
         memset(st, 0, sizeof(OpState))
         st.kind = K_REQUEST
         st.read = op == UBLK_IO_OP_READ
-        st.zero_fill = self.zero_fill
+        st.zero_fill = not self.no_buffers
         st.fd = fd
         st.total = n
         st.off = where + (off & ((1ULL << bits) - 1))
@@ -742,7 +741,6 @@ cdef class PyTarget(NativeTarget):
     cdef run_batch(self):
         cdef int i, n
         cdef Op op
-        cdef Task task
         if self.drain_woken:
             self.drain_woken = 0
             self.emap.drained()
