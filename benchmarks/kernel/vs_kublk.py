@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -119,6 +120,8 @@ def hold_events() -> list[subprocess.Popen]:
     sometimes oopses a vCPU running that text (seen as an int3 Oops in
     trace_syscall_enter, and in __schedule for the per-task software events: a session
     on pid 1 keeps their scheduler hooks switched on)."""
+    if shutil.which("perf") is None:
+        sys.exit("--counts needs perf: apt-get install linux-perf on the host (the VM uses its root)")
     if not os.path.isdir("/sys/kernel/tracing/events"):
         subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], check=False)
     tracepoints = [ev for ev in COUNTS.values() if ":" in ev]
