@@ -121,11 +121,15 @@ class RbdImage:
     imported: random writes leave the in-memory OSD's objects in many pieces, and each
     later request then costs it more (a 4 KiB random write's OSD CPU went from 200 to
     350 us within 10 s of writing), so whatever ran second would start on a slower
-    image. Earlier images are removed once nobody has them open."""
+    image. Earlier images are removed once nobody has them open.
+
+    timeout_scale multiplies every time limit (start-cluster's steps too): an emulated
+    machine (the VM benchmark) is that much slower."""
 
     def __init__(self, directory: str, raw_file: Callable[[str], str], conf: str | None = None,
-                 pool: str = "rbd"):
+                 pool: str = "rbd", timeout_scale: int = 1):
         self.dir = os.path.join(directory, "ceph")
+        self.timeout_scale = timeout_scale
         self._raw_file = raw_file
         self.conf = conf
         self.own_cluster = conf is None
@@ -144,9 +148,11 @@ class RbdImage:
         return None
 
     def _env(self) -> dict:
-        return dict(os.environ, CEPH_CONF=self.conf) if self.conf else dict(os.environ)
+        env = dict(os.environ, TIMEOUT_SCALE=str(self.timeout_scale))
+        return dict(env, CEPH_CONF=self.conf) if self.conf else env
 
     def _run(self, argv: list, timeout: float) -> str:
+        timeout *= self.timeout_scale
         try:
             run = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=self._env())
         except subprocess.TimeoutExpired:
@@ -183,7 +189,7 @@ class RbdImage:
         """Remove the earlier images nobody has open any more (the one a server still
         serves stays for the next call)."""
         self._old = [spec for spec in self._old if subprocess.run(
-            ["rbd", "rm", "--no-progress", spec], capture_output=True, timeout=120,
+            ["rbd", "rm", "--no-progress", spec], capture_output=True, timeout=120 * self.timeout_scale,
             env=self._env()).returncode]
 
     def backend_args(self) -> list[str]:
@@ -204,7 +210,8 @@ class RbdImage:
 
     def close(self) -> None:
         if self.own_cluster and self.conf is not None:
-            subprocess.run([CEPH_TOOLS / "stop-cluster", self.dir], capture_output=True, timeout=120)
+            subprocess.run([CEPH_TOOLS / "stop-cluster", self.dir], capture_output=True,
+                           timeout=120 * self.timeout_scale)
             self.conf = None
             self._old = []
         elif not self.own_cluster:

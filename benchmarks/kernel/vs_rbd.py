@@ -1,0 +1,218 @@
+"""Our rbd backend on the real ublk driver against fio's own rbd engine, in one VM run.
+
+    flock /work/vm.lock tools/vm/run -t 1500 -o /tmp/out -- \\
+        python3 benchmarks/kernel/vs_rbd.py --rounds 3 --out /tmp/out
+
+A throwaway Ceph cluster (one monitor, one memstore OSD, tools/ceph/start-cluster) starts
+in the guest, on its loopback interface. Each round runs every client once, in alternating
+order: ours is `python -m pyublk_fast add -t rbd` (/dev/ublkbN, one queue) driven by fio
+with libaio and O_DIRECT; the reference is fio's rbd engine (librbd called from fio, no
+block device in between). Each client-round gets a fresh image of the same size holding
+the same bytes, and both run with the same librbd settings: the bench's RbdImage makes
+the images and the engine's options. Points: 4 KiB random read and write at QD32 (IOPS),
+128 KiB sequential read and write at QD32 (MiB/s), 4 KiB random read at QD1 (mean and
+median latency). The table shows medians and the per-round ratios ours / fio rbd (for
+latency, lower is better), and the CPU each side used per request (ours: the server's
+process plus fio's; the reference: fio's, which holds librbd's threads); CPU times under
+TCG are inflated, comparable only within one run. Prints a Markdown table and writes
+JSON next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from vs_kublk import server_pid, sh  # noqa: E402
+
+from pyublk_fast.bench.report import emit_paired, paired_ratio  # noqa: E402
+from pyublk_fast.bench.services import RbdImage  # noqa: E402
+from pyublk_fast.util import kernel_release  # noqa: E402
+
+IMAGE_SIZE = 64 << 20
+#: the cluster's steps take far longer under the VM's emulated CPUs (as in the kernel tests)
+TIMEOUT_SCALE = 10
+OURS, FIO_RBD = "pyublk_fast", "fio rbd engine"
+
+# (column, key, fio pattern, block size, queue depth, fio result field)
+POINTS = [("4k randread QD32 IOPS", "randread_4k_qd32_iops", "randread", "4k", 32, "iops"),
+          ("4k randwrite QD32 IOPS", "randwrite_4k_qd32_iops", "randwrite", "4k", 32, "iops"),
+          ("128k read QD32 MiB/s", "read_128k_qd32_mib_s", "read", "128k", 32, "mib_s"),
+          ("128k write QD32 MiB/s", "write_128k_qd32_mib_s", "write", "128k", 32, "mib_s"),
+          ("4k randread QD1 mean lat (us)", "randread_4k_qd1_lat_mean_us", "randread", "4k", 1,
+           "lat_mean_us")]
+TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_us(pid: int) -> float:
+    """CPU time (user + system, all threads) process pid has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_US
+
+
+def fio(target: list[str], env: dict | None, rw: str, bs: str, qd: int, runtime: float,
+        server: int | None) -> dict:
+    """One fio job on target (a device with libaio, or the rbd engine); its result and the
+    CPU per request of fio (children's rusage: every thread, librbd's too) and of server."""
+    argv = ["fio", "--output-format=json", "--name=b", f"--rw={rw}", f"--bs={bs}",
+            f"--iodepth={qd}", "--time_based", f"--runtime={runtime}", "--ramp_time=0.5",
+            f"--size={IMAGE_SIZE}", *target]
+    before = cpu_us(server) if server else 0.0
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, text=True)
+        deadline = time.monotonic() + runtime + 120
+        while (done := os.wait4(proc.pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                proc.kill()
+                done = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(done[1])
+        # fio's whole life: its start too (for the engine: librados's connect and the open)
+        fio_cpu = (done[2].ru_utime + done[2].ru_stime) * 1e6
+        out.seek(0)
+        err.seek(0)
+        text = out.read()
+        if proc.returncode or "{" not in text:
+            raise RuntimeError(f"fio {shlex.join(argv[4:])}: exit {proc.returncode}: "
+                               f"{err.read().strip()[-300:]}")
+    server_cpu = cpu_us(server) - before if server else 0.0
+    job = json.loads(text[text.index("{"):])["jobs"][0]
+    r = job["read"] if rw.endswith("read") else job["write"]
+    ios = max(r["total_ios"], 1)     # ramp time's requests are not counted: an upper bound
+    return {"iops": r["iops"], "mib_s": r["bw_bytes"] / (1 << 20),
+            "lat_mean_us": r["clat_ns"]["mean"] / 1000,
+            "lat_p50_us": r["clat_ns"]["percentile"]["50.000000"] / 1000,
+            "fio_cpu_us": fio_cpu / ios, "server_cpu_us": server_cpu / ios}
+
+
+def ours(images: RbdImage, depth: int) -> tuple[list[str], int, callable]:
+    """Our CLI server on a fresh image: fio's target options, the server's pid, and its
+    removal. (Connecting to the cluster under TCG can outlast vs_kublk's ours_add limit.)"""
+    out = sh(sys.executable, "-m", "pyublk_fast", "add", "-t", "rbd", *images.backend_args(),
+             "-q", "1", "-d", str(depth), timeout=60 * TIMEOUT_SCALE)
+    path = out.strip().splitlines()[-1]
+    return ([f"--filename={path}", "--ioengine=libaio", "--direct=1"], server_pid(path),
+            lambda: sh(sys.executable, "-m", "pyublk_fast", "del", "-n", path[len("/dev/ublkb"):],
+                       timeout=60 * TIMEOUT_SCALE))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=3, help="repeat every pair, alternating order")
+    ap.add_argument("--depth", type=int, default=128, help="our device's queue depth")
+    ap.add_argument("--points", default="",
+                    help="comma-separated subset of the points' keys (default: all)")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    points = [p for p in POINTS if not a.points or p[1] in a.points.split(",")]
+    if not os.path.exists("/dev/ublk-control"):
+        sys.exit("no ublk driver here (/dev/ublk-control): run this in the VM, as the "
+                 "docstring shows (tools/vm/run ... -- python3 benchmarks/kernel/vs_rbd.py)")
+    os.chdir(REPO)
+    workdir = tempfile.mkdtemp(prefix="vs-rbd-")
+    raw = os.path.join(workdir, "image.raw")
+    with open(raw, "wb") as f:          # data everywhere: reads hit objects, not holes
+        for _ in range(IMAGE_SIZE >> 20):
+            f.write(os.urandom(1 << 20))
+    images = RbdImage(workdir, lambda kind: raw, timeout_scale=TIMEOUT_SCALE)
+    if why := images.missing():
+        sys.exit(why)
+    if subprocess.run(["fio", "--enghelp=rbd"], capture_output=True).returncode:
+        sys.exit("this fio has no rbd engine (Debian's fio has it)")
+    rows = []
+    try:
+        for rnd in range(a.rounds):
+            # alternate who goes first, so drift in a noisy VM hits both alike
+            for name in ((OURS, FIO_RBD) if rnd % 2 == 0 else (FIO_RBD, OURS)):
+                row = dict(client=name, round=rnd)
+                remove, server = None, None
+                try:
+                    if name == OURS:
+                        target, server, remove = ours(images, a.depth)
+                        env = None
+                    else:
+                        target, env = images.fio_target()
+                    for _, key, rw, bs, qd, field in points:
+                        res = fio(target, env, rw, bs, qd, a.runtime, server)
+                        row[key] = res[field]
+                        row[f"{key}_fio_cpu_us"] = res["fio_cpu_us"]
+                        row[f"{key}_server_cpu_us"] = res["server_cpu_us"]
+                        if qd == 1:
+                            row[key.replace("_mean_", "_p50_")] = res["lat_p50_us"]
+                    rows.append(row)
+                except Exception as exc:   # noqa: BLE001 - reported in the table
+                    rows.append(dict(row, error=str(exc)[:300]))
+                finally:
+                    if remove is not None:
+                        remove()
+    finally:
+        images.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    emit_paired("\n".join(table(rows, points, a)), rows, a.out, "vs_rbd")
+    return 0
+
+
+def table(rows: list[dict], points: list, a: argparse.Namespace) -> list[str]:
+    cmd = f"python3 benchmarks/kernel/vs_rbd.py {shlex.join(sys.argv[1:])}".strip()
+    lines = [f"`{cmd}` in the VM (tools/vm/run): kernel {kernel_release()}, qemu TCG, "
+             f"{os.cpu_count()} vCPUs, a one-monitor one-memstore-OSD Ceph cluster in the guest, "
+             f"a fresh {IMAGE_SIZE >> 20} MiB image per client and round, the same librbd settings; "
+             f"ours: one queue of depth {a.depth}, fio libaio O_DIRECT; {a.runtime:g} s per point, "
+             f"{a.rounds} rounds (order alternating); medians, ratios ours / fio rbd paired per "
+             "round (min..max)", "",
+             "| client | " + " | ".join(f"{c} | vs fio rbd" for c, *_ in points) + " |",
+             "|---|" + "---|---|" * len(points)]
+    ref = {r["round"]: r for r in rows if r["client"] == FIO_RBD and "error" not in r}
+    for name in (FIO_RBD, OURS):
+        mine = {r["round"]: r for r in rows if r["client"] == name}
+        errs = [r["error"] for r in mine.values() if "error" in r]
+        if errs or not mine:
+            lines.append(f"| {name} | error: {errs[0] if errs else 'no run'} |"
+                         + " |" * (2 * len(points) - 1))
+            continue
+        cells = []
+        for _, key, *_ in points:
+            med = statistics.median(r[key] for r in mine.values())
+            ratios = [mine[k][key] / ref[k][key] for k in mine if k in ref and ref[k][key]]
+            cells.append(f"{med:.1f} | {paired_ratio(ratios)}" if key.endswith("_us")
+                         else f"{med:.0f} | {paired_ratio(ratios)}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    qd1 = [p for p in points if p[4] == 1]
+    for name in (FIO_RBD, OURS):
+        mine = [r for r in rows if r["client"] == name and "error" not in r]
+        for _, key, *_ in qd1:
+            if mine:
+                p50 = statistics.median(r[key.replace("_mean_", "_p50_")] for r in mine)
+                lines.append(f"\n{name}: 4k randread QD1 median latency {p50:.1f} us")
+    lines += ["", "CPU per request (us, medians of the rounds; ours: server process + fio "
+              "with libaio; fio rbd: fio with librbd's threads)", "",
+              "| client | " + " | ".join(c for c, *_ in points) + " |",
+              "|---|" + "---|" * len(points)]
+    for name in (FIO_RBD, OURS):
+        mine = [r for r in rows if r["client"] == name and "error" not in r]
+        if not mine:
+            continue
+        cells = []
+        for _, key, *_ in points:
+            fio_us = statistics.median(r[f"{key}_fio_cpu_us"] for r in mine)
+            srv_us = statistics.median(r[f"{key}_server_cpu_us"] for r in mine)
+            cells.append(f"{srv_us:.0f} + {fio_us:.0f}" if name == OURS else f"{fio_us:.0f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
