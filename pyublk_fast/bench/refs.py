@@ -68,16 +68,20 @@ def parse_fio(out: str) -> dict:
 
 def fio(target: str | list[str], rw: str, bs: int, qd: int, runtime: float, timeout: float | None = None,
         env: dict | None = None) -> dict:
-    """fio on a file or block device, or through an engine (see fio_args); cpu_s is fio's
-    own usr+sys."""
+    """fio on a file or block device, or through an engine (see fio_args); cpu_s is the
+    usr+sys of fio's processes, every thread: fio's own figure counts only its job's
+    thread, not the threads an engine's library runs (librbd's messenger and completion
+    threads do most of an rbd request's client work, as they do in the rbd backend's
+    process, whose CPU the rows count whole)."""
     if shutil.which("fio") is None:
         raise RefUnavailable("fio not installed (apt-get install fio)")
+    cpu0 = _children_cpu()
     proc = subprocess.run(fio_args(target, rw, bs, qd, runtime), capture_output=True, text=True,
                           timeout=timeout or runtime * 5 + 60, check=False, env=env)
     if proc.returncode:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise RefUnavailable(f"fio failed: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")
-    return parse_fio(proc.stdout)
+    return dict(parse_fio(proc.stdout), cpu_s=_children_cpu() - cpu0)
 
 
 class NopLoop:
