@@ -541,3 +541,27 @@ def test_a_half_dead_holder_is_blocklisted_before_its_lock_is_broken(sim, ceph):
         old.end()
     with Device(rbd(spec, ceph), sim, depth=8) as dev, dev.open() as blk:
         assert blk.pread(2 * CHUNK, 0) == pattern(2) + pattern(4)
+
+
+# -- the bench's reference -----------------------------------------------------------------
+
+def test_bench_fio_reference_counts_librbds_threads(ceph, tmp_path, monkeypatch):
+    """The bench's fio rbd reference, on an image of the bench's, counts the CPU of every
+    thread of fio's processes: librbd's messenger and completion threads do most of an rbd
+    request's client work, and the backend's rows count them in the server's process.
+    fio's own figure (its job's thread) is several times smaller."""
+    from pyublk_fast.bench import refs
+    from pyublk_fast.bench.services import RbdImage
+    raw = tmp_path / "raw"
+    raw.write_bytes(random.Random(7).randbytes(SIZE))
+    jobs = []
+    parse = refs.parse_fio
+    monkeypatch.setattr(refs, "parse_fio", lambda out: jobs.append(parse(out)) or jobs[-1])
+    image = RbdImage(str(tmp_path), lambda kind: str(raw), conf=ceph.conf, pool=ceph.pool)
+    try:
+        target, env = image.fio_target()
+        r = refs.fio(target, "randwrite", 4096, 16, 1.0, env=env)
+    finally:
+        image.close()
+    assert r["ios"] > 100 and r["errors"] == 0
+    assert r["cpu_s"] > 1.5 * jobs[0]["cpu_s"] > 0, (r["cpu_s"], jobs[0]["cpu_s"])
