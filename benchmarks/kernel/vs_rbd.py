@@ -55,10 +55,19 @@ POINTS = [("4k randread QD32 IOPS", "randread_4k_qd32_iops", "randread", "4k", 3
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_us(pid: int) -> float:
-    """CPU time (user + system, all threads) process pid has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_US
+def thread_cpu_us(pid: int) -> dict[str, float]:
+    """CPU time (user + system) process pid's threads have used so far, by thread name
+    (librbd names its threads; the main thread is "main", the others of ours "queue")."""
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:                 # ended meanwhile
+            continue
+        comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        name = "main" if tid == str(pid) else "queue" if comm.startswith("python") else comm
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) * TICK_US
+    return out
 
 
 def fio(target: list[str], env: dict | None, rw: str, bs: str, qd: int, runtime: float,
@@ -68,7 +77,7 @@ def fio(target: list[str], env: dict | None, rw: str, bs: str, qd: int, runtime:
     argv = ["fio", "--output-format=json", "--name=b", f"--rw={rw}", f"--bs={bs}",
             f"--iodepth={qd}", "--time_based", f"--runtime={runtime}", "--ramp_time=0.5",
             f"--size={IMAGE_SIZE}", *target]
-    before = cpu_us(server) if server else 0.0
+    before = thread_cpu_us(server) if server else {}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, text=True)
         deadline = time.monotonic() + runtime + 120
@@ -87,14 +96,16 @@ def fio(target: list[str], env: dict | None, rw: str, bs: str, qd: int, runtime:
         if proc.returncode or "{" not in text:
             raise RuntimeError(f"fio {shlex.join(argv[4:])}: exit {proc.returncode}: "
                                f"{err.read().strip()[-300:]}")
-    server_cpu = cpu_us(server) - before if server else 0.0
+    after = thread_cpu_us(server) if server else {}
     job = json.loads(text[text.index("{"):])["jobs"][0]
     r = job["read"] if rw.endswith("read") else job["write"]
     ios = max(r["total_ios"], 1)     # ramp time's requests are not counted: an upper bound
+    threads = {name: (us - before.get(name, 0.0)) / ios for name, us in after.items()}
     return {"iops": r["iops"], "mib_s": r["bw_bytes"] / (1 << 20),
             "lat_mean_us": r["clat_ns"]["mean"] / 1000,
             "lat_p50_us": r["clat_ns"]["percentile"]["50.000000"] / 1000,
-            "fio_cpu_us": fio_cpu / ios, "server_cpu_us": server_cpu / ios}
+            "fio_cpu_us": fio_cpu / ios, "server_cpu_us": sum(threads.values()),
+            "server_threads_cpu_us": threads}
 
 
 def ours(images: RbdImage, depth: int) -> tuple[list[str], int, callable]:
@@ -150,6 +161,7 @@ def main() -> int:
                         row[key] = res[field]
                         row[f"{key}_fio_cpu_us"] = res["fio_cpu_us"]
                         row[f"{key}_server_cpu_us"] = res["server_cpu_us"]
+                        row[f"{key}_server_threads_cpu_us"] = res["server_threads_cpu_us"]
                         if qd == 1:
                             row[key.replace("_mean_", "_p50_")] = res["lat_p50_us"]
                     rows.append(row)
@@ -198,7 +210,8 @@ def table(rows: list[dict], points: list, a: argparse.Namespace) -> list[str]:
                 p50 = statistics.median(r[key.replace("_mean_", "_p50_")] for r in mine)
                 lines.append(f"\n{name}: 4k randread QD1 median latency {p50:.1f} us")
     lines += ["", "CPU per request (us, medians of the rounds; ours: server process + fio "
-              "with libaio; fio rbd: fio with librbd's threads)", "",
+              "with libaio; fio rbd: fio with librbd's threads; fio's counts its start too, "
+              "librados's connect and the image's open for the engine, which dominates at QD1)", "",
               "| client | " + " | ".join(c for c, *_ in points) + " |",
               "|---|" + "---|" * len(points)]
     for name in (FIO_RBD, OURS):
@@ -211,6 +224,16 @@ def table(rows: list[dict], points: list, a: argparse.Namespace) -> list[str]:
             srv_us = statistics.median(r[f"{key}_server_cpu_us"] for r in mine)
             cells.append(f"{srv_us:.0f} + {fio_us:.0f}" if name == OURS else f"{fio_us:.0f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    mine = [r for r in rows if r["client"] == OURS and "error" not in r]
+    if mine:
+        lines += ["", "Our server's CPU per request by thread (us, medians of the rounds)", ""]
+        for col, key, *_ in points:
+            names = sorted({n for r in mine for n in r[f"{key}_server_threads_cpu_us"]})
+            split = {n: statistics.median(r[f"{key}_server_threads_cpu_us"].get(n, 0.0)
+                                          for r in mine) for n in names}
+            lines.append(f"- {col}: " + ", ".join(f"{n} {us:.0f}" for n, us in
+                                                  sorted(split.items(), key=lambda x: -x[1])
+                                                  if us >= 0.5))
     return lines
 
 
