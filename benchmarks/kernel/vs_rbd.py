@@ -4,18 +4,18 @@
         python3 benchmarks/kernel/vs_rbd.py --rounds 3 --out /tmp/out
 
 A throwaway Ceph cluster (one monitor, one memstore OSD, tools/ceph/start-cluster) starts
-in the guest, on its loopback interface. Each round runs every client once, in alternating
-order: ours is `python -m pyublk_fast add -t rbd` (/dev/ublkbN, one queue) driven by fio
-with libaio and O_DIRECT; the reference is fio's rbd engine (librbd called from fio, no
-block device in between). Each client-round gets a fresh image of the same size holding
-the same bytes, and both run with the same librbd settings: the bench's RbdImage makes
-the images and the engine's options. Points: 4 KiB random read and write at QD32 (IOPS),
-128 KiB sequential read and write at QD32 (MiB/s), 4 KiB random read at QD1 (mean and
-median latency). The table shows medians and the per-round ratios ours / fio rbd (for
-latency, lower is better), and the CPU each side used per request (ours: the server's
-process plus fio's; the reference: fio's, which holds librbd's threads); CPU times under
-TCG are inflated, comparable only within one run. Prints a Markdown table and writes
-JSON next to it.
+in the guest, on its loopback interface. Ours is `python -m pyublk_fast add -t rbd`
+(/dev/ublkbN, one queue) driven by fio with libaio and O_DIRECT; the reference is fio's
+rbd engine (librbd called from fio, no block device in between). Each round gives both a
+fresh image of the same size holding the same bytes, and runs each point on one client
+right after the other, the order alternating; both run with the same librbd settings: the
+bench's RbdImage makes the images and the engine's options. Points: 4 KiB random read and
+write at QD32 (IOPS), 128 KiB sequential read and write at QD32 (MiB/s), 4 KiB random read
+at QD1 (mean and median latency). The table shows medians and the per-round ratios ours /
+fio rbd (for latency, lower is better), and the CPU each side used per request (ours: the
+server's process plus fio's; the reference: fio's, which holds librbd's threads); CPU
+times under TCG are inflated, comparable only within one run. Prints a Markdown table and
+writes JSON next to it.
 """
 from __future__ import annotations
 
@@ -146,30 +146,30 @@ def main() -> int:
     rows = []
     try:
         for rnd in range(a.rounds):
-            # alternate who goes first, so drift in a noisy VM hits both alike
-            for name in ((OURS, FIO_RBD) if rnd % 2 == 0 else (FIO_RBD, OURS)):
-                row = dict(client=name, round=rnd)
-                remove, server = None, None
-                try:
-                    if name == OURS:
-                        target, server, remove = ours(images, a.depth)
-                        env = None
-                    else:
-                        target, env = images.fio_target()
-                    for _, key, rw, bs, qd, field in points:
-                        res = fio(target, env, rw, bs, qd, a.runtime, server)
+            # both clients side by side on images of their own, each point run by one
+            # right after the other, who goes first alternating: the host's load drifts
+            # over seconds, and a pair taken seconds apart sees the same
+            mine, ref = dict(client=OURS, round=rnd), dict(client=FIO_RBD, round=rnd)
+            remove = None
+            try:
+                target, server, remove = ours(images, a.depth)
+                sides = {OURS: (mine, target, None, server), FIO_RBD: (ref, *images.fio_target(), None)}
+                for i, (_, key, rw, bs, qd, field) in enumerate(points):
+                    for name in (OURS, FIO_RBD) if (rnd + i) % 2 == 0 else (FIO_RBD, OURS):
+                        row, target, env, pid = sides[name]
+                        res = fio(target, env, rw, bs, qd, a.runtime, pid)
                         row[key] = res[field]
                         row[f"{key}_fio_cpu_us"] = res["fio_cpu_us"]
                         row[f"{key}_server_cpu_us"] = res["server_cpu_us"]
                         row[f"{key}_server_threads_cpu_us"] = res["server_threads_cpu_us"]
                         if qd == 1:
                             row[key.replace("_mean_", "_p50_")] = res["lat_p50_us"]
-                    rows.append(row)
-                except Exception as exc:   # noqa: BLE001 - reported in the table
-                    rows.append(dict(row, error=str(exc)[:300]))
-                finally:
-                    if remove is not None:
-                        remove()
+            except Exception as exc:   # noqa: BLE001 - reported in the table
+                mine["error"] = ref["error"] = str(exc)[:300]
+            finally:
+                if remove is not None:
+                    remove()
+            rows += [mine, ref]
     finally:
         images.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -181,19 +181,18 @@ def table(rows: list[dict], points: list, a: argparse.Namespace) -> list[str]:
     cmd = f"python3 benchmarks/kernel/vs_rbd.py {shlex.join(sys.argv[1:])}".strip()
     lines = [f"`{cmd}` in the VM (tools/vm/run): kernel {kernel_release()}, qemu TCG, "
              f"{os.cpu_count()} vCPUs, a one-monitor one-memstore-OSD Ceph cluster in the guest, "
-             f"a fresh {IMAGE_SIZE >> 20} MiB image per client and round, the same librbd settings; "
+             f"a fresh {IMAGE_SIZE >> 20} MiB image per client and round, each point's pair run "
+             "back to back, the same librbd settings; "
              f"ours: one queue of depth {a.depth}, fio libaio O_DIRECT; {a.runtime:g} s per point, "
-             f"{a.rounds} rounds (order alternating); medians, ratios ours / fio rbd paired per "
+             f"{a.rounds} rounds (order alternating per point); medians, ratios ours / fio rbd paired per "
              "round (min..max)", "",
              "| client | " + " | ".join(f"{c} | vs fio rbd" for c, *_ in points) + " |",
              "|---|" + "---|---|" * len(points)]
     ref = {r["round"]: r for r in rows if r["client"] == FIO_RBD and "error" not in r}
     for name in (FIO_RBD, OURS):
-        mine = {r["round"]: r for r in rows if r["client"] == name}
-        errs = [r["error"] for r in mine.values() if "error" in r]
-        if errs or not mine:
-            lines.append(f"| {name} | error: {errs[0] if errs else 'no run'} |"
-                         + " |" * (2 * len(points) - 1))
+        mine = {r["round"]: r for r in rows if r["client"] == name and "error" not in r}
+        if not mine:
+            lines.append(f"| {name} | no round completed |" + " |" * (2 * len(points) - 1))
             continue
         cells = []
         for _, key, *_ in points:
@@ -202,6 +201,8 @@ def table(rows: list[dict], points: list, a: argparse.Namespace) -> list[str]:
             cells.append(f"{med:.1f} | {paired_ratio(ratios)}" if key.endswith("_us")
                          else f"{med:.0f} | {paired_ratio(ratios)}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [f"\nround {r['round']} failed: {r['error']}" for r in rows
+              if r["client"] == OURS and "error" in r]
     qd1 = [p for p in points if p[4] == 1]
     for name in (FIO_RBD, OURS):
         mine = [r for r in rows if r["client"] == name and "error" not in r]
