@@ -181,6 +181,11 @@ class NbdBackend(Backend):
     """An NBD export (nbd:// or nbd+unix:// URI), served from C on the queues' rings."""
 
     data_paths = ()
+    # the replies come from a server process, often on the same machine, that needs the
+    # CPUs itself: a polling queue thread takes them from it (and can keep it from running
+    # on the CPU it was woken on), so requests wait longer; --poll-us still turns polling
+    # on, e.g. for a server on another machine
+    poll_us = 0
 
     def __init__(self, uri: str, *, timeout: float = DEFAULT_TIMEOUT, reconnect: bool = False,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, structured_replies: bool = True):

@@ -208,6 +208,23 @@ def test_buffered_data_paths(sim, servers, path):
         assert blk.pread(16384, 1 * MiB) == b"\x77" * 12288 + bytes(4096)
 
 
+@need_nbdkit
+def test_queues_poll_only_when_told(sim, servers):
+    """The queues sleep until replies come (the server needs the CPUs); a caller's poll_us
+    still makes them poll, serving the same data."""
+    srv = servers(nbdkit_argv(), "unix")
+    backend = NbdBackend(srv.uri)
+    try:
+        assert Device(backend, sim).poll_us == 0
+    finally:
+        backend.close()
+    with Device(NbdBackend(srv.uri), sim, depth=16, poll_us=200) as dev:
+        assert dev.poll_us == 200
+        r = sim.run_load(dev.dev_id, rw="randrw", bs=4096, qd=16, count=2000, verify=True,
+                         region=1 * MiB)
+    assert (r["errors"], r["verify_errors"], r["completed"]) == (0, 0, 2000)
+
+
 def test_zero_copy_is_not_offered(sim, fake):
     f = fake(on_request=good)
     backend = NbdBackend(f.uri)
