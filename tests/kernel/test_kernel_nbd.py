@@ -109,7 +109,8 @@ def test_nbd_discard_and_write_zeroes_reach_the_server(kt, tmp_path):
 def test_nbd_server_error_values_reach_the_application(kt, tmp_path):
     """The errno of an NBD error reply is what the application gets: a value NBD defines
     as itself, one it does not define as EINVAL (as the protocol asks of a client)."""
-    errs = {0: errno.ENOSPC, 4096: errno.ENOENT, 8192: 0x7fff1234}
+    # apart, so that the block layer cannot merge the writes into one request
+    errs = {0: errno.ENOSPC, 64 << 10: errno.ENOENT, 128 << 10: 0x7fff1234}
 
     def on_request(conn, cmd, cookie, off, n, data):
         simple_reply(conn, cookie, err=errs.get(off, 0) if cmd == 1 else 0,
