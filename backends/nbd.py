@@ -182,9 +182,8 @@ class NbdBackend(Backend):
 
     data_paths = ()
     # the replies come from a server process, often on the same machine, that needs the
-    # CPUs itself: a polling queue thread takes them from it (and can keep it from running
-    # on the CPU it was woken on), so requests wait longer; --poll-us still turns polling
-    # on, e.g. for a server on another machine
+    # CPUs itself: a polling queue thread spends them without getting its replies sooner
+    # (docs/nbd.md has the figures); --poll-us still turns polling on
     poll_us = 0
 
     def __init__(self, uri: str, *, timeout: float = DEFAULT_TIMEOUT, reconnect: bool = False,
