@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 from vs_kublk import (fio, hold_events, ours_add, requests_done, server_pid,  # noqa: E402
                       sh)   # the same fio runs, CLI server and perf counting as vs_kublk
 
+from pyublk_fast._core.codec import decode_user_data  # noqa: E402
 from pyublk_fast.bench.report import emit_paired, paired_ratio  # noqa: E402
 from pyublk_fast.util import kernel_release, wait_until  # noqa: E402
 NBD_DEV = "/dev/nbd0"
@@ -155,7 +156,8 @@ def main() -> int:
                     "a second table (the IOPS are then those of the traced runs)")
     ap.add_argument("--timeline", action="store_true",
                     help="trace 4k random read and write at QD1 per client (tracefs): the median "
-                    "time from a request's issue to each step of its way, in a third table")
+                    "time from a request's issue to each step of its way, in a third table (the "
+                    "events stay on for the whole run: every point pays for them)")
     ap.add_argument("--profile", action="store_true",
                     help="sample the CPUs (perf record -a) while 4k random read and write run at "
                     "QD32: CPU us per request by process, and our server's top symbols")
@@ -225,7 +227,8 @@ def main() -> int:
                         row[f"timeline_{rw}"] = dict(timeline(trace, dev_numbers(path), ours),
                                                      lat_mean_us=res["lat_mean_us"])
                     for rw in ("randread", "randwrite") if a.profile and rnd == 0 else ():
-                        keep = os.path.join(a.out, f"perf-{name.replace(' ', '_')}-{rw}.txt") if a.out else ""
+                        keep = (os.path.join(a.out, f"perf-{name.replace(' ', '_')}-{rw}.txt")
+                                if a.out else "")
                         res, prof = profiled(lambda: fio(path, 32, a.runtime, rw, "4k"), path,
                                              {"ours": ours}, keep)
                         row[f"profile_{rw}"] = dict(prof, iops=res["iops"])
@@ -295,8 +298,7 @@ TIMELINE_EVENTS = ["block/block_rq_issue", "block/block_rq_complete", "io_uring/
                    "io_uring/io_uring_complete", "syscalls/sys_exit_recvmsg",
                    "syscalls/sys_enter_sendmsg", "sched/sched_wakeup", "nbd/nbd_header_sent",
                    "nbd/nbd_header_received", "nbd/nbd_payload_received"]
-# the steps of one QD1 request, each the first such event after the request's issue:
-# (label, who) -> the milestone names below; "ours" steps are our server's, "nbd" nbd.ko's
+# the steps of one QD1 request, each the first such event after the request's issue
 STEPS = [("wake", "the server's queue thread woken (ours)"),
          ("req_cqe", "the request's CQE posted to our ring"),
          ("sent", "our sendmsg issued / nbd.ko's header sent"),
@@ -306,7 +308,7 @@ STEPS = [("wake", "the server's queue thread woken (ours)"),
          ("commit", "our COMMIT_AND_FETCH issued / nbd.ko's payload in"),
          ("rq_done", "block:block_rq_complete"),
          ("fio_cqe", "fio's completion posted")]
-UD_TARGET, TD_SEND, TD_RECV = 1 << 63, 1, 2
+TD_RECV = 2                 # the nbd target's tgt_data for its receive (_native_nbd.pyx)
 # "comm-tid [cpu] flags ts: event: fields", where a syscall's entry prints as
 # "sys_NAME(args)" and its exit as "sys_NAME -> 0xRET"
 TRACE_RE = re.compile(r"^\s*(?P<comm>.*?)-(?P<pid>\d+)\s+\[\d+\]\s+(?:\S+\s+)?(?P<ts>\d+\.\d+): "
@@ -369,18 +371,23 @@ def timeline(lines: list[str], dev: str, ours: set[int]) -> dict:
         elif ev == "io_uring_complete" and pid in ours:
             cur["cqes"] += 1
             ud = int(re.search(r"user_data 0x([0-9a-f]+)", rest)[1], 16)
+            _, _, tgt_data, target = decode_user_data(ud)
             res = int(re.search(r"result (-?\d+)", rest)[1])
-            if not ud & UD_TARGET:
+            if not target:
                 step = "req_cqe"
-            elif (ud >> 24) & 0xffffffff == TD_RECV and res > 0:
+            elif tgt_data == TD_RECV and res > 0:
                 step = "reply_in"
         elif ev == "io_uring_complete" and m["comm"] == "fio" and "rq_done" in cur:
             step = "fio_cqe"
         elif ev == "io_uring_submit_req" and pid in ours:
             op = re.search(r"opcode (\w+)", rest)[1]
-            step = "sent" if op == "SENDMSG" else "commit" if op == "URING_CMD" and "reply_in" in cur else None
-        elif ev == "sys_exit_recvmsg" and m["comm"] == "qemu-nbd" and 0 < int(rest.split()[-1], 16) < 1 << 63:
-            step = "qemu_recv"
+            if op == "SENDMSG":
+                step = "sent"
+            elif op == "URING_CMD" and "reply_in" in cur:
+                step = "commit"
+        elif ev == "sys_exit_recvmsg" and m["comm"] == "qemu-nbd":
+            if 0 < int(rest.split()[-1], 16) < 1 << 63:     # bytes, not -errno
+                step = "qemu_recv"
         elif ev == "sys_enter_sendmsg" and m["comm"] == "qemu-nbd":
             step = "qemu_send"
         elif ev == "nbd_header_sent":
@@ -412,8 +419,9 @@ def tids(pid: int) -> set[int]:
 
 
 def timeline_table(rows: list[dict], clients: list) -> list[str]:
-    out = ["", "QD1 timeline (--timeline, tracefs, first round): median us from block:block_rq_issue to the "
-           "first event of each step; 4k randread and randwrite QD1 in their own traced runs", ""]
+    out = ["", "QD1 timeline (--timeline, tracefs, first round): median us from block:block_rq_issue "
+           "to the first event of each step; 4k randread and randwrite QD1 in their own traced runs",
+           ""]
     out += [f"- `{s}`: {what}" for s, what in STEPS]
     cols = [s for s, _ in STEPS]
     out += ["", "| client | rw | fio mean lat | requests | " + " | ".join(cols) + " | our wakes/req "
@@ -433,8 +441,8 @@ def timeline_table(rows: list[dict], clients: list) -> list[str]:
 
 
 def profile_table(rows: list[dict], clients: list) -> list[str]:
-    out = ["", f"CPU per request (--profile: perf record -a, cpu-clock every {PROFILE_NS // 1000} us), "
-           "us, 4k QD32, first round; by thread group, then our server's top symbols", ""]
+    out = ["", f"CPU per request (--profile: perf record -a, cpu-clock every {PROFILE_NS // 1000} "
+           "us), us, 4k QD32, first round; by thread group, then our server's top symbols", ""]
     for name, _ in clients:
         for rw in ("randread", "randwrite"):
             prof = next((r[f"profile_{rw}"] for r in rows if r["client"] == name
