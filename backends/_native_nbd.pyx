@@ -248,10 +248,10 @@ cdef inline uint64_t get64(const uint8_t *p) noexcept nogil:
 
 cdef int32_t nbd_errno(uint32_t err) noexcept nogil:
     """The protocol's error values are Linux's errnos for the ones it defines; anything
-    else is EIO."""
+    else is EINVAL, as the protocol asks of a client."""
     if err in (EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, EOPNOTSUPP, ESHUTDOWN):
         return -<int32_t>err
-    return -EIO
+    return -EINVAL
 
 
 cdef inline void reset_reply(Req *r, int64_t now) noexcept nogil:
@@ -640,9 +640,10 @@ cdef class NbdTarget(NativeTarget):
             text = msg[:mlen].decode(errors="replace") if mlen else ""
             more = f" ({self.err_quiet} more server errors not logged)" if self.err_quiet else ""
             self.err_quiet = 0
-            log.error("nbd %s, queue %d: the server failed %s of %d bytes at %d: %s%s%s",
+            odd = f" (error value {err}, which NBD does not define)" if r.result != -<int32_t>err else ""
+            log.error("nbd %s, queue %d: the server failed %s of %d bytes at %d: %s%s%s%s",
                       self.backend.uri, q.q_id, CMD_NAMES.get(r.cmd, r.cmd), r.len, r.off,
-                      os.strerror(-r.result), f" ({text})" if text else "", more)
+                      os.strerror(-r.result), odd, f" ({text})" if text else "", more)
 
     cdef bint parse_replies(self, Queue q, Conn *c) noexcept nogil:
         """Take every whole reply (or chunk) header staged, and the data it brings; False

@@ -181,6 +181,10 @@ class NbdBackend(Backend):
     """An NBD export (nbd:// or nbd+unix:// URI), served from C on the queues' rings."""
 
     data_paths = ()
+    # the replies come from a server process, often on the same machine, that needs the
+    # CPUs itself: a polling queue thread spends them without getting its replies sooner
+    # (docs/nbd.md has the figures); --poll-us still turns polling on
+    poll_us = 0
 
     def __init__(self, uri: str, *, timeout: float = DEFAULT_TIMEOUT, reconnect: bool = False,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, structured_replies: bool = True):

@@ -1,9 +1,11 @@
 """The nbd backend on the real driver, against servers in the guest: fio crc32c verify
 on nbdkit's memory plugin (with structured replies, the default, and with simple ones), discard and write-zeroes reaching the server (and reading back
 as zeros), ext4 on qemu-nbd serving a qcow2 image (the image holds what was written), the
-CLI's `add -t nbd` / `list`, and qemu-nbd killed and restarted under fio with --reconnect."""
+CLI's `add -t nbd` / `list`, qemu-nbd killed and restarted under fio with --reconnect,
+and a fake server's error replies reaching the application with the right errno."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -11,7 +13,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +24,9 @@ from kernel_fixtures import (cli_add, cli_env, cli_in_fork, fio, fio_result, fio
                              make_files, need_ext4, writes_completed)
 from pyublk_fast.backends.nbd import NbdBackend
 from pyublk_fast.device import Device
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_nbd import FakeServer, simple_reply  # noqa: E402  (the host tests' fake server)
 
 MiB = 1 << 20
 need_qemu = pytest.mark.skipif(shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None,
@@ -97,6 +104,25 @@ def test_nbd_discard_and_write_zeroes_reach_the_server(kt, tmp_path):
         stop(proc)
     counts = dict(re.findall(r"^(trim|zero): (\d+) ops", stats.read_text(), re.M))
     assert int(counts.get("trim", 0)) >= 2 and int(counts.get("zero", 0)) >= 2, stats.read_text()
+
+
+def test_nbd_server_error_values_reach_the_application(kt, tmp_path):
+    """The errno of an NBD error reply is what the application gets: a value NBD defines
+    as itself, one it does not define as EINVAL (as the protocol asks of a client)."""
+    # apart, so that the block layer cannot merge the writes into one request
+    errs = {0: errno.ENOSPC, 64 << 10: errno.ENOENT, 128 << 10: 0x7fff1234}
+
+    def on_request(conn, cmd, cookie, off, n, data):
+        simple_reply(conn, cookie, err=errs.get(off, 0) if cmd == 1 else 0,
+                     data=bytes(n) if cmd == 0 else b"")
+        return True
+    f = FakeServer(tmp_path, on_request=on_request)
+    try:
+        with Device(NbdBackend(f.uri), kt, depth=4) as dev, dev.open() as blk:
+            got = blk.submit([(1, off, 4096, bytes(4096)) for off in errs])
+    finally:
+        f.close()
+    assert got == [-errno.ENOSPC, -errno.EINVAL, -errno.EINVAL]
 
 
 @need_qemu
