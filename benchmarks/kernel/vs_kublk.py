@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 # checkout's package only when it is on the path
 sys.path.insert(0, str(REPO))
 
-from pyublk_fast.bench.report import emit_paired, paired_ratio  # noqa: E402
+from pyublk_fast.bench.report import emit_paired, paired_cell  # noqa: E402
 from pyublk_fast.util import kernel_release, kublk_path, wait_for_path  # noqa: E402
 
 RAM = "/dev/ram0"
@@ -327,12 +327,7 @@ def main() -> int:
                 continue
             ref = {r["round"]: r for r in rows if r["target"] == target and r["server"] == "kublk"
                    and "error" not in r}
-            cells = []
-            for _, key in cols:
-                med = statistics.median(r[key] for r in mine.values())
-                ratios = [mine[k][key] / ref[k][key] for k in mine if k in ref and ref[k][key]]
-                cells.append(f"{med:.1f} | {paired_ratio(ratios)}" if key.endswith("lat_mean_us")
-                             else f"{med:.0f} | {paired_ratio(ratios)}")
+            cells = [paired_cell(mine, ref, key) for _, key in cols]
             lines.append(f"| {target} | {server} | " + " | ".join(cells) + " |")
     for hold in holds:
         hold.send_signal(2)

@@ -48,7 +48,7 @@ from vs_kublk import (fio, hold_events, ours_add, requests_done, server_pid,  # 
                       sh)   # the same fio runs, CLI server and perf counting as vs_kublk
 
 from pyublk_fast._core.codec import decode_user_data  # noqa: E402
-from pyublk_fast.bench.report import emit_paired, paired_ratio  # noqa: E402
+from pyublk_fast.bench.report import emit_paired, paired_cell  # noqa: E402
 from pyublk_fast.util import kernel_release, wait_until  # noqa: E402
 NBD_DEV = "/dev/nbd0"
 EXPORT = "disk"
@@ -256,12 +256,7 @@ def main() -> int:
         if errs:
             lines.append(f"| {name} | error: {errs[0]} |" + " |" * (2 * len(points) - 1))
             continue
-        cells = []
-        for _, key, *_ in points:
-            med = statistics.median(r[key] for r in mine.values())
-            ratios = [mine[k][key] / ref[k][key] for k in mine if k in ref and ref[k][key]]
-            cells.append(f"{med:.1f} | {paired_ratio(ratios)}" if key.endswith("_us")
-                         else f"{med:.0f} | {paired_ratio(ratios)}")
+        cells = [paired_cell(mine, ref, key) for _, key, *_ in points]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if a.counts:
         lines += count_table(rows, clients, points)

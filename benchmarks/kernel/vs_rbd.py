@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from vs_kublk import server_pid, sh  # noqa: E402
 
-from pyublk_fast.bench.report import emit_paired, paired_ratio  # noqa: E402
+from pyublk_fast.bench.report import emit_paired, paired_cell  # noqa: E402
 from pyublk_fast.bench.services import RbdImage  # noqa: E402
 from pyublk_fast.util import kernel_release  # noqa: E402
 
@@ -194,12 +194,7 @@ def table(rows: list[dict], points: list, a: argparse.Namespace) -> list[str]:
         if not mine:
             lines.append(f"| {name} | no round completed |" + " |" * (2 * len(points) - 1))
             continue
-        cells = []
-        for _, key, *_ in points:
-            med = statistics.median(r[key] for r in mine.values())
-            ratios = [mine[k][key] / ref[k][key] for k in mine if k in ref and ref[k][key]]
-            cells.append(f"{med:.1f} | {paired_ratio(ratios)}" if key.endswith("_us")
-                         else f"{med:.0f} | {paired_ratio(ratios)}")
+        cells = [paired_cell(mine, ref, key) for _, key, *_ in points]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [f"\nround {r['round']} failed: {r['error']}" for r in rows
               if r["client"] == OURS and "error" in r]

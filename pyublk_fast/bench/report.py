@@ -131,6 +131,15 @@ def paired_ratio(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})"
 
 
+def paired_cell(mine: dict, ref: dict, key: str) -> str:
+    """'MEDIAN | RATIO' for one point of a paired-rounds table: the median over mine's rounds
+    (round -> row) and paired_ratio against ref's row of the same round; a latency (a key
+    ending in _us) with one decimal."""
+    med = statistics.median(r[key] for r in mine.values())
+    ratios = [mine[k][key] / ref[k][key] for k in mine if k in ref and ref[k][key]]
+    return f"{med:.1f} | {paired_ratio(ratios)}" if key.endswith("_us") else f"{med:.0f} | {paired_ratio(ratios)}"
+
+
 def emit_paired(text: str, rows: list[dict], out_dir: str, stem: str) -> None:
     """Print a paired-rounds table; with out_dir, keep it as STEM.md and the rounds as STEM.json."""
     print(text)
