@@ -35,6 +35,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from vs_kublk import server_pid, sh  # noqa: E402
+# the points vs_nbd measures against the kernel's NBD client: (column, key, fio pattern,
+# block size, queue depth, fio result field)
+from vs_nbd import POINTS  # noqa: E402
 
 from pyublk_fast.bench.report import emit_paired, paired_cell  # noqa: E402
 from pyublk_fast.bench.services import RbdImage  # noqa: E402
@@ -45,13 +48,6 @@ IMAGE_SIZE = 64 << 20
 TIMEOUT_SCALE = 10
 OURS, FIO_RBD = "pyublk_fast", "fio rbd engine"
 
-# (column, key, fio pattern, block size, queue depth, fio result field)
-POINTS = [("4k randread QD32 IOPS", "randread_4k_qd32_iops", "randread", "4k", 32, "iops"),
-          ("4k randwrite QD32 IOPS", "randwrite_4k_qd32_iops", "randwrite", "4k", 32, "iops"),
-          ("128k read QD32 MiB/s", "read_128k_qd32_mib_s", "read", "128k", 32, "mib_s"),
-          ("128k write QD32 MiB/s", "write_128k_qd32_mib_s", "write", "128k", 32, "mib_s"),
-          ("4k randread QD1 mean lat (us)", "randread_4k_qd1_lat_mean_us", "randread", "4k", 1,
-           "lat_mean_us")]
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 
 
