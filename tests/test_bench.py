@@ -772,7 +772,6 @@ def test_fio_rbd_reference_runs_with_the_backends_librbd_settings(ceph, tmp_path
         image.close()
 
 
-
 @pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks", "kernel"))
                                            if f.endswith(".py")))
 def test_kernel_benchmark_scripts_load(script):

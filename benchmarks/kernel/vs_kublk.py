@@ -56,11 +56,25 @@ def fio(path: str, qd: int, runtime: float, rw: str = "randread", bs: str = "4k"
     out = sh("fio", "--output-format=json", "--name=b", f"--filename={path}", f"--rw={rw}",
              f"--bs={bs}", f"--iodepth={qd}", "--ioengine=io_uring", "--direct=1", "--time_based",
              f"--runtime={runtime}", "--ramp_time=0.5", "--size=128M", timeout=runtime + 60)
+    return fio_figures(out, rw)
+
+
+def fio_figures(out: str, rw: str) -> dict:
+    """IOPS, MiB/s and completion latency (mean, median) of fio's JSON output for one job
+    of pattern rw."""
     job = json.loads(out[out.index("{"):])["jobs"][0]
     r = job["read"] if rw.endswith("read") else job["write"]
     return {"iops": r["iops"], "mib_s": r["bw_bytes"] / (1 << 20),
             "lat_mean_us": r["clat_ns"]["mean"] / 1000,
-            "lat_p50_us": r["clat_ns"]["percentile"]["50.000000"] / 1000}
+            "lat_p50_us": r["clat_ns"]["percentile"]["50.000000"] / 1000,
+            "ios": r["total_ios"]}
+
+
+def need_ublk(script: str) -> None:
+    """Exit with one line unless a ublk driver is here (these scripts run in the VM)."""
+    if not os.path.exists("/dev/ublk-control"):
+        sys.exit("no ublk driver here (/dev/ublk-control): run this in the VM, as the "
+                 f"docstring shows (tools/vm/run ... -- python3 benchmarks/kernel/{script})")
 
 
 # --counts: what a server asks of the kernel per request, counted by perf on its process
@@ -216,9 +230,7 @@ def main() -> int:
         sys.exit(f"--depths {a.depths!r}: give queue depths from 1 to {DEPTH}, comma-separated")
     if not a.small and not large:
         sys.exit("--no-4k leaves nothing to measure: give --large too")
-    if not os.path.exists("/dev/ublk-control"):
-        sys.exit("no ublk driver here (/dev/ublk-control): run this in the VM, as the "
-                 "docstring shows (tools/vm/run ... -- python3 benchmarks/kernel/vs_kublk.py)")
+    need_ublk("vs_kublk.py")
     kublk = kublk_path()
     if kublk is None:
         sys.exit("kublk not built: run tools/vm/build-kublk on the host first")

@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from vs_kublk import (fio, hold_events, ours_add, requests_done, server_pid,  # noqa: E402
+from vs_kublk import (fio, hold_events, need_ublk, ours_add, requests_done, server_pid,  # noqa: E402
                       sh)   # the same fio runs, CLI server and perf counting as vs_kublk
 
 from pyublk_fast._core.codec import decode_user_data  # noqa: E402
@@ -164,9 +164,7 @@ def main() -> int:
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     points = [p for p in POINTS if not a.points or p[1] in a.points.split(",")]
-    if not os.path.exists("/dev/ublk-control"):
-        sys.exit("no ublk driver here (/dev/ublk-control): run this in the VM, as the "
-                 "docstring shows (tools/vm/run ... -- python3 benchmarks/kernel/vs_nbd.py)")
+    need_ublk("vs_nbd.py")
     for tool, pkg in (("qemu-nbd", "qemu-utils"), ("nbd-client", "nbd-client")):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} missing: apt-get install {pkg} on the host (the VM uses its root)")

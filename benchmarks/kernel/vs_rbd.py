@@ -20,7 +20,6 @@ writes JSON next to it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -28,17 +27,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from vs_kublk import server_pid, sh  # noqa: E402
+from vs_kublk import fio_figures, need_ublk, server_pid, sh  # noqa: E402
 # the points vs_nbd measures against the kernel's NBD client: (column, key, fio pattern,
 # block size, queue depth, fio result field)
 from vs_nbd import POINTS  # noqa: E402
 
+from pyublk_fast.bench.refs import children_cpu  # noqa: E402
 from pyublk_fast.bench.report import emit_paired, paired_cell  # noqa: E402
 from pyublk_fast.bench.services import RbdImage  # noqa: E402
 from pyublk_fast.util import kernel_release  # noqa: E402
@@ -74,34 +73,19 @@ def fio(target: list[str], env: dict | None, rw: str, bs: str, qd: int, runtime:
             f"--iodepth={qd}", "--time_based", f"--runtime={runtime}", "--ramp_time=0.5",
             f"--size={IMAGE_SIZE}", *target]
     before = thread_cpu_us(server) if server else {}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, text=True)
-        deadline = time.monotonic() + runtime + 120
-        while (done := os.wait4(proc.pid, os.WNOHANG))[0] == 0:
-            if time.monotonic() > deadline:
-                proc.kill()
-                done = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(done[1])
-        # fio's whole life: its start too (for the engine: librados's connect and the open)
-        fio_cpu = (done[2].ru_utime + done[2].ru_stime) * 1e6
-        out.seek(0)
-        err.seek(0)
-        text = out.read()
-        if proc.returncode or "{" not in text:
-            raise RuntimeError(f"fio {shlex.join(argv[4:])}: exit {proc.returncode}: "
-                               f"{err.read().strip()[-300:]}")
+    cpu0 = children_cpu()
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=runtime + 120)
+    # fio's whole life: its start too (for the engine: librados's connect and the open)
+    fio_cpu = (children_cpu() - cpu0) * 1e6
+    if run.returncode or "{" not in run.stdout:
+        raise RuntimeError(f"fio {shlex.join(argv[4:])}: exit {run.returncode}: "
+                           f"{run.stderr.strip()[-300:]}")
     after = thread_cpu_us(server) if server else {}
-    job = json.loads(text[text.index("{"):])["jobs"][0]
-    r = job["read"] if rw.endswith("read") else job["write"]
-    ios = max(r["total_ios"], 1)     # ramp time's requests are not counted: an upper bound
+    res = fio_figures(run.stdout, rw)
+    ios = max(res.pop("ios"), 1)     # ramp time's requests are not counted: an upper bound
     threads = {name: (us - before.get(name, 0.0)) / ios for name, us in after.items()}
-    return {"iops": r["iops"], "mib_s": r["bw_bytes"] / (1 << 20),
-            "lat_mean_us": r["clat_ns"]["mean"] / 1000,
-            "lat_p50_us": r["clat_ns"]["percentile"]["50.000000"] / 1000,
-            "fio_cpu_us": fio_cpu / ios, "server_cpu_us": sum(threads.values()),
-            "server_threads_cpu_us": threads}
+    return dict(res, fio_cpu_us=fio_cpu / ios, server_cpu_us=sum(threads.values()),
+                server_threads_cpu_us=threads)
 
 
 def ours(images: RbdImage, depth: int) -> tuple[list[str], int, callable]:
@@ -125,9 +109,7 @@ def main() -> int:
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     points = [p for p in POINTS if not a.points or p[1] in a.points.split(",")]
-    if not os.path.exists("/dev/ublk-control"):
-        sys.exit("no ublk driver here (/dev/ublk-control): run this in the VM, as the "
-                 "docstring shows (tools/vm/run ... -- python3 benchmarks/kernel/vs_rbd.py)")
+    need_ublk("vs_rbd.py")
     os.chdir(REPO)
     workdir = tempfile.mkdtemp(prefix="vs-rbd-")
     raw = os.path.join(workdir, "image.raw")

@@ -25,7 +25,9 @@ class RefUnavailable(Exception):
     """A reference cannot be measured here; str() says why and how to fix it."""
 
 
-def _children_cpu() -> float:
+def children_cpu() -> float:
+    """usr+sys seconds of this process's ended (and waited-for) children, every thread of
+    theirs: taken before and after a tool's run, what the tool used."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
 
@@ -75,13 +77,13 @@ def fio(target: str | list[str], rw: str, bs: int, qd: int, runtime: float, time
     process, whose CPU the rows count whole)."""
     if shutil.which("fio") is None:
         raise RefUnavailable("fio not installed (apt-get install fio)")
-    cpu0 = _children_cpu()
+    cpu0 = children_cpu()
     proc = subprocess.run(fio_args(target, rw, bs, qd, runtime), capture_output=True, text=True,
                           timeout=timeout or runtime * 5 + 60, check=False, env=env)
     if proc.returncode:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise RefUnavailable(f"fio failed: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")
-    return dict(parse_fio(proc.stdout), cpu_s=_children_cpu() - cpu0)
+    return dict(parse_fio(proc.stdout), cpu_s=children_cpu() - cpu0)
 
 
 class NopLoop:
@@ -114,10 +116,10 @@ class NopLoop:
 
     def run(self, qd: int, runtime: float) -> dict:
         exe = self.exe()
-        cpu0 = _children_cpu()
+        cpu0 = children_cpu()
         p = subprocess.run([exe, str(qd), f"{runtime:g}"], capture_output=True, text=True,
                            timeout=runtime * 5 + 30, check=False)
-        cpu = _children_cpu() - cpu0
+        cpu = children_cpu() - cpu0
         if p.returncode:
             raise RefUnavailable(f"nop_qd failed: {p.stderr.strip() or p.returncode}")
         r = json.loads(p.stdout)
@@ -183,9 +185,9 @@ COUNT_MAX = (1 << 31) - 1
 def _qemu_img_run(args: list[str], timeout: float) -> tuple[float, float]:
     """One qemu-img bench run: its elapsed seconds and its usr+sys, or RuntimeError with its
     last words."""
-    cpu0 = _children_cpu()
+    cpu0 = children_cpu()
     p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-    cpu = _children_cpu() - cpu0
+    cpu = children_cpu() - cpu0
     m = _ELAPSED.search(p.stdout)
     if p.returncode or not m:
         msg = (p.stderr or p.stdout).strip().splitlines()
