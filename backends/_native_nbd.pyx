@@ -33,7 +33,7 @@ import time
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memmove, memset
-from libc.errno cimport EIO, EINTR, EAGAIN, EOPNOTSUPP, EPERM, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ESHUTDOWN
+from libc.errno cimport errno, EIO, EINTR, EAGAIN, EOPNOTSUPP, EPERM, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ESHUTDOWN
 
 from pyublk_fast._core.liburing cimport *
 from pyublk_fast._core.queue cimport NativeTarget, Queue, DP_COPY, DP_USER_COPY
@@ -59,8 +59,10 @@ cdef extern from "<sys/socket.h>" nogil:
     enum:
         MSG_NOSIGNAL
         MSG_WAITALL
+        MSG_DONTWAIT
         SHUT_RDWR
     int c_shutdown "shutdown"(int fd, int how)
+    ssize_t c_sendmsg "sendmsg"(int fd, const msghdr *msg, int flags)
 
 cdef extern from "<liburing.h>" nogil:
     void io_uring_prep_sendmsg(io_uring_sqe *sqe, int fd, const msghdr *msg, unsigned flags)
@@ -459,21 +461,46 @@ cdef class NbdTarget(NativeTarget):
     # -- sending ------------------------------------------------------------------------
 
     cdef void flush_send(self, Queue q, Conn *c) noexcept nogil:
-        """Send what is queued, in one sendmsg, unless one is in flight."""
-        cdef int i, tag, k = 0
-        cdef uint32_t off
-        cdef Req *r
+        """Send what is queued unless a send is in flight: straight from this thread
+        while the socket takes it all (no SQE, no completion, no extra turn of the
+        queue's loop), and what it does not take by one sendmsg on the ring."""
+        cdef ssize_t res
+        cdef size_t total
         cdef io_uring_sqe *sqe
-        if c.nsend or c.sq_len == 0 or c.dead:
-            return
-        off = c.head_off
-        i = 0
+        while c.nsend == 0 and c.sq_len and not c.dead:
+            total = self.build_msg(q, c)
+            res = c_sendmsg(c.fd, &c.msg, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if res < 0:
+                res = -errno
+                if res == -EINTR or res == -EAGAIN:
+                    res = 0
+            self.end_send(c)
+            if res < 0:
+                self.conn_fail(q, c, WHY_SEND_ERR, -res)
+                return
+            self.sent_bytes(q, c, <uint32_t>res)
+            if <size_t>res < total:     # the socket's buffer is full: the rest waits on the ring
+                self.build_msg(q, c)
+                # MSG_WAITALL: io_uring itself continues a send the socket's buffer cut
+                # short, where a short completion would cost a ring round trip per buffer-full
+                sqe = q.get_sqe()
+                io_uring_prep_sendmsg(sqe, c.fd, &c.msg, MSG_NOSIGNAL | MSG_WAITALL)
+                sqe.user_data = q.target_ud(0, TD_SEND)
+                return
+
+    cdef size_t build_msg(self, Queue q, Conn *c) noexcept nogil:
+        """c.msg for the queued bytes (as many requests as the iovecs take): their count."""
+        cdef int i = 0, tag, k = 0
+        cdef uint32_t off = c.head_off
+        cdef size_t total = 0
+        cdef Req *r
         while i < c.sq_len and k + 2 <= c.max_iov:
             tag = c.sendq[(c.sq_head + i) % c.depth]
             r = &c.reqs[tag]
             if off < HDR:
                 c.iov[k].iov_base = r.hdr + off
                 c.iov[k].iov_len = HDR - off
+                total += HDR - off
                 k += 1
                 off = 0
             else:
@@ -481,6 +508,7 @@ cdef class NbdTarget(NativeTarget):
             if r.dlen:
                 c.iov[k].iov_base = q.tag_buf(tag) + off
                 c.iov[k].iov_len = r.dlen - off
+                total += r.dlen - off
                 k += 1
             off = 0
             r.in_send = 1
@@ -488,35 +516,28 @@ cdef class NbdTarget(NativeTarget):
         c.nsend = i
         c.msg.msg_iov = c.iov
         c.msg.msg_iovlen = k
-        sqe = q.get_sqe()
-        # MSG_WAITALL: io_uring itself continues a send the socket's buffer cut short,
-        # where a short completion would cost a ring round trip per buffer-full
-        io_uring_prep_sendmsg(sqe, c.fd, &c.msg, MSG_NOSIGNAL | MSG_WAITALL)
-        sqe.user_data = q.target_ud(0, TD_SEND)
+        return total
 
-    cdef void send_done(self, Queue q, Conn *c, int32_t res) noexcept nogil:
-        cdef int i, tag
-        cdef uint32_t left
-        cdef Req *r
+    cdef void end_send(self, Conn *c) noexcept nogil:
+        """No send uses the requests' bytes any more."""
+        cdef int i
         for i in range(c.nsend):
             c.reqs[c.sendq[(c.sq_head + i) % c.depth]].in_send = 0
         c.nsend = 0
-        if c.dead:
-            self.after_death(q, c)
-            return
-        if res == -EINTR or res == -EAGAIN:
-            self.flush_send(q, c)
-            return
-        if res < 0:
-            self.conn_fail(q, c, WHY_SEND_ERR, -res)
-            return
+
+    cdef void sent_bytes(self, Queue q, Conn *c, uint32_t res) noexcept nogil:
+        """res more bytes of the queue went out: the requests they end are sent (and
+        complete if their reply is in)."""
+        cdef int tag
+        cdef uint32_t left
+        cdef Req *r
         if res > 0:
             c.last_progress = q.now_ns
         while res > 0 and c.sq_len:
             tag = c.sendq[c.sq_head]
             r = &c.reqs[tag]
             left = HDR + r.dlen - c.head_off
-            if <uint32_t>res < left:
+            if res < left:
                 c.head_off += res
                 break
             res -= left
@@ -526,6 +547,19 @@ cdef class NbdTarget(NativeTarget):
             r.sent = 1
             if r.replied:
                 self.finish(q, c, tag, r.result)
+
+    cdef void send_done(self, Queue q, Conn *c, int32_t res) noexcept nogil:
+        self.end_send(c)
+        if c.dead:
+            self.after_death(q, c)
+            return
+        if res == -EINTR or res == -EAGAIN:
+            self.flush_send(q, c)
+            return
+        if res < 0:
+            self.conn_fail(q, c, WHY_SEND_ERR, -res)
+            return
+        self.sent_bytes(q, c, <uint32_t>res)
         self.flush_send(q, c)
 
     # -- receiving ----------------------------------------------------------------------

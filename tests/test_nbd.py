@@ -707,6 +707,39 @@ def test_replies_together_reversed_and_cut_anywhere(sim, fake, replies):
     assert not structured or any(b"\0" * 64 in w for w in want.values()), "no hole was sent"
 
 
+def test_writes_beyond_the_socket_buffer_arrive_whole(sim, fake):
+    """Writes queued together while the server reads nothing: the socket takes only part
+    of them, so the queue's send is cut short (or finds the socket full) and the rest
+    goes on its ring; every byte arrives once and in order, and reads back."""
+    n, count = 64 * KiB, 16
+    store = bytearray(count * n)
+    inq = []
+
+    def on_request(conn, cmd, cookie, off, n, data):
+        if not inq:      # hold the first request until the client has filled the socket
+            wait_for(lambda: waiting(conn) >= 96 * KiB, "the client filling the socket")
+            inq.append(waiting(conn))
+        if cmd == 1:
+            store[off:off + n] = data
+        simple_reply(conn, cookie, data=bytes(store[off:off + n]) if cmd == 0 else b"")
+        return True
+    f = fake(on_request=on_request)
+    with Device(NbdBackend(f.uri), sim, depth=count) as dev, dev.open() as blk:
+        writes = [(1, i * n, n, pattern(i * n, n)) for i in range(count)]
+        assert blk.submit(writes, timeout=TIMEOUT) == [n] * count
+        # while the server held, the socket had room for less than what was queued
+        assert inq and inq[0] < (count - 1) * n, inq
+        assert bytes(store) == b"".join(w[3] for w in writes)
+        bufs = [bytearray(n) for _ in range(count)]
+        assert blk.submit([(0, i * n, n, bufs[i]) for i in range(count)], timeout=TIMEOUT) == [n] * count
+        assert b"".join(bufs) == bytes(store)
+
+
+def waiting(conn: socket.socket) -> int:
+    """Bytes the peer sent on a Unix stream socket that conn has not read yet (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, bytes(4)))[0]
+
+
 def test_structured_hole_zeroes_what_the_buffer_held(sim, fake):
     """One tag: the first READ fills its buffer with data; the second gets data chunks
     around a hole, out of order: the hole reads as zeros, not as what the buffer held."""
