@@ -12,8 +12,8 @@ alternates over rounds; the table shows medians and the per-round ratios ours / 
 (for latency, lower is better). Prints a Markdown table and writes JSON next to it.
 
 With --counts, the 4 KiB QD32 points are traced (perf) on both sides, per request: our
-server's io_uring_enter calls, SQEs (and of them sendmsg and recv; and how many sendmsg
-waited for room in the socket's buffer), CQEs, context
+server's syscalls, io_uring_enter and sendmsg calls, SQEs (and of them sendmsg and recv;
+and how many sendmsg waited for room in the socket's buffer), CQEs, context
 switches and CPU time, and for every client qemu-nbd's syscalls, recvmsg and sendmsg
 calls, context switches and CPU time, in a second table: load-robust measures of how
 each client feeds the server (CPU times under TCG are inflated, and comparable only
@@ -63,7 +63,10 @@ POINTS = [("4k randread QD32 IOPS", "randread_4k_qd32_iops", "randread", "4k", 3
 
 # --counts: (column, perf event, filter) per request; ours: our server's process, qemu: qemu-nbd's
 IORING_OP_SENDMSG, IORING_OP_RECV = 9, 27
-OURS_COUNTS = [("enter", "syscalls:sys_enter_io_uring_enter", None),
+OURS_COUNTS = [("syscalls", "raw_syscalls:sys_enter", None),
+               ("enter", "syscalls:sys_enter_io_uring_enter", None),
+               # sends straight from the queue thread (the socket had room), then on the ring
+               ("sendmsg_sys", "syscalls:sys_enter_sendmsg", None),
                ("sqes", "io_uring:io_uring_submit_req", None),
                ("sendmsg", "io_uring:io_uring_submit_req", f"opcode == {IORING_OP_SENDMSG}"),
                ("recv", "io_uring:io_uring_submit_req", f"opcode == {IORING_OP_RECV}"),
