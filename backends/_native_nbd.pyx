@@ -2,9 +2,10 @@
 """The NBD client's data path in C, on each queue's own ring and connection.
 
 Requests become NBD request headers (plus WRITE data) queued on the connection; after
-each reaped batch one sendmsg carries everything queued (one send in flight at a time:
-two sends racing on one stream socket could interleave their bytes), and a short send
-is continued from where it stopped. One receive is always armed: into the connection's
+each reaped batch one sendmsg carries everything queued, made by the queue thread itself
+while the socket has room; what the socket does not take goes by a sendmsg on the ring
+(one send in flight at a time: two sends racing on one stream socket could interleave
+their bytes), and a short send is continued from where it stopped. One receive is always armed: into the connection's
 staging buffer, taking whatever the server has sent (many replies in one completion: a
 WRITE's reply is only its 16-byte header), or, for the part of a READ's data that did
 not come with its header, straight into the request's buffer. A reply's cookie names
@@ -552,15 +553,11 @@ cdef class NbdTarget(NativeTarget):
         self.end_send(c)
         if c.dead:
             self.after_death(q, c)
-            return
-        if res == -EINTR or res == -EAGAIN:
-            self.flush_send(q, c)
-            return
-        if res < 0:
+        elif res < 0 and res != -EINTR and res != -EAGAIN:
             self.conn_fail(q, c, WHY_SEND_ERR, -res)
-            return
-        self.sent_bytes(q, c, <uint32_t>res)
-        self.flush_send(q, c)
+        else:
+            self.sent_bytes(q, c, <uint32_t>res if res > 0 else 0)
+            self.flush_send(q, c)
 
     # -- receiving ----------------------------------------------------------------------
 
