@@ -5,12 +5,13 @@ Requests become NBD request headers (plus WRITE data) queued on the connection; 
 each reaped batch one sendmsg carries everything queued, made by the queue thread itself
 while the socket has room; what the socket does not take goes by a sendmsg on the ring
 (one send in flight at a time: two sends racing on one stream socket could interleave
-their bytes), and a short send is continued from where it stopped. One receive is always armed: into the connection's
-staging buffer, taking whatever the server has sent (many replies in one completion: a
-WRITE's reply is only its 16-byte header), or, for the part of a READ's data that did
-not come with its header, straight into the request's buffer. A reply's cookie names
-the tag (and a per-tag generation, so a late reply for an older request is caught).
-A request completes when its reply is in and its bytes are sent.
+their bytes), and a short send is continued from where it stopped. One receive is
+always armed: into the connection's staging buffer, taking whatever the server has
+sent (many replies in one completion: a WRITE's reply is only its 16-byte header), or,
+for the part of a READ's data that did not come with its header, straight into the
+request's buffer. A reply's cookie names the tag (and a per-tag generation, so a late
+reply for an older request is caught). A request completes when its reply is in and
+its bytes are sent.
 
 With structured replies negotiated, a reply is one or more chunks: a READ's data chunks
 land at their offset in the request's buffer (in any order), holes are zero-filled,

@@ -631,6 +631,11 @@ def unread(conn: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
 
 
+def waiting(conn: socket.socket) -> int:
+    """Bytes the peer sent on a Unix stream socket that conn has not read yet (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, bytes(4)))[0]
+
+
 def pattern(off: int, n: int) -> bytes:
     """Bytes that differ with the offset: a reply delivered to the wrong request shows."""
     return (off.to_bytes(8, "big") * (n // 8 + 1))[:n]
@@ -731,13 +736,9 @@ def test_writes_beyond_the_socket_buffer_arrive_whole(sim, fake):
         assert inq and inq[0] < (count - 1) * n, inq
         assert bytes(store) == b"".join(w[3] for w in writes)
         bufs = [bytearray(n) for _ in range(count)]
-        assert blk.submit([(0, i * n, n, bufs[i]) for i in range(count)], timeout=TIMEOUT) == [n] * count
+        reads = [(0, i * n, n, bufs[i]) for i in range(count)]
+        assert blk.submit(reads, timeout=TIMEOUT) == [n] * count
         assert b"".join(bufs) == bytes(store)
-
-
-def waiting(conn: socket.socket) -> int:
-    """Bytes the peer sent on a Unix stream socket that conn has not read yet (FIONREAD)."""
-    return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, bytes(4)))[0]
 
 
 def test_structured_hole_zeroes_what_the_buffer_held(sim, fake):
