@@ -297,7 +297,7 @@ TIMELINE_EVENTS = ["block/block_rq_issue", "block/block_rq_complete", "io_uring/
 # the steps of one QD1 request, each the first such event after the request's issue
 STEPS = [("wake", "the server's queue thread woken (ours)"),
          ("req_cqe", "the request's CQE posted to our ring"),
-         ("sent", "our sendmsg issued / nbd.ko's header sent"),
+         ("sent", "our sendmsg called or issued on the ring / nbd.ko's header sent"),
          ("qemu_recv", "qemu-nbd's recvmsg returned the request"),
          ("qemu_send", "qemu-nbd's sendmsg of the reply"),
          ("reply_in", "our receive's CQE / nbd.ko's reply header in"),
@@ -386,6 +386,8 @@ def timeline(lines: list[str], dev: str, ours: set[int]) -> dict:
                 step = "qemu_recv"
         elif ev == "sys_enter_sendmsg" and m["comm"] == "qemu-nbd":
             step = "qemu_send"
+        elif ev == "sys_enter_sendmsg" and pid in ours:     # a send made by the queue thread
+            step = "sent"
         elif ev == "nbd_header_sent":
             step = "sent"
         elif ev == "nbd_header_received":
