@@ -533,7 +533,7 @@ cdef class NbdTarget(NativeTarget):
         cdef int tag
         cdef uint32_t left
         cdef Req *r
-        if res > 0:
+        if res > 0 and q.now_ns > c.last_progress:     # a reconnect set it later than the turn
             c.last_progress = q.now_ns
         while res > 0 and c.sq_len:
             tag = c.sendq[c.sq_head]

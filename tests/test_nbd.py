@@ -948,6 +948,43 @@ def test_reconnect_sends_the_requests_again(sim, fake, caplog):
     assert "reconnected; sending 1 requests again" in lines[1], lines
 
 
+def test_reconnect_that_took_most_of_the_timeout_does_not_time_out(sim, fake, caplog):
+    """The new connection greets only after most of the timeout and answers the request
+    sent again within the timeout: the wait for the server counts from the reconnect,
+    not from the queue's turn before it, and the read succeeds on that connection."""
+    timeout, greet_after, reply_after = 1.0, 0.8, 0.5
+
+    def on_request(conn, cmd, cookie, off, n, data):
+        if len(f.conns) == 1:
+            return False                        # never answered: the server "crashes"
+        time.sleep(reply_after)                 # a slow server, within the timeout
+        simple_reply(conn, cookie, data=bytes([len(f.conns)]) * n)
+        return True
+
+    def slow_greeting(conn, serve_one=FakeServer.serve_one):
+        if len(f.conns) > 2:                    # a third connection: the second timed out
+            f.lsock.close()                     # (no more: the read fails, the test ends)
+            conn.close()
+            return
+        time.sleep(greet_after)                 # a server slow to come back
+        serve_one(f, conn)
+    f = fake(on_request=on_request)
+    caplog.set_level(logging.WARNING, "pyublk_fast.nbd")
+    with Device(NbdBackend(f.uri, timeout=timeout, reconnect=True), sim, depth=4) as dev, \
+            dev.open() as blk:
+        out: list[bytes] = []
+        pending = threading.Thread(target=lambda: out.append(blk.pread(4096, 0)))
+        pending.start()
+        wait_for(lambda: f.seen, "request at the server")
+        f.serve_one = slow_greeting
+        f.conns[0].shutdown(socket.SHUT_RDWR)      # EOF for the client
+        pending.join(TIMEOUT)
+        assert out == [b"\x02" * 4096]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
+    assert len(f.conns) == 2 and len(lines) == 2, lines
+    assert "reconnected; sending 1 requests again" in lines[1], lines
+
+
 def test_reconnect_gives_up_after_the_timeout(sim, fake, caplog):
     f = fake(on_request=lambda *a: False)
     caplog.set_level(logging.WARNING, "pyublk_fast.nbd")
