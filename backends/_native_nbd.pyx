@@ -2,14 +2,16 @@
 """The NBD client's data path in C, on each queue's own ring and connection.
 
 Requests become NBD request headers (plus WRITE data) queued on the connection; after
-each reaped batch one sendmsg carries everything queued (one send in flight at a time:
-two sends racing on one stream socket could interleave their bytes), and a short send
-is continued from where it stopped. One receive is always armed: into the connection's
-staging buffer, taking whatever the server has sent (many replies in one completion: a
-WRITE's reply is only its 16-byte header), or, for the part of a READ's data that did
-not come with its header, straight into the request's buffer. A reply's cookie names
-the tag (and a per-tag generation, so a late reply for an older request is caught).
-A request completes when its reply is in and its bytes are sent.
+each reaped batch one sendmsg carries everything queued, made by the queue thread itself
+while the socket has room; what the socket does not take goes by a sendmsg on the ring
+(one send in flight at a time: two sends racing on one stream socket could interleave
+their bytes), and a short send is continued from where it stopped. One receive is
+always armed: into the connection's staging buffer, taking whatever the server has
+sent (many replies in one completion: a WRITE's reply is only its 16-byte header), or,
+for the part of a READ's data that did not come with its header, straight into the
+request's buffer. A reply's cookie names the tag (and a per-tag generation, so a late
+reply for an older request is caught). A request completes when its reply is in and
+its bytes are sent.
 
 With structured replies negotiated, a reply is one or more chunks: a READ's data chunks
 land at their offset in the request's buffer (in any order), holes are zero-filled,
@@ -33,7 +35,7 @@ import time
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memmove, memset
-from libc.errno cimport EIO, EINTR, EAGAIN, EOPNOTSUPP, EPERM, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ESHUTDOWN
+from libc.errno cimport errno, EIO, EINTR, EAGAIN, EOPNOTSUPP, EPERM, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ESHUTDOWN
 
 from pyublk_fast._core.liburing cimport *
 from pyublk_fast._core.queue cimport NativeTarget, Queue, DP_COPY, DP_USER_COPY
@@ -59,8 +61,10 @@ cdef extern from "<sys/socket.h>" nogil:
     enum:
         MSG_NOSIGNAL
         MSG_WAITALL
+        MSG_DONTWAIT
         SHUT_RDWR
     int c_shutdown "shutdown"(int fd, int how)
+    ssize_t c_sendmsg "sendmsg"(int fd, const msghdr *msg, int flags)
 
 cdef extern from "<liburing.h>" nogil:
     void io_uring_prep_sendmsg(io_uring_sqe *sqe, int fd, const msghdr *msg, unsigned flags)
@@ -459,21 +463,46 @@ cdef class NbdTarget(NativeTarget):
     # -- sending ------------------------------------------------------------------------
 
     cdef void flush_send(self, Queue q, Conn *c) noexcept nogil:
-        """Send what is queued, in one sendmsg, unless one is in flight."""
-        cdef int i, tag, k = 0
-        cdef uint32_t off
-        cdef Req *r
+        """Send what is queued unless a send is in flight: straight from this thread
+        while the socket takes it all (no SQE, no completion, no extra turn of the
+        queue's loop), and what it does not take by one sendmsg on the ring."""
+        cdef ssize_t res
+        cdef size_t total
         cdef io_uring_sqe *sqe
-        if c.nsend or c.sq_len == 0 or c.dead:
-            return
-        off = c.head_off
-        i = 0
+        while c.nsend == 0 and c.sq_len and not c.dead:
+            total = self.build_msg(q, c)
+            res = c_sendmsg(c.fd, &c.msg, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if res < 0:
+                res = -errno
+                if res == -EINTR or res == -EAGAIN:
+                    res = 0
+            self.end_send(c)
+            if res < 0:
+                self.conn_fail(q, c, WHY_SEND_ERR, -res)
+                return
+            self.sent_bytes(q, c, <uint32_t>res)
+            if <size_t>res < total:     # the socket's buffer is full: the rest waits on the ring
+                self.build_msg(q, c)
+                # MSG_WAITALL: io_uring itself continues a send the socket's buffer cut
+                # short, where a short completion would cost a ring round trip per buffer-full
+                sqe = q.get_sqe()
+                io_uring_prep_sendmsg(sqe, c.fd, &c.msg, MSG_NOSIGNAL | MSG_WAITALL)
+                sqe.user_data = q.target_ud(0, TD_SEND)
+                return
+
+    cdef size_t build_msg(self, Queue q, Conn *c) noexcept nogil:
+        """c.msg for the queued bytes (as many requests as the iovecs take): their count."""
+        cdef int i = 0, tag, k = 0
+        cdef uint32_t off = c.head_off
+        cdef size_t total = 0
+        cdef Req *r
         while i < c.sq_len and k + 2 <= c.max_iov:
             tag = c.sendq[(c.sq_head + i) % c.depth]
             r = &c.reqs[tag]
             if off < HDR:
                 c.iov[k].iov_base = r.hdr + off
                 c.iov[k].iov_len = HDR - off
+                total += HDR - off
                 k += 1
                 off = 0
             else:
@@ -481,6 +510,7 @@ cdef class NbdTarget(NativeTarget):
             if r.dlen:
                 c.iov[k].iov_base = q.tag_buf(tag) + off
                 c.iov[k].iov_len = r.dlen - off
+                total += r.dlen - off
                 k += 1
             off = 0
             r.in_send = 1
@@ -488,35 +518,28 @@ cdef class NbdTarget(NativeTarget):
         c.nsend = i
         c.msg.msg_iov = c.iov
         c.msg.msg_iovlen = k
-        sqe = q.get_sqe()
-        # MSG_WAITALL: io_uring itself continues a send the socket's buffer cut short,
-        # where a short completion would cost a ring round trip per buffer-full
-        io_uring_prep_sendmsg(sqe, c.fd, &c.msg, MSG_NOSIGNAL | MSG_WAITALL)
-        sqe.user_data = q.target_ud(0, TD_SEND)
+        return total
 
-    cdef void send_done(self, Queue q, Conn *c, int32_t res) noexcept nogil:
-        cdef int i, tag
-        cdef uint32_t left
-        cdef Req *r
+    cdef void end_send(self, Conn *c) noexcept nogil:
+        """No send uses the requests' bytes any more."""
+        cdef int i
         for i in range(c.nsend):
             c.reqs[c.sendq[(c.sq_head + i) % c.depth]].in_send = 0
         c.nsend = 0
-        if c.dead:
-            self.after_death(q, c)
-            return
-        if res == -EINTR or res == -EAGAIN:
-            self.flush_send(q, c)
-            return
-        if res < 0:
-            self.conn_fail(q, c, WHY_SEND_ERR, -res)
-            return
-        if res > 0:
+
+    cdef void sent_bytes(self, Queue q, Conn *c, uint32_t res) noexcept nogil:
+        """res more bytes of the queue went out: the requests they end are sent (and
+        complete if their reply is in)."""
+        cdef int tag
+        cdef uint32_t left
+        cdef Req *r
+        if res > 0 and q.now_ns > c.last_progress:     # a reconnect set it later than the turn
             c.last_progress = q.now_ns
         while res > 0 and c.sq_len:
             tag = c.sendq[c.sq_head]
             r = &c.reqs[tag]
             left = HDR + r.dlen - c.head_off
-            if <uint32_t>res < left:
+            if res < left:
                 c.head_off += res
                 break
             res -= left
@@ -526,7 +549,16 @@ cdef class NbdTarget(NativeTarget):
             r.sent = 1
             if r.replied:
                 self.finish(q, c, tag, r.result)
-        self.flush_send(q, c)
+
+    cdef void send_done(self, Queue q, Conn *c, int32_t res) noexcept nogil:
+        self.end_send(c)
+        if c.dead:
+            self.after_death(q, c)
+        elif res < 0 and res != -EINTR and res != -EAGAIN:
+            self.conn_fail(q, c, WHY_SEND_ERR, -res)
+        else:
+            self.sent_bytes(q, c, <uint32_t>res if res > 0 else 0)
+            self.flush_send(q, c)
 
     # -- receiving ----------------------------------------------------------------------
 

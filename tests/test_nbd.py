@@ -631,6 +631,11 @@ def unread(conn: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
 
 
+def waiting(conn: socket.socket) -> int:
+    """Bytes the peer sent on a Unix stream socket that conn has not read yet (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, bytes(4)))[0]
+
+
 def pattern(off: int, n: int) -> bytes:
     """Bytes that differ with the offset: a reply delivered to the wrong request shows."""
     return (off.to_bytes(8, "big") * (n // 8 + 1))[:n]
@@ -705,6 +710,35 @@ def test_replies_together_reversed_and_cut_anywhere(sim, fake, replies):
         for (op, off, n), buf in zip(reqs, bufs):
             assert op == 1 or buf == want.get(off, pattern(off, n)), (off, n)
     assert not structured or any(b"\0" * 64 in w for w in want.values()), "no hole was sent"
+
+
+def test_writes_beyond_the_socket_buffer_arrive_whole(sim, fake):
+    """Writes queued together while the server reads nothing: the socket takes only part
+    of them, so the queue's send is cut short (or finds the socket full) and the rest
+    goes on its ring; every byte arrives once and in order, and reads back."""
+    n, count = 64 * KiB, 16
+    store = bytearray(count * n)
+    inq = []
+
+    def on_request(conn, cmd, cookie, off, n, data):
+        if not inq:      # hold the first request until the client has filled the socket
+            wait_for(lambda: waiting(conn) >= 96 * KiB, "the client filling the socket")
+            inq.append(waiting(conn))
+        if cmd == 1:
+            store[off:off + n] = data
+        simple_reply(conn, cookie, data=bytes(store[off:off + n]) if cmd == 0 else b"")
+        return True
+    f = fake(on_request=on_request)
+    with Device(NbdBackend(f.uri), sim, depth=count) as dev, dev.open() as blk:
+        writes = [(1, i * n, n, pattern(i * n, n)) for i in range(count)]
+        assert blk.submit(writes, timeout=TIMEOUT) == [n] * count
+        # while the server held, the socket had room for less than what was queued
+        assert inq and inq[0] < (count - 1) * n, inq
+        assert bytes(store) == b"".join(w[3] for w in writes)
+        bufs = [bytearray(n) for _ in range(count)]
+        reads = [(0, i * n, n, bufs[i]) for i in range(count)]
+        assert blk.submit(reads, timeout=TIMEOUT) == [n] * count
+        assert b"".join(bufs) == bytes(store)
 
 
 def test_structured_hole_zeroes_what_the_buffer_held(sim, fake):
@@ -911,6 +945,43 @@ def test_reconnect_sends_the_requests_again(sim, fake, caplog):
     assert [c for c, _ in f.seen] == [0, 0, 0, 2] and len(f.conns) == 2
     lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
     assert len(lines) == 2 and "closed the connection; reconnecting" in lines[0], lines
+    assert "reconnected; sending 1 requests again" in lines[1], lines
+
+
+def test_reconnect_that_took_most_of_the_timeout_does_not_time_out(sim, fake, caplog):
+    """The new connection greets only after most of the timeout and answers the request
+    sent again within the timeout: the wait for the server counts from the reconnect,
+    not from the queue's turn before it, and the read succeeds on that connection."""
+    timeout, greet_after, reply_after = 1.0, 0.8, 0.5
+
+    def on_request(conn, cmd, cookie, off, n, data):
+        if len(f.conns) == 1:
+            return False                        # never answered: the server "crashes"
+        time.sleep(reply_after)                 # a slow server, within the timeout
+        simple_reply(conn, cookie, data=bytes([len(f.conns)]) * n)
+        return True
+
+    def slow_greeting(conn, serve_one=FakeServer.serve_one):
+        if len(f.conns) > 2:                    # a third connection: the second timed out
+            f.lsock.close()                     # (no more: the read fails, the test ends)
+            conn.close()
+            return
+        time.sleep(greet_after)                 # a server slow to come back
+        serve_one(f, conn)
+    f = fake(on_request=on_request)
+    caplog.set_level(logging.WARNING, "pyublk_fast.nbd")
+    with Device(NbdBackend(f.uri, timeout=timeout, reconnect=True), sim, depth=4) as dev, \
+            dev.open() as blk:
+        out: list[bytes] = []
+        pending = threading.Thread(target=lambda: out.append(blk.pread(4096, 0)))
+        pending.start()
+        wait_for(lambda: f.seen, "request at the server")
+        f.serve_one = slow_greeting
+        f.conns[0].shutdown(socket.SHUT_RDWR)      # EOF for the client
+        pending.join(TIMEOUT)
+        assert out == [b"\x02" * 4096]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyublk_fast.nbd"]
+    assert len(f.conns) == 2 and len(lines) == 2, lines
     assert "reconnected; sending 1 requests again" in lines[1], lines
 
 

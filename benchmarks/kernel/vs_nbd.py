@@ -12,8 +12,8 @@ alternates over rounds; the table shows medians and the per-round ratios ours / 
 (for latency, lower is better). Prints a Markdown table and writes JSON next to it.
 
 With --counts, the 4 KiB QD32 points are traced (perf) on both sides, per request: our
-server's io_uring_enter calls, SQEs (and of them sendmsg and recv; and how many sendmsg
-waited for room in the socket's buffer), CQEs, context
+server's syscalls, io_uring_enter and sendmsg calls, SQEs (and of them sendmsg and recv;
+and how many sendmsg waited for room in the socket's buffer), CQEs, context
 switches and CPU time, and for every client qemu-nbd's syscalls, recvmsg and sendmsg
 calls, context switches and CPU time, in a second table: load-robust measures of how
 each client feeds the server (CPU times under TCG are inflated, and comparable only
@@ -63,7 +63,10 @@ POINTS = [("4k randread QD32 IOPS", "randread_4k_qd32_iops", "randread", "4k", 3
 
 # --counts: (column, perf event, filter) per request; ours: our server's process, qemu: qemu-nbd's
 IORING_OP_SENDMSG, IORING_OP_RECV = 9, 27
-OURS_COUNTS = [("enter", "syscalls:sys_enter_io_uring_enter", None),
+OURS_COUNTS = [("syscalls", "raw_syscalls:sys_enter", None),
+               ("enter", "syscalls:sys_enter_io_uring_enter", None),
+               # sends straight from the queue thread (the socket had room), then on the ring
+               ("sendmsg_sys", "syscalls:sys_enter_sendmsg", None),
                ("sqes", "io_uring:io_uring_submit_req", None),
                ("sendmsg", "io_uring:io_uring_submit_req", f"opcode == {IORING_OP_SENDMSG}"),
                ("recv", "io_uring:io_uring_submit_req", f"opcode == {IORING_OP_RECV}"),
@@ -294,7 +297,7 @@ TIMELINE_EVENTS = ["block/block_rq_issue", "block/block_rq_complete", "io_uring/
 # the steps of one QD1 request, each the first such event after the request's issue
 STEPS = [("wake", "the server's queue thread woken (ours)"),
          ("req_cqe", "the request's CQE posted to our ring"),
-         ("sent", "our sendmsg issued / nbd.ko's header sent"),
+         ("sent", "our sendmsg called or issued on the ring / nbd.ko's header sent"),
          ("qemu_recv", "qemu-nbd's recvmsg returned the request"),
          ("qemu_send", "qemu-nbd's sendmsg of the reply"),
          ("reply_in", "our receive's CQE / nbd.ko's reply header in"),
@@ -383,6 +386,8 @@ def timeline(lines: list[str], dev: str, ours: set[int]) -> dict:
                 step = "qemu_recv"
         elif ev == "sys_enter_sendmsg" and m["comm"] == "qemu-nbd":
             step = "qemu_send"
+        elif ev == "sys_enter_sendmsg" and pid in ours:     # a send made by the queue thread
+            step = "sent"
         elif ev == "nbd_header_sent":
             step = "sent"
         elif ev == "nbd_header_received":
