@@ -1,10 +1,12 @@
 """Device embedding: serve_forever stopped from another thread, and `async with`."""
 import asyncio
+import sys
 import threading
 import time
 
 import pytest
 
+from pyublk_fast.backend import Backend
 from pyublk_fast.backends.memory import MemoryBackend
 from pyublk_fast.device import DEFAULT_POLL_US, Device
 from pyublk_fast.util import wait_until
@@ -96,3 +98,45 @@ def test_an_idle_queue_sleeps_despite_the_poll_budget(sim):
         used = _cpu_ticks(tid) - before
         assert used <= 10, f"idle queue thread used {used} of ~100 clock ticks in 1 s"
         assert blk.pread(512, 512 * 199) == bytes([199]) * 512
+
+
+class Held(Backend):
+    """Reads of 0x5a that wait until the test lets them go."""
+
+    size = 1 << 20
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def read(self, offset, buf):
+        self.entered.set()
+        assert self.release.wait(30)
+        buf[:] = b"\x5a" * len(buf)
+
+
+def test_close_from_another_thread_waits_for_the_read_in_flight(sim):
+    """One thread closes the block device while another's read is in flight: close waits
+    for the read, which gets its data (closing the ring under the reader crashed it)."""
+    backend = Held()
+    with Device(backend, sim, depth=4) as dev:
+        blk = dev.open()
+        out: list = []
+        reader = threading.Thread(target=lambda: out.append(blk.pread(4096, 0)))
+        reader.start()
+        assert backend.entered.wait(10), "the read did not reach the backend"
+        closer = threading.Thread(target=blk.close)
+        closer.start()
+
+        def closing():   # the closer is inside close(), or already out of it
+            f = sys._current_frames().get(closer.ident)
+            return not closer.is_alive() or (f is not None and f.f_code.co_name == "close")
+        assert wait_until(closing, 10)
+        assert closer.is_alive(), "close() returned while the read was in flight"
+        backend.release.set()
+        reader.join(10)
+        closer.join(10)
+        assert not reader.is_alive() and not closer.is_alive()
+        assert out == [b"\x5a" * 4096]
+        with pytest.raises(ValueError, match="closed"):
+            blk.pread(4096, 0)

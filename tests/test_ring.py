@@ -15,6 +15,7 @@ from pyublk_fast._core.ring import (
     Ring,
     RingFullError,
 )
+from pyublk_fast.util import wait_until
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -382,3 +383,28 @@ def test_plain_ring_usable_from_other_thread():
         r.prep_nop(8)
         out = _in_thread(lambda: r.completions(1, 5.0))
         assert out == {"ret": [(8, 0, 0)]}
+
+
+def test_ring_closed_from_another_thread_while_its_owner_waits():
+    """A device handle may be closed from one thread while another waits on its ring:
+    the ring is closed for later calls at once, the waiter still gets what completes,
+    and the ring is torn down as that wait returns (not under it: that crashed)."""
+    ring, other = Ring(8), Ring(8)
+    try:
+        fd = ring.fd
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.append(ring.completions(1, 10.0)))
+        waiter.start()
+        assert wait_until(lambda: ring.waiters == 1, 5), "the waiter did not enter its wait"
+        ring.close()
+        assert ring.closed and ring.waiters == 1
+        other.prep_msg_ring(fd, 7, 42)           # wake the waiter through the kernel
+        other.submit()
+        waiter.join(10)
+        assert not waiter.is_alive() and got == [[(42, 7, 0)]]
+        assert ring.waiters == 0
+        with pytest.raises(ValueError, match="closed Ring"):
+            ring.prep_nop(1)
+    finally:
+        other.close()
+        ring.close()

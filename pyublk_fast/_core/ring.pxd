@@ -18,8 +18,12 @@ cdef class Ring:
     cdef uint32_t *flags_buf
     cdef dict _pins                   # user_data -> objects kept alive until reaped
     cdef list _registered             # buffers registered with the kernel
+    cdef readonly int waiters         # threads inside submit()/wait() without the GIL
+    cdef bint closing                 # close() came while some were: the last one tears down
 
     cdef int check_open(self) except -1
+    cdef void teardown(self)
+    cdef void leave(self)
     cdef io_uring_sqe *sqe(self) except NULL
     cdef unsigned drain(self) noexcept nogil
     cdef _pin(self, uint64_t user_data, obj)

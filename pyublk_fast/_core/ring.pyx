@@ -103,12 +103,28 @@ cdef class Ring:
             self.live = False
 
     def close(self) -> None:
-        """Tear the ring down (idempotent). In-flight operations are cancelled by the kernel."""
+        """Tear the ring down (idempotent). In-flight operations are cancelled by the kernel.
+
+        A ring is one thread's, but a device handle that owns one may be closed from
+        another thread while the owner waits on it: the ring is then closed at once for
+        every later call, and the waiting thread tears it down as its wait returns (the
+        kernel's ring stays mapped under it until then)."""
+        self.closing = True
+        if not self.waiters:
+            self.teardown()
+
+    cdef void teardown(self):
         if self.live:
             io_uring_queue_exit(&self.ring)
             self.live = False
         self._pins.clear()
         self._registered = []
+
+    cdef void leave(self):
+        """A thread is back from a wait without the GIL (see close)."""
+        self.waiters -= 1
+        if self.closing and not self.waiters:
+            self.teardown()
 
     def __enter__(self):
         return self
@@ -118,7 +134,7 @@ cdef class Ring:
 
     @property
     def closed(self) -> bool:
-        return not self.live
+        return self.closing or not self.live
 
     @property
     def fd(self) -> int:
@@ -139,7 +155,7 @@ cdef class Ring:
         return io_uring_cq_ready(&self.ring)
 
     cdef int check_open(self) except -1:
-        if not self.live:
+        if self.closing or not self.live:
             raise ValueError("operation on a closed Ring")
         return 0
 
@@ -312,8 +328,10 @@ cdef class Ring:
         """Submit prepared SQEs; returns how many the kernel took."""
         self.check_open()
         cdef int ret
+        self.waiters += 1
         with nogil:
             ret = io_uring_submit(&self.ring)
+        self.leave()
         if ret < 0:
             raise os_error(-ret, "io_uring submit", _ENTER_HINTS.get(-ret, ""))
         return ret
@@ -338,6 +356,7 @@ cdef class Ring:
                 raise ValueError("timeout must be >= 0")
             ts.tv_sec = int(timeout)
             ts.tv_nsec = int((timeout - int(timeout)) * 1e9)
+        self.waiters += 1
         with nogil:
             while True:
                 if timed:
@@ -347,6 +366,7 @@ cdef class Ring:
                 if ret != -EINTR:
                     break
             n = self.drain()
+        self.leave()
         # Completions already copied into the arrays are never dropped: an error is only
         # raised when nothing was reaped (a persistent one recurs on the next call).
         if ret < 0 and n == 0:
@@ -361,8 +381,10 @@ cdef class Ring:
         """Reap the available CQEs without waiting; returns N as wait() does."""
         self.check_open()
         cdef unsigned n
+        self.waiters += 1
         with nogil:
             n = self.drain()
+        self.leave()
         self._unpin(n)
         return n
 

@@ -69,6 +69,12 @@ class SimBlockDevice:
             raise
 
     def close(self):
+        # a submit() in another thread ends first: its requests hold request slots the
+        # driver may still write to, which must not go back to the pool before
+        with self._lock:
+            self._close()
+
+    def _close(self):
         if self._ring is not None:
             self._ring.close()
             self._ring = None
@@ -94,14 +100,14 @@ class SimBlockDevice:
         Up to len(slots) are in flight together; a buffer is bytes-like for writes and a
         writable buffer for reads.
         """
-        if self._ring is None:
-            raise ValueError("block device is closed")
         reqs = list(requests)
         results = [0] * len(reqs)
         d = self.transport.driver
         keep = {}
         copy_back = []
         with self._lock:
+            if self._ring is None:
+                raise ValueError("block device is closed")
             free = list(self._slots)
             inflight = {}
             nxt = 0
