@@ -769,7 +769,7 @@ cdef class Queue:
                 nr_elem = len(buf) // elem_bytes
             if len(buf):
                 at = buf.__array_interface__["data"][0]
-            if solo and (nr != UBLK_IO_COMMIT_IO_CMDS or len(buf) < sizeof(ublk_elem_header)):
+            if solo and (nr != UBLK_IO_COMMIT_IO_CMDS or len(buf) < <Py_ssize_t>sizeof(ublk_elem_header)):
                 raise ValueError("solo: a COMMIT_IO_CMDS of one element")
         sqe = self.get_sqe()
         if elements is None:
