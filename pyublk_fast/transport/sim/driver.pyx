@@ -338,18 +338,18 @@ cdef class SimDriver:
         if tag >= q.depth + BATCH_SLOTS:
             self.msg_failures += 1
             return
-        cdef SimDev *d = &self.devs[q.dev]
         cdef SimCmd *cmd = &q.cmds[tag]
-        cdef SimTag *t = &q.tags[tag]
         cdef uint32_t op = cmd.cmd_op & 0xff
-        cdef Req *r
-        cdef int32_t res
-        cdef uint32_t remaining
-        cdef bint copy_path = is_copy_path(d)
         # a batch device's queue sends a one-element COMMIT_IO_CMDS in its tag's slot too
         if tag >= q.depth or (q.batch and UBLK_IO_PREP_IO_CMDS <= op <= UBLK_IO_FETCH_IO_CMDS):
             self.on_batch(q, cmd)
             return
+        cdef SimDev *d = &self.devs[q.dev]
+        cdef SimTag *t = &q.tags[tag]
+        cdef Req *r
+        cdef int32_t res
+        cdef uint32_t remaining
+        cdef bint copy_path = is_copy_path(d)
         if q.batch:
             # a BATCH_IO device takes only the batch commands (and buffer registration)
             self.post(cmd.ring_fd, -EOPNOTSUPP, cmd.user_data)
