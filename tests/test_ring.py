@@ -408,3 +408,29 @@ def test_ring_closed_from_another_thread_while_its_owner_waits():
     finally:
         other.close()
         ring.close()
+
+
+# -- the queue loop's adaptive poll --------------------------------------------------------
+
+def test_adaptive_poll_grows_to_catch_completions_that_come_within_poll_us(ring):
+    """A completion 200 us after each submit, with poll_us 5000 and a budget left short by
+    an idle spell (1 us): the first wait sleeps and sets the budget to twice what it
+    waited, and from then on the poll catches every completion, its budget doubling up
+    to poll_us. (It used to halve on each wait the short budget missed, and never grew
+    again: a queue at depth 1 slept for every request.)"""
+    budget, budgets = 1000, []
+    for i in range(12):
+        ring.prep_timeout(i, 200e-6)
+        n, budget = ring.wait_adaptive(5000.0, budget)
+        assert n == 1 and ring.cqe_user_data[0] == i and ring.cqe_res[0] == -errno.ETIME
+        budgets.append(budget)
+    assert budgets[0] >= 2 * 200_000, budgets             # a poll that long would have caught it
+    assert budgets[-1] >= 2_500_000, budgets              # at most one halving from poll_us
+    assert all(b <= 5_000_000 for b in budgets), budgets
+
+
+def test_adaptive_poll_halves_when_nothing_comes_within_poll_us(ring):
+    """An idle queue sleeps: a wait longer than poll_us halves the budget."""
+    ring.prep_timeout(1, 0.02)
+    n, budget = ring.wait_adaptive(1000.0, 800_000)
+    assert n == 1 and budget == 400_000

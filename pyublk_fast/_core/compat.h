@@ -96,10 +96,12 @@ static inline void pyu_cpu_relax(void)
 }
 
 /* Submit, then poll the CQ before sleeping in io_uring_enter, adaptively: the poll
- * budget (*budget, ns) doubles up to max_ns while completions arrive soon after we
- * start waiting, and halves when they do not. Hand-offs between two busy threads
- * then cost ~1 us instead of a wake-up, and an idle thread sleeps. The poll yields
- * the CPU every few us, so a polling thread never holds up one that shares its CPU. */
+ * budget (*budget, ns) doubles up to max_ns while completions arrive within it. When
+ * one does not, the thread sleeps; a completion that still came within max_ns of the
+ * start sets the budget to twice that wait (a poll that long would have caught it), a
+ * later one halves it. Hand-offs between two busy threads then cost ~1 us instead of a
+ * wake-up, and an idle thread sleeps. The poll yields the CPU every few us, so a
+ * polling thread never holds up one that shares its CPU. */
 static inline void pyu_submit_and_wait_adaptive(struct io_uring *ring, int64_t max_ns, int64_t *budget)
 {
     if (max_ns <= 0 || io_uring_cq_ready(ring)) {
@@ -118,11 +120,8 @@ static inline void pyu_submit_and_wait_adaptive(struct io_uring *ring, int64_t m
             }
             pyu_cpu_relax();
             if ((i & 63) == 0) {
-                if (pyu_now_ns() - start > b) {
-                    *budget = b / 2;
-                    io_uring_submit_and_wait(ring, 1);
-                    return;
-                }
+                if (pyu_now_ns() - start > b)
+                    goto sleep;
                 /* let whatever else is runnable on this CPU go first: the peer we wait
                  * for, or the kworker finishing our direct write, would otherwise wait
                  * for the scheduler to preempt us */
@@ -132,9 +131,13 @@ static inline void pyu_submit_and_wait_adaptive(struct io_uring *ring, int64_t m
         *budget = b * 2 < max_ns ? b * 2 : max_ns;
         return;
     }
+sleep:
     io_uring_submit_and_wait(ring, 1);
-    if (pyu_now_ns() - start < max_ns)      /* it came soon: polling would have caught it */
-        *budget = 1000;
+    int64_t waited = pyu_now_ns() - start;
+    if (waited < max_ns)
+        *budget = 2 * waited < max_ns ? 2 * waited : max_ns;
+    else
+        *budget = b / 2;
 }
 
 /* floor(log2(v)) for v >= 1 (0 for 0): the latency histogram's bucket */

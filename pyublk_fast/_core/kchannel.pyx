@@ -65,6 +65,13 @@ cdef class KernelChannel(Channel):
         sqe.addr = addr                  # the elements
         sqe.len = <uint32_t>nr_elem * elem_bytes
 
+    cdef void prep_commit_one(self, io_uring_sqe *sqe, int tag, uint8_t elem_bytes, uint16_t flags,
+                              uint64_t addr, uint64_t ud) noexcept nogil:
+        # the driver answers the bytes of the elements it took: one element's, or -errno
+        # (which io_uring still posts)
+        self.prep_batch_cmd(sqe, 0, UBLK_IO_COMMIT_IO_CMDS, 1, elem_bytes, flags, addr, ud)
+        sqe.flags = IOSQE_CQE_SKIP_SUCCESS
+
     cdef void prep_fetch_cmds(self, io_uring_sqe *sqe, Queue q, uint64_t ud) noexcept nogil:
         # multishot, each completion taking a buffer of the queue's group FETCH_BGID
         self.prep_batch_cmd(sqe, 0, UBLK_IO_FETCH_IO_CMDS, <uint16_t>(q.fbuf_size // 2), 2, 0, 0, ud)

@@ -28,7 +28,9 @@ cdef enum:
     ST_NERRNO = 136
     ST_HIST = 152                # [ST_NHIST] fetch-to-commit latency, bucket floor(log2(ns))
     ST_NHIST = 48
-    ST_FIELDS = 200
+    ST_TURNS = 200               # turns of the loop (one wait each: what a request costs in wake-ups)
+    ST_CQES = 201                # completions reaped (driver commands and backend I/O)
+    ST_FIELDS = 202
 
 cdef enum:
     # BATCH_IO: each of a queue's batch commands has a slot of its own (a driver that keeps
@@ -59,6 +61,8 @@ cdef class Channel:
     cdef int64_t user_copy(self, int tag, uint8_t *buf, uint32_t nbytes, bint to_request) noexcept nogil
     cdef void prep_batch_cmd(self, io_uring_sqe *sqe, int slot, uint32_t nr, uint16_t nr_elem,
                              uint8_t elem_bytes, uint16_t flags, uint64_t addr, uint64_t ud) noexcept nogil
+    cdef void prep_commit_one(self, io_uring_sqe *sqe, int tag, uint8_t elem_bytes, uint16_t flags,
+                              uint64_t addr, uint64_t ud) noexcept nogil
     cdef void prep_fetch_cmds(self, io_uring_sqe *sqe, Queue q, uint64_t ud) noexcept nogil
     cdef int leave(self, Queue q) except -1
 
@@ -156,6 +160,7 @@ cdef class Queue:
     cdef uint32_t nstaged
     cdef uint8_t *cbufs            # NCOMMIT_BUFS buffers of depth elements, one per command in flight
     cdef uint32_t cb_n[NCOMMIT_BUFS]   # elements of the command using each (0: free)
+    cdef uint8_t *solo             # a one-element commit's element, at its tag's place (depth elements)
     cdef io_uring_buf_ring *br     # the FETCH's buffer ring (fetch buffer bid at fbufs + bid * fbuf_size)
     cdef readonly uint32_t br_entries
     cdef uint8_t *fbufs
@@ -187,5 +192,5 @@ cdef class Queue:
     cdef void hand_on(self) noexcept nogil
     cdef void arm_fetch(self) noexcept nogil
     cdef void on_fetch(self, int32_t res, uint32_t flags) noexcept nogil
-    cdef void on_batch_done(self, int slot, int32_t res) noexcept nogil
+    cdef void on_batch_done(self, int slot, bint solo, int32_t res) noexcept nogil
     cdef bint batch_idle(self) noexcept nogil

@@ -73,7 +73,7 @@ DATA_PATHS = {"copy": DP_COPY, "need_get_data": DP_COPY, "user_copy": DP_USER_CO
 #: Where each counter lives in Queue.stats (queue.pxd's ST_*), for pyublk_fast.stats.
 STATS_LAYOUT = dict(ops=ST_OPS, reqs=ST_REQS, bytes=ST_BYTES, started=ST_STARTED, done=ST_DONE,
                     failed=ST_FAILED, errno=ST_ERRNO, nerrno=ST_NERRNO, hist=ST_HIST,
-                    nhist=ST_NHIST, fields=ST_FIELDS)
+                    nhist=ST_NHIST, turns=ST_TURNS, cqes=ST_CQES, fields=ST_FIELDS)
 DP_NAMES = {DP_COPY: "copy", DP_USER_COPY: "user_copy", DP_ZERO_COPY: "zero_copy", DP_SPLICE: "splice_zc"}
 
 cdef int32_t C_RESUBMITTED = -0x7fffffff
@@ -114,6 +114,12 @@ cdef class Channel:
                              uint8_t elem_bytes, uint16_t flags, uint64_t addr, uint64_t ud) noexcept nogil:
         """Fill sqe with PREP_IO_CMDS / COMMIT_IO_CMDS (nr) of nr_elem elements at addr.
         slot (0..BATCH_SLOTS-1) is the queue's number for this command."""
+        pass
+
+    cdef void prep_commit_one(self, io_uring_sqe *sqe, int tag, uint8_t elem_bytes, uint16_t flags,
+                              uint64_t addr, uint64_t ud) noexcept nogil:
+        """Fill sqe with a COMMIT_IO_CMDS of tag's one element at addr that completes only
+        when the driver refuses it (the driver takes one element whole or not at all)."""
         pass
 
     cdef void prep_fetch_cmds(self, io_uring_sqe *sqe, Queue q, uint64_t ud) noexcept nogil:
@@ -282,13 +288,14 @@ cdef class Queue:
         self.fbuf_size = 2 * min(self.depth, FETCH_MAX_TAGS)
         ring_bytes = entries * sizeof(io_uring_buf)
         elems = <size_t>self.depth * self.elem_bytes
-        raw = np.zeros(4096 + ring_bytes + entries * self.fbuf_size + (1 + NCOMMIT_BUFS) * elems, np.uint8)
+        raw = np.zeros(4096 + ring_bytes + entries * self.fbuf_size + (2 + NCOMMIT_BUFS) * elems, np.uint8)
         base = raw.__array_interface__["data"][0]
         base += (-base) % 4096                 # the buffer ring must be page aligned
         self.br = <io_uring_buf_ring *>base
         self.fbufs = <uint8_t *>(base + ring_bytes)
         self.staged = self.fbufs + entries * self.fbuf_size
-        self.cbufs = self.staged + elems
+        self.solo = self.staged + elems
+        self.cbufs = self.solo + elems
         self._bt_keep = raw
         io_uring_buf_ring_init(self.br)
         for i in range(entries):
@@ -545,8 +552,23 @@ cdef class Queue:
         """Send the staged commits as one COMMIT_IO_CMDS. A tag is staged at most once
         until sent (the driver cannot hand it out again before), so depth elements always
         fit; with every buffer in flight the commits wait for the next turn (a commit's
-        completion frees one and wakes the queue)."""
+        completion frees one and wakes the queue).
+
+        A single commit (every one at queue depth 1) goes out without a completion unless
+        the driver refuses it: the driver answers a command at once, so its completion
+        would cost the queue a loop turn (a wake-up, an io_uring_enter) per request for
+        nothing. Its element waits at its tag's place, which nothing else writes before
+        the driver has taken it: the tag cannot come back before."""
         cdef int b
+        cdef int tag
+        if self.nstaged == 1:
+            tag = (<ublk_elem_header *>self.staged).tag
+            memcpy(self.solo + tag * self.elem_bytes, self.staged, self.elem_bytes)
+            self.ch.prep_commit_one(self.get_sqe(), tag, self.elem_bytes, self.bt_flags,
+                                    <uintptr_t>(self.solo + tag * self.elem_bytes),
+                                    ud_encode(tag, UBLK_IO_COMMIT_IO_CMDS, 1, 0))
+            self.nstaged = 0
+            return
         for b in range(NCOMMIT_BUFS):
             if self.cb_n[b] == 0:
                 break
@@ -560,12 +582,19 @@ cdef class Queue:
                                ud_encode(b, UBLK_IO_COMMIT_IO_CMDS, 0, 0))
         self.nstaged = 0
 
-    cdef void on_batch_done(self, int slot, int32_t res) noexcept nogil:
+    cdef void on_batch_done(self, int slot, bint solo, int32_t res) noexcept nogil:
         """PREP/COMMIT_IO_CMDS of buffer slot completed with res: the bytes of elements it
         took, or -errno when it took none. The driver stops at the first element it
-        refuses: that tag is lost (counted), the ones after it are committed again."""
+        refuses: that tag is lost (counted), the ones after it are committed again.
+        solo: a one-element commit of tag slot (flush_commits), which completes when refused."""
         cdef uint32_t n, done
         cdef uint8_t *buf
+        if solo:
+            if res != self.elem_bytes:
+                self.cmd_errors += 1
+                if slot < self.depth:
+                    self.tags[slot].state = TAG_GONE
+            return
         if slot >= NCOMMIT_BUFS or self.cb_n[slot] == 0:
             self.cmd_errors += 1
             return
@@ -634,9 +663,10 @@ cdef class Queue:
             self.fetch_state = FETCH_GONE
 
     cdef bint batch_idle(self) noexcept nogil:
-        """BATCH_IO: the FETCH is gone and every request and commit is done: stop."""
+        """BATCH_IO: the FETCH is gone, every request is done and every commit answered,
+        but for at most one staged: that one goes out without an answer to wait for."""
         cdef int b
-        if self.fetch_state != FETCH_GONE or self.nr_busy > 0 or self.nstaged > 0:
+        if self.fetch_state != FETCH_GONE or self.nr_busy > 0 or self.nstaged > 1:
             return 0
         for b in range(NCOMMIT_BUFS):
             if self.cb_n[b]:
@@ -723,24 +753,36 @@ cdef class Queue:
         return ret
 
     def probe_cmd(self, uint32_t nr, *, int tag=0, int32_t result=0, uint64_t addr=0, elements=None,
-                  int nr_elem=-1, int elem_bytes=8, int flags=0, double timeout=5.0):
+                  int nr_elem=-1, int elem_bytes=8, int flags=0, bint solo=False, double timeout=5.0):
         """Send one I/O command straight to the driver and return its answer (res): a
         per-tag one (nr = UBLK_IO_FETCH_REQ...) with tag, result, addr, or with elements
         (bytes) a batch one (nr = UBLK_IO_PREP_IO_CMDS / COMMIT_IO_CMDS; nr_elem defaults to
-        len(elements) // elem_bytes). For conformance checks of the driver, on a queue that
-        is not serving (no fetch_all() / run())."""
+        len(elements) // elem_bytes); solo: a COMMIT_IO_CMDS of one element, sent as a
+        serving queue sends it (answered only when refused). For conformance checks of
+        the driver, on a queue that is not serving (no fetch_all() / run())."""
         cdef uint64_t ud
-        cdef io_uring_sqe *sqe = self.get_sqe()
+        cdef uintptr_t at = 0
+        cdef io_uring_sqe *sqe
+        if elements is not None:
+            buf = np.frombuffer(bytes(elements), np.uint8)
+            if nr_elem < 0:
+                nr_elem = len(buf) // elem_bytes
+            if len(buf):
+                at = buf.__array_interface__["data"][0]
+            if solo and (nr != UBLK_IO_COMMIT_IO_CMDS or len(buf) < <Py_ssize_t>sizeof(ublk_elem_header)):
+                raise ValueError("solo: a COMMIT_IO_CMDS of one element")
+        sqe = self.get_sqe()
         if elements is None:
             ud = ud_encode(tag, nr, 0, 0)
             self.ch.prep_cmd(sqe, nr, tag, result, addr, ud)
         else:
-            buf = np.frombuffer(bytes(elements), np.uint8)
-            if nr_elem < 0:
-                nr_elem = len(buf) // elem_bytes
             ud = ud_encode(NCOMMIT_BUFS - 1, nr, 0, 0)
-            self.ch.prep_batch_cmd(sqe, NCOMMIT_BUFS - 1, nr, <uint16_t>nr_elem, <uint8_t>elem_bytes,
-                                   <uint16_t>flags, buf.__array_interface__["data"][0] if len(buf) else 0, ud)
+            if solo:
+                self.ch.prep_commit_one(sqe, (<ublk_elem_header *>at).tag, <uint8_t>elem_bytes,
+                                        <uint16_t>flags, at, ud)
+            else:
+                self.ch.prep_batch_cmd(sqe, NCOMMIT_BUFS - 1, nr, <uint16_t>nr_elem, <uint8_t>elem_bytes,
+                                       <uint16_t>flags, at, ud)
         return self._answer(nr, ud, timeout)
 
     def run(self):
@@ -767,6 +809,8 @@ cdef class Queue:
             pyu_submit_and_wait_adaptive(self.r, self.spin_ns, &budget)
             self.now_ns = pyu_now_ns()
             n = reap_cq(self.r, ud, res, fl, REAP_BATCH)
+            self.st[ST_TURNS] += 1
+            self.st[ST_CQES] += n
             for i in range(n):
                 self.hand_on()
                 tag = ud_tag(ud[i])
@@ -781,7 +825,7 @@ cdef class Queue:
                     self.on_fetch(res[i], fl[i])
                     continue
                 if op == UBLK_IO_COMMIT_IO_CMDS or op == UBLK_IO_PREP_IO_CMDS:
-                    self.on_batch_done(tag, res[i])
+                    self.on_batch_done(tag, ud_tgt_data(ud[i]), res[i])
                     continue
                 if tag >= self.depth:
                     self.cmd_errors += 1
@@ -804,6 +848,8 @@ cdef class Queue:
             if self.unlogged:
                 self.log_failures()
             if self.batch_io and self.nr_live and self.batch_idle():
+                if self.nstaged:
+                    self.flush_commits()         # submitted below
                 self.nr_live = 0
         io_uring_submit(self.r)
         self.last_log_ns = 0

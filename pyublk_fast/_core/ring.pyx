@@ -241,6 +241,18 @@ cdef class Ring:
         s.user_data = user_data
         s.flags = sqe_flags
 
+    def prep_timeout(self, uint64_t user_data, double seconds) -> None:
+        """IORING_OP_TIMEOUT: completes with -ETIME `seconds` after it is submitted."""
+        cdef __kernel_timespec ts
+        if seconds < 0:
+            raise ValueError("seconds must be >= 0")
+        ts.tv_sec = <long>seconds
+        ts.tv_nsec = <long>((seconds - <long>seconds) * 1e9)
+        cdef io_uring_sqe *s = self.sqe()
+        io_uring_prep_timeout(s, &ts, 0, 0)
+        s.user_data = user_data
+        self.submit()                     # the kernel reads ts now
+
     def prep_uring_cmd(self, int fd, uint32_t cmd_op, cmd, uint64_t user_data,
                        unsigned sqe_flags=0) -> None:
         """IORING_OP_URING_CMD with `cmd` copied into the SQE (<= 16 B, or <= 80 B on SQE128)."""
@@ -376,6 +388,21 @@ cdef class Ring:
             raise os_error(-ret, "io_uring submit_and_wait", _ENTER_HINTS.get(-ret, ""))
         self._unpin(n)
         return n
+
+    def wait_adaptive(self, double poll_us, int64_t budget_ns) -> tuple:
+        """One wait of a queue's loop (submit, poll for up to budget_ns, else sleep: see
+        poll_us in docs/architecture.md), then reap as wait() does: (N, the next budget)."""
+        self.check_open()
+        cdef int64_t budget = budget_ns
+        cdef int64_t max_ns = <int64_t>(poll_us * 1000)
+        cdef unsigned n
+        self.waiters += 1
+        with nogil:
+            pyu_submit_and_wait_adaptive(&self.ring, max_ns, &budget)
+            n = self.drain()
+        self.leave()
+        self._unpin(n)
+        return n, budget
 
     def reap(self) -> int:
         """Reap the available CQEs without waiting; returns N as wait() does."""

@@ -19,6 +19,7 @@ import pytest
 from pyublk_fast import uapi
 from pyublk_fast._core.queue import NativeTarget, Queue
 from pyublk_fast.device import Device
+from pyublk_fast.stats import L
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend_kinds import build_backend  # noqa: E402
@@ -132,6 +133,17 @@ def test_prep_is_all_or_nothing_and_only_once(raw, transport):
     assert r.batch(COMMIT, [0]) == -errno.EBUSY            # a tag waiting for a request
 
 
+def test_single_commit_is_answered_when_refused(raw, transport):
+    """A serving queue sends a commit of one element asking for no completion when the
+    driver takes it (CQE_SKIP_SUCCESS): a refused one still completes, with the errno."""
+    skip_without_batch_io(transport)
+    r = raw()
+    assert r.batch(PREP, range(DEPTH)) == 0
+    for tag in (0, DEPTH - 1):             # waiting for a request: nothing to commit
+        assert r.q.probe_cmd(COMMIT, elements=r.elems([tag]), flags=HAS_BUF_ADDR, elem_bytes=16,
+                             solo=True) == -errno.EBUSY
+
+
 def test_user_copy_batches_carry_no_buffer(raw, transport):
     skip_without_batch_io(transport)
     if not transport.features() & uapi.UBLK_F_USER_COPY:
@@ -164,6 +176,33 @@ def test_batch_io_serves_data(transport, tmp_path, kind, data_path):
                        region=4 * MiB)
         assert out["completed"] == 2000 and out["errors"] == 0 and out["verify_errors"] == 0
         assert dev.requests_served >= 2000
+
+
+@pytest.mark.parametrize("kind", ["memory", "loop"])
+def test_batch_io_costs_no_more_than_per_tag_at_depth_1(transport, tmp_path, kind):
+    """One request at a time (synchronous I/O), a batch queue reaps no more completions
+    and turns its loop no more often per request than a per-tag one: a commit of one
+    element completes only when the driver refuses it, so it no longer wakes the queue
+    for a turn of its own after every request. Counted by the queue (Device.stats)."""
+    skip_without_batch_io(transport)
+    pats = _patterns(48, seed=18)
+    per_req = {}
+    for batch in (False, True):
+        backend, native = build_backend(kind, tmp_path, 16 * MiB)
+        with Device(backend, transport, depth=16, native=native, batch_io=batch) as dev, \
+                transport.open(dev.dev_id) as blk:
+            before = dev.stats().counters.sum(axis=0)
+            for i, p in enumerate(pats):
+                blk.pwrite(p, _at(i))
+            assert [blk.pread(4096, _at(i)) for i in range(len(pats))] == pats
+            d = dev.stats().counters.sum(axis=0) - before
+            assert bool(dev.flags & uapi.UBLK_F_BATCH_IO) == batch
+        reqs = int(d[L["done"]])
+        assert reqs >= 2 * len(pats)
+        per_req[batch] = (d[L["cqes"]] / reqs, d[L["turns"]] / reqs)
+    (cqes, turns), (batch_cqes, batch_turns) = per_req[False], per_req[True]
+    assert batch_cqes <= cqes, per_req
+    assert batch_turns <= turns * 1.05, per_req
 
 
 def test_batch_io_stop_with_io_in_flight(transport, tmp_path):

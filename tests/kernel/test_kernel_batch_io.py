@@ -17,6 +17,7 @@ from test_batch_io import (  # noqa: E402,F401  (collected here, run on the kern
     test_add_dev_grants_batch_io_without_need_get_data,
     test_batch_commands_refused_without_batch_io,
     test_batch_header_checks,
+    test_batch_io_costs_no_more_than_per_tag_at_depth_1,
     test_batch_io_kill_and_recover_reissues_everything,
     test_batch_io_quiesce_hands_over,
     test_batch_io_refuses_paths_it_does_not_serve,
@@ -24,6 +25,7 @@ from test_batch_io import (  # noqa: E402,F401  (collected here, run on the kern
     test_batch_io_stop_with_io_in_flight,
     test_per_tag_commands_refused_on_a_batch_device,
     test_prep_is_all_or_nothing_and_only_once,
+    test_single_commit_is_answered_when_refused,
     test_user_copy_batches_carry_no_buffer,
 )
 

@@ -1,4 +1,4 @@
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from pyublk_fast._core.liburing cimport io_uring_sqe
 from pyublk_fast._core.queue cimport Channel
 from .driver cimport SimDriver, SimDev
@@ -13,4 +13,6 @@ cdef class SimChannel(Channel):
     cdef uint64_t qi                   # the driver's global index of this queue
     cdef readonly object cmd_slots     # numpy array behind cmds
 
+    cdef void post_batch(self, io_uring_sqe *sqe, int k, uint32_t nr, uint16_t nr_elem, uint8_t elem_bytes,
+                         uint16_t flags, uint64_t addr, uint64_t ud, bint skip_success) noexcept nogil
     cdef void post_slot(self, io_uring_sqe *sqe, int slot, uint64_t ud) noexcept nogil

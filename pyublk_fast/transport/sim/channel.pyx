@@ -97,7 +97,16 @@ cdef class SimChannel(Channel):
 
     cdef void prep_batch_cmd(self, io_uring_sqe *sqe, int slot, uint32_t nr, uint16_t nr_elem,
                              uint8_t elem_bytes, uint16_t flags, uint64_t addr, uint64_t ud) noexcept nogil:
-        cdef int k = self.dev.depth + slot
+        self.post_batch(sqe, self.dev.depth + slot, nr, nr_elem, elem_bytes, flags, addr, ud, 0)
+
+    cdef void prep_commit_one(self, io_uring_sqe *sqe, int tag, uint8_t elem_bytes, uint16_t flags,
+                              uint64_t addr, uint64_t ud) noexcept nogil:
+        # in tag's own slot, idle on a batch device: the queue gets no completion telling it
+        # when a batch slot would be free again
+        self.post_batch(sqe, tag, UBLK_IO_COMMIT_IO_CMDS, 1, elem_bytes, flags, addr, ud, 1)
+
+    cdef void post_batch(self, io_uring_sqe *sqe, int k, uint32_t nr, uint16_t nr_elem, uint8_t elem_bytes,
+                         uint16_t flags, uint64_t addr, uint64_t ud, bint skip_success) noexcept nogil:
         cdef SimCmd *s = &self.cmds[k]
         s.cmd_op = io_cmd_op(nr)
         s.result = 0
@@ -109,6 +118,7 @@ cdef class SimChannel(Channel):
         s.elem_bytes = elem_bytes
         s.multishot = 0
         s.br_entries = 0
+        s.skip_success = skip_success
         self.post_slot(sqe, k, ud)
 
     cdef void prep_fetch_cmds(self, io_uring_sqe *sqe, Queue q, uint64_t ud) noexcept nogil:

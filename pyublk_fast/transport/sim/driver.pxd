@@ -160,7 +160,7 @@ cdef class SimDriver:
     cdef void loop(self) noexcept nogil
     cdef void post(self, int fd, int32_t res, uint64_t user_data) noexcept nogil
     cdef void post_flags(self, int fd, int32_t res, uint64_t user_data, uint32_t cqe_flags) noexcept nogil
-    cdef void on_batch(self, SimQueue *q, int slot) noexcept nogil
+    cdef void on_batch(self, SimQueue *q, SimCmd *cmd) noexcept nogil
     cdef int32_t batch_prep(self, SimQueue *q, SimCmd *cmd) noexcept nogil
     cdef int32_t batch_commit(self, SimQueue *q, SimCmd *cmd) noexcept nogil
     cdef void batch_fetch(self, SimQueue *q, SimCmd *cmd) noexcept nogil

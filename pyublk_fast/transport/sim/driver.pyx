@@ -335,16 +335,17 @@ cdef class SimDriver:
             self.msg_failures += 1
             return
         cdef SimQueue *q = &self.queues[qi]
-        if tag >= q.depth:
-            if tag < q.depth + BATCH_SLOTS:
-                self.on_batch(q, tag - q.depth)
-            else:
-                self.msg_failures += 1
+        if tag >= q.depth + BATCH_SLOTS:
+            self.msg_failures += 1
+            return
+        cdef SimCmd *cmd = &q.cmds[tag]
+        cdef uint32_t op = cmd.cmd_op & 0xff
+        # a batch device's queue sends a one-element COMMIT_IO_CMDS in its tag's slot too
+        if tag >= q.depth or (q.batch and UBLK_IO_PREP_IO_CMDS <= op <= UBLK_IO_FETCH_IO_CMDS):
+            self.on_batch(q, cmd)
             return
         cdef SimDev *d = &self.devs[q.dev]
-        cdef SimCmd *cmd = &q.cmds[tag]
         cdef SimTag *t = &q.tags[tag]
-        cdef uint32_t op = cmd.cmd_op & 0xff
         cdef Req *r
         cdef int32_t res
         cdef uint32_t remaining
@@ -423,12 +424,11 @@ cdef class SimDriver:
 
     # -- BATCH_IO ----------------------------------------------------------------------
 
-    cdef void on_batch(self, SimQueue *q, int slot) noexcept nogil:
-        """One of a queue's batch commands (its slot after the per-tag ones), checked in the
-        kernel's order: PREP/COMMIT_IO_CMDS answer 0 / the bytes of the elements taken (or
-        -errno when none was), FETCH_IO_CMDS stays armed (multishot)."""
+    cdef void on_batch(self, SimQueue *q, SimCmd *cmd) noexcept nogil:
+        """One of a queue's batch commands, checked in the kernel's order: PREP/COMMIT_IO_CMDS
+        answer 0 / the bytes of the elements taken (or -errno when none was; a command sent
+        with CQE_SKIP_SUCCESS only then), FETCH_IO_CMDS stays armed (multishot)."""
         cdef SimDev *d = &self.devs[q.dev]
-        cdef SimCmd *cmd = &q.cmds[q.depth + slot]
         cdef uint32_t op = cmd.cmd_op & 0xff
         cdef uint32_t need = sizeof(ublk_elem_header)
         cdef int32_t res
@@ -466,7 +466,8 @@ cdef class SimDriver:
                 res = self.batch_prep(q, cmd)
             else:
                 res = self.batch_commit(q, cmd)
-        self.post(cmd.ring_fd, res, cmd.user_data)
+        if res < 0 or not cmd.skip_success:
+            self.post(cmd.ring_fd, res, cmd.user_data)
 
     cdef int32_t batch_prep(self, SimQueue *q, SimCmd *cmd) noexcept nogil:
         """PREP_IO_CMDS: each element's tag waits for requests (the copy path's buffer

@@ -16,7 +16,8 @@ cdef struct SimCmd:
     uint8_t elem_bytes
     uint8_t multishot        # IORING_URING_CMD_MULTISHOT was set
     uint16_t br_entries      # FETCH_IO_CMDS: entries of the buffer ring at addr
-    uint32_t pad
+    uint8_t skip_success     # IOSQE_CQE_SKIP_SUCCESS: complete only with -errno
+    uint8_t pad[3]
 
 cdef enum:
     # Message kinds in bits 60-63 of a MSG_RING user_data sent to the driver ring.
