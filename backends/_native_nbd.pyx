@@ -63,7 +63,11 @@ cdef extern from "<sys/socket.h>" nogil:
         MSG_WAITALL
         MSG_DONTWAIT
         SHUT_RDWR
+        SOL_SOCKET
+        SO_SNDBUF
+        SO_SNDBUFFORCE
     int c_shutdown "shutdown"(int fd, int how)
+    int setsockopt(int fd, int level, int name, const void *value, unsigned len)
     ssize_t c_sendmsg "sendmsg"(int fd, const msghdr *msg, int flags)
 
 cdef extern from "<liburing.h>" nogil:
@@ -318,6 +322,19 @@ cdef void free_conn(Conn *c) noexcept nogil:
         free(c)
 
 
+cdef void size_sndbuf(int fd, int depth, uint32_t buf_size, int most) noexcept nogil:
+    """Give the socket room for every request's bytes the queue may have in flight (up
+    to most): the queue thread's own sendmsg then takes a whole batch of WRITEs. With
+    the default (about 200 KiB) a batch of large WRITEs overflowed it, and the rest went
+    by a ring send that crept along as the server made room, a completion and a wake-up
+    of the queue thread each time, while the server waited for the next batch. Root may
+    go past the system's cap (SNDBUFFORCE); others get what the cap allows."""
+    cdef int64_t want = <int64_t>depth * (HDR + buf_size)
+    cdef int n = <int>(want if want < most else most)
+    if setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &n, sizeof(n)) != 0:
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &n, sizeof(n))
+
+
 cdef int ERR_LINES_PER_S = 10    # server error lines logged a second, at most
 
 
@@ -328,6 +345,7 @@ cdef class NbdTarget(NativeTarget):
     cdef bint reconnect
     cdef bint structured
     cdef uint32_t max_block
+    cdef int send_buffer
     cdef int64_t timeout_ns
     cdef int64_t tick_ns
     cdef double err_window       # server errors logged: this second's start (monotonic),
@@ -345,6 +363,7 @@ cdef class NbdTarget(NativeTarget):
         self.reconnect = backend.reconnect
         self.structured = backend.structured
         self.max_block = backend.max_block
+        self.send_buffer = backend.send_buffer
         self.timeout_ns = <int64_t>(backend.timeout * 1e9)
         # check for a stalled server a few times per timeout (at most once a second)
         self.tick_ns = min(max(self.timeout_ns // 4, 10000000), 1000000000)
@@ -385,6 +404,7 @@ cdef class NbdTarget(NativeTarget):
             free_conn(c)
             raise MemoryError()
         c.fd = fd
+        size_sndbuf(fd, q.depth, q.buf_size, self.send_buffer)
         c.structured = self.structured
         c.rtag = -1
         c.ts.tv_sec = self.tick_ns // 1000000000
@@ -863,6 +883,7 @@ cdef class NbdTarget(NativeTarget):
             self.fail_idle(q, c)
             return
         c.fd = fd
+        size_sndbuf(fd, q.depth, q.buf_size, self.send_buffer)
         c.dead = False
         c.rtag = -1
         c.rhead = 0

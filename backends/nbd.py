@@ -185,6 +185,10 @@ class NbdBackend(Backend):
     # CPUs itself: a polling queue thread spends them without getting its replies sooner
     # (docs/nbd.md has the figures); --poll-us still turns polling on
     poll_us = 0
+    # the most socket send buffer a queue's connection asks for (bytes): room for every
+    # byte a queue may have in flight up to this, so its thread sends a whole batch of
+    # WRITEs itself (docs/nbd.md)
+    send_buffer = 16 << 20
 
     def __init__(self, uri: str, *, timeout: float = DEFAULT_TIMEOUT, reconnect: bool = False,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, structured_replies: bool = True):

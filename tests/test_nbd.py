@@ -24,6 +24,7 @@ import pytest
 from pyublk_fast.device import Device
 from pyublk_fast.backends.nbd import NbdBackend, NbdError, parse_uri
 from pyublk_fast.backends import nbd as proto
+from pyublk_fast.util import wait_until
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -712,10 +713,30 @@ def test_replies_together_reversed_and_cut_anywhere(sim, fake, replies):
     assert not structured or any(b"\0" * 64 in w for w in want.values()), "no hole was sent"
 
 
+def test_a_batch_of_writes_fits_the_socket(sim, fake):
+    """The queue sizes its socket's send buffer for what it may have in flight: 16 WRITEs
+    of 64 KiB queued together all wait in the socket while the server holds the first
+    (with the system's default buffer, about 200 KiB, most waited in the queue)."""
+    n, count = 64 * KiB, 16
+    held = []
+
+    def on_request(conn, cmd, cookie, off, n, data):
+        if not held:     # the first request: are all the others in the socket already?
+            held.append(wait_until(lambda: waiting(conn) >= (count - 1) * (28 + n), TIMEOUT))
+        simple_reply(conn, cookie)
+        return True
+    f = fake(on_request=on_request)
+    with Device(NbdBackend(f.uri), sim, depth=count) as dev, dev.open() as blk:
+        writes = [(1, i * n, n, pattern(i * n, n)) for i in range(count)]
+        assert blk.submit(writes, timeout=2 * TIMEOUT) == [n] * count
+    assert held == [True]
+
+
 def test_writes_beyond_the_socket_buffer_arrive_whole(sim, fake):
-    """Writes queued together while the server reads nothing: the socket takes only part
-    of them, so the queue's send is cut short (or finds the socket full) and the rest
-    goes on its ring; every byte arrives once and in order, and reads back."""
+    """Writes queued together while the server reads nothing, on a socket whose buffer
+    is kept small: the socket takes only part of them, so the queue's send is cut short
+    (or finds the socket full) and the rest goes on its ring; every byte arrives once
+    and in order, and reads back."""
     n, count = 64 * KiB, 16
     store = bytearray(count * n)
     inq = []
@@ -729,7 +750,9 @@ def test_writes_beyond_the_socket_buffer_arrive_whole(sim, fake):
         simple_reply(conn, cookie, data=bytes(store[off:off + n]) if cmd == 0 else b"")
         return True
     f = fake(on_request=on_request)
-    with Device(NbdBackend(f.uri), sim, depth=count) as dev, dev.open() as blk:
+    backend = NbdBackend(f.uri)
+    backend.send_buffer = 128 * KiB
+    with Device(backend, sim, depth=count) as dev, dev.open() as blk:
         writes = [(1, i * n, n, pattern(i * n, n)) for i in range(count)]
         assert blk.submit(writes, timeout=TIMEOUT) == [n] * count
         # while the server held, the socket had room for less than what was queued
