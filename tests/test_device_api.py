@@ -140,3 +140,34 @@ def test_close_from_another_thread_waits_for_the_read_in_flight(sim):
         assert out == [b"\x5a" * 4096]
         with pytest.raises(ValueError, match="closed"):
             blk.pread(4096, 0)
+
+
+class HeldFirst(Backend):
+    """Reads of the offset's low byte; the first waits until the test lets it go."""
+
+    size = 1 << 20
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.reads = 0
+
+    def read(self, offset, buf):
+        self.reads += 1
+        if self.reads == 1:
+            assert self.release.wait(30)
+        buf[:] = bytes([offset >> 12 & 0xff]) * len(buf)
+
+
+def test_a_request_given_up_on_keeps_its_slot_until_answered(sim):
+    """A submit that times out leaves its request with the driver: the request's slot
+    and buffer stay its own until the answer comes, so the next request is not answered
+    with the late one's result (it used to reuse the slot and return the stale answer,
+    its own buffer left unfilled)."""
+    backend = HeldFirst()
+    with Device(backend, sim, depth=4) as dev, dev.open() as blk:
+        with pytest.raises(TimeoutError):
+            blk.submit([(0, 0, 4096, bytearray(4096))], timeout=0.5)
+        backend.release.set()
+        assert wait_until(lambda: dev.requests_served >= 1, 10), "the held read did not end"
+        for page in (3, 5):
+            assert blk.pread(4096, page << 12) == bytes([page]) * 4096

@@ -57,6 +57,9 @@ class SimBlockDevice:
         self._slots = transport.front_slots.take(slots)
         self._ring = Ring(512, cq_entries=1024)
         self._lock = threading.Lock()
+        # slots of requests a submit() stopped waiting for (a timeout, an interrupt) -> their
+        # buffers: the driver may still fill or read them, so both stay theirs until it answers
+        self._lost: dict[int, object] = {}
         self._opened = None
         d = transport.driver
         try:
@@ -78,7 +81,7 @@ class SimBlockDevice:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
-            self.transport.front_slots.give(self._slots)
+            self.transport.front_slots.give([s for s in self._slots if s not in self._lost])
             if self._opened is not None:
                 d = self.transport.driver
                 try:
@@ -102,49 +105,62 @@ class SimBlockDevice:
         """
         reqs = list(requests)
         results = [0] * len(reqs)
-        d = self.transport.driver
-        keep = {}
+        keep = {}           # request index -> the buffer the driver reads or fills
         copy_back = []
         with self._lock:
             if self._ring is None:
                 raise ValueError("block device is closed")
-            free = list(self._slots)
-            inflight = {}
-            nxt = 0
-            while nxt < len(reqs) or inflight:
-                while nxt < len(reqs) and free:
-                    op, offset, length, buf, *rest = reqs[nxt]
-                    flags = rest[0] if rest else 0
-                    addr = 0
-                    if buf is not None:
-                        arr = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
-                        if arr.nbytes < length:
-                            raise ValueError(f"request {nxt}: buffer of {arr.nbytes} bytes < length {length}")
-                        if arr.__array_interface__["data"][0] % PAGE_SIZE:
-                            # page-aligned bounce buffer, like the page cache in front of a real disk
-                            bounce = aligned_array(length)
-                            if op == uapi.UBLK_IO_OP_WRITE:
-                                bounce[:] = arr[:length]
-                            else:
-                                copy_back.append((arr, bounce))
-                            arr = bounce
-                        addr = arr.__array_interface__["data"][0]
-                        keep[nxt] = arr
-                    slot = free.pop()
-                    d.fill_req(slot, self.dev_id, op, flags, offset, length, addr)
-                    self._ring.prep_msg_ring(d.fd, self._ring.fd, front_msg(slot))
-                    inflight[slot] = nxt
-                    nxt += 1
-                n = self._ring.wait(1, timeout)
-                for ud, res in zip(self._ring.cqe_user_data[:n].tolist(), self._ring.cqe_res[:n].tolist()):
-                    if ud in inflight:
-                        results[inflight.pop(ud)] = res
-                        free.append(ud)
-                    elif res < 0:
-                        raise os_error(res, "simulated block device", "could not reach the driver")
+            inflight = {}   # slot -> request index
+            try:
+                self._run(reqs, results, inflight, keep, copy_back, timeout)
+            except BaseException:
+                for slot, i in inflight.items():
+                    self._lost[slot] = keep.get(i)
+                raise
         for dst, bounce in copy_back:
             dst[:bounce.nbytes] = bounce
         return results
+
+    def _run(self, reqs, results, inflight, keep, copy_back, timeout):
+        """submit()'s loop: as many requests in flight as there are free slots, until
+        every one is answered."""
+        d = self.transport.driver
+        free = [s for s in self._slots if s not in self._lost]
+        nxt = 0
+        while nxt < len(reqs) or inflight:
+            while nxt < len(reqs) and free:
+                op, offset, length, buf, *rest = reqs[nxt]
+                flags = rest[0] if rest else 0
+                addr = 0
+                if buf is not None:
+                    arr = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
+                    if arr.nbytes < length:
+                        raise ValueError(f"request {nxt}: buffer of {arr.nbytes} bytes < length {length}")
+                    if arr.__array_interface__["data"][0] % PAGE_SIZE:
+                        # page-aligned bounce buffer, like the page cache in front of a real disk
+                        bounce = aligned_array(length)
+                        if op == uapi.UBLK_IO_OP_WRITE:
+                            bounce[:] = arr[:length]
+                        else:
+                            copy_back.append((arr, bounce))
+                        arr = bounce
+                    addr = arr.__array_interface__["data"][0]
+                    keep[nxt] = arr
+                slot = free.pop()
+                d.fill_req(slot, self.dev_id, op, flags, offset, length, addr)
+                self._ring.prep_msg_ring(d.fd, self._ring.fd, front_msg(slot))
+                inflight[slot] = nxt
+                nxt += 1
+            n = self._ring.wait(1, timeout)
+            for ud, res in zip(self._ring.cqe_user_data[:n].tolist(), self._ring.cqe_res[:n].tolist()):
+                if ud in inflight:
+                    results[inflight.pop(ud)] = res
+                    free.append(ud)
+                elif ud in self._lost:          # an earlier submit's request, answered at last
+                    del self._lost[ud]
+                    free.append(ud)
+                elif res < 0:
+                    raise os_error(res, "simulated block device", "could not reach the driver")
 
     def _one(self, op, offset, length, buf, what):
         reqs = [(op, offset, length, buf)]
