@@ -103,7 +103,7 @@ def main() -> int:
     os.unlink(SHM_FILE)
     lines = [f"Kernel {kernel_release()}, QD{a.qd}, fio io_uring O_DIRECT, median of "
              f"{a.rounds} alternating rounds of {a.runtime:g} s", "",
-             "| target | bs | pattern | copy IOPS | shared IOPS | copy MiB/s | shared MiB/s | shared/copy |",
+             "| target | bs | pattern | copy IOPS | shared IOPS | copy MiB/s | shared MiB/s | shared vs copy |",
              "|---|---|---|---|---|---|---|---|"]
     for target, bs, rw, c, s, cm, sm in rows:
         lines.append(f"| {target} | {bs // 1024}k | {rw} | {c:,.0f} | {s:,.0f} | {cm:,.0f} | "
